@@ -1,0 +1,1 @@
+"""Python client for adamserve, shaped like torch.optim."""

@@ -1,0 +1,1 @@
+"""Pure maths: algorithms, schedules, kernels. No I/O, no sessions."""

@@ -1,0 +1,263 @@
+"""Fused CPU kernels (numba) over one flat buffer per state slot.
+
+Every kernel walks a *block table*: ``(start, end, segment)`` triples that cut the
+flat buffers into chunks which never cross a tensor boundary. ``prange`` spreads
+the blocks over the cores; inside a block the per-tensor coefficients are loop
+constants, so the inner loop is a plain vectorisable pass that reads and writes
+each element exactly once. One call updates the whole model.
+
+The arithmetic mirrors torch.optim's single-tensor code operation by operation
+(``lerp`` with its two-sided formula, ``addcmul``/``addcdiv`` as
+``self + (value*t1) op t2``), so float64 results agree with torch to rounding.
+Coefficient matrices arrive in the state dtype, so float32 state is computed in
+float32 like torch does.
+
+numba's default ``workqueue`` threading layer aborts when two threads call a
+parallel kernel at once (sessions step concurrently), so a thread-safe layer
+(TBB or OpenMP) is required before the first kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+numba.config.THREADING_LAYER = "threadsafe"
+
+BLOCK = 1 << 15  # elements per block: large enough to amortise scheduling, small enough to balance
+
+_JIT = {"parallel": True, "cache": True, "nogil": True, "boundscheck": False}
+
+
+@njit(inline="always")
+def _lerp(a, b, w):  # type: ignore[no-untyped-def]
+    # torch's lerp: the form used depends on which side of 0.5 the weight is.
+    if w < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * (1.0 - w)
+
+
+@njit(**_JIT)
+def segment_sumsq(x, bstart, bend, bseg, nseg):  # type: ignore[no-untyped-def]
+    """Sum of squares per segment, accumulated in float64 (non-finite values propagate)."""
+    nb = bstart.shape[0]
+    partial = np.zeros(nb, dtype=np.float64)
+    for b in prange(nb):
+        acc = 0.0
+        for i in range(bstart[b], bend[b]):
+            xi = np.float64(x[i])
+            acc += xi * xi
+        partial[b] = acc
+    out = np.zeros(nseg, dtype=np.float64)
+    for b in range(nb):
+        out[bseg[b]] += partial[b]
+    return out
+
+
+@njit(**_JIT)
+def adam(p, g, m, v, vmax, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, wd, decay, w, b2, omb2, step_size, bc2s, eps, ams = (
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9])
+        neg = -step_size
+        for i in range(bstart[b], bend[b]):
+            pi = p[i]
+            gi = g[i] * gs + wd * pi
+            pi = pi * decay
+            mi = _lerp(m[i], gi, w)
+            vi = v[i] * b2 + omb2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            if ams != 0:
+                vi = max(vmax[i], vi)
+                vmax[i] = vi
+            p[i] = pi + neg * mi / (math.sqrt(vi) / bc2s + eps)
+
+
+@njit(**_JIT)
+def nadam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, wd, decay, w, b2, omb2, bc2, eps, cg, cm = (
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9])
+        for i in range(bstart[b], bend[b]):
+            pi = p[i]
+            gi = g[i] * gs + wd * pi
+            pi = pi * decay
+            mi = _lerp(m[i], gi, w)
+            vi = v[i] * b2 + omb2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            d = math.sqrt(vi / bc2) + eps
+            pi = pi + cg * gi / d
+            p[i] = pi + cm * mi / d
+
+
+@njit(**_JIT)
+def radam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, wd, decay, w, b2, omb2, bc1, lr, rectify, rect, bc2s, eps = (
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11])
+        for i in range(bstart[b], bend[b]):
+            pi = p[i]
+            gi = g[i] * gs + wd * pi
+            pi = pi * decay
+            mi = _lerp(m[i], gi, w)
+            vi = v[i] * b2 + omb2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            if rectify != 0:
+                p[i] = pi - (mi / bc1) * lr * (bc2s / (math.sqrt(vi) + eps)) * rect
+            else:
+                p[i] = pi - (mi / bc1) * lr
+
+
+@njit(**_JIT)
+def adamax(p, g, m, u, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, wd, w, b2, eps, clr = c[0], c[1], c[3], c[4], c[5], c[6]
+        neg = -clr
+        for i in range(bstart[b], bend[b]):
+            pi = p[i]
+            gi = g[i] * gs + wd * pi
+            mi = _lerp(m[i], gi, w)
+            ui = max(u[i] * b2, abs(gi) + eps)
+            m[i] = mi
+            u[i] = ui
+            p[i] = pi + neg * mi / ui
+
+
+@njit(**_JIT)
+def adagrad(p, g, s, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, wd, clr, eps = c[0], c[1], c[3], c[4]
+        neg = -clr
+        for i in range(bstart[b], bend[b]):
+            pi = p[i]
+            gi = g[i] * gs + wd * pi
+            si = s[i] + gi * gi
+            s[i] = si
+            p[i] = pi + neg * gi / (math.sqrt(si) + eps)
+
+
+@njit(**_JIT)
+def rmsprop(p, g, sq, buf, gavg, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, wd, alpha, oma, centered, eps, mom, lr = (
+            c[0], c[1], c[3], c[4], c[5], c[6], c[7], c[8])
+        neg = -lr
+        for i in range(bstart[b], bend[b]):
+            pi = p[i]
+            gi = g[i] * gs + wd * pi
+            si = sq[i] * alpha + oma * gi * gi
+            sq[i] = si
+            if centered != 0:
+                ga = _lerp(gavg[i], gi, oma)
+                gavg[i] = ga
+                avg = math.sqrt(si + (-ga) * ga) + eps
+            else:
+                avg = math.sqrt(si) + eps
+            if mom > 0:
+                bi = buf[i] * mom + gi / avg
+                buf[i] = bi
+                p[i] = pi + neg * bi
+            else:
+                p[i] = pi + neg * gi / avg
+
+
+@njit(**_JIT)
+def lamb_moments(p, g, m, v, bstart, bend, bseg, coef, psq, rsq):  # type: ignore[no-untyped-def]
+    """First LAMB pass: moments, and the update r written over the gradient buffer.
+
+    Accumulates per-block sums of squares of p and r (float64) for the trust ratio.
+    """
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, b1, omb1, b2, omb2, bc1, bc2, eps, wd = (
+            c[0], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10])
+        pacc = 0.0
+        racc = 0.0
+        for i in range(bstart[b], bend[b]):
+            pi = p[i]
+            gi = g[i] * gs
+            mi = omb1 * gi + b1 * m[i]
+            vi = omb2 * gi * gi + b2 * v[i]
+            m[i] = mi
+            v[i] = vi
+            ri = (mi / bc1) / (math.sqrt(vi / bc2) + eps) + wd * pi
+            g[i] = ri
+            pacc += np.float64(pi) * np.float64(pi)
+            racc += np.float64(ri) * np.float64(ri)
+        psq[b] = pacc
+        rsq[b] = racc
+
+
+@njit(**_JIT)
+def scaled_sub(p, r, bstart, bend, bseg, scale):  # type: ignore[no-untyped-def]
+    """p -= scale[segment] * r: LAMB's second pass."""
+    for b in prange(bstart.shape[0]):
+        neg = -scale[bseg[b]]
+        for i in range(bstart[b], bend[b]):
+            p[i] = p[i] + neg * r[i]
+
+
+class CpuBackend:
+    """The :class:`~adamserve.engine.backend.Backend` on NumPy arrays and the kernels above."""
+
+    name = "cpu"
+    block = BLOCK
+
+    def zeros(self, n: int, dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
+        return np.zeros(n, dtype=dtype)
+
+    def to_device(self, host: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        return np.ascontiguousarray(host)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        return x
+
+    def segment_sumsq(self, x, blocks, nseg):  # type: ignore[no-untyped-def]
+        out: np.ndarray = segment_sumsq(x, blocks.start, blocks.end, blocks.seg, nseg)  # type: ignore[type-arg]
+        return out
+
+    def run(self, algorithm, slots, param, grad, blocks, coef):  # type: ignore[no-untyped-def]
+        a, s, b = algorithm, slots, (blocks.start, blocks.end, blocks.seg)
+        if a in ("adam", "adamw"):
+            vmax = s.get("max_exp_avg_sq", _EMPTY[param.dtype.char])
+            adam(param, grad, s["exp_avg"], s["exp_avg_sq"], vmax, *b, coef)
+        elif a == "nadam":
+            nadam(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
+        elif a == "radam":
+            radam(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
+        elif a == "adamax":
+            adamax(param, grad, s["exp_avg"], s["exp_inf"], *b, coef)
+        elif a == "adagrad":
+            adagrad(param, grad, s["sum"], *b, coef)
+        elif a == "rmsprop":
+            e = _EMPTY[param.dtype.char]
+            rmsprop(param, grad, s["square_avg"], s.get("momentum_buffer", e),
+                    s.get("grad_avg", e), *b, coef)
+        else:
+            raise ValueError(f"no CPU kernel for {a!r}")
+
+    def lamb_moments(self, slots, param, grad, blocks, coef):  # type: ignore[no-untyped-def]
+        nb = blocks.start.shape[0]
+        psq = np.empty(nb, dtype=np.float64)
+        rsq = np.empty(nb, dtype=np.float64)
+        lamb_moments(param, grad, slots["exp_avg"], slots["exp_avg_sq"], blocks.start,
+                     blocks.end, blocks.seg, coef, psq, rsq)
+        return psq, rsq
+
+    def scaled_sub(self, param, update, blocks, scale):  # type: ignore[no-untyped-def]
+        scaled_sub(param, update, blocks.start, blocks.end, blocks.seg, scale)
+
+
+_EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}

@@ -1,0 +1,256 @@
+"""Optimizer state over flat buffers, and the step that updates it.
+
+:class:`FlatOptimizer` holds one flat buffer per slot (param, grad, exp_avg, ...),
+the layout that names the tensors inside them, the per-tensor step counts and the
+schedule clock. A step is: optional segmented reduction over the gradient
+(non-finite check, clipping norms), coefficients on the host, one fused kernel.
+It knows nothing of sessions, wires or files; ``adamserve.sessions`` wraps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from adamserve.engine import algorithms as alg
+from adamserve.engine.algorithms import Algorithm, Hyperparameters, HyperValue
+from adamserve.engine.backend import Array, Backend, Blocks, make_blocks, select_backend
+from adamserve.engine.schedules import Schedule
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+STATE_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    group: int = 0
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each named tensor lives in the flat buffers."""
+
+    tensors: tuple[TensorSpec, ...]
+    offsets: I64 = field(init=False)
+
+    def __post_init__(self) -> None:
+        sizes = np.array([t.numel for t in self.tensors], dtype=np.int64)
+        offsets = np.zeros(len(self.tensors) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        object.__setattr__(self, "offsets", offsets)
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"tensor names must be unique; repeated: {', '.join(dup)}")
+
+    @property
+    def size(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def index(self, name: str) -> int:
+        for i, t in enumerate(self.tensors):
+            if t.name == name:
+                return i
+        raise KeyError(name)
+
+    def span(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Gradient clipping: ``max_norm`` over all tensors (global) or each tensor alone."""
+
+    max_norm: float | None = None
+    per_tensor: bool = False
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int  # the session's step count after this call
+    skipped: bool
+    grad_norm: float | None  # the global gradient norm when it was computed
+    nonfinite: tuple[str, ...] = ()  # tensors whose gradient held NaN or Inf
+
+
+class FlatOptimizer:
+    """One optimizer (one algorithm, several parameter groups) over flat buffers."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm | str,
+        layout: Layout,
+        groups: Sequence[Mapping[str, Any]] = ({},),
+        *,
+        backend: Backend | None = None,
+        dtype: str = "float32",
+        schedule: Schedule | None = None,
+        clip: ClipConfig = ClipConfig(),
+        skip_nonfinite: bool = True,
+        params: npt.NDArray[Any] | None = None,
+    ) -> None:
+        if isinstance(algorithm, str) and not isinstance(algorithm, Algorithm):
+            algorithm, extra = alg.parse_algorithm(algorithm)
+            groups = [{**extra, **g} for g in groups]
+        self.algorithm = algorithm
+        self.layout = layout
+        if not groups:
+            raise ValueError("at least one parameter group is required")
+        for t in layout.tensors:
+            if not 0 <= t.group < len(groups):
+                raise ValueError(
+                    f"tensor {t.name!r}: group {t.group} does not exist "
+                    f"(there are {len(groups)} groups)")
+        self.groups: list[Hyperparameters] = [
+            alg.resolve_hyperparameters(algorithm, g) for g in groups]
+        if dtype not in STATE_DTYPES:
+            raise ValueError(f"dtype: expected float32 or float64, got {dtype!r}")
+        self.dtype = STATE_DTYPES[dtype]
+        self.backend = backend if backend is not None else select_backend("cpu")
+        self.schedule = schedule
+        self.clip = clip
+        self.skip_nonfinite = skip_nonfinite
+        self.step_count = 0
+        n = layout.size
+        nseg = len(layout)
+        self.seg_step = np.zeros(nseg, dtype=np.int64)
+        self.mu_product = np.ones(nseg, dtype=np.float64)
+        self.param: Array = self.backend.zeros(n, self.dtype)
+        self.grad: Array = self.backend.zeros(n, self.dtype)
+        if params is not None:
+            self.param[...] = self.backend.to_device(np.asarray(params, dtype=self.dtype))
+        self.slots: dict[str, Array] = {}
+        self._ensure_slots()
+        self._blocks_all = make_blocks(self.backend, layout.offsets)
+        self._seg_group = np.array([t.group for t in layout.tensors], dtype=np.int64)
+
+    # -- state ---------------------------------------------------------------
+
+    def slot_names(self) -> tuple[str, ...]:
+        spec = alg.SPECS[self.algorithm]
+        names: list[str] = []
+        for h in self.groups:
+            names.extend(s for s in spec.slots(h) if s not in names)
+        return tuple(names)
+
+    def group_slots(self, group: int) -> tuple[str, ...]:
+        return alg.SPECS[self.algorithm].slots(self.groups[group])
+
+    def _ensure_slots(self) -> None:
+        """Allocate slots a (changed) hyperparameter now needs, e.g. momentum_buffer."""
+        for name in self.slot_names():
+            if name in self.slots:
+                continue
+            buf = self.backend.zeros(self.layout.size, self.dtype)
+            for i, t in enumerate(self.layout.tensors):
+                init = alg.initial_slot_value(self.algorithm, name, self.groups[t.group])
+                if init != 0.0:
+                    buf[self.layout.span(i)] = init
+            self.slots[name] = buf
+
+    def set_hyperparameters(self, group: int, changes: Mapping[str, Any]) -> None:
+        """Change hyperparameters of one group; takes effect at the next step."""
+        if not 0 <= group < len(self.groups):
+            raise ValueError(f"group {group} does not exist (there are {len(self.groups)})")
+        self.groups[group] = alg.resolve_hyperparameters(
+            self.algorithm, changes, base=self.groups[group])
+        self._ensure_slots()
+
+    # -- step ----------------------------------------------------------------
+
+    def _segment_values(self, active: BoolArray) -> dict[str, F64]:
+        keys = self.groups[0].keys()
+        table = {k: np.array([float(h[k]) for h in self.groups], dtype=np.float64) for k in keys}
+        return {k: v[self._seg_group[active]] for k, v in table.items()}
+
+    def current_lr(self, group: int) -> float:
+        base = float(self.groups[group]["lr"])
+        return base if self.schedule is None else self.schedule.lr(self.step_count, base)
+
+    def _scheduled(self, values: dict[str, F64]) -> None:
+        if self.schedule is None:
+            return
+        s, t = self.schedule, self.step_count
+        values["lr"] = np.array([s.lr(t, float(x)) for x in values["lr"]])
+        if "beta1" in values:
+            values["beta1"] = np.array([s.beta1(t, float(x)) for x in values["beta1"]])
+
+    def step(self, active: BoolArray | None = None) -> StepReport:
+        """Apply one update from ``self.grad`` to the tensors marked ``active`` (default all).
+
+        A step whose active gradients hold NaN or Inf (with ``skip_nonfinite``) changes
+        nothing, not even the step counters, and reports which tensors were at fault.
+        """
+        nseg = len(self.layout)
+        if active is None:
+            active_mask = np.ones(nseg, dtype=bool)
+            blocks = self._blocks_all
+        else:
+            active_mask = np.asarray(active, dtype=bool)
+            blocks = make_blocks(self.backend, self.layout.offsets, active_mask)
+        idx = np.flatnonzero(active_mask)
+        need_norms = self.skip_nonfinite or self.clip.max_norm is not None
+        gscale = np.ones(len(idx))
+        grad_norm: float | None = None
+        if need_norms and len(idx):
+            sumsq = self.backend.segment_sumsq(self.grad, blocks, nseg)[idx]
+            bad = ~np.isfinite(sumsq)
+            if self.skip_nonfinite and bad.any():
+                names = tuple(self.layout.tensors[int(i)].name for i in idx[bad])
+                return StepReport(self.step_count, True, float("nan"), names)
+            gscale, grad_norm = alg.clip_coefficients(
+                sumsq, self.clip.max_norm, self.clip.per_tensor)
+
+        values = self._segment_values(active_mask)
+        self._scheduled(values)
+        h = alg.SegmentHyper(values, self.seg_step[idx] + 1, self.mu_product[idx])
+        coef_rows = alg.coefficients(self.algorithm, h, values["lr"], gscale)
+        coef64 = np.zeros((nseg, coef_rows.shape[1]), dtype=np.float64)
+        coef64[idx] = coef_rows
+        coef = self.backend.to_device(coef64.astype(self.dtype))
+
+        if len(idx):
+            if self.algorithm is Algorithm.LAMB:
+                self._lamb(blocks, coef, coef64, nseg)
+            else:
+                self.backend.run(self.algorithm.value, self.slots, self.param, self.grad,
+                                 blocks, coef)
+        if self.algorithm is Algorithm.NADAM:
+            self.mu_product[idx] *= alg.nadam_mu(h)
+        self.seg_step[idx] += 1
+        self.step_count += 1
+        return StepReport(self.step_count, False, grad_norm)
+
+    def _lamb(self, blocks: Blocks, coef: Array, coef64: F64, nseg: int) -> None:
+        psq_b, rsq_b = self.backend.lamb_moments(self.slots, self.param, self.grad, blocks, coef)
+        psq = np.bincount(blocks.host_seg, weights=psq_b, minlength=nseg)
+        rsq = np.bincount(blocks.host_seg, weights=rsq_b, minlength=nseg)
+        lr = coef64[:, -1]
+        scale = lr * alg.lamb_trust_ratio(psq, rsq)
+        self.backend.scaled_sub(self.param, self.grad, blocks,
+                                self.backend.to_device(scale.astype(self.dtype)))
+
+    # -- views ---------------------------------------------------------------
+
+    def tensor(self, buf: Array, i: int) -> Array:
+        t = self.layout.tensors[i]
+        return buf[self.layout.span(i)].reshape(t.shape)
+
+    def hyperparameters(self, group: int) -> dict[str, HyperValue]:
+        return dict(self.groups[group])
