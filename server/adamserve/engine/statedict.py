@@ -1,0 +1,157 @@
+"""torch-compatible ``state_dict`` export and import for a :class:`FlatOptimizer`.
+
+The format is torch.optim's: ``{"state": {index: {"step": float, slot: array}},
+"param_groups": [{hyperparameters..., "params": [index...], "param_names": [...]}]}``
+with NumPy arrays for tensors. Hyperparameters use torch's names (``betas`` as a
+pair); torch's implementation switches (foreach, fused, ...) are accepted and
+ignored on import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from adamserve.engine import algorithms as alg
+from adamserve.engine.optimizer import FlatOptimizer
+
+# torch.optim group keys that select an implementation, not the maths.
+IGNORED_GROUP_KEYS = frozenset({
+    "foreach", "fused", "capturable", "differentiable", "params", "param_names", "initial_lr",
+})
+
+StateDict = dict[str, Any]
+
+
+def torch_group(h: Mapping[str, alg.HyperValue]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in h.items():
+        if k == "beta1":
+            out["betas"] = (float(v), float(h["beta2"]))
+        elif k != "beta2":
+            out[k] = v
+    return out
+
+
+def export_state(opt: FlatOptimizer) -> StateDict:
+    """The optimizer's state as torch.optim would write it (copies, on the host)."""
+    layout = opt.layout
+    host = {name: opt.backend.to_host(buf) for name, buf in opt.slots.items()}
+    state: dict[int, dict[str, Any]] = {}
+    for i, t in enumerate(layout.tensors):
+        if opt.seg_step[i] == 0:
+            continue  # torch keeps no state for a parameter that never stepped
+        entry: dict[str, Any] = {"step": float(opt.seg_step[i])}
+        for slot in opt.group_slots(t.group):
+            entry[slot] = np.array(host[slot][layout.span(i)]).reshape(t.shape)
+        if opt.algorithm is alg.Algorithm.NADAM:
+            entry["mu_product"] = float(opt.mu_product[i])
+        state[i] = entry
+    groups = []
+    for g, h in enumerate(opt.groups):
+        idx = [i for i, t in enumerate(layout.tensors) if t.group == g]
+        groups.append({**torch_group(h), "params": idx,
+                       "param_names": [layout.tensors[i].name for i in idx]})
+    return {"state": state, "param_groups": groups}
+
+
+def _match_indices(opt: FlatOptimizer, groups: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """Map the state_dict's parameter indices to ours: by name when names are given."""
+    theirs: list[tuple[int, str | None, int]] = []
+    for g, group in enumerate(groups):
+        params = list(group.get("params", []))
+        names = group.get("param_names")
+        for k, idx in enumerate(params):
+            theirs.append((int(idx), str(names[k]) if names else None, g))
+    ours = opt.layout.tensors
+    if len(theirs) != len(ours):
+        raise ValueError(
+            f"state_dict holds {len(theirs)} parameters in {len(groups)} groups; the session "
+            f"has {len(ours)}: {', '.join(t.name for t in ours)}")
+    mapping: dict[int, int] = {}
+    if all(name is not None for _, name, _ in theirs):
+        for idx, name, g in theirs:
+            try:
+                mine = opt.layout.index(str(name))
+            except KeyError:
+                raise ValueError(
+                    f"state_dict parameter {name!r} is not a tensor of this session") from None
+            mapping[idx] = mine
+    else:
+        for pos, (idx, _, _) in enumerate(theirs):
+            mapping[idx] = pos
+    for idx, _, g in theirs:
+        if ours[mapping[idx]].group != g:
+            raise ValueError(
+                f"parameter {ours[mapping[idx]].name!r} is in group {g} of the state_dict "
+                f"but in group {ours[mapping[idx]].group} of the session")
+    return mapping
+
+
+def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
+    """Load a torch-format state_dict into ``opt``; validates fully before changing anything."""
+    if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("state_dict: expected a mapping with 'state' and 'param_groups'")
+    groups = sd["param_groups"]
+    if len(groups) != len(opt.groups):
+        raise ValueError(f"state_dict has {len(groups)} param_groups; the session has "
+                         f"{len(opt.groups)}")
+    new_hyper = []
+    for g, group in enumerate(groups):
+        given = {k: v for k, v in group.items() if k not in IGNORED_GROUP_KEYS}
+        try:
+            new_hyper.append(alg.resolve_hyperparameters(opt.algorithm, given, base=opt.groups[g]))
+        except ValueError as exc:
+            raise ValueError(f"param_groups[{g}]: {exc}") from None
+    mapping = _match_indices(opt, groups)
+    spec = alg.SPECS[opt.algorithm]
+    staged: dict[int, dict[str, Any]] = {}
+    for key, entry in dict(sd["state"]).items():
+        idx = int(key)
+        if idx not in mapping:
+            raise ValueError(f"state_dict state[{idx}] names no parameter of its param_groups")
+        mine = mapping[idx]
+        t = opt.layout.tensors[mine]
+        need = spec.slots(new_hyper[t.group])
+        row: dict[str, Any] = {"step": entry.get("step")}
+        for slot in need:
+            if slot not in entry:
+                raise ValueError(f"state of {t.name!r}: missing {slot!r}; expected {need}")
+            arr = np.asarray(entry[slot])
+            if tuple(arr.shape) != t.shape:
+                raise ValueError(f"state of {t.name!r}: {slot} has shape {list(arr.shape)}, "
+                                 f"expected {list(t.shape)}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ValueError(f"state of {t.name!r}: {slot} has dtype {arr.dtype}, "
+                                 "expected a floating type")
+            row[slot] = arr
+        step = np.asarray(row["step"]).item() if row["step"] is not None else None
+        if step is None or not float(step).is_integer() or float(step) < 0:
+            raise ValueError(f"state of {t.name!r}: step must be a whole number >= 0, got {step!r}")
+        row["step"] = int(step)
+        if opt.algorithm is alg.Algorithm.NADAM:
+            row["mu_product"] = float(np.asarray(entry.get("mu_product", 1.0)).item())
+        staged[mine] = row
+    # validated: now change state
+    opt.groups[:] = new_hyper
+    opt._ensure_slots()
+    host = {name: opt.backend.to_host(buf).copy() for name, buf in opt.slots.items()}
+    for name, buf in host.items():
+        for i, t in enumerate(opt.layout.tensors):
+            buf[opt.layout.span(i)] = alg.initial_slot_value(opt.algorithm, name,
+                                                             opt.groups[t.group])
+    opt.seg_step[:] = 0
+    opt.mu_product[:] = 1.0
+    for i, row in staged.items():
+        span = opt.layout.span(i)
+        for slot, arr in row.items():
+            if slot in host:
+                host[slot][span] = arr.reshape(-1)
+        opt.seg_step[i] = row["step"]
+        if "mu_product" in row:
+            opt.mu_product[i] = row["mu_product"]
+    for name, buf in host.items():
+        opt.slots[name][...] = opt.backend.to_device(buf)
+    opt.step_count = int(opt.seg_step.max()) if len(opt.seg_step) else 0

@@ -1,0 +1,19 @@
+"""Prometheus metrics, shared by the service (steps) and the transports (bytes)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STEPS = Counter("adamserve_steps_total", "Optimizer steps applied (skipped ones included)")
+SKIPPED_STEPS = Counter("adamserve_skipped_steps_total",
+                        "Steps skipped because a gradient held NaN or Inf")
+STEP_SECONDS = Histogram(
+    "adamserve_step_seconds", "Time from the first gradient byte decoded to the step applied",
+    buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5))
+BYTES_IN = Counter("adamserve_bytes_in_total", "Tensor bytes received", ["transport"])
+BYTES_OUT = Counter("adamserve_bytes_out_total", "Tensor bytes sent", ["transport"])
+REQUESTS = Counter("adamserve_requests_total", "Requests by transport, method and outcome",
+                   ["transport", "method", "code"])
+SESSIONS = Gauge("adamserve_sessions", "Live sessions")
+STATE_BYTES = Gauge("adamserve_state_bytes", "Bytes of optimizer state held by all sessions")
+CHECKPOINTS = Counter("adamserve_checkpoints_total", "Durable checkpoints written")

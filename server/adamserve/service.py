@@ -1,0 +1,360 @@
+"""OptimizerService: the operations both transports expose, on domain types only.
+
+Every request is checked against the session's layout before any state is
+touched: gradients are decoded into the session's scratch gradient buffer (which
+is not state), and only a complete, valid request reaches the kernel. Errors are
+:mod:`adamserve.errors` exceptions whose messages name the tensor and what was
+expected; each transport maps them to its status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from adamserve import metrics
+from adamserve.engine import schedules, statedict
+from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
+from adamserve.engine.optimizer import StepReport, TensorSpec
+from adamserve.errors import FailedPrecondition, InvalidArgument
+from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
+from adamserve.sessions.session import Session, SessionConfig
+from adamserve.sessions.store import SessionStore
+
+log = logging.getLogger("adamserve.service")
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """Part (or all) of one named tensor, as raw little-endian bytes.
+
+    ``offset`` is the index of the chunk's first element in the flattened tensor;
+    the chunks of one tensor arrive in order.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    datatype: str
+    data: bytes | memoryview
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    algorithm: str
+    dtype: str
+    step: int
+    tensors: tuple[TensorSpec, ...]
+    groups: tuple[dict[str, Any], ...]
+    lr: tuple[float, ...]  # the lr the next step will use, per group
+    schedule: dict[str, Any] | None
+    max_grad_norm: float | None
+    clip_per_tensor: bool
+    skip_nonfinite: bool
+    state_bytes: int
+    checkpointed_step: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    skipped: bool
+    grad_norm: float | None
+    nonfinite: tuple[str, ...]
+    params: list[TensorChunk] = field(default_factory=list)
+
+
+def _info(s: Session) -> SessionInfo:
+    opt = s.opt
+    return SessionInfo(
+        id=s.id,
+        algorithm=s.config.algorithm,
+        dtype=s.config.dtype,
+        step=opt.step_count,
+        tensors=opt.layout.tensors,
+        groups=tuple(statedict.torch_group(h) for h in opt.groups),
+        lr=tuple(opt.current_lr(g) for g in range(len(opt.groups))),
+        schedule=opt.schedule.to_dict() if opt.schedule is not None else None,
+        max_grad_norm=opt.clip.max_norm,
+        clip_per_tensor=opt.clip.per_tensor,
+        skip_nonfinite=opt.skip_nonfinite,
+        state_bytes=s.state_bytes,
+        checkpointed_step=s.checkpointed_step,
+        backend=opt.backend.name,
+    )
+
+
+class _Assembler:
+    """Decodes chunks of named tensors into a flat host buffer, checking each one."""
+
+    def __init__(self, session: Session, out: npt.NDArray[Any]) -> None:
+        self.layout = session.opt.layout
+        self.out = out
+        self.received = np.zeros(len(self.layout), dtype=np.int64)
+        self.bytes = 0
+
+    def add(self, chunk: TensorChunk) -> None:
+        try:
+            i = self.layout.index(chunk.name)
+        except KeyError:
+            names = [t.name for t in self.layout.tensors]
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise InvalidArgument(
+                f"tensor {chunk.name!r} is not in this session; expected one of {shown}"
+            ) from None
+        t = self.layout.tensors[i]
+        if chunk.datatype not in WIRE_DTYPES:
+            raise InvalidArgument(
+                f"tensor {chunk.name!r}: unknown datatype {chunk.datatype!r}; expected one of "
+                f"{', '.join(WIRE_DTYPES)}")
+        if tuple(chunk.shape) != t.shape:
+            raise InvalidArgument(
+                f"tensor {chunk.name!r}: expected shape {list(t.shape)}, got {list(chunk.shape)}")
+        itemsize = WIRE_DTYPES[chunk.datatype].itemsize
+        nbytes = len(chunk.data)
+        if nbytes % itemsize:
+            raise InvalidArgument(
+                f"tensor {chunk.name!r}: {nbytes} bytes is not a whole number of "
+                f"{chunk.datatype} elements ({itemsize} bytes each)")
+        count = nbytes // itemsize
+        done = int(self.received[i])
+        if chunk.offset != done:
+            raise InvalidArgument(
+                f"tensor {chunk.name!r}: chunk starts at element {chunk.offset}, expected "
+                f"{done} (chunks of a tensor arrive in order, each exactly once)")
+        if done + count > t.numel:
+            raise InvalidArgument(
+                f"tensor {chunk.name!r}: {done + count} elements sent, expected {t.numel} "
+                f"(shape {list(t.shape)})")
+        lo = int(self.layout.offsets[i]) + done
+        decode_into(self.out[lo:lo + count], chunk.data, chunk.datatype)
+        self.received[i] = done + count
+        self.bytes += nbytes
+
+    def finish(self, require_all: bool) -> npt.NDArray[np.bool_]:
+        """Which tensors were sent; each must be complete (and all of them if required)."""
+        numel = np.diff(self.layout.offsets)
+        sent = self.received > 0
+        incomplete = sent & (self.received != numel)
+        missing = ~sent & (numel > 0) if require_all else np.zeros_like(sent)
+        for i in np.flatnonzero(incomplete):
+            t = self.layout.tensors[int(i)]
+            raise InvalidArgument(
+                f"tensor {t.name!r}: received {int(self.received[i])} of {t.numel} elements")
+        if missing.any():
+            names = [self.layout.tensors[int(i)].name for i in np.flatnonzero(missing)]
+            raise InvalidArgument(f"missing tensors: {', '.join(names[:8])}"
+                                  + (", ..." if len(names) > 8 else ""))
+        return sent | (numel == 0)
+
+
+class OptimizerService:
+    def __init__(self, store: SessionStore, *, checkpoint_every_steps: int = 0,
+                 checkpoint_every_seconds: float = 0.0) -> None:
+        self.store = store
+        self.checkpoints: CheckpointStore | None = store.checkpoints
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpoint_every_seconds = checkpoint_every_seconds
+        self.ready = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> list[str]:
+        restored = self.store.restore_all()
+        self._gauge()
+        self.ready = True
+        return restored
+
+    def _gauge(self) -> None:
+        metrics.SESSIONS.set(len(self.store.all()))
+        metrics.STATE_BYTES.set(self.store.total_bytes())
+
+    # -- sessions ------------------------------------------------------------
+
+    def create(self, session_id: str, config: SessionConfig,
+               initial: Iterable[TensorChunk] = ()) -> SessionInfo:
+        """Create a session; tensors without initial values start at zero."""
+        session = self.store.create(session_id, config)
+        try:
+            host = np.zeros(session.opt.layout.size, dtype=session.opt.dtype)
+            asm = _Assembler(session, host)
+            for chunk in initial:
+                asm.add(chunk)
+            asm.finish(require_all=False)
+            session.opt.param[...] = session.opt.backend.to_device(host)
+        except BaseException:
+            self.store.remove(session_id)
+            raise
+        self._gauge()
+        log.info("created session %s: %s, %d tensors, %d elements", session_id,
+                 config.algorithm, len(config.tensors), session.opt.layout.size)
+        return _info(session)
+
+    def describe(self, session_id: str) -> SessionInfo:
+        return _info(self.store.get(session_id))
+
+    def list(self) -> list[SessionInfo]:
+        return [_info(s) for s in self.store.all()]
+
+    def delete(self, session_id: str) -> None:
+        session = self.store.get(session_id)
+        with session.lock:
+            self.store.remove(session_id)
+            if self.checkpoints is not None:
+                self.checkpoints.delete(session_id)
+        self._gauge()
+
+    # -- steps ---------------------------------------------------------------
+
+    def step(self, session_id: str, grads: Iterable[TensorChunk], *,
+             return_datatype: str | None = "FP32", require_all: bool = False) -> StepResult:
+        """Apply one update from ``grads``; tensors not sent are left as they are.
+
+        ``return_datatype`` None returns no parameters (a push).
+        """
+        if return_datatype is not None and return_datatype not in WIRE_DTYPES:
+            raise InvalidArgument(f"return datatype {return_datatype!r}: expected one of "
+                                  f"{', '.join(WIRE_DTYPES)}")
+        session = self.store.get(session_id)
+        t0 = time.perf_counter()
+        with session.lock:
+            opt = session.opt
+            host = opt.grad if opt.backend.name == "cpu" else np.empty(opt.layout.size, opt.dtype)
+            asm = _Assembler(session, host)
+            for chunk in grads:
+                asm.add(chunk)
+            active = asm.finish(require_all)
+            if not active.any():
+                raise InvalidArgument("the step request carries no gradient tensors")
+            if host is not opt.grad:
+                opt.grad[...] = opt.backend.to_device(host)
+            report = opt.step(None if active.all() else active)
+            params = self._encode(session, None, return_datatype) if return_datatype else []
+            self._auto_checkpoint(session, report)
+        metrics.STEPS.inc()
+        metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
+        if report.skipped:
+            metrics.SKIPPED_STEPS.inc()
+        return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params)
+
+    def pull(self, session_id: str, names: Sequence[str] | None = None,
+             datatype: str = "FP32") -> list[TensorChunk]:
+        if datatype not in WIRE_DTYPES:
+            raise InvalidArgument(f"datatype {datatype!r}: expected one of "
+                                  f"{', '.join(WIRE_DTYPES)}")
+        session = self.store.get(session_id)
+        with session.lock:
+            return self._encode(session, names, datatype)
+
+    def _encode(self, session: Session, names: Sequence[str] | None,
+                datatype: str) -> list[TensorChunk]:
+        opt = session.opt
+        layout = opt.layout
+        if names:
+            idx = []
+            for n in names:
+                try:
+                    idx.append(layout.index(n))
+                except KeyError:
+                    raise InvalidArgument(f"tensor {n!r} is not in this session") from None
+        else:
+            idx = list(range(len(layout)))
+        host = opt.backend.to_host(opt.param)
+        out = []
+        for i in idx:
+            t = layout.tensors[i]
+            out.append(TensorChunk(t.name, t.shape, datatype, encode(host[layout.span(i)],
+                                                                     datatype)))
+        return out
+
+    # -- hyperparameters and state -------------------------------------------
+
+    def set_hyperparameters(self, session_id: str, group: int,
+                            changes: Mapping[str, Any]) -> SessionInfo:
+        session = self.store.get(session_id)
+        with session.lock:
+            try:
+                session.opt.set_hyperparameters(group, changes)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            return _info(session)
+
+    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
+        session = self.store.get(session_id)
+        try:
+            parsed = schedules.schedule_from_dict(schedule) if schedule else None
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        with session.lock:
+            session.opt.schedule = parsed
+            return _info(session)
+
+    def export_state(self, session_id: str) -> statedict.StateDict:
+        session = self.store.get(session_id)
+        with session.lock:
+            return statedict.export_state(session.opt)
+
+    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
+        session = self.store.get(session_id)
+        with session.lock:
+            try:
+                statedict.import_state(session.opt, state)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InvalidArgument(f"state_dict: {exc}") from None
+            return _info(session)
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def checkpoint(self, session_id: str) -> CheckpointInfo:
+        if self.checkpoints is None:
+            raise FailedPrecondition("checkpoints are disabled: the server has no data directory")
+        session = self.store.get(session_id)
+        with session.lock:
+            return self._write(session)
+
+    def _write(self, session: Session) -> CheckpointInfo:
+        assert self.checkpoints is not None
+        info = self.checkpoints.write(session)
+        session.checkpointed_step = info.step
+        session.checkpointed_at = time.monotonic()
+        metrics.CHECKPOINTS.inc()
+        return info
+
+    def _auto_checkpoint(self, session: Session, report: StepReport) -> None:
+        n = self.checkpoint_every_steps
+        if self.checkpoints is not None and n > 0 and not report.skipped and report.step % n == 0:
+            self._write(session)
+
+    def checkpoint_due(self) -> int:
+        """Checkpoint sessions whose last checkpoint is older than the time interval."""
+        if self.checkpoints is None or self.checkpoint_every_seconds <= 0:
+            return 0
+        now = time.monotonic()
+        n = 0
+        for session in self.store.all():
+            if (now - session.checkpointed_at >= self.checkpoint_every_seconds
+                    and session.checkpointed_step != session.opt.step_count):
+                with session.lock:
+                    self._write(session)
+                n += 1
+        return n
+
+    def checkpoint_all(self) -> int:
+        """Checkpoint every session with unsaved steps (graceful shutdown)."""
+        if self.checkpoints is None:
+            return 0
+        n = 0
+        for session in self.store.all():
+            with session.lock:
+                if session.checkpointed_step != session.opt.step_count:
+                    self._write(session)
+                    n += 1
+        return n

@@ -1,0 +1,202 @@
+"""Durable checkpoints: safetensors for the flat buffers, a JSON manifest for the rest.
+
+Layout under ``<data_dir>/sessions/<session id>/``::
+
+    ckpt-000000001200/tensors.safetensors   param, slot.<name> (flat, state dtype)
+    ckpt-000000001200/manifest.json         config, hyperparameters, step counts, sha256
+    LATEST                                  name of the newest complete checkpoint
+
+A checkpoint is built in a ``.tmp-*`` directory; its files are fsynced, the
+directory is renamed into place and the parent fsynced; only then is LATEST
+replaced (temp file, fsync, rename, fsync). A crash at any point leaves either the
+old or the new checkpoint readable. Loading checks the tensors' sha256 against the
+manifest and falls back to the newest complete checkpoint if LATEST's is damaged.
+Nothing is ever unpickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from adamserve.engine import schedules
+from adamserve.engine.backend import Backend
+from adamserve.engine.optimizer import FlatOptimizer
+from adamserve.sessions.session import Session, SessionConfig, build_optimizer
+
+log = logging.getLogger("adamserve.checkpoints")
+
+FORMAT = "adamserve-checkpoint"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    session_id: str
+    step: int
+    path: str
+    bytes: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def manifest_of(session: Session) -> dict[str, Any]:
+    opt = session.opt
+    cfg = session.config.to_json()
+    cfg["groups"] = [dict(g) for g in opt.groups]
+    cfg["schedule"] = opt.schedule.to_dict() if opt.schedule is not None else None
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "session_id": session.id,
+        "config": cfg,
+        "step_count": opt.step_count,
+        "seg_step": [int(x) for x in opt.seg_step],
+        "mu_product": [float(x) for x in opt.mu_product],
+        "extra": dict(session.extra),
+        "created": time.time(),
+    }
+
+
+def tensors_of(opt: FlatOptimizer) -> dict[str, np.ndarray[Any, Any]]:
+    out = {"param": np.ascontiguousarray(opt.backend.to_host(opt.param))}
+    for name, buf in opt.slots.items():
+        out[f"slot.{name}"] = np.ascontiguousarray(opt.backend.to_host(buf))
+    return out
+
+
+class CheckpointStore:
+    def __init__(self, data_dir: str | os.PathLike[str], keep: int = 3) -> None:
+        self.root = Path(data_dir) / "sessions"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep = max(1, keep)
+
+    def session_dir(self, session_id: str) -> Path:
+        return self.root / session_id
+
+    def write(self, session: Session) -> CheckpointInfo:
+        """Write a checkpoint of ``session`` (caller holds its lock); durable on return."""
+        sdir = self.session_dir(session.id)
+        sdir.mkdir(parents=True, exist_ok=True)
+        step = session.opt.step_count
+        name = f"ckpt-{step:012d}"
+        blob = st_save(tensors_of(session.opt))
+        manifest = manifest_of(session)
+        manifest["sha256"] = hashlib.sha256(blob).hexdigest()
+        manifest["tensors_bytes"] = len(blob)
+        tmp = sdir / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        _write_file(tmp / "tensors.safetensors", blob)
+        _write_file(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        _fsync_dir(tmp)
+        final = sdir / name
+        if final.exists():  # same step checkpointed again: replace it
+            old = sdir / f".tmp-old-{name}-{time.monotonic_ns()}"
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+        _fsync_dir(sdir)
+        latest_tmp = sdir / f".tmp-LATEST-{time.monotonic_ns()}"
+        _write_file(latest_tmp, name.encode())
+        latest_tmp.rename(sdir / "LATEST")
+        _fsync_dir(sdir)
+        self._prune(sdir, keep_name=name)
+        return CheckpointInfo(session.id, step, str(final), len(blob))
+
+    def _prune(self, sdir: Path, keep_name: str) -> None:
+        ckpts = sorted(p.name for p in sdir.glob("ckpt-*") if p.is_dir())
+        for old in ckpts[: max(0, len(ckpts) - self.keep)]:
+            if old != keep_name:
+                shutil.rmtree(sdir / old, ignore_errors=True)
+
+    def delete(self, session_id: str) -> None:
+        sdir = self.session_dir(session_id)
+        if sdir.exists():
+            trash = self.root / f".tmp-deleted-{session_id}-{time.monotonic_ns()}"
+            sdir.rename(trash)
+            _fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def sweep(self) -> int:
+        """Remove temporary leftovers of interrupted writes; returns how many."""
+        n = 0
+        for p in list(self.root.glob(".tmp-*")) + list(self.root.glob("*/.tmp-*")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def session_ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith("."))
+
+    def load(self, session_id: str, backend: Backend) -> Session | None:
+        """The session from its newest complete checkpoint, or None if it has none."""
+        sdir = self.session_dir(session_id)
+        candidates = sorted((p.name for p in sdir.glob("ckpt-*") if p.is_dir()), reverse=True)
+        latest = sdir / "LATEST"
+        if latest.exists():
+            name = latest.read_text().strip()
+            if name in candidates:
+                candidates.remove(name)
+                candidates.insert(0, name)
+        for name in candidates:
+            try:
+                return self._load_dir(session_id, sdir / name, backend)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("checkpoint %s/%s unreadable (%s); trying an older one",
+                            session_id, name, exc)
+        return None
+
+    def _load_dir(self, session_id: str, path: Path, backend: Backend) -> Session:
+        manifest = json.loads((path / "manifest.json").read_bytes())
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise ValueError(f"not a version-{VERSION} adamserve checkpoint")
+        blob = (path / "tensors.safetensors").read_bytes()
+        if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+            raise ValueError("tensors.safetensors does not match the manifest's sha256")
+        config = SessionConfig.from_json(manifest["config"])
+        opt = build_optimizer(config, backend)
+        tensors = st_load(blob)
+        opt.param[...] = backend.to_device(tensors["param"])
+        for key, arr in tensors.items():
+            if key.startswith("slot."):
+                name = key[5:]
+                if name not in opt.slots:
+                    opt.slots[name] = backend.zeros(opt.layout.size, opt.dtype)
+                opt.slots[name][...] = backend.to_device(arr)
+        opt.step_count = int(manifest["step_count"])
+        opt.seg_step[:] = np.array(manifest["seg_step"], dtype=np.int64)
+        opt.mu_product[:] = np.array(manifest["mu_product"], dtype=np.float64)
+        if config.schedule:
+            opt.schedule = schedules.schedule_from_dict(config.schedule)
+        session = Session(session_id, config, opt)
+        session.checkpointed_step = opt.step_count
+        session.extra = dict(manifest.get("extra", {}))
+        return session

@@ -1,0 +1,129 @@
+"""A session: one named optimizer, its flat state, and the lock that serialises its steps."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adamserve.engine import algorithms as alg
+from adamserve.engine import schedules
+from adamserve.engine.backend import Backend
+from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, TensorSpec
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_session_id(session_id: str) -> None:
+    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        raise ValueError(
+            f"session id {session_id!r}: expected 1-128 characters of letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything a create request fixes; it is also the checkpoint manifest's core."""
+
+    algorithm: str
+    tensors: tuple[TensorSpec, ...]
+    groups: tuple[dict[str, Any], ...] = ({},)
+    dtype: str = "float32"
+    schedule: dict[str, Any] | None = None
+    max_grad_norm: float | None = None
+    clip_per_tensor: bool = False
+    skip_nonfinite: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tensors"] = [{"name": t.name, "shape": list(t.shape), "group": t.group}
+                        for t in self.tensors]
+        d["groups"] = [dict(g) for g in self.groups]
+        return d
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> SessionConfig:
+        return SessionConfig(
+            algorithm=str(d["algorithm"]),
+            tensors=tuple(TensorSpec(str(t["name"]), tuple(int(x) for x in t["shape"]),
+                                     int(t.get("group", 0))) for t in d["tensors"]),
+            groups=tuple(dict(g) for g in d["groups"]),
+            dtype=str(d.get("dtype", "float32")),
+            schedule=d.get("schedule"),
+            max_grad_norm=d.get("max_grad_norm"),
+            clip_per_tensor=bool(d.get("clip_per_tensor", False)),
+            skip_nonfinite=bool(d.get("skip_nonfinite", True)),
+        )
+
+
+def state_bytes(config: SessionConfig) -> int:
+    """Bytes of device memory a session with this config holds (param, grad and slots)."""
+    algo, extra = alg.parse_algorithm(config.algorithm)
+    spec = alg.SPECS[algo]
+    slots: set[str] = set()
+    for g in config.groups:
+        slots.update(spec.slots(alg.resolve_hyperparameters(algo, {**extra, **g})))
+    n = sum(t.numel for t in config.tensors)
+    itemsize = 8 if config.dtype == "float64" else 4
+    return (2 + len(slots)) * n * itemsize
+
+
+def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
+    """Validate ``config`` and allocate its state (raises ValueError on bad config)."""
+    for t in config.tensors:
+        if not isinstance(t.name, str) or not t.name:
+            raise ValueError("tensor names must be non-empty strings")
+        if any(d < 0 for d in t.shape):
+            raise ValueError(f"tensor {t.name!r}: shape {list(t.shape)} has a negative dimension")
+    if not config.tensors:
+        raise ValueError("a session needs at least one tensor")
+    if config.max_grad_norm is not None and not config.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm: expected a number > 0, got {config.max_grad_norm!r}")
+    schedule = schedules.schedule_from_dict(config.schedule) if config.schedule else None
+    return FlatOptimizer(
+        config.algorithm,
+        Layout(config.tensors),
+        list(config.groups),
+        backend=backend,
+        dtype=config.dtype,
+        schedule=schedule,
+        clip=ClipConfig(config.max_grad_norm, config.clip_per_tensor),
+        skip_nonfinite=config.skip_nonfinite,
+    )
+
+
+@dataclass
+class Session:
+    id: str
+    config: SessionConfig
+    opt: FlatOptimizer
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    created: float = field(default_factory=time.time)
+    checkpointed_step: int = -1  # step of the last durable checkpoint
+    checkpointed_at: float = field(default_factory=time.monotonic)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-safe, saved in checkpoints
+
+    @property
+    def state_bytes(self) -> int:
+        n = self.opt.layout.size
+        return (2 + len(self.opt.slots)) * n * self.opt.dtype.itemsize
+
+    def fingerprint(self) -> str:
+        """A hash of everything a step can change (for tests and for resume checks)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.opt.backend.to_host(self.opt.param)).tobytes())
+        for name in sorted(self.opt.slots):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.opt.backend.to_host(self.opt.slots[name])).tobytes())
+        h.update(self.opt.seg_step.tobytes())
+        h.update(self.opt.mu_product.tobytes())
+        h.update(str(self.opt.step_count).encode())
+        h.update(repr(self.opt.groups).encode())
+        return h.hexdigest()

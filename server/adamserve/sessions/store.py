@@ -1,0 +1,105 @@
+"""The session registry: lookup, memory accounting, restore from checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from adamserve.engine.backend import Backend
+from adamserve.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from adamserve.sessions.checkpoints import CheckpointStore
+from adamserve.sessions.session import (
+    Session,
+    SessionConfig,
+    build_optimizer,
+    check_session_id,
+    state_bytes,
+)
+
+log = logging.getLogger("adamserve.sessions")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_state_bytes: int | None = None  # all sessions together
+    max_session_bytes: int | None = None  # any one session
+
+
+class SessionStore:
+    def __init__(self, backend: Backend, checkpoints: CheckpointStore | None,
+                 limits: Limits = Limits()) -> None:
+        self.backend = backend
+        self.checkpoints = checkpoints
+        self.limits = limits
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()  # guards the dict and the byte count, never a step
+
+    def restore_all(self) -> list[str]:
+        """Load every session's newest complete checkpoint; sweep temp leftovers first."""
+        if self.checkpoints is None:
+            return []
+        swept = self.checkpoints.sweep()
+        if swept:
+            log.info("swept %d leftover temporary checkpoint files", swept)
+        restored = []
+        for sid in self.checkpoints.session_ids():
+            session = self.checkpoints.load(sid, self.backend)
+            if session is None:
+                log.warning("session %s has no complete checkpoint; not restored", sid)
+                continue
+            self._sessions[sid] = session
+            restored.append(sid)
+            log.info("restored session %s at step %d", sid, session.opt.step_count)
+        return restored
+
+    def total_bytes(self) -> int:
+        return sum(s.state_bytes for s in self._sessions.values())
+
+    def create(self, session_id: str, config: SessionConfig) -> Session:
+        try:
+            check_session_id(session_id)
+            need = state_bytes(config)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        with self._lock:
+            if session_id in self._sessions:
+                raise AlreadyExists(f"session {session_id!r} already exists")
+            cap = self.limits.max_session_bytes
+            if cap is not None and need > cap:
+                raise ResourceExhausted(
+                    f"session {session_id!r} needs {need} bytes of state; the per-session "
+                    f"limit is {cap}")
+            cap = self.limits.max_state_bytes
+            used = self.total_bytes()
+            if cap is not None and used + need > cap:
+                raise ResourceExhausted(
+                    f"session {session_id!r} needs {need} bytes of state; {cap - used} of "
+                    f"{cap} are free")
+            try:
+                opt = build_optimizer(config, self.backend)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            except MemoryError:
+                raise ResourceExhausted(
+                    f"session {session_id!r}: the device could not allocate {need} bytes"
+                ) from None
+            session = Session(session_id, config, opt)
+            self._sessions[session_id] = session
+            return session
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise NotFound(f"session {session_id!r} does not exist") from None
+
+    def remove(self, session_id: str) -> Session:
+        with self._lock:
+            try:
+                return self._sessions.pop(session_id)
+            except KeyError:
+                raise NotFound(f"session {session_id!r} does not exist") from None
+
+    def all(self) -> list[Session]:
+        return sorted(self._sessions.values(), key=lambda s: s.id)
