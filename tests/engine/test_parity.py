@@ -325,9 +325,9 @@ def test_hyperparameter_change_takes_effect_next_step() -> None:
     ours = FlatOptimizer("rmsprop", _layout(False), [{"lr": 1e-2}], dtype="float64",
                          params=_flat(p0))
     for k in range(12):
-        if k == 6:  # momentum switched on mid-run allocates momentum_buffer, like torch
-            topt.param_groups[0].update(lr=5e-3, momentum=0.9)
-            ours.set_hyperparameters(0, {"lr": 5e-3, "momentum": 0.9})
+        if k == 6:
+            topt.param_groups[0].update(lr=5e-3, alpha=0.9, weight_decay=0.1)
+            ours.set_hyperparameters(0, {"lr": 5e-3, "alpha": 0.9, "weight_decay": 0.1})
         grads = _grads(rng, "float64")
         for t, g in zip(tparams, grads, strict=True):
             t.grad = torch.tensor(g)
@@ -335,6 +335,17 @@ def test_hyperparameter_change_takes_effect_next_step() -> None:
         ours.grad[:] = _flat(grads)
         ours.step()
     _compare(ours.param, _flat([t.detach().numpy() for t in tparams]), 1e-12, "params")
+
+
+def test_switching_momentum_on_allocates_its_buffer() -> None:
+    # torch.optim.RMSprop raises KeyError here; we allocate the zeroed buffer it implies
+    ours = FlatOptimizer("rmsprop", _layout(False), dtype="float64")
+    ours.grad[:] = 1.0
+    ours.step()
+    ours.set_hyperparameters(0, {"momentum": 0.9})
+    assert "momentum_buffer" in ours.slots
+    ours.step()
+    assert np.all(ours.slots["momentum_buffer"] != 0)
 
 
 def test_bad_hyperparameters_are_named() -> None:
