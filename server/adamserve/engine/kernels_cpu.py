@@ -30,6 +30,9 @@ numba.config.THREADING_LAYER = "threadsafe"
 BLOCK = 1 << 15  # elements per block: large enough to amortise scheduling, small enough to balance
 
 _JIT = {"parallel": True, "cache": True, "nogil": True, "boundscheck": False}
+# Reductions may reassociate (so LLVM vectorises the sum); never assume finite values,
+# since the sums are what detects NaN and Inf.
+_JIT_SUM = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
 @njit(inline="always")
@@ -40,15 +43,17 @@ def _lerp(a, b, w):  # type: ignore[no-untyped-def]
     return b - (b - a) * (1.0 - w)
 
 
-@njit(**_JIT)
+@njit(**_JIT_SUM)
 def segment_sumsq(x, bstart, bend, bseg, nseg):  # type: ignore[no-untyped-def]
     """Sum of squares per segment, accumulated in float64 (non-finite values propagate)."""
     nb = bstart.shape[0]
     partial = np.zeros(nb, dtype=np.float64)
     for b in prange(nb):
         acc = 0.0
-        for i in range(bstart[b], bend[b]):
-            xi = np.float64(x[i])
+        lo, hi = bstart[b], bend[b]
+        x_ = x[lo:hi]
+        for i in range(hi - lo):
+            xi = np.float64(x_[i])
             acc += xi * xi
         partial[b] = acc
     out = np.zeros(nseg, dtype=np.float64)
@@ -64,18 +69,31 @@ def adam(p, g, m, v, vmax, bstart, bend, bseg, coef):  # type: ignore[no-untyped
         gs, wd, decay, w, b2, omb2, step_size, bc2s, eps, ams = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9])
         neg = -step_size
-        for i in range(bstart[b], bend[b]):
-            pi = p[i]
-            gi = g[i] * gs + wd * pi
-            pi = pi * decay
-            mi = _lerp(m[i], gi, w)
-            vi = v[i] * b2 + omb2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            if ams != 0:
-                vi = max(vmax[i], vi)
-                vmax[i] = vi
-            p[i] = pi + neg * mi / (math.sqrt(vi) / bc2s + eps)
+        lo, hi = bstart[b], bend[b]
+        pb, gb, mb, vb = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+        if ams != 0:
+            xb = vmax[lo:hi]
+            for i in range(hi - lo):
+                pi = pb[i]
+                gi = gb[i] * gs + wd * pi
+                pi = pi * decay
+                mi = _lerp(mb[i], gi, w)
+                vi = vb[i] * b2 + omb2 * gi * gi
+                mb[i] = mi
+                vb[i] = vi
+                vi = max(xb[i], vi)
+                xb[i] = vi
+                pb[i] = pi + neg * mi / (math.sqrt(vi) / bc2s + eps)
+        else:
+            for i in range(hi - lo):
+                pi = pb[i]
+                gi = gb[i] * gs + wd * pi
+                pi = pi * decay
+                mi = _lerp(mb[i], gi, w)
+                vi = vb[i] * b2 + omb2 * gi * gi
+                mb[i] = mi
+                vb[i] = vi
+                pb[i] = pi + neg * mi / (math.sqrt(vi) / bc2s + eps)
 
 
 @njit(**_JIT)
@@ -84,17 +102,22 @@ def nadam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
         c = coef[bseg[b]]
         gs, wd, decay, w, b2, omb2, bc2, eps, cg, cm = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9])
-        for i in range(bstart[b], bend[b]):
-            pi = p[i]
-            gi = g[i] * gs + wd * pi
+        lo, hi = bstart[b], bend[b]
+        g_ = g[lo:hi]
+        m_ = m[lo:hi]
+        p_ = p[lo:hi]
+        v_ = v[lo:hi]
+        for i in range(hi - lo):
+            pi = p_[i]
+            gi = g_[i] * gs + wd * pi
             pi = pi * decay
-            mi = _lerp(m[i], gi, w)
-            vi = v[i] * b2 + omb2 * gi * gi
-            m[i] = mi
-            v[i] = vi
+            mi = _lerp(m_[i], gi, w)
+            vi = v_[i] * b2 + omb2 * gi * gi
+            m_[i] = mi
+            v_[i] = vi
             d = math.sqrt(vi / bc2) + eps
             pi = pi + cg * gi / d
-            p[i] = pi + cm * mi / d
+            p_[i] = pi + cm * mi / d
 
 
 @njit(**_JIT)
@@ -103,18 +126,23 @@ def radam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
         c = coef[bseg[b]]
         gs, wd, decay, w, b2, omb2, bc1, lr, rectify, rect, bc2s, eps = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11])
-        for i in range(bstart[b], bend[b]):
-            pi = p[i]
-            gi = g[i] * gs + wd * pi
+        lo, hi = bstart[b], bend[b]
+        g_ = g[lo:hi]
+        m_ = m[lo:hi]
+        p_ = p[lo:hi]
+        v_ = v[lo:hi]
+        for i in range(hi - lo):
+            pi = p_[i]
+            gi = g_[i] * gs + wd * pi
             pi = pi * decay
-            mi = _lerp(m[i], gi, w)
-            vi = v[i] * b2 + omb2 * gi * gi
-            m[i] = mi
-            v[i] = vi
+            mi = _lerp(m_[i], gi, w)
+            vi = v_[i] * b2 + omb2 * gi * gi
+            m_[i] = mi
+            v_[i] = vi
             if rectify != 0:
-                p[i] = pi - (mi / bc1) * lr * (bc2s / (math.sqrt(vi) + eps)) * rect
+                p_[i] = pi - (mi / bc1) * lr * (bc2s / (math.sqrt(vi) + eps)) * rect
             else:
-                p[i] = pi - (mi / bc1) * lr
+                p_[i] = pi - (mi / bc1) * lr
 
 
 @njit(**_JIT)
@@ -123,14 +151,19 @@ def adamax(p, g, m, u, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def
         c = coef[bseg[b]]
         gs, wd, w, b2, eps, clr = c[0], c[1], c[3], c[4], c[5], c[6]
         neg = -clr
-        for i in range(bstart[b], bend[b]):
-            pi = p[i]
-            gi = g[i] * gs + wd * pi
-            mi = _lerp(m[i], gi, w)
-            ui = max(u[i] * b2, abs(gi) + eps)
-            m[i] = mi
-            u[i] = ui
-            p[i] = pi + neg * mi / ui
+        lo, hi = bstart[b], bend[b]
+        g_ = g[lo:hi]
+        m_ = m[lo:hi]
+        p_ = p[lo:hi]
+        u_ = u[lo:hi]
+        for i in range(hi - lo):
+            pi = p_[i]
+            gi = g_[i] * gs + wd * pi
+            mi = _lerp(m_[i], gi, w)
+            ui = max(u_[i] * b2, abs(gi) + eps)
+            m_[i] = mi
+            u_[i] = ui
+            p_[i] = pi + neg * mi / ui
 
 
 @njit(**_JIT)
@@ -139,12 +172,16 @@ def adagrad(p, g, s, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
         c = coef[bseg[b]]
         gs, wd, clr, eps = c[0], c[1], c[3], c[4]
         neg = -clr
-        for i in range(bstart[b], bend[b]):
-            pi = p[i]
-            gi = g[i] * gs + wd * pi
-            si = s[i] + gi * gi
-            s[i] = si
-            p[i] = pi + neg * gi / (math.sqrt(si) + eps)
+        lo, hi = bstart[b], bend[b]
+        g_ = g[lo:hi]
+        p_ = p[lo:hi]
+        s_ = s[lo:hi]
+        for i in range(hi - lo):
+            pi = p_[i]
+            gi = g_[i] * gs + wd * pi
+            si = s_[i] + gi * gi
+            s_[i] = si
+            p_[i] = pi + neg * gi / (math.sqrt(si) + eps)
 
 
 @njit(**_JIT)
@@ -154,26 +191,32 @@ def rmsprop(p, g, sq, buf, gavg, bstart, bend, bseg, coef):  # type: ignore[no-u
         gs, wd, alpha, oma, centered, eps, mom, lr = (
             c[0], c[1], c[3], c[4], c[5], c[6], c[7], c[8])
         neg = -lr
-        for i in range(bstart[b], bend[b]):
-            pi = p[i]
-            gi = g[i] * gs + wd * pi
-            si = sq[i] * alpha + oma * gi * gi
-            sq[i] = si
+        lo, hi = bstart[b], bend[b]
+        buf_ = buf[lo:hi]
+        g_ = g[lo:hi]
+        gavg_ = gavg[lo:hi]
+        p_ = p[lo:hi]
+        sq_ = sq[lo:hi]
+        for i in range(hi - lo):
+            pi = p_[i]
+            gi = g_[i] * gs + wd * pi
+            si = sq_[i] * alpha + oma * gi * gi
+            sq_[i] = si
             if centered != 0:
-                ga = _lerp(gavg[i], gi, oma)
-                gavg[i] = ga
+                ga = _lerp(gavg_[i], gi, oma)
+                gavg_[i] = ga
                 avg = math.sqrt(si + (-ga) * ga) + eps
             else:
                 avg = math.sqrt(si) + eps
             if mom > 0:
-                bi = buf[i] * mom + gi / avg
-                buf[i] = bi
-                p[i] = pi + neg * bi
+                bi = buf_[i] * mom + gi / avg
+                buf_[i] = bi
+                p_[i] = pi + neg * bi
             else:
-                p[i] = pi + neg * gi / avg
+                p_[i] = pi + neg * gi / avg
 
 
-@njit(**_JIT)
+@njit(**_JIT_SUM)
 def lamb_moments(p, g, m, v, bstart, bend, bseg, coef, psq, rsq):  # type: ignore[no-untyped-def]
     """First LAMB pass: moments, and the update r written over the gradient buffer.
 
@@ -185,15 +228,20 @@ def lamb_moments(p, g, m, v, bstart, bend, bseg, coef, psq, rsq):  # type: ignor
             c[0], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10])
         pacc = 0.0
         racc = 0.0
-        for i in range(bstart[b], bend[b]):
-            pi = p[i]
-            gi = g[i] * gs
-            mi = omb1 * gi + b1 * m[i]
-            vi = omb2 * gi * gi + b2 * v[i]
-            m[i] = mi
-            v[i] = vi
+        lo, hi = bstart[b], bend[b]
+        g_ = g[lo:hi]
+        m_ = m[lo:hi]
+        p_ = p[lo:hi]
+        v_ = v[lo:hi]
+        for i in range(hi - lo):
+            pi = p_[i]
+            gi = g_[i] * gs
+            mi = omb1 * gi + b1 * m_[i]
+            vi = omb2 * gi * gi + b2 * v_[i]
+            m_[i] = mi
+            v_[i] = vi
             ri = (mi / bc1) / (math.sqrt(vi / bc2) + eps) + wd * pi
-            g[i] = ri
+            g_[i] = ri
             pacc += np.float64(pi) * np.float64(pi)
             racc += np.float64(ri) * np.float64(ri)
         psq[b] = pacc
@@ -205,8 +253,11 @@ def scaled_sub(p, r, bstart, bend, bseg, scale):  # type: ignore[no-untyped-def]
     """p -= scale[segment] * r: LAMB's second pass."""
     for b in prange(bstart.shape[0]):
         neg = -scale[bseg[b]]
-        for i in range(bstart[b], bend[b]):
-            p[i] = p[i] + neg * r[i]
+        lo, hi = bstart[b], bend[b]
+        p_ = p[lo:hi]
+        r_ = r[lo:hi]
+        for i in range(hi - lo):
+            p_[i] = p_[i] + neg * r_[i]
 
 
 class CpuBackend:

@@ -1,0 +1,130 @@
+"""Optimizer kernels on the CPU: adamserve vs torch's fastest, and vs the memory floor.
+
+One run prints a markdown table, for every algorithm on N fp32 elements (default
+16M):
+
+* adamserve ``FlatOptimizer.step()`` elements/s, as a server runs it (non-finite
+  check on), and the bare kernel (``skip_nonfinite=False``);
+* torch's fastest CPU implementation of the same algorithm (``fused=True`` where
+  torch has a fused CPU kernel, else ``foreach=True``) on one tensor of N elements;
+* ratio = adamserve step / torch;
+* floor = bytes the algorithm must move per element / memory-copy rate measured in
+  this run (``np.copyto`` of a buffer much larger than the caches, counting bytes
+  read + written); reported as the fraction of that floor the kernel reaches.
+
+    python bench/kernels.py [--elements 16777216] [--repeat 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
+
+# Bytes each algorithm must move per fp32 element: param r+w, grad r, each slot r+w.
+# LAMB makes two passes (moments + update, then the trust-ratio-scaled apply).
+BYTES = {
+    "adam": 28, "adamw": 28, "adam+amsgrad": 36, "nadam": 28, "radam": 28, "adamax": 28,
+    "adagrad": 20, "rmsprop": 20, "lamb": 40,
+}
+TORCH = {
+    "adam": ("Adam", {}, True), "adamw": ("AdamW", {}, True),
+    "adam+amsgrad": ("Adam", {"amsgrad": True}, True), "nadam": ("NAdam", {}, False),
+    "radam": ("RAdam", {}, False), "adamax": ("Adamax", {}, False),
+    "adagrad": ("Adagrad", {}, True), "rmsprop": ("RMSprop", {}, False),
+}
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_rate(n: int, repeat: int) -> float:
+    src = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    t = best_time(lambda: np.copyto(dst, src), repeat)
+    return 2 * src.nbytes / t
+
+
+def ours(name: str, n: int, repeat: int, check: bool) -> float:
+    algo, opts = ("adam", {"amsgrad": True}) if name == "adam+amsgrad" else (name, {})
+    layout = Layout((TensorSpec("w", (n,)),))
+    rng = np.random.default_rng(1)
+    opt = FlatOptimizer(algo, layout, [opts], params=rng.standard_normal(n, dtype=np.float32),
+                        skip_nonfinite=check)
+    opt.grad[:] = rng.standard_normal(n, dtype=np.float32) * 1e-3
+    return n / best_time(opt.step, repeat)
+
+
+def theirs(name: str, n: int, repeat: int) -> tuple[float, str]:
+    try:
+        import torch
+    except ImportError:
+        return float("nan"), "n/a"
+    if name not in TORCH:
+        return float("nan"), "none"
+    cls_name, opts, has_fused = TORCH[name]
+    p = torch.nn.Parameter(torch.randn(n))
+    p.grad = torch.randn(n) * 1e-3
+    cls = getattr(torch.optim, cls_name)
+    impl = "fused" if has_fused else "foreach"
+    try:
+        opt = cls([p], **opts, **{impl: True})
+        opt.step()
+    except (RuntimeError, TypeError):
+        impl = "foreach"
+        opt = cls([p], **opts, foreach=True)
+    return n / best_time(opt.step, repeat), impl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--elements", type=int, default=1 << 24)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    n = args.elements
+    names = args.only or list(BYTES)
+    rate = copy_rate(n * 4, args.repeat)
+    try:
+        import torch
+
+        tv = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:
+        tv = "torch absent"
+    import numba
+
+    print(f"# kernels: {n} fp32 elements, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS} "
+          f"threads), {tv}")
+    print(f"memory copy rate (read+write): {rate / 1e9:.2f} GB/s\n")
+    print("| algorithm | adamserve step Melem/s | kernel only Melem/s | torch Melem/s (impl) "
+          "| ratio step/torch | ratio kernel/torch | bytes/elem | step % of floor "
+          "| kernel % of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        step = ours(name, n, args.repeat, check=True)
+        kernel = ours(name, n, args.repeat, check=False)
+        ref, impl = theirs(name, n, args.repeat)
+        floor = rate / BYTES[name]  # elements/s if moving exactly BYTES at copy speed
+        check_floor = rate / (BYTES[name] + 4)  # the non-finite check reads the gradient again
+        print(f"| {name} | {step / 1e6:.0f} | {kernel / 1e6:.0f} | "
+              f"{ref / 1e6:.0f} ({impl}) | {step / ref:.2f} | {kernel / ref:.2f} | {BYTES[name]} "
+              f"| {100 * step / check_floor:.0f}% | {100 * kernel / floor:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
