@@ -9,6 +9,7 @@ expected; each transport maps them to its status codes.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -201,7 +202,7 @@ class OptimizerService:
     def describe(self, session_id: str) -> SessionInfo:
         return _info(self.store.get(session_id))
 
-    def list(self) -> list[SessionInfo]:
+    def list(self) -> builtins.list[SessionInfo]:
         return [_info(s) for s in self.store.all()]
 
     def delete(self, session_id: str) -> None:
@@ -246,7 +247,7 @@ class OptimizerService:
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params)
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32") -> list[TensorChunk]:
+             datatype: str = "FP32") -> builtins.list[TensorChunk]:
         if datatype not in WIRE_DTYPES:
             raise InvalidArgument(f"datatype {datatype!r}: expected one of "
                                   f"{', '.join(WIRE_DTYPES)}")
@@ -255,7 +256,7 @@ class OptimizerService:
             return self._encode(session, names, datatype)
 
     def _encode(self, session: Session, names: Sequence[str] | None,
-                datatype: str) -> list[TensorChunk]:
+                datatype: str) -> builtins.list[TensorChunk]:
         opt = session.opt
         layout = opt.layout
         if names:

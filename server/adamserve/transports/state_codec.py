@@ -26,7 +26,7 @@ def encode_state(sd: Mapping[str, Any]) -> bytes:
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
             if isinstance(value, np.ndarray):
-                tensors[f"state.{int(idx)}.{key}"] = np.ascontiguousarray(value)
+                tensors[f"state.{int(idx)}.{key}"] = np.ascontiguousarray(value).reshape(value.shape)
             else:
                 scalars.setdefault(str(int(idx)), {})[key] = float(value)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}

@@ -1,0 +1,748 @@
+"""The gRPC transport end to end: a real server on 127.0.0.1, a real channel.
+
+Numbers are checked against a local FlatOptimizer fed the same data: with FP32 on
+the wire and float32 state both run the same kernel on the same bits, so the
+parameters must be equal exactly. Every refused request must leave the session's
+fingerprint unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from adamserve.engine.kernels_cpu import CpuBackend
+from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
+from adamserve.service import OptimizerService, TensorChunk
+from adamserve.sessions.checkpoints import CheckpointStore
+from adamserve.sessions.store import Limits, SessionStore
+from adamserve.transports.grpc import build_grpc_server
+from adamserve.transports.grpc.servicer import MAX_SEND_BYTES, chunk_messages
+from adamserve.transports.state_codec import decode_state
+from adamserve_proto.v1 import optimizer_pb2 as pb
+from adamserve_proto.v1 import optimizer_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
+
+MiB = 1 << 20
+CAP = 1 << 30  # the store's max_state_bytes
+TOKEN = "s3cret-token"
+WIRE = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
+        "BF16": np.dtype("<u2")}
+
+Arrays = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# fixtures
+
+
+class Server:
+    def __init__(self, tmp: Path, token: str | None = None, start: bool = True) -> None:
+        self.store = SessionStore(CpuBackend(), CheckpointStore(tmp), Limits(max_state_bytes=CAP))
+        self.service = OptimizerService(self.store)
+        if start:
+            self.service.start()
+        self.server, self.port = build_grpc_server(self.service, port=0, token=token)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.OptimizerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(None)
+
+    def fp(self, sid: str) -> str:
+        return self.store.get(sid).fingerprint()
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tmp_path_factory.mktemp("grpc"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def stub(srv: Server) -> pb_grpc.OptimizerStub:
+    return srv.stub
+
+
+_ids = iter(range(1_000_000))
+
+
+def new_id(prefix: str = "s") -> str:
+    return f"{prefix}-{next(_ids)}"
+
+
+# ---------------------------------------------------------------------------
+# wire helpers
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounded by torch (the reference)."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode(x: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BF16":
+        return to_bf16_bits(x).tobytes()
+    return np.ascontiguousarray(x, dtype=WIRE[datatype]).tobytes()
+
+
+def tensor_chunks(name: str, x: np.ndarray, datatype: str = "FP32",
+                  per_chunk: int | None = None) -> list[pb.TensorChunk]:
+    flat = np.ascontiguousarray(x).reshape(-1)
+    per = per_chunk or max(1, flat.size)
+    out = []
+    for lo in range(0, max(flat.size, 1), per):
+        out.append(pb.TensorChunk(name=name, shape=list(x.shape), datatype=datatype, offset=lo,
+                                  data=encode(flat[lo:lo + per], datatype)))
+    return out
+
+
+def assemble(chunks: Iterable[pb.TensorChunk]) -> Arrays:
+    """Reassemble returned chunks (checking their order) and decode them to float arrays."""
+    parts: dict[str, list[bytes]] = {}
+    meta: dict[str, tuple[tuple[int, ...], str]] = {}
+    seen: dict[str, int] = {}
+    for c in chunks:
+        itemsize = WIRE[c.datatype].itemsize
+        assert c.offset == seen.get(c.name, 0), f"{c.name}: chunk out of order"
+        seen[c.name] = c.offset + len(c.data) // itemsize
+        parts.setdefault(c.name, []).append(c.data)
+        meta[c.name] = (tuple(c.shape), c.datatype)
+    out = {}
+    for name, ps in parts.items():
+        shape, dt = meta[name]
+        raw = np.frombuffer(b"".join(ps), dtype=WIRE[dt])
+        arr = from_bf16_bits(raw) if dt == "BF16" else raw
+        out[name] = arr.reshape(shape)
+    return out
+
+
+def create(stub: pb_grpc.OptimizerStub, sid: str, init: Arrays, algorithm: str = "adam",
+           groups: list[pb.Group] | None = None, datatype: str = "FP32",
+           per_chunk: int | None = None, **spec: Any) -> pb.SessionInfo:
+    msgs = [pb.CreateSessionRequest(spec=pb.SessionSpec(
+        session_id=sid, algorithm=algorithm, groups=groups or [],
+        tensors=[pb.TensorSpec(name=n, shape=list(a.shape)) for n, a in init.items()], **spec))]
+    for n, a in init.items():
+        msgs += [pb.CreateSessionRequest(initial=c)
+                 for c in tensor_chunks(n, a, datatype, per_chunk)]
+    info: pb.SessionInfo = stub.CreateSession(iter(msgs))
+    return info
+
+
+def step_requests(sid: str, grads: Arrays, datatype: str = "FP32", return_datatype: str = "FP32",
+                  per_chunk: int | None = None, require_all: bool = False) -> list[pb.StepRequest]:
+    msgs = [pb.StepRequest(header=pb.StepHeader(session_id=sid, return_datatype=return_datatype,
+                                                require_all=require_all))]
+    for n, g in grads.items():
+        msgs += [pb.StepRequest(chunk=c) for c in tensor_chunks(n, g, datatype, per_chunk)]
+    return msgs
+
+
+def step(stub: pb_grpc.OptimizerStub, sid: str, grads: Arrays, **kw: Any) -> tuple[
+        pb.StepStatus, Arrays, list[pb.StepResponse]]:
+    responses = list(stub.Step(iter(step_requests(sid, grads, **kw))))
+    assert responses[0].WhichOneof("kind") == "status"
+    assert all(r.WhichOneof("kind") == "param" for r in responses[1:])
+    return responses[0].status, assemble(r.param for r in responses[1:]), responses
+
+
+def pull(stub: pb_grpc.OptimizerStub, sid: str, names: list[str] | None = None,
+         datatype: str = "FP32") -> Arrays:
+    return assemble(stub.Pull(pb.PullRequest(session_id=sid, names=names or [],
+                                             datatype=datatype)))
+
+
+def local(init: Arrays, algorithm: str = "adam", groups: list[dict[str, Any]] | None = None,
+          **kw: Any) -> FlatOptimizer:
+    layout = Layout(tuple(TensorSpec(n, a.shape) for n, a in init.items()))
+    flat = np.concatenate([a.reshape(-1) for a in init.values()]).astype(np.float32)
+    return FlatOptimizer(algorithm, layout, groups or [{}], backend=CpuBackend(), params=flat,
+                         **kw)
+
+
+def local_step(opt: FlatOptimizer, grads: Arrays) -> Arrays:
+    active = np.zeros(len(opt.layout), dtype=bool)
+    for n, g in grads.items():
+        i = opt.layout.index(n)
+        opt.grad[opt.layout.span(i)] = g.reshape(-1)
+        active[i] = True
+    opt.step(None if active.all() else active)
+    return local_params(opt)
+
+
+def local_params(opt: FlatOptimizer) -> Arrays:
+    return {t.name: np.array(opt.param[opt.layout.span(i)]).reshape(t.shape)
+            for i, t in enumerate(opt.layout.tensors)}
+
+
+def assert_same(got: Arrays, want: Arrays) -> None:
+    assert got.keys() == want.keys()
+    for n in want:
+        assert got[n].shape == want[n].shape, n
+        np.testing.assert_array_equal(got[n], want[n], err_msg=n, strict=False)
+        assert got[n].tobytes() == np.ascontiguousarray(want[n], dtype=got[n].dtype).tobytes(), n
+
+
+def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def small_model(seed: int = 0) -> Arrays:
+    rng = np.random.default_rng(seed)
+    return {"w": rand(rng, 8, 16), "b": rand(rng, 16), "s": rand(rng)}
+
+
+def small_grads(rng: np.random.Generator) -> Arrays:
+    return {"w": rand(rng, 8, 16), "b": rand(rng, 16), "s": rand(rng)}
+
+
+def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value
+
+
+def expect(fn: Callable[[], Any], code: grpc.StatusCode, *needles: str) -> str:
+    err = rpc_error(fn)
+    assert err.code() == code, (err.code(), err.details())
+    details = err.details() or ""
+    for needle in needles:
+        assert needle in details, f"{needle!r} not in {details!r}"
+    return details
+
+
+# ---------------------------------------------------------------------------
+# numerics
+
+
+def test_create_then_three_steps_equal_local_fp32(stub: pb_grpc.OptimizerStub) -> None:
+    sid = new_id()
+    init = small_model()
+    groups = [pb.Group(values={"lr": 0.01, "beta1": 0.8, "weight_decay": 0.1},
+                       flags={"amsgrad": True})]
+    info = create(stub, sid, init, groups=groups)
+    assert info.session_id == sid and info.step == 0
+    assert [t.name for t in info.tensors] == ["w", "b", "s"]
+    assert list(info.tensors[0].shape) == [8, 16] and list(info.tensors[2].shape) == []
+    assert info.groups[0].values["lr"] == 0.01 and info.groups[0].values["beta1"] == 0.8
+    assert info.groups[0].flags["amsgrad"] is True
+    assert_same(pull(stub, sid), init)
+
+    opt = local(init, groups=[{"lr": 0.01, "beta1": 0.8, "weight_decay": 0.1, "amsgrad": True}])
+    rng = np.random.default_rng(1)
+    for k in range(1, 4):
+        grads = small_grads(rng)
+        status, params, _ = step(stub, sid, grads)
+        assert status.step == k and not status.skipped and not status.nonfinite
+        assert status.HasField("grad_norm") and status.grad_norm > 0
+        assert_same(params, local_step(opt, grads))
+    assert_same(pull(stub, sid), local_params(opt))
+    assert stub.DescribeSession(pb.DescribeSessionRequest(session_id=sid)).step == 3
+
+
+def test_partial_step_push_and_pull_datatypes(stub: pb_grpc.OptimizerStub) -> None:
+    sid = new_id()
+    init = small_model(2)
+    create(stub, sid, init, algorithm="adamw")
+    opt = local(init, algorithm="adamw")
+    rng = np.random.default_rng(3)
+    # Push: a subset of tensors, nothing comes back
+    grads = {"w": rand(rng, 8, 16)}
+    status = stub.Push(iter(step_requests(sid, grads, return_datatype="")))
+    assert status.step == 1 and not status.skipped
+    want = local_step(opt, grads)
+    assert_same(pull(stub, sid), want)
+    # Pull by name, in the order asked, and in other datatypes
+    got = stub.Pull(pb.PullRequest(session_id=sid, names=["s", "w"]))
+    assert [c.name for c in got] == ["s", "w"]
+    assert_same(pull(stub, sid, ["b"], "FP64"), {"b": want["b"].astype(np.float64)})
+    assert_same(pull(stub, sid, ["w"], "FP16"), {"w": want["w"].astype(np.float16)})
+    # the default return datatype is FP32
+    _, params, _ = step(stub, sid, small_grads(rng), return_datatype="")
+    assert all(p.dtype == np.float32 for p in params.values())
+
+
+def test_bf16_wire_grads_and_params(stub: pb_grpc.OptimizerStub) -> None:
+    sid = new_id()
+    init = small_model(4)
+    create(stub, sid, init)
+    opt = local(init)
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        grads = small_grads(rng)
+        status, params, _ = step(stub, sid, grads, datatype="BF16", return_datatype="BF16")
+        assert not status.skipped
+        # the server saw the bf16-rounded gradients, kept fp32 masters, returned bf16
+        rounded = {n: from_bf16_bits(to_bf16_bits(g)).reshape(g.shape) for n, g in grads.items()}
+        want = local_step(opt, rounded)
+        for n in want:
+            assert params[n].tobytes() == from_bf16_bits(to_bf16_bits(want[n])).tobytes(), n
+    assert_same(pull(stub, sid), local_params(opt))  # the fp32 masters
+
+
+def test_tensor_larger_than_a_message_round_trips_in_chunks(srv: Server) -> None:
+    stub = srv.stub
+    sid = new_id("big")
+    rng = np.random.default_rng(6)
+    init = {"big": rand(rng, 3_000_000), "small": rand(rng, 5)}
+    create(stub, sid, init, per_chunk=700_000)
+    opt = local(init)
+    grads = {"big": rand(rng, 3_000_000), "small": rand(rng, 5)}
+    bytes_in = REGISTRY.get_sample_value("adamserve_bytes_in_total", {"transport": "grpc"}) or 0
+    status, params, responses = step(stub, sid, grads, per_chunk=1_000_000)
+    assert not status.skipped
+    after = REGISTRY.get_sample_value("adamserve_bytes_in_total", {"transport": "grpc"}) or 0
+    assert after - bytes_in == 4 * 3_000_005
+    assert max(r.ByteSize() for r in responses) <= MAX_SEND_BYTES
+    assert sum(1 for r in responses if r.param.name == "big") >= 3
+    assert_same(params, local_step(opt, grads))
+    pulled = list(stub.Pull(pb.PullRequest(session_id=sid, names=["big"])))
+    assert len(pulled) >= 3 and max(c.ByteSize() for c in pulled) <= MAX_SEND_BYTES
+    assert_same(assemble(pulled), {"big": local_params(opt)["big"]})
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+
+
+def test_hand_serialised_chunks_equal_protobuf() -> None:
+    data = np.arange(10, dtype=np.float32).tobytes()
+    chunk = TensorChunk("layer.ü", (2, 5), "FP32", data, 0)
+    got = list(chunk_messages(chunk, max_bytes=1024 + 16 + 11 * 2 + len("layer.ü".encode())))
+    assert len(got) == 3  # 4 + 4 + 2 elements
+    for k, raw in enumerate(got):
+        lo, hi = 4 * k, min(4 * k + 4, 10)
+        want = pb.TensorChunk(name="layer.ü", shape=[2, 5], datatype="FP32", offset=lo,
+                              data=data[4 * lo:4 * hi])
+        assert raw == want.SerializeToString()
+    wrapped = list(chunk_messages(TensorChunk("e", (0,), "BF16", b"", 0), wrap_field=2))
+    assert wrapped == [pb.StepResponse(param=pb.TensorChunk(name="e", shape=[0], datatype="BF16"))
+                       .SerializeToString()]
+
+
+def test_set_hyperparameters_mid_run_equals_local(stub: pb_grpc.OptimizerStub) -> None:
+    sid = new_id()
+    init = small_model(7)
+    create(stub, sid, init)
+    opt = local(init)
+    rng = np.random.default_rng(8)
+    for _ in range(2):
+        grads = small_grads(rng)
+        _, params, _ = step(stub, sid, grads)
+        assert_same(params, local_step(opt, grads))
+    info = stub.SetHyperparameters(pb.SetHyperparametersRequest(
+        session_id=sid, group=0, changes=pb.Group(values={"lr": 0.05}, flags={"maximize": True})))
+    assert info.groups[0].values["lr"] == 0.05 and info.lr[0] == 0.05
+    assert info.groups[0].flags["maximize"] is True
+    opt.set_hyperparameters(0, {"lr": 0.05, "maximize": True})
+    grads = small_grads(rng)
+    _, params, _ = step(stub, sid, grads)
+    assert_same(params, local_step(opt, grads))
+
+
+def _export_import_round_trip(srv: Server, init: Arrays) -> None:
+    stub = srv.stub
+    a, b = new_id("a"), new_id("b")
+    create(stub, a, init, algorithm="nadam")
+    rng = np.random.default_rng(10)
+    for _ in range(3):
+        step(stub, a, {n: rand(rng, *x.shape) for n, x in init.items()})
+    blob = b"".join(c.data for c in stub.ExportState(pb.ExportStateRequest(session_id=a)))
+    assert blob[8:9] == b"{"  # a safetensors header
+    # b starts at a's parameters; importing a's state makes the two identical
+    create(stub, b, pull(stub, a), algorithm="nadam")
+    half = len(blob) // 2
+    info = stub.ImportState(iter([pb.ImportStateRequest(session_id=b, data=blob[:half]),
+                                  pb.ImportStateRequest(data=blob[half:])]))
+    assert info.session_id == b
+    blob_b = b"".join(c.data for c in stub.ExportState(pb.ExportStateRequest(session_id=b)))
+    # safetensors may order metadata differently; the contents must be equal
+    sa, sb = decode_state(blob), decode_state(blob_b)
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i, entry in sa["state"].items():
+        assert entry.keys() == sb["state"][i].keys()
+        for key, value in entry.items():
+            np.testing.assert_array_equal(sb["state"][i][key], value, strict=True)
+    grads = {n: rand(rng, *x.shape) for n, x in init.items()}
+    _, pa, _ = step(stub, a, grads)
+    _, pb_, _ = step(stub, b, grads)
+    assert_same(pb_, pa)
+
+
+def test_export_import_round_trip(srv: Server) -> None:
+    rng = np.random.default_rng(9)
+    _export_import_round_trip(srv, {"w": rand(rng, 8, 16), "b": rand(rng, 16)})
+
+
+def test_export_import_round_trip_scalar_tensor(srv: Server) -> None:
+    _export_import_round_trip(srv, small_model(9))
+
+
+def test_checkpoint_list_describe_delete(srv: Server) -> None:
+    stub = srv.stub
+    sid = new_id("ck")
+    create(stub, sid, small_model(11), algorithm="rmsprop", max_grad_norm=1.5,
+           clip_per_tensor=True, skip_nonfinite=False, dtype="float64")
+    step(stub, sid, small_grads(np.random.default_rng(12)))
+    ck = stub.Checkpoint(pb.CheckpointRequest(session_id=sid))
+    assert ck.session_id == sid and ck.step == 1 and ck.bytes > 0
+    assert Path(ck.path).exists()
+    info = stub.DescribeSession(pb.DescribeSessionRequest(session_id=sid))
+    assert info.checkpointed_step == 1 and info.algorithm == "rmsprop"
+    assert info.dtype == "float64" and info.backend == "cpu"
+    assert info.HasField("max_grad_norm") and info.max_grad_norm == 1.5
+    assert info.clip_per_tensor and not info.skip_nonfinite
+    assert info.state_bytes > 0 and info.schedule_json == ""
+    assert "centered" in info.groups[0].flags and "alpha" in info.groups[0].values
+    listed = stub.ListSessions(pb.ListSessionsRequest()).sessions
+    assert sid in [s.session_id for s in listed]
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    assert sid not in [s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions]
+    expect(lambda: stub.DescribeSession(pb.DescribeSessionRequest(session_id=sid)),
+           grpc.StatusCode.NOT_FOUND, sid)
+    expect(lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid)),
+           grpc.StatusCode.NOT_FOUND, sid)
+
+
+# ---------------------------------------------------------------------------
+# health, reflection, token
+
+
+def test_health_serving_and_reflection(srv: Server) -> None:
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    for name in ("", "adamserve.v1.Optimizer"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
+    out = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")])))
+    names = [s.name for s in out[0].list_services_response.service]
+    assert "adamserve.v1.Optimizer" in names and "grpc.health.v1.Health" in names
+    out = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="adamserve.v1.Optimizer")])))
+    assert out[0].file_descriptor_response.file_descriptor_proto
+
+
+def test_health_not_serving_until_ready(tmp_path: Path) -> None:
+    s = Server(tmp_path, start=False)
+    try:
+        health = health_pb2_grpc.HealthStub(s.channel)
+        req = health_pb2.HealthCheckRequest(service="")
+        assert health.Check(req).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        s.service.start()
+        deadline = time.monotonic() + 5
+        while health.Check(req).status != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        s.close()
+
+
+def test_token(tmp_path: Path) -> None:
+    s = Server(tmp_path, token=TOKEN)
+    try:
+        stub = s.stub
+        ok = (("authorization", f"Bearer {TOKEN}"),)
+        bad = (("authorization", "Bearer nope"),)
+        list_req = pb.ListSessionsRequest()
+        for md in (None, bad, (("authorization", TOKEN),)):
+            expect(lambda md=md: stub.ListSessions(list_req, metadata=md),
+                   grpc.StatusCode.UNAUTHENTICATED, "Bearer")
+        assert len(stub.ListSessions(list_req, metadata=ok).sessions) == 0
+        init = small_model()
+        expect(lambda: create(stub, "t", init), grpc.StatusCode.UNAUTHENTICATED)
+        expect(lambda: list(stub.Pull(pb.PullRequest(session_id="t"), metadata=bad)),
+               grpc.StatusCode.UNAUTHENTICATED)
+        assert not s.store.all()
+        msgs = [pb.CreateSessionRequest(spec=pb.SessionSpec(
+            session_id="t", algorithm="adam", tensors=[pb.TensorSpec(name="w", shape=[3])]))]
+        stub.CreateSession(iter(msgs), metadata=ok)
+        grads = {"w": np.ones(3, np.float32)}
+        expect(lambda: list(stub.Step(iter(step_requests("t", grads)), metadata=bad)),
+               grpc.StatusCode.UNAUTHENTICATED)
+        assert s.store.get("t").opt.step_count == 0
+        out = list(stub.Step(iter(step_requests("t", grads)), metadata=ok))
+        assert out[0].status.step == 1
+        # health and reflection stay open
+        health = health_pb2_grpc.HealthStub(s.channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == (
+            health_pb2.HealthCheckResponse.SERVING)
+        refl = reflection_pb2_grpc.ServerReflectionStub(s.channel)
+        assert list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")])))
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------------------
+# bad input: the right code, a message that says what was wrong, no state change
+
+
+@pytest.fixture
+def session(srv: Server) -> str:
+    sid = new_id("bad")
+    model = small_model(20)
+    del model["s"]  # no scalar: see test_export_import_round_trip_scalar_tensor
+    create(srv.stub, sid, model)
+    grads = small_grads(np.random.default_rng(21))
+    del grads["s"]
+    step(srv.stub, sid, grads)
+    return sid
+
+
+def _chunk(name: str = "b", shape: tuple[int, ...] = (16,), datatype: str = "FP32",
+           offset: int = 0, data: bytes | None = None) -> pb.StepRequest:
+    if data is None:
+        data = np.ones(16, np.float32).tobytes()
+    return pb.StepRequest(chunk=pb.TensorChunk(name=name, shape=list(shape), datatype=datatype,
+                                               offset=offset, data=data))
+
+
+def _header(sid: str, **kw: Any) -> pb.StepRequest:
+    return pb.StepRequest(header=pb.StepHeader(session_id=sid, **kw))
+
+
+BAD_STEPS: dict[str, tuple[Callable[[str], list[pb.StepRequest]], grpc.StatusCode, tuple[
+        str, ...]]] = {
+    "unknown session": (lambda sid: [_header("no-such-session"), _chunk()],
+                        grpc.StatusCode.NOT_FOUND, ("no-such-session",)),
+    "empty session id": (lambda sid: [_header(""), _chunk()],
+                         grpc.StatusCode.INVALID_ARGUMENT, ("session_id",)),
+    "unknown tensor": (lambda sid: [_header(sid), _chunk(name="nope")],
+                       grpc.StatusCode.INVALID_ARGUMENT, ("'nope'", "w, b")),
+    "wrong shape": (lambda sid: [_header(sid), _chunk(shape=(4, 4))],
+                    grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "[16]", "[4, 4]")),
+    "negative shape": (lambda sid: [_header(sid), _chunk(shape=(-16,))],
+                       grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "negative")),
+    "ragged byte count": (lambda sid: [_header(sid), _chunk(data=b"\0" * 7)],
+                          grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "7 bytes", "FP32")),
+    "too many elements": (lambda sid: [_header(sid), _chunk(data=b"\0" * 68)],
+                          grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "17 elements", "16")),
+    "too few elements": (lambda sid: [_header(sid), _chunk(data=b"\0" * 60)],
+                         grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "15 of 16")),
+    "unknown datatype": (lambda sid: [_header(sid), _chunk(datatype="FP8")],
+                         grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "'FP8'", "BF16")),
+    "unknown return datatype": (lambda sid: [_header(sid, return_datatype="INT8"), _chunk()],
+                                grpc.StatusCode.INVALID_ARGUMENT, ("return_datatype", "'INT8'")),
+    "chunk out of order": (lambda sid: [_header(sid), _chunk(offset=8, data=b"\0" * 32),
+                                        _chunk(offset=0, data=b"\0" * 32)],
+                           grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "element 8", "expected 0")),
+    "chunk sent twice": (lambda sid: [_header(sid), _chunk(), _chunk()],
+                         grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "element 0", "expected 16")),
+    "negative offset": (lambda sid: [_header(sid), _chunk(offset=-1)],
+                        grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "offset")),
+    "no header": (lambda sid: [_chunk()],
+                  grpc.StatusCode.INVALID_ARGUMENT, ("first message", "header")),
+    "empty stream": (lambda sid: [],
+                     grpc.StatusCode.INVALID_ARGUMENT, ("empty stream", "header")),
+    "header not first only": (lambda sid: [_header(sid), _chunk(), _header(sid)],
+                              grpc.StatusCode.INVALID_ARGUMENT, ("header", "first message")),
+    "empty message": (lambda sid: [_header(sid), pb.StepRequest()],
+                      grpc.StatusCode.INVALID_ARGUMENT, ("chunk",)),
+    "no gradients": (lambda sid: [_header(sid)],
+                     grpc.StatusCode.INVALID_ARGUMENT, ("no gradient",)),
+    "require_all": (lambda sid: [_header(sid, require_all=True), _chunk()],
+                    grpc.StatusCode.INVALID_ARGUMENT, ("missing", "w")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_bad_step_is_refused_and_changes_nothing(srv: Server, session: str, case: str) -> None:
+    build, code, needles = BAD_STEPS[case]
+    before = srv.fp(session)
+    expect(lambda: list(srv.stub.Step(iter(build(session)))), code, *needles)
+    assert srv.fp(session) == before
+    if case in ("unknown tensor", "chunk out of order", "no header"):
+        expect(lambda: srv.stub.Push(iter(build(session))), code, *needles)
+        assert srv.fp(session) == before
+    # the session still steps normally afterwards
+    status, _, _ = step(srv.stub, session, {"b": np.ones(16, np.float32)})
+    assert status.step == 2
+
+
+def test_nan_gradient_skips_the_step(srv: Server, session: str) -> None:
+    before = srv.fp(session)
+    params_before = pull(srv.stub, session)
+    grads = small_grads(np.random.default_rng(22))
+    del grads["s"]
+    grads["b"][3] = np.nan
+    grads["w"][0, 0] = np.inf
+    status, params, _ = step(srv.stub, session, grads)
+    assert status.skipped and status.step == 1
+    assert sorted(status.nonfinite) == ["b", "w"]
+    assert srv.fp(session) == before
+    assert_same(params, params_before)
+
+
+def test_malformed_protobuf_is_invalid_argument(srv: Server, session: str) -> None:
+    before = srv.fp(session)
+    raw_step = srv.channel.stream_stream("/adamserve.v1.Optimizer/Step",
+                                         request_serializer=lambda b: b,
+                                         response_deserializer=pb.StepResponse.FromString)
+    expect(lambda: list(raw_step(iter([b"\xff\xff\xff\xff"]))),
+           grpc.StatusCode.INVALID_ARGUMENT, "malformed", "StepRequest")
+    raw_describe = srv.channel.unary_unary("/adamserve.v1.Optimizer/DescribeSession",
+                                           request_serializer=lambda b: b,
+                                           response_deserializer=pb.SessionInfo.FromString)
+    expect(lambda: raw_describe(b"\x0a\x05ab"), grpc.StatusCode.INVALID_ARGUMENT, "malformed")
+    assert srv.fp(session) == before
+
+
+def test_bad_creates(srv: Server, session: str) -> None:
+    stub = srv.stub
+    n = len(srv.store.all())
+    init = {"w": np.zeros((2, 2), np.float32)}
+    before = srv.fp(session)
+    expect(lambda: create(stub, session, init), grpc.StatusCode.ALREADY_EXISTS, session)
+    assert srv.fp(session) == before
+    expect(lambda: create(stub, new_id(), init, algorithm="adamm"),
+           grpc.StatusCode.INVALID_ARGUMENT, "'adamm'", "adamw")
+    expect(lambda: create(stub, new_id(), init, groups=[pb.Group(values={"lr": -1.0})]),
+           grpc.StatusCode.INVALID_ARGUMENT, "lr", ">= 0")
+    expect(lambda: create(stub, new_id(), init, groups=[pb.Group(values={"bogus": 1.0})]),
+           grpc.StatusCode.INVALID_ARGUMENT, "'bogus'")
+    expect(lambda: create(stub, new_id(), init, groups=[pb.Group(values={"amsgrad": 1.0})]),
+           grpc.StatusCode.INVALID_ARGUMENT, "amsgrad", "true or false")
+    expect(lambda: create(stub, new_id(), init, groups=[pb.Group(values={"lr": 1.0},
+                                                                 flags={"lr": True})]),
+           grpc.StatusCode.INVALID_ARGUMENT, "lr", "value and as a flag")
+    expect(lambda: create(stub, new_id(), init, schedule_json="{"),
+           grpc.StatusCode.INVALID_ARGUMENT, "schedule_json", "JSON")
+    expect(lambda: create(stub, new_id(), init, schedule_json="[1]"),
+           grpc.StatusCode.INVALID_ARGUMENT, "schedule_json", "object")
+    expect(lambda: create(stub, new_id(), init, dtype="float16"),
+           grpc.StatusCode.INVALID_ARGUMENT, "dtype", "float16")
+    expect(lambda: create(stub, "bad id!", init), grpc.StatusCode.INVALID_ARGUMENT, "bad id!")
+    expect(lambda: create(stub, new_id(), {}), grpc.StatusCode.INVALID_ARGUMENT, "tensor")
+    # initial values are checked like gradients
+    short = [pb.CreateSessionRequest(spec=pb.SessionSpec(
+                 session_id=new_id(), algorithm="adam",
+                 tensors=[pb.TensorSpec(name="w", shape=[4])])),
+             pb.CreateSessionRequest(initial=pb.TensorChunk(name="w", shape=[4], datatype="FP32",
+                                                            data=b"\0" * 8))]
+    expect(lambda: stub.CreateSession(iter(short)), grpc.StatusCode.INVALID_ARGUMENT, "'w'",
+           "2 of 4")
+    expect(lambda: stub.CreateSession(iter([pb.CreateSessionRequest(initial=pb.TensorChunk())])),
+           grpc.StatusCode.INVALID_ARGUMENT, "spec")
+    expect(lambda: stub.CreateSession(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "empty stream")
+    # memory: over the store's cap is RESOURCE_EXHAUSTED; past any sane size INVALID_ARGUMENT
+    msgs = [pb.CreateSessionRequest(spec=pb.SessionSpec(
+        session_id=new_id("huge"), algorithm="adam",
+        tensors=[pb.TensorSpec(name="w", shape=[100_000, 100_000])]))]
+    expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.RESOURCE_EXHAUSTED, "bytes")
+    msgs[0].spec.tensors[0].shape[:] = [1 << 40, 1 << 40]
+    expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT, "2^48")
+    msgs[0].spec.tensors[0].shape[:] = [-3]
+    expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT, "negative")
+    assert len(srv.store.all()) == n  # nothing was left behind
+
+
+def test_bad_hyperparameters_schedules_and_pulls(srv: Server, session: str) -> None:
+    stub = srv.stub
+    before = srv.fp(session)
+
+    def set_h(group: int = 0, **kw: Any) -> Any:
+        return stub.SetHyperparameters(pb.SetHyperparametersRequest(
+            session_id=session, group=group, changes=pb.Group(**kw)))
+
+    expect(lambda: set_h(values={"lr": float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "lr",
+           "finite")
+    expect(lambda: set_h(values={"beta2": 1.5}), grpc.StatusCode.INVALID_ARGUMENT, "beta2")
+    expect(lambda: set_h(values={"momentum": 0.9}), grpc.StatusCode.INVALID_ARGUMENT,
+           "'momentum'")
+    expect(lambda: set_h(group=3, values={"lr": 0.1}), grpc.StatusCode.INVALID_ARGUMENT,
+           "group 3")
+    expect(lambda: stub.SetSchedule(pb.SetScheduleRequest(session_id=session,
+                                                          schedule_json="not json")),
+           grpc.StatusCode.INVALID_ARGUMENT, "schedule_json")
+    expect(lambda: stub.SetSchedule(pb.SetScheduleRequest(session_id="ghost",
+                                                          schedule_json="")),
+           grpc.StatusCode.NOT_FOUND, "ghost")
+    expect(lambda: list(stub.Pull(pb.PullRequest(session_id=session, names=["zz"]))),
+           grpc.StatusCode.INVALID_ARGUMENT, "'zz'")
+    expect(lambda: list(stub.Pull(pb.PullRequest(session_id=session, datatype="fp32"))),
+           grpc.StatusCode.INVALID_ARGUMENT, "'fp32'")
+    expect(lambda: list(stub.Pull(pb.PullRequest(session_id="ghost"))),
+           grpc.StatusCode.NOT_FOUND, "ghost")
+    assert srv.fp(session) == before
+    # removing a schedule that is not there is fine, and changes nothing
+    info = stub.SetSchedule(pb.SetScheduleRequest(session_id=session))
+    assert info.schedule_json == "" and srv.fp(session) == before
+
+
+def test_import_garbage_state_is_refused(srv: Server, session: str) -> None:
+    stub = srv.stub
+    before = srv.fp(session)
+    blob = b"".join(c.data for c in stub.ExportState(pb.ExportStateRequest(session_id=session)))
+    header_len = int.from_bytes(blob[:8], "little")
+    wrong_tag = blob.replace(b"state_dict/1", b"state_dict/9")
+    garbage = {
+        "random bytes": bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8)),
+        "too short": b"\x01\x02",
+        "truncated": blob[: 8 + header_len + 10],
+        "wrong tag": wrong_tag,
+        "empty": b"",
+    }
+    for name, data in garbage.items():
+        details = expect(lambda data=data: stub.ImportState(iter([pb.ImportStateRequest(
+            session_id=session, data=data)])), grpc.StatusCode.INVALID_ARGUMENT, "state")
+        assert details, name
+        assert srv.fp(session) == before, name
+    expect(lambda: stub.ImportState(iter([pb.ImportStateRequest(session_id="ghost", data=blob)])),
+           grpc.StatusCode.NOT_FOUND, "ghost")
+    expect(lambda: stub.ImportState(iter([pb.ImportStateRequest(data=blob)])),
+           grpc.StatusCode.INVALID_ARGUMENT, "session_id")
+    expect(lambda: stub.ImportState(iter([pb.ImportStateRequest(session_id=session, data=blob),
+                                          pb.ImportStateRequest(session_id="x", data=b"")])),
+           grpc.StatusCode.INVALID_ARGUMENT, "'x'")
+    # a state blob of another session's layout
+    other = new_id()
+    create(stub, other, {"q": np.zeros(3, np.float32)})
+    step(stub, other, {"q": np.ones(3, np.float32)})
+    theirs = b"".join(c.data for c in stub.ExportState(pb.ExportStateRequest(session_id=other)))
+    expect(lambda: stub.ImportState(iter([pb.ImportStateRequest(session_id=session,
+                                                                data=theirs)])),
+           grpc.StatusCode.INVALID_ARGUMENT, "state_dict")
+    assert srv.fp(session) == before
+    # the real blob still imports
+    stub.ImportState(iter([pb.ImportStateRequest(session_id=session, data=blob)]))
+    assert srv.fp(session) == before
+
+
+def test_unexpected_errors_are_internal_and_generic(srv: Server, session: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(session_id: str) -> Any:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(srv.service, "describe", boom)
+    details = expect(lambda: srv.stub.DescribeSession(pb.DescribeSessionRequest(
+        session_id=session)), grpc.StatusCode.INTERNAL, "internal error")
+    assert "secret" not in details
+
+
+def test_schedule_round_trip_if_available(srv: Server, session: str) -> None:
+    from adamserve.engine import schedules
+
+    try:
+        schedules.schedule_from_dict({"kind": "constant", "factor": 0.5})
+    except Exception:
+        pytest.skip("schedules.schedule_from_dict does not parse a constant schedule yet")
+    info = srv.stub.SetSchedule(pb.SetScheduleRequest(
+        session_id=session, schedule_json=json.dumps({"kind": "constant", "factor": 0.5})))
+    assert json.loads(info.schedule_json)["kind"] == "constant"
+    assert info.lr[0] == pytest.approx(0.5 * info.groups[0].values["lr"])
