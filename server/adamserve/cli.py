@@ -26,8 +26,7 @@ from adamserve.service import OptimizerService
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
 from adamserve.transports.grpc.server import build_grpc_server
-from adamserve.transports.http.app import create_app
-from adamserve.transports.http.server import HttpServerThread
+from adamserve.transports.http.app import HttpServerThread, create_app
 
 log = logging.getLogger("adamserve")
 

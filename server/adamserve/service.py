@@ -154,7 +154,7 @@ class _Assembler:
             names = [self.layout.tensors[int(i)].name for i in np.flatnonzero(missing)]
             raise InvalidArgument(f"missing tensors: {', '.join(names[:8])}"
                                   + (", ..." if len(names) > 8 else ""))
-        return sent | (numel == 0)
+        return np.asarray(sent | (numel == 0), dtype=np.bool_)
 
 
 class OptimizerService:

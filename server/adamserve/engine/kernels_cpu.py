@@ -20,10 +20,14 @@ parallel kernel at once (sessions step concurrently), so a thread-safe layer
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
+import numpy.typing as npt
 from numba import njit, prange
+
+from adamserve.engine.backend import F64, Array, Blocks
 
 numba.config.THREADING_LAYER = "threadsafe"
 
@@ -266,24 +270,25 @@ class CpuBackend:
     name = "cpu"
     block = BLOCK
 
-    def zeros(self, n: int, dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
+    def zeros(self, n: int, dtype: np.dtype[Any]) -> Array:
         return np.zeros(n, dtype=dtype)
 
-    def to_device(self, host: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    def to_device(self, host: npt.NDArray[Any]) -> Array:
         return np.ascontiguousarray(host)
 
-    def to_host(self, x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
-        return x
+    def to_host(self, x: Array) -> npt.NDArray[Any]:
+        return np.asarray(x)
 
-    def segment_sumsq(self, x, blocks, nseg):  # type: ignore[no-untyped-def]
-        out: np.ndarray = segment_sumsq(x, blocks.start, blocks.end, blocks.seg, nseg)  # type: ignore[type-arg]
-        return out
+    def segment_sumsq(self, x: Array, blocks: Blocks, nseg: int) -> F64:
+        return np.asarray(segment_sumsq(x, blocks.start, blocks.end, blocks.seg, nseg))
 
-    def run(self, algorithm, slots, param, grad, blocks, coef):  # type: ignore[no-untyped-def]
+    def run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
+            blocks: Blocks, coef: Array) -> None:
         a, s, b = algorithm, slots, (blocks.start, blocks.end, blocks.seg)
+        empty = _EMPTY[param.dtype.char]
         if a in ("adam", "adamw"):
-            vmax = s.get("max_exp_avg_sq", _EMPTY[param.dtype.char])
-            adam(param, grad, s["exp_avg"], s["exp_avg_sq"], vmax, *b, coef)
+            adam(param, grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", empty), *b,
+                 coef)
         elif a == "nadam":
             nadam(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
         elif a == "radam":
@@ -293,13 +298,13 @@ class CpuBackend:
         elif a == "adagrad":
             adagrad(param, grad, s["sum"], *b, coef)
         elif a == "rmsprop":
-            e = _EMPTY[param.dtype.char]
-            rmsprop(param, grad, s["square_avg"], s.get("momentum_buffer", e),
-                    s.get("grad_avg", e), *b, coef)
+            rmsprop(param, grad, s["square_avg"], s.get("momentum_buffer", empty),
+                    s.get("grad_avg", empty), *b, coef)
         else:
             raise ValueError(f"no CPU kernel for {a!r}")
 
-    def lamb_moments(self, slots, param, grad, blocks, coef):  # type: ignore[no-untyped-def]
+    def lamb_moments(self, slots: dict[str, Array], param: Array, grad: Array, blocks: Blocks,
+                     coef: Array) -> tuple[F64, F64]:
         nb = blocks.start.shape[0]
         psq = np.empty(nb, dtype=np.float64)
         rsq = np.empty(nb, dtype=np.float64)
@@ -307,7 +312,7 @@ class CpuBackend:
                      blocks.end, blocks.seg, coef, psq, rsq)
         return psq, rsq
 
-    def scaled_sub(self, param, update, blocks, scale):  # type: ignore[no-untyped-def]
+    def scaled_sub(self, param: Array, update: Array, blocks: Blocks, scale: Array) -> None:
         scaled_sub(param, update, blocks.start, blocks.end, blocks.seg, scale)
 
 

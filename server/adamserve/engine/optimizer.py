@@ -25,7 +25,8 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
-STATE_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+STATE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,8 @@ class FlatOptimizer:
 
     def _lamb(self, blocks: Blocks, coef: Array, coef64: F64, nseg: int) -> None:
         psq_b, rsq_b = self.backend.lamb_moments(self.slots, self.param, self.grad, blocks, coef)
-        psq = np.bincount(blocks.host_seg, weights=psq_b, minlength=nseg)
-        rsq = np.bincount(blocks.host_seg, weights=rsq_b, minlength=nseg)
+        psq = np.bincount(blocks.host_seg, weights=psq_b, minlength=nseg).astype(np.float64)
+        rsq = np.bincount(blocks.host_seg, weights=rsq_b, minlength=nseg).astype(np.float64)
         lr = coef64[:, -1]
         scale = lr * alg.lamb_trust_ratio(psq, rsq)
         self.backend.scaled_sub(self.param, self.grad, blocks,

@@ -111,7 +111,7 @@ class Session:
     @property
     def state_bytes(self) -> int:
         n = self.opt.layout.size
-        return (2 + len(self.opt.slots)) * n * self.opt.dtype.itemsize
+        return int((2 + len(self.opt.slots)) * n * self.opt.dtype.itemsize)
 
     def fingerprint(self) -> str:
         """A hash of everything a step can change (for tests and for resume checks)."""

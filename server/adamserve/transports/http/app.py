@@ -1,0 +1,280 @@
+"""The FastAPI app factory, its gate (token, body caps, request metrics) and uvicorn runners."""
+
+from __future__ import annotations
+
+import hmac
+import importlib.util
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Security
+from fastapi.security import HTTPBearer
+from pydantic.json_schema import models_json_schema
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import adamserve
+from adamserve import metrics
+from adamserve.service import OptimizerService
+from adamserve.transports.http import errors, routes
+from adamserve.transports.http.binary import HEADER_LENGTH, OCTET_STREAM, TRITON_HEADER_LENGTH
+
+log = logging.getLogger("adamserve.http")
+
+DEFAULT_MAX_BODY_BYTES = 2 << 30  # binary bodies (application/octet-stream)
+DEFAULT_MAX_JSON_BYTES = 64 << 20  # JSON bodies and the JSON part of binary ones
+
+# Never behind the token: probes, and the API description.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                        "/redoc"})
+
+
+_BINARY_HEADERS = frozenset({HEADER_LENGTH.lower().encode(), TRITON_HEADER_LENGTH.lower().encode()})
+
+
+class _Gate:
+    """Pure ASGI middleware: bearer token, body size caps, request counter.
+
+    Runs before routing and body parsing, so a request without the token is
+    refused before its body is read, and an oversized body is cut off while it
+    streams in (Content-Length is checked first; chunked bodies are counted).
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int,
+                 max_json_bytes: int) -> None:
+        self.app = app
+        self.token = token.encode() if token is not None else None
+        self.max_body_bytes = max_body_bytes
+        self.max_json_bytes = max_json_bytes
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self.token is None or scope["path"] in OPEN_PATHS:
+            return True
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                scheme, _, credential = bytes(value).partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    credential.strip(), self.token)
+        return False
+
+    def _limit(self, scope: Scope) -> tuple[int, int | None]:
+        """The body cap for this request and its declared Content-Length.
+
+        Binary bodies (application/octet-stream, or any body with a binary header
+        length) get ``max_body_bytes``; everything else ``max_json_bytes``.
+        """
+        length: int | None = None
+        cap = self.max_json_bytes
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                text = bytes(value).strip()
+                length = int(text) if text.isdigit() else None
+            elif key in _BINARY_HEADERS or (key == b"content-type" and bytes(value).split(
+                    b";")[0].strip().lower() == OCTET_STREAM.encode()):
+                cap = self.max_body_bytes
+        return cap, length
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        replied = False  # the gate answered itself; drop whatever the app sends
+
+        async def send_app(message: Message) -> None:
+            nonlocal status
+            if replied:
+                return
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        async def reply(code: int, message: str, headers: dict[str, str] | None = None) -> None:
+            nonlocal status, replied
+            status, replied = code, True
+            await errors.error_response(code, message, None, headers)(scope, receive, send)
+
+        try:
+            if not self._authorized(scope):
+                await reply(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                            {"WWW-Authenticate": "Bearer"})
+                return
+            cap, length = self._limit(scope)
+            if length is not None and length > cap:
+                await reply(413, _too_large(length, cap))
+                return
+            received = 0
+            started = False
+
+            async def receive_capped() -> Message:
+                nonlocal received, started
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > cap:
+                        if not replied and not started:
+                            await reply(413, _too_large(received, cap))
+                        return {"type": "http.disconnect"}
+                return message
+
+            async def send_tracked(message: Message) -> None:
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                await send_app(message)
+
+            await self.app(scope, receive_capped, send_tracked)
+        except Exception:
+            if not replied:
+                raise
+            log.debug("request cut off by the gate", exc_info=True)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "name", None) or "unmatched"
+            metrics.REQUESTS.labels("http", name, str(status)).inc()
+
+
+def _too_large(size: int, cap: int) -> str:
+    return (f"request body of at least {size} bytes is over the limit of {cap} bytes "
+            "(JSON bodies have a smaller limit than application/octet-stream ones)")
+
+
+class _App(FastAPI):
+    """FastAPI with the raw-body request models added to the OpenAPI components."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema:
+            return self.openapi_schema
+        schema = super().openapi()
+        _, defs = models_json_schema(
+            [(m, "validation") for m in routes.RAW_BODY_MODELS],
+            ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        self.openapi_schema = schema
+        return schema
+
+
+def create_app(service: OptimizerService, token: str | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> FastAPI:
+    """The HTTP API over ``service``.
+
+    ``token``: when set, every route but /healthz, /readyz and the API docs needs
+    ``Authorization: Bearer <token>``. ``max_body_bytes`` caps binary
+    (application/octet-stream) bodies, ``max_json_bytes`` every other body and the
+    JSON part of binary ones; over either is a 413.
+    """
+    app = _App(
+        title="adamserve",
+        version=adamserve.__version__,
+        description="Optimizer-as-a-service: the Adam family on a stateful server.",
+        separate_input_output_schemas=False,
+    )
+    app.state.service = service
+    app.state.max_json_bytes = max_json_bytes
+    errors.install(app)
+    guard = [Security(HTTPBearer(auto_error=False))] if token is not None else []
+    app.include_router(routes.router, dependencies=guard)  # documents the scheme
+    app.include_router(routes.open_router)
+    app.add_middleware(_Gate, token=token, max_body_bytes=max_body_bytes,
+                       max_json_bytes=max_json_bytes)
+    return app
+
+
+# -- uvicorn ---------------------------------------------------------------------
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def build_http_server(app: ASGIApp, host: str, port: int, **config: Any) -> uvicorn.Server:
+    """A uvicorn server on uvloop + httptools (when installed); ``config`` overrides.
+
+    Logging is left to the caller (``log_config=None``): the CLI configures it.
+    """
+    options: dict[str, Any] = {
+        "loop": "uvloop" if _has("uvloop") else "asyncio",
+        "http": "httptools" if _has("httptools") else "h11",
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    options.update(config)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
+
+
+def serve_http(app: ASGIApp, host: str, port: int, **config: Any) -> None:
+    """Run the HTTP server in this thread until SIGINT/SIGTERM (blocking)."""
+    build_http_server(app, host, port, **config).run()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class HttpServerThread:
+    """uvicorn in a background thread: ``start()`` returns the bound port (port 0 works).
+
+    Usable as a context manager. Signals stay with the main thread.
+    """
+
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0,
+                 **config: Any) -> None:
+        self.host = host
+        self._sock = _bind(host, port)
+        self.port: int = self._sock.getsockname()[1]
+        self.server = build_http_server(app, host, self.port, **config)
+        self._thread = threading.Thread(target=self._run, name=f"http:{self.port}", daemon=True)
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self._sock])
+        except BaseException as exc:  # SystemExit from a failed startup included
+            self._error = exc
+
+    def start(self, timeout: float = 30.0) -> int:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"HTTP server failed to start: {self._error!r}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"HTTP server did not start within {timeout} s")
+            time.sleep(0.005)
+        return self.port
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> HttpServerThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

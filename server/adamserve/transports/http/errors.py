@@ -1,0 +1,135 @@
+"""Error mapping: domain errors and request validation to HTTP statuses, one table.
+
+Every error body is ``{"error": message, "code": name}``. Validation errors are
+400 (not FastAPI's 422) so that both transports say "invalid argument" alike.
+Anything unmapped is a 500 with a generic body, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from adamserve.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+)
+
+log = logging.getLogger("adamserve.http")
+
+STATUS: dict[type[ServiceError], int] = {
+    InvalidArgument: 400,
+    NotFound: 404,
+    AlreadyExists: 409,
+    FailedPrecondition: 409,
+    ResourceExhausted: 413,
+    Unauthenticated: 401,
+}
+
+# Codes for statuses that starlette raises itself (unknown route, wrong method, ...).
+_CODES: dict[int, str] = {
+    400: "invalid_argument",
+    401: "unauthenticated",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "failed_precondition",
+    413: "resource_exhausted",
+    415: "unsupported_media_type",
+    503: "unavailable",
+}
+
+_MAX_ERRORS_SHOWN = 5
+
+
+def error_response(status: int, message: str, code: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code or _CODES.get(status, "internal")},
+                        status_code=status, headers=dict(headers) if headers else None)
+
+
+def status_of(exc: ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def _location(loc: Iterable[Any]) -> str:
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += f".{p}" if out else str(p)
+    return out or "body"
+
+
+def describe_validation(errors: Iterable[Any]) -> str:
+    """One line from pydantic's error list: ``where: what`` for the first few errors."""
+    items = list(errors)
+    lines = []
+    for err in items[:_MAX_ERRORS_SHOWN]:
+        if not isinstance(err, Mapping):
+            lines.append(str(err))
+            continue
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            lines.append(f"invalid JSON: {ctx.get('error', err.get('msg', ''))}")
+            continue
+        lines.append(f"{_location(err.get('loc', ()))}: {err.get('msg', 'invalid')}")
+    if len(items) > _MAX_ERRORS_SHOWN:
+        lines.append(f"and {len(items) - _MAX_ERRORS_SHOWN} more")
+    return "; ".join(lines) or "invalid request"
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    status = status_of(exc)
+    if status == 500:
+        log.error("unmapped service error on %s %s: %r", request.method, request.url.path, exc)
+        return error_response(500, "internal error", "internal")
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return error_response(status, str(exc), exc.code, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(400, describe_validation(exc.errors()), "invalid_argument")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), None, exc.headers)
+
+
+async def _disconnect(request: Request, exc: Exception) -> JSONResponse:
+    # The client went away (or the body cap cut it off); nobody reads this.
+    return error_response(400, "client disconnected", "invalid_argument")
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error", "internal")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _disconnect)
+    app.add_exception_handler(Exception, _internal)

@@ -1,0 +1,368 @@
+"""Routes: thin async handlers over :class:`~adamserve.service.OptimizerService`.
+
+Each handler parses its body (here or in :mod:`.binary`), runs the service call in
+the thread pool (the service blocks: session locks and kernels) and converts the
+domain result to a wire model. Errors are raised, never returned; :mod:`.errors`
+maps them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar, cast
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+
+from adamserve import metrics
+from adamserve.engine.dtypes import WIRE_DTYPES
+from adamserve.engine.optimizer import TensorSpec
+from adamserve.errors import InvalidArgument
+from adamserve.service import OptimizerService, SessionInfo, TensorChunk
+from adamserve.sessions.session import SessionConfig
+from adamserve.transports.http import binary
+from adamserve.transports.http.errors import describe_validation
+from adamserve.transports.http.schemas import (
+    CheckpointOut,
+    CreateSessionRequest,
+    ErrorBody,
+    Health,
+    HyperparametersRequest,
+    PullRequest,
+    PullResponse,
+    PushRequest,
+    ScheduleRequest,
+    SessionList,
+    SessionOut,
+    StepRequest,
+    StepResponse,
+    TensorIn,
+    TensorSpecOut,
+)
+from adamserve.transports.state_codec import decode_state, encode_state
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# Models only referenced from openapi_extra; the app adds them to the components.
+RAW_BODY_MODELS: tuple[type[BaseModel], ...] = (
+    CreateSessionRequest, StepRequest, PushRequest, PullRequest)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in (
+        (400, "Invalid argument: the message names the field or tensor and what was expected"),
+        (401, "Missing or wrong bearer token"),
+        (404, "No such session"),
+        (409, "Already exists / failed precondition"),
+        (413, "Body, state or memory limit exceeded"),
+    )
+}
+
+
+def _tensor_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """openapi_extra for a route whose body is JSON or the binary layout."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {
+        "parameters": [
+            {"name": binary.HEADER_LENGTH, "in": "header", "required": False,
+             "description": "Length of the JSON part of a binary body",
+             "schema": {"type": "integer", "minimum": 0}},
+        ],
+        "requestBody": {
+            "required": required,
+            "content": {
+                "application/json": {"schema": ref},
+                binary.OCTET_STREAM: {
+                    "schema": {"type": "string", "format": "binary",
+                               "description": binary.BINARY_LAYOUT}},
+            },
+            "description": binary.BINARY_LAYOUT,
+        },
+    }
+
+
+def _binary_ok(model: type[BaseModel], text: str) -> dict[int | str, dict[str, Any]]:
+    return {**_ERRORS, 200: {
+        "model": model, "description": text + " " + binary.BINARY_OUTPUT,
+        "content": {binary.OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+    }}
+
+
+router = APIRouter()  # /v1: guarded by the token when there is one
+open_router = APIRouter()  # health probes, never guarded
+
+
+def get_service(request: Request) -> OptimizerService:
+    return cast(OptimizerService, request.app.state.service)
+
+
+Service = Annotated[OptimizerService, Depends(get_service)]
+
+
+async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking work (service calls, big JSON parsing) off the event loop."""
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+async def _read(request: Request, model: type[M]) -> tuple[M, memoryview | None]:
+    """The request's model and binary payload (see :func:`binary.parse_body`)."""
+    raw = await request.body()
+    limit = cast(int, request.app.state.max_json_bytes)
+    return await _call(binary.parse_body, model, request.headers, raw, limit)
+
+
+def _json(model: BaseModel, status: int = 200, **dump: Any) -> Response:
+    return Response(model.model_dump_json(**dump), status_code=status,
+                    media_type="application/json")
+
+
+def session_out(info: SessionInfo) -> SessionOut:
+    return SessionOut(
+        id=info.id, algorithm=info.algorithm, dtype=info.dtype, step=info.step,
+        tensors=[TensorSpecOut(name=t.name, shape=list(t.shape), group=t.group)
+                 for t in info.tensors],
+        groups=[{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+                for g in info.groups],
+        lr=list(info.lr), schedule=info.schedule, max_grad_norm=info.max_grad_norm,
+        clip_per_tensor=info.clip_per_tensor, skip_nonfinite=info.skip_nonfinite,
+        state_bytes=info.state_bytes, checkpointed_step=info.checkpointed_step,
+        backend=info.backend,
+    )
+
+
+def _gradients(tensors: list[TensorIn], payload: memoryview | None) -> list[TensorChunk]:
+    chunks = binary.tensor_chunks(tensors, payload)
+    if not chunks:
+        # checked here too: the service counts a zero-size tensor as always present,
+        # so it would take a step for a request that sends nothing
+        raise InvalidArgument("the step request carries no gradient tensors")
+    _count_in(chunks)
+    return chunks
+
+
+def _count_in(chunks: list[TensorChunk]) -> None:
+    metrics.BYTES_IN.labels("http").inc(sum(len(c.data) for c in chunks))
+
+
+def _tensors_response(request: Request, result: StepResponse | PullResponse,
+                      chunks: list[TensorChunk], binary_output: bool) -> Response:
+    metrics.BYTES_OUT.labels("http").inc(sum(len(c.data) for c in chunks))
+    if binary.wants_binary(request.headers, binary_output):
+        result.params = binary.tensors_out(chunks, binary=True)
+        header = result.model_dump_json(exclude={"params": {"__all__": {"data"}}}).encode()
+        return binary.BinaryResponse(header, [c.data for c in chunks])
+    result.params = binary.tensors_out(chunks, binary=False)
+    return _json(result, exclude={"params": {"__all__": {"parameters"}}})
+
+
+# -- sessions ----------------------------------------------------------------
+
+
+@router.post("/v1/sessions", status_code=201, response_model=SessionOut, responses=_ERRORS,
+             openapi_extra=_tensor_body(CreateSessionRequest), summary="Create a session")
+async def create_session(request: Request, service: Service) -> Response:
+    body, payload = await _read(request, CreateSessionRequest)
+    chunks = await _call(binary.tensor_chunks, body.initial, payload)
+    config = SessionConfig(
+        algorithm=body.algorithm,
+        tensors=tuple(TensorSpec(t.name, tuple(t.shape), t.group) for t in body.tensors),
+        groups=tuple(dict(g) for g in body.groups),
+        dtype=body.dtype,
+        schedule=body.schedule,
+        max_grad_norm=body.max_grad_norm,
+        clip_per_tensor=body.clip_per_tensor,
+        skip_nonfinite=body.skip_nonfinite,
+    )
+    sizes = {t.name: binary.numel(t.shape) for t in config.tensors}
+    for name, n in sizes.items():
+        if n > binary.MAX_ELEMENTS:
+            raise InvalidArgument(f"tensor {name!r}: {n} elements; at most "
+                                  f"{binary.MAX_ELEMENTS}")
+    total = sum(sizes.values())
+    if total > binary.MAX_ELEMENTS:
+        raise InvalidArgument(f"the session's tensors hold {total} elements; at most "
+                              f"{binary.MAX_ELEMENTS}")
+    _count_in(chunks)
+    info = await _call(service.create, body.session_id, config, chunks)
+    return _json(session_out(info), status=201)
+
+
+@router.get("/v1/sessions", response_model=SessionList, responses=_ERRORS,
+            summary="List sessions")
+async def list_sessions(service: Service) -> SessionList:
+    infos = await _call(service.list)
+    return SessionList(sessions=[session_out(i) for i in infos])
+
+
+@router.get("/v1/sessions/{session_id}", response_model=SessionOut, responses=_ERRORS,
+            summary="Describe a session")
+async def describe_session(session_id: str, service: Service) -> SessionOut:
+    return session_out(await _call(service.describe, session_id))
+
+
+@router.delete("/v1/sessions/{session_id}", status_code=204, responses=_ERRORS,
+               summary="Delete a session and its checkpoints")
+async def delete_session(session_id: str, service: Service) -> Response:
+    await _call(service.delete, session_id)
+    return Response(status_code=204)
+
+
+# -- steps -------------------------------------------------------------------
+
+
+@router.post("/v1/sessions/{session_id}/step", response_model=StepResponse,
+             responses=_binary_ok(StepResponse, "The step's outcome and updated parameters."),
+             openapi_extra=_tensor_body(StepRequest), summary="Apply one step, return params")
+async def step(session_id: str, request: Request, service: Service) -> Response:
+    body, payload = await _read(request, StepRequest)
+    if body.return_datatype not in WIRE_DTYPES:
+        raise InvalidArgument(f"return_datatype {body.return_datatype!r}: expected one of "
+                              f"{', '.join(WIRE_DTYPES)}")
+    chunks = await _call(_gradients, body.gradients, payload)
+    r = await _call(service.step, session_id, chunks, return_datatype=body.return_datatype,
+                    require_all=body.require_all)
+    out = StepResponse(step=r.step, skipped=r.skipped, grad_norm=r.grad_norm,
+                       nonfinite=list(r.nonfinite))
+    return await _call(_tensors_response, request, out, r.params, body.binary_output)
+
+
+@router.post("/v1/sessions/{session_id}/push", response_model=StepResponse, responses=_ERRORS,
+             openapi_extra=_tensor_body(PushRequest),
+             summary="Apply one step, return no params")
+async def push(session_id: str, request: Request, service: Service) -> Response:
+    body, payload = await _read(request, PushRequest)
+    chunks = await _call(_gradients, body.gradients, payload)
+    r = await _call(service.step, session_id, chunks, return_datatype=None,
+                    require_all=body.require_all)
+    return _json(StepResponse(step=r.step, skipped=r.skipped, grad_norm=r.grad_norm,
+                              nonfinite=list(r.nonfinite)))
+
+
+@router.post("/v1/sessions/{session_id}/pull", response_model=PullResponse,
+             responses=_binary_ok(PullResponse, "The session's current parameters."),
+             openapi_extra=_tensor_body(PullRequest, required=False),
+             summary="Read parameters")
+async def pull(session_id: str, request: Request, service: Service) -> Response:
+    body, _ = await _read(request, PullRequest)
+    chunks = await _call(service.pull, session_id, body.names, body.datatype)
+    return await _call(_tensors_response, request, PullResponse(params=[]), chunks,
+                       body.binary_output)
+
+
+# -- hyperparameters, schedule, state -----------------------------------------
+
+
+@router.patch("/v1/sessions/{session_id}/hyperparameters", response_model=SessionOut,
+              responses=_ERRORS, summary="Change one group's hyperparameters")
+async def set_hyperparameters(session_id: str, body: HyperparametersRequest,
+                              service: Service) -> Response:
+    info = await _call(service.set_hyperparameters, session_id, body.group, body.values)
+    return _json(session_out(info))
+
+
+@router.put("/v1/sessions/{session_id}/schedule", response_model=SessionOut,
+            responses=_ERRORS, summary="Set or remove the learning-rate schedule")
+async def set_schedule(session_id: str, body: ScheduleRequest, service: Service) -> Response:
+    info = await _call(service.set_schedule, session_id, body.schedule)
+    return _json(session_out(info))
+
+
+_STATE_DOC = ("The torch-format state_dict as one safetensors file: tensors "
+              "`state.<index>.<slot>`, metadata `adamserve: state_dict/1` and `json` "
+              "(param_groups and per-parameter scalars).")
+
+
+@router.get("/v1/sessions/{session_id}/state", response_class=Response, summary="Export state",
+            responses={**_ERRORS, 200: {"description": _STATE_DOC, "content": {
+                binary.OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
+async def export_state(session_id: str, service: Service) -> Response:
+    sd = await _call(service.export_state, session_id)
+    blob = await _call(encode_state, sd)
+    metrics.BYTES_OUT.labels("http").inc(len(blob))
+    return Response(blob, media_type=binary.OCTET_STREAM)
+
+
+class _GroupShape(BaseModel):
+    """What import_state indexes without checking: params and param_names."""
+
+    params: list[int]
+    param_names: list[str] | None = None
+
+
+def _check_state(state: dict[str, Any]) -> None:
+    groups = state.get("param_groups")
+    if not isinstance(groups, list):
+        raise InvalidArgument("state blob: param_groups must be a list")
+    for g, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise InvalidArgument(f"state blob: param_groups[{g}] must be an object")
+        try:
+            shape = _GroupShape.model_validate(
+                {"params": group.get("params", []), "param_names": group.get("param_names")})
+        except ValidationError as exc:
+            raise InvalidArgument(f"state blob: param_groups[{g}]: "
+                                  f"{describe_validation(exc.errors(include_url=False))}"
+                                  ) from None
+        if shape.param_names is not None and len(shape.param_names) != len(shape.params):
+            raise InvalidArgument(
+                f"state blob: param_groups[{g}] has {len(shape.params)} params but "
+                f"{len(shape.param_names)} param_names")
+
+
+def _decode_state(blob: bytes) -> dict[str, Any]:
+    try:
+        state = decode_state(blob)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        # decode_state raises ValueError for what it checks; the rest are blob
+        # shapes it does not check (a list where an object belongs, ...)
+        msg = str(exc) if isinstance(exc, ValueError) else f"state blob: malformed ({exc!r})"
+        raise InvalidArgument(msg) from None
+    _check_state(state)
+    return state
+
+
+@router.put("/v1/sessions/{session_id}/state", response_model=SessionOut, responses=_ERRORS,
+            summary="Import state",
+            openapi_extra={"requestBody": {"required": True, "description": _STATE_DOC,
+                                           "content": {binary.OCTET_STREAM: {"schema": {
+                                               "type": "string", "format": "binary"}}}}})
+async def import_state(session_id: str, request: Request, service: Service) -> Response:
+    blob = await request.body()
+    metrics.BYTES_IN.labels("http").inc(len(blob))
+    await _call(service.describe, session_id)  # 404 before parsing a large blob
+    state = await _call(_decode_state, blob)
+    info = await _call(service.import_state, session_id, state)
+    return _json(session_out(info))
+
+
+@router.post("/v1/sessions/{session_id}/checkpoint", response_model=CheckpointOut,
+             responses=_ERRORS, summary="Write a durable checkpoint now")
+async def checkpoint(session_id: str, service: Service) -> CheckpointOut:
+    info = await _call(service.checkpoint, session_id)
+    return CheckpointOut(session_id=info.session_id, step=info.step, path=info.path,
+                         bytes=info.bytes)
+
+
+# -- operations ----------------------------------------------------------------
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@open_router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@open_router.get("/readyz", response_model=Health, summary="Readiness",
+                 responses={503: {"model": Health, "description": "Not ready yet"}})
+async def readyz(service: Service) -> Response:
+    if service.ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "starting"}, status_code=503)

@@ -1,0 +1,222 @@
+"""Wire models of the HTTP API: pydantic only, no logic.
+
+Tensors follow the Open Inference Protocol's shape: ``{"name", "shape", "datatype",
+"data"}`` with ``data`` a flat row-major list of numbers, or, in a binary request
+(see :mod:`adamserve.transports.http.binary`), ``"parameters": {"binary_data_size": n}``
+and the raw bytes after the JSON header. Request models forbid unknown keys so a
+misspelt field is an error, not a silently ignored option.
+
+Non-finite numbers: JSON has none, so ``data`` accepts the literals ``NaN``,
+``Infinity`` and ``-Infinity`` (as Python's and JavaScript's JSON5 readers write
+them) and the strings ``"nan"``, ``"inf"``, ``"-inf"``; responses write the
+literals. Ask for binary output where a strict JSON reader must parse the result.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+
+# Wire datatypes, as in adamserve.engine.dtypes.WIRE_DTYPES. Kept a plain string in
+# the models (the enum is documentation) so an unknown one gets a message naming
+# the tensor, from the transport, rather than a generic literal error.
+DATATYPES = ("FP32", "FP64", "FP16", "BF16")
+MAX_RANK = 32
+MAX_DIM = 2**40
+
+Datatype = Annotated[str, Field(json_schema_extra={"enum": list(DATATYPES)},
+                                description="FP32, FP64, FP16 or BF16 (little-endian)")]
+Dim = Annotated[int, Field(ge=0, le=MAX_DIM)]
+Shape = Annotated[list[Dim], Field(max_length=MAX_RANK)]
+Name = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number, got {_short(v)}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"expected a finite number, got {_short(v)}") from None
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _hyper_value(v: Any) -> float | bool | list[float]:
+    """A hyperparameter: true/false, a number, or a list of numbers (betas).
+
+    Ranges and names are the engine's to check; this only keeps the JSON types
+    the engine expects (a single message instead of one per union branch).
+    """
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, list):
+        return [_number(x) for x in v]
+    if isinstance(v, int | float):
+        return _number(v)
+    raise ValueError(f"expected a number, true/false or a list of numbers, got {_short(v)}")
+
+
+HyperValue = Annotated[
+    Any,
+    AfterValidator(_hyper_value),
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "boolean"},
+                              {"type": "array", "items": {"type": "number"}}]}),
+]
+Hyperparameters = dict[str, HyperValue]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+class TensorParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    binary_data_size: int | None = Field(
+        default=None, ge=0,
+        description="Bytes of this tensor in the binary part of the body, in order")
+
+
+class TensorIn(_Request):
+    """A tensor in a request: ``data`` (JSON numbers) or ``parameters.binary_data_size``."""
+
+    name: Name
+    shape: Shape
+    datatype: Datatype = "FP32"
+    data: list[float] | None = Field(
+        default=None, description="Flat row-major values, prod(shape) of them")
+    parameters: TensorParameters | None = None
+
+
+class TensorOut(_Response):
+    """A tensor in a response: ``data`` in JSON output, ``parameters`` in binary output."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[float] | None = None
+    parameters: TensorParameters | None = None
+
+
+class TensorSpecIn(_Request):
+    name: Name
+    shape: Shape
+    group: int = Field(default=0, ge=0, description="Index into 'groups'")
+
+
+class TensorSpecOut(_Response):
+    name: str
+    shape: list[int]
+    group: int
+
+
+def _one_group() -> list[Hyperparameters]:
+    return [{}]
+
+
+class CreateSessionRequest(_Request):
+    session_id: str = Field(description="1-128 letters, digits, '.', '_' or '-'")
+    algorithm: str = Field(
+        description="adam, adamw, amsgrad, nadam, radam, adamax, adagrad, rmsprop or lamb")
+    tensors: list[TensorSpecIn] = Field(min_length=1)
+    groups: list[Hyperparameters] = Field(
+        default_factory=_one_group, min_length=1,
+        description="Parameter groups: torch.optim hyperparameter names, betas as [b1, b2]")
+    dtype: Literal["float32", "float64"] = "float32"
+    schedule: dict[str, Any] | None = Field(
+        default=None, description="A learning-rate schedule, as schedules.to_dict writes it")
+    max_grad_norm: float | None = None
+    clip_per_tensor: bool = False
+    skip_nonfinite: bool = True
+    initial: list[TensorIn] = Field(
+        default_factory=list, description="Initial parameter values; others start at zero")
+
+
+class StepRequest(_Request):
+    gradients: list[TensorIn]
+    return_datatype: Datatype = Field(
+        default="FP32", description="Wire datatype of the updated parameters returned")
+    binary_output: bool = Field(
+        default=False, description="Return parameters in the binary layout "
+        "(also chosen by 'Accept: application/octet-stream')")
+    require_all: bool = Field(
+        default=False, description="Refuse the step unless every tensor has a gradient")
+
+
+class PushRequest(_Request):
+    gradients: list[TensorIn]
+    require_all: bool = False
+
+
+class PullRequest(_Request):
+    names: list[str] | None = Field(default=None, description="Tensors to return; all if empty")
+    datatype: Datatype = "FP32"
+    binary_output: bool = False
+
+
+class HyperparametersRequest(_Request):
+    group: int = Field(default=0, ge=0)
+    values: Hyperparameters
+
+
+class ScheduleRequest(_Request):
+    schedule: dict[str, Any] | None = Field(description="null removes the schedule")
+
+
+class StepResponse(_Response):
+    step: int = Field(description="The session's step count after this request")
+    skipped: bool = Field(description="True when a gradient held NaN or Inf; nothing changed")
+    grad_norm: float | None
+    nonfinite: list[str] = Field(description="Tensors whose gradient held NaN or Inf")
+    params: list[TensorOut] = Field(default_factory=list)
+
+
+class PullResponse(_Response):
+    params: list[TensorOut]
+
+
+class SessionOut(_Response):
+    id: str
+    algorithm: str
+    dtype: str
+    step: int
+    tensors: list[TensorSpecOut]
+    groups: list[dict[str, Any]]
+    lr: list[float] = Field(description="The lr the next step uses, per group")
+    schedule: dict[str, Any] | None
+    max_grad_norm: float | None
+    clip_per_tensor: bool
+    skip_nonfinite: bool
+    state_bytes: int
+    checkpointed_step: int
+    backend: str
+
+
+class SessionList(_Response):
+    sessions: list[SessionOut]
+
+
+class CheckpointOut(_Response):
+    session_id: str
+    step: int
+    path: str
+    bytes: int
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What was wrong and what was expected")
+    code: str = Field(description="invalid_argument, not_found, already_exists, "
+                      "failed_precondition, resource_exhausted, unauthenticated, internal, ...")
+
+
+class Health(BaseModel):
+    status: str

@@ -1,0 +1,668 @@
+"""The HTTP transport against a real uvicorn server (127.0.0.1, port 0) and httpx.
+
+Numbers are checked bit for bit against a local FlatOptimizer fed the same
+gradients: FP32 on the wire with float32 state is exact. Every bad request is
+checked for its status, its message, and that the session did not change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from adamserve.engine.kernels_cpu import CpuBackend
+from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
+from adamserve.service import OptimizerService
+from adamserve.sessions.checkpoints import CheckpointStore
+from adamserve.sessions.store import Limits, SessionStore
+from adamserve.transports.http import HttpServerThread, create_app
+
+SPECS: list[tuple[str, tuple[int, ...]]] = [("w", (4, 3)), ("b", (3,)), ("e", (0,))]
+HYPER: dict[str, Any] = {"lr": 0.01, "betas": [0.8, 0.99], "weight_decay": 0.1}
+MAX_STATE = 64 << 20
+OCTET = "application/octet-stream"
+
+
+@dataclass
+class Live:
+    url: str
+    service: OptimizerService
+    store: SessionStore
+    data_dir: Path
+
+
+def _service(data_dir: Path, limits: Limits | None = None
+             ) -> tuple[OptimizerService, SessionStore]:
+    store = SessionStore(CpuBackend(), CheckpointStore(data_dir), limits or Limits())
+    service = OptimizerService(store)
+    service.start()
+    return service, store
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    data_dir = tmp_path_factory.mktemp("http")
+    service, store = _service(data_dir, Limits(max_state_bytes=MAX_STATE))
+    server = HttpServerThread(create_app(service))
+    server.start()
+    yield Live(server.url, service, store, data_dir)
+    server.stop()
+
+
+@pytest.fixture
+def client(live: Live) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.url, timeout=30) as c:
+        yield c
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def rng_values(seed: int) -> dict[str, np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in SPECS}
+
+
+def json_tensor(name: str, arr: np.ndarray[Any, Any], datatype: str = "FP32") -> dict[str, Any]:
+    return {"name": name, "shape": list(arr.shape), "datatype": datatype,
+            "data": arr.astype(np.float64).ravel().tolist()}
+
+
+def create_body(sid: str, initial: dict[str, np.ndarray[Any, Any]] | None = None,
+                **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "session_id": sid, "algorithm": "adamw",
+        "tensors": [{"name": n, "shape": list(s)} for n, s in SPECS],
+        "groups": [dict(HYPER)],
+    }
+    if initial is not None:
+        body["initial"] = [json_tensor(n, a) for n, a in initial.items()]
+    body.update(extra)
+    return body
+
+
+def reference(initial: dict[str, np.ndarray[Any, Any]]) -> FlatOptimizer:
+    layout = Layout(tuple(TensorSpec(n, s) for n, s in SPECS))
+    flat = np.concatenate([initial[n].ravel() for n, _ in SPECS])
+    return FlatOptimizer("adamw", layout, [dict(HYPER)], backend=CpuBackend(), dtype="float32",
+                         params=flat)
+
+
+def ref_step(opt: FlatOptimizer, grads: dict[str, np.ndarray[Any, Any]]) -> None:
+    opt.grad[...] = np.concatenate([grads[n].ravel() for n, _ in SPECS])
+    opt.step()
+
+
+def ref_param(opt: FlatOptimizer, name: str) -> np.ndarray[Any, Any]:
+    i = opt.layout.index(name)
+    return np.asarray(opt.param[opt.layout.span(i)])
+
+
+def binary_body(request: dict[str, Any], blobs: list[bytes],
+                header: str = "Adamserve-Header-Length") -> dict[str, Any]:
+    head = json.dumps(request).encode()
+    return {"content": head + b"".join(blobs),
+            "headers": {"Content-Type": OCTET, header: str(len(head))}}
+
+
+def binary_tensor(name: str, shape: tuple[int, ...], datatype: str, nbytes: int) -> dict[str, Any]:
+    return {"name": name, "shape": list(shape), "datatype": datatype,
+            "parameters": {"binary_data_size": nbytes}}
+
+
+def parse_binary(r: httpx.Response) -> tuple[dict[str, Any], dict[str, bytes]]:
+    assert r.headers["content-type"] == OCTET
+    n = int(r.headers["adamserve-header-length"])
+    assert int(r.headers["inference-header-content-length"]) == n
+    head = json.loads(r.content[:n])
+    out: dict[str, bytes] = {}
+    pos = n
+    for t in head["params"]:
+        size = t["parameters"]["binary_data_size"]
+        out[t["name"]] = r.content[pos:pos + size]
+        pos += size
+    assert pos == len(r.content)
+    return head, out
+
+
+def fp32(data: list[float] | bytes) -> np.ndarray[Any, Any]:
+    if isinstance(data, bytes):
+        return np.frombuffer(data, dtype="<f4")
+    return np.asarray(data, dtype=np.float32)
+
+
+def create(client: httpx.Client, sid: str, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    r = client.post("/v1/sessions", json=create_body(sid, rng_values(seed), **extra))
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+# -- the happy paths ---------------------------------------------------------------
+
+
+def test_create_and_json_steps_match_local_optimizer(client: httpx.Client, live: Live) -> None:
+    init = rng_values(1)
+    r = client.post("/v1/sessions", json=create_body("json3", init))
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["step"] == 0 and info["algorithm"] == "adamw"
+    assert info["groups"][0]["betas"] == [0.8, 0.99]
+    assert [t["name"] for t in info["tensors"]] == ["w", "b", "e"]
+    ref = reference(init)
+    for k in range(3):
+        grads = rng_values(100 + k)
+        r = client.post("/v1/sessions/json3/step",
+                        json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+        assert r.status_code == 200, r.text
+        ref_step(ref, grads)
+        body = r.json()
+        assert body["step"] == k + 1 and not body["skipped"] and body["nonfinite"] == []
+        assert body["grad_norm"] == pytest.approx(
+            math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())))
+        params = {p["name"]: p for p in body["params"]}
+        for name, shape in SPECS:
+            assert params[name]["shape"] == list(shape)
+            assert params[name]["datatype"] == "FP32"
+            assert fp32(params[name]["data"]).tobytes() == ref_param(ref, name).tobytes()
+    assert client.get("/v1/sessions/json3").json()["step"] == 3
+
+
+def test_binary_steps_match_local_optimizer(client: httpx.Client) -> None:
+    init = rng_values(2)
+    create(client, "bin3", seed=2)
+    ref = reference(init)
+    for k in range(3):
+        grads = rng_values(200 + k)
+        req: dict[str, Any] = {
+            "gradients": [binary_tensor(n, g.shape, "FP32", g.nbytes) for n, g in grads.items()]}
+        headers: dict[str, str] = {}
+        if k == 0:
+            req["binary_output"] = True
+        else:  # Accept selects binary output too; the Triton header name is accepted
+            headers["Accept"] = OCTET
+        kw = binary_body(req, [g.tobytes() for g in grads.values()],
+                         header="Adamserve-Header-Length" if k < 2
+                         else "Inference-Header-Content-Length")
+        kw["headers"].update(headers)
+        r = client.post("/v1/sessions/bin3/step", **kw)
+        assert r.status_code == 200, r.text
+        ref_step(ref, grads)
+        head, blobs = parse_binary(r)
+        assert head["step"] == k + 1
+        for name, _ in SPECS:
+            assert blobs[name] == ref_param(ref, name).tobytes()
+    # a binary request with JSON output, and a push
+    grads = rng_values(300)
+    r = client.post("/v1/sessions/bin3/push", **binary_body(
+        {"gradients": [binary_tensor(n, g.shape, "FP32", g.nbytes) for n, g in grads.items()]},
+        [g.tobytes() for g in grads.values()]))
+    assert r.status_code == 200, r.text
+    assert r.json()["step"] == 4 and r.json()["params"] == []
+    ref_step(ref, grads)
+    r = client.post("/v1/sessions/bin3/pull", json={})
+    params = {p["name"]: p for p in r.json()["params"]}
+    for name, _ in SPECS:
+        assert fp32(params[name]["data"]).tobytes() == ref_param(ref, name).tobytes()
+
+
+def test_bf16_binary_both_ways(client: httpx.Client) -> None:
+    init = rng_values(3)
+    create(client, "bf16", seed=3)
+    ref = reference(init)
+    for k in range(2):
+        grads32 = rng_values(400 + k)
+        grads_bf = {n: torch.from_numpy(g).to(torch.bfloat16) for n, g in grads32.items()}
+        blobs = [t.view(torch.int16).numpy().tobytes() for t in grads_bf.values()]
+        req = {"gradients": [binary_tensor(n, tuple(t.shape), "BF16", t.numel() * 2)
+                             for n, t in grads_bf.items()],
+               "return_datatype": "BF16", "binary_output": True}
+        r = client.post("/v1/sessions/bf16/step", **binary_body(req, blobs))
+        assert r.status_code == 200, r.text
+        ref_step(ref, {n: t.float().numpy() for n, t in grads_bf.items()})
+        head, out = parse_binary(r)
+        for t in head["params"]:
+            assert t["datatype"] == "BF16"
+        for name, _ in SPECS:
+            expected = torch.from_numpy(ref_param(ref, name).copy()).to(torch.bfloat16)
+            bits = np.frombuffer(out[name], dtype="<i2")
+            assert np.array_equal(bits, expected.view(torch.int16).numpy().ravel())
+    # the same values as JSON numbers
+    r = client.post("/v1/sessions/bf16/pull", json={"datatype": "BF16", "names": ["w"]})
+    (w,) = r.json()["params"]
+    want = torch.from_numpy(ref_param(ref, "w").copy()).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(np.asarray(w["data"], dtype=np.float32), want)
+
+
+def test_pull(client: httpx.Client) -> None:
+    init = rng_values(4)
+    create(client, "pull", seed=4)
+    r = client.post("/v1/sessions/pull/pull", json={"names": ["b"], "datatype": "FP64"})
+    assert r.status_code == 200, r.text
+    (b,) = r.json()["params"]
+    assert b["name"] == "b" and b["datatype"] == "FP64" and "parameters" not in b
+    assert np.array_equal(np.asarray(b["data"]), init["b"].astype(np.float64))
+    r = client.post("/v1/sessions/pull/pull", headers={"Accept": OCTET})  # empty body: all
+    head, out = parse_binary(r)
+    assert [t["name"] for t in head["params"]] == ["w", "b", "e"]
+    assert out["w"] == init["w"].tobytes() and out["e"] == b""
+    r = client.post("/v1/sessions/pull/pull", json={"names": ["nope"]})
+    assert r.status_code == 400 and "'nope' is not in this session" in r.json()["error"]
+
+
+def test_create_with_binary_initial_values(client: httpx.Client) -> None:
+    init = rng_values(44)
+    body = create_body("bin-init")
+    body["initial"] = [binary_tensor("w", (4, 3), "FP64", 96),
+                       {**json_tensor("b", init["b"]), "datatype": "FP16"}]
+    r = client.post("/v1/sessions", **binary_body(body, [init["w"].astype(np.float64).tobytes()]))
+    assert r.status_code == 201, r.text
+    params = {p["name"]: p for p in client.post("/v1/sessions/bin-init/pull").json()["params"]}
+    assert fp32(params["w"]["data"]).tobytes() == init["w"].tobytes()
+    assert fp32(params["b"]["data"]).tobytes() == init["b"].astype(np.float16).astype(
+        np.float32).tobytes()
+
+
+def test_hyperparameters_change_mid_run(client: httpx.Client) -> None:
+    init = rng_values(5)
+    create(client, "hyper", seed=5)
+    ref = reference(init)
+    grads = rng_values(500)
+    client.post("/v1/sessions/hyper/push",
+                json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+    ref_step(ref, grads)
+    r = client.patch("/v1/sessions/hyper/hyperparameters",
+                     json={"group": 0,
+                           "values": {"lr": 0.05, "betas": [0.5, 0.9], "amsgrad": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["groups"][0]["lr"] == 0.05 and r.json()["groups"][0]["amsgrad"] is True
+    assert r.json()["lr"] == [0.05]
+    ref.set_hyperparameters(0, {"lr": 0.05, "betas": [0.5, 0.9], "amsgrad": True})
+    for k in range(2):
+        grads = rng_values(510 + k)
+        r = client.post("/v1/sessions/hyper/step",
+                        json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+        ref_step(ref, grads)
+        params = {p["name"]: p for p in r.json()["params"]}
+        assert fp32(params["w"]["data"]).tobytes() == ref_param(ref, "w").tobytes()
+
+
+def test_state_export_import_round_trip(client: httpx.Client, live: Live) -> None:
+    create(client, "st-a", seed=6)
+    for k in range(2):
+        grads = rng_values(600 + k)
+        client.post("/v1/sessions/st-a/push",
+                    json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+    r = client.get("/v1/sessions/st-a/state")
+    assert r.status_code == 200 and r.headers["content-type"] == OCTET
+    blob = r.content
+    assert blob[8:9] == b"{"  # a safetensors file
+    # B: the same config, A's current params; importing A's state makes it A's twin
+    params = client.post("/v1/sessions/st-a/pull").json()["params"]
+    body = create_body("st-b")
+    body["initial"] = params
+    assert client.post("/v1/sessions", json=body).status_code == 201
+    before_a = live.store.get("st-a").fingerprint()
+    assert live.store.get("st-b").fingerprint() != before_a
+    r = client.put("/v1/sessions/st-b/state", content=blob, headers={"Content-Type": OCTET})
+    assert r.status_code == 200, r.text
+    assert r.json()["step"] == 2
+    assert live.store.get("st-b").fingerprint() == before_a
+    # putting A's own state back changes nothing
+    assert client.put("/v1/sessions/st-a/state", content=blob).status_code == 200
+    assert live.store.get("st-a").fingerprint() == before_a
+    # and both take the same next step
+    grads = rng_values(699)
+    req = {"gradients": [json_tensor(n, g) for n, g in grads.items()]}
+    ra = client.post("/v1/sessions/st-a/step", json=req).json()
+    rb = client.post("/v1/sessions/st-b/step", json=req).json()
+    assert ra == rb
+
+
+def test_checkpoint(client: httpx.Client, live: Live) -> None:
+    create(client, "ckpt", seed=7)
+    grads = rng_values(700)
+    client.post("/v1/sessions/ckpt/push",
+                json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+    r = client.post("/v1/sessions/ckpt/checkpoint")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["session_id"] == "ckpt" and body["step"] == 1 and body["bytes"] > 0
+    assert Path(body["path"]).exists()
+    assert Path(body["path"]).is_relative_to(live.data_dir)
+    assert client.get("/v1/sessions/ckpt").json()["checkpointed_step"] == 1
+
+
+def test_list_describe_delete(client: httpx.Client, live: Live) -> None:
+    create(client, "del-1")
+    create(client, "del-2")
+    client.post("/v1/sessions/del-1/checkpoint")
+    ids = [s["id"] for s in client.get("/v1/sessions").json()["sessions"]]
+    assert {"del-1", "del-2"} <= set(ids) and ids == sorted(ids)
+    assert client.get("/v1/sessions/del-2").json()["id"] == "del-2"
+    r = client.delete("/v1/sessions/del-1")
+    assert r.status_code == 204 and r.content == b""
+    assert not (live.data_dir / "sessions" / "del-1").exists()
+    r = client.get("/v1/sessions/del-1")
+    assert r.status_code == 404
+    assert r.json() == {"error": "session 'del-1' does not exist", "code": "not_found"}
+    assert client.delete("/v1/sessions/del-1").status_code == 404
+    assert "del-1" not in [s["id"] for s in client.get("/v1/sessions").json()["sessions"]]
+
+
+def test_health_ready_metrics(client: httpx.Client, tmp_path: Path) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "adamserve_steps_total" in r.text
+    assert 'adamserve_bytes_in_total{transport="http"}' in r.text
+    assert 'adamserve_requests_total{code="200",method="healthz",transport="http"}' in r.text
+    # a service that has not started yet: alive, not ready
+    store = SessionStore(CpuBackend(), CheckpointStore(tmp_path))
+    with HttpServerThread(create_app(OptimizerService(store))) as server:
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        r = httpx.get(server.url + "/readyz")
+        assert r.status_code == 503 and r.json() == {"status": "starting"}
+
+
+def test_bearer_token(tmp_path: Path) -> None:
+    service, _ = _service(tmp_path)
+    with HttpServerThread(create_app(service, token="s3cret")) as server, \
+            httpx.Client(base_url=server.url) as c:
+        wrong: list[dict[str, Any]] = [
+            {}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+            {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer s3cret2"},
+            {"Authorization": "Bearer s3cr\u00e9t".encode("latin-1")}]
+        for headers in wrong:
+            r = c.get("/v1/sessions", headers=headers)
+            assert r.status_code == 401, headers
+            assert r.json()["code"] == "unauthenticated" and "bearer token" in r.json()["error"]
+            assert r.headers["www-authenticate"] == "Bearer"
+        r = c.post("/v1/sessions", json=create_body("tok"))
+        assert r.status_code == 401 and "tok" not in service.store._sessions
+        assert c.get("/metrics").status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/sessions", headers=ok).status_code == 200
+        assert c.post("/v1/sessions", json=create_body("tok"), headers=ok).status_code == 201
+        assert c.get("/metrics", headers=ok).status_code == 200
+        for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
+            assert c.get(path).status_code == 200, path
+        assert "bearer" in json.dumps(c.get("/openapi.json").json()["components"]).lower()
+
+
+def test_openapi_documents_binary_bodies(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    step = spec["paths"]["/v1/sessions/{session_id}/step"]["post"]
+    content = step["requestBody"]["content"]
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/StepRequest"}
+    assert "binary_data_size" in content[OCTET]["schema"]["description"]
+    assert any(p["name"] == "Adamserve-Header-Length" for p in step["parameters"])
+    assert OCTET in step["responses"]["200"]["content"]
+    for name in ("StepRequest", "PushRequest", "PullRequest", "CreateSessionRequest",
+                 "TensorIn", "StepResponse", "ErrorBody"):
+        assert name in spec["components"]["schemas"], name
+    state = spec["paths"]["/v1/sessions/{session_id}/state"]
+    assert OCTET in state["put"]["requestBody"]["content"]
+    assert OCTET in state["get"]["responses"]["200"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_nonfinite_values_in_json(client: httpx.Client, live: Live) -> None:
+    # skip_nonfinite off: a NaN gradient goes through and JSON carries NaN back
+    create(client, "nan-through", skip_nonfinite=False)
+    raw = ('{"gradients": [{"name": "b", "shape": [3], "data": [NaN, "inf", 1.0]}]}')
+    r = client.post("/v1/sessions/nan-through/step", content=raw,
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    b = {p["name"]: p for p in r.json()["params"]}["b"]["data"]  # json.loads reads NaN
+    assert math.isnan(b[0]) and math.isnan(b[1]) and math.isfinite(b[2])
+
+
+def test_concurrent_steps_serialise(client: httpx.Client, live: Live) -> None:
+    create(client, "conc")
+    grads = rng_values(800)
+    req = {"gradients": [json_tensor(n, g) for n, g in grads.items()]}
+    steps: list[int] = []
+
+    def worker() -> None:
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            for _ in range(5):
+                steps.append(c.post("/v1/sessions/conc/push", json=req).json()["step"])
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(steps) == list(range(1, 21))
+
+
+# -- bad input: status, message, and no change ---------------------------------------
+
+
+VICTIM = "victim"
+
+
+@pytest.fixture
+def victim(client: httpx.Client, live: Live) -> Iterator[str]:
+    if VICTIM not in [s.id for s in live.store.all()]:
+        create(client, VICTIM, seed=9)
+        grads = rng_values(900)
+        client.post(f"/v1/sessions/{VICTIM}/push",
+                    json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+    before = live.store.get(VICTIM).fingerprint()
+    yield VICTIM
+    assert live.store.get(VICTIM).fingerprint() == before
+
+
+def _w(**kw: Any) -> dict[str, Any]:
+    t = {"name": "w", "shape": [4, 3], "datatype": "FP32", "data": [0.5] * 12}
+    t.update(kw)
+    return t
+
+
+def _bin(req: dict[str, Any], payload: bytes, header_len: int | str | None = None,
+         **headers: str) -> dict[str, Any]:
+    head = json.dumps(req).encode()
+    h = {"Content-Type": OCTET, "Adamserve-Header-Length":
+         str(len(head) if header_len is None else header_len), **headers}
+    return {"content": head + payload, "headers": h}
+
+
+W_BIN = binary_tensor("w", (4, 3), "FP32", 48)
+STEP = f"/v1/sessions/{VICTIM}/step"
+
+BAD: list[tuple[str, str, str, dict[str, Any], int, str]] = [
+    ("unknown session", "POST", "/v1/sessions/nope/step", {"json": {"gradients": [_w()]}},
+     404, "session 'nope' does not exist"),
+    ("unknown tensor", "POST", STEP, {"json": {"gradients": [_w(name="zz")]}},
+     400, "tensor 'zz' is not in this session; expected one of w, b, e"),
+    ("wrong shape", "POST", STEP,
+     {"json": {"gradients": [_w(shape=[3, 4])]}}, 400, "expected shape [4, 3], got [3, 4]"),
+    ("wrong data length", "POST", STEP, {"json": {"gradients": [_w(data=[1.0] * 11)]}},
+     400, "tensor 'w': data has 11 values; shape [4, 3] needs 12"),
+    ("unknown datatype", "POST", STEP, {"json": {"gradients": [_w(datatype="INT8")]}},
+     400, "tensor 'w': unknown datatype 'INT8'; expected one of FP32, FP64, FP16, BF16"),
+    ("unknown return datatype", "POST", STEP,
+     {"json": {"gradients": [_w()], "return_datatype": "FP8"}}, 400, "return_datatype 'FP8'"),
+    ("no data", "POST", STEP, {"json": {"gradients": [_w(data=None)]}},
+     400, "tensor 'w': needs 'data' or parameters.binary_data_size"),
+    ("duplicate tensor", "POST", STEP, {"json": {"gradients": [_w(), _w()]}},
+     400, "tensor 'w' appears more than once"),
+    ("no gradients", "POST", STEP, {"json": {"gradients": []}},
+     400, "carries no gradient tensors"),
+    ("misspelt field", "POST", STEP, {"json": {"gradient": [_w()]}},
+     400, "gradients: Field required; gradient: Extra inputs are not permitted"),
+    ("garbage body", "POST", STEP, {"content": b"\x00\xffnot json at all"}, 400, "invalid JSON"),
+    ("JSON not an object", "POST", STEP, {"json": [1, 2]}, 400, "body: Input should be an object"),
+    ("negative dimension", "POST", STEP, {"json": {"gradients": [_w(shape=[-4, 3])]}},
+     400, "gradients[0].shape[0]: Input should be greater than or equal to 0"),
+    ("header length beyond body", "POST", STEP,
+     _bin({"gradients": [W_BIN]}, b"\0" * 48, header_len=10_000),
+     400, "Adamserve-Header-Length is 10000 bytes, beyond the body's"),
+    ("header length not a number", "POST", STEP,
+     _bin({"gradients": [W_BIN]}, b"\0" * 48, header_len="12x"),
+     400, "Adamserve-Header-Length: expected a whole number of bytes, got '12x'"),
+    ("header length cuts the JSON", "POST", STEP,
+     _bin({"gradients": [W_BIN]}, b"\0" * 48, header_len=5), 400, "invalid JSON"),
+    ("binary sizes short of body", "POST", STEP, _bin({"gradients": [W_BIN]}, b"\0" * 52),
+     400, "binary_data_size add up to 48 bytes but the body holds 52"),
+    ("binary sizes beyond body", "POST", STEP, _bin({"gradients": [W_BIN]}, b"\0" * 40),
+     400, "binary data ends at byte 48 but the body holds 40"),
+    ("binary size not the shape's", "POST", STEP,
+     _bin({"gradients": [binary_tensor("w", (4, 3), "FP32", 24)]}, b"\0" * 24),
+     400, "tensor 'w': binary_data_size is 24 bytes; shape [4, 3] of FP32 needs 48"),
+    ("binary without header length", "POST", STEP,
+     {"content": b"\0" * 48, "headers": {"Content-Type": OCTET}},
+     400, "needs a Adamserve-Header-Length header"),
+    ("binary size in a JSON request", "POST", STEP, {"json": {"gradients": [W_BIN]}},
+     400, "binary_data_size needs a binary request"),
+    ("data and binary size", "POST", STEP,
+     _bin({"gradients": [{**W_BIN, "data": [0.0] * 12}]}, b"\0" * 48),
+     400, "give either 'data' or parameters.binary_data_size, not both"),
+    ("require_all", "POST", STEP, {"json": {"gradients": [_w()], "require_all": True}},
+     400, "missing tensors: b"),
+    ("huge shape", "POST", STEP, {"json": {"gradients": [_w(shape=[2**40, 2**40])]}},
+     400, "at most 1099511627776"),
+    ("bad hyperparameter value", "PATCH", f"/v1/sessions/{VICTIM}/hyperparameters",
+     {"json": {"values": {"lr": -1.0}}}, 400, "lr: expected a value >= 0, got -1.0"),
+    ("hyperparameter not a number", "PATCH", f"/v1/sessions/{VICTIM}/hyperparameters",
+     {"json": {"values": {"eps": "small"}}}, 400, "values.eps: Value error, expected a number"),
+    ("hyperparameter overflows", "PATCH", f"/v1/sessions/{VICTIM}/hyperparameters",
+     {"content": b'{"values": {"eps": 1' + b"0" * 400 + b"}}",
+      "headers": {"Content-Type": "application/json"}}, 400, "expected a finite number"),
+    ("unknown hyperparameter", "PATCH", f"/v1/sessions/{VICTIM}/hyperparameters",
+     {"json": {"values": {"momentum": 0.9}}}, 400, "unknown hyperparameter 'momentum' for adamw"),
+    ("group out of range", "PATCH", f"/v1/sessions/{VICTIM}/hyperparameters",
+     {"json": {"group": 3, "values": {"lr": 0.1}}}, 400, "group 3 does not exist"),
+    ("state blob garbage", "PUT", f"/v1/sessions/{VICTIM}/state",
+     {"content": b"definitely not safetensors"}, 400, "state blob"),
+    ("state blob empty", "PUT", f"/v1/sessions/{VICTIM}/state", {"content": b""},
+     400, "fewer than 8 bytes"),
+    ("unknown route", "GET", "/v1/nothing", {}, 404, "Not Found"),
+    ("wrong method", "PUT", STEP, {"json": {}}, 405, "Method Not Allowed"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status", "message"),
+                         [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_requests_change_nothing(client: httpx.Client, victim: str, method: str, path: str,
+                                     kwargs: dict[str, Any], status: int, message: str) -> None:
+    r = client.request(method, path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "code"}
+    assert message in body["error"], body
+    assert body["code"] == {400: "invalid_argument", 404: "not_found",
+                            405: "method_not_allowed"}[status]
+
+
+def _state_blob(meta_json: dict[str, Any]) -> bytes:
+    from safetensors.numpy import save
+
+    return bytes(save({"state.0.exp_avg": np.zeros((4, 3), np.float32)},
+                      metadata={"adamserve": "state_dict/1", "json": json.dumps(meta_json)}))
+
+
+@pytest.mark.parametrize("meta", [
+    {"param_groups": 5},
+    {"param_groups": ["x"]},
+    {"param_groups": [{"params": [0, 1, 2], "param_names": ["w"]}]},
+    {"param_groups": [{"params": "abc"}]},
+    {"param_groups": [{"params": [0, 1, 2]}], "scalars": []},
+    {"param_groups": [{"params": [0, 1, 2]}], "scalars": {"0": {"step": "x"}}},
+    {"param_groups": [{"params": [0, 1, 2], "lr": "fast"}]},
+    {"param_groups": [{"params": [0, 1, 2], "betas": [0.9]}]},
+    {"param_groups": []},
+])
+def test_bad_state_blobs_change_nothing(client: httpx.Client, victim: str,
+                                        meta: dict[str, Any]) -> None:
+    r = client.put(f"/v1/sessions/{victim}/state", content=_state_blob(meta))
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_argument"
+
+
+def test_nan_gradient_is_skipped(client: httpx.Client, live: Live, victim: str) -> None:
+    bad = np.zeros((4, 3), np.float32)
+    bad[1, 2] = np.nan
+    r = client.post(f"/v1/sessions/{victim}/step", **_bin(
+        {"gradients": [W_BIN], "binary_output": True}, bad.tobytes()))
+    assert r.status_code == 200, r.text
+    head, _ = parse_binary(r)
+    assert head["skipped"] is True and head["nonfinite"] == ["w"] and head["step"] == 1
+    raw = json.dumps({"gradients": [_w(data=[math.inf] * 12)]})  # Infinity literals
+    r = client.post(f"/v1/sessions/{victim}/push", content=raw,
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["skipped"] is True and r.json()["step"] == 1
+    assert 'adamserve_skipped_steps_total' in client.get("/metrics").text
+
+
+def test_create_errors(client: httpx.Client, live: Live, victim: str) -> None:
+    n = len(live.store.all())
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        (create_body(victim), 409, "session 'victim' already exists"),
+        (create_body("c1", algorithm="adamz"), 400, "unknown algorithm 'adamz'"),
+        (create_body("c1", groups=[{"lr": -1}]), 400, "lr: expected a value >= 0"),
+        (create_body("c1", groups=[{"betas": [0.9, 1.5]}]), 400,
+         "beta2: expected a value in [0, 1)"),
+        (create_body("c1", groups=[{"nesterov": True}]), 400, "unknown hyperparameter 'nesterov'"),
+        (create_body("c1", dtype="float16"), 400, "dtype: Input should be 'float32' or 'float64'"),
+        (create_body("c1", max_grad_norm=-1), 400, "max_grad_norm"),
+        (create_body("bad id!"), 400, "session id 'bad id!'"),
+        (create_body("c1", tensors=[]), 400, "tensors: List should have at least 1 item"),
+        (create_body("c1", tensors=[{"name": "w", "shape": [2]}, {"name": "w", "shape": [2]}]),
+         400, "repeated: w"),
+        (create_body("c1", tensors=[{"name": "w", "shape": [2], "group": 1}]),
+         400, "group 1 does not exist"),
+        ({**create_body("c1"), "initial": [_w(shape=[12])]}, 400,
+         "expected shape [4, 3], got [12]"),
+        ({**create_body("c1"), "initial": [_w(name="q")]}, 400,
+         "tensor 'q' is not in this session"),
+        (create_body("c1", tensors=[{"name": "w", "shape": [1 << 25]}]), 413,
+         f"of {MAX_STATE} are free"),
+        (create_body("c1", tensors=[{"name": "w", "shape": [2**40, 2]}]), 400, "elements; at most"),
+    ]
+    for body, status, message in cases:
+        r = client.post("/v1/sessions", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert message in r.json()["error"], (message, r.json())
+        assert len(live.store.all()) == n, body
+
+
+def test_body_caps(tmp_path: Path) -> None:
+    service, store = _service(tmp_path)
+    app = create_app(service, max_body_bytes=4096, max_json_bytes=1024)
+    with HttpServerThread(app) as server, httpx.Client(base_url=server.url) as c:
+        assert c.post("/v1/sessions", json=create_body("cap")).status_code == 201
+        before = store.get("cap").fingerprint()
+        big = {"gradients": [{"name": "w", "shape": [4, 3], "data": [0.125] * 12}] * 40}
+        r = c.post("/v1/sessions/cap/step", json=big)  # JSON over 1 KiB
+        assert r.status_code == 413 and r.json()["code"] == "resource_exhausted"
+        assert "over the limit of 1024 bytes" in r.json()["error"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+            yield json.dumps(big).encode()
+
+        r = c.post("/v1/sessions/cap/step", content=chunks(),
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text
+        # binary bodies get the larger cap; over it is a 413 too
+        ok = _bin({"gradients": [W_BIN]}, np.ones(12, np.float32).tobytes())
+        assert c.post("/v1/sessions/cap/push", **ok).status_code == 200
+        before = store.get("cap").fingerprint()
+        r = c.post("/v1/sessions/cap/push", **_bin({"gradients": [W_BIN]}, b"\0" * 5000))
+        assert r.status_code == 413
+        assert store.get("cap").fingerprint() == before
+        # the server is still fine afterwards
+        assert c.get("/v1/sessions/cap").json()["step"] == 1

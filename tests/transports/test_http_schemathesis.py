@@ -1,0 +1,77 @@
+"""Property-based fuzzing of the HTTP API from its own OpenAPI document (schemathesis).
+
+Cases are generated from the live server's /openapi.json, positive (fitting the
+schema) and negative (breaking it), and sent to the real uvicorn server. The one
+property checked: no request, however malformed, gets a 5xx. About half the cases
+aim at an existing session so they get past the 404. Schedules are left out here
+(tested with the engine); the store has a small memory cap so a generated shape
+cannot allocate much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("schemathesis")
+
+import httpx
+import schemathesis
+from adamserve.engine.kernels_cpu import CpuBackend
+from adamserve.engine.optimizer import TensorSpec
+from adamserve.service import OptimizerService
+from adamserve.sessions.checkpoints import CheckpointStore
+from adamserve.sessions.session import SessionConfig
+from adamserve.sessions.store import Limits, SessionStore
+from adamserve.transports.http import HttpServerThread, create_app
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+
+SESSION = "fz"
+CONFIG = SessionConfig("adam", (TensorSpec("w", (2, 3)), TensorSpec("b", (3,))))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, OptimizerService]]:
+    data_dir: Path = tmp_path_factory.mktemp("fuzz")
+    store = SessionStore(CpuBackend(), CheckpointStore(data_dir), Limits(max_state_bytes=16 << 20))
+    service = OptimizerService(store)
+    service.start()
+    with HttpServerThread(create_app(service, max_body_bytes=1 << 20)) as http:
+        yield http.url, service
+
+
+@settings(max_examples=100, deadline=None, database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_no_server_errors(server: tuple[str, OptimizerService], data: st.DataObject) -> None:
+    url, service = server
+    schema = _schema(url)
+    case = data.draw(schema, label="case")
+    if SESSION not in [s.id for s in service.store.all()]:
+        service.create(SESSION, CONFIG)
+    if "session_id" in (case.path_parameters or {}) and data.draw(st.booleans(), label="ours"):
+        case.path_parameters["session_id"] = SESSION
+    if case.operation.path == "/v1/sessions" and case.method.upper() == "POST" and isinstance(
+            case.body, dict):
+        case.body.pop("schedule", None)
+    case.call_and_validate(base_url=url, checks=[not_a_server_error], timeout=30)
+
+
+_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {}
+
+
+def _schema(url: str) -> st.SearchStrategy[Any]:
+    """All operations but the schedule's, positive and negative (built once per server)."""
+    if url not in _STRATEGIES:
+        httpx.get(url + "/healthz").raise_for_status()
+        loaded = schemathesis.openapi.from_url(url + "/openapi.json")
+        ops = loaded.exclude(path_regex=r"/schedule$")
+        _STRATEGIES[url] = st.one_of(
+            ops.as_strategy(generation_mode=schemathesis.GenerationMode.POSITIVE),
+            ops.as_strategy(generation_mode=schemathesis.GenerationMode.NEGATIVE))
+    return _STRATEGIES[url]
