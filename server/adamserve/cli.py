@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
 
+def default_state_cap() -> int:
+    """80% of physical memory: sessions past it are refused rather than OOM-killed."""
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(pages * 0.8)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adamserve", description="adamserve " + __version__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -77,8 +83,11 @@ class Server:
         backend = select_backend(settings.device)
         checkpoints = (CheckpointStore(settings.data_dir, keep=settings.keep_checkpoints)
                        if settings.data_dir is not None else None)
-        store = SessionStore(backend, checkpoints,
-                             Limits(settings.max_state_bytes, settings.max_session_bytes))
+        cap = settings.max_state_bytes
+        if cap is None:
+            cap = default_state_cap()
+            log.info("max state bytes: %d (80%% of memory; set --max-state-bytes to change)", cap)
+        store = SessionStore(backend, checkpoints, Limits(cap, settings.max_session_bytes))
         self.service = OptimizerService(
             store, checkpoint_every_steps=settings.checkpoint_every,
             checkpoint_every_seconds=settings.checkpoint_interval)

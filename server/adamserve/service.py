@@ -144,6 +144,8 @@ class _Assembler:
         """Which tensors were sent; each must be complete (and all of them if required)."""
         numel = np.diff(self.layout.offsets)
         sent = self.received > 0
+        if not sent.any():
+            raise InvalidArgument("the request carries no gradient tensors")
         incomplete = sent & (self.received != numel)
         missing = ~sent & (numel > 0) if require_all else np.zeros_like(sent)
         for i in np.flatnonzero(incomplete):
@@ -189,7 +191,8 @@ class OptimizerService:
             asm = _Assembler(session, host)
             for chunk in initial:
                 asm.add(chunk)
-            asm.finish(require_all=False)
+            if asm.bytes:
+                asm.finish(require_all=False)
             session.opt.param[...] = session.opt.backend.to_device(host)
         except BaseException:
             self.store.remove(session_id)
@@ -233,8 +236,6 @@ class OptimizerService:
             for chunk in grads:
                 asm.add(chunk)
             active = asm.finish(require_all)
-            if not active.any():
-                raise InvalidArgument("the step request carries no gradient tensors")
             if host is not opt.grad:
                 opt.grad[...] = opt.backend.to_device(host)
             report = opt.step(None if active.all() else active)
@@ -308,7 +309,7 @@ class OptimizerService:
         with session.lock:
             try:
                 statedict.import_state(session.opt, state)
-            except (ValueError, TypeError, KeyError) as exc:
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
                 raise InvalidArgument(f"state_dict: {exc}") from None
             return _info(session)
 

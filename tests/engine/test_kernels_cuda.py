@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from adamserve.engine.backend import make_blocks
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, TensorSpec

@@ -200,7 +200,10 @@ def resolve_hyperparameters(
             continue
         if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
             raise HyperparameterError(f"{key}: expected a number, got {value!r}")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
         if not math.isfinite(number):
             raise HyperparameterError(f"{key}: expected a finite number, got {value!r}")
         if key in _UNIT_INTERVAL and not 0.0 <= number < 1.0:

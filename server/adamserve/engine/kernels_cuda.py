@@ -52,7 +52,7 @@ _COLUMNS = {"adam": 10, "adamw": 10, "nadam": 10, "radam": 12, "adamax": 7, "ada
             "rmsprop": 9, "lamb": 11}
 
 _SOURCE = r"""
-#define THREADS %(threads)d
+#define THREADS @THREADS@
 
 __device__ __forceinline__ float root(float x) { return sqrtf(x); }
 __device__ __forceinline__ double root(double x) { return sqrt(x); }
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(THREADS) adamserve_scaled_sub(
         p[i] = p[i] + neg * r[i];
     }
 }
-""" % {"threads": THREADS}
+""".replace("@THREADS@", str(THREADS))
 
 _KERNELS = ("sumsq", "adam", "nadam", "radam", "adamax", "adagrad", "rmsprop",
             "lamb_moments", "scaled_sub")
@@ -447,8 +447,8 @@ class CudaBackend:
             return np.zeros(nseg, dtype=np.float64)
         partial = cupy.empty(nb, dtype=np.float64)
         _kernel("sumsq", x.dtype)((nb,), (THREADS,), (x, blocks.start, blocks.end, partial))
-        out: F64 = np.bincount(blocks.host_seg, weights=cupy.asnumpy(partial), minlength=nseg)
-        return out
+        sums = np.bincount(blocks.host_seg, weights=cupy.asnumpy(partial), minlength=nseg)
+        return np.asarray(sums, dtype=np.float64)
 
     def run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
             blocks: Blocks, coef: Array) -> None:

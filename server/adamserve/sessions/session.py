@@ -61,8 +61,32 @@ class SessionConfig:
         )
 
 
+MAX_ELEMENTS = 1 << 40  # per session: beyond any device, and far from int64 overflow
+
+
+def check_tensors(config: SessionConfig) -> None:
+    """Names, shapes and the total size, checked without computing huge products."""
+    if not config.tensors:
+        raise ValueError("a session needs at least one tensor")
+    total = 0
+    for t in config.tensors:
+        if not isinstance(t.name, str) or not t.name:
+            raise ValueError("tensor names must be non-empty strings")
+        n = 1
+        for d in t.shape:
+            if d < 0:
+                raise ValueError(f"tensor {t.name!r}: shape {list(t.shape)} has a negative "
+                                 "dimension")
+            n = min(n * d, MAX_ELEMENTS + 1)
+        total += n
+        if total > MAX_ELEMENTS:
+            raise ValueError(f"tensor {t.name!r}: the session would exceed {MAX_ELEMENTS} "
+                             "elements")
+
+
 def state_bytes(config: SessionConfig) -> int:
     """Bytes of device memory a session with this config holds (param, grad and slots)."""
+    check_tensors(config)
     algo, extra = alg.parse_algorithm(config.algorithm)
     spec = alg.SPECS[algo]
     slots: set[str] = set()
@@ -75,13 +99,7 @@ def state_bytes(config: SessionConfig) -> int:
 
 def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
     """Validate ``config`` and allocate its state (raises ValueError on bad config)."""
-    for t in config.tensors:
-        if not isinstance(t.name, str) or not t.name:
-            raise ValueError("tensor names must be non-empty strings")
-        if any(d < 0 for d in t.shape):
-            raise ValueError(f"tensor {t.name!r}: shape {list(t.shape)} has a negative dimension")
-    if not config.tensors:
-        raise ValueError("a session needs at least one tensor")
+    check_tensors(config)
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm: expected a number > 0, got {config.max_grad_norm!r}")
     schedule = schedules.schedule_from_dict(config.schedule) if config.schedule else None
