@@ -70,7 +70,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     args = _parser().parse_args(argv)
     given: dict[str, Any] = {k: v for k, v in vars(args).items()
                              if k != "command" and v is not None}
-    if given.get("data_dir", None) in ("", "none"):
+    if given.get("data_dir") in ("", "none"):
         given["data_dir"] = None
     return Settings(**given)
 

@@ -124,7 +124,7 @@ def test_kill_9_restores_last_acknowledged_checkpoint(
                 params = np.frombuffer(pulled.content[n:], dtype="<f4")
                 np.testing.assert_array_equal(params, ref.param)
                 state = decode_state(c.get(f"/v1/sessions/{sid}/state").content)
-                for i, name in enumerate(SHAPES):
+                for i in range(len(SHAPES)):
                     if restored:
                         np.testing.assert_array_equal(
                             state["state"][i]["max_exp_avg_sq"].ravel(),

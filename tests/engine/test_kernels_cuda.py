@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+
 from adamserve.engine.backend import make_blocks
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, TensorSpec
@@ -23,6 +25,8 @@ if kernels_cuda.device_count() == 0:
     pytest.skip("CuPy found no CUDA device: GPU kernel tests need one", allow_module_level=True)
 
 pytestmark = pytest.mark.gpu
+
+Arr = npt.NDArray[Any]
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 STEPS = 30
@@ -84,16 +88,16 @@ def _pair(algorithm: str, opts: dict[str, Any], group1: dict[str, Any], dtype: s
     return gpu, cpu
 
 
-def _gradients(seed: int, steps: int) -> list[np.ndarray]:  # type: ignore[type-arg]
+def _gradients(seed: int, steps: int) -> list[Arr]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(LAYOUT.size) * 0.5 + 0.1 for _ in range(steps)]
 
 
-def _set_grad(opt: FlatOptimizer, g: np.ndarray) -> None:  # type: ignore[type-arg]
+def _set_grad(opt: FlatOptimizer, g: Arr) -> None:
     opt.grad[...] = opt.backend.to_device(np.ascontiguousarray(g, dtype=opt.dtype))
 
 
-def _state(opt: FlatOptimizer) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+def _state(opt: FlatOptimizer) -> dict[str, Arr]:
     out = {"param": opt.backend.to_host(opt.param), "grad": opt.backend.to_host(opt.grad)}
     for name in opt.slot_names():
         out[name] = opt.backend.to_host(opt.slots[name])
@@ -112,8 +116,8 @@ def _assert_same(gpu: FlatOptimizer, cpu: FlatOptimizer, tol: float, when: str =
         assert err <= tol, f"{when}{name}: relative difference {err:.3g} > {tol:g}"
 
 
-def _step_both(gpu: FlatOptimizer, cpu: FlatOptimizer, g: np.ndarray,  # type: ignore[type-arg]
-               active: np.ndarray | None = None) -> None:  # type: ignore[type-arg]
+def _step_both(gpu: FlatOptimizer, cpu: FlatOptimizer, g: Arr,
+               active: Arr | None = None) -> None:
     _set_grad(gpu, g)
     _set_grad(cpu, g)
     rg = gpu.step(active)
@@ -223,7 +227,8 @@ def test_segment_sumsq(dtype: type) -> None:
 
 def test_absent_slots_are_never_touched() -> None:
     """amsgrad off / plain rmsprop: the kernels get no buffer for those slots."""
-    for algorithm, opts in (("adam", {}), ("rmsprop", {})):
+    cases: tuple[tuple[str, dict[str, Any]], ...] = (("adam", {}), ("rmsprop", {}))
+    for algorithm, opts in cases:
         gpu, cpu = _pair(algorithm, opts, {}, "float64")
         assert "max_exp_avg_sq" not in gpu.slots and "momentum_buffer" not in gpu.slots
         for g in _gradients(6, 3):

@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 import torch
+from torch.optim import SGD, Adam, Optimizer
+from torch.optim import lr_scheduler as tls
+
 from adamserve.engine.schedules import (
     Constant,
     Cosine,
@@ -29,8 +32,6 @@ from adamserve.engine.schedules import (
     schedule_from_dict,
     warmup,
 )
-from torch.optim import SGD, Adam, Optimizer
-from torch.optim import lr_scheduler as tls
 
 REL = 1e-12
 BASE_LRS = (0.1, 0.003)  # two param groups with different base lrs

@@ -18,6 +18,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
+
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
 from adamserve.service import OptimizerService, TensorChunk
@@ -28,9 +32,6 @@ from adamserve.transports.grpc.servicer import MAX_SEND_BYTES, chunk_messages
 from adamserve.transports.state_codec import decode_state
 from adamserve_proto.v1 import optimizer_pb2 as pb
 from adamserve_proto.v1 import optimizer_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client import REGISTRY
 
 MiB = 1 << 20
 CAP = 1 << 30  # the store's max_state_bytes

@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
 from adamserve.service import OptimizerService

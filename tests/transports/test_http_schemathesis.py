@@ -20,6 +20,10 @@ pytest.importorskip("schemathesis")
 
 import httpx
 import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import TensorSpec
 from adamserve.service import OptimizerService
@@ -27,9 +31,6 @@ from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.session import SessionConfig
 from adamserve.sessions.store import Limits, SessionStore
 from adamserve.transports.http import HttpServerThread, create_app
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from schemathesis.checks import not_a_server_error
 
 SESSION = "fz"
 CONFIG = SessionConfig("adam", (TensorSpec("w", (2, 3)), TensorSpec("b", (3,))))

@@ -72,7 +72,7 @@ def _match_indices(opt: FlatOptimizer, groups: Sequence[Mapping[str, Any]]) -> d
             f"has {len(ours)}: {', '.join(t.name for t in ours)}")
     mapping: dict[int, int] = {}
     if all(name is not None for _, name, _ in theirs):
-        for idx, name, g in theirs:
+        for idx, name, _ in theirs:
             try:
                 mine = opt.layout.index(str(name))
             except KeyError:

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
-from adamserve_proto.v1 import optimizer_pb2 as pb
 from google.protobuf.message import DecodeError
 
 from adamserve import errors, metrics
@@ -40,6 +39,7 @@ from adamserve.engine.optimizer import TensorSpec
 from adamserve.service import OptimizerService, SessionInfo, StepResult, TensorChunk
 from adamserve.sessions.session import SessionConfig
 from adamserve.transports.state_codec import decode_state, encode_state
+from adamserve_proto.v1 import optimizer_pb2 as pb
 
 log = logging.getLogger("adamserve.transports.grpc")
 
