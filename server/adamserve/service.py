@@ -100,6 +100,7 @@ class _Assembler:
         self.layout = session.opt.layout
         self.out = out
         self.received = np.zeros(len(self.layout), dtype=np.int64)
+        self.sumsq = np.zeros(len(self.layout), dtype=np.float64)
         self.bytes = 0
 
     def add(self, chunk: TensorChunk) -> None:
@@ -136,7 +137,7 @@ class _Assembler:
                 f"tensor {chunk.name!r}: {done + count} elements sent, expected {t.numel} "
                 f"(shape {list(t.shape)})")
         lo = int(self.layout.offsets[i]) + done
-        decode_into(self.out[lo:lo + count], chunk.data, chunk.datatype)
+        self.sumsq[i] += decode_into(self.out[lo:lo + count], chunk.data, chunk.datatype)
         self.received[i] = done + count
         self.bytes += nbytes
 
@@ -238,7 +239,7 @@ class OptimizerService:
             active = asm.finish(require_all)
             if host is not opt.grad:
                 opt.grad[...] = opt.backend.to_device(host)
-            report = opt.step(None if active.all() else active)
+            report = opt.step(None if active.all() else active, grad_sumsq=asm.sumsq)
             params = self._encode(session, None, return_datatype) if return_datatype else []
             self._auto_checkpoint(session, report)
         metrics.STEPS.inc()

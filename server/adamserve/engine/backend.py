@@ -30,6 +30,7 @@ class Blocks:
     end: Array  # int64[blocks]
     seg: Array  # int64[blocks], the tensor (segment) each block belongs to
     host_seg: I64  # the same as ``seg``, on the host (for bincount over partial sums)
+    size: int = 0  # elements covered by all blocks
 
 
 def block_table(offsets: I64, block: int, active: npt.NDArray[np.bool_] | None = None) -> tuple[
@@ -81,7 +82,8 @@ class Backend(Protocol):
 def make_blocks(backend: Backend, offsets: I64,
                 active: npt.NDArray[np.bool_] | None = None) -> Blocks:
     start, end, seg = block_table(offsets, backend.block, active)
-    return Blocks(backend.to_device(start), backend.to_device(end), backend.to_device(seg), seg)
+    return Blocks(backend.to_device(start), backend.to_device(end), backend.to_device(seg), seg,
+                  int((end - start).sum()))
 
 
 def cuda_available() -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from adamserve.engine.kernels_cpu import copy_sumsq
+
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
@@ -23,14 +25,19 @@ def itemsize(datatype: str) -> int:
     return WIRE_DTYPES[datatype].itemsize
 
 
-def decode_into(out: npt.NDArray[Any], data: bytes | memoryview, datatype: str) -> None:
-    """Decode little-endian ``data`` of ``datatype`` into ``out`` (same element count)."""
+def decode_into(out: npt.NDArray[Any], data: bytes | memoryview, datatype: str) -> float:
+    """Decode little-endian ``data`` of ``datatype`` into ``out`` (same element count).
+
+    Returns the sum of squares of the decoded values (float64; NaN or Inf when any value
+    is), so the non-finite check and clipping norms need no second pass over the gradient.
+    """
     raw = np.frombuffer(data, dtype=WIRE_DTYPES[datatype])
+    if raw.dtype == out.dtype and out.flags.c_contiguous:
+        return copy_sumsq(out, raw)  # the common case: one fused copy + reduction
     if datatype == "BF16":
-        wide = raw.astype(np.uint32) << 16
-        out[...] = wide.view(np.float32)
-    else:
-        out[...] = raw
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    out[...] = raw
+    return copy_sumsq(out, out)
 
 
 def encode(values: npt.NDArray[Any], datatype: str) -> bytes:

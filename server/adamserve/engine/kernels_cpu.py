@@ -20,6 +20,8 @@ parallel kernel at once (sessions step concurrently), so a thread-safe layer
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numba
@@ -32,6 +34,10 @@ from adamserve.engine.backend import F64, Array, Blocks
 numba.config.THREADING_LAYER = "threadsafe"
 
 BLOCK = 1 << 15  # elements per block: large enough to amortise scheduling, small enough to balance
+# Below this many elements a kernel runs on the calling thread alone: waking the thread
+# pool costs more (100+ us) than a small step. numba's thread count is per calling thread,
+# so concurrent sessions don't disturb each other.
+SERIAL_BELOW = 1 << 17
 
 _JIT = {"parallel": True, "cache": True, "nogil": True, "boundscheck": False}
 # Reductions may reassociate (so LLVM vectorises the sum); never assume finite values,
@@ -64,6 +70,31 @@ def segment_sumsq(x, bstart, bend, bseg, nseg):  # type: ignore[no-untyped-def]
     for b in range(nb):
         out[bseg[b]] += partial[b]
     return out
+
+
+@njit(**_JIT_SUM)
+def _copy_sumsq(dst, src, block):  # type: ignore[no-untyped-def]
+    n = src.shape[0]
+    nb = (n + block - 1) // block
+    partial = np.zeros(nb, dtype=np.float64)
+    for b in prange(nb):
+        lo = b * block
+        hi = min(lo + block, n)
+        d = dst[lo:hi]
+        s = src[lo:hi]
+        acc = 0.0
+        for i in range(hi - lo):
+            x = s[i]
+            d[i] = x
+            acc += np.float64(x) * np.float64(x)
+        partial[b] = acc
+    return partial.sum()
+
+
+def copy_sumsq(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> float:
+    """``dst[:] = src`` and the sum of squares of ``src`` (float64), in one pass."""
+    with _threads_for(src.shape[0]):
+        return float(_copy_sumsq(dst, src, BLOCK))
 
 
 @njit(**_JIT)
@@ -264,6 +295,19 @@ def scaled_sub(p, r, bstart, bend, bseg, scale):  # type: ignore[no-untyped-def]
             p_[i] = p_[i] + neg * r_[i]
 
 
+@contextmanager
+def _threads_for(size: int) -> Iterator[None]:
+    if size >= SERIAL_BELOW:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 class CpuBackend:
     """The :class:`~adamserve.engine.backend.Backend` on NumPy arrays and the kernels above."""
 
@@ -280,10 +324,16 @@ class CpuBackend:
         return np.asarray(x)
 
     def segment_sumsq(self, x: Array, blocks: Blocks, nseg: int) -> F64:
-        return np.asarray(segment_sumsq(x, blocks.start, blocks.end, blocks.seg, nseg))
+        with _threads_for(blocks.size):
+            return np.asarray(segment_sumsq(x, blocks.start, blocks.end, blocks.seg, nseg))
 
     def run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
             blocks: Blocks, coef: Array) -> None:
+        with _threads_for(blocks.size):
+            self._run(algorithm, slots, param, grad, blocks, coef)
+
+    def _run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
+             blocks: Blocks, coef: Array) -> None:
         a, s, b = algorithm, slots, (blocks.start, blocks.end, blocks.seg)
         empty = _EMPTY[param.dtype.char]
         if a in ("adam", "adamw"):
@@ -308,12 +358,14 @@ class CpuBackend:
         nb = blocks.start.shape[0]
         psq = np.empty(nb, dtype=np.float64)
         rsq = np.empty(nb, dtype=np.float64)
-        lamb_moments(param, grad, slots["exp_avg"], slots["exp_avg_sq"], blocks.start,
-                     blocks.end, blocks.seg, coef, psq, rsq)
+        with _threads_for(blocks.size):
+            lamb_moments(param, grad, slots["exp_avg"], slots["exp_avg_sq"], blocks.start,
+                         blocks.end, blocks.seg, coef, psq, rsq)
         return psq, rsq
 
     def scaled_sub(self, param: Array, update: Array, blocks: Blocks, scale: Array) -> None:
-        scaled_sub(param, update, blocks.start, blocks.end, blocks.seg, scale)
+        with _threads_for(blocks.size):
+            scaled_sub(param, update, blocks.start, blocks.end, blocks.seg, scale)
 
 
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}

@@ -395,7 +395,7 @@ class CudaBackend:
     block = BLOCK
 
     def __init__(self) -> None:
-        self._dummy: dict[str, Array] = {}
+        self._dummy: dict[tuple[str, int], Array] = {}
 
     # -- memory --------------------------------------------------------------
 
@@ -413,10 +413,11 @@ class CudaBackend:
 
     def _absent(self, dtype: np.dtype[Any]) -> Array:
         """A one-element buffer passed for a slot that is not allocated (never touched)."""
-        d = self._dummy.get(dtype.char)
+        key = (dtype.char, int(cupy.cuda.runtime.getDevice()))
+        d = self._dummy.get(key)
         if d is None:
             d = cupy.zeros(1, dtype=dtype)
-            self._dummy[dtype.char] = d
+            self._dummy[key] = d
         return d
 
     @staticmethod

@@ -140,6 +140,8 @@ class FlatOptimizer:
         self._ensure_slots()
         self._blocks_all = make_blocks(self.backend, layout.offsets)
         self._seg_group = np.array([t.group for t in layout.tensors], dtype=np.int64)
+        self._table_key = ""
+        self._table_all: dict[str, F64] = {}
 
     # -- state ---------------------------------------------------------------
 
@@ -175,10 +177,17 @@ class FlatOptimizer:
 
     # -- step ----------------------------------------------------------------
 
-    def _segment_values(self, active: BoolArray) -> dict[str, F64]:
-        keys = self.groups[0].keys()
-        table = {k: np.array([float(h[k]) for h in self.groups], dtype=np.float64) for k in keys}
-        return {k: v[self._seg_group[active]] for k, v in table.items()}
+    def _segment_values(self, active: BoolArray | None) -> dict[str, F64]:
+        """Hyperparameters spread over the (active) segments; cached until they change."""
+        key = repr(self.groups)
+        if self._table_key != key:
+            keys = self.groups[0].keys()
+            table = {k: np.array([float(h[k]) for h in self.groups]) for k in keys}
+            self._table_all = {k: v[self._seg_group] for k, v in table.items()}
+            self._table_key = key
+        if active is None:
+            return dict(self._table_all)
+        return {k: v[active] for k, v in self._table_all.items()}
 
     def current_lr(self, group: int) -> float:
         base = float(self.groups[group]["lr"])
@@ -192,11 +201,13 @@ class FlatOptimizer:
         if "beta1" in values:
             values["beta1"] = np.array([s.beta1(t, float(x)) for x in values["beta1"]])
 
-    def step(self, active: BoolArray | None = None) -> StepReport:
+    def step(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None) -> StepReport:
         """Apply one update from ``self.grad`` to the tensors marked ``active`` (default all).
 
         A step whose active gradients hold NaN or Inf (with ``skip_nonfinite``) changes
         nothing, not even the step counters, and reports which tensors were at fault.
+        ``grad_sumsq`` (per segment, when the caller computed it while filling the
+        gradient buffer) saves the reduction pass.
         """
         nseg = len(self.layout)
         if active is None:
@@ -210,7 +221,9 @@ class FlatOptimizer:
         gscale = np.ones(len(idx))
         grad_norm: float | None = None
         if need_norms and len(idx):
-            sumsq = self.backend.segment_sumsq(self.grad, blocks, nseg)[idx]
+            if grad_sumsq is None:
+                grad_sumsq = self.backend.segment_sumsq(self.grad, blocks, nseg)
+            sumsq = grad_sumsq[idx]
             bad = ~np.isfinite(sumsq)
             if self.skip_nonfinite and bad.any():
                 names = tuple(self.layout.tensors[int(i)].name for i in idx[bad])
@@ -218,7 +231,7 @@ class FlatOptimizer:
             gscale, grad_norm = alg.clip_coefficients(
                 sumsq, self.clip.max_norm, self.clip.per_tensor)
 
-        values = self._segment_values(active_mask)
+        values = self._segment_values(None if active is None else active_mask)
         self._scheduled(values)
         h = alg.SegmentHyper(values, self.seg_step[idx] + 1, self.mu_product[idx])
         coef_rows = alg.coefficients(self.algorithm, h, values["lr"], gscale)
