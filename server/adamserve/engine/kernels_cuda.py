@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(THREADS) adamserve_rmsprop(
 }
 
 // First LAMB pass: moments, the update r written over the gradient, and per-entry
-// sums of squares of p and r (double) at psq[b] and psq[nblocks + b].
+// sums of squares of p and r (double) at sums[b] and sums[nblocks + b].
 template <typename T>
 __global__ void __launch_bounds__(THREADS) adamserve_lamb_moments(
         const T* __restrict__ p, T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
