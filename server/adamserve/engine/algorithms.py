@@ -351,8 +351,15 @@ COEFFICIENTS = {
 
 
 def coefficients(algorithm: Algorithm, h: SegmentHyper, lr: F64, gscale: F64) -> F64:
-    """The kernel's coefficient matrix for one step, one row per segment."""
-    return COEFFICIENTS[algorithm](h, lr, gscale)
+    """The kernel's coefficient matrix for one step, one row per segment.
+
+    The last column is 1.0: CPU kernels read it to get a one in the state dtype.
+    """
+    rows = COEFFICIENTS[algorithm](h, lr, gscale)
+    return np.hstack([rows, np.ones((rows.shape[0], 1))])
+
+
+LAMB_LR_COLUMN = COMMON_COLUMNS + 8
 
 
 def nadam_mu(h: SegmentHyper) -> F64:

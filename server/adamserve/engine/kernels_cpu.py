@@ -46,11 +46,13 @@ _JIT_SUM = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
 @njit(inline="always")
-def _lerp(a, b, w):  # type: ignore[no-untyped-def]
+def _lerp(a, b, w, omw):  # type: ignore[no-untyped-def]
     # torch's lerp: the form used depends on which side of 0.5 the weight is.
+    # ``omw`` = 1 - w, computed in the state dtype (a float64 literal would widen the
+    # whole expression to float64 in float32 kernels).
     if w < 0.5:
         return a + w * (b - a)
-    return b - (b - a) * (1.0 - w)
+    return b - (b - a) * omw
 
 
 @njit(**_JIT_SUM)
@@ -104,6 +106,7 @@ def adam(p, g, m, v, vmax, bstart, bend, bseg, coef):  # type: ignore[no-untyped
         gs, wd, decay, w, b2, omb2, step_size, bc2s, eps, ams = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9])
         neg = -step_size
+        omw = c[c.shape[0] - 1] - w
         lo, hi = bstart[b], bend[b]
         pb, gb, mb, vb = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
         if ams != 0:
@@ -112,7 +115,7 @@ def adam(p, g, m, v, vmax, bstart, bend, bseg, coef):  # type: ignore[no-untyped
                 pi = pb[i]
                 gi = gb[i] * gs + wd * pi
                 pi = pi * decay
-                mi = _lerp(mb[i], gi, w)
+                mi = _lerp(mb[i], gi, w, omw)
                 vi = vb[i] * b2 + omb2 * gi * gi
                 mb[i] = mi
                 vb[i] = vi
@@ -124,7 +127,7 @@ def adam(p, g, m, v, vmax, bstart, bend, bseg, coef):  # type: ignore[no-untyped
                 pi = pb[i]
                 gi = gb[i] * gs + wd * pi
                 pi = pi * decay
-                mi = _lerp(mb[i], gi, w)
+                mi = _lerp(mb[i], gi, w, omw)
                 vi = vb[i] * b2 + omb2 * gi * gi
                 mb[i] = mi
                 vb[i] = vi
@@ -137,6 +140,7 @@ def nadam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
         c = coef[bseg[b]]
         gs, wd, decay, w, b2, omb2, bc2, eps, cg, cm = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9])
+        omw = c[c.shape[0] - 1] - w
         lo, hi = bstart[b], bend[b]
         g_ = g[lo:hi]
         m_ = m[lo:hi]
@@ -146,7 +150,7 @@ def nadam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
             pi = p_[i]
             gi = g_[i] * gs + wd * pi
             pi = pi * decay
-            mi = _lerp(m_[i], gi, w)
+            mi = _lerp(m_[i], gi, w, omw)
             vi = v_[i] * b2 + omb2 * gi * gi
             m_[i] = mi
             v_[i] = vi
@@ -161,6 +165,7 @@ def radam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
         c = coef[bseg[b]]
         gs, wd, decay, w, b2, omb2, bc1, lr, rectify, rect, bc2s, eps = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11])
+        omw = c[c.shape[0] - 1] - w
         lo, hi = bstart[b], bend[b]
         g_ = g[lo:hi]
         m_ = m[lo:hi]
@@ -170,7 +175,7 @@ def radam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
             pi = p_[i]
             gi = g_[i] * gs + wd * pi
             pi = pi * decay
-            mi = _lerp(m_[i], gi, w)
+            mi = _lerp(m_[i], gi, w, omw)
             vi = v_[i] * b2 + omb2 * gi * gi
             m_[i] = mi
             v_[i] = vi
@@ -186,6 +191,7 @@ def adamax(p, g, m, u, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def
         c = coef[bseg[b]]
         gs, wd, w, b2, eps, clr = c[0], c[1], c[3], c[4], c[5], c[6]
         neg = -clr
+        omw = c[c.shape[0] - 1] - w
         lo, hi = bstart[b], bend[b]
         g_ = g[lo:hi]
         m_ = m[lo:hi]
@@ -194,7 +200,7 @@ def adamax(p, g, m, u, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def
         for i in range(hi - lo):
             pi = p_[i]
             gi = g_[i] * gs + wd * pi
-            mi = _lerp(m_[i], gi, w)
+            mi = _lerp(m_[i], gi, w, omw)
             ui = max(u_[i] * b2, abs(gi) + eps)
             m_[i] = mi
             u_[i] = ui
@@ -226,6 +232,7 @@ def rmsprop(p, g, sq, buf, gavg, bstart, bend, bseg, coef):  # type: ignore[no-u
         gs, wd, alpha, oma, centered, eps, mom, lr = (
             c[0], c[1], c[3], c[4], c[5], c[6], c[7], c[8])
         neg = -lr
+        omo = c[c.shape[0] - 1] - oma
         lo, hi = bstart[b], bend[b]
         buf_ = buf[lo:hi]
         g_ = g[lo:hi]
@@ -238,7 +245,7 @@ def rmsprop(p, g, sq, buf, gavg, bstart, bend, bseg, coef):  # type: ignore[no-u
             si = sq_[i] * alpha + oma * gi * gi
             sq_[i] = si
             if centered != 0:
-                ga = _lerp(gavg_[i], gi, oma)
+                ga = _lerp(gavg_[i], gi, oma, omo)
                 gavg_[i] = ga
                 avg = math.sqrt(si + (-ga) * ga) + eps
             else:

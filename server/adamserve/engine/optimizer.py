@@ -255,7 +255,7 @@ class FlatOptimizer:
         psq_b, rsq_b = self.backend.lamb_moments(self.slots, self.param, self.grad, blocks, coef)
         psq = np.bincount(blocks.host_seg, weights=psq_b, minlength=nseg).astype(np.float64)
         rsq = np.bincount(blocks.host_seg, weights=rsq_b, minlength=nseg).astype(np.float64)
-        lr = coef64[:, -1]
+        lr = coef64[:, alg.LAMB_LR_COLUMN]
         scale = lr * alg.lamb_trust_ratio(psq, rsq)
         self.backend.scaled_sub(self.param, self.grad, blocks,
                                 self.backend.to_device(scale.astype(self.dtype)))
