@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +103,8 @@ class _Assembler:
         self.sumsq = np.zeros(len(self.layout), dtype=np.float64)
         self.bytes = 0
 
-    def add(self, chunk: TensorChunk) -> None:
+    def add(self, chunk: TensorChunk) -> tuple[int, int, int]:
+        """Check and decode one chunk; returns (tensor index, first, last+1 flat element)."""
         try:
             i = self.layout.index(chunk.name)
         except KeyError:
@@ -140,6 +141,7 @@ class _Assembler:
         self.sumsq[i] += decode_into(self.out[lo:lo + count], chunk.data, chunk.datatype)
         self.received[i] = done + count
         self.bytes += nbytes
+        return i, lo, lo + count
 
     def finish(self, require_all: bool) -> npt.NDArray[np.bool_]:
         """Which tensors were sent; each must be complete (and all of them if required)."""
@@ -247,6 +249,52 @@ class OptimizerService:
         if report.skipped:
             metrics.SKIPPED_STEPS.inc()
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params)
+
+    def step_stream(self, session_id: str, grads: Iterable[TensorChunk], *,
+                    return_datatype: str | None = "FP32"
+                    ) -> Iterator[TensorChunk | StepResult]:
+        """Full duplex: apply each gradient chunk as it arrives and yield its updated
+        parameters at once; the :class:`StepResult` comes last.
+
+        Only for sessions whose step needs nothing computed over a whole tensor or the
+        whole gradient (an elementwise algorithm, no ``max_grad_norm``,
+        ``skip_nonfinite=False``); others raise FailedPrecondition. Unlike ``step``, a
+        request that fails midway leaves the chunks already applied updated (the
+        tensors they belong to count the step); the error names what was wrong.
+        """
+        if return_datatype is not None and return_datatype not in WIRE_DTYPES:
+            raise InvalidArgument(f"return datatype {return_datatype!r}: expected one of "
+                                  f"{', '.join(WIRE_DTYPES)}")
+        session = self.store.get(session_id)
+        t0 = time.perf_counter()
+        with session.lock:
+            opt = session.opt
+            if not opt.streamable:
+                raise FailedPrecondition(
+                    f"session {session_id!r} cannot apply gradients as they arrive: it uses "
+                    f"{'LAMB' if opt.algorithm.value == 'lamb' else 'whole-gradient checks'} "
+                    "(needs an elementwise algorithm, no max_grad_norm and "
+                    "skip_nonfinite=false); send the step without apply_as_received")
+            on_host = opt.backend.name == "cpu"
+            host = opt.grad if on_host else np.empty(opt.layout.size, opt.dtype)
+            asm = _Assembler(session, host)
+            stream = opt.begin_stream()
+            try:
+                for chunk in grads:
+                    i, lo, hi = asm.add(chunk)
+                    if not on_host:
+                        opt.grad[lo:hi] = opt.backend.to_device(host[lo:hi])
+                    stream.apply(i, lo, hi)
+                    if return_datatype is not None:
+                        values = opt.backend.to_host(opt.param[lo:hi])
+                        yield TensorChunk(chunk.name, chunk.shape, return_datatype,
+                                          encode(values, return_datatype), chunk.offset)
+            finally:
+                report = stream.finish()
+            asm.finish(require_all=False)
+        metrics.STEPS.inc()
+        metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
+        yield StepResult(report.step, False, None, ())
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32") -> builtins.list[TensorChunk]:

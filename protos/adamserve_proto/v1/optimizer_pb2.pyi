@@ -507,6 +507,7 @@ class StepHeader(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RETURN_DATATYPE_FIELD_NUMBER: _builtins.int
     REQUIRE_ALL_FIELD_NUMBER: _builtins.int
+    APPLY_AS_RECEIVED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to step."""
     return_datatype: _builtins.str
@@ -518,16 +519,27 @@ class StepHeader(_message.Message):
     false, tensors without a gradient are left untouched (their moments and
     step counts do not advance).
     """
+    apply_as_received: _builtins.bool
+    """Full duplex: apply each chunk as soon as it arrives and send its updated
+    parameters back at once, while later chunks are still coming in. Only for
+    sessions whose step needs nothing computed over a whole tensor or the whole
+    gradient: an elementwise algorithm (not LAMB), no max_grad_norm, and
+    skip_nonfinite = false (else FAILED_PRECONDITION). The response then holds
+    the parameter chunks first, in the order their gradients arrived, and the
+    status last. A stream that fails midway leaves the chunks already applied
+    updated. Ignored by Push.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         return_datatype: _builtins.str = ...,
         require_all: _builtins.bool = ...,
+        apply_as_received: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["require_all", b"require_all", "return_datatype", b"return_datatype", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_as_received", b"apply_as_received", "require_all", b"require_all", "return_datatype", b"return_datatype", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -231,25 +231,48 @@ class FlatOptimizer:
             gscale, grad_norm = alg.clip_coefficients(
                 sumsq, self.clip.max_norm, self.clip.per_tensor)
 
-        values = self._segment_values(None if active is None else active_mask)
-        self._scheduled(values)
-        h = alg.SegmentHyper(values, self.seg_step[idx] + 1, self.mu_product[idx])
-        coef_rows = alg.coefficients(self.algorithm, h, values["lr"], gscale)
-        coef64 = np.zeros((nseg, coef_rows.shape[1]), dtype=np.float64)
-        coef64[idx] = coef_rows
+        h, coef64 = self._coefficients(None if active is None else active_mask, idx, gscale)
         coef = self.backend.to_device(coef64.astype(self.dtype))
-
         if len(idx):
             if self.algorithm is Algorithm.LAMB:
                 self._lamb(blocks, coef, coef64, nseg)
             else:
                 self.backend.run(self.algorithm.value, self.slots, self.param, self.grad,
                                  blocks, coef)
+        self._advance(h, idx)
+        return StepReport(self.step_count, False, grad_norm)
+
+    def _coefficients(self, active: BoolArray | None, idx: I64,
+                      gscale: F64) -> tuple[alg.SegmentHyper, F64]:
+        """This step's hyperparameters of the active segments, and the full coefficient matrix."""
+        values = self._segment_values(active)
+        self._scheduled(values)
+        h = alg.SegmentHyper(values, self.seg_step[idx] + 1, self.mu_product[idx])
+        coef_rows = alg.coefficients(self.algorithm, h, values["lr"], gscale)
+        coef64 = np.zeros((len(self.layout), coef_rows.shape[1]), dtype=np.float64)
+        coef64[idx] = coef_rows
+        return h, coef64
+
+    def _advance(self, h: alg.SegmentHyper, idx: I64) -> None:
         if self.algorithm is Algorithm.NADAM:
             self.mu_product[idx] *= alg.nadam_mu(h)
         self.seg_step[idx] += 1
         self.step_count += 1
-        return StepReport(self.step_count, False, grad_norm)
+
+    @property
+    def streamable(self) -> bool:
+        """Whether a step can be applied piece by piece as gradients arrive: only when it
+        needs no quantity over whole tensors or the whole gradient."""
+        return (self.algorithm is not Algorithm.LAMB and self.clip.max_norm is None
+                and not self.skip_nonfinite)
+
+    def begin_stream(self) -> StreamStep:
+        """Start a step applied range by range (see :class:`StreamStep`)."""
+        if not self.streamable:
+            raise ValueError(
+                "this step needs whole-gradient quantities (LAMB's trust ratio, clipping norms "
+                "or the non-finite check) and cannot be applied as gradients arrive")
+        return StreamStep(self)
 
     def _lamb(self, blocks: Blocks, coef: Array, coef64: F64, nseg: int) -> None:
         psq_b, rsq_b = self.backend.lamb_moments(self.slots, self.param, self.grad, blocks, coef)
@@ -268,3 +291,45 @@ class FlatOptimizer:
 
     def hyperparameters(self, group: int) -> dict[str, HyperValue]:
         return dict(self.groups[group])
+
+
+class StreamStep:
+    """One step of an elementwise algorithm, applied range by range as gradients arrive.
+
+    The coefficients of every tensor are fixed when the step begins; ``apply`` runs the
+    fused kernel over one contiguous range of one tensor's elements (whose gradient is
+    already in ``opt.grad``); ``finish`` advances the step counts of the tensors it
+    touched. Applying every range of a tensor once equals one ordinary ``step``.
+    """
+
+    def __init__(self, opt: FlatOptimizer) -> None:
+        self.opt = opt
+        nseg = len(opt.layout)
+        self.idx = np.arange(nseg, dtype=np.int64)
+        self.h, coef64 = opt._coefficients(None, self.idx, np.ones(nseg))
+        self.coef = opt.backend.to_device(coef64.astype(opt.dtype))
+        self.touched = np.zeros(nseg, dtype=bool)
+
+    def apply(self, seg: int, lo: int, hi: int) -> None:
+        """Update flat elements ``[lo, hi)``, which lie inside tensor ``seg``."""
+        opt = self.opt
+        if not opt.layout.offsets[seg] <= lo <= hi <= opt.layout.offsets[seg + 1]:
+            raise ValueError(f"range [{lo}, {hi}) is not inside tensor {seg}")
+        if hi == lo:
+            return
+        start = np.arange(lo, hi, opt.backend.block, dtype=np.int64)
+        end = np.minimum(start + opt.backend.block, hi)
+        segs = np.full(start.shape, seg, dtype=np.int64)
+        blocks = Blocks(opt.backend.to_device(start), opt.backend.to_device(end),
+                        opt.backend.to_device(segs), segs, hi - lo)
+        opt.backend.run(opt.algorithm.value, opt.slots, opt.param, opt.grad, blocks, self.coef)
+        self.touched[seg] = True
+
+    def finish(self) -> StepReport:
+        sel = self.touched
+        if not sel.any():
+            return StepReport(self.opt.step_count, False, None)
+        h = alg.SegmentHyper({k: v[sel] for k, v in self.h.values.items()}, self.h.step[sel],
+                             self.h.mu_product[sel])
+        self.opt._advance(h, self.idx[sel])
+        return StepReport(self.opt.step_count, False, None)

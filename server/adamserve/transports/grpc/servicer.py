@@ -23,6 +23,7 @@ request stream).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -425,7 +426,19 @@ class OptimizerServicer:
                                  require_all=header.require_all)
 
     def Step(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
-        result = self._step(requests, "Step", push=False)
+        header = _first(requests, "header", "Step")
+        if header.apply_as_received:
+            rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
+            for item in self.service.step_stream(
+                    _session_id(header.session_id, "header.session_id"),
+                    _chunks(requests, "chunk", "Step"), return_datatype=rtype):
+                if isinstance(item, StepResult):
+                    yield pb.StepResponse(status=_step_status(item))
+                else:
+                    yield from chunk_messages(item, wrap_field=_STEP_PARAM_FIELD)
+            return
+        result = self._step(itertools.chain([pb.StepRequest(header=header)], requests),
+                            "Step", push=False)
         yield pb.StepResponse(status=_step_status(result))
         for chunk in result.params:
             yield from chunk_messages(chunk, wrap_field=_STEP_PARAM_FIELD)

@@ -1,0 +1,104 @@
+"""Full-duplex Step: chunks are applied as they arrive and their parameters stream back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
+from adamserve_proto.v1 import optimizer_pb2 as pb
+
+from .test_grpc import Server
+
+SHAPES = {"big": (3, 500_000), "small": (7,)}  # "big" spans two 4 MiB chunks
+PER = 1 << 20  # elements per chunk
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    yield s
+    s.close()
+
+
+def _create(srv: Server, sid: str, algorithm: str = "adam", skip_nonfinite: bool = False,
+            **extra: float) -> None:
+    spec = pb.SessionSpec(session_id=sid, algorithm=algorithm, skip_nonfinite=skip_nonfinite,
+                          tensors=[pb.TensorSpec(name=k, shape=s) for k, s in SHAPES.items()],
+                          groups=[pb.Group(values={"lr": 1e-2, **extra})])
+    srv.stub.CreateSession(iter([pb.CreateSessionRequest(spec=spec)]))
+
+
+def _chunks(grads: dict[str, np.ndarray]) -> list[pb.StepRequest]:
+    out = []
+    for name, g in grads.items():
+        flat = g.ravel()
+        for off in range(0, flat.size, PER):
+            out.append(pb.StepRequest(chunk=pb.TensorChunk(
+                name=name, shape=list(g.shape), datatype="FP32", offset=off,
+                data=flat[off:off + PER].tobytes())))
+    return out
+
+
+def test_duplex_step_streams_while_receiving_and_equals_a_step(srv: Server) -> None:
+    _create(srv, "dup")
+    rng = np.random.default_rng(0)
+    layout = Layout(tuple(TensorSpec(k, s) for k, s in SHAPES.items()))
+    local = FlatOptimizer("adam", layout, [{"lr": 1e-2}], skip_nonfinite=False)
+    for step in range(3):
+        grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+        first_reply = threading.Event()
+        sent_before_reply: list[int] = []
+
+        def requests(grads: dict[str, np.ndarray] = grads, ev: threading.Event = first_reply,
+                     log: list[int] = sent_before_reply) -> Iterator[pb.StepRequest]:
+            yield pb.StepRequest(header=pb.StepHeader(session_id="dup", apply_as_received=True))
+            chunks = _chunks(grads)
+            for k, c in enumerate(chunks):
+                if k == len(chunks) - 1:
+                    # hold the last chunk back until updated parameters came back
+                    ev.wait(20)
+                    log.append(int(ev.is_set()))
+                yield c
+
+        params: dict[str, list[bytes]] = {k: [] for k in SHAPES}
+        status = None
+        for msg in srv.stub.Step(requests()):
+            if msg.HasField("param"):
+                first_reply.set()
+                params[msg.param.name].append(msg.param.data)
+            else:
+                status = msg.status
+        assert sent_before_reply == [1], "no parameters came back before the last chunk was sent"
+        assert status is not None and status.step == step + 1 and not status.skipped
+        local.grad[:] = np.concatenate([grads[k].ravel() for k in SHAPES])
+        local.step()
+        got = np.concatenate([np.frombuffer(b"".join(params[k]), "<f4") for k in SHAPES])
+        np.testing.assert_array_equal(got, local.param)
+
+
+@pytest.mark.parametrize("kind", ["lamb", "nonfinite-check", "clipping"])
+def test_duplex_refused_where_the_step_needs_the_whole_gradient(srv: Server, kind: str) -> None:
+    if kind == "lamb":
+        _create(srv, kind, algorithm="lamb")
+    elif kind == "nonfinite-check":
+        _create(srv, kind, skip_nonfinite=True)
+    else:
+        spec = pb.SessionSpec(session_id=kind, algorithm="adam", skip_nonfinite=False,
+                              max_grad_norm=1.0,
+                              tensors=[pb.TensorSpec(name=k, shape=s) for k, s in SHAPES.items()])
+        srv.stub.CreateSession(iter([pb.CreateSessionRequest(spec=spec)]))
+    before = srv.fp(kind)
+    g = {"small": np.ones(7, np.float32)}
+    reqs = [pb.StepRequest(header=pb.StepHeader(session_id=kind, apply_as_received=True)),
+            *_chunks(g)]
+    with pytest.raises(grpc.RpcError) as err:
+        list(srv.stub.Step(iter(reqs)))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot apply gradients as they arrive" in (err.value.details() or "")
+    assert srv.fp(kind) == before
