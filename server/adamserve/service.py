@@ -63,6 +63,10 @@ class SessionInfo:
     checkpointed_step: int
     backend: str
 
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
 
 @dataclass(frozen=True)
 class StepResult:

@@ -650,6 +650,66 @@ class StepResponse(_message.Message):
 Global___StepResponse: _TypeAlias = StepResponse  # noqa: Y015
 
 @_typing.final
+class StepUnaryRequest(_message.Message):
+    """Request for StepUnary: everything a Step stream carries, in one message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    GRADIENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___StepHeader:
+        """Which session and what to return."""
+
+    @_builtins.property
+    def gradients(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """Gradients, usually one whole tensor each (offset 0)."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___StepHeader | None = ...,
+        gradients: _abc.Iterable[Global___TensorChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradients", b"gradients", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepUnaryRequest: _TypeAlias = StepUnaryRequest  # noqa: Y015
+
+@_typing.final
+class StepUnaryResponse(_message.Message):
+    """Reply of StepUnary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___StepStatus:
+        """The step's outcome."""
+
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """Every tensor's parameters, whole, in the header's return_datatype."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___StepStatus | None = ...,
+        params: _abc.Iterable[Global___TensorChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepUnaryResponse: _TypeAlias = StepUnaryResponse  # noqa: Y015
+
+@_typing.final
 class PullRequest(_message.Message):
     """Request for Pull."""
 

@@ -46,6 +46,11 @@ class OptimizerStub:
                 request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepRequest.SerializeToString,
                 response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepUnary = channel.unary_unary(
+                '/adamserve.v1.Optimizer/StepUnary',
+                request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepUnaryRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepUnaryResponse.FromString,
+                _registered_method=True)
         self.Push = channel.stream_unary(
                 '/adamserve.v1.Optimizer/Push',
                 request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepRequest.SerializeToString,
@@ -117,6 +122,17 @@ class OptimizerServicer:
         gradient `chunk`s, then half-close. Server: one `status` message, then the
         parameters of every tensor (updated, or unchanged when the step was skipped)
         as `param` chunks in the header's return_datatype.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepUnary(self, request, context):
+        """One optimizer step in a single request and reply, for small sessions: the
+        lowest latency (streams cost a few round trips more). The gradients and the
+        returned parameters must each fit one message (4 MiB by default; a larger
+        session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
+        otherwise; apply_as_received is ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,6 +224,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepRequest.FromString,
                     response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepResponse.SerializeToString,
+            ),
+            'StepUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepUnary,
+                    request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepUnaryRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepUnaryResponse.SerializeToString,
             ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
@@ -316,6 +337,33 @@ class Optimizer:
             '/adamserve.v1.Optimizer/Step',
             adamserve__proto_dot_v1_dot_optimizer__pb2.StepRequest.SerializeToString,
             adamserve__proto_dot_v1_dot_optimizer__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamserve.v1.Optimizer/StepUnary',
+            adamserve__proto_dot_v1_dot_optimizer__pb2.StepUnaryRequest.SerializeToString,
+            adamserve__proto_dot_v1_dot_optimizer__pb2.StepUnaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

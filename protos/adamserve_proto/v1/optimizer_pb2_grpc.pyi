@@ -80,6 +80,13 @@ class OptimizerStub:
     parameters of every tensor (updated, or unchanged when the step was skipped)
     as `param` chunks in the header's return_datatype.
     """
+    StepUnary: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.StepUnaryRequest, _optimizer_pb2.StepUnaryResponse]
+    """One optimizer step in a single request and reply, for small sessions: the
+    lowest latency (streams cost a few round trips more). The gradients and the
+    returned parameters must each fit one message (4 MiB by default; a larger
+    session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
+    otherwise; apply_as_received is ignored.
+    """
     Push: _grpc.StreamUnaryMultiCallable[_optimizer_pb2.StepRequest, _optimizer_pb2.StepStatus]
     """Like Step, but no parameters come back (the header's return_datatype is
     ignored). Client stream: header, then gradient chunks.
@@ -125,6 +132,13 @@ class OptimizerAsyncStub(OptimizerStub):
     gradient `chunk`s, then half-close. Server: one `status` message, then the
     parameters of every tensor (updated, or unchanged when the step was skipped)
     as `param` chunks in the header's return_datatype.
+    """
+    StepUnary: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.StepUnaryRequest, _optimizer_pb2.StepUnaryResponse]  # type: ignore[assignment]
+    """One optimizer step in a single request and reply, for small sessions: the
+    lowest latency (streams cost a few round trips more). The gradients and the
+    returned parameters must each fit one message (4 MiB by default; a larger
+    session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
+    otherwise; apply_as_received is ignored.
     """
     Push: _aio.StreamUnaryMultiCallable[_optimizer_pb2.StepRequest, _optimizer_pb2.StepStatus]  # type: ignore[assignment]
     """Like Step, but no parameters come back (the header's return_datatype is
@@ -180,6 +194,19 @@ class OptimizerServicer(metaclass=_abc_1.ABCMeta):
         gradient `chunk`s, then half-close. Server: one `status` message, then the
         parameters of every tensor (updated, or unchanged when the step was skipped)
         as `param` chunks in the header's return_datatype.
+        """
+
+    @_abc_1.abstractmethod
+    def StepUnary(
+        self,
+        request: _optimizer_pb2.StepUnaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.StepUnaryResponse, _abc.Awaitable[_optimizer_pb2.StepUnaryResponse]]:
+        """One optimizer step in a single request and reply, for small sessions: the
+        lowest latency (streams cost a few round trips more). The gradients and the
+        returned parameters must each fit one message (4 MiB by default; a larger
+        session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
+        otherwise; apply_as_received is ignored.
         """
 
     @_abc_1.abstractmethod

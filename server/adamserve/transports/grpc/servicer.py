@@ -443,6 +443,22 @@ class OptimizerServicer:
         for chunk in result.params:
             yield from chunk_messages(chunk, wrap_field=_STEP_PARAM_FIELD)
 
+    def StepUnary(self, request: Any, context: Any) -> Any:
+        header = request.header
+        session_id = _session_id(header.session_id, "header.session_id")
+        rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
+        out_bytes = self.service.describe(session_id).numel * WIRE_DTYPES[rtype].itemsize
+        if out_bytes > MAX_SEND_BYTES - _HEAD_ROOM:
+            raise errors.InvalidArgument(
+                f"StepUnary: the parameters ({out_bytes} bytes as {rtype}) do not fit one "
+                f"{MAX_SEND_BYTES}-byte message; use the Step stream")
+        result = self.service.step(session_id, (_chunk(c) for c in request.gradients),
+                                   return_datatype=rtype, require_all=header.require_all)
+        return pb.StepUnaryResponse(
+            status=_step_status(result),
+            params=[pb.TensorChunk(name=c.name, shape=list(c.shape), datatype=c.datatype,
+                                   data=bytes(c.data)) for c in result.params])
+
     def Push(self, requests: Iterator[Any], context: Any) -> Any:
         return _step_status(self._step(requests, "Push", push=True))
 
@@ -519,6 +535,7 @@ class OptimizerServicer:
 _METHODS: dict[str, tuple[bool, bool, Any]] = {
     "CreateSession": (True, False, pb.CreateSessionRequest),
     "Step": (True, True, pb.StepRequest),
+    "StepUnary": (False, False, pb.StepUnaryRequest),
     "Push": (True, False, pb.StepRequest),
     "Pull": (False, True, pb.PullRequest),
     "SetHyperparameters": (False, False, pb.SetHyperparametersRequest),

@@ -1,4 +1,4 @@
-"""Full-duplex Step: chunks are applied as they arrive and their parameters stream back."""
+"""Step modes: full duplex (chunks applied as they arrive) and the one-message StepUnary."""
 
 from __future__ import annotations
 
@@ -102,3 +102,30 @@ def test_duplex_refused_where_the_step_needs_the_whole_gradient(srv: Server, kin
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "cannot apply gradients as they arrive" in (err.value.details() or "")
     assert srv.fp(kind) == before
+
+
+def test_step_unary_equals_the_stream_and_refuses_large_sessions(srv: Server) -> None:
+    shapes = {"w": (10, 10), "b": (10,)}
+    for sid in ("unary", "stream"):
+        spec = pb.SessionSpec(session_id=sid, algorithm="nadam",
+                              tensors=[pb.TensorSpec(name=k, shape=s) for k, s in shapes.items()])
+        srv.stub.CreateSession(iter([pb.CreateSessionRequest(spec=spec)]))
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        grads = [pb.TensorChunk(name=k, shape=list(s), datatype="FP32",
+                                data=rng.standard_normal(s).astype(np.float32).tobytes())
+                 for k, s in shapes.items()]
+        reply = srv.stub.StepUnary(pb.StepUnaryRequest(
+            header=pb.StepHeader(session_id="unary"), gradients=grads))
+        streamed = list(srv.stub.Step(iter(
+            [pb.StepRequest(header=pb.StepHeader(session_id="stream"))]
+            + [pb.StepRequest(chunk=g) for g in grads])))
+        assert reply.status.step == streamed[0].status.step
+        assert [p.data for p in reply.params] == [m.param.data for m in streamed[1:]]
+    _create(srv, "big")  # 1.5M parameters: 6 MB as FP32
+    before = srv.fp("big")
+    with pytest.raises(grpc.RpcError) as err:
+        srv.stub.StepUnary(pb.StepUnaryRequest(header=pb.StepHeader(session_id="big")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "use the Step stream" in (err.value.details() or "")
+    assert srv.fp("big") == before
