@@ -1,1 +1,61 @@
-"""Python client for adamserve, shaped like torch.optim."""
+"""Python client for adamserve, shaped like torch.optim.
+
+``adamserve_client.AdamW(model.parameters(), lr=3e-4, server="grpc://host:50051")``
+drops in for ``torch.optim.AdamW``: the optimizer state and the update live on an
+adamserve server. NumPy arrays work as parameters too, with or without torch.
+
+The pieces: :mod:`adamserve_client.optim` (the optimizers),
+:mod:`adamserve_client.transports` (``connect(url)``: gRPC or HTTP, the same
+methods), :mod:`adamserve_client.errors` (exceptions carrying the server's message).
+"""
+
+from adamserve_client import errors
+from adamserve_client.errors import (
+    AdamserveError,
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+)
+from adamserve_client.optim import (
+    LAMB,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    NAdam,
+    RAdam,
+    RemoteOptimizer,
+    RMSprop,
+)
+from adamserve_client.transports import Transport, connect
+
+__all__ = [
+    "LAMB",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "AdamserveError",
+    "AlreadyExists",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NAdam",
+    "NotFound",
+    "RAdam",
+    "RMSprop",
+    "RemoteOptimizer",
+    "ResourceExhausted",
+    "ServerError",
+    "Transport",
+    "Unauthenticated",
+    "Unavailable",
+    "connect",
+    "errors",
+]

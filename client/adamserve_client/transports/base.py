@@ -1,0 +1,191 @@
+"""The transport seam: what the optimizer needs from a server, whatever the wire.
+
+:class:`Transport` is deliberately narrow (like httpx's ``BaseTransport``): one
+method per server operation, plain data in and out. Both implementations,
+:class:`~adamserve_client.transports.grpc.GrpcTransport` and
+:class:`~adamserve_client.transports.http.HttpTransport`, have exactly these
+methods; what they share (tensor chunking, the state blob, hyperparameter
+conversion, retries) lives in :mod:`adamserve_client.transports._codec`.
+
+Tensors cross the seam as :class:`WireTensor`: a name, a shape, an Open Inference
+Protocol datatype (``FP32``, ``FP16``, ``BF16``, ``FP64``) and raw little-endian
+bytes. Turning arrays into those bytes is the caller's business
+(:mod:`adamserve_client.tensors`), so a transport never copies more than it must.
+
+Errors are :mod:`adamserve_client.errors` exceptions carrying the server's message.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from adamserve_client.tensors import Buffer
+
+__all__ = [
+    "Buffer",
+    "CheckpointInfo",
+    "HyperValue",
+    "Hyperparameters",
+    "SessionInfo",
+    "SessionSpec",
+    "StateDict",
+    "StepResult",
+    "TensorSpec",
+    "Transport",
+    "WireTensor",
+]
+
+# A hyperparameter under torch.optim's name: a number, a switch, or ``betas``' pair.
+HyperValue = float | bool | tuple[float, ...]
+Hyperparameters = dict[str, HyperValue]
+# torch.optim's state_dict layout with NumPy arrays: {"state": {index: {slot: array,
+# "step": float}}, "param_groups": [{hyperparameters..., "params": [index...]}]}.
+StateDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of a session and the parameter group it belongs to."""
+
+    name: str
+    shape: tuple[int, ...]
+    group: int = 0
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A whole tensor as raw little-endian bytes of ``datatype``, row-major."""
+
+    name: str
+    shape: tuple[int, ...]
+    datatype: str
+    data: Buffer
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """Everything that defines a new session (the proto's SessionSpec)."""
+
+    session_id: str
+    algorithm: str
+    tensors: tuple[TensorSpec, ...]
+    groups: tuple[Hyperparameters, ...] = ({},)
+    dtype: str = "float32"
+    schedule: Mapping[str, Any] | None = None
+    max_grad_norm: float | None = None
+    clip_per_tensor: bool = False
+    skip_nonfinite: bool = True
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as the server describes it; ``groups`` use torch's names (betas a pair)."""
+
+    session_id: str
+    algorithm: str
+    dtype: str
+    step: int
+    tensors: tuple[TensorSpec, ...]
+    groups: tuple[Hyperparameters, ...]
+    lr: tuple[float, ...]
+    schedule: dict[str, Any] | None
+    max_grad_norm: float | None
+    clip_per_tensor: bool
+    skip_nonfinite: bool
+    state_bytes: int
+    checkpointed_step: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outcome of a step; ``params`` are every tensor's values (empty for a push)."""
+
+    step: int
+    skipped: bool
+    grad_norm: float | None
+    nonfinite: tuple[str, ...]
+    params: tuple[WireTensor, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    session_id: str
+    step: int
+    path: str
+    bytes: int
+
+
+class Transport(abc.ABC):
+    """One connection to one adamserve server. Use as a context manager, or call close()."""
+
+    #: The server's URL as given to :func:`~adamserve_client.transports.connect`.
+    url: str
+
+    @abc.abstractmethod
+    def create_session(self, spec: SessionSpec,
+                       initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        """Create a session; tensors without ``initial`` values start at zero."""
+
+    @abc.abstractmethod
+    def step(self, session_id: str, gradients: Sequence[WireTensor], *,
+             return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
+        """One optimizer step; the result carries every tensor's parameters."""
+
+    @abc.abstractmethod
+    def push(self, session_id: str, gradients: Sequence[WireTensor], *,
+             require_all: bool = False) -> StepResult:
+        """One optimizer step with no parameters sent back."""
+
+    @abc.abstractmethod
+    def pull(self, session_id: str, names: Sequence[str] | None = None,
+             datatype: str = "FP32") -> list[WireTensor]:
+        """Current parameter values (all tensors when ``names`` is empty)."""
+
+    @abc.abstractmethod
+    def set_hyperparameters(self, session_id: str, group: int,
+                            changes: Mapping[str, HyperValue]) -> SessionInfo:
+        """Change hyperparameters of one group (torch names; betas as a pair)."""
+
+    @abc.abstractmethod
+    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
+        """Replace (None: remove) the session's learning-rate schedule."""
+
+    @abc.abstractmethod
+    def export_state(self, session_id: str) -> StateDict:
+        """The optimizer state as a torch-format state_dict of NumPy arrays."""
+
+    @abc.abstractmethod
+    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
+        """Replace the optimizer state from a torch-format state_dict of NumPy arrays."""
+
+    @abc.abstractmethod
+    def checkpoint(self, session_id: str) -> CheckpointInfo:
+        """Write a durable checkpoint of the session now."""
+
+    @abc.abstractmethod
+    def describe(self, session_id: str) -> SessionInfo:
+        """One session."""
+
+    @abc.abstractmethod
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every live session, ordered by id."""
+
+    @abc.abstractmethod
+    def delete_session(self, session_id: str) -> None:
+        """Delete a session and its checkpoints."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection; the transport is unusable afterwards."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,293 @@
+# grpcio ships no type information; its names are Any here.
+# mypy: disable-error-code="import-untyped"
+"""The gRPC transport: ``adamserve.v1.Optimizer`` over one channel.
+
+A step is one bidirectional ``Step`` stream: a header, then each gradient as
+chunk messages of at most 4 MiB (serialised by hand so the tensor bytes are
+copied once), then half-close; the server answers with a status and the
+parameters' chunks. Calls that fail with UNAVAILABLE are retried a bounded
+number of times with exponential backoff; every other status becomes its
+:mod:`adamserve_client.errors` exception with the server's message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from adamserve_client import errors
+from adamserve_client.transports import _codec
+from adamserve_client.transports.base import (
+    CheckpointInfo,
+    HyperValue,
+    SessionInfo,
+    SessionSpec,
+    StateDict,
+    StepResult,
+    TensorSpec,
+    Transport,
+    WireTensor,
+)
+from adamserve_proto.v1 import optimizer_pb2 as pb
+
+__all__ = ["GrpcTransport"]
+
+T = TypeVar("T")
+
+SERVICE = "adamserve.v1.Optimizer"
+# The server accepts messages up to 64 MiB and sends at most 4 MiB.
+_MAX_MESSAGE = 64 * _codec.MiB
+_STEP_CHUNK_FIELD = pb.StepRequest.DESCRIPTOR.fields_by_name["chunk"].number
+_CREATE_INITIAL_FIELD = pb.CreateSessionRequest.DESCRIPTOR.fields_by_name["initial"].number
+
+
+def _serialize(msg: Any) -> bytes:
+    """Request serializer: messages, or bytes serialised by hand (tensor chunks)."""
+    if isinstance(msg, bytes):
+        return msg
+    out: bytes = msg.SerializeToString()
+    return out
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _group_message(group: Mapping[str, HyperValue]) -> Any:
+    values, flags = _codec.split_betas(group)
+    return pb.Group(values=values, flags=flags)
+
+
+def _session_info(msg: Any) -> SessionInfo:
+    return SessionInfo(
+        session_id=msg.session_id,
+        algorithm=msg.algorithm,
+        dtype=msg.dtype,
+        step=int(msg.step),
+        tensors=tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape), int(t.group))
+                      for t in msg.tensors),
+        groups=tuple(_codec.join_betas(dict(g.values), dict(g.flags)) for g in msg.groups),
+        lr=tuple(float(x) for x in msg.lr),
+        schedule=json.loads(msg.schedule_json) if msg.schedule_json else None,
+        max_grad_norm=msg.max_grad_norm if msg.HasField("max_grad_norm") else None,
+        clip_per_tensor=bool(msg.clip_per_tensor),
+        skip_nonfinite=bool(msg.skip_nonfinite),
+        state_bytes=int(msg.state_bytes),
+        checkpointed_step=int(msg.checkpointed_step),
+        backend=msg.backend,
+    )
+
+
+def _step_result(status: Any, params: Sequence[WireTensor] = ()) -> StepResult:
+    return StepResult(
+        step=int(status.step), skipped=bool(status.skipped),
+        grad_norm=status.grad_norm if status.HasField("grad_norm") else None,
+        nonfinite=tuple(status.nonfinite), params=tuple(params))
+
+
+class GrpcTransport(Transport):
+    """A transport to ``grpc://host:port``.
+
+    ``token``: sent as ``authorization: Bearer <token>`` on every call. ``timeout``:
+    seconds allowed for each call (None: no deadline). ``retries``: calls made in
+    all when the server is UNAVAILABLE (1 disables retrying).
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
+                 retries: int = 3, backoff: float = 0.05) -> None:
+        address = _codec.parse_url(url)
+        if address.scheme != "grpc":
+            raise ValueError(f"GrpcTransport needs a grpc:// URL, got {url!r}")
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channel = grpc.insecure_channel(address.hostport, options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+        ])
+        ch = self._channel
+
+        def method(kind: str, name: str, response: Any) -> Any:
+            factory = getattr(ch, kind)
+            return factory(f"/{SERVICE}/{name}", request_serializer=_serialize,
+                           response_deserializer=response.FromString)
+
+        self._create = method("stream_unary", "CreateSession", pb.SessionInfo)
+        self._step = method("stream_stream", "Step", pb.StepResponse)
+        self._push = method("stream_unary", "Push", pb.StepStatus)
+        self._pull = method("unary_stream", "Pull", pb.TensorChunk)
+        self._set_hyper = method("unary_unary", "SetHyperparameters", pb.SessionInfo)
+        self._set_schedule = method("unary_unary", "SetSchedule", pb.SessionInfo)
+        self._export = method("unary_stream", "ExportState", pb.StateChunk)
+        self._import = method("stream_unary", "ImportState", pb.SessionInfo)
+        self._checkpoint = method("unary_unary", "Checkpoint", pb.CheckpointInfo)
+        self._list = method("unary_unary", "ListSessions", pb.ListSessionsResponse)
+        self._describe = method("unary_unary", "DescribeSession", pb.SessionInfo)
+        self._delete = method("unary_unary", "DeleteSession", pb.DeleteSessionResponse)
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one RPC (consuming any response stream inside ``fn``) with retries,
+        turning gRPC errors into :mod:`adamserve_client.errors` exceptions."""
+        try:
+            return _codec.with_retries(fn, _unavailable, attempts=self.retries,
+                                       backoff=self.backoff)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: Any) -> errors.AdamserveError:
+        code = exc.code()
+        details = exc.details() or code.name
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return errors.Unavailable(
+                f"cannot reach the adamserve server at {self.url} ({self.retries} attempts): "
+                f"{details}", url=self.url)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return errors.DeadlineExceeded(
+                f"{self.url}: no answer within the timeout of {self.timeout} s", url=self.url)
+        return errors.error_for(code.name, details, self.url)
+
+    def _kw(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "metadata": self._metadata}
+
+    # -- sessions ---------------------------------------------------------------
+
+    def create_session(self, spec: SessionSpec,
+                       initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        msg = pb.SessionSpec(
+            session_id=spec.session_id, algorithm=spec.algorithm,
+            groups=[_group_message(g) for g in spec.groups],
+            tensors=[pb.TensorSpec(name=t.name, shape=list(t.shape), group=t.group)
+                     for t in spec.tensors],
+            dtype=spec.dtype,
+            schedule_json=json.dumps(dict(spec.schedule)) if spec.schedule is not None else "",
+            clip_per_tensor=spec.clip_per_tensor, skip_nonfinite=spec.skip_nonfinite)
+        if spec.max_grad_norm is not None:
+            msg.max_grad_norm = spec.max_grad_norm
+        first = pb.CreateSessionRequest(spec=msg)
+
+        def requests() -> Iterator[Any]:
+            yield first
+            for t in initial:
+                yield from _codec.chunk_messages(t, _CREATE_INITIAL_FIELD)
+
+        return _session_info(self._call(lambda: self._create(requests(), **self._kw())))
+
+    def describe(self, session_id: str) -> SessionInfo:
+        req = pb.DescribeSessionRequest(session_id=session_id)
+        return _session_info(self._call(lambda: self._describe(req, **self._kw())))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        resp = self._call(lambda: self._list(pb.ListSessionsRequest(), **self._kw()))
+        return [_session_info(s) for s in resp.sessions]
+
+    def delete_session(self, session_id: str) -> None:
+        req = pb.DeleteSessionRequest(session_id=session_id)
+        self._call(lambda: self._delete(req, **self._kw()))
+
+    # -- steps ------------------------------------------------------------------
+
+    def _step_requests(self, session_id: str, gradients: Sequence[WireTensor],
+                       return_datatype: str, require_all: bool) -> Callable[[], Iterator[Any]]:
+        header = pb.StepRequest(header=pb.StepHeader(
+            session_id=session_id, return_datatype=return_datatype,
+            require_all=require_all)).SerializeToString()
+
+        def requests() -> Iterator[bytes]:
+            yield header
+            for t in gradients:
+                yield from _codec.chunk_messages(t, _STEP_CHUNK_FIELD)
+
+        return requests
+
+    def step(self, session_id: str, gradients: Sequence[WireTensor], *,
+             return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
+        requests = self._step_requests(session_id, gradients, return_datatype, require_all)
+
+        def run() -> StepResult:
+            status = None
+            params = _codec.ChunkAssembler()
+            for resp in self._step(requests(), **self._kw()):
+                if resp.WhichOneof("kind") == "param":
+                    p = resp.param
+                    params.add(p.name, p.shape, p.datatype, p.offset, p.data)
+                else:
+                    status = resp.status
+            if status is None:
+                raise errors.ServerError(f"{self.url}: the Step stream ended without a status",
+                                         url=self.url)
+            return _step_result(status, params.tensors())
+
+        return self._call(run)
+
+    def push(self, session_id: str, gradients: Sequence[WireTensor], *,
+             require_all: bool = False) -> StepResult:
+        requests = self._step_requests(session_id, gradients, "FP32", require_all)
+        return _step_result(self._call(lambda: self._push(requests(), **self._kw())))
+
+    def pull(self, session_id: str, names: Sequence[str] | None = None,
+             datatype: str = "FP32") -> list[WireTensor]:
+        req = pb.PullRequest(session_id=session_id, names=list(names or ()), datatype=datatype)
+
+        def run() -> list[WireTensor]:
+            out = _codec.ChunkAssembler()
+            for c in self._pull(req, **self._kw()):
+                out.add(c.name, c.shape, c.datatype, c.offset, c.data)
+            return out.tensors()
+
+        return self._call(run)
+
+    # -- hyperparameters, schedule, state ----------------------------------------
+
+    def set_hyperparameters(self, session_id: str, group: int,
+                            changes: Mapping[str, HyperValue]) -> SessionInfo:
+        req = pb.SetHyperparametersRequest(session_id=session_id, group=group,
+                                           changes=_group_message(changes))
+        return _session_info(self._call(lambda: self._set_hyper(req, **self._kw())))
+
+    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
+        req = pb.SetScheduleRequest(
+            session_id=session_id,
+            schedule_json=json.dumps(dict(schedule)) if schedule is not None else "")
+        return _session_info(self._call(lambda: self._set_schedule(req, **self._kw())))
+
+    def export_state(self, session_id: str) -> StateDict:
+        req = pb.ExportStateRequest(session_id=session_id)
+
+        def run() -> bytearray:
+            parts = [c.data for c in self._export(req, **self._kw())]
+            blob = bytearray(sum(len(p) for p in parts))
+            pos = 0
+            for p in parts:
+                blob[pos:pos + len(p)] = p
+                pos += len(p)
+            return blob
+
+        return _codec.decode_state(self._call(run))
+
+    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
+        blob = _codec.encode_state(state)
+
+        def requests() -> Iterator[Any]:
+            for i, piece in enumerate(_codec.blob_pieces(blob)):
+                yield pb.ImportStateRequest(session_id=session_id if i == 0 else "",
+                                            data=bytes(piece))
+
+        return _session_info(self._call(lambda: self._import(requests(), **self._kw())))
+
+    def checkpoint(self, session_id: str) -> CheckpointInfo:
+        req = pb.CheckpointRequest(session_id=session_id)
+        r = self._call(lambda: self._checkpoint(req, **self._kw()))
+        return CheckpointInfo(r.session_id, int(r.step), r.path, int(r.bytes))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"GrpcTransport({self.url!r})"

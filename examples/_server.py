@@ -1,0 +1,43 @@
+"""Run ``adamserve serve`` in a subprocess for the examples (free ports, optional data dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def adamserve_server(transport: str = "grpc", data_dir: Path | None = None,
+                     *extra: str) -> Iterator[str]:
+    """Start a server, yield its URL for ``transport`` ("grpc" or "http"), stop it with
+    SIGTERM (which checkpoints every session when there is a data directory)."""
+    with tempfile.TemporaryDirectory(prefix="adamserve-example-") as tmp:
+        ports = Path(tmp) / "ports.json"
+        cmd = [sys.executable, "-m", "adamserve.cli", "serve", "--grpc-port", "0",
+               "--http-port", "0", "--data-dir", str(data_dir) if data_dir else "none",
+               "--ports-file", str(ports), "--log-level", "WARNING", *extra]
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 60
+            while not ports.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with status {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start within 60 s")
+                time.sleep(0.02)
+            port = json.loads(ports.read_text())[transport]
+            yield f"{transport}://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,65 @@
+"""One real server for the client tests: an OptimizerService behind both transports.
+
+gRPC (build_grpc_server) and HTTP (uvicorn in a thread) listen on 127.0.0.1 with
+port 0 over the same service, as ``adamserve serve`` runs them. Tests are
+parametrized over the two URLs and use fresh session ids.
+
+The server is imported inside the fixture, not at the top: test_cuda_params.py
+runs on a GPU machine where only the client and torch are installed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TRANSPORTS = ("grpc", "http")
+
+
+@dataclass
+class Live:
+    urls: dict[str, str]
+    service: Any  # adamserve.service.OptimizerService
+    data_dir: Path
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    from adamserve.engine.kernels_cpu import CpuBackend
+    from adamserve.service import OptimizerService
+    from adamserve.sessions.checkpoints import CheckpointStore
+    from adamserve.sessions.store import Limits, SessionStore
+    from adamserve.transports.grpc import build_grpc_server
+    from adamserve.transports.http import HttpServerThread, create_app
+
+    data_dir = tmp_path_factory.mktemp("client-server")
+    store = SessionStore(CpuBackend(), CheckpointStore(data_dir), Limits(max_state_bytes=1 << 30))
+    service = OptimizerService(store)
+    service.start()
+    grpc_server, grpc_port = build_grpc_server(service, port=0)
+    http = HttpServerThread(create_app(service))
+    http.start()
+    yield Live({"grpc": f"grpc://127.0.0.1:{grpc_port}", "http": http.url}, service, data_dir)
+    http.stop()
+    grpc_server.stop(None)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def url(request: pytest.FixtureRequest, live: Live) -> str:
+    """The server's URL, once per transport."""
+    return str(live.urls[request.param])
+
+
+_ids = itertools.count()
+
+
+@pytest.fixture
+def sid(request: pytest.FixtureRequest) -> str:
+    """A session id no other test uses."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_ids)}-{request.node.name}")[:120]
