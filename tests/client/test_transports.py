@@ -339,3 +339,29 @@ def test_client_never_imports_the_server() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_grpc_small_steps_go_unary_and_large_sessions_fall_back_to_the_stream(
+        live: Live, sid: str) -> None:
+    """Small gradients travel as one StepUnary message; when the session's parameters
+    would not fit one reply, the server refuses before changing anything and the
+    transport sends the same step over the stream."""
+    import numpy as np
+
+    import adamserve_client as ac
+
+    big = np.zeros(2_000_000, dtype=np.float32)  # 8 MB of parameters: too large for one reply
+    small = np.zeros(10, dtype=np.float32)
+    ref_big, ref_small = big.copy(), small.copy()
+    opt = ac.Adam([big, small], lr=0.1, server=live.urls["grpc"], session=sid)
+    ref = ac.Adam([ref_big, ref_small], lr=0.1, server=live.urls["http"], session=sid + "-ref")
+    g = np.ones(10, dtype=np.float32)
+    for _ in range(3):
+        opt.step([None, g])  # 40 bytes of gradient: tries StepUnary first
+        ref.step([None, g])
+    assert sid in opt.transport._stream_only  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(small, ref_small)
+    np.testing.assert_array_equal(big, ref_big)
+    assert live.service.describe(sid).step == 3
+    opt.close()
+    ref.close()

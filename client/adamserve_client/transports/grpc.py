@@ -42,6 +42,8 @@ SERVICE = "adamserve.v1.Optimizer"
 _MAX_MESSAGE = 64 * _codec.MiB
 _STEP_CHUNK_FIELD = pb.StepRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _CREATE_INITIAL_FIELD = pb.CreateSessionRequest.DESCRIPTOR.fields_by_name["initial"].number
+# Steps whose gradients fit in this many bytes go as one StepUnary message.
+_UNARY_BYTES = 1 * _codec.MiB
 
 
 def _serialize(msg: Any) -> bytes:
@@ -119,6 +121,9 @@ class GrpcTransport(Transport):
 
         self._create = method("stream_unary", "CreateSession", pb.SessionInfo)
         self._step = method("stream_stream", "Step", pb.StepResponse)
+        self._step_unary = method("unary_unary", "StepUnary", pb.StepUnaryResponse)
+        # sessions too large for StepUnary (or a server without it): use the stream
+        self._stream_only: set[str] = set()
         self._push = method("stream_unary", "Push", pb.StepStatus)
         self._pull = method("unary_stream", "Pull", pb.TensorChunk)
         self._set_hyper = method("unary_unary", "SetHyperparameters", pb.SessionInfo)
@@ -208,6 +213,11 @@ class GrpcTransport(Transport):
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
+        small = sum(memoryview(t.data).nbytes for t in gradients) <= _UNARY_BYTES
+        if small and session_id not in self._stream_only:
+            result = self._try_step_unary(session_id, gradients, return_datatype, require_all)
+            if result is not None:
+                return result
         requests = self._step_requests(session_id, gradients, return_datatype, require_all)
 
         def run() -> StepResult:
@@ -225,6 +235,33 @@ class GrpcTransport(Transport):
             return _step_result(status, params.tensors())
 
         return self._call(run)
+
+    def _try_step_unary(self, session_id: str, gradients: Sequence[WireTensor],
+                        return_datatype: str, require_all: bool) -> StepResult | None:
+        """One-message step (lowest latency); None where the session needs the stream.
+
+        The server refuses a session whose parameters do not fit one message before
+        touching it, so falling back to the stream is safe.
+        """
+        req = pb.StepUnaryRequest(
+            header=pb.StepHeader(session_id=session_id, return_datatype=return_datatype,
+                                 require_all=require_all),
+            gradients=[pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
+                                      data=bytes(t.data)) for t in gradients])
+        try:
+            resp = _codec.with_retries(lambda: self._step_unary(req, **self._kw()),
+                                       _unavailable, attempts=self.retries,
+                                       backoff=self.backoff)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNIMPLEMENTED or (
+                    code == grpc.StatusCode.INVALID_ARGUMENT
+                    and "use the Step stream" in (exc.details() or "")):
+                self._stream_only.add(session_id)
+                return None
+            raise self._error(exc) from None
+        params = [WireTensor(p.name, tuple(p.shape), p.datatype, p.data) for p in resp.params]
+        return _step_result(resp.status, params)
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
              require_all: bool = False) -> StepResult:
