@@ -21,7 +21,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adamserve import __version__
-from adamserve.engine.backend import select_backend
+from adamserve.engine.backend import Backend, select_backend
 from adamserve.service import OptimizerService
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
@@ -49,10 +49,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
 
-def default_state_cap() -> int:
-    """80% of physical memory: sessions past it are refused rather than OOM-killed."""
-    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(pages * 0.8)
+def default_state_cap(backend: Backend) -> int:
+    """80% of the device's memory: sessions past it are refused rather than OOM-killed."""
+    return int(backend.memory_bytes() * 0.8)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +84,7 @@ class Server:
                        if settings.data_dir is not None else None)
         cap = settings.max_state_bytes
         if cap is None:
-            cap = default_state_cap()
+            cap = default_state_cap(backend)
             log.info("max state bytes: %d (80%% of memory; set --max-state-bytes to change)", cap)
         store = SessionStore(backend, checkpoints, Limits(cap, settings.max_session_bytes))
         self.service = OptimizerService(

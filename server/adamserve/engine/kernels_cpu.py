@@ -20,6 +20,7 @@ parallel kernel at once (sessions step concurrently), so a thread-safe layer
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -320,6 +321,10 @@ class CpuBackend:
 
     name = "cpu"
     block = BLOCK
+
+    def memory_bytes(self) -> int:
+        """Physical memory of the machine."""
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
     def zeros(self, n: int, dtype: np.dtype[Any]) -> Array:
         return np.zeros(n, dtype=dtype)

@@ -399,6 +399,10 @@ class CudaBackend:
 
     # -- memory --------------------------------------------------------------
 
+    def memory_bytes(self) -> int:
+        """Total memory of the current device."""
+        return int(cupy.cuda.Device().mem_info[1])
+
     def zeros(self, n: int, dtype: np.dtype[Any]) -> Array:
         return cupy.zeros(n, dtype=dtype)
 
