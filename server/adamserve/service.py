@@ -97,6 +97,11 @@ def _info(s: Session) -> SessionInfo:
     )
 
 
+def _check_datatype(datatype: str | None, what: str) -> None:
+    if datatype is not None and datatype not in WIRE_DTYPES:
+        raise InvalidArgument(f"{what} {datatype!r}: expected one of {', '.join(WIRE_DTYPES)}")
+
+
 class _Assembler:
     """Decodes chunks of named tensors into a flat host buffer, checking each one."""
 
@@ -231,9 +236,7 @@ class OptimizerService:
 
         ``return_datatype`` None returns no parameters (a push).
         """
-        if return_datatype is not None and return_datatype not in WIRE_DTYPES:
-            raise InvalidArgument(f"return datatype {return_datatype!r}: expected one of "
-                                  f"{', '.join(WIRE_DTYPES)}")
+        _check_datatype(return_datatype, "return datatype")
         session = self.store.get(session_id)
         t0 = time.perf_counter()
         with session.lock:
@@ -266,9 +269,7 @@ class OptimizerService:
         request that fails midway leaves the chunks already applied updated (the
         tensors they belong to count the step); the error names what was wrong.
         """
-        if return_datatype is not None and return_datatype not in WIRE_DTYPES:
-            raise InvalidArgument(f"return datatype {return_datatype!r}: expected one of "
-                                  f"{', '.join(WIRE_DTYPES)}")
+        _check_datatype(return_datatype, "return datatype")
         session = self.store.get(session_id)
         t0 = time.perf_counter()
         with session.lock:
@@ -302,9 +303,7 @@ class OptimizerService:
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32") -> builtins.list[TensorChunk]:
-        if datatype not in WIRE_DTYPES:
-            raise InvalidArgument(f"datatype {datatype!r}: expected one of "
-                                  f"{', '.join(WIRE_DTYPES)}")
+        _check_datatype(datatype, "datatype")
         session = self.store.get(session_id)
         with session.lock:
             return self._encode(session, names, datatype)

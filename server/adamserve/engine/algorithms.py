@@ -249,12 +249,16 @@ def _cols(*columns: F64) -> F64:
     return np.stack(columns, axis=1)
 
 
-def _adam(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+def _bias_corrections(h: SegmentHyper) -> tuple[F64, F64]:
+    """1 - beta1^t and 1 - beta2^t, or ones where ``bias_correction`` is off."""
     t = h.step.astype(np.float64)
-    b1, b2 = h["beta1"], h["beta2"]
     bc = h["bias_correction"] > 0
-    bc1 = np.where(bc, 1.0 - b1**t, 1.0)
-    bc2 = np.where(bc, 1.0 - b2**t, 1.0)
+    return np.where(bc, 1.0 - h["beta1"] ** t, 1.0), np.where(bc, 1.0 - h["beta2"] ** t, 1.0)
+
+
+def _adam(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+    b1, b2 = h["beta1"], h["beta2"]
+    bc1, bc2 = _bias_corrections(h)
     step_size = lr / bc1
     return np.hstack([
         _common(h, lr, gscale, h["decoupled_weight_decay"]),
@@ -325,11 +329,8 @@ def _rmsprop(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
 
 
 def _lamb(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
-    t = h.step.astype(np.float64)
     b1, b2 = h["beta1"], h["beta2"]
-    bc = h["bias_correction"] > 0
-    bc1 = np.where(bc, 1.0 - b1**t, 1.0)
-    bc2 = np.where(bc, 1.0 - b2**t, 1.0)
+    bc1, bc2 = _bias_corrections(h)
     common = _common(h, lr, gscale, np.zeros_like(lr))
     common[:, 1] = 0.0  # LAMB's weight decay is added to the update, not the gradient
     return np.hstack([
