@@ -71,7 +71,10 @@ def load_settings(argv: list[str] | None = None) -> Settings:
                              if k != "command" and v is not None}
     if given.get("data_dir") in ("", "none"):
         given["data_dir"] = None
-    return Settings(**given)
+    settings = Settings(**given)
+    if settings.token == "":  # an empty ADAMSERVE_TOKEN means no token, not an empty one
+        settings.token = None
+    return settings
 
 
 class Server:

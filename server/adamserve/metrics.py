@@ -16,4 +16,6 @@ REQUESTS = Counter("adamserve_requests_total", "Requests by transport, method an
                    ["transport", "method", "code"])
 SESSIONS = Gauge("adamserve_sessions", "Live sessions")
 STATE_BYTES = Gauge("adamserve_state_bytes", "Bytes of optimizer state held by all sessions")
+CHECKPOINT_FAILURES = Counter("adamserve_checkpoint_failures_total",
+                              "Automatic or periodic checkpoints that failed (logged)")
 CHECKPOINTS = Counter("adamserve_checkpoints_total", "Durable checkpoints written")

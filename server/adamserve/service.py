@@ -13,6 +13,7 @@ import builtins
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from adamserve import metrics
 from adamserve.engine import schedules, statedict
 from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
 from adamserve.engine.optimizer import StepReport, TensorSpec
-from adamserve.errors import FailedPrecondition, InvalidArgument
+from adamserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
 from adamserve.sessions.session import Session, SessionConfig
 from adamserve.sessions.store import SessionStore
@@ -197,7 +198,7 @@ class OptimizerService:
     def create(self, session_id: str, config: SessionConfig,
                initial: Iterable[TensorChunk] = ()) -> SessionInfo:
         """Create a session; tensors without initial values start at zero."""
-        session = self.store.create(session_id, config)
+        session = self.store.create(session_id, config)  # returned locked
         try:
             host = np.zeros(session.opt.layout.size, dtype=session.opt.dtype)
             asm = _Assembler(session, host)
@@ -206,9 +207,13 @@ class OptimizerService:
             if asm.bytes:
                 asm.finish(require_all=False)
             session.opt.param[...] = session.opt.backend.to_device(host)
+            session.version = 1  # never checkpointed yet
         except BaseException:
-            self.store.remove(session_id)
+            session.deleted = True
+            self.store.remove(session)
             raise
+        finally:
+            session.lock.release()
         self._gauge()
         log.info("created session %s: %s, %d tensors, %d elements", session_id,
                  config.algorithm, len(config.tensors), session.opt.layout.size)
@@ -221,12 +226,21 @@ class OptimizerService:
         return [_info(s) for s in self.store.all()]
 
     def delete(self, session_id: str) -> None:
-        session = self.store.get(session_id)
-        with session.lock:
-            self.store.remove(session_id)
+        with self._locked(session_id) as session:
+            session.deleted = True
+            self.store.remove(session)
             if self.checkpoints is not None:
                 self.checkpoints.delete(session_id)
         self._gauge()
+
+    @contextmanager
+    def _locked(self, session_id: str) -> Iterator[Session]:
+        """The session with its lock held; NotFound if it was deleted while we waited."""
+        session = self.store.get(session_id)
+        with session.lock:
+            if session.deleted:
+                raise NotFound(f"session {session_id!r} does not exist")
+            yield session
 
     # -- steps ---------------------------------------------------------------
 
@@ -237,9 +251,8 @@ class OptimizerService:
         ``return_datatype`` None returns no parameters (a push).
         """
         _check_datatype(return_datatype, "return datatype")
-        session = self.store.get(session_id)
         t0 = time.perf_counter()
-        with session.lock:
+        with self._locked(session_id) as session:
             opt = session.opt
             host = opt.grad if opt.backend.name == "cpu" else np.empty(opt.layout.size, opt.dtype)
             asm = _Assembler(session, host)
@@ -249,6 +262,8 @@ class OptimizerService:
             if host is not opt.grad:
                 opt.grad[...] = opt.backend.to_device(host)
             report = opt.step(None if active.all() else active, grad_sumsq=asm.sumsq)
+            if not report.skipped:
+                session.version += 1
             params = self._encode(session, None, return_datatype) if return_datatype else []
             self._auto_checkpoint(session, report)
         metrics.STEPS.inc()
@@ -270,9 +285,8 @@ class OptimizerService:
         tensors they belong to count the step); the error names what was wrong.
         """
         _check_datatype(return_datatype, "return datatype")
-        session = self.store.get(session_id)
         t0 = time.perf_counter()
-        with session.lock:
+        with self._locked(session_id) as session:
             opt = session.opt
             if not opt.streamable:
                 raise FailedPrecondition(
@@ -296,6 +310,7 @@ class OptimizerService:
                                           encode(values, return_datatype), chunk.offset)
             finally:
                 report = stream.finish()
+                session.version += 1
             asm.finish(require_all=False)
         metrics.STEPS.inc()
         metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
@@ -304,8 +319,7 @@ class OptimizerService:
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32") -> builtins.list[TensorChunk]:
         _check_datatype(datatype, "datatype")
-        session = self.store.get(session_id)
-        with session.lock:
+        with self._locked(session_id) as session:
             return self._encode(session, names, datatype)
 
     def _encode(self, session: Session, names: Sequence[str] | None,
@@ -333,36 +347,42 @@ class OptimizerService:
 
     def set_hyperparameters(self, session_id: str, group: int,
                             changes: Mapping[str, Any]) -> SessionInfo:
-        session = self.store.get(session_id)
-        with session.lock:
+        with self._locked(session_id) as session:
+            opt = session.opt
             try:
-                session.opt.set_hyperparameters(group, changes)
+                new_slots = opt.slots_after(group, changes)
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
+            grow = len(set(new_slots) - set(opt.slots))
+            if grow:
+                self.store.check_room(grow * opt.layout.size * opt.dtype.itemsize, session)
+            opt.set_hyperparameters(group, changes)
+            session.version += 1
+            self._gauge()
             return _info(session)
 
     def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
-        session = self.store.get(session_id)
         try:
             parsed = schedules.schedule_from_dict(schedule) if schedule else None
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        with session.lock:
+        with self._locked(session_id) as session:
             session.opt.schedule = parsed
+            session.version += 1
             return _info(session)
 
     def export_state(self, session_id: str) -> statedict.StateDict:
-        session = self.store.get(session_id)
-        with session.lock:
+        with self._locked(session_id) as session:
             return statedict.export_state(session.opt)
 
     def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
-        session = self.store.get(session_id)
-        with session.lock:
+        with self._locked(session_id) as session:
             try:
                 statedict.import_state(session.opt, state)
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                    OverflowError) as exc:
                 raise InvalidArgument(f"state_dict: {exc}") from None
+            session.version += 1
             return _info(session)
 
     # -- checkpoints ---------------------------------------------------------
@@ -370,13 +390,15 @@ class OptimizerService:
     def checkpoint(self, session_id: str) -> CheckpointInfo:
         if self.checkpoints is None:
             raise FailedPrecondition("checkpoints are disabled: the server has no data directory")
-        session = self.store.get(session_id)
-        with session.lock:
+        with self._locked(session_id) as session:
             return self._write(session)
 
     def _write(self, session: Session) -> CheckpointInfo:
+        """Checkpoint ``session`` (its lock held, not deleted); durable on return."""
         assert self.checkpoints is not None
+        version = session.version
         info = self.checkpoints.write(session)
+        session.checkpointed_version = version
         session.checkpointed_step = info.step
         session.checkpointed_at = time.monotonic()
         metrics.CHECKPOINTS.inc()
@@ -385,7 +407,13 @@ class OptimizerService:
     def _auto_checkpoint(self, session: Session, report: StepReport) -> None:
         n = self.checkpoint_every_steps
         if self.checkpoints is not None and n > 0 and not report.skipped and report.step % n == 0:
-            self._write(session)
+            try:
+                self._write(session)
+            except Exception:
+                # the step is applied and acknowledged; a failed automatic checkpoint
+                # must not make the client think otherwise (and retry it)
+                log.exception("automatic checkpoint of session %s failed", session.id)
+                metrics.CHECKPOINT_FAILURES.inc()
 
     def checkpoint_due(self) -> int:
         """Checkpoint sessions whose last checkpoint is older than the time interval."""
@@ -394,11 +422,19 @@ class OptimizerService:
         now = time.monotonic()
         n = 0
         for session in self.store.all():
-            if (now - session.checkpointed_at >= self.checkpoint_every_seconds
-                    and session.checkpointed_step != session.opt.step_count):
-                with session.lock:
+            if now - session.checkpointed_at < self.checkpoint_every_seconds or not session.dirty:
+                continue
+            if not session.lock.acquire(timeout=0.1):
+                continue  # busy stepping (or waiting on its client): next round
+            try:
+                if not session.deleted:
                     self._write(session)
-                n += 1
+                    n += 1
+            except Exception:
+                log.exception("periodic checkpoint of session %s failed", session.id)
+                metrics.CHECKPOINT_FAILURES.inc()
+            finally:
+                session.lock.release()
         return n
 
     def checkpoint_all(self) -> int:
@@ -408,7 +444,7 @@ class OptimizerService:
         n = 0
         for session in self.store.all():
             with session.lock:
-                if session.checkpointed_step != session.opt.step_count:
+                if session.dirty and not session.deleted:
                     self._write(session)
                     n += 1
         return n

@@ -119,7 +119,7 @@ def test_cosine_holds_minimum_after_total_steps() -> None:
     assert schedule.lr(9, 0.1) > 1e-5
 
 
-@pytest.mark.parametrize("gamma", [0.97, 0.5, 1.01])
+@pytest.mark.parametrize("gamma", [0.97, 0.5, 1.0])
 def test_exponential_matches_exponential_lr(gamma: float) -> None:
     lrs, _ = torch_trace(lambda o: tls.ExponentialLR(o, gamma=gamma), 150)
     assert_matches(Exponential(gamma), lrs, BASE_LRS)
@@ -462,7 +462,7 @@ BAD_DICTS: list[tuple[Any, str]] = [
             ],
             "milestones": [10],
         },
-        "schedule.schedules[1].schedules[0].gamma: expected a finite number > 0, got -1",
+        "schedule.schedules[1].schedules[0].gamma: expected a finite number > 0 and <= 1, got -1",
     ),
     (
         {
@@ -495,3 +495,13 @@ def test_direct_construction_is_validated() -> None:
     join = Join([Constant(), Cosine(5)], [3])  # type: ignore[arg-type]
     assert join.schedules == (Constant(), Cosine(5)) and join.milestones == (3,)
     hash(join)
+
+
+@pytest.mark.parametrize("kind", ["exponential", "step"])
+def test_growing_gamma_is_refused(kind: str) -> None:
+    """gamma > 1 would overflow lr to inf within a few thousand steps."""
+    d: dict[str, object] = {"kind": kind, "gamma": 1.5}
+    if kind == "step":
+        d["step_size"] = 10
+    with pytest.raises(ScheduleError, match="gamma: expected a finite number > 0 and <= 1"):
+        schedule_from_dict(d)

@@ -167,6 +167,17 @@ class FlatOptimizer:
                     buf[self.layout.span(i)] = init
             self.slots[name] = buf
 
+    def slots_after(self, group: int, changes: Mapping[str, Any]) -> tuple[str, ...]:
+        """The slots the optimizer would hold after ``set_hyperparameters`` (validates)."""
+        if not 0 <= group < len(self.groups):
+            raise ValueError(f"group {group} does not exist (there are {len(self.groups)})")
+        new = alg.resolve_hyperparameters(self.algorithm, changes, base=self.groups[group])
+        spec = alg.SPECS[self.algorithm]
+        names = list(self.slots)
+        for h in [*self.groups[:group], new, *self.groups[group + 1:]]:
+            names.extend(s for s in spec.slots(h) if s not in names)
+        return tuple(names)
+
     def set_hyperparameters(self, group: int, changes: Mapping[str, Any]) -> None:
         """Change hyperparameters of one group; takes effect at the next step."""
         if not 0 <= group < len(self.groups):

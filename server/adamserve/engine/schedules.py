@@ -256,12 +256,13 @@ class InverseSqrt:
 
 @dataclass(frozen=True)
 class Exponential:
-    """torch ``ExponentialLR`` in closed form: lr(t) = base_lr · gamma^t."""
+    """torch ``ExponentialLR`` in closed form: lr(t) = base_lr · gamma^t, 0 < gamma <= 1
+    (a growing lr would overflow within a few thousand steps)."""
 
     gamma: float
 
     def __post_init__(self) -> None:
-        _set(self, "gamma", _num("gamma", self.gamma, lo=0.0, lo_open=True))
+        _set(self, "gamma", _num("gamma", self.gamma, lo=0.0, lo_open=True, hi=1.0))
 
     def lr(self, step: int, base_lr: float) -> float:
         _check_step(step)
@@ -283,7 +284,7 @@ class Step:
 
     def __post_init__(self) -> None:
         _set(self, "step_size", _int("step_size", self.step_size, 1))
-        _set(self, "gamma", _num("gamma", self.gamma, lo=0.0, lo_open=True))
+        _set(self, "gamma", _num("gamma", self.gamma, lo=0.0, lo_open=True, hi=1.0))
 
     def lr(self, step: int, base_lr: float) -> float:
         _check_step(step)

@@ -24,6 +24,8 @@ IGNORED_GROUP_KEYS = frozenset({
 
 StateDict = dict[str, Any]
 
+MAX_STEP = 2**62  # an int64 step counter with room to count on
+
 
 def torch_group(h: Mapping[str, alg.HyperValue]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -61,10 +63,21 @@ def _match_indices(opt: FlatOptimizer, groups: Sequence[Mapping[str, Any]]) -> d
     """Map the state_dict's parameter indices to ours: by name when names are given."""
     theirs: list[tuple[int, str | None, int]] = []
     for g, group in enumerate(groups):
+        if not isinstance(group, Mapping):
+            raise ValueError(f"param_groups[{g}]: expected a mapping")
         params = list(group.get("params", []))
         names = group.get("param_names")
+        if names and len(names) != len(params):
+            raise ValueError(f"param_groups[{g}]: {len(names)} param_names for "
+                             f"{len(params)} params")
         for k, idx in enumerate(params):
             theirs.append((int(idx), str(names[k]) if names else None, g))
+    indices = [idx for idx, _, _ in theirs]
+    if len(set(indices)) != len(indices):
+        raise ValueError("state_dict: a parameter index appears more than once in param_groups")
+    given = [name for _, name, _ in theirs if name is not None]
+    if len(set(given)) != len(given):
+        raise ValueError("state_dict: a parameter name appears more than once in param_groups")
     ours = opt.layout.tensors
     if len(theirs) != len(ours):
         raise ValueError(
@@ -128,11 +141,16 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
                                  "expected a floating type")
             row[slot] = arr
         step = np.asarray(row["step"]).item() if row["step"] is not None else None
-        if step is None or not float(step).is_integer() or float(step) < 0:
-            raise ValueError(f"state of {t.name!r}: step must be a whole number >= 0, got {step!r}")
+        if (step is None or not isinstance(step, int | float) or not float(step).is_integer()
+                or not 0 <= float(step) < MAX_STEP):
+            raise ValueError(f"state of {t.name!r}: step must be a whole number in "
+                             f"[0, 2**62), got {step!r}")
         row["step"] = int(step)
         if opt.algorithm is alg.Algorithm.NADAM:
-            row["mu_product"] = float(np.asarray(entry.get("mu_product", 1.0)).item())
+            mu = np.asarray(entry.get("mu_product", 1.0))
+            if mu.size != 1 or not np.isfinite(mu.astype(np.float64)).all():
+                raise ValueError(f"state of {t.name!r}: mu_product must be one finite number")
+            row["mu_product"] = float(mu.item())
         staged[mine] = row
     # validated: now change state
     opt.groups[:] = new_hyper

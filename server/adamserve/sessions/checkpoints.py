@@ -30,7 +30,6 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from adamserve.engine import schedules
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import FlatOptimizer
 from adamserve.sessions.session import Session, SessionConfig, build_optimizer
@@ -77,7 +76,6 @@ def manifest_of(session: Session) -> dict[str, Any]:
         "step_count": opt.step_count,
         "seg_step": [int(x) for x in opt.seg_step],
         "mu_product": [float(x) for x in opt.mu_product],
-        "extra": dict(session.extra),
         "created": time.time(),
     }
 
@@ -101,9 +99,12 @@ class CheckpointStore:
     def write(self, session: Session) -> CheckpointInfo:
         """Write a checkpoint of ``session`` (caller holds its lock); durable on return."""
         sdir = self.session_dir(session.id)
-        sdir.mkdir(parents=True, exist_ok=True)
+        if not sdir.exists():
+            sdir.mkdir(parents=True)
+            _fsync_dir(self.root)  # the new session directory itself must survive a crash
         step = session.opt.step_count
-        name = f"ckpt-{step:012d}"
+        # unique per write: a second checkpoint of the same step never replaces the first
+        name = f"ckpt-{step:012d}-{time.time_ns():020d}"
         blob = st_save(tensors_of(session.opt))
         manifest = manifest_of(session)
         manifest["sha256"] = hashlib.sha256(blob).hexdigest()
@@ -114,10 +115,6 @@ class CheckpointStore:
         _write_file(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         final = sdir / name
-        if final.exists():  # same step checkpointed again: replace it
-            old = sdir / f".tmp-old-{name}-{time.monotonic_ns()}"
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
         tmp.rename(final)
         _fsync_dir(sdir)
         latest_tmp = sdir / f".tmp-LATEST-{time.monotonic_ns()}"
@@ -160,22 +157,25 @@ class CheckpointStore:
         """The session from its newest complete checkpoint, or None if it has none."""
         sdir = self.session_dir(session_id)
         candidates = sorted((p.name for p in sdir.glob("ckpt-*") if p.is_dir()), reverse=True)
-        latest = sdir / "LATEST"
-        if latest.exists():
-            name = latest.read_text().strip()
-            if name in candidates:
-                candidates.remove(name)
-                candidates.insert(0, name)
+        try:
+            name = (sdir / "LATEST").read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if name in candidates:  # normally the newest anyway
+            candidates.remove(name)
+            candidates.insert(0, name)
         for name in candidates:
             try:
                 return self._load_dir(session_id, sdir / name, backend)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("checkpoint %s/%s unreadable (%s); trying an older one",
-                            session_id, name, exc)
+            except Exception as exc:  # any damage: fall back to an older checkpoint
+                log.warning("checkpoint %s/%s unreadable (%s: %s); trying an older one",
+                            session_id, name, type(exc).__name__, exc)
         return None
 
     def _load_dir(self, session_id: str, path: Path, backend: Backend) -> Session:
         manifest = json.loads((path / "manifest.json").read_bytes())
+        if not isinstance(manifest, dict):
+            raise ValueError("manifest.json is not a JSON object")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ValueError(f"not a version-{VERSION} adamserve checkpoint")
         blob = (path / "tensors.safetensors").read_bytes()
@@ -194,9 +194,6 @@ class CheckpointStore:
         opt.step_count = int(manifest["step_count"])
         opt.seg_step[:] = np.array(manifest["seg_step"], dtype=np.int64)
         opt.mu_product[:] = np.array(manifest["mu_product"], dtype=np.float64)
-        if config.schedule:
-            opt.schedule = schedules.schedule_from_dict(config.schedule)
         session = Session(session_id, config, opt)
         session.checkpointed_step = opt.step_count
-        session.extra = dict(manifest.get("extra", {}))
         return session

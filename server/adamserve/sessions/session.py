@@ -93,8 +93,12 @@ def state_bytes(config: SessionConfig) -> int:
     for g in config.groups:
         slots.update(spec.slots(alg.resolve_hyperparameters(algo, {**extra, **g})))
     n = sum(t.numel for t in config.tensors)
-    itemsize = 8 if config.dtype == "float64" else 4
-    return (2 + len(slots)) * n * itemsize
+    return slot_bytes(n, len(slots), 8 if config.dtype == "float64" else 4)
+
+
+def slot_bytes(elements: int, slots: int, itemsize: int) -> int:
+    """Bytes of param + grad + ``slots`` moment buffers of ``elements`` each."""
+    return (2 + slots) * elements * itemsize
 
 
 def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
@@ -124,12 +128,18 @@ class Session:
     created: float = field(default_factory=time.time)
     checkpointed_step: int = -1  # step of the last durable checkpoint
     checkpointed_at: float = field(default_factory=time.monotonic)
-    extra: dict[str, Any] = field(default_factory=dict)  # JSON-safe, saved in checkpoints
+    version: int = 0  # bumped by every change of state: steps, imports, hyperparameters
+    checkpointed_version: int = 0
+    deleted: bool = False  # set under the lock; a waiter that finds it set gets NotFound
 
     @property
     def state_bytes(self) -> int:
-        n = self.opt.layout.size
-        return int((2 + len(self.opt.slots)) * n * self.opt.dtype.itemsize)
+        return slot_bytes(self.opt.layout.size, len(self.opt.slots), self.opt.dtype.itemsize)
+
+    @property
+    def dirty(self) -> bool:
+        """Whether the state changed since the last checkpoint."""
+        return self.version != self.checkpointed_version
 
     def fingerprint(self) -> str:
         """A hash of everything a step can change (for tests and for resume checks)."""

@@ -57,6 +57,7 @@ class SessionStore:
         return sum(s.state_bytes for s in self._sessions.values())
 
     def create(self, session_id: str, config: SessionConfig) -> Session:
+        """Allocate and publish a session; it is returned with its lock held."""
         try:
             check_session_id(session_id)
             need = state_bytes(config)
@@ -85,6 +86,7 @@ class SessionStore:
                     f"session {session_id!r}: the device could not allocate {need} bytes"
                 ) from None
             session = Session(session_id, config, opt)
+            session.lock.acquire()  # the caller initialises it before anyone else may use it
             self._sessions[session_id] = session
             return session
 
@@ -94,12 +96,25 @@ class SessionStore:
         except KeyError:
             raise NotFound(f"session {session_id!r} does not exist") from None
 
-    def remove(self, session_id: str) -> Session:
+    def remove(self, session: Session) -> None:
+        """Unpublish ``session`` (not another one created since under the same id)."""
         with self._lock:
-            try:
-                return self._sessions.pop(session_id)
-            except KeyError:
-                raise NotFound(f"session {session_id!r} does not exist") from None
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+
+    def check_room(self, extra_bytes: int, session: Session) -> None:
+        """Refuse growing ``session`` by ``extra_bytes`` past the limits."""
+        cap = self.limits.max_session_bytes
+        if cap is not None and session.state_bytes + extra_bytes > cap:
+            raise ResourceExhausted(
+                f"session {session.id!r} would need {session.state_bytes + extra_bytes} bytes "
+                f"of state; the per-session limit is {cap}")
+        cap = self.limits.max_state_bytes
+        used = self.total_bytes()
+        if cap is not None and used + extra_bytes > cap:
+            raise ResourceExhausted(
+                f"session {session.id!r} needs {extra_bytes} more bytes of state; "
+                f"{max(0, cap - used)} of {cap} are free")
 
     def all(self) -> list[Session]:
         return sorted(self._sessions.values(), key=lambda s: s.id)

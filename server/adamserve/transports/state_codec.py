@@ -48,14 +48,16 @@ def decode_state(blob: bytes) -> dict[str, Any]:
         tensors = st_load(blob)
     except Exception as exc:  # safetensors raises its own error type
         raise ValueError(f"state blob: not a readable safetensors file ({exc})") from None
-    meta = header.get("__metadata__") or {}
-    if meta.get("adamserve") != TAG:
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("adamserve") != TAG:
         raise ValueError(f"state blob: metadata 'adamserve' must be {TAG!r}")
     try:
         body = json.loads(meta["json"])
         groups = body["param_groups"]
         scalars = body.get("scalars", {})
-    except (KeyError, ValueError, TypeError) as exc:
+        if not isinstance(groups, list) or not isinstance(scalars, dict):
+            raise TypeError("param_groups must be a list and scalars an object")
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ValueError(f"state blob: bad metadata json ({exc})") from None
     state: dict[int, dict[str, Any]] = {}
     for key, arr in tensors.items():

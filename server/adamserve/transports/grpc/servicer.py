@@ -245,7 +245,7 @@ def _json_object(text: str, field: str) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise errors.InvalidArgument(f"{field}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise errors.InvalidArgument(f"{field}: expected a JSON object, got "
@@ -447,8 +447,11 @@ class OptimizerServicer:
         header = request.header
         session_id = _session_id(header.session_id, "header.session_id")
         rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
-        out_bytes = self.service.describe(session_id).numel * WIRE_DTYPES[rtype].itemsize
-        if out_bytes > MAX_SEND_BYTES - _HEAD_ROOM:
+        info = self.service.describe(session_id)
+        # the reply's exact size bound: data plus each TensorChunk's framing
+        out_bytes = 64 + sum(t.numel * WIRE_DTYPES[rtype].itemsize + len(t.name.encode())
+                             + 11 * len(t.shape) + 48 for t in info.tensors)
+        if out_bytes > MAX_SEND_BYTES:
             raise errors.InvalidArgument(
                 f"StepUnary: the parameters ({out_bytes} bytes as {rtype}) do not fit one "
                 f"{MAX_SEND_BYTES}-byte message; use the Step stream")

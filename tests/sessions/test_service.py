@@ -1,0 +1,148 @@
+"""The service's own rules: refused requests change nothing, deletes win races,
+checkpoints keep every change and survive damage."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adamserve.engine.kernels_cpu import CpuBackend
+from adamserve.engine.optimizer import TensorSpec
+from adamserve.errors import InvalidArgument, NotFound, ResourceExhausted
+from adamserve.service import OptimizerService, TensorChunk
+from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
+from adamserve.sessions.session import Session, SessionConfig
+from adamserve.sessions.store import Limits, SessionStore
+
+SHAPES = {"w": (4, 3), "b": (3,)}
+CONFIG = SessionConfig("adam", tuple(TensorSpec(k, s) for k, s in SHAPES.items()))
+
+
+def _service(data: Path, limits: Limits | None = None, every: int = 0,
+             store_cls: type[CheckpointStore] = CheckpointStore) -> OptimizerService:
+    svc = OptimizerService(SessionStore(CpuBackend(), store_cls(data), limits or Limits()),
+                           checkpoint_every_steps=every)
+    svc.start()
+    return svc
+
+
+def _grads(seed: int = 0) -> list[TensorChunk]:
+    rng = np.random.default_rng(seed)
+    return [TensorChunk(k, s, "FP32", rng.standard_normal(s).astype(np.float32).tobytes())
+            for k, s in SHAPES.items()]
+
+
+def test_refused_imports_change_nothing(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", CONFIG)
+    svc.step("s", _grads())
+    good = svc.export_state("s")
+    before = svc.store.get("s").fingerprint()
+    huge_step = {"state": {i: {**e, "step": 1e300} for i, e in good["state"].items()},
+                 "param_groups": [{**good["param_groups"][0], "lr": 0.5}]}
+    dup_names = {"state": good["state"],
+                 "param_groups": [{**good["param_groups"][0], "param_names": ["w", "w"]}]}
+    dup_index = {"state": good["state"],
+                 "param_groups": [{**good["param_groups"][0], "params": [0, 0],
+                                   "param_names": None}]}
+    short_names = {"state": good["state"],
+                   "param_groups": [{**good["param_groups"][0], "param_names": ["w"]}]}
+    for bad, message in [(huge_step, "step must be a whole number in \\[0, 2\\*\\*62\\)"),
+                         (dup_names, "name appears more than once"),
+                         (dup_index, "index appears more than once"),
+                         (short_names, "1 param_names for 2 params")]:
+        with pytest.raises(InvalidArgument, match=message):
+            svc.import_state("s", bad)
+        assert svc.store.get("s").fingerprint() == before
+
+
+def test_growing_state_past_the_cap_is_refused(tmp_path: Path) -> None:
+    n = sum(int(np.prod(s)) for s in SHAPES.values())
+    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * n))  # param, grad, m, v
+    svc.create("s", CONFIG)
+    before = svc.store.get("s").fingerprint()
+    with pytest.raises(ResourceExhausted, match="more bytes of state"):
+        svc.set_hyperparameters("s", 0, {"amsgrad": True})  # would add max_exp_avg_sq
+    assert svc.store.get("s").fingerprint() == before
+    assert "max_exp_avg_sq" not in svc.store.get("s").opt.slots
+
+
+def test_a_step_waiting_on_a_deleted_session_gets_not_found(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", CONFIG)
+    svc.checkpoint("s")
+    session = svc.store.get("s")
+    outcome: list[BaseException | None] = []
+    session.lock.acquire()  # a step in progress
+
+    def waiter() -> None:
+        try:
+            svc.checkpoint("s")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.1)  # the waiter now blocks on the session's lock
+    session.deleted = True  # what delete() does under the lock
+    svc.store.remove(session)
+    svc.checkpoints.delete("s")  # type: ignore[union-attr]
+    session.lock.release()
+    t.join(10)
+    assert isinstance(outcome[0], NotFound)
+    assert not (tmp_path / "sessions" / "s").exists()  # not re-created by the waiter
+    svc.create("s", CONFIG)  # the id is free again
+    svc.delete("s")
+    with pytest.raises(NotFound):
+        svc.describe("s")
+
+
+class FullDisk(CheckpointStore):
+    def write(self, session: Session) -> CheckpointInfo:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_automatic_checkpoint_does_not_fail_the_step(tmp_path: Path) -> None:
+    svc = _service(tmp_path, every=1, store_cls=FullDisk)
+    svc.create("s", CONFIG)
+    result = svc.step("s", _grads())
+    assert result.step == 1 and not result.skipped
+
+
+def test_shutdown_saves_changes_that_took_no_step(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", CONFIG)
+    svc.step("s", _grads())
+    svc.checkpoint("s")
+    assert svc.checkpoint_all() == 0  # nothing new
+    svc.set_hyperparameters("s", 0, {"lr": 0.25})
+    assert svc.checkpoint_all() == 1
+    restored = _service(tmp_path)
+    assert restored.describe("s").groups[0]["lr"] == 0.25
+
+
+def test_checkpoints_of_the_same_step_keep_the_older_one_until_pruned(tmp_path: Path) -> None:
+    svc = OptimizerService(SessionStore(CpuBackend(), CheckpointStore(tmp_path, keep=2)))
+    svc.start()
+    svc.create("s", CONFIG)
+    svc.step("s", _grads())
+    a = svc.checkpoint("s")
+    svc.set_hyperparameters("s", 0, {"lr": 0.5})
+    b = svc.checkpoint("s")
+    assert a.step == b.step and a.path != b.path and Path(a.path).exists()
+    sdir = tmp_path / "sessions" / "s"
+    assert (sdir / "LATEST").read_text() == Path(b.path).name
+    # damage the newest: the server falls back to the older complete one
+    (Path(b.path) / "manifest.json").write_text("[1, 2]")
+    restored = OptimizerService(SessionStore(CpuBackend(), CheckpointStore(tmp_path)))
+    restored.start()
+    assert restored.describe("s").groups[0]["lr"] == 1e-3
+    (Path(a.path) / "tensors.safetensors").write_bytes(b"torn")
+    empty = OptimizerService(SessionStore(CpuBackend(), CheckpointStore(tmp_path)))
+    assert empty.start() == []  # no complete checkpoint left: not restored, no crash
