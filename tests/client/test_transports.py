@@ -365,3 +365,28 @@ def test_grpc_small_steps_go_unary_and_large_sessions_fall_back_to_the_stream(
     assert live.service.describe(sid).step == 3
     opt.close()
     ref.close()
+
+
+def test_steps_are_retried_only_when_they_never_reached_a_server() -> None:
+    """An UNAVAILABLE in the middle of a step may follow an applied step: retrying it
+    could apply it twice. Only a connection that was never made is retried."""
+    import grpc
+
+    from adamserve_client.transports.grpc import _never_sent, _unavailable
+
+    class Err(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, details: str) -> None:
+            self._code, self._details = code, details
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return self._details
+
+    refused = Err(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last "
+                  "error: UNKNOWN: ipv4:127.0.0.1:1: Connection refused")
+    midway = Err(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    assert _never_sent(refused) and _unavailable(refused)
+    assert not _never_sent(midway) and _unavailable(midway)
+    assert not _never_sent(Err(grpc.StatusCode.INVALID_ARGUMENT, "failed to connect"))

@@ -58,6 +58,20 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
 
 
+# UNAVAILABLE details that mean the call never reached a server.
+_NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed",
+               "name resolution", "no route to host")
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Retry rule for calls that must not run twice (create, step, push): only when the
+    connection was never made; an UNAVAILABLE mid-call may follow an applied step."""
+    if not _unavailable(exc):
+        return False
+    details = (exc.details() or "").lower()  # type: ignore[attr-defined]
+    return any(marker in details for marker in _NEVER_SENT)
+
+
 def _group_message(group: Mapping[str, HyperValue]) -> Any:
     values, flags = _codec.split_betas(group)
     return pb.Group(values=values, flags=flags)
@@ -137,12 +151,13 @@ class GrpcTransport(Transport):
 
     # -- plumbing --------------------------------------------------------------
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], *, once: bool = False) -> T:
         """Run one RPC (consuming any response stream inside ``fn``) with retries,
-        turning gRPC errors into :mod:`adamserve_client.errors` exceptions."""
+        turning gRPC errors into :mod:`adamserve_client.errors` exceptions. ``once``:
+        the call changes state and must not be applied twice (see ``_never_sent``)."""
         try:
-            return _codec.with_retries(fn, _unavailable, attempts=self.retries,
-                                       backoff=self.backoff)
+            return _codec.with_retries(fn, _never_sent if once else _unavailable,
+                                       attempts=self.retries, backoff=self.backoff)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
@@ -182,7 +197,8 @@ class GrpcTransport(Transport):
             for t in initial:
                 yield from _codec.chunk_messages(t, _CREATE_INITIAL_FIELD)
 
-        return _session_info(self._call(lambda: self._create(requests(), **self._kw())))
+        return _session_info(self._call(lambda: self._create(requests(), **self._kw()),
+                                        once=True))
 
     def describe(self, session_id: str) -> SessionInfo:
         req = pb.DescribeSessionRequest(session_id=session_id)
@@ -234,7 +250,7 @@ class GrpcTransport(Transport):
                                          url=self.url)
             return _step_result(status, params.tensors())
 
-        return self._call(run)
+        return self._call(run, once=True)
 
     def _try_step_unary(self, session_id: str, gradients: Sequence[WireTensor],
                         return_datatype: str, require_all: bool) -> StepResult | None:
@@ -250,7 +266,7 @@ class GrpcTransport(Transport):
                                       data=bytes(t.data)) for t in gradients])
         try:
             resp = _codec.with_retries(lambda: self._step_unary(req, **self._kw()),
-                                       _unavailable, attempts=self.retries,
+                                       _never_sent, attempts=self.retries,
                                        backoff=self.backoff)
         except grpc.RpcError as exc:
             code = exc.code()
@@ -266,7 +282,7 @@ class GrpcTransport(Transport):
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
              require_all: bool = False) -> StepResult:
         requests = self._step_requests(session_id, gradients, "FP32", require_all)
-        return _step_result(self._call(lambda: self._push(requests(), **self._kw())))
+        return _step_result(self._call(lambda: self._push(requests(), **self._kw()), once=True))
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32") -> list[WireTensor]:
