@@ -88,14 +88,6 @@ def make_blocks(backend: Backend, offsets: I64,
                   int((end - start).sum()))
 
 
-def cuda_available() -> bool:
-    try:
-        from adamserve.engine import kernels_cuda
-    except ImportError:
-        return False
-    return kernels_cuda.device_count() > 0
-
-
 def select_backend(device: str = "auto") -> Backend:
     """``cpu``, ``cuda`` (fail if absent) or ``auto`` (CUDA when CuPy sees a device)."""
     if device not in ("auto", "cpu", "cuda"):

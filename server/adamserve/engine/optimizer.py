@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from adamserve.engine import algorithms as alg
-from adamserve.engine.algorithms import Algorithm, Hyperparameters, HyperValue
+from adamserve.engine.algorithms import Algorithm, Hyperparameters
 from adamserve.engine.backend import Array, Backend, Blocks, make_blocks, select_backend
 from adamserve.engine.schedules import Schedule
 
@@ -299,9 +299,6 @@ class FlatOptimizer:
     def tensor(self, buf: Array, i: int) -> Array:
         t = self.layout.tensors[i]
         return buf[self.layout.span(i)].reshape(t.shape)
-
-    def hyperparameters(self, group: int) -> dict[str, HyperValue]:
-        return dict(self.groups[group])
 
 
 class StreamStep:

@@ -61,7 +61,10 @@ class SessionConfig:
         )
 
 
-MAX_ELEMENTS = 1 << 40  # per session: beyond any device, and far from int64 overflow
+# Bounds on declared shapes, shared by both transports: far beyond any device and far
+# from int64 overflow in the layout's offsets and byte counts.
+MAX_ELEMENTS = 1 << 40  # per session (and so per tensor and per dimension)
+MAX_RANK = 32
 
 
 def check_tensors(config: SessionConfig) -> None:

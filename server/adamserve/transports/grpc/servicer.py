@@ -38,7 +38,7 @@ from adamserve import errors, metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
 from adamserve.service import OptimizerService, SessionInfo, StepResult, TensorChunk
-from adamserve.sessions.session import SessionConfig
+from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK, SessionConfig
 from adamserve.transports.state_codec import decode_state, encode_state
 from adamserve_proto.v1 import optimizer_pb2 as pb
 
@@ -54,10 +54,7 @@ MAX_SEND_BYTES = 4 * MiB
 MAX_RECEIVE_BYTES = 64 * MiB
 # Room left in each outgoing message for everything but the tensor bytes.
 _HEAD_ROOM = 1024
-# Bounds on declared shapes, far above any real tensor and far below int64 overflow
-# (the layout's offsets and byte counts are int64).
-MAX_DIMS = 64
-MAX_ELEMENTS = 1 << 48
+MAX_DIMS = MAX_RANK  # bounds on declared shapes: one rule for both transports
 # An imported state blob may be this much larger than the session's state.
 _IMPORT_SLACK_BYTES = 64 * MiB
 

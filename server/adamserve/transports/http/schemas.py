@@ -18,12 +18,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
+from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK
+
 # Wire datatypes, as in adamserve.engine.dtypes.WIRE_DTYPES. Kept a plain string in
 # the models (the enum is documentation) so an unknown one gets a message naming
 # the tensor, from the transport, rather than a generic literal error.
 DATATYPES = ("FP32", "FP64", "FP16", "BF16")
-MAX_RANK = 32
-MAX_DIM = 2**40
+MAX_DIM = MAX_ELEMENTS
 
 Datatype = Annotated[str, Field(json_schema_extra={"enum": list(DATATYPES)},
                                 description="FP32, FP64, FP16 or BF16 (little-endian)")]
