@@ -23,7 +23,7 @@ import numpy.typing as npt
 from adamserve import metrics
 from adamserve.engine import schedules, statedict
 from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
-from adamserve.engine.optimizer import StepReport, TensorSpec
+from adamserve.engine.optimizer import Layout, StepReport, TensorSpec
 from adamserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
 from adamserve.sessions.session import Session, SessionConfig
@@ -106,8 +106,8 @@ def _check_datatype(datatype: str | None, what: str) -> None:
 class _Assembler:
     """Decodes chunks of named tensors into a flat host buffer, checking each one."""
 
-    def __init__(self, session: Session, out: npt.NDArray[Any]) -> None:
-        self.layout = session.opt.layout
+    def __init__(self, layout: Layout, out: npt.NDArray[Any]) -> None:
+        self.layout = layout
         self.out = out
         self.received = np.zeros(len(self.layout), dtype=np.int64)
         self.sumsq = np.zeros(len(self.layout), dtype=np.float64)
@@ -201,7 +201,7 @@ class OptimizerService:
         session = self.store.create(session_id, config)  # returned locked
         try:
             host = np.zeros(session.opt.layout.size, dtype=session.opt.dtype)
-            asm = _Assembler(session, host)
+            asm = _Assembler(session.opt.layout, host)
             for chunk in initial:
                 asm.add(chunk)
             if asm.bytes:
@@ -252,25 +252,37 @@ class OptimizerService:
         """
         _check_datatype(return_datatype, "return datatype")
         t0 = time.perf_counter()
-        with self._locked(session_id) as session:
+        session = self.store.get(session_id)
+        with session.intake:  # the gradient buffer is ours; the state is not locked yet
             opt = session.opt
             host = opt.grad if opt.backend.name == "cpu" else np.empty(opt.layout.size, opt.dtype)
-            asm = _Assembler(session, host)
+            asm = _Assembler(opt.layout, host)
             for chunk in grads:
                 asm.add(chunk)
             active = asm.finish(require_all)
-            if host is not opt.grad:
-                opt.grad[...] = opt.backend.to_device(host)
-            report = opt.step(None if active.all() else active, grad_sumsq=asm.sumsq)
-            if not report.skipped:
-                session.version += 1
-            params = self._encode(session, None, return_datatype) if return_datatype else []
-            self._auto_checkpoint(session, report)
+            with self._locked(session_id) as current:
+                if current is not session:
+                    raise NotFound(f"session {session_id!r} was replaced during the request")
+                report = self._apply(session, host, active, asm.sumsq)
+                params = (self._encode(session, None, return_datatype) if return_datatype
+                          else [])
+                self._auto_checkpoint(session, report)
         metrics.STEPS.inc()
         metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
         if report.skipped:
             metrics.SKIPPED_STEPS.inc()
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params)
+
+    def _apply(self, session: Session, host: npt.NDArray[Any], active: npt.NDArray[np.bool_],
+               sumsq: npt.NDArray[np.float64]) -> StepReport:
+        """Step ``session`` (its lock held) from the decoded gradients in ``host``."""
+        opt = session.opt
+        if host is not opt.grad:
+            opt.grad[...] = opt.backend.to_device(host)
+        report = opt.step(None if active.all() else active, grad_sumsq=sumsq)
+        if not report.skipped:
+            session.version += 1
+        return report
 
     def step_stream(self, session_id: str, grads: Iterable[TensorChunk], *,
                     return_datatype: str | None = "FP32"
@@ -286,7 +298,11 @@ class OptimizerService:
         """
         _check_datatype(return_datatype, "return datatype")
         t0 = time.perf_counter()
-        with self._locked(session_id) as session:
+        # duplex changes state chunk by chunk, so it holds the state lock while it reads
+        claimed = self.store.get(session_id)
+        with claimed.intake, self._locked(session_id) as session:
+            if session is not claimed:
+                raise NotFound(f"session {session_id!r} was replaced during the request")
             opt = session.opt
             if not opt.streamable:
                 raise FailedPrecondition(
@@ -296,7 +312,7 @@ class OptimizerService:
                     "skip_nonfinite=false); send the step without apply_as_received")
             on_host = opt.backend.name == "cpu"
             host = opt.grad if on_host else np.empty(opt.layout.size, opt.dtype)
-            asm = _Assembler(session, host)
+            asm = _Assembler(session.opt.layout, host)
             stream = opt.begin_stream()
             try:
                 for chunk in grads:

@@ -146,3 +146,33 @@ def test_checkpoints_of_the_same_step_keep_the_older_one_until_pruned(tmp_path: 
     (Path(a.path) / "tensors.safetensors").write_bytes(b"torn")
     empty = OptimizerService(SessionStore(CpuBackend(), CheckpointStore(tmp_path)))
     assert empty.start() == []  # no complete checkpoint left: not restored, no crash
+
+
+def test_a_stalled_client_blocks_neither_checkpoints_nor_deletes(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", CONFIG)
+    release = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def slow_gradients():  # type: ignore[no-untyped-def]
+        yield _grads()[0]
+        release.wait(10)  # the client stops sending midway
+        yield _grads()[1]
+
+    def stepper() -> None:
+        try:
+            svc.step("s", slow_gradients())
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=stepper)
+    t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    assert svc.checkpoint("s").step == 0
+    svc.delete("s")
+    assert time.monotonic() - t0 < 2.0
+    release.set()
+    t.join(10)
+    assert isinstance(outcome[0], NotFound)

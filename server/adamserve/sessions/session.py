@@ -127,7 +127,11 @@ class Session:
     id: str
     config: SessionConfig
     opt: FlatOptimizer
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards the state
+    # Serialises the use of the gradient buffer. A step holds it while it reads its
+    # request from the network and only then takes ``lock``, so a slow client delays
+    # the next step of its session but never a checkpoint, export or delete.
+    intake: threading.Lock = field(default_factory=threading.Lock)
     created: float = field(default_factory=time.time)
     checkpointed_step: int = -1  # step of the last durable checkpoint
     checkpointed_at: float = field(default_factory=time.monotonic)
