@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,12 @@ from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
 from adamserve.engine.optimizer import Layout, StepReport, TensorSpec
 from adamserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
-from adamserve.sessions.session import Session, SessionConfig
+from adamserve.sessions.session import (
+    Session,
+    SessionConfig,
+    check_tensors,
+    slot_bytes,
+)
 from adamserve.sessions.store import SessionStore
 
 log = logging.getLogger("adamserve.service")
@@ -358,6 +363,48 @@ class OptimizerService:
             out.append(TensorChunk(t.name, t.shape, datatype, encode(host[layout.span(i)],
                                                                      datatype)))
         return out
+
+    def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
+                    group: Mapping[str, Any] | None = None,
+                    initial: Iterable[TensorChunk] = ()) -> SessionInfo:
+        """Add tensors to a live session, as torch's ``add_param_group``.
+
+        ``group``: hyperparameters of a new group for them (their ``group`` index must
+        be the new group's, i.e. the current number of groups); None: they join
+        existing groups. Their step counts start at 0; values not sent start at zero.
+        """
+        claimed = self.store.get(session_id)
+        with claimed.intake, self._locked(session_id) as session:
+            if session is not claimed:
+                raise NotFound(f"session {session_id!r} was replaced during the request")
+            opt = session.opt
+            try:
+                check_tensors(replace(session.config, tensors=(*opt.layout.tensors, *tensors)))
+                added = Layout(tuple(tensors))
+                clash = {t.name for t in tensors} & {t.name for t in opt.layout.tensors}
+                if clash:
+                    raise ValueError(f"tensor names already in the session: "
+                                     f"{', '.join(sorted(clash))}")
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            self.store.check_room(
+                slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize), session)
+            host = np.zeros(added.size, dtype=opt.dtype)
+            asm = _Assembler(added, host)
+            for chunk in initial:
+                asm.add(chunk)
+            if asm.bytes:
+                asm.finish(require_all=False)
+            try:
+                opt.add_tensors(tensors, host, group)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            session.config = replace(session.config, tensors=opt.layout.tensors,
+                                     groups=tuple(dict(g) for g in opt.groups))
+            session.version += 1
+            info = _info(session)
+        self._gauge()
+        return info
 
     # -- hyperparameters and state -------------------------------------------
 

@@ -359,3 +359,38 @@ def test_bad_hyperparameters_are_named() -> None:
         FlatOptimizer("sgd", lay)
     with pytest.raises(ValueError, match="lr: expected a value >= 0"):
         FlatOptimizer("adamw", lay, [{"lr": -1.0}])
+
+
+@pytest.mark.parametrize("algorithm,cls", [("adamw", torch.optim.AdamW),
+                                           ("nadam", torch.optim.NAdam),
+                                           ("adagrad", torch.optim.Adagrad)])
+def test_add_tensors_mid_run_matches_add_param_group(algorithm: str, cls: Any) -> None:
+    rng = np.random.default_rng(8)
+    torch.set_default_dtype(torch.float64)
+    try:
+        first = [rng.standard_normal(s) for s in SHAPES[:3]]
+        later = [rng.standard_normal(s) for s in SHAPES[3:]]
+        tparams = [torch.tensor(p, requires_grad=True) for p in first]
+        extra = [torch.tensor(p, requires_grad=True) for p in later]
+        opts = {"initial_accumulator_value": 0.1} if algorithm == "adagrad" else {}
+        topt = cls(tparams, lr=1e-2, **opts)
+        layout = Layout(tuple(TensorSpec(f"t{i}", s) for i, s in enumerate(SHAPES[:3])))
+        ours = FlatOptimizer(algorithm, layout, [{"lr": 1e-2, **opts}], dtype="float64",
+                             params=_flat(first))
+        for k in range(12):
+            if k == 5:
+                topt.add_param_group({"params": extra, "lr": 3e-2})
+                ours.add_tensors([TensorSpec(f"t{3 + i}", s, group=1)
+                                  for i, s in enumerate(SHAPES[3:])], _flat(later),
+                                 group={"lr": 3e-2, **opts})
+            live = tparams + (extra if k >= 5 else [])
+            grads = [rng.standard_normal(tuple(t.shape)) for t in live]
+            for t, g in zip(live, grads, strict=True):
+                t.grad = torch.tensor(g)
+            topt.step()
+            ours.grad[:] = _flat(grads)
+            ours.step()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    _compare(ours.param, _flat([t.detach().numpy() for t in tparams + extra]), 1e-12, "params")
+    assert list(ours.seg_step) == [12, 12, 12, 7, 7]

@@ -176,3 +176,29 @@ def test_a_stalled_client_blocks_neither_checkpoints_nor_deletes(tmp_path: Path)
     release.set()
     t.join(10)
     assert isinstance(outcome[0], NotFound)
+
+
+def test_add_tensors_to_a_live_session_survives_a_restart(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", CONFIG)
+    svc.step("s", _grads())
+    before = svc.store.get("s").fingerprint()
+    for bad, message in [
+        ([TensorSpec("w", (2,), 1)], "already in the session: w"),
+        ([TensorSpec("new", (2,), 5)], "group 5 does not exist"),
+        ([TensorSpec("new", (1 << 41,), 1)], "would exceed"),
+    ]:
+        with pytest.raises(InvalidArgument, match=message):
+            svc.add_tensors("s", bad, {"lr": 0.1})
+        assert svc.store.get("s").fingerprint() == before
+    init = np.arange(4, dtype=np.float32)
+    info = svc.add_tensors("s", [TensorSpec("head", (2, 2), 1)], {"lr": 0.1},
+                           [TensorChunk("head", (2, 2), "FP32", init.tobytes())])
+    assert [t.name for t in info.tensors] == ["w", "b", "head"] and len(info.groups) == 2
+    svc.step("s", [TensorChunk("head", (2, 2), "FP32", np.ones(4, np.float32).tobytes())])
+    svc.checkpoint("s")
+    restored = _service(tmp_path)
+    opt = restored.store.get("s").opt
+    assert list(opt.seg_step) == [1, 1, 1]
+    head = opt.param[opt.layout.span(2)]
+    np.testing.assert_allclose(head, init - 0.1, rtol=1e-6)  # one Adam step of lr 0.1

@@ -138,10 +138,61 @@ class FlatOptimizer:
             self.param[...] = self.backend.to_device(np.asarray(params, dtype=self.dtype))
         self.slots: dict[str, Array] = {}
         self._ensure_slots()
-        self._blocks_all = make_blocks(self.backend, layout.offsets)
-        self._seg_group = np.array([t.group for t in layout.tensors], dtype=np.int64)
+        self._index_layout()
+
+    def _index_layout(self) -> None:
+        self._blocks_all = make_blocks(self.backend, self.layout.offsets)
+        self._seg_group = np.array([t.group for t in self.layout.tensors], dtype=np.int64)
         self._table_key = ""
         self._table_all: dict[str, F64] = {}
+
+    def add_tensors(self, tensors: Sequence[TensorSpec], params: npt.NDArray[Any],
+                    group: Mapping[str, Any] | None = None) -> None:
+        """Append tensors (torch's ``add_param_group``): their step counts start at 0.
+
+        ``group``: hyperparameters of a new parameter group the tensors join (their
+        ``group`` fields must then name it); None: they join existing groups.
+        Validates everything before it reallocates the flat buffers.
+        """
+        groups = list(self.groups)
+        if group is not None:
+            groups.append(alg.resolve_hyperparameters(self.algorithm, group))
+        new_layout = Layout((*self.layout.tensors, *tensors))  # checks unique names
+        for t in tensors:
+            if not 0 <= t.group < len(groups):
+                raise ValueError(f"tensor {t.name!r}: group {t.group} does not exist "
+                                 f"(there are {len(groups)} groups)")
+        added = new_layout.size - self.layout.size
+        if np.asarray(params).size != added:
+            raise ValueError(f"expected {added} initial values for the new tensors, got "
+                             f"{np.asarray(params).size}")
+        old = self.layout.size
+        host = {name: self.backend.to_host(buf) for name, buf in self.slots.items()}
+
+        def grown(buf: Array, tail: npt.NDArray[Any] | None = None) -> Array:
+            out = self.backend.zeros(new_layout.size, self.dtype)
+            out[:old] = buf
+            if tail is not None:
+                out[old:] = self.backend.to_device(np.asarray(tail, dtype=self.dtype))
+            return out
+
+        self.param = grown(self.param, params)
+        self.grad = self.backend.zeros(new_layout.size, self.dtype)
+        self.groups = groups
+        self.layout = new_layout
+        self.slots = {name: grown(self.backend.to_device(buf)) for name, buf in host.items()}
+        nseg = len(new_layout)
+        first_new = nseg - len(tensors)
+        for name, buf in self.slots.items():  # e.g. Adagrad's initial accumulator
+            for i in range(first_new, nseg):
+                init = alg.initial_slot_value(self.algorithm, name,
+                                              groups[new_layout.tensors[i].group])
+                if init != 0.0:
+                    buf[new_layout.span(i)] = init
+        self._ensure_slots()
+        self.seg_step = np.concatenate([self.seg_step, np.zeros(len(tensors), np.int64)])
+        self.mu_product = np.concatenate([self.mu_product, np.ones(len(tensors))])
+        self._index_layout()
 
     # -- state ---------------------------------------------------------------
 
