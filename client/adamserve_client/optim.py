@@ -454,16 +454,13 @@ class RemoteOptimizer(_Base):
 
     # -- the session -------------------------------------------------------------------
 
-    def _spec(self, session_id: str, info: SessionInfo | None = None) -> SessionSpec:
+    def _spec(self, session_id: str) -> SessionSpec:
         return SessionSpec(
             session_id=session_id, algorithm=self._algo.server,
             tensors=tuple(TensorSpec(p.name, p.shape, p.group) for p in self._params),
             groups=tuple(self._group_hyper(g) for g in self.param_groups),
             dtype="float64" if self._master == "FP64" else "float32",
-            schedule=info.schedule if info is not None else self._schedule,
-            max_grad_norm=info.max_grad_norm if info is not None else None,
-            clip_per_tensor=info.clip_per_tensor if info is not None else False,
-            skip_nonfinite=info.skip_nonfinite if info is not None else True)
+            schedule=self._schedule)
 
     def _open_session(self, name: str | None) -> None:
         t = self._transport
@@ -513,47 +510,34 @@ class RemoteOptimizer(_Base):
             self._transport.set_schedule(info.session_id, self._schedule)
 
     def _grow_session(self, group: int) -> None:
-        """The server has no add-tensors call: re-create the session with the new group,
-        carrying the master weights and the optimizer state over."""
-        t = self._transport
-        sid = self.session_id
-        info = t.describe(sid)
-        state = t.export_state(sid)
-        old = {w.name: w for w in t.pull(sid, datatype=self._master)}
-        new = [p for p in self._params if p.group == group]
-        initial = [old[p.name] for p in self._params if p.group != group] + self._values(
-            new, self._master)
-        names = self._server_names(state)
-        index = {p.name: i for i, p in enumerate(self._params)}
-        moved = {index[names[k]]: v for k, v in state["state"].items()}
-        groups = [*({k: v for k, v in g.items() if k not in ("params", "param_names")}
-                    for g in state["param_groups"]),
-                  self._group_hyper(self.param_groups[group])]
-        spec = dataclasses.replace(self._spec(sid, info),
-                                   groups=tuple(self._group_hyper(g) for g in groups))
-        t.delete_session(sid)
+        """Add group ``group`` and its parameters to the server session in one call:
+        atomic on the server, which keeps the other tensors' weights and state and the
+        session's checkpoints (a refused call changes nothing there)."""
+        new = [TensorSpec(p.name, p.shape, p.group) for p in self._params if p.group == group]
+        hyper = self._group_hyper(self.param_groups[group])
+        values = self._values([p for p in self._params if p.group == group], self._master)
         try:
-            t.create_session(spec, initial)
-            t.import_state(sid, {"state": moved, "param_groups": self._with_params(groups)})
-        except BaseException:
-            # Put the session back as it was, then report the failure.
-            with contextlib.suppress(errors.NotFound):
-                t.delete_session(sid)
-            kept = [p for p in self._params if p.group != group]
-            t.create_session(dataclasses.replace(
-                spec, tensors=tuple(TensorSpec(p.name, p.shape, p.group) for p in kept),
-                groups=spec.groups[:-1]), [old[p.name] for p in kept])
-            t.import_state(sid, {"state": moved, "param_groups": self._with_params(
-                groups[:-1], kept)})
-            raise
-        self._sent[group] = self._group_hyper(self.param_groups[group])
+            self._transport.add_tensors(self.session_id, new, hyper, values)
+        except (errors.DeadlineExceeded, errors.Unavailable, errors.ServerError):
+            # the call may have been applied before it failed: if so, it succeeded
+            if not self._session_grown(new, group):
+                raise
+        self._sent[group] = hyper
 
-    def _with_params(self, groups: Sequence[Mapping[str, Any]],
-                     params: Sequence[_Param] | None = None) -> list[dict[str, Any]]:
+    def _session_grown(self, new: Sequence[TensorSpec], group: int) -> bool:
+        """Whether the session ends with exactly ``new`` and has ``group + 1`` groups."""
+        try:
+            info = self._transport.describe(self.session_id)
+        except errors.AdamserveError:
+            return False
+        tail = list(info.tensors[len(info.tensors) - len(new):]) if new else []
+        return (len(info.groups) == group + 1 and tail == list(new)
+                and len(info.tensors) == len(self._params))
+
+    def _with_params(self, groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Groups for an import: hyperparameters plus our indices and session names."""
-        params = self._params if params is None else params
-        return [{**g, "params": [i for i, p in enumerate(params) if p.group == k],
-                 "param_names": [p.name for p in params if p.group == k]}
+        return [{**g, "params": [i for i, p in enumerate(self._params) if p.group == k],
+                 "param_names": [p.name for p in self._params if p.group == k]}
                 for k, g in enumerate(groups)]
 
     @staticmethod

@@ -111,8 +111,10 @@ def _check_datatype(datatype: str | None, what: str) -> None:
 class _Assembler:
     """Decodes chunks of named tensors into a flat host buffer, checking each one."""
 
-    def __init__(self, layout: Layout, out: npt.NDArray[Any]) -> None:
+    def __init__(self, layout: Layout, out: npt.NDArray[Any],
+                 scope: str = "in this session") -> None:
         self.layout = layout
+        self.scope = scope
         self.out = out
         self.received = np.zeros(len(self.layout), dtype=np.int64)
         self.sumsq = np.zeros(len(self.layout), dtype=np.float64)
@@ -126,7 +128,7 @@ class _Assembler:
             names = [t.name for t in self.layout.tensors]
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise InvalidArgument(
-                f"tensor {chunk.name!r} is not in this session; expected one of {shown}"
+                f"tensor {chunk.name!r} is not {self.scope}; expected one of {shown}"
             ) from None
         t = self.layout.tensors[i]
         if chunk.datatype not in WIRE_DTYPES:
@@ -387,10 +389,17 @@ class OptimizerService:
                                      f"{', '.join(sorted(clash))}")
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
-            self.store.check_room(
-                slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize), session)
+            try:
+                new_slots = set(opt.slots_after_group(group)) - set(opt.slots)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            # the existing slots grow by the new tensors; a slot the new group turns on
+            # (say amsgrad) spans the whole grown session
+            extra = (slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize)
+                     + len(new_slots) * (opt.layout.size + added.size) * opt.dtype.itemsize)
+            self.store.check_room(extra, session)
             host = np.zeros(added.size, dtype=opt.dtype)
-            asm = _Assembler(added, host)
+            asm = _Assembler(added, host, scope="among the tensors being added")
             for chunk in initial:
                 asm.add(chunk)
             if asm.bytes:

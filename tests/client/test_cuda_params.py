@@ -6,6 +6,7 @@ CUDA half is skipped, saying so, where torch sees no GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from adamserve_client.transports import (
     SessionInfo,
     SessionSpec,
     StepResult,
+    TensorSpec,
     Transport,
     WireTensor,
 )
@@ -54,6 +56,21 @@ class MemoryTransport(Transport):
             "m": {n: np.zeros_like(p) for n, p in params.items()}, "steps": dict.fromkeys(
                 params, 0), "step": 0}
         return self._info(spec.session_id)
+
+    def add_tensors(self, session_id: str, tensors_: Sequence[TensorSpec],
+                    group: Mapping[str, Any] | None = None,
+                    initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        s = self.sessions[session_id]
+        if group is not None:
+            s["groups"].append(dict(group))
+        s["spec"] = dataclasses.replace(s["spec"], tensors=(*s["spec"].tensors, *tensors_))
+        for t in tensors_:
+            s["params"][t.name] = np.zeros(t.shape, np.float32)
+            s["m"][t.name] = np.zeros(t.shape, np.float32)
+            s["steps"][t.name] = 0
+        for w in initial:
+            tensors.decode_into(s["params"][w.name], w.data, w.datatype)
+        return self._info(session_id)
 
     def _out(self, sid: str, datatype: str) -> list[WireTensor]:
         return [WireTensor(n, p.shape, datatype, tensors.encode(p, datatype))
@@ -176,3 +193,27 @@ def test_bfloat16_parameters(device: str) -> None:
         expected = torch.from_numpy(master[f"param.{i}"]).to(torch.bfloat16)
         torch.testing.assert_close(p.cpu(), expected, rtol=0, atol=0)
     assert math.isfinite(float(params[0].float().sum()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_param_group_of_device_parameters(device: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 5, generator=g).to(device)
+    b = torch.randn(7, 3, generator=g).to(device).t()  # non-contiguous
+    b0 = b.cpu().numpy().copy()
+    transport = MemoryTransport()
+    opt = ac.Adam([a], lr=0.01, server=transport, session="s", wire_dtype="bfloat16")
+    a.grad = torch.ones_like(a)
+    opt.step()
+    opt.add_param_group({"params": [b], "lr": 0.1})
+    s = transport.sessions["s"]
+    assert [(t.name, t.shape, t.group) for t in s["spec"].tensors] == [
+        ("param.0", (8, 5), 0), ("param.1", (3, 7), 1)]
+    assert s["groups"][1]["lr"] == 0.1 and s["step"] == 1
+    np.testing.assert_array_equal(s["params"]["param.1"], b0)  # sent in the master dtype
+    a.grad, b.grad = None, torch.ones_like(b)
+    opt.step()
+    np.testing.assert_allclose(s["params"]["param.1"], b0 - np.float32(0.1), rtol=0, atol=1e-6)
+    expected = torch.from_numpy(s["params"]["param.1"]).to(torch.bfloat16).float()
+    assert b.device.type == device
+    torch.testing.assert_close(b.cpu(), expected, rtol=0, atol=0)

@@ -95,3 +95,30 @@ def test_numpy_mode_without_torch(url: str) -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_numpy_add_param_group_matches_torch(url: str, sid: str) -> None:
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    h = rng.standard_normal(5).astype(np.float32)
+    tw, th = torch.tensor(w), torch.tensor(h)
+    opt = ac.Adam([w], lr=1e-2, server=url, session=sid)
+    ref = torch.optim.Adam([tw], lr=1e-2)
+    try:
+        for step in range(6):
+            if step == 3:
+                opt.add_param_group({"params": [h], "lr": 0.05, "amsgrad": True})
+                ref.add_param_group({"params": [th], "lr": 0.05, "amsgrad": True})
+            grads = [rng.standard_normal(a.shape).astype(np.float32)
+                     for a in (w, h)[:len(opt.param_groups)]]
+            opt.step(grads)
+            for t, g in zip((tw, th), grads, strict=False):
+                t.grad = torch.tensor(g)
+            ref.step()
+            np.testing.assert_allclose(w, tw.numpy(), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(h, th.numpy(), rtol=0, atol=1e-6)
+        sd = opt.state_dict()
+        assert sd["state"][0]["step"] == 6 and sd["state"][1]["step"] == 3
+        assert "max_exp_avg_sq" in sd["state"][1] and "max_exp_avg_sq" not in sd["state"][0]
+    finally:
+        opt.close(delete=True)

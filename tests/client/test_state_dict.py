@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import adamserve_client as ac
+from tests.client.conftest import Live
 
 ATOL = 1e-6
 
@@ -248,3 +250,92 @@ def test_add_param_group_grows_the_session(url: str, sid: str) -> None:
         assert len(remote.param_groups) == 2 and len(remote.describe().tensors) == 4
     finally:
         remote.close(delete=True)
+
+
+def test_add_param_group_keeps_the_session_and_its_checkpoint(url: str, sid: str,
+                                                              live: Live) -> None:
+    """The session grows in place: same session, its checkpoint kept, the step count too."""
+    reference = model()
+    frozen, head = list(reference[0].parameters()), list(reference[2].parameters())
+    ref_opt = torch.optim.AdamW(head, lr=1e-2)
+    remote_model = clone(reference)
+    remote = ac.AdamW(list(remote_model[2].parameters()), lr=1e-2, server=url, session=sid)
+    try:
+        train(reference, ref_opt, 3, seed=11)
+        train(remote_model, remote, 3, seed=11)
+        ck = remote.checkpoint()
+        assert ck.step == 3 and Path(ck.path).exists()
+        ref_opt.add_param_group({"params": frozen, "lr": 1e-3, "betas": (0.8, 0.9)})
+        remote.add_param_group({"params": list(remote_model[0].parameters()), "lr": 1e-3,
+                                "betas": (0.8, 0.9)})
+        info = remote.describe()
+        assert info.checkpointed_step == 3 and info.step == 3
+        assert Path(ck.path).exists() and (live.data_dir / "sessions" / sid).is_dir()
+        assert info.groups[1]["betas"] == (0.8, 0.9) and len(info.tensors) == 4
+        train(reference, ref_opt, 3, seed=12)
+        train(remote_model, remote, 3, seed=12)
+        assert_same(remote_model, reference)
+        assert_state_close(remote.state_dict(), ref_opt.state_dict())
+    finally:
+        remote.close(delete=True)
+
+
+def test_refused_add_param_group_changes_nothing_and_training_continues(url: str,
+                                                                        sid: str) -> None:
+    reference = model()
+    ref_opt = torch.optim.Adam(reference.named_parameters(), lr=1e-2)
+    remote_model = clone(reference)
+    remote = ac.Adam(remote_model.named_parameters(), lr=1e-2, server=url, session=sid)
+    extra = torch.nn.Parameter(torch.ones(3))
+    try:
+        train(reference, ref_opt, 2, seed=13)
+        train(remote_model, remote, 2, seed=13)
+        before = remote.describe()
+        # the server refuses the hyperparameter: nothing changed on either side
+        with pytest.raises(ac.InvalidArgument, match=r"lr: expected a value >= 0"):
+            remote.add_param_group({"params": [("extra", extra)], "lr": -1.0})
+        # a name the session has already: refused before anything is sent
+        with pytest.raises(ValueError, match=r"'0\.weight' appears twice"):
+            remote.add_param_group({"params": [("0.weight", extra)]})
+        assert len(remote.param_groups) == 1 and remote.describe() == before
+        train(reference, ref_opt, 2, seed=14)
+        train(remote_model, remote, 2, seed=14)
+        assert_same(remote_model, reference)
+        assert_state_close(remote.state_dict(), ref_opt.state_dict())
+        # and the same group, corrected, goes in
+        remote.add_param_group({"params": [("extra", extra)], "lr": 0.5})
+        assert [t.name for t in remote.describe().tensors][-1] == "extra"
+    finally:
+        remote.close(delete=True)
+
+
+def test_add_param_group_whose_answer_is_lost_checks_the_session(live: Live, sid: str) -> None:
+    """A timeout after the server grew the session is a success; before it, a failure."""
+    from adamserve_client.transports.grpc import GrpcTransport
+
+    class Flaky(GrpcTransport):
+        apply = True
+
+        def add_tensors(self, session_id: str, tensors: Any, group: Any = None,
+                        initial: Any = ()) -> Any:
+            if self.apply:
+                super().add_tensors(session_id, tensors, group, initial)
+            raise ac.DeadlineExceeded("no answer within the timeout")
+
+    with Flaky(live.urls["grpc"]) as transport:
+        opt = ac.Adam([torch.zeros(2)], server=transport, session=sid)
+        try:
+            opt.add_param_group({"params": [torch.zeros(3)], "lr": 0.1})
+            assert len(opt.param_groups) == 2 and len(opt.describe().tensors) == 2
+            transport.apply = False
+            with pytest.raises(ac.DeadlineExceeded):
+                opt.add_param_group({"params": [torch.zeros(4)]})
+            assert len(opt.param_groups) == 2 and len(opt.describe().tensors) == 2
+            opt.zero_grad()
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.ones_like(p)
+            opt.step()
+            assert opt.describe().step == 1
+        finally:
+            opt.close(delete=True)

@@ -117,6 +117,44 @@ def test_a_whole_session(transport: Transport, sid: str) -> None:
         transport.describe(sid)
 
 
+def test_add_tensors(transport: Transport, sid: str) -> None:
+    """A session grows in place: a new group with initial values, then refused adds."""
+    transport.create_session(SessionSpec(sid, "adam", (TensorSpec("w", (2,)),),
+                                         groups=({"lr": 0.1},)))
+    try:
+        transport.step(sid, [f32("w", np.ones(2, np.float32))])
+        h = np.arange(6, dtype=np.float32).reshape(2, 3)
+        info = transport.add_tensors(
+            sid, [TensorSpec("h", (2, 3), 1), TensorSpec("z", (4,), 1)],
+            {"lr": 0.5, "betas": (0.8, 0.9), "amsgrad": True}, [f32("h", h)])
+        assert info.tensors == (TensorSpec("w", (2,)), TensorSpec("h", (2, 3), 1),
+                                TensorSpec("z", (4,), 1))
+        assert info.step == 1 and info.lr == (0.1, 0.5)
+        assert info.groups[1]["betas"] == (0.8, 0.9) and info.groups[1]["amsgrad"] is True
+        pulled = {t.name: values(t) for t in transport.pull(sid, ["h", "z"])}
+        np.testing.assert_array_equal(pulled["h"], h)
+        np.testing.assert_array_equal(pulled["z"], 0)
+        info = transport.add_tensors(sid, [TensorSpec("x", (1,))])  # joins group 0
+        assert info.tensors[-1] == TensorSpec("x", (1,)) and len(info.groups) == 2
+        r = transport.step(sid, [f32("h", np.ones((2, 3), np.float32))])
+        got = {t.name: values(t) for t in r.params}
+        np.testing.assert_allclose(got["h"], h - 0.5, rtol=1e-6)  # first Adam step: lr
+        state = transport.export_state(sid)
+        assert [state["state"][i]["step"] for i in range(2)] == [1.0, 1.0]
+        with pytest.raises(ValueError, match="already in the session: w"):
+            transport.add_tensors(sid, [TensorSpec("w", (2,), 2)], {})
+        with pytest.raises(ValueError, match="group 3 does not exist"):
+            transport.add_tensors(sid, [TensorSpec("q", (2,), 3)], {})
+        with pytest.raises(ValueError, match="lr: expected a value >= 0"):
+            transport.add_tensors(sid, [TensorSpec("q", (2,), 2)], {"lr": -1.0})
+        with pytest.raises(KeyError, match=f"nope-{sid}"):
+            transport.add_tensors(f"nope-{sid}", [TensorSpec("q", (2,))])
+        after = transport.describe(sid)
+        assert len(after.tensors) == 4 and len(after.groups) == 2 and after.step == 2
+    finally:
+        transport.delete_session(sid)
+
+
 def test_same_answers_over_both_wires(live: Live, sid: str) -> None:
     rng = np.random.default_rng(4)
     w = rng.standard_normal((5, 6)).astype(np.float32)

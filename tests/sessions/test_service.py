@@ -202,3 +202,17 @@ def test_add_tensors_to_a_live_session_survives_a_restart(tmp_path: Path) -> Non
     assert list(opt.seg_step) == [1, 1, 1]
     head = opt.param[opt.layout.span(2)]
     np.testing.assert_allclose(head, init - 0.1, rtol=1e-6)  # one Adam step of lr 0.1
+
+
+def test_a_new_group_that_turns_on_a_slot_is_counted_against_the_cap(tmp_path: Path) -> None:
+    n = sum(int(np.prod(s)) for s in SHAPES.values())
+    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * (n + 4) + 4 * 2))
+    svc.create("s", CONFIG)
+    before = svc.store.get("s").fingerprint()
+    with pytest.raises(ResourceExhausted):  # amsgrad's buffer would span the whole session
+        svc.add_tensors("s", [TensorSpec("new", (2,), 1)], {"amsgrad": True})
+    assert svc.store.get("s").fingerprint() == before
+    svc.add_tensors("s", [TensorSpec("new", (2,), 1)], {"lr": 0.1})  # fits without it
+    with pytest.raises(InvalidArgument, match="is not among the tensors being added"):
+        svc.add_tensors("s", [TensorSpec("newer", (2,), 0)], None,
+                        [TensorChunk("w", (4, 3), "FP32", bytes(48))])

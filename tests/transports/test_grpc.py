@@ -355,6 +355,63 @@ def test_set_hyperparameters_mid_run_equals_local(stub: pb_grpc.OptimizerStub) -
     assert_same(params, local_step(opt, grads))
 
 
+def add_requests(sid: str, specs: list[tuple[str, tuple[int, ...], int]],
+                 init: Arrays | None = None, new_group: pb.Group | None = None,
+                 per_chunk: int | None = None) -> list[pb.AddTensorsRequest]:
+    spec = pb.AddTensorsSpec(session_id=sid, tensors=[
+        pb.TensorSpec(name=n, shape=list(shape), group=g) for n, shape, g in specs])
+    if new_group is not None:
+        spec.new_group.CopyFrom(new_group)
+    msgs = [pb.AddTensorsRequest(spec=spec)]
+    for n, a in (init or {}).items():
+        msgs += [pb.AddTensorsRequest(initial=c) for c in tensor_chunks(n, a, "FP32", per_chunk)]
+    return msgs
+
+
+def test_add_tensors_mid_run_equals_local(srv: Server) -> None:
+    """A new tensor and group mid-run (and one joining an old group), as FlatOptimizer does."""
+    stub = srv.stub
+    sid = new_id("grow")
+    init = small_model(30)
+    create(stub, sid, init)
+    opt = local(init)
+    rng = np.random.default_rng(31)
+    for _ in range(2):
+        grads = small_grads(rng)
+        _, params, _ = step(stub, sid, grads)
+        assert_same(params, local_step(opt, grads))
+    ck = stub.Checkpoint(pb.CheckpointRequest(session_id=sid))
+    head = rand(rng, 3, 5)
+    info = stub.AddTensors(iter(add_requests(
+        sid, [("head", (3, 5), 1), ("bias", (4,), 1)], {"head": head},
+        pb.Group(values={"lr": 0.05, "beta1": 0.7}, flags={"amsgrad": True}), per_chunk=4)))
+    assert [(t.name, t.group) for t in info.tensors] == [
+        ("w", 0), ("b", 0), ("s", 0), ("head", 1), ("bias", 1)]
+    assert info.step == 2 and len(info.groups) == 2 and info.lr[1] == 0.05
+    assert info.groups[1].values["beta1"] == 0.7 and info.groups[1].flags["amsgrad"]
+    assert info.groups[0].values["lr"] == 1e-3 and not info.groups[0].flags["amsgrad"]
+    assert info.checkpointed_step == ck.step == 2 and Path(ck.path).exists()
+    opt.add_tensors([TensorSpec("head", (3, 5), 1), TensorSpec("bias", (4,), 1)],
+                    np.concatenate([head.reshape(-1), np.zeros(4, np.float32)]),
+                    {"lr": 0.05, "beta1": 0.7, "amsgrad": True})
+    assert_same(pull(stub, sid), local_params(opt))
+    # no new group: a tensor joins group 0 (no initial values: zeros)
+    info = stub.AddTensors(iter(add_requests(sid, [("extra", (2, 2), 0)])))
+    assert [t.name for t in info.tensors][-1] == "extra" and len(info.groups) == 2
+    opt.add_tensors([TensorSpec("extra", (2, 2), 0)], np.zeros(4, np.float32))
+    for k in range(3):
+        grads = small_grads(rng)
+        grads.update(head=rand(rng, 3, 5), bias=rand(rng, 4), extra=rand(rng, 2, 2))
+        if k == 1:  # only the new tensors: the old ones keep their step counts
+            grads = {n: grads[n] for n in ("head", "bias")}
+        _, params, _ = step(stub, sid, grads)
+        assert_same(params, local_step(opt, grads))
+    state = decode_state(b"".join(c.data for c in stub.ExportState(
+        pb.ExportStateRequest(session_id=sid))))
+    assert [state["state"][i]["step"] for i in range(6)] == [4, 4, 4, 3, 3, 2]
+    assert "max_exp_avg_sq" in state["state"][3]
+
+
 def _export_import_round_trip(srv: Server, init: Arrays) -> None:
     stub = srv.stub
     a, b = new_id("a"), new_id("b")
@@ -684,6 +741,68 @@ def test_bad_hyperparameters_schedules_and_pulls(srv: Server, session: str) -> N
     # removing a schedule that is not there is fine, and changes nothing
     info = stub.SetSchedule(pb.SetScheduleRequest(session_id=session))
     assert info.schedule_json == "" and srv.fp(session) == before
+
+
+def test_bad_add_tensors_are_refused_and_change_nothing(srv: Server, session: str) -> None:
+    stub = srv.stub
+    before = srv.fp(session)
+    group = pb.Group(values={"lr": 0.1})
+    two = {"n": np.ones(2, np.float32)}
+
+    def add(msgs: list[pb.AddTensorsRequest]) -> Any:
+        return stub.AddTensors(iter(msgs))
+
+    cases: list[tuple[list[pb.AddTensorsRequest], grpc.StatusCode, tuple[str, ...]]] = [
+        (add_requests(session, [("w", (2,), 1)], new_group=group),
+         grpc.StatusCode.INVALID_ARGUMENT, ("already in the session: w",)),
+        (add_requests(session, [("n", (2,), 0), ("n", (2,), 0)]),
+         grpc.StatusCode.INVALID_ARGUMENT, ("repeated: n",)),
+        (add_requests(session, [("n", (2,), 5)], new_group=group),
+         grpc.StatusCode.INVALID_ARGUMENT, ("group 5 does not exist",)),
+        (add_requests(session, [("n", (2,), 1)]),  # no new group: group 1 is not there
+         grpc.StatusCode.INVALID_ARGUMENT, ("group 1 does not exist",)),
+        (add_requests("ghost", [("n", (2,), 1)], new_group=group),
+         grpc.StatusCode.NOT_FOUND, ("ghost",)),
+        (add_requests("", [("n", (2,), 1)], new_group=group),
+         grpc.StatusCode.INVALID_ARGUMENT, ("spec.session_id",)),
+        (add_requests(session, [("n", (2,), 1)], new_group=pb.Group(values={"lr": -1.0})),
+         grpc.StatusCode.INVALID_ARGUMENT, ("lr", ">= 0")),
+        (add_requests(session, [("n", (2,), 1)], new_group=pb.Group(values={"momentum": 0.9})),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'momentum'",)),
+        (add_requests(session, [("n", (2,), 1)],
+                      new_group=pb.Group(values={"lr": 0.1}, flags={"lr": True})),
+         grpc.StatusCode.INVALID_ARGUMENT, ("new_group", "value and as a flag")),
+        (add_requests(session, [("n", (-2,), 0)]),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "negative")),
+        (add_requests(session, [("n", (1 << 40, 1 << 40), 0)]),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "2^48")),
+        (add_requests(session, [("n", (1,) * 65, 0)]),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "dimensions")),
+        (add_requests(session, [("n", (100_000, 100_000), 0)]),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, ("bytes",)),
+        # initial values are checked like gradients, against the new tensors only
+        (add_requests(session, [("n", (4,), 0)], two),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "expected shape [4], got [2]")),
+        (add_requests(session, [("n", (2,), 0)], {"w": np.ones((8, 16), np.float32)}),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'w'",)),
+        (add_requests(session, [("n", (2,), 0)], {"n": np.ones(2, np.float32)})[1:],
+         grpc.StatusCode.INVALID_ARGUMENT, ("first message", "spec")),
+        ([], grpc.StatusCode.INVALID_ARGUMENT, ("empty stream", "spec")),
+        (add_requests(session, [("n", (2,), 0)], two) + add_requests(session, []),
+         grpc.StatusCode.INVALID_ARGUMENT, ("`spec` may only be sent in the first message",)),
+        ([*add_requests(session, [("n", (2,), 0)]), pb.AddTensorsRequest()],
+         grpc.StatusCode.INVALID_ARGUMENT, ("initial",)),
+    ]
+    for msgs, code, needles in cases:
+        expect(lambda: add(msgs), code, *needles)  # noqa: B023 (called at once)
+        assert srv.fp(session) == before, needles
+    info = stub.DescribeSession(pb.DescribeSessionRequest(session_id=session))
+    assert [t.name for t in info.tensors] == ["w", "b"] and len(info.groups) == 1
+    # the session still steps, and grows, normally afterwards
+    status, _, _ = step(srv.stub, session, {"b": np.ones(16, np.float32)})
+    assert status.step == 2
+    info = add(add_requests(session, [("n", (2,), 1)], two, new_group=group))
+    assert [t.name for t in info.tensors] == ["w", "b", "n"] and len(info.groups) == 2
 
 
 def test_import_garbage_state_is_refused(srv: Server, session: str) -> None:

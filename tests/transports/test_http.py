@@ -297,6 +297,62 @@ def test_hyperparameters_change_mid_run(client: httpx.Client) -> None:
         assert fp32(params["w"]["data"]).tobytes() == ref_param(ref, "w").tobytes()
 
 
+def test_add_tensors_mid_run_matches_local_optimizer(client: httpx.Client, live: Live) -> None:
+    """A new group with JSON initial values, then a tensor joining group 0 in binary."""
+    init = rng_values(6)
+    create(client, "grow", seed=6)
+    ref = reference(init)
+    grads = rng_values(600)
+    client.post("/v1/sessions/grow/push",
+                json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+    ref_step(ref, grads)
+    ck = client.post("/v1/sessions/grow/checkpoint").json()
+    rng = np.random.default_rng(61)
+    head = rng.standard_normal((2, 5)).astype(np.float32)
+    r = client.post("/v1/sessions/grow/tensors", json={
+        "tensors": [{"name": "head", "shape": [2, 5], "group": 1},
+                    {"name": "hb", "shape": [5], "group": 1}],
+        "group": {"lr": 0.05, "betas": [0.7, 0.9], "amsgrad": True},
+        "initial": [json_tensor("head", head)]})
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert [(t["name"], t["group"]) for t in info["tensors"]] == [
+        ("w", 0), ("b", 0), ("e", 0), ("head", 1), ("hb", 1)]
+    assert info["step"] == 1 and info["lr"] == [0.01, 0.05]
+    assert info["groups"][1]["betas"] == [0.7, 0.9] and info["groups"][1]["amsgrad"] is True
+    assert info["groups"][0] == client.get("/v1/sessions/grow").json()["groups"][0]
+    assert info["checkpointed_step"] == ck["step"] == 1
+    assert Path(ck["path"]).exists() and (live.data_dir / "sessions" / "grow").is_dir()
+    ref.add_tensors([TensorSpec("head", (2, 5), 1), TensorSpec("hb", (5,), 1)],
+                    np.concatenate([head.ravel(), np.zeros(5, np.float32)]),
+                    {"lr": 0.05, "betas": [0.7, 0.9], "amsgrad": True})
+    extra = rng.standard_normal(3)  # FP64 on the wire, binary layout
+    r = client.post("/v1/sessions/grow/tensors", **binary_body(
+        {"tensors": [{"name": "extra", "shape": [3]}], "group": None,
+         "initial": [binary_tensor("extra", (3,), "FP64", 24)]}, [extra.tobytes()]))
+    assert r.status_code == 200, r.text
+    assert [t["name"] for t in r.json()["tensors"]][-1] == "extra"
+    assert len(r.json()["groups"]) == 2
+    ref.add_tensors([TensorSpec("extra", (3,), 0)], extra.astype(np.float32))
+    params = {p["name"]: p for p in client.post("/v1/sessions/grow/pull").json()["params"]}
+    for t in ref.layout.tensors:
+        assert fp32(params[t.name]["data"]).tobytes() == ref_param(ref, t.name).tobytes(), t
+    for k in range(2):
+        grads = {**rng_values(610 + k), "head": rng.standard_normal((2, 5)).astype(np.float32),
+                 "hb": rng.standard_normal(5).astype(np.float32),
+                 "extra": rng.standard_normal(3).astype(np.float32)}
+        r = client.post("/v1/sessions/grow/step",
+                        json={"gradients": [json_tensor(n, g) for n, g in grads.items()]})
+        assert r.status_code == 200, r.text
+        for t in ref.layout.tensors:
+            ref.grad[ref.layout.span(ref.layout.index(t.name))] = grads[t.name].ravel()
+        ref.step()
+        params = {p["name"]: p for p in r.json()["params"]}
+        for t in ref.layout.tensors:
+            assert fp32(params[t.name]["data"]).tobytes() == ref_param(ref, t.name).tobytes(), t
+    assert r.json()["step"] == 3
+
+
 def test_state_export_import_round_trip(client: httpx.Client, live: Live) -> None:
     create(client, "st-a", seed=6)
     for k in range(2):
@@ -410,8 +466,16 @@ def test_openapi_documents_binary_bodies(client: httpx.Client) -> None:
     assert any(p["name"] == "Adamserve-Header-Length" for p in step["parameters"])
     assert OCTET in step["responses"]["200"]["content"]
     for name in ("StepRequest", "PushRequest", "PullRequest", "CreateSessionRequest",
-                 "TensorIn", "StepResponse", "ErrorBody"):
+                 "AddTensorsRequest", "TensorIn", "StepResponse", "ErrorBody"):
         assert name in spec["components"]["schemas"], name
+    add = spec["paths"]["/v1/sessions/{session_id}/tensors"]["post"]
+    assert add["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/AddTensorsRequest"}
+    assert OCTET in add["requestBody"]["content"]
+    assert add["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SessionOut"}
+    assert {"400", "404", "413"} <= set(add["responses"])
+    assert "add_param_group" in add["description"]
     state = spec["paths"]["/v1/sessions/{session_id}/state"]
     assert OCTET in state["put"]["requestBody"]["content"]
     assert OCTET in state["get"]["responses"]["200"]["content"]
@@ -482,6 +546,7 @@ def _bin(req: dict[str, Any], payload: bytes, header_len: int | str | None = Non
 
 W_BIN = binary_tensor("w", (4, 3), "FP32", 48)
 STEP = f"/v1/sessions/{VICTIM}/step"
+TENSORS = f"/v1/sessions/{VICTIM}/tensors"
 
 BAD: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("unknown session", "POST", "/v1/sessions/nope/step", {"json": {"gradients": [_w()]}},
@@ -546,6 +611,47 @@ BAD: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      {"json": {"values": {"momentum": 0.9}}}, 400, "unknown hyperparameter 'momentum' for adamw"),
     ("group out of range", "PATCH", f"/v1/sessions/{VICTIM}/hyperparameters",
      {"json": {"group": 3, "values": {"lr": 0.1}}}, 400, "group 3 does not exist"),
+    ("add: name clash", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "w", "shape": [2], "group": 1}], "group": {}}},
+     400, "tensor names already in the session: w"),
+    ("add: group index not the new group's", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2], "group": 2}], "group": {}}},
+     400, "group 2 does not exist"),
+    ("add: no new group", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2], "group": 1}]}},
+     400, "group 1 does not exist"),
+    ("add: unknown session", "POST", "/v1/sessions/nope/tensors",
+     {"json": {"tensors": [{"name": "n", "shape": [2]}]}}, 404, "session 'nope' does not exist"),
+    ("add: bad hyperparameter", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2], "group": 1}], "group": {"lr": -1}}},
+     400, "lr: expected a value >= 0, got -1.0"),
+    ("add: unknown hyperparameter", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2], "group": 1}],
+               "group": {"nesterov": True}}}, 400, "unknown hyperparameter 'nesterov'"),
+    ("add: hyperparameter not a number", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2], "group": 1}], "group": {"lr": "x"}}},
+     400, "group.lr: Value error, expected a number"),
+    ("add: repeated name", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2]}, {"name": "n", "shape": [2]}]}},
+     400, "repeated: n"),
+    ("add: initial of an old tensor", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2]}], "initial": [_w()]}},
+     400, "tensor 'w' is not among the tensors being added"),
+    ("add: initial of the wrong shape", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2]}], "initial": [_w(name="n")]}},
+     400, "expected shape [2], got [4, 3]"),
+    ("add: binary initial short of its size", "POST", TENSORS,
+     _bin({"tensors": [{"name": "n", "shape": [4, 3]}], "initial": [{**W_BIN, "name": "n"}]},
+          b"\0" * 40), 400, "binary data ends at byte 48 but the body holds 40"),
+    ("add: huge shape", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2**40, 2**40]}]}}, 400, "at most"),
+    ("add: over the memory cap", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [1 << 25]}]}}, 413, f"of {MAX_STATE} are free"),
+    ("add: negative group", "POST", TENSORS,
+     {"json": {"tensors": [{"name": "n", "shape": [2], "group": -1}]}},
+     400, "tensors[0].group: Input should be greater than or equal to 0"),
+    ("add: tensors missing", "POST", TENSORS, {"json": {"group": {}}},
+     400, "tensors: Field required"),
     ("state blob garbage", "PUT", f"/v1/sessions/{VICTIM}/state",
      {"content": b"definitely not safetensors"}, 400, "state blob"),
     ("state blob empty", "PUT", f"/v1/sessions/{VICTIM}/state", {"content": b""},
@@ -565,7 +671,7 @@ def test_bad_requests_change_nothing(client: httpx.Client, victim: str, method: 
     assert set(body) == {"error", "code"}
     assert message in body["error"], body
     assert body["code"] == {400: "invalid_argument", 404: "not_found",
-                            405: "method_not_allowed"}[status]
+                            405: "method_not_allowed", 413: "resource_exhausted"}[status]
 
 
 def _state_blob(meta_json: dict[str, Any]) -> bytes:

@@ -129,6 +129,11 @@ def group_from_json(group: Mapping[str, Any]) -> Hyperparameters:
     return {k: hyper_value(k, v) for k, v in group.items()}
 
 
+def tensor_spec_to_json(t: TensorSpec) -> dict[str, Any]:
+    """A tensor declaration in its JSON form (the HTTP body's ``TensorSpecIn``)."""
+    return {"name": t.name, "shape": list(t.shape), "group": t.group}
+
+
 def session_info_from_json(d: Mapping[str, Any]) -> SessionInfo:
     """A session description in its JSON form (the HTTP body's ``SessionOut``)."""
     return SessionInfo(

@@ -132,6 +132,20 @@ class Transport(abc.ABC):
         """Create a session; tensors without ``initial`` values start at zero."""
 
     @abc.abstractmethod
+    def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
+                    group: Mapping[str, HyperValue] | None = None,
+                    initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        """Grow a live session, as torch.optim's ``add_param_group``, atomically.
+
+        ``tensors``: new names, appended after the session's. ``group``: the
+        hyperparameters of a new parameter group (torch names; every new tensor's
+        ``group`` must then be its index, the current number of groups); None: the
+        tensors join existing groups. New tensors without ``initial`` values start at
+        zero; their step counts start at 0. The rest of the session, its state and its
+        checkpoints are kept; a refused call changes nothing.
+        """
+
+    @abc.abstractmethod
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
         """One optimizer step; the result carries every tensor's parameters."""

@@ -42,6 +42,7 @@ SERVICE = "adamserve.v1.Optimizer"
 _MAX_MESSAGE = 64 * _codec.MiB
 _STEP_CHUNK_FIELD = pb.StepRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _CREATE_INITIAL_FIELD = pb.CreateSessionRequest.DESCRIPTOR.fields_by_name["initial"].number
+_ADD_INITIAL_FIELD = pb.AddTensorsRequest.DESCRIPTOR.fields_by_name["initial"].number
 # Steps whose gradients fit in this many bytes go as one StepUnary message.
 _UNARY_BYTES = 1 * _codec.MiB
 
@@ -75,6 +76,10 @@ def _never_sent(exc: BaseException) -> bool:
 def _group_message(group: Mapping[str, HyperValue]) -> Any:
     values, flags = _codec.split_betas(group)
     return pb.Group(values=values, flags=flags)
+
+
+def _tensor_specs(tensors: Sequence[TensorSpec]) -> list[Any]:
+    return [pb.TensorSpec(name=t.name, shape=list(t.shape), group=t.group) for t in tensors]
 
 
 def _session_info(msg: Any) -> SessionInfo:
@@ -134,6 +139,7 @@ class GrpcTransport(Transport):
                            response_deserializer=response.FromString)
 
         self._create = method("stream_unary", "CreateSession", pb.SessionInfo)
+        self._add_tensors = method("stream_unary", "AddTensors", pb.SessionInfo)
         self._step = method("stream_stream", "Step", pb.StepResponse)
         self._step_unary = method("unary_unary", "StepUnary", pb.StepUnaryResponse)
         # sessions too large for StepUnary (or a server without it): use the stream
@@ -183,8 +189,7 @@ class GrpcTransport(Transport):
         msg = pb.SessionSpec(
             session_id=spec.session_id, algorithm=spec.algorithm,
             groups=[_group_message(g) for g in spec.groups],
-            tensors=[pb.TensorSpec(name=t.name, shape=list(t.shape), group=t.group)
-                     for t in spec.tensors],
+            tensors=_tensor_specs(spec.tensors),
             dtype=spec.dtype,
             schedule_json=json.dumps(dict(spec.schedule)) if spec.schedule is not None else "",
             clip_per_tensor=spec.clip_per_tensor, skip_nonfinite=spec.skip_nonfinite)
@@ -198,6 +203,22 @@ class GrpcTransport(Transport):
                 yield from _codec.chunk_messages(t, _CREATE_INITIAL_FIELD)
 
         return _session_info(self._call(lambda: self._create(requests(), **self._kw()),
+                                        once=True))
+
+    def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
+                    group: Mapping[str, HyperValue] | None = None,
+                    initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        msg = pb.AddTensorsSpec(session_id=session_id, tensors=_tensor_specs(tensors))
+        if group is not None:
+            msg.new_group.CopyFrom(_group_message(group))
+        first = pb.AddTensorsRequest(spec=msg)
+
+        def requests() -> Iterator[Any]:
+            yield first
+            for t in initial:
+                yield from _codec.chunk_messages(t, _ADD_INITIAL_FIELD)
+
+        return _session_info(self._call(lambda: self._add_tensors(requests(), **self._kw()),
                                         once=True))
 
     def describe(self, session_id: str) -> SessionInfo:

@@ -28,6 +28,7 @@ from adamserve_client.transports.base import (
     SessionSpec,
     StateDict,
     StepResult,
+    TensorSpec,
     Transport,
     WireTensor,
 )
@@ -175,8 +176,7 @@ class HttpTransport(Transport):
                        initial: Sequence[WireTensor] = ()) -> SessionInfo:
         body: dict[str, Any] = {
             "session_id": spec.session_id, "algorithm": spec.algorithm,
-            "tensors": [{"name": t.name, "shape": list(t.shape), "group": t.group}
-                        for t in spec.tensors],
+            "tensors": [_codec.tensor_spec_to_json(t) for t in spec.tensors],
             "groups": [_codec.group_to_json(g) for g in spec.groups] or [{}],
             "dtype": spec.dtype,
             "schedule": dict(spec.schedule) if spec.schedule is not None else None,
@@ -186,6 +186,16 @@ class HttpTransport(Transport):
         }
         content, headers = _binary_body(body, initial)
         return self._info("POST", "/v1/sessions", content=content, headers=headers)
+
+    def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
+                    group: Mapping[str, HyperValue] | None = None,
+                    initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        content, headers = _binary_body({
+            "tensors": [_codec.tensor_spec_to_json(t) for t in tensors],
+            "group": _codec.group_to_json(group) if group is not None else None,
+            "initial": [_tensor_entry(t) for t in initial]}, initial)
+        return self._info("POST", self._path(session_id, "tensors"), content=content,
+                          headers=headers)
 
     def describe(self, session_id: str) -> SessionInfo:
         return self._info("GET", self._path(session_id))

@@ -311,6 +311,80 @@ class CreateSessionRequest(_message.Message):
 Global___CreateSessionRequest: _TypeAlias = CreateSessionRequest  # noqa: Y015
 
 @_typing.final
+class AddTensorsSpec(_message.Message):
+    """What AddTensors adds to a session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    NEW_GROUP_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to grow."""
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
+        """The new tensors, appended after the session's in this order; their names
+        must not be in the session yet. Shapes as in SessionSpec.tensors.
+        """
+
+    @_builtins.property
+    def new_group(self) -> Global___Group:
+        """Hyperparameters of a new parameter group for the new tensors (keys left
+        out take the algorithm's defaults); every new tensor's `group` must then be
+        the new group's index, the session's current number of groups. Absent: no
+        group is added and the new tensors join existing groups.
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
+        new_group: Global___Group | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_new_group", b"_new_group", "new_group", b"new_group"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_new_group", b"_new_group", "new_group", b"new_group", "session_id", b"session_id", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__new_group: _TypeAlias = _typing.Literal["new_group"]  # noqa: Y015
+    _WhichOneofArgType__new_group: _TypeAlias = _typing.Literal["_new_group", b"_new_group"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__new_group) -> _WhichOneofReturnType__new_group | None: ...
+
+Global___AddTensorsSpec: _TypeAlias = AddTensorsSpec  # noqa: Y015
+
+@_typing.final
+class AddTensorsRequest(_message.Message):
+    """One message of the AddTensors client stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    INITIAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def spec(self) -> Global___AddTensorsSpec:
+        """What to add: the first message, and only the first."""
+
+    @_builtins.property
+    def initial(self) -> Global___TensorChunk:
+        """A chunk of a new tensor's initial values: every later message."""
+
+    def __init__(
+        self,
+        *,
+        spec: Global___AddTensorsSpec | None = ...,
+        initial: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial", b"initial", "kind", b"kind", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial", b"initial", "kind", b"kind", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["spec", "initial"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___AddTensorsRequest: _TypeAlias = AddTensorsRequest  # noqa: Y015
+
+@_typing.final
 class SessionInfo(_message.Message):
     """A session as it is now."""
 

@@ -41,6 +41,11 @@ class OptimizerStub:
                 request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.CreateSessionRequest.SerializeToString,
                 response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
                 _registered_method=True)
+        self.AddTensors = channel.stream_unary(
+                '/adamserve.v1.Optimizer/AddTensors',
+                request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.AddTensorsRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
+                _registered_method=True)
         self.Step = channel.stream_stream(
                 '/adamserve.v1.Optimizer/Step',
                 request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepRequest.SerializeToString,
@@ -112,6 +117,20 @@ class OptimizerServicer:
         """Create a session. Client stream: the first message carries `spec`, every
         later one an `initial` chunk of initial parameter values (tensors not sent
         start at zero). Returns the new session's description.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddTensors(self, request_iterator, context):
+        """Add tensors to a live session, as torch.optim's add_param_group: optionally
+        in a new parameter group. Client stream: the first message carries `spec`,
+        every later one an `initial` chunk of a new tensor's initial values (new
+        tensors not sent start at zero). The new tensors' step counts start at 0;
+        the existing tensors, their state and the session's checkpoints are kept.
+        Returns the grown session's description. A refused request (a name already
+        in the session, a wrong group index, bad hyperparameters, the memory limit)
+        changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +239,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.CreateSessionRequest.FromString,
                     response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.SerializeToString,
             ),
+            'AddTensors': grpc.stream_unary_rpc_method_handler(
+                    servicer.AddTensors,
+                    request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.AddTensorsRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.SerializeToString,
+            ),
             'Step': grpc.stream_stream_rpc_method_handler(
                     servicer.Step,
                     request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepRequest.FromString,
@@ -309,6 +333,33 @@ class Optimizer:
             target,
             '/adamserve.v1.Optimizer/CreateSession',
             adamserve__proto_dot_v1_dot_optimizer__pb2.CreateSessionRequest.SerializeToString,
+            adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTensors(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/adamserve.v1.Optimizer/AddTensors',
+            adamserve__proto_dot_v1_dot_optimizer__pb2.AddTensorsRequest.SerializeToString,
             adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
             options,
             channel_credentials,

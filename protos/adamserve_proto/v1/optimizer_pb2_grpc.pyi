@@ -74,6 +74,16 @@ class OptimizerStub:
     later one an `initial` chunk of initial parameter values (tensors not sent
     start at zero). Returns the new session's description.
     """
+    AddTensors: _grpc.StreamUnaryMultiCallable[_optimizer_pb2.AddTensorsRequest, _optimizer_pb2.SessionInfo]
+    """Add tensors to a live session, as torch.optim's add_param_group: optionally
+    in a new parameter group. Client stream: the first message carries `spec`,
+    every later one an `initial` chunk of a new tensor's initial values (new
+    tensors not sent start at zero). The new tensors' step counts start at 0;
+    the existing tensors, their state and the session's checkpoints are kept.
+    Returns the grown session's description. A refused request (a name already
+    in the session, a wrong group index, bad hyperparameters, the memory limit)
+    changes nothing.
+    """
     Step: _grpc.StreamStreamMultiCallable[_optimizer_pb2.StepRequest, _optimizer_pb2.StepResponse]
     """One optimizer step, full duplex. Client: a `header` message first, then the
     gradient `chunk`s, then half-close. Server: one `status` message, then the
@@ -126,6 +136,16 @@ class OptimizerAsyncStub(OptimizerStub):
     """Create a session. Client stream: the first message carries `spec`, every
     later one an `initial` chunk of initial parameter values (tensors not sent
     start at zero). Returns the new session's description.
+    """
+    AddTensors: _aio.StreamUnaryMultiCallable[_optimizer_pb2.AddTensorsRequest, _optimizer_pb2.SessionInfo]  # type: ignore[assignment]
+    """Add tensors to a live session, as torch.optim's add_param_group: optionally
+    in a new parameter group. Client stream: the first message carries `spec`,
+    every later one an `initial` chunk of a new tensor's initial values (new
+    tensors not sent start at zero). The new tensors' step counts start at 0;
+    the existing tensors, their state and the session's checkpoints are kept.
+    Returns the grown session's description. A refused request (a name already
+    in the session, a wrong group index, bad hyperparameters, the memory limit)
+    changes nothing.
     """
     Step: _aio.StreamStreamMultiCallable[_optimizer_pb2.StepRequest, _optimizer_pb2.StepResponse]  # type: ignore[assignment]
     """One optimizer step, full duplex. Client: a `header` message first, then the
@@ -182,6 +202,22 @@ class OptimizerServicer(metaclass=_abc_1.ABCMeta):
         """Create a session. Client stream: the first message carries `spec`, every
         later one an `initial` chunk of initial parameter values (tensors not sent
         start at zero). Returns the new session's description.
+        """
+
+    @_abc_1.abstractmethod
+    def AddTensors(
+        self,
+        request_iterator: _MaybeAsyncIterator[_optimizer_pb2.AddTensorsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.SessionInfo, _abc.Awaitable[_optimizer_pb2.SessionInfo]]:
+        """Add tensors to a live session, as torch.optim's add_param_group: optionally
+        in a new parameter group. Client stream: the first message carries `spec`,
+        every later one an `initial` chunk of a new tensor's initial values (new
+        tensors not sent start at zero). The new tensors' step counts start at 0;
+        the existing tensors, their state and the session's checkpoints are kept.
+        Returns the grown session's description. A refused request (a name already
+        in the session, a wrong group index, bad hyperparameters, the memory limit)
+        changes nothing.
         """
 
     @_abc_1.abstractmethod

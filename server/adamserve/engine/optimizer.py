@@ -229,6 +229,15 @@ class FlatOptimizer:
             names.extend(s for s in spec.slots(h) if s not in names)
         return tuple(names)
 
+    def slots_after_group(self, group: Mapping[str, Any] | None) -> tuple[str, ...]:
+        """The slots the optimizer would hold with one more group ``group`` (validates)."""
+        if group is None:
+            return tuple(self.slots)
+        new = alg.resolve_hyperparameters(self.algorithm, group)
+        names = list(self.slots)
+        names.extend(s for s in alg.SPECS[self.algorithm].slots(new) if s not in names)
+        return tuple(names)
+
     def set_hyperparameters(self, group: int, changes: Mapping[str, Any]) -> None:
         """Change hyperparameters of one group; takes effect at the next step."""
         if not 0 <= group < len(self.groups):

@@ -250,21 +250,27 @@ def _json_object(text: str, field: str) -> dict[str, Any] | None:
     return value
 
 
-def session_config(spec: Any) -> SessionConfig:
-    """A SessionSpec message as the service's SessionConfig (wire-level checks only)."""
+def tensor_specs(msgs: Iterable[Any]) -> tuple[TensorSpec, ...]:
+    """TensorSpec messages as the service's TensorSpecs (shape bounds checked)."""
     tensors = []
     total = 0
-    for i, t in enumerate(spec.tensors):
+    for i, t in enumerate(msgs):
         what = f"tensor {t.name!r}" if t.name else f"tensors[{i}]"
         shape = _shape(t.shape, what)
         total += math.prod(shape)
         tensors.append(TensorSpec(t.name, shape, int(t.group)))
     if total > MAX_ELEMENTS:
         raise errors.InvalidArgument(f"the tensors hold {total} elements; at most 2^48")
+    return tuple(tensors)
+
+
+def session_config(spec: Any) -> SessionConfig:
+    """A SessionSpec message as the service's SessionConfig (wire-level checks only)."""
+    tensors = tensor_specs(spec.tensors)
     groups = tuple(_group(g, f"groups[{i}]") for i, g in enumerate(spec.groups)) or ({},)
     return SessionConfig(
         algorithm=spec.algorithm,
-        tensors=tuple(tensors),
+        tensors=tensors,
         groups=groups,
         dtype=spec.dtype or "float32",
         schedule=_json_object(spec.schedule_json, "schedule_json"),
@@ -413,6 +419,14 @@ class OptimizerServicer:
         return session_info(self.service.create(_session_id(spec.session_id, "spec.session_id"),
                                                 config, initial))
 
+    def AddTensors(self, requests: Iterator[Any], context: Any) -> Any:
+        spec = _first(requests, "spec", "AddTensors")
+        session_id = _session_id(spec.session_id, "spec.session_id")
+        tensors = tensor_specs(spec.tensors)
+        group = _group(spec.new_group, "new_group") if spec.HasField("new_group") else None
+        initial = _chunks(requests, "initial", "AddTensors")
+        return session_info(self.service.add_tensors(session_id, tensors, group, initial))
+
     def _step(self, requests: Iterator[Any], method: str, push: bool) -> StepResult:
         header = _first(requests, "header", method)
         session_id = _session_id(header.session_id, "header.session_id")
@@ -534,6 +548,7 @@ class OptimizerServicer:
 # method name -> (request streaming, response streaming, request type)
 _METHODS: dict[str, tuple[bool, bool, Any]] = {
     "CreateSession": (True, False, pb.CreateSessionRequest),
+    "AddTensors": (True, False, pb.AddTensorsRequest),
     "Step": (True, True, pb.StepRequest),
     "StepUnary": (False, False, pb.StepUnaryRequest),
     "Push": (True, False, pb.StepRequest),

@@ -26,6 +26,7 @@ from adamserve.sessions.session import SessionConfig
 from adamserve.transports.http import binary
 from adamserve.transports.http.errors import describe_validation
 from adamserve.transports.http.schemas import (
+    AddTensorsRequest,
     CheckpointOut,
     CreateSessionRequest,
     ErrorBody,
@@ -40,6 +41,7 @@ from adamserve.transports.http.schemas import (
     StepRequest,
     StepResponse,
     TensorIn,
+    TensorSpecIn,
     TensorSpecOut,
 )
 from adamserve.transports.state_codec import decode_state, encode_state
@@ -49,7 +51,7 @@ M = TypeVar("M", bound=BaseModel)
 
 # Models only referenced from openapi_extra; the app adds them to the components.
 RAW_BODY_MODELS: tuple[type[BaseModel], ...] = (
-    CreateSessionRequest, StepRequest, PushRequest, PullRequest)
+    CreateSessionRequest, AddTensorsRequest, StepRequest, PushRequest, PullRequest)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
@@ -143,6 +145,21 @@ def _gradients(tensors: list[TensorIn], payload: memoryview | None) -> list[Tens
     return chunks
 
 
+def _tensor_specs(tensors: list[TensorSpecIn]) -> tuple[TensorSpec, ...]:
+    """Declared tensors as the service's specs, each and all together within bounds."""
+    specs = tuple(TensorSpec(t.name, tuple(t.shape), t.group) for t in tensors)
+    sizes = {t.name: binary.numel(t.shape) for t in specs}
+    for name, n in sizes.items():
+        if n > binary.MAX_ELEMENTS:
+            raise InvalidArgument(f"tensor {name!r}: {n} elements; at most "
+                                  f"{binary.MAX_ELEMENTS}")
+    total = sum(sizes.values())
+    if total > binary.MAX_ELEMENTS:
+        raise InvalidArgument(f"the session's tensors hold {total} elements; at most "
+                              f"{binary.MAX_ELEMENTS}")
+    return specs
+
+
 def _count_in(chunks: list[TensorChunk]) -> None:
     metrics.BYTES_IN.labels("http").inc(sum(len(c.data) for c in chunks))
 
@@ -168,7 +185,7 @@ async def create_session(request: Request, service: Service) -> Response:
     chunks = await _call(binary.tensor_chunks, body.initial, payload)
     config = SessionConfig(
         algorithm=body.algorithm,
-        tensors=tuple(TensorSpec(t.name, tuple(t.shape), t.group) for t in body.tensors),
+        tensors=_tensor_specs(body.tensors),
         groups=tuple(dict(g) for g in body.groups),
         dtype=body.dtype,
         schedule=body.schedule,
@@ -176,18 +193,25 @@ async def create_session(request: Request, service: Service) -> Response:
         clip_per_tensor=body.clip_per_tensor,
         skip_nonfinite=body.skip_nonfinite,
     )
-    sizes = {t.name: binary.numel(t.shape) for t in config.tensors}
-    for name, n in sizes.items():
-        if n > binary.MAX_ELEMENTS:
-            raise InvalidArgument(f"tensor {name!r}: {n} elements; at most "
-                                  f"{binary.MAX_ELEMENTS}")
-    total = sum(sizes.values())
-    if total > binary.MAX_ELEMENTS:
-        raise InvalidArgument(f"the session's tensors hold {total} elements; at most "
-                              f"{binary.MAX_ELEMENTS}")
     _count_in(chunks)
     info = await _call(service.create, body.session_id, config, chunks)
     return _json(session_out(info), status=201)
+
+
+@router.post("/v1/sessions/{session_id}/tensors", response_model=SessionOut,
+             responses=_ERRORS, openapi_extra=_tensor_body(AddTensorsRequest),
+             summary="Add tensors (optionally a new parameter group) to a session")
+async def add_tensors(session_id: str, request: Request, service: Service) -> Response:
+    """Grow a live session, as torch.optim's add_param_group: the new tensors' step
+    counts start at 0; the other tensors, their state and the session's checkpoints
+    are kept. A refused request changes nothing."""
+    body, payload = await _read(request, AddTensorsRequest)
+    chunks = await _call(binary.tensor_chunks, body.initial, payload)
+    tensors = _tensor_specs(body.tensors)
+    group = dict(body.group) if body.group is not None else None
+    _count_in(chunks)
+    info = await _call(service.add_tensors, session_id, tensors, group, chunks)
+    return _json(session_out(info))
 
 
 @router.get("/v1/sessions", response_model=SessionList, responses=_ERRORS,

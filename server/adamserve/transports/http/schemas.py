@@ -142,6 +142,19 @@ class CreateSessionRequest(_Request):
         default_factory=list, description="Initial parameter values; others start at zero")
 
 
+class AddTensorsRequest(_Request):
+    tensors: list[TensorSpecIn] = Field(
+        description="The new tensors, appended after the session's; names must be new. "
+        "With 'group', each one's group must be the new group's index (the session's "
+        "current number of groups)")
+    group: Hyperparameters | None = Field(
+        default=None, description="Hyperparameters of a new parameter group for the new "
+        "tensors (torch.optim names, betas as [b1, b2]; keys left out take the algorithm's "
+        "defaults); null: no new group, the tensors join existing ones")
+    initial: list[TensorIn] = Field(
+        default_factory=list, description="Initial values of new tensors; others start at zero")
+
+
 class StepRequest(_Request):
     gradients: list[TensorIn]
     return_datatype: Datatype = Field(
