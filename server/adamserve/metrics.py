@@ -18,4 +18,6 @@ SESSIONS = Gauge("adamserve_sessions", "Live sessions")
 STATE_BYTES = Gauge("adamserve_state_bytes", "Bytes of optimizer state held by all sessions")
 CHECKPOINT_FAILURES = Counter("adamserve_checkpoint_failures_total",
                               "Automatic or periodic checkpoints that failed (logged)")
+DUPLICATE_PUSHES = Counter("adamserve_duplicate_pushes_total",
+                           "Pushes acknowledged without being applied: seen before")
 CHECKPOINTS = Counter("adamserve_checkpoints_total", "Durable checkpoints written")

@@ -81,6 +81,21 @@ class StepResult:
     grad_norm: float | None
     nonfinite: tuple[str, ...]
     params: list[TensorChunk] = field(default_factory=list)
+    duplicate: bool = False  # this (worker, sequence) was applied before: acknowledged only
+
+
+@dataclass(frozen=True)
+class PushId:
+    """Who sent a push: a worker id and its sequence number (1, 2, ...), for exactly-once."""
+
+    worker: str
+    sequence: int
+
+    def check(self) -> None:
+        if not self.worker or len(self.worker) > 128:
+            raise InvalidArgument(f"worker_id {self.worker!r}: expected 1-128 characters")
+        if self.sequence < 1:
+            raise InvalidArgument(f"sequence {self.sequence}: expected an integer >= 1")
 
 
 def _info(s: Session) -> SessionInfo:
@@ -252,12 +267,17 @@ class OptimizerService:
     # -- steps ---------------------------------------------------------------
 
     def step(self, session_id: str, grads: Iterable[TensorChunk], *,
-             return_datatype: str | None = "FP32", require_all: bool = False) -> StepResult:
+             return_datatype: str | None = "FP32", require_all: bool = False,
+             push_id: PushId | None = None) -> StepResult:
         """Apply one update from ``grads``; tensors not sent are left as they are.
 
-        ``return_datatype`` None returns no parameters (a push).
+        ``return_datatype`` None returns no parameters (a push). ``push_id``: a push
+        this session applied before is acknowledged (``duplicate``) and not applied
+        again, so a client may retry a step whose answer it lost.
         """
         _check_datatype(return_datatype, "return datatype")
+        if push_id is not None:
+            push_id.check()
         t0 = time.perf_counter()
         session = self.store.get(session_id)
         with session.intake:  # the gradient buffer is ours; the state is not locked yet
@@ -270,15 +290,37 @@ class OptimizerService:
             with self._locked(session_id) as current:
                 if current is not session:
                     raise NotFound(f"session {session_id!r} was replaced during the request")
-                report = self._apply(session, host, active, asm.sumsq)
+                duplicate = self._seen(session, push_id)
+                if duplicate:
+                    report = StepReport(opt.step_count, False, None)
+                else:
+                    report = self._apply(session, host, active, asm.sumsq)
+                    if push_id is not None and not report.skipped:
+                        session.pushes.record(push_id.worker, push_id.sequence)
                 params = (self._encode(session, None, return_datatype) if return_datatype
                           else [])
-                self._auto_checkpoint(session, report)
+                if not duplicate:
+                    self._auto_checkpoint(session, report)
         metrics.STEPS.inc()
         metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
         if report.skipped:
             metrics.SKIPPED_STEPS.inc()
-        return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params)
+        return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
+                          duplicate)
+
+    @staticmethod
+    def _seen(session: Session, push_id: PushId | None) -> bool:
+        """Whether this push was applied before (raises if the log cannot take it)."""
+        if push_id is None:
+            return False
+        if session.pushes.seen(push_id.worker, push_id.sequence):
+            metrics.DUPLICATE_PUSHES.inc()
+            return True
+        try:
+            session.pushes.check(push_id.worker, push_id.sequence)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return False
 
     def _apply(self, session: Session, host: npt.NDArray[Any], active: npt.NDArray[np.bool_],
                sumsq: npt.NDArray[np.float64]) -> StepReport:
@@ -292,7 +334,7 @@ class OptimizerService:
         return report
 
     def step_stream(self, session_id: str, grads: Iterable[TensorChunk], *,
-                    return_datatype: str | None = "FP32"
+                    return_datatype: str | None = "FP32", push_id: PushId | None = None
                     ) -> Iterator[TensorChunk | StepResult]:
         """Full duplex: apply each gradient chunk as it arrives and yield its updated
         parameters at once; the :class:`StepResult` comes last.
@@ -301,9 +343,13 @@ class OptimizerService:
         whole gradient (an elementwise algorithm, no ``max_grad_norm``,
         ``skip_nonfinite=False``); others raise FailedPrecondition. Unlike ``step``, a
         request that fails midway leaves the chunks already applied updated (the
-        tensors they belong to count the step); the error names what was wrong.
+        tensors they belong to count the step); the error names what was wrong. A
+        push seen before (``push_id``) is read, checked and acknowledged with no
+        parameters back.
         """
         _check_datatype(return_datatype, "return datatype")
+        if push_id is not None:
+            push_id.check()
         t0 = time.perf_counter()
         # duplex changes state chunk by chunk, so it holds the state lock while it reads
         claimed = self.store.get(session_id)
@@ -320,6 +366,12 @@ class OptimizerService:
             on_host = opt.backend.name == "cpu"
             host = opt.grad if on_host else np.empty(opt.layout.size, opt.dtype)
             asm = _Assembler(session.opt.layout, host)
+            if self._seen(session, push_id):
+                for chunk in grads:
+                    asm.add(chunk)
+                asm.finish(require_all=False)
+                yield StepResult(opt.step_count, False, None, (), duplicate=True)
+                return
             stream = opt.begin_stream()
             try:
                 for chunk in grads:
@@ -334,6 +386,8 @@ class OptimizerService:
             finally:
                 report = stream.finish()
                 session.version += 1
+                if push_id is not None:  # applied, even if only in part: never again
+                    session.pushes.record(push_id.worker, push_id.sequence)
             asm.finish(require_all=False)
         metrics.STEPS.inc()
         metrics.STEP_SECONDS.observe(time.perf_counter() - t0)

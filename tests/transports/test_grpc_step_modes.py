@@ -129,3 +129,22 @@ def test_step_unary_equals_the_stream_and_refuses_large_sessions(srv: Server) ->
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "use the Step stream" in (err.value.details() or "")
     assert srv.fp("big") == before
+
+
+def test_a_resent_step_is_acknowledged_not_applied(srv: Server) -> None:
+    _create(srv, "once")
+    g = {"small": np.ones(7, np.float32)}
+    header = pb.StepHeader(session_id="once", worker_id="w0", sequence=1)
+    first = list(srv.stub.Step(iter([pb.StepRequest(header=header), *_chunks(g)])))
+    after_first = srv.fp("once")
+    again = list(srv.stub.Step(iter([pb.StepRequest(header=header), *_chunks(g)])))
+    pushed = srv.stub.Push(iter([pb.StepRequest(header=header), *_chunks(g)]))
+    assert not first[0].status.duplicate and again[0].status.duplicate and pushed.duplicate
+    assert again[0].status.step == first[0].status.step == 1
+    assert [m.param.data for m in again[1:]] == [m.param.data for m in first[1:]]
+    assert srv.fp("once") == after_first
+    with pytest.raises(grpc.RpcError) as err:  # a worker id without a sequence
+        srv.stub.Push(iter([pb.StepRequest(header=pb.StepHeader(session_id="once",
+                                                                 worker_id="w0")),
+                            *_chunks(g)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -582,6 +582,8 @@ class StepHeader(_message.Message):
     RETURN_DATATYPE_FIELD_NUMBER: _builtins.int
     REQUIRE_ALL_FIELD_NUMBER: _builtins.int
     APPLY_AS_RECEIVED_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to step."""
     return_datatype: _builtins.str
@@ -603,6 +605,14 @@ class StepHeader(_message.Message):
     status last. A stream that fails midway leaves the chunks already applied
     updated. Ignored by Push.
     """
+    worker_id: _builtins.str
+    """Exactly once: who sends this step, and its sequence number for that worker
+    (1, 2, 3, ...; 0 = not given). A (worker_id, sequence) the session applied
+    before is acknowledged with status.duplicate and not applied again, also
+    after a server restart, so a client may resend a step whose answer it lost.
+    """
+    sequence: _builtins.int
+    """See worker_id."""
     def __init__(
         self,
         *,
@@ -610,10 +620,12 @@ class StepHeader(_message.Message):
         return_datatype: _builtins.str = ...,
         require_all: _builtins.bool = ...,
         apply_as_received: _builtins.bool = ...,
+        worker_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_as_received", b"apply_as_received", "require_all", b"require_all", "return_datatype", b"return_datatype", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_as_received", b"apply_as_received", "require_all", b"require_all", "return_datatype", b"return_datatype", "sequence", b"sequence", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -663,12 +675,17 @@ class StepStatus(_message.Message):
     SKIPPED_FIELD_NUMBER: _builtins.int
     GRAD_NORM_FIELD_NUMBER: _builtins.int
     NONFINITE_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The session's step count after this request."""
     skipped: _builtins.bool
     """True when the step was skipped (non-finite gradients); nothing changed."""
     grad_norm: _builtins.float
     """Global gradient norm before clipping, when the server computed it."""
+    duplicate: _builtins.bool
+    """True when the header's (worker_id, sequence) was applied before: nothing
+    changed, and the parameters returned are the current ones.
+    """
     @_builtins.property
     def nonfinite(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tensors whose gradient held NaN or Inf."""
@@ -680,10 +697,11 @@ class StepStatus(_message.Message):
         skipped: _builtins.bool = ...,
         grad_norm: _builtins.float | None = ...,
         nonfinite: _abc.Iterable[_builtins.str] | None = ...,
+        duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "grad_norm", b"grad_norm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "grad_norm", b"grad_norm", "nonfinite", b"nonfinite", "skipped", b"skipped", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "duplicate", b"duplicate", "grad_norm", b"grad_norm", "nonfinite", b"nonfinite", "skipped", b"skipped", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__grad_norm: _TypeAlias = _typing.Literal["grad_norm"]  # noqa: Y015
     _WhichOneofArgType__grad_norm: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm"]  # noqa: Y015

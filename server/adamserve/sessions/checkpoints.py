@@ -32,6 +32,7 @@ from safetensors.numpy import save as st_save
 
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import FlatOptimizer
+from adamserve.sessions.pushlog import PushLog
 from adamserve.sessions.session import Session, SessionConfig, build_optimizer
 
 log = logging.getLogger("adamserve.checkpoints")
@@ -76,6 +77,7 @@ def manifest_of(session: Session) -> dict[str, Any]:
         "step_count": opt.step_count,
         "seg_step": [int(x) for x in opt.seg_step],
         "mu_product": [float(x) for x in opt.mu_product],
+        "pushes": session.pushes.to_json(),
         "created": time.time(),
     }
 
@@ -195,5 +197,6 @@ class CheckpointStore:
         opt.seg_step[:] = np.array(manifest["seg_step"], dtype=np.int64)
         opt.mu_product[:] = np.array(manifest["mu_product"], dtype=np.float64)
         session = Session(session_id, config, opt)
+        session.pushes = PushLog.from_json(manifest.get("pushes", {}))
         session.checkpointed_step = opt.step_count
         return session

@@ -15,6 +15,7 @@ from adamserve.engine import algorithms as alg
 from adamserve.engine import schedules
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, TensorSpec
+from adamserve.sessions.pushlog import PushLog
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -138,6 +139,7 @@ class Session:
     version: int = 0  # bumped by every change of state: steps, imports, hyperparameters
     checkpointed_version: int = 0
     deleted: bool = False  # set under the lock; a waiter that finds it set gets NotFound
+    pushes: PushLog = field(default_factory=PushLog)  # exactly-once record, checkpointed
 
     @property
     def state_bytes(self) -> int:

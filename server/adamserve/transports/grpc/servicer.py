@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from adamserve import errors, metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
-from adamserve.service import OptimizerService, SessionInfo, StepResult, TensorChunk
+from adamserve.service import OptimizerService, PushId, SessionInfo, StepResult, TensorChunk
 from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK, SessionConfig
 from adamserve.transports.state_codec import decode_state, encode_state
 from adamserve_proto.v1 import optimizer_pb2 as pb
@@ -394,7 +394,7 @@ def session_info(info: SessionInfo) -> Any:
 
 def _step_status(result: StepResult) -> Any:
     msg = pb.StepStatus(step=result.step, skipped=result.skipped,
-                        nonfinite=list(result.nonfinite))
+                        nonfinite=list(result.nonfinite), duplicate=result.duplicate)
     if result.grad_norm is not None:
         msg.grad_norm = result.grad_norm
     return msg
@@ -427,6 +427,12 @@ class OptimizerServicer:
         initial = _chunks(requests, "initial", "AddTensors")
         return session_info(self.service.add_tensors(session_id, tensors, group, initial))
 
+    @staticmethod
+    def _push_id(header: Any) -> PushId | None:
+        if not header.sequence and not header.worker_id:
+            return None
+        return PushId(header.worker_id, int(header.sequence))
+
     def _step(self, requests: Iterator[Any], method: str, push: bool) -> StepResult:
         header = _first(requests, "header", method)
         session_id = _session_id(header.session_id, "header.session_id")
@@ -434,7 +440,8 @@ class OptimizerServicer:
                                             "header.return_datatype")
         grads = _chunks(requests, "chunk", method)
         return self.service.step(session_id, grads, return_datatype=rtype,
-                                 require_all=header.require_all)
+                                 require_all=header.require_all,
+                                 push_id=self._push_id(header))
 
     def Step(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
         header = _first(requests, "header", "Step")
@@ -442,7 +449,8 @@ class OptimizerServicer:
             rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
             for item in self.service.step_stream(
                     _session_id(header.session_id, "header.session_id"),
-                    _chunks(requests, "chunk", "Step"), return_datatype=rtype):
+                    _chunks(requests, "chunk", "Step"), return_datatype=rtype,
+                    push_id=self._push_id(header)):
                 if isinstance(item, StepResult):
                     yield pb.StepResponse(status=_step_status(item))
                 else:
@@ -467,7 +475,8 @@ class OptimizerServicer:
                 f"StepUnary: the parameters ({out_bytes} bytes as {rtype}) do not fit one "
                 f"{MAX_SEND_BYTES}-byte message; use the Step stream")
         result = self.service.step(session_id, (_chunk(c) for c in request.gradients),
-                                   return_datatype=rtype, require_all=header.require_all)
+                                   return_datatype=rtype, require_all=header.require_all,
+                                   push_id=self._push_id(header))
         return pb.StepUnaryResponse(
             status=_step_status(result),
             params=[pb.TensorChunk(name=c.name, shape=list(c.shape), datatype=c.datatype,

@@ -21,7 +21,7 @@ from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
 from adamserve.errors import InvalidArgument
-from adamserve.service import OptimizerService, SessionInfo, TensorChunk
+from adamserve.service import OptimizerService, PushId, SessionInfo, TensorChunk
 from adamserve.sessions.session import SessionConfig
 from adamserve.transports.http import binary
 from adamserve.transports.http.errors import describe_validation
@@ -247,9 +247,9 @@ async def step(session_id: str, request: Request, service: Service) -> Response:
                               f"{', '.join(WIRE_DTYPES)}")
     chunks = await _call(_gradients, body.gradients, payload)
     r = await _call(service.step, session_id, chunks, return_datatype=body.return_datatype,
-                    require_all=body.require_all)
+                    require_all=body.require_all, push_id=_push_id(body))
     out = StepResponse(step=r.step, skipped=r.skipped, grad_norm=r.grad_norm,
-                       nonfinite=list(r.nonfinite))
+                       nonfinite=list(r.nonfinite), duplicate=r.duplicate)
     return await _call(_tensors_response, request, out, r.params, body.binary_output)
 
 
@@ -260,9 +260,17 @@ async def push(session_id: str, request: Request, service: Service) -> Response:
     body, payload = await _read(request, PushRequest)
     chunks = await _call(_gradients, body.gradients, payload)
     r = await _call(service.step, session_id, chunks, return_datatype=None,
-                    require_all=body.require_all)
+                    require_all=body.require_all, push_id=_push_id(body))
     return _json(StepResponse(step=r.step, skipped=r.skipped, grad_norm=r.grad_norm,
-                              nonfinite=list(r.nonfinite)))
+                              nonfinite=list(r.nonfinite), duplicate=r.duplicate))
+
+
+def _push_id(body: StepRequest | PushRequest) -> PushId | None:
+    if body.worker_id is None and body.sequence is None:
+        return None
+    if body.worker_id is None or body.sequence is None:
+        raise InvalidArgument("worker_id and sequence go together: send both or neither")
+    return PushId(body.worker_id, body.sequence)
 
 
 @router.post("/v1/sessions/{session_id}/pull", response_model=PullResponse,

@@ -164,11 +164,23 @@ class StepRequest(_Request):
         "(also chosen by 'Accept: application/octet-stream')")
     require_all: bool = Field(
         default=False, description="Refuse the step unless every tensor has a gradient")
+    worker_id: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="Exactly once: who sends this step (with 'sequence'). A (worker_id, "
+        "sequence) the session applied before is acknowledged with duplicate=true and not "
+        "applied again, also after a restart, so a lost answer can be retried safely")
+    sequence: int | None = Field(
+        default=None, ge=1, le=2**63 - 1,
+        description="The worker's step number: 1, 2, 3, ... (with 'worker_id')")
 
 
 class PushRequest(_Request):
     gradients: list[TensorIn]
     require_all: bool = False
+    worker_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                  description="As in a step request")
+    sequence: int | None = Field(default=None, ge=1, le=2**63 - 1,
+                                 description="As in a step request")
 
 
 class PullRequest(_Request):
@@ -192,6 +204,9 @@ class StepResponse(_Response):
     grad_norm: float | None
     nonfinite: list[str] = Field(description="Tensors whose gradient held NaN or Inf")
     params: list[TensorOut] = Field(default_factory=list)
+    duplicate: bool = Field(
+        default=False, description="The (worker_id, sequence) was applied before: nothing "
+        "changed; the parameters are the current ones")
 
 
 class PullResponse(_Response):
