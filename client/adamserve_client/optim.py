@@ -49,7 +49,7 @@ from adamserve_client.transports import (
     connect,
 )
 from adamserve_client.transports._codec import SCALAR_SLOTS, hyper_value
-from adamserve_client.transports.base import Hyperparameters, StateDict
+from adamserve_client.transports.base import Hyperparameters, Sender, StateDict
 
 if TYPE_CHECKING:
     import torch
@@ -250,6 +250,10 @@ class RemoteOptimizer(_Base):
         self._pinned: dict[tuple[str, str], Any] = {}
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self.last_step: StepResult | None = None
+        # every step carries (worker, sequence): the server applies each once, so the
+        # transport may resend a step whose answer was lost
+        self._worker = uuid.uuid4().hex
+        self._sequence = 0
         if server is None or isinstance(server, str):
             url = server or os.environ.get("ADAMSERVE_URL") or DEFAULT_SERVER
             self._transport = connect(url, token if token is not None
@@ -608,7 +612,9 @@ class RemoteOptimizer(_Base):
         if not wire:
             return loss
         self._sync_hyperparameters()
-        result = self._transport.step(self.session_id, wire, return_datatype=self._wire)
+        self._sequence += 1
+        result = self._transport.step(self.session_id, wire, return_datatype=self._wire,
+                                      sender=Sender(self._worker, self._sequence))
         for t in result.params:
             target = sent.get(t.name)
             if target is not None:

@@ -77,7 +77,8 @@ class MemoryTransport(Transport):
                 for n, p in self.sessions[sid]["params"].items()]
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
-             return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
+             return_datatype: str = "FP32", require_all: bool = False,
+             sender: Any = None) -> StepResult:
         s = self.sessions[session_id]
         groups = {t.name: t.group for t in s["spec"].tensors}
         for w in gradients:
@@ -91,7 +92,7 @@ class MemoryTransport(Transport):
                                                                       return_datatype)))
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False) -> StepResult:
+             require_all: bool = False, sender: Any = None) -> StepResult:
         r = self.step(session_id, gradients)
         return StepResult(r.step, r.skipped, r.grad_norm, r.nonfinite)
 

@@ -428,3 +428,19 @@ def test_steps_are_retried_only_when_they_never_reached_a_server() -> None:
     assert _never_sent(refused) and _unavailable(refused)
     assert not _never_sent(midway) and _unavailable(midway)
     assert not _never_sent(Err(grpc.StatusCode.INVALID_ARGUMENT, "failed to connect"))
+
+
+def test_a_step_resent_by_its_sender_is_applied_once(transport: Transport, sid: str) -> None:
+    """What makes resending a step whose answer was lost safe, on both transports."""
+    from adamserve_client.transports.base import Sender
+
+    spec = SessionSpec(sid, "adam", (TensorSpec("w", (3,)),))
+    transport.create_session(spec)
+    g = [WireTensor("w", (3,), "FP32", np.ones(3, np.float32).tobytes())]
+    first = transport.step(sid, g, sender=Sender("w0", 1))
+    again = transport.step(sid, g, sender=Sender("w0", 1))
+    pushed = transport.push(sid, g, sender=Sender("w0", 1))
+    assert (first.duplicate, again.duplicate, pushed.duplicate) == (False, True, True)
+    assert again.step == 1 and again.params == first.params
+    assert transport.step(sid, g, sender=Sender("w0", 2)).step == 2
+    transport.delete_session(sid)

@@ -110,6 +110,16 @@ class StepResult:
     grad_norm: float | None
     nonfinite: tuple[str, ...]
     params: tuple[WireTensor, ...] = field(default=())
+    duplicate: bool = False  # the sender's step was applied before: acknowledged only
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sends a step: the server applies each (worker, sequence) once, so a step
+    whose answer was lost can be sent again safely."""
+
+    worker: str
+    sequence: int
 
 
 @dataclass(frozen=True)
@@ -147,12 +157,13 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
-             return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
+             return_datatype: str = "FP32", require_all: bool = False,
+             sender: Sender | None = None) -> StepResult:
         """One optimizer step; the result carries every tensor's parameters."""
 
     @abc.abstractmethod
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False) -> StepResult:
+             require_all: bool = False, sender: Sender | None = None) -> StepResult:
         """One optimizer step with no parameters sent back."""
 
     @abc.abstractmethod

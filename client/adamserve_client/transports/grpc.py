@@ -23,6 +23,7 @@ from adamserve_client.transports import _codec
 from adamserve_client.transports.base import (
     CheckpointInfo,
     HyperValue,
+    Sender,
     SessionInfo,
     SessionSpec,
     StateDict,
@@ -106,7 +107,8 @@ def _step_result(status: Any, params: Sequence[WireTensor] = ()) -> StepResult:
     return StepResult(
         step=int(status.step), skipped=bool(status.skipped),
         grad_norm=status.grad_norm if status.HasField("grad_norm") else None,
-        nonfinite=tuple(status.nonfinite), params=tuple(params))
+        nonfinite=tuple(status.nonfinite), params=tuple(params),
+        duplicate=bool(status.duplicate))
 
 
 class GrpcTransport(Transport):
@@ -235,11 +237,20 @@ class GrpcTransport(Transport):
 
     # -- steps ------------------------------------------------------------------
 
+    @staticmethod
+    def _header(session_id: str, return_datatype: str, require_all: bool,
+                sender: Sender | None) -> Any:
+        header = pb.StepHeader(session_id=session_id, return_datatype=return_datatype,
+                               require_all=require_all)
+        if sender is not None:
+            header.worker_id, header.sequence = sender.worker, sender.sequence
+        return header
+
     def _step_requests(self, session_id: str, gradients: Sequence[WireTensor],
-                       return_datatype: str, require_all: bool) -> Callable[[], Iterator[Any]]:
-        header = pb.StepRequest(header=pb.StepHeader(
-            session_id=session_id, return_datatype=return_datatype,
-            require_all=require_all)).SerializeToString()
+                       return_datatype: str, require_all: bool,
+                       sender: Sender | None) -> Callable[[], Iterator[Any]]:
+        header = pb.StepRequest(header=self._header(
+            session_id, return_datatype, require_all, sender)).SerializeToString()
 
         def requests() -> Iterator[bytes]:
             yield header
@@ -249,13 +260,16 @@ class GrpcTransport(Transport):
         return requests
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
-             return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
+             return_datatype: str = "FP32", require_all: bool = False,
+             sender: Sender | None = None) -> StepResult:
         small = sum(memoryview(t.data).nbytes for t in gradients) <= _UNARY_BYTES
         if small and session_id not in self._stream_only:
-            result = self._try_step_unary(session_id, gradients, return_datatype, require_all)
+            result = self._try_step_unary(session_id, gradients, return_datatype, require_all,
+                                          sender)
             if result is not None:
                 return result
-        requests = self._step_requests(session_id, gradients, return_datatype, require_all)
+        requests = self._step_requests(session_id, gradients, return_datatype, require_all,
+                                       sender)
 
         def run() -> StepResult:
             status = None
@@ -271,23 +285,24 @@ class GrpcTransport(Transport):
                                          url=self.url)
             return _step_result(status, params.tensors())
 
-        return self._call(run, once=True)
+        return self._call(run, once=sender is None)
 
     def _try_step_unary(self, session_id: str, gradients: Sequence[WireTensor],
-                        return_datatype: str, require_all: bool) -> StepResult | None:
+                        return_datatype: str, require_all: bool,
+                        sender: Sender | None) -> StepResult | None:
         """One-message step (lowest latency); None where the session needs the stream.
 
         The server refuses a session whose parameters do not fit one message before
         touching it, so falling back to the stream is safe.
         """
         req = pb.StepUnaryRequest(
-            header=pb.StepHeader(session_id=session_id, return_datatype=return_datatype,
-                                 require_all=require_all),
+            header=self._header(session_id, return_datatype, require_all, sender),
             gradients=[pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
                                       data=bytes(t.data)) for t in gradients])
         try:
             resp = _codec.with_retries(lambda: self._step_unary(req, **self._kw()),
-                                       _never_sent, attempts=self.retries,
+                                       _never_sent if sender is None else _unavailable,
+                                       attempts=self.retries,
                                        backoff=self.backoff)
         except grpc.RpcError as exc:
             code = exc.code()
@@ -301,9 +316,10 @@ class GrpcTransport(Transport):
         return _step_result(resp.status, params)
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False) -> StepResult:
-        requests = self._step_requests(session_id, gradients, "FP32", require_all)
-        return _step_result(self._call(lambda: self._push(requests(), **self._kw()), once=True))
+             require_all: bool = False, sender: Sender | None = None) -> StepResult:
+        requests = self._step_requests(session_id, gradients, "FP32", require_all, sender)
+        return _step_result(self._call(lambda: self._push(requests(), **self._kw()),
+                                       once=sender is None))
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32") -> list[WireTensor]:

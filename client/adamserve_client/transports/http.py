@@ -24,6 +24,7 @@ from adamserve_client.transports import _codec
 from adamserve_client.transports.base import (
     CheckpointInfo,
     HyperValue,
+    Sender,
     SessionInfo,
     SessionSpec,
     StateDict,
@@ -98,7 +99,12 @@ def _step_result(body: Mapping[str, Any], params: Sequence[WireTensor] = ()) -> 
     grad_norm = body.get("grad_norm")
     return StepResult(step=int(body["step"]), skipped=bool(body["skipped"]),
                       grad_norm=None if grad_norm is None else float(grad_norm),
-                      nonfinite=tuple(body.get("nonfinite", ())), params=tuple(params))
+                      nonfinite=tuple(body.get("nonfinite", ())), params=tuple(params),
+                      duplicate=bool(body.get("duplicate", False)))
+
+
+def _sender_fields(sender: Sender | None) -> dict[str, Any]:
+    return {} if sender is None else {"worker_id": sender.worker, "sequence": sender.sequence}
 
 
 class HttpTransport(Transport):
@@ -210,21 +216,22 @@ class HttpTransport(Transport):
     # -- steps ------------------------------------------------------------------
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
-             return_datatype: str = "FP32", require_all: bool = False) -> StepResult:
+             return_datatype: str = "FP32", require_all: bool = False,
+             sender: Sender | None = None) -> StepResult:
         content, headers = _binary_body({
             "gradients": [_tensor_entry(t) for t in gradients],
             "return_datatype": return_datatype, "binary_output": True,
-            "require_all": require_all}, gradients)
+            "require_all": require_all, **_sender_fields(sender)}, gradients)
         r = self._request("POST", self._path(session_id, "step"), content=content,
                           headers=headers)
         body, params = _tensors_out(r)
         return _step_result(body, params)
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False) -> StepResult:
+             require_all: bool = False, sender: Sender | None = None) -> StepResult:
         content, headers = _binary_body({
-            "gradients": [_tensor_entry(t) for t in gradients], "require_all": require_all},
-            gradients)
+            "gradients": [_tensor_entry(t) for t in gradients], "require_all": require_all,
+            **_sender_fields(sender)}, gradients)
         r = self._request("POST", self._path(session_id, "push"), content=content,
                           headers=headers)
         return _step_result(r.json())
