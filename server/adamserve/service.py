@@ -24,7 +24,7 @@ from adamserve import metrics
 from adamserve.engine import schedules, statedict
 from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
 from adamserve.engine.optimizer import Layout, StepReport, TensorSpec
-from adamserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from adamserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
 from adamserve.sessions.session import (
     Session,
@@ -385,9 +385,10 @@ class OptimizerService:
                                           encode(values, return_datatype), chunk.offset)
             finally:
                 report = stream.finish()
-                session.version += 1
-                if push_id is not None:  # applied, even if only in part: never again
-                    session.pushes.record(push_id.worker, push_id.sequence)
+                if stream.touched.any():  # applied, even if only in part: never again
+                    session.version += 1
+                    if push_id is not None:
+                        session.pushes.record(push_id.worker, push_id.sequence)
             asm.finish(require_all=False)
         metrics.STEPS.inc()
         metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
@@ -429,10 +430,10 @@ class OptimizerService:
         be the new group's, i.e. the current number of groups); None: they join
         existing groups. Their step counts start at 0; values not sent start at zero.
         """
-        claimed = self.store.get(session_id)
-        with claimed.intake, self._locked(session_id) as session:
-            if session is not claimed:
-                raise NotFound(f"session {session_id!r} was replaced during the request")
+        session = self.store.get(session_id)
+        # intake: the layout cannot change under us; the state stays unlocked while the
+        # request (its initial values) is read and checked
+        with session.intake:
             opt = session.opt
             try:
                 check_tensors(replace(session.config, tensors=(*opt.layout.tensors, *tensors)))
@@ -441,9 +442,6 @@ class OptimizerService:
                 if clash:
                     raise ValueError(f"tensor names already in the session: "
                                      f"{', '.join(sorted(clash))}")
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-            try:
                 new_slots = set(opt.slots_after_group(group)) - set(opt.slots)
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
@@ -451,21 +449,29 @@ class OptimizerService:
             # (say amsgrad) spans the whole grown session
             extra = (slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize)
                      + len(new_slots) * (opt.layout.size + added.size) * opt.dtype.itemsize)
-            self.store.check_room(extra, session)
+            self.store.check_room(extra, session)  # before allocating anything
             host = np.zeros(added.size, dtype=opt.dtype)
             asm = _Assembler(added, host, scope="among the tensors being added")
             for chunk in initial:
                 asm.add(chunk)
             if asm.bytes:
                 asm.finish(require_all=False)
-            try:
-                opt.add_tensors(tensors, host, group)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-            session.config = replace(session.config, tensors=opt.layout.tensors,
-                                     groups=tuple(dict(g) for g in opt.groups))
-            session.version += 1
-            info = _info(session)
+            with self._locked(session_id) as current:
+                if current is not session:
+                    raise NotFound(f"session {session_id!r} was replaced during the request")
+                self.store.check_room(extra, session)  # again: others may have grown
+                try:
+                    opt.add_tensors(tensors, host, group)
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
+                except MemoryError:
+                    raise ResourceExhausted(
+                        f"session {session_id!r}: the device could not allocate {extra} more "
+                        "bytes") from None
+                session.config = replace(session.config, tensors=opt.layout.tensors,
+                                         groups=tuple(dict(g) for g in opt.groups))
+                session.version += 1
+                info = _info(session)
         self._gauge()
         return info
 

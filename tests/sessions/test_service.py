@@ -262,7 +262,53 @@ def test_push_ids_are_checked(tmp_path: Path) -> None:
     svc.create("s", CONFIG)
     before = svc.store.get("s").fingerprint()
     for bad, message in [(PushId("", 1), "worker_id ''"), (PushId("w", 0), "sequence 0"),
-                         (PushId("w", 1 << 20), "more than 65536 ahead")]:
+                         (PushId("w", 1 << 20), "more than 1024 ahead")]:
         with pytest.raises(InvalidArgument, match=message):
             svc.step("s", _grads(), push_id=bad)
     assert svc.store.get("s").fingerprint() == before
+
+
+def test_a_duplex_step_that_applied_nothing_does_not_use_up_its_push_id(
+        tmp_path: Path) -> None:
+    from adamserve.service import PushId, StepResult
+
+    svc = _service(tmp_path)
+    config = SessionConfig("adam", CONFIG.tensors, skip_nonfinite=False)
+    svc.create("s", config)
+
+    def broken():  # type: ignore[no-untyped-def]
+        raise ConnectionError("client went away")
+        yield  # pragma: no cover
+
+    with pytest.raises(ConnectionError):
+        list(svc.step_stream("s", broken(), push_id=PushId("w", 1)))
+    out = list(svc.step_stream("s", _grads(), push_id=PushId("w", 1)))  # the resend
+    assert isinstance(out[-1], StepResult) and not out[-1].duplicate and out[-1].step == 1
+
+
+def test_add_tensors_keeps_the_alias_options_and_is_atomic(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", SessionConfig("amsgrad", CONFIG.tensors))
+    svc.add_tensors("s", [TensorSpec("new", (2,), 1)], {"lr": 0.1})
+    assert [g["amsgrad"] for g in svc.describe("s").groups] == [True, True]
+
+    class Tight(CpuBackend):
+        calls = 0
+
+        def zeros(self, n, dtype):  # type: ignore[no-untyped-def]
+            Tight.calls += 1
+            if Tight.calls > 3:
+                raise MemoryError
+            return super().zeros(n, dtype)
+
+    svc2 = OptimizerService(SessionStore(Tight(), None))
+    Tight.calls = -10**9
+    svc2.start()
+    svc2.create("s", CONFIG)
+    before = svc2.store.get("s").fingerprint()
+    Tight.calls = 0  # the third new buffer fails
+    with pytest.raises(ResourceExhausted, match="could not allocate"):
+        svc2.add_tensors("s", [TensorSpec("new", (2,), 0)])
+    opt = svc2.store.get("s").opt
+    assert svc2.store.get("s").fingerprint() == before
+    assert opt.param.size == opt.grad.size == opt.layout.size == 15

@@ -106,9 +106,12 @@ class FlatOptimizer:
         skip_nonfinite: bool = True,
         params: npt.NDArray[Any] | None = None,
     ) -> None:
+        # options implied by an alias (``amsgrad`` is adam with amsgrad=True), also for
+        # groups added later
+        self._alias: Hyperparameters = {}
         if isinstance(algorithm, str) and not isinstance(algorithm, Algorithm):
-            algorithm, extra = alg.parse_algorithm(algorithm)
-            groups = [{**extra, **g} for g in groups]
+            algorithm, self._alias = alg.parse_algorithm(algorithm)
+            groups = [{**self._alias, **g} for g in groups]
         self.algorithm = algorithm
         self.layout = layout
         if not groups:
@@ -156,7 +159,7 @@ class FlatOptimizer:
         """
         groups = list(self.groups)
         if group is not None:
-            groups.append(alg.resolve_hyperparameters(self.algorithm, group))
+            groups.append(alg.resolve_hyperparameters(self.algorithm, {**self._alias, **group}))
         new_layout = Layout((*self.layout.tensors, *tensors))  # checks unique names
         for t in tensors:
             if not 0 <= t.group < len(groups):
@@ -167,29 +170,32 @@ class FlatOptimizer:
             raise ValueError(f"expected {added} initial values for the new tensors, got "
                              f"{np.asarray(params).size}")
         old = self.layout.size
-        host = {name: self.backend.to_host(buf) for name, buf in self.slots.items()}
 
         def grown(buf: Array, tail: npt.NDArray[Any] | None = None) -> Array:
             out = self.backend.zeros(new_layout.size, self.dtype)
-            out[:old] = buf
+            out[:old] = buf  # device to device
             if tail is not None:
                 out[old:] = self.backend.to_device(np.asarray(tail, dtype=self.dtype))
             return out
 
-        self.param = grown(self.param, params)
-        self.grad = self.backend.zeros(new_layout.size, self.dtype)
-        self.groups = groups
-        self.layout = new_layout
-        self.slots = {name: grown(self.backend.to_device(buf)) for name, buf in host.items()}
+        # everything is built aside first: an allocation failure changes nothing
+        param = grown(self.param, params)
+        grad = self.backend.zeros(new_layout.size, self.dtype)
+        slots = {name: grown(buf) for name, buf in self.slots.items()}
+        spec = alg.SPECS[self.algorithm]
+        fresh = [s for h in groups for s in spec.slots(h) if s not in slots]
+        for name in dict.fromkeys(fresh):  # a slot the new group turns on, e.g. amsgrad
+            slots[name] = self.backend.zeros(new_layout.size, self.dtype)
         nseg = len(new_layout)
-        first_new = nseg - len(tensors)
-        for name, buf in self.slots.items():  # e.g. Adagrad's initial accumulator
-            for i in range(first_new, nseg):
+        for name, buf in slots.items():  # e.g. Adagrad's initial accumulator
+            first = 0 if name in fresh else nseg - len(tensors)
+            for i in range(first, nseg):
                 init = alg.initial_slot_value(self.algorithm, name,
                                               groups[new_layout.tensors[i].group])
                 if init != 0.0:
                     buf[new_layout.span(i)] = init
-        self._ensure_slots()
+        self.param, self.grad, self.slots = param, grad, slots
+        self.groups, self.layout = groups, new_layout
         self.seg_step = np.concatenate([self.seg_step, np.zeros(len(tensors), np.int64)])
         self.mu_product = np.concatenate([self.mu_product, np.ones(len(tensors))])
         self._index_layout()
@@ -233,7 +239,7 @@ class FlatOptimizer:
         """The slots the optimizer would hold with one more group ``group`` (validates)."""
         if group is None:
             return tuple(self.slots)
-        new = alg.resolve_hyperparameters(self.algorithm, group)
+        new = alg.resolve_hyperparameters(self.algorithm, {**self._alias, **group})
         names = list(self.slots)
         names.extend(s for s in alg.SPECS[self.algorithm].slots(new) if s not in names)
         return tuple(names)

@@ -104,6 +104,10 @@ class SessionStore:
 
     def check_room(self, extra_bytes: int, session: Session) -> None:
         """Refuse growing ``session`` by ``extra_bytes`` past the limits."""
+        with self._lock:
+            self._check_room(extra_bytes, session)
+
+    def _check_room(self, extra_bytes: int, session: Session) -> None:
         cap = self.limits.max_session_bytes
         if cap is not None and session.state_bytes + extra_bytes > cap:
             raise ResourceExhausted(
