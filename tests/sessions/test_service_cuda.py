@@ -98,3 +98,25 @@ def test_cuda_full_duplex_step_equals_a_step(tmp_path: Path) -> None:
                                 and c.name == k) for k in SHAPES}
         for p in whole.params:
             assert streamed[p.name] == bytes(p.data)
+
+
+def test_cuda_add_tensors_equals_cpu(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    config = SessionConfig("adagrad", tuple(TensorSpec(k, s) for k, s in SHAPES.items()),
+                           ({"lr": 1e-2, "initial_accumulator_value": 0.1},))
+    cpu = _service(CpuBackend(), tmp_path / "cpu")
+    gpu = _service(kernels_cuda.CudaBackend(), tmp_path / "gpu")
+    new = [TensorSpec("head", (50, 4), 1)]
+    head0 = rng.standard_normal((50, 4)).astype(np.float32)
+    for svc in (cpu, gpu):
+        svc.create("s", config)
+        svc.step("s", _chunks({k: np.ones(s, np.float32) for k, s in SHAPES.items()}))
+        svc.add_tensors("s", new, {"lr": 0.1, "initial_accumulator_value": 0.5},
+                        [TensorChunk("head", (50, 4), "FP32", head0.tobytes())])
+    for _ in range(3):
+        grads = {k: rng.standard_normal(s).astype(np.float32)
+                 for k, s in {**SHAPES, "head": (50, 4)}.items()}
+        a, b = cpu.step("s", _chunks(grads)), gpu.step("s", _chunks(grads))
+        for x, y in zip(a.params, b.params, strict=True):
+            np.testing.assert_allclose(np.frombuffer(x.data, "<f4"), np.frombuffer(y.data, "<f4"),
+                                       rtol=1e-5, atol=1e-6)
