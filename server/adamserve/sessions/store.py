@@ -66,17 +66,7 @@ class SessionStore:
         with self._lock:
             if session_id in self._sessions:
                 raise AlreadyExists(f"session {session_id!r} already exists")
-            cap = self.limits.max_session_bytes
-            if cap is not None and need > cap:
-                raise ResourceExhausted(
-                    f"session {session_id!r} needs {need} bytes of state; the per-session "
-                    f"limit is {cap}")
-            cap = self.limits.max_state_bytes
-            used = self.total_bytes()
-            if cap is not None and used + need > cap:
-                raise ResourceExhausted(
-                    f"session {session_id!r} needs {need} bytes of state; {cap - used} of "
-                    f"{cap} are free")
+            self._check_room(session_id, need, need)
             try:
                 opt = build_optimizer(config, self.backend)
             except ValueError as exc:
@@ -105,19 +95,21 @@ class SessionStore:
     def check_room(self, extra_bytes: int, session: Session) -> None:
         """Refuse growing ``session`` by ``extra_bytes`` past the limits."""
         with self._lock:
-            self._check_room(extra_bytes, session)
+            self._check_room(session.id, session.state_bytes + extra_bytes, extra_bytes)
 
-    def _check_room(self, extra_bytes: int, session: Session) -> None:
+    def _check_room(self, session_id: str, session_bytes: int, extra_bytes: int) -> None:
+        """The limits, for a session that would hold ``session_bytes`` once it took
+        ``extra_bytes`` more (caller holds the store's lock)."""
         cap = self.limits.max_session_bytes
-        if cap is not None and session.state_bytes + extra_bytes > cap:
+        if cap is not None and session_bytes > cap:
             raise ResourceExhausted(
-                f"session {session.id!r} would need {session.state_bytes + extra_bytes} bytes "
-                f"of state; the per-session limit is {cap}")
+                f"session {session_id!r} would need {session_bytes} bytes of state; the "
+                f"per-session limit is {cap}")
         cap = self.limits.max_state_bytes
         used = self.total_bytes()
         if cap is not None and used + extra_bytes > cap:
             raise ResourceExhausted(
-                f"session {session.id!r} needs {extra_bytes} more bytes of state; "
+                f"session {session_id!r} needs {extra_bytes} more bytes of state; "
                 f"{max(0, cap - used)} of {cap} are free")
 
     def all(self) -> list[Session]:

@@ -20,6 +20,7 @@ from adamserve import metrics
 from adamserve.service import OptimizerService
 from adamserve.transports.grpc.servicer import (
     MAX_RECEIVE_BYTES,
+    METHOD_KINDS,
     SERVICE_NAME,
     TRANSPORT,
     add_to_server,
@@ -30,14 +31,6 @@ log = logging.getLogger("adamserve.transports.grpc")
 # Services that answer without a token: load balancers and grpcurl need them.
 OPEN_SERVICES = ("grpc.health.v1.Health", reflection.SERVICE_NAME,
                  "grpc.reflection.v1.ServerReflection")
-
-_METHOD_KINDS: dict[tuple[bool, bool], Callable[..., Any]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unused-ignore]
     """Refuse calls without metadata ``authorization: Bearer <token>`` (UNAUTHENTICATED).
@@ -75,7 +68,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unus
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "missing or wrong token: send metadata 'authorization: Bearer <token>'")
 
-        factory = _METHOD_KINDS[(handler.request_streaming, handler.response_streaming)]
+        factory = METHOD_KINDS[(handler.request_streaming, handler.response_streaming)]
         return factory(deny, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 

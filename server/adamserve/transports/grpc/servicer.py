@@ -573,6 +573,15 @@ _METHODS: dict[str, tuple[bool, bool, Any]] = {
 }
 
 
+# gRPC's handler factory for each (request streaming, response streaming) pair.
+METHOD_KINDS: dict[tuple[bool, bool], Callable[..., Any]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def method_handlers(servicer: OptimizerService | OptimizerServicer) -> dict[str, Any]:
     """gRPC method handlers for every Optimizer RPC, each under the error guard.
 
@@ -588,12 +597,7 @@ def method_handlers(servicer: OptimizerService | OptimizerServicer) -> dict[str,
         if not req_stream:
             fn = _unary_request(fn)
         behavior = _guard_stream(name, fn) if resp_stream else _guard_unary(name, fn)
-        factory = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(req_stream, resp_stream)]
+        factory = METHOD_KINDS[(req_stream, resp_stream)]
         handlers[name] = factory(behavior, request_deserializer=_parser(req_type),
                                  response_serializer=_serialize)
     return handlers
