@@ -32,6 +32,7 @@ log = logging.getLogger("adamserve.transports.grpc")
 OPEN_SERVICES = ("grpc.health.v1.Health", reflection.SERVICE_NAME,
                  "grpc.reflection.v1.ServerReflection")
 
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unused-ignore]
     """Refuse calls without metadata ``authorization: Bearer <token>`` (UNAUTHENTICATED).
 
