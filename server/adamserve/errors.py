@@ -34,3 +34,16 @@ class ResourceExhausted(ServiceError):
 
 class Unauthenticated(ServiceError):
     code = "unauthenticated"
+
+
+class Aborted(ServiceError):
+    """A round of a synchronous session failed (straggler timeout): nothing was applied,
+    and the workers may push for the same step again."""
+
+    code = "aborted"
+
+
+class DeadlineExceeded(ServiceError):
+    """A wait (a pull for a step not reached yet) ran out of time; nothing changed."""
+
+    code = "deadline_exceeded"

@@ -21,3 +21,9 @@ CHECKPOINT_FAILURES = Counter("adamserve_checkpoint_failures_total",
 DUPLICATE_PUSHES = Counter("adamserve_duplicate_pushes_total",
                            "Pushes acknowledged without being applied: seen before")
 CHECKPOINTS = Counter("adamserve_checkpoints_total", "Durable checkpoints written")
+ROUNDS_FAILED = Counter("adamserve_rounds_failed_total",
+                        "Synchronous rounds failed by the straggler timeout")
+ROUNDS_SHORT = Counter("adamserve_rounds_short_total",
+                       "Synchronous rounds applied without every worker (straggler timeout)")
+STALE_PUSHES = Counter("adamserve_stale_pushes_total",
+                       "Pushes refused for being computed from too old parameters")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,10 +22,19 @@ import numpy.typing as npt
 
 from adamserve import metrics
 from adamserve.engine import schedules, statedict
+from adamserve.engine.backend import make_blocks
 from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
-from adamserve.engine.optimizer import Layout, StepReport, TensorSpec
-from adamserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from adamserve.engine.optimizer import LambStep, Layout, StepReport, TensorSpec
+from adamserve.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
+from adamserve.sessions.rounds import Outcome, Round
 from adamserve.sessions.session import (
     Session,
     SessionConfig,
@@ -82,6 +91,14 @@ class StepResult:
     nonfinite: tuple[str, ...]
     params: list[TensorChunk] = field(default_factory=list)
     duplicate: bool = False  # this (worker, sequence) was applied before: acknowledged only
+    staleness: int = 0  # steps between the push's base_step and the step it was applied to
+    pending: bool = False  # in a round not applied yet (or staged for its commit)
+    contributors: int = 0  # pushes averaged into a round's step (0: not a round)
+    missing: tuple[str, ...] = ()  # workers of the previous round absent from this one
+    # a staged step's sums of squares per tensor of the session, for the commit
+    grad_sumsq: tuple[float, ...] = ()
+    param_sumsq: tuple[float, ...] = ()  # LAMB, after the first commit
+    update_sumsq: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,18 @@ def _info(s: Session) -> SessionInfo:
         checkpointed_step=s.checkpointed_step,
         backend=opt.backend.name,
     )
+
+
+def _sums(what: str, values: Sequence[float], n: int) -> npt.NDArray[np.float64]:
+    """A commit's per-tensor sums of squares: ``n`` numbers >= 0 (NaN and Inf mean a
+    non-finite gradient somewhere and are kept)."""
+    out = np.asarray(values, dtype=np.float64)
+    if out.shape != (n,):
+        raise InvalidArgument(f"{what}: expected {n} numbers, one per tensor of the session, "
+                              f"got {len(values)}")
+    if (out < 0).any():
+        raise InvalidArgument(f"{what}: sums of squares cannot be negative")
+    return out
 
 
 def _check_datatype(datatype: str | None, what: str) -> None:
@@ -250,6 +279,7 @@ class OptimizerService:
     def delete(self, session_id: str) -> None:
         with self._locked(session_id) as session:
             session.deleted = True
+            session.changed.notify_all()
             self.store.remove(session)
             if self.checkpoints is not None:
                 self.checkpoints.delete(session_id)
@@ -268,45 +298,71 @@ class OptimizerService:
 
     def step(self, session_id: str, grads: Iterable[TensorChunk], *,
              return_datatype: str | None = "FP32", require_all: bool = False,
-             push_id: PushId | None = None) -> StepResult:
+             push_id: PushId | None = None, base_step: int | None = None) -> StepResult:
         """Apply one update from ``grads``; tensors not sent are left as they are.
 
         ``return_datatype`` None returns no parameters (a push). ``push_id``: a push
         this session applied before is acknowledged (``duplicate``) and not applied
-        again, so a client may retry a step whose answer it lost.
+        again, so a client may retry a step whose answer it lost. ``base_step``: the
+        step whose parameters the gradient was computed from (staleness checks).
+
+        With several workers (synchronous mode) the push joins the open round: a
+        push returns at once (``pending``), a step waits for the round and returns
+        its outcome and the parameters of that step. A shard of an exchange session
+        waits for the round to close and returns its sums of squares (``pending``);
+        :meth:`commit` applies it.
         """
         _check_datatype(return_datatype, "return datatype")
         if push_id is not None:
             push_id.check()
+        if base_step is not None and base_step < 0:
+            raise InvalidArgument(f"base_step {base_step}: expected an integer >= 0")
         t0 = time.perf_counter()
         session = self.store.get(session_id)
+        waiting: Round | None = None
         with session.intake:  # the gradient buffer is ours; the state is not locked yet
+            with self._locked(session_id) as current:  # refuse before reading the body
+                if current is not session:
+                    raise NotFound(f"session {session_id!r} was replaced during the request")
+                self._admit(session, push_id, base_step)
+                multi = self._in_rounds(session)
             opt = session.opt
             host = opt.grad if opt.backend.name == "cpu" else np.empty(opt.layout.size, opt.dtype)
             asm = _Assembler(opt.layout, host)
             for chunk in grads:
                 asm.add(chunk)
-            active = asm.finish(require_all)
+            active = asm.finish(require_all or multi)
             with self._locked(session_id) as current:
                 if current is not session:
                     raise NotFound(f"session {session_id!r} was replaced during the request")
                 duplicate = self._seen(session, push_id)
+                staleness = self._admit(session, push_id, base_step)
                 if duplicate:
                     report = StepReport(opt.step_count, False, None)
+                elif self._in_rounds(session):
+                    waiting = self._arrive(session, host, active, push_id)
                 else:
-                    report = self._apply(session, host, active, asm.sumsq)
+                    report = self._apply(session, host, active, asm.sumsq,
+                                         self._lr_scale(session, staleness))
                     if push_id is not None and not report.skipped:
                         session.pushes.record(push_id.worker, push_id.sequence)
-                params = (self._encode(session, None, return_datatype) if return_datatype
-                          else [])
-                if not duplicate:
-                    self._auto_checkpoint(session, report)
+                    if not report.skipped:
+                        self._auto_checkpoint(session, report)
+                if waiting is None:
+                    params = (self._encode(session, None, return_datatype) if return_datatype
+                              else [])
+        if waiting is not None:
+            return self._round_result(session, waiting, return_datatype, t0)
+        self._count(report.skipped, t0)
+        return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
+                          duplicate, staleness=staleness)
+
+    @staticmethod
+    def _count(skipped: bool, t0: float) -> None:
         metrics.STEPS.inc()
         metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
-        if report.skipped:
+        if skipped:
             metrics.SKIPPED_STEPS.inc()
-        return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
-                          duplicate)
 
     @staticmethod
     def _seen(session: Session, push_id: PushId | None) -> bool:
@@ -322,16 +378,319 @@ class OptimizerService:
             raise InvalidArgument(str(exc)) from None
         return False
 
+    @staticmethod
+    def _in_rounds(session: Session) -> bool:
+        """Whether pushes go through a round: several workers, or a shard's staged steps."""
+        w = session.config.workers
+        return w.mode == "sync" and (w.count > 1 or w.exchange or session.round is not None)
+
+    @staticmethod
+    def _lr_scale(session: Session, staleness: int) -> float:
+        w = session.config.workers
+        return 1.0 / (1 + staleness) if w.scale_lr_by_staleness and staleness else 1.0
+
+    def _admit(self, session: Session, push_id: PushId | None, base_step: int | None) -> int:
+        """Refuse a push the session cannot take now (lock held); returns its staleness."""
+        w = session.config.workers
+        now = session.opt.step_count
+        if base_step is not None and base_step > now:
+            raise FailedPrecondition(
+                f"push computed from step {base_step}, but session {session.id!r} is at step "
+                f"{now}: it has not reached that step (was it restored from an older "
+                "checkpoint?); pull the parameters and compute the gradient again")
+        staleness = 0 if base_step is None else now - base_step
+        if w.mode == "async":
+            if w.max_staleness is not None and staleness > w.max_staleness:
+                metrics.STALE_PUSHES.inc()
+                raise FailedPrecondition(
+                    f"push computed from step {base_step} is {staleness} steps stale (session "
+                    f"{session.id!r} is at step {now}); the bound is {w.max_staleness}: pull "
+                    "the parameters and compute the gradient again")
+            return staleness
+        if base_step is not None and staleness and not (
+                push_id is not None and session.pushes.seen(push_id.worker, push_id.sequence)):
+            metrics.STALE_PUSHES.inc()
+            last = session.last
+            missed = (" (that step was applied without it)" if last is not None
+                      and last.step == base_step + 1 and last.error is None else "")
+            raise FailedPrecondition(
+                f"push for step {base_step + 1}{missed} of session {session.id!r} is too late: the "
+                f"session is at step {now}{missed}; pull the parameters and compute the "
+                f"gradient for step {now + 1}")
+        r = session.round
+        if r is not None and push_id is not None and push_id.worker in r.pushes:
+            if r.pushes[push_id.worker] != push_id.sequence:
+                raise FailedPrecondition(
+                    f"worker {push_id.worker!r} already pushed for step {r.step} (sequence "
+                    f"{r.pushes[push_id.worker]}); one push per worker per step")
+        elif r is not None and r.staged:
+            raise FailedPrecondition(
+                f"step {r.step} of session {session.id!r} is closed and waits for its commit; "
+                "push for the next step after it is applied")
+        return staleness
+
     def _apply(self, session: Session, host: npt.NDArray[Any], active: npt.NDArray[np.bool_],
-               sumsq: npt.NDArray[np.float64]) -> StepReport:
+               sumsq: npt.NDArray[np.float64] | None, lr_scale: float = 1.0) -> StepReport:
         """Step ``session`` (its lock held) from the decoded gradients in ``host``."""
         opt = session.opt
         if host is not opt.grad:
             opt.grad[...] = opt.backend.to_device(host)
-        report = opt.step(None if active.all() else active, grad_sumsq=sumsq)
+        report = opt.step(None if active.all() else active, grad_sumsq=sumsq, lr_scale=lr_scale)
         if not report.skipped:
             session.version += 1
         return report
+
+    # -- rounds (several workers, or a shard's two-phase step) ---------------------------
+
+    def _arrive(self, session: Session, host: npt.NDArray[Any], active: npt.NDArray[np.bool_],
+                push_id: PushId | None) -> Round:
+        """Add a decoded push to the open round (intake and lock held); close it if full."""
+        opt = session.opt
+        if session.round is None:
+            session.round = Round(step=opt.step_count + 1)
+        r = session.round
+        if push_id is not None and push_id.worker in r.pushes:
+            metrics.DUPLICATE_PUSHES.inc()
+            return r  # the same push again: it waits on the round like the first
+        src = host if host is opt.grad else opt.backend.to_device(host)
+        if r.acc is None:
+            if session.acc is None:
+                try:
+                    session.acc = opt.backend.zeros(opt.layout.size, opt.dtype)
+                except MemoryError:
+                    raise ResourceExhausted(
+                        f"session {session.id!r}: no memory for the round accumulator") from None
+            r.acc = session.acc
+            r.acc[...] = src
+            r.active = active
+        else:
+            r.acc += src
+        if push_id is not None:
+            r.pushes[push_id.worker] = push_id.sequence
+        else:
+            session.anonymous += 1
+            r.pushes[f"(anonymous {session.anonymous})"] = 0
+        if r.arrived >= session.config.workers.count:
+            self._close(session, r)
+        return r
+
+    def _close(self, session: Session, r: Round) -> None:
+        """End round ``r`` with the mean of what arrived (intake and lock held): apply it,
+        or stage it for the commit of an exchange session."""
+        opt = session.opt
+        if r.arrived > 1:
+            r.acc /= r.arrived
+        missing = tuple(sorted(session.members - set(r.pushes)))
+        unknown = session.config.workers.count - r.arrived - len(missing)
+        if unknown > 0:
+            missing += (f"{unknown} worker{'s' if unknown > 1 else ''} not seen yet",)
+        if r.arrived < session.config.workers.count:
+            metrics.ROUNDS_SHORT.inc()
+        r.outcome = Outcome(r.step, contributors=r.arrived, missing=missing)
+        if session.config.workers.exchange:
+            r.staged = True
+            blocks = make_blocks(opt.backend, opt.layout.offsets, r.active)
+            r.grad_sumsq = opt.backend.segment_sumsq(r.acc, blocks, len(opt.layout))
+            session.changed.notify_all()
+            return
+        opt.grad[...] = r.acc
+        active = None if r.active is None or r.active.all() else r.active
+        self._finish_round(session, r, opt.step(active))
+
+    def _finish_round(self, session: Session, r: Round, report: StepReport) -> None:
+        """Record a round's applied (or skipped) step and wake its waiters (lock held)."""
+        assert r.outcome is not None
+        r.outcome.skipped = report.skipped
+        r.outcome.grad_norm = report.grad_norm
+        r.outcome.nonfinite = report.nonfinite
+        r.lamb = None
+        if not report.skipped:
+            session.version += 1
+            for worker, sequence in r.pushes.items():
+                if sequence:
+                    session.pushes.record(worker, sequence)
+            self._auto_checkpoint(session, report)
+        session.members = frozenset(w for w, seq in r.pushes.items() if seq)
+        session.last = r.outcome
+        session.round = None
+        session.changed.notify_all()
+
+    def _fail_round(self, session: Session, r: Round, why: str) -> None:
+        r.outcome = Outcome(r.step, contributors=r.arrived, error=why)
+        session.last = r.outcome
+        session.round = None
+        metrics.ROUNDS_FAILED.inc()
+        session.changed.notify_all()
+
+    def _expire(self, session: Session, r: Round) -> None:
+        """The straggler timeout of round ``r`` passed (intake and lock held)."""
+        if session.round is not r or r.staged or r.outcome is not None:
+            return
+        w = session.config.workers
+        deadline = r.deadline(w)
+        if deadline is None or time.monotonic() < deadline:
+            return
+        if w.straggler_policy == "apply":
+            log.warning("session %s: step %d applied with %d of %d workers after %.1f s",
+                        session.id, r.step, r.arrived, w.count, w.straggler_timeout)
+            self._close(session, r)
+            return
+        missing = sorted(session.members - set(r.pushes))
+        self._fail_round(session, r, (
+            f"step {r.step} of session {session.id!r} failed: {r.arrived} of {w.count} workers "
+            f"pushed within the straggler timeout of {w.straggler_timeout:g} s"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + "; nothing was applied: push the same gradients again"))
+
+    def _wait(self, session: Session, done: Callable[[], bool], timeout: float | None,
+              what: str) -> None:
+        """Block until ``done()`` (checked under the lock), enforcing straggler timeouts;
+        DeadlineExceeded after ``timeout`` seconds."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with session.changed:
+                while not done():
+                    if session.deleted:
+                        raise NotFound(f"session {session.id!r} was deleted")
+                    r = session.round
+                    dl = r.deadline(session.config.workers) if r is not None else None
+                    now = time.monotonic()
+                    if dl is not None and now >= dl:
+                        break
+                    if end is not None and now >= end:
+                        raise DeadlineExceeded(f"timed out after {timeout:g} s waiting for {what}")
+                    limit = min(x for x in (dl, end, now + 60.0) if x is not None)
+                    session.changed.wait(limit - now)
+                else:
+                    return
+            with session.intake, session.lock:  # the round has run out of time
+                if session.round is not None:
+                    self._expire(session, session.round)
+
+    def _round_result(self, session: Session, r: Round, return_datatype: str | None,
+                      t0: float) -> StepResult:
+        """What a push into round ``r`` answers: at once for a plain push; otherwise once
+        the round is applied (or staged, for an exchange session)."""
+        exchange = session.config.workers.exchange
+        if return_datatype is None and not exchange:
+            with session.lock:
+                if r.outcome is None:
+                    return StepResult(session.opt.step_count, False, None, (), pending=True)
+        self._wait(session, lambda: r.outcome is not None and (
+            r.staged or r.outcome.error is not None or session.round is not r),
+            None, f"step {r.step}")
+        with self._locked(session.id) as current:
+            if current is not session:
+                raise NotFound(f"session {session.id!r} was replaced during the request")
+            return self._outcome(session, r, return_datatype, t0)
+
+    def _outcome(self, session: Session, r: Round, return_datatype: str | None,
+                 t0: float) -> StepResult:
+        o = r.outcome
+        assert o is not None
+        if o.error is not None:
+            raise Aborted(o.error)
+        if session.round is r and r.staged:  # waiting for its commit
+            lamb = r.lamb
+            return StepResult(
+                session.opt.step_count, False, None, (), pending=True,
+                contributors=o.contributors, missing=o.missing,
+                grad_sumsq=tuple(float(x) for x in r.grad_sumsq) if lamb is None and
+                r.grad_sumsq is not None else (),
+                param_sumsq=tuple(float(x) for x in lamb.param_sumsq) if lamb else (),
+                update_sumsq=tuple(float(x) for x in lamb.update_sumsq) if lamb else ())
+        self._count(o.skipped, t0)
+        params = self._encode(session, None, return_datatype) if return_datatype else []
+        return StepResult(o.step if not o.skipped else o.step - 1, o.skipped, o.grad_norm,
+                          o.nonfinite, params, contributors=o.contributors, missing=o.missing)
+
+    def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
+               total_sumsq: float, *, param_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (),
+               return_datatype: str | None = "FP32") -> StepResult:
+        """Apply the staged step ``step`` of an exchange session (one shard of a model)
+        with sums of squares over the whole model.
+
+        ``tensor_sumsq``: per tensor of this session, the gradient's sum of squares over
+        the whole tensor it is part of; ``total_sumsq``: over the whole gradient. For
+        LAMB, this first commit returns the parameter and update sums of squares of
+        this shard (``pending``); a second commit brings their whole-tensor totals in
+        ``param_sumsq`` and ``update_sumsq``. A commit repeated (by another worker, or a
+        retry) after the step was applied returns its outcome again.
+        """
+        _check_datatype(return_datatype, "return datatype")
+        t0 = time.perf_counter()
+        session = self.store.get(session_id)
+        with session.intake, self._locked(session_id) as current:
+            if current is not session:
+                raise NotFound(f"session {session_id!r} was replaced during the request")
+            opt = session.opt
+            r = session.round
+            if r is None or not r.staged or r.step != step:
+                last = session.last
+                if last is not None and last.step == step and (
+                        last.error is not None or session.round is None
+                        or session.round.step != step):
+                    r = Round(step=step, outcome=last)
+                    return self._outcome(session, r, return_datatype, t0)
+                state = ("has no step waiting for a commit" if r is None or not r.staged
+                         else f"waits for the commit of step {r.step}")
+                raise FailedPrecondition(
+                    f"commit of step {step}: session {session_id!r} is at step "
+                    f"{opt.step_count} and {state}")
+            nseg = len(opt.layout)
+            sums = _sums("tensor_sumsq", tensor_sumsq, nseg)
+            lamb = opt.algorithm.value == "lamb"
+            if bool(param_sumsq) != bool(update_sumsq):
+                raise InvalidArgument("param_sumsq and update_sumsq come together (LAMB's "
+                                      "second commit)")
+            if param_sumsq and not lamb:
+                raise InvalidArgument(f"param_sumsq: session {session_id!r} runs "
+                                      f"{opt.algorithm.value}; only LAMB takes a second commit")
+            if param_sumsq:
+                if r.lamb is None:
+                    raise FailedPrecondition(
+                        f"commit of step {step}: LAMB's second commit (param_sumsq) came "
+                        "before the first (tensor_sumsq only)")
+                report = r.lamb.finish(_sums("param_sumsq", param_sumsq, nseg),
+                                       _sums("update_sumsq", update_sumsq, nseg))
+                self._finish_round(session, r, report)
+                return self._outcome(session, r, return_datatype, t0)
+            if r.lamb is not None:  # the first commit again
+                return self._outcome(session, r, return_datatype, t0)
+            active = None if r.active is None or r.active.all() else r.active
+            opt.grad[...] = r.acc
+            if lamb:
+                staged = opt.begin_lamb(active, sums, total_sumsq=float(total_sumsq))
+                if isinstance(staged, LambStep):
+                    r.lamb = staged
+                    return self._outcome(session, r, return_datatype, t0)
+                self._finish_round(session, r, staged)
+            else:
+                self._finish_round(session, r, opt.step(active, sums,
+                                                        total_sumsq=float(total_sumsq)))
+            return self._outcome(session, r, return_datatype, t0)
+
+    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+        """Change the number of workers of a live session (workers joined or left).
+
+        A round that already has ``count`` pushes closes at once."""
+        session = self.store.get(session_id)
+        with session.intake, self._locked(session_id) as current:
+            if current is not session:
+                raise NotFound(f"session {session_id!r} was replaced during the request")
+            workers = replace(session.config.workers, count=count)
+            try:
+                workers.check()
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            session.config = replace(session.config, workers=workers)
+            session.version += 1
+            r = session.round
+            if r is not None and not r.staged and r.arrived >= count:
+                self._close(session, r)
+            session.changed.notify_all()
+            return _info(session)
 
     def step_stream(self, session_id: str, grads: Iterable[TensorChunk], *,
                     return_datatype: str | None = "FP32", push_id: PushId | None = None
@@ -357,6 +716,10 @@ class OptimizerService:
             if session is not claimed:
                 raise NotFound(f"session {session_id!r} was replaced during the request")
             opt = session.opt
+            if self._in_rounds(session):
+                raise FailedPrecondition(
+                    f"session {session_id!r} averages the pushes of several workers (or is a "
+                    "shard waiting for commits): send the step without apply_as_received")
             if not opt.streamable:
                 raise FailedPrecondition(
                     f"session {session_id!r} cannot apply gradients as they arrive: it uses "
@@ -395,10 +758,30 @@ class OptimizerService:
         yield StepResult(report.step, False, None, ())
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32") -> builtins.list[TensorChunk]:
+             datatype: str = "FP32", *, min_step: int = 0,
+             timeout: float | None = None) -> builtins.list[TensorChunk]:
+        """Parameter values; with ``min_step``, once the session has reached that step
+        (waiting up to ``timeout`` seconds; Aborted if that step's round failed)."""
         _check_datatype(datatype, "datatype")
-        with self._locked(session_id) as session:
-            return self._encode(session, names, datatype)
+        if min_step < 0:
+            raise InvalidArgument(f"min_step {min_step}: expected an integer >= 0")
+        if timeout is not None and not timeout >= 0:
+            raise InvalidArgument(f"timeout {timeout}: expected seconds >= 0")
+        session = self.store.get(session_id)
+        if min_step > session.opt.step_count:
+
+            def reached() -> bool:
+                last = session.last
+                return session.opt.step_count >= min_step or (
+                    last is not None and last.step == min_step and last.error is not None)
+
+            self._wait(session, reached, timeout, f"step {min_step} of session {session_id!r}")
+        with self._locked(session_id) as current:
+            last = current.last
+            if (current.opt.step_count < min_step and last is not None
+                    and last.step == min_step and last.error is not None):
+                raise Aborted(last.error)
+            return self._encode(current, names, datatype)
 
     def _encode(self, session: Session, names: Sequence[str] | None,
                 datatype: str) -> builtins.list[TensorChunk]:

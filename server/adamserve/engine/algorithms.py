@@ -378,14 +378,16 @@ def lamb_trust_ratio(param_sumsq: F64, update_sumsq: F64) -> F64:
 
 
 def clip_coefficients(
-    seg_sumsq: F64, max_norm: float | None, per_tensor: bool
+    seg_sumsq: F64, max_norm: float | None, per_tensor: bool,
+    total_sumsq: float | None = None,
 ) -> tuple[F64, float]:
     """Gradient scale per segment and the (global) gradient norm.
 
     Same rule as ``torch.nn.utils.clip_grad_norm_``: scale by
-    ``max_norm / (norm + 1e-6)`` when that is below one.
+    ``max_norm / (norm + 1e-6)`` when that is below one. ``total_sumsq`` replaces
+    the sum over ``seg_sumsq`` when the segments are only part of the gradient.
     """
-    total = float(np.sqrt(seg_sumsq.sum()))
+    total = float(np.sqrt(seg_sumsq.sum() if total_sumsq is None else total_sumsq))
     ones = np.ones_like(seg_sumsq)
     if max_norm is None:
         return ones, total

@@ -278,14 +278,47 @@ class FlatOptimizer:
         if "beta1" in values:
             values["beta1"] = np.array([s.beta1(t, float(x)) for x in values["beta1"]])
 
-    def step(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None) -> StepReport:
+    def step(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None, *,
+             lr_scale: float = 1.0, total_sumsq: float | None = None) -> StepReport:
         """Apply one update from ``self.grad`` to the tensors marked ``active`` (default all).
 
         A step whose active gradients hold NaN or Inf (with ``skip_nonfinite``) changes
         nothing, not even the step counters, and reports which tensors were at fault.
         ``grad_sumsq`` (per segment, when the caller computed it while filling the
-        gradient buffer) saves the reduction pass.
+        gradient buffer) saves the reduction pass. ``lr_scale`` multiplies every
+        group's (scheduled) lr for this step. ``total_sumsq``: the squared norm of the
+        whole gradient when this optimizer holds only part of it (a shard); then
+        ``grad_sumsq`` holds each segment's whole-tensor sum of squares.
         """
+        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq)
+        if isinstance(prepared, StepReport):
+            return prepared
+        if self.algorithm is Algorithm.LAMB:
+            lamb = LambStep(self, prepared, in_place=True)
+            return lamb.finish(lamb.param_sumsq, lamb.update_sumsq)
+        if len(prepared.idx):
+            self.backend.run(self.algorithm.value, self.slots, self.param, self.grad,
+                             prepared.blocks, prepared.coef)
+        self._advance(prepared.h, prepared.idx)
+        return StepReport(self.step_count, False, prepared.grad_norm)
+
+    def begin_lamb(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None, *,
+                   lr_scale: float = 1.0, total_sumsq: float | None = None
+                   ) -> LambStep | StepReport:
+        """LAMB's step up to the trust ratio, for a shard whose tensors are parts of
+        larger ones: the new moments go to scratch buffers and the state is untouched
+        until :meth:`LambStep.finish` gets the whole tensors' norms. A skipped step
+        returns its report."""
+        if self.algorithm is not Algorithm.LAMB:
+            raise ValueError(f"begin_lamb: the optimizer runs {self.algorithm.value}, not lamb")
+        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq)
+        if isinstance(prepared, StepReport):
+            return prepared
+        return LambStep(self, prepared, in_place=False)
+
+    def _prepare(self, active: BoolArray | None, grad_sumsq: F64 | None, lr_scale: float,
+                 total_sumsq: float | None) -> _Prepared | StepReport:
+        """The non-finite check, clipping and this step's coefficients."""
         nseg = len(self.layout)
         if active is None:
             active_mask = np.ones(nseg, dtype=bool)
@@ -302,28 +335,24 @@ class FlatOptimizer:
                 grad_sumsq = self.backend.segment_sumsq(self.grad, blocks, nseg)
             sumsq = grad_sumsq[idx]
             bad = ~np.isfinite(sumsq)
-            if self.skip_nonfinite and bad.any():
+            if self.skip_nonfinite and (bad.any() or (
+                    total_sumsq is not None and not np.isfinite(total_sumsq))):
                 names = tuple(self.layout.tensors[int(i)].name for i in idx[bad])
                 return StepReport(self.step_count, True, float("nan"), names)
             gscale, grad_norm = alg.clip_coefficients(
-                sumsq, self.clip.max_norm, self.clip.per_tensor)
-
-        h, coef64 = self._coefficients(None if active is None else active_mask, idx, gscale)
+                sumsq, self.clip.max_norm, self.clip.per_tensor, total_sumsq)
+        h, coef64 = self._coefficients(None if active is None else active_mask, idx, gscale,
+                                       lr_scale)
         coef = self.backend.to_device(coef64.astype(self.dtype))
-        if len(idx):
-            if self.algorithm is Algorithm.LAMB:
-                self._lamb(blocks, coef, coef64, nseg)
-            else:
-                self.backend.run(self.algorithm.value, self.slots, self.param, self.grad,
-                                 blocks, coef)
-        self._advance(h, idx)
-        return StepReport(self.step_count, False, grad_norm)
+        return _Prepared(blocks, idx, h, coef64, coef, grad_norm)
 
-    def _coefficients(self, active: BoolArray | None, idx: I64,
-                      gscale: F64) -> tuple[alg.SegmentHyper, F64]:
+    def _coefficients(self, active: BoolArray | None, idx: I64, gscale: F64,
+                      lr_scale: float = 1.0) -> tuple[alg.SegmentHyper, F64]:
         """This step's hyperparameters of the active segments, and the full coefficient matrix."""
         values = self._segment_values(active)
         self._scheduled(values)
+        if lr_scale != 1.0:
+            values["lr"] = values["lr"] * lr_scale
         h = alg.SegmentHyper(values, self.seg_step[idx] + 1, self.mu_product[idx])
         coef_rows = alg.coefficients(self.algorithm, h, values["lr"], gscale)
         coef64 = np.zeros((len(self.layout), coef_rows.shape[1]), dtype=np.float64)
@@ -351,20 +380,66 @@ class FlatOptimizer:
                 "or the non-finite check) and cannot be applied as gradients arrive")
         return StreamStep(self)
 
-    def _lamb(self, blocks: Blocks, coef: Array, coef64: F64, nseg: int) -> None:
-        psq_b, rsq_b = self.backend.lamb_moments(self.slots, self.param, self.grad, blocks, coef)
-        psq = np.bincount(blocks.host_seg, weights=psq_b, minlength=nseg).astype(np.float64)
-        rsq = np.bincount(blocks.host_seg, weights=rsq_b, minlength=nseg).astype(np.float64)
-        lr = coef64[:, alg.LAMB_LR_COLUMN]
-        scale = lr * alg.lamb_trust_ratio(psq, rsq)
-        self.backend.scaled_sub(self.param, self.grad, blocks,
-                                self.backend.to_device(scale.astype(self.dtype)))
-
     # -- views ---------------------------------------------------------------
 
     def tensor(self, buf: Array, i: int) -> Array:
         t = self.layout.tensors[i]
         return buf[self.layout.span(i)].reshape(t.shape)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A step past its checks: the blocks, segments and coefficients it will run with."""
+
+    blocks: Blocks
+    idx: I64
+    h: alg.SegmentHyper
+    coef64: F64
+    coef: Array
+    grad_norm: float | None
+
+
+class LambStep:
+    """LAMB's two passes split at the trust ratio.
+
+    The first pass (in the constructor) updates the moments and writes the update
+    ``r`` over a gradient buffer, summing ``||p||^2`` and ``||r||^2`` per segment.
+    :meth:`finish` takes those sums over whole tensors (a shard adds up the parts
+    held by every shard) and applies ``p -= lr * trust_ratio * r``. With
+    ``in_place=False`` the first pass writes to scratch copies, so the optimizer's
+    state is unchanged until ``finish``.
+    """
+
+    def __init__(self, opt: FlatOptimizer, prepared: _Prepared, *, in_place: bool) -> None:
+        self.opt = opt
+        self.prepared = prepared
+        nseg = len(opt.layout)
+        if in_place:
+            self.slots, self.update = opt.slots, opt.grad
+        else:
+            self.slots = {k: v.copy() for k, v in opt.slots.items()}
+            self.update = opt.grad.copy()
+        blocks = prepared.blocks
+        psq_b, rsq_b = opt.backend.lamb_moments(self.slots, opt.param, self.update, blocks,
+                                                prepared.coef)
+        self.param_sumsq = np.bincount(blocks.host_seg, weights=psq_b,
+                                       minlength=nseg).astype(np.float64)
+        self.update_sumsq = np.bincount(blocks.host_seg, weights=rsq_b,
+                                        minlength=nseg).astype(np.float64)
+
+    def finish(self, param_sumsq: F64, update_sumsq: F64) -> StepReport:
+        """Apply the update with trust ratios from whole-tensor sums of squares."""
+        opt, prepared = self.opt, self.prepared
+        if opt.slots is not self.slots:
+            opt.slots.update(self.slots)
+        lr = prepared.coef64[:, alg.LAMB_LR_COLUMN]
+        scale = lr * alg.lamb_trust_ratio(np.asarray(param_sumsq, np.float64),
+                                          np.asarray(update_sumsq, np.float64))
+        if len(prepared.idx):
+            opt.backend.scaled_sub(opt.param, self.update, prepared.blocks,
+                                   opt.backend.to_device(scale.astype(opt.dtype)))
+        opt._advance(prepared.h, prepared.idx)
+        return StepReport(opt.step_count, False, prepared.grad_norm)
 
 
 class StreamStep:

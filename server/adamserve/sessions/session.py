@@ -16,6 +16,7 @@ from adamserve.engine import schedules
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, TensorSpec
 from adamserve.sessions.pushlog import PushLog
+from adamserve.sessions.rounds import Outcome, Round, WorkersConfig
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -39,12 +40,14 @@ class SessionConfig:
     max_grad_norm: float | None = None
     clip_per_tensor: bool = False
     skip_nonfinite: bool = True
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["tensors"] = [{"name": t.name, "shape": list(t.shape), "group": t.group}
                         for t in self.tensors]
         d["groups"] = [dict(g) for g in self.groups]
+        d["workers"] = self.workers.to_json()
         return d
 
     @staticmethod
@@ -59,6 +62,7 @@ class SessionConfig:
             max_grad_norm=d.get("max_grad_norm"),
             clip_per_tensor=bool(d.get("clip_per_tensor", False)),
             skip_nonfinite=bool(d.get("skip_nonfinite", True)),
+            workers=WorkersConfig.from_json(d.get("workers")),
         )
 
 
@@ -108,6 +112,7 @@ def slot_bytes(elements: int, slots: int, itemsize: int) -> int:
 def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
     """Validate ``config`` and allocate its state (raises ValueError on bad config)."""
     check_tensors(config)
+    config.workers.check()
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm: expected a number > 0, got {config.max_grad_norm!r}")
     schedule = schedules.schedule_from_dict(config.schedule) if config.schedule else None
@@ -140,6 +145,17 @@ class Session:
     checkpointed_version: int = 0
     deleted: bool = False  # set under the lock; a waiter that finds it set gets NotFound
     pushes: PushLog = field(default_factory=PushLog)  # exactly-once record, checkpointed
+    # many workers (see adamserve.sessions.rounds); not checkpointed: a round lost to a
+    # restart is pushed again
+    round: Round | None = None
+    last: Outcome | None = None  # how the latest round ended
+    members: frozenset[str] = frozenset()  # the workers of the latest applied round
+    acc: Any = None  # the rounds' gradient accumulator, allocated on first use
+    anonymous: int = 0  # numbers pushes that carry no worker id
+    changed: threading.Condition = field(init=False)  # on ``lock``: rounds and steps
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
 
     @property
     def state_bytes(self) -> int:
