@@ -34,7 +34,7 @@ from adamserve.errors import (
     ResourceExhausted,
 )
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
-from adamserve.sessions.rounds import Outcome, Round
+from adamserve.sessions.rounds import Outcome, Round, WorkersConfig
 from adamserve.sessions.session import (
     Session,
     SessionConfig,
@@ -77,6 +77,8 @@ class SessionInfo:
     state_bytes: int
     checkpointed_step: int
     backend: str
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -132,6 +134,8 @@ def _info(s: Session) -> SessionInfo:
         state_bytes=s.state_bytes,
         checkpointed_step=s.checkpointed_step,
         backend=opt.backend.name,
+        workers=s.config.workers,
+        labels=dict(s.config.labels),
     )
 
 
@@ -907,6 +911,34 @@ class OptimizerService:
             raise FailedPrecondition("checkpoints are disabled: the server has no data directory")
         with self._locked(session_id) as session:
             return self._write(session)
+
+    def list_checkpoints(self, session_id: str) -> builtins.list[int]:
+        """Steps of the session's complete checkpoints on this server, oldest first."""
+        self.store.get(session_id)
+        return [] if self.checkpoints is None else self.checkpoints.steps(session_id)
+
+    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+        """Roll the live session back to its checkpoint of ``step`` (for a sharded
+        session: the newest step every shard holds); later checkpoints are removed."""
+        if self.checkpoints is None:
+            raise FailedPrecondition("checkpoints are disabled: the server has no data directory")
+        old = self.store.get(session_id)
+        with old.intake, self._locked(session_id) as current:
+            if current is not old:
+                raise NotFound(f"session {session_id!r} was replaced during the request")
+            try:
+                new = self.checkpoints.rewind(session_id, step, self.store.backend)
+            except KeyError:
+                raise NotFound(
+                    f"session {session_id!r} has no complete checkpoint of step {step}; it has "
+                    f"{self.checkpoints.steps(session_id) or 'none'}") from None
+            new.checkpointed_at = time.monotonic()
+            self.store.replace(old, new)
+            old.deleted = True  # waiters on the old object stop
+            old.changed.notify_all()
+            log.info("session %s restored to its checkpoint of step %d", session_id, step)
+        self._gauge()
+        return _info(new)
 
     def _write(self, session: Session) -> CheckpointInfo:
         """Checkpoint ``session`` (its lock held, not deleted); durable on return."""

@@ -211,6 +211,26 @@ class SessionSpec(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
@@ -220,6 +240,8 @@ class SessionSpec(_message.Message):
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     CLIP_PER_TENSOR_FIELD_NUMBER: _builtins.int
     SKIP_NONFINITE_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """1-128 characters of letters, digits, '.', '_' or '-', starting with a
     letter or digit.
@@ -250,6 +272,16 @@ class SessionSpec(_message.Message):
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """The tensors the session optimizes, in order; at least one."""
 
+    @_builtins.property
+    def workers(self) -> Global___Workers:
+        """How the pushes of several workers become steps; absent: one worker."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form labels kept with the session and its checkpoints (a sharded
+        client records "adamserve.shard" = "<index>/<count>" and the layout's hash).
+        """
+
     def __init__(
         self,
         *,
@@ -262,10 +294,12 @@ class SessionSpec(_message.Message):
         max_grad_norm: _builtins.float | None = ...,
         clip_per_tensor: _builtins.bool = ...,
         skip_nonfinite: _builtins.bool | None = ...,
+        workers: Global___Workers | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_skip_nonfinite", b"_skip_nonfinite", "max_grad_norm", b"max_grad_norm", "skip_nonfinite", b"skip_nonfinite"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_skip_nonfinite", b"_skip_nonfinite", "max_grad_norm", b"max_grad_norm", "skip_nonfinite", b"skip_nonfinite", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_skip_nonfinite", b"_skip_nonfinite", "algorithm", b"algorithm", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "max_grad_norm", b"max_grad_norm", "schedule_json", b"schedule_json", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_skip_nonfinite", b"_skip_nonfinite", "algorithm", b"algorithm", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "max_grad_norm", b"max_grad_norm", "schedule_json", b"schedule_json", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
@@ -277,6 +311,73 @@ class SessionSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__skip_nonfinite) -> _WhichOneofReturnType__skip_nonfinite | None: ...
 
 Global___SessionSpec: _TypeAlias = SessionSpec  # noqa: Y015
+
+@_typing.final
+class Workers(_message.Message):
+    """Many workers on one session.
+
+    Synchronous mode ("sync"): step t applies the mean of the gradients of
+    `count` workers, each computed from the parameters of step t-1
+    (StepHeader.base_step); a Step waits for the round and returns the
+    parameters of step t, a Push returns at once (status.pending) and
+    Pull(min_step) waits. A push for a step already applied is refused with
+    FAILED_PRECONDITION. With a straggler timeout, a round that is not full that
+    many seconds after its first push fails (ABORTED for every waiting worker;
+    nothing applied) or, with policy "apply", applies the mean of what arrived
+    and reports the missing workers.
+
+    Asynchronous mode ("async"): every push is applied on arrival. A push whose
+    base_step is more than max_staleness steps behind is refused with
+    FAILED_PRECONDITION; scale_lr_by_staleness multiplies lr by
+    1 / (1 + staleness).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    STRAGGLER_TIMEOUT_FIELD_NUMBER: _builtins.int
+    STRAGGLER_POLICY_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_FIELD_NUMBER: _builtins.int
+    SCALE_LR_BY_STALENESS_FIELD_NUMBER: _builtins.int
+    EXCHANGE_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many workers push each step; 0 means 1."""
+    mode: _builtins.str
+    """"sync" (default when empty) or "async"."""
+    straggler_timeout: _builtins.float
+    """Seconds from a round's first push to give up waiting; 0: wait forever."""
+    straggler_policy: _builtins.str
+    """"fail" (default when empty) or "apply"."""
+    max_staleness: _builtins.int
+    """Async: the largest staleness accepted; absent: no bound."""
+    scale_lr_by_staleness: _builtins.bool
+    """Async: scale lr by 1 / (1 + staleness)."""
+    exchange: _builtins.bool
+    """Two-phase steps for one shard of a sharded model: a full round is staged,
+    not applied; the push is answered with status.grad_sumsq once the round is
+    closed, and Commit applies it with sums over every shard. Sync mode only.
+    """
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        straggler_timeout: _builtins.float = ...,
+        straggler_policy: _builtins.str = ...,
+        max_staleness: _builtins.int | None = ...,
+        scale_lr_by_staleness: _builtins.bool = ...,
+        exchange: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_staleness", b"_max_staleness", "max_staleness", b"max_staleness"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_staleness", b"_max_staleness", "count", b"count", "exchange", b"exchange", "max_staleness", b"max_staleness", "mode", b"mode", "scale_lr_by_staleness", b"scale_lr_by_staleness", "straggler_policy", b"straggler_policy", "straggler_timeout", b"straggler_timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_staleness: _TypeAlias = _typing.Literal["max_staleness"]  # noqa: Y015
+    _WhichOneofArgType__max_staleness: _TypeAlias = _typing.Literal["_max_staleness", b"_max_staleness"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_staleness) -> _WhichOneofReturnType__max_staleness | None: ...
+
+Global___Workers: _TypeAlias = Workers  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):
@@ -390,6 +491,26 @@ class SessionInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
@@ -404,6 +525,8 @@ class SessionInfo(_message.Message):
     STATE_BYTES_FIELD_NUMBER: _builtins.int
     CHECKPOINTED_STEP_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     algorithm: _builtins.str
@@ -438,6 +561,14 @@ class SessionInfo(_message.Message):
     def lr(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The learning rate the next step will use, per group (schedule applied)."""
 
+    @_builtins.property
+    def workers(self) -> Global___Workers:
+        """How the pushes of several workers become steps."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The session's labels (SessionSpec.labels)."""
+
     def __init__(
         self,
         *,
@@ -455,10 +586,12 @@ class SessionInfo(_message.Message):
         state_bytes: _builtins.int = ...,
         checkpointed_step: _builtins.int = ...,
         backend: _builtins.str = ...,
+        workers: Global___Workers | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "max_grad_norm", b"max_grad_norm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "max_grad_norm", b"max_grad_norm", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "algorithm", b"algorithm", "backend", b"backend", "checkpointed_step", b"checkpointed_step", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "lr", b"lr", "max_grad_norm", b"max_grad_norm", "schedule_json", b"schedule_json", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "state_bytes", b"state_bytes", "step", b"step", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "algorithm", b"algorithm", "backend", b"backend", "checkpointed_step", b"checkpointed_step", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "lr", b"lr", "max_grad_norm", b"max_grad_norm", "schedule_json", b"schedule_json", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "state_bytes", b"state_bytes", "step", b"step", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
@@ -584,6 +717,7 @@ class StepHeader(_message.Message):
     APPLY_AS_RECEIVED_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    BASE_STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to step."""
     return_datatype: _builtins.str
@@ -613,6 +747,11 @@ class StepHeader(_message.Message):
     """
     sequence: _builtins.int
     """See worker_id."""
+    base_step: _builtins.int
+    """The step whose parameters the gradient was computed from (the `step` of
+    the status or Pull that returned them). Sync sessions refuse a push for a
+    step already applied; async sessions use it for the staleness bound.
+    """
     def __init__(
         self,
         *,
@@ -622,12 +761,15 @@ class StepHeader(_message.Message):
         apply_as_received: _builtins.bool = ...,
         worker_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
+        base_step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "base_step", b"base_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_as_received", b"apply_as_received", "require_all", b"require_all", "return_datatype", b"return_datatype", "sequence", b"sequence", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "apply_as_received", b"apply_as_received", "base_step", b"base_step", "require_all", b"require_all", "return_datatype", b"return_datatype", "sequence", b"sequence", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__base_step: _TypeAlias = _typing.Literal["base_step"]  # noqa: Y015
+    _WhichOneofArgType__base_step: _TypeAlias = _typing.Literal["_base_step", b"_base_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_step) -> _WhichOneofReturnType__base_step | None: ...
 
 Global___StepHeader: _TypeAlias = StepHeader  # noqa: Y015
 
@@ -676,6 +818,13 @@ class StepStatus(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _builtins.int
     NONFINITE_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    STALENESS_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    MISSING_WORKERS_FIELD_NUMBER: _builtins.int
+    GRAD_SUMSQ_FIELD_NUMBER: _builtins.int
+    PARAM_SUMSQ_FIELD_NUMBER: _builtins.int
+    UPDATE_SUMSQ_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The session's step count after this request."""
     skipped: _builtins.bool
@@ -686,9 +835,39 @@ class StepStatus(_message.Message):
     """True when the header's (worker_id, sequence) was applied before: nothing
     changed, and the parameters returned are the current ones.
     """
+    staleness: _builtins.int
+    """Async: how many steps behind the push's base_step was."""
+    pending: _builtins.bool
+    """The push is in a round not applied yet (a Push to a sync session), or in a
+    step staged for its Commit (an exchange session): no parameters follow.
+    """
+    contributors: _builtins.int
+    """Sync: how many workers' gradients the step averaged."""
     @_builtins.property
     def nonfinite(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tensors whose gradient held NaN or Inf."""
+
+    @_builtins.property
+    def missing_workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sync: workers of the previous step that did not push for this one (after a
+        straggler timeout with policy "apply").
+        """
+
+    @_builtins.property
+    def grad_sumsq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Exchange, staged step: the sum of squares of the (mean) gradient of each
+        tensor of the session, for the Commit.
+        """
+
+    @_builtins.property
+    def param_sumsq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Exchange, LAMB after the first Commit: per tensor, the sums of squares of
+        the parameters and of the update, for the second Commit.
+        """
+
+    @_builtins.property
+    def update_sumsq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """See param_sumsq."""
 
     def __init__(
         self,
@@ -698,10 +877,17 @@ class StepStatus(_message.Message):
         grad_norm: _builtins.float | None = ...,
         nonfinite: _abc.Iterable[_builtins.str] | None = ...,
         duplicate: _builtins.bool = ...,
+        staleness: _builtins.int = ...,
+        pending: _builtins.bool = ...,
+        contributors: _builtins.int = ...,
+        missing_workers: _abc.Iterable[_builtins.str] | None = ...,
+        grad_sumsq: _abc.Iterable[_builtins.float] | None = ...,
+        param_sumsq: _abc.Iterable[_builtins.float] | None = ...,
+        update_sumsq: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "grad_norm", b"grad_norm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "duplicate", b"duplicate", "grad_norm", b"grad_norm", "nonfinite", b"nonfinite", "skipped", b"skipped", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "contributors", b"contributors", "duplicate", b"duplicate", "grad_norm", b"grad_norm", "grad_sumsq", b"grad_sumsq", "missing_workers", b"missing_workers", "nonfinite", b"nonfinite", "param_sumsq", b"param_sumsq", "pending", b"pending", "skipped", b"skipped", "staleness", b"staleness", "step", b"step", "update_sumsq", b"update_sumsq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__grad_norm: _TypeAlias = _typing.Literal["grad_norm"]  # noqa: Y015
     _WhichOneofArgType__grad_norm: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm"]  # noqa: Y015
@@ -810,10 +996,18 @@ class PullRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
     DATATYPE_FIELD_NUMBER: _builtins.int
+    MIN_STEP_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to read."""
     datatype: _builtins.str
     """"FP32" (default when empty), "FP16", "BF16" or "FP64"."""
+    min_step: _builtins.int
+    """Wait until the session has reached this step (sync mode: the round of that
+    step is applied); ABORTED if that round fails.
+    """
+    timeout: _builtins.float
+    """Seconds to wait for min_step; 0: as long as the call's deadline allows."""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tensors to return, in this order; empty for all of them."""
@@ -824,14 +1018,172 @@ class PullRequest(_message.Message):
         session_id: _builtins.str = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
         datatype: _builtins.str = ...,
+        min_step: _builtins.int = ...,
+        timeout: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "names", b"names", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "min_step", b"min_step", "names", b"names", "session_id", b"session_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PullRequest: _TypeAlias = PullRequest  # noqa: Y015
+
+@_typing.final
+class CommitRequest(_message.Message):
+    """Request for Commit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TENSOR_SUMSQ_FIELD_NUMBER: _builtins.int
+    TOTAL_SUMSQ_FIELD_NUMBER: _builtins.int
+    PARAM_SUMSQ_FIELD_NUMBER: _builtins.int
+    UPDATE_SUMSQ_FIELD_NUMBER: _builtins.int
+    RETURN_DATATYPE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session (one shard) whose staged step to apply."""
+    step: _builtins.int
+    """The staged step (the session's step count once applied)."""
+    total_sumsq: _builtins.float
+    """The sum of squares of the whole gradient, over every shard."""
+    return_datatype: _builtins.str
+    """Datatype of the returned parameters ("FP32" when empty); "NONE" returns
+    none.
+    """
+    @_builtins.property
+    def tensor_sumsq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per tensor of this session, the gradient's sum of squares over the whole
+        model tensor it is part of (the sum of every shard's grad_sumsq for it).
+        """
+
+    @_builtins.property
+    def param_sumsq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """LAMB's second commit: per tensor, the totals of param_sumsq and
+        update_sumsq over the whole model tensor.
+        """
+
+    @_builtins.property
+    def update_sumsq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """See param_sumsq."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        tensor_sumsq: _abc.Iterable[_builtins.float] | None = ...,
+        total_sumsq: _builtins.float = ...,
+        param_sumsq: _abc.Iterable[_builtins.float] | None = ...,
+        update_sumsq: _abc.Iterable[_builtins.float] | None = ...,
+        return_datatype: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["param_sumsq", b"param_sumsq", "return_datatype", b"return_datatype", "session_id", b"session_id", "step", b"step", "tensor_sumsq", b"tensor_sumsq", "total_sumsq", b"total_sumsq", "update_sumsq", b"update_sumsq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitRequest: _TypeAlias = CommitRequest  # noqa: Y015
+
+@_typing.final
+class SetWorkersRequest(_message.Message):
+    """Request for SetWorkers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to change."""
+    count: _builtins.int
+    """The new number of workers (>= 1)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetWorkersRequest: _TypeAlias = SetWorkersRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    """Request for ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session whose checkpoints to list."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    """Response of ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Steps of the complete checkpoints on this server, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class RestoreCheckpointRequest(_message.Message):
+    """Request for RestoreCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to roll back."""
+    step: _builtins.int
+    """The step of the checkpoint to restore."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreCheckpointRequest: _TypeAlias = RestoreCheckpointRequest  # noqa: Y015
 
 @_typing.final
 class SetHyperparametersRequest(_message.Message):

@@ -106,6 +106,26 @@ class OptimizerStub:
                 request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.Commit = channel.unary_stream(
+                '/adamserve.v1.Optimizer/Commit',
+                request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.CommitRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.SetWorkers = channel.unary_unary(
+                '/adamserve.v1.Optimizer/SetWorkers',
+                request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SetWorkersRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/adamserve.v1.Optimizer/ListCheckpoints',
+                request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/adamserve.v1.Optimizer/RestoreCheckpoint',
+                request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.RestoreCheckpointRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer:
@@ -231,6 +251,44 @@ class OptimizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Commit(self, request, context):
+        """Apply the staged step of an exchange session (one shard of a model whose
+        step needs sums over the whole model: see Workers.exchange) with the sums
+        of squares over every shard. Server stream, as Step: `status` first, then
+        the parameters. For LAMB the first commit answers status.pending with this
+        shard's param_sumsq/update_sumsq and no parameters; a second commit brings
+        their totals. A commit repeated after the step was applied (by another
+        worker, or a retry) answers the same outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetWorkers(self, request, context):
+        """Change the number of workers of a live session (workers joined or left). An
+        open round that already holds that many pushes is applied at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """The steps of the session's complete checkpoints on this server, oldest
+        first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Roll the live session back to its checkpoint of the given step (for a
+        sharded session: the newest step every shard holds). Checkpoints of later
+        steps are removed: they belong to a timeline that was abandoned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -303,6 +361,26 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.DeleteSessionRequest.FromString,
                     response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_stream_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.CommitRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.StepResponse.SerializeToString,
+            ),
+            'SetWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkers,
+                    request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SetWorkersRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.RestoreCheckpointRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -685,6 +763,114 @@ class Optimizer:
             '/adamserve.v1.Optimizer/DeleteSession',
             adamserve__proto_dot_v1_dot_optimizer__pb2.DeleteSessionRequest.SerializeToString,
             adamserve__proto_dot_v1_dot_optimizer__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/adamserve.v1.Optimizer/Commit',
+            adamserve__proto_dot_v1_dot_optimizer__pb2.CommitRequest.SerializeToString,
+            adamserve__proto_dot_v1_dot_optimizer__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamserve.v1.Optimizer/SetWorkers',
+            adamserve__proto_dot_v1_dot_optimizer__pb2.SetWorkersRequest.SerializeToString,
+            adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamserve.v1.Optimizer/ListCheckpoints',
+            adamserve__proto_dot_v1_dot_optimizer__pb2.ListCheckpointsRequest.SerializeToString,
+            adamserve__proto_dot_v1_dot_optimizer__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamserve.v1.Optimizer/RestoreCheckpoint',
+            adamserve__proto_dot_v1_dot_optimizer__pb2.RestoreCheckpointRequest.SerializeToString,
+            adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,

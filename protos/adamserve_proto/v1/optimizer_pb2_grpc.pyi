@@ -124,6 +124,28 @@ class OptimizerStub:
     """One session."""
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.DeleteSessionRequest, _optimizer_pb2.DeleteSessionResponse]
     """Delete a session and its checkpoints."""
+    Commit: _grpc.UnaryStreamMultiCallable[_optimizer_pb2.CommitRequest, _optimizer_pb2.StepResponse]
+    """Apply the staged step of an exchange session (one shard of a model whose
+    step needs sums over the whole model: see Workers.exchange) with the sums
+    of squares over every shard. Server stream, as Step: `status` first, then
+    the parameters. For LAMB the first commit answers status.pending with this
+    shard's param_sumsq/update_sumsq and no parameters; a second commit brings
+    their totals. A commit repeated after the step was applied (by another
+    worker, or a retry) answers the same outcome.
+    """
+    SetWorkers: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.SetWorkersRequest, _optimizer_pb2.SessionInfo]
+    """Change the number of workers of a live session (workers joined or left). An
+    open round that already holds that many pushes is applied at once.
+    """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.ListCheckpointsRequest, _optimizer_pb2.ListCheckpointsResponse]
+    """The steps of the session's complete checkpoints on this server, oldest
+    first.
+    """
+    RestoreCheckpoint: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.RestoreCheckpointRequest, _optimizer_pb2.SessionInfo]
+    """Roll the live session back to its checkpoint of the given step (for a
+    sharded session: the newest step every shard holds). Checkpoints of later
+    steps are removed: they belong to a timeline that was abandoned.
+    """
 
 @_typing.type_check_only
 class OptimizerAsyncStub(OptimizerStub):
@@ -187,6 +209,28 @@ class OptimizerAsyncStub(OptimizerStub):
     """One session."""
     DeleteSession: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.DeleteSessionRequest, _optimizer_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """Delete a session and its checkpoints."""
+    Commit: _aio.UnaryStreamMultiCallable[_optimizer_pb2.CommitRequest, _optimizer_pb2.StepResponse]  # type: ignore[assignment]
+    """Apply the staged step of an exchange session (one shard of a model whose
+    step needs sums over the whole model: see Workers.exchange) with the sums
+    of squares over every shard. Server stream, as Step: `status` first, then
+    the parameters. For LAMB the first commit answers status.pending with this
+    shard's param_sumsq/update_sumsq and no parameters; a second commit brings
+    their totals. A commit repeated after the step was applied (by another
+    worker, or a retry) answers the same outcome.
+    """
+    SetWorkers: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.SetWorkersRequest, _optimizer_pb2.SessionInfo]  # type: ignore[assignment]
+    """Change the number of workers of a live session (workers joined or left). An
+    open round that already holds that many pushes is applied at once.
+    """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.ListCheckpointsRequest, _optimizer_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """The steps of the session's complete checkpoints on this server, oldest
+    first.
+    """
+    RestoreCheckpoint: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.RestoreCheckpointRequest, _optimizer_pb2.SessionInfo]  # type: ignore[assignment]
+    """Roll the live session back to its checkpoint of the given step (for a
+    sharded session: the newest step every shard holds). Checkpoints of later
+    steps are removed: they belong to a timeline that was abandoned.
+    """
 
 class OptimizerServicer(metaclass=_abc_1.ABCMeta):
     """The optimizer service. Streams carry one operation each: a Step stream is one
@@ -331,5 +375,51 @@ class OptimizerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_optimizer_pb2.DeleteSessionResponse, _abc.Awaitable[_optimizer_pb2.DeleteSessionResponse]]:
         """Delete a session and its checkpoints."""
+
+    @_abc_1.abstractmethod
+    def Commit(
+        self,
+        request: _optimizer_pb2.CommitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_optimizer_pb2.StepResponse], _abc.AsyncIterator[_optimizer_pb2.StepResponse]]:
+        """Apply the staged step of an exchange session (one shard of a model whose
+        step needs sums over the whole model: see Workers.exchange) with the sums
+        of squares over every shard. Server stream, as Step: `status` first, then
+        the parameters. For LAMB the first commit answers status.pending with this
+        shard's param_sumsq/update_sumsq and no parameters; a second commit brings
+        their totals. A commit repeated after the step was applied (by another
+        worker, or a retry) answers the same outcome.
+        """
+
+    @_abc_1.abstractmethod
+    def SetWorkers(
+        self,
+        request: _optimizer_pb2.SetWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.SessionInfo, _abc.Awaitable[_optimizer_pb2.SessionInfo]]:
+        """Change the number of workers of a live session (workers joined or left). An
+        open round that already holds that many pushes is applied at once.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _optimizer_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.ListCheckpointsResponse, _abc.Awaitable[_optimizer_pb2.ListCheckpointsResponse]]:
+        """The steps of the session's complete checkpoints on this server, oldest
+        first.
+        """
+
+    @_abc_1.abstractmethod
+    def RestoreCheckpoint(
+        self,
+        request: _optimizer_pb2.RestoreCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.SessionInfo, _abc.Awaitable[_optimizer_pb2.SessionInfo]]:
+        """Roll the live session back to its checkpoint of the given step (for a
+        sharded session: the newest step every shard holds). Checkpoints of later
+        steps are removed: they belong to a timeline that was abandoned.
+        """
 
 def add_OptimizerServicer_to_server(servicer: OptimizerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -174,6 +174,43 @@ class CheckpointStore:
                             session_id, name, type(exc).__name__, exc)
         return None
 
+    def _dirs_by_step(self, session_id: str) -> dict[int, list[Path]]:
+        """Complete checkpoint directories by step, newest write first."""
+        out: dict[int, list[Path]] = {}
+        sdir = self.session_dir(session_id)
+        for p in sorted(sdir.glob("ckpt-*"), reverse=True):
+            parts = p.name.split("-")
+            if len(parts) == 3 and parts[1].isdigit() and (p / "manifest.json").exists():
+                out.setdefault(int(parts[1]), []).append(p)
+        return out
+
+    def steps(self, session_id: str) -> list[int]:
+        """Steps of the session's complete checkpoints, oldest first."""
+        return sorted(self._dirs_by_step(session_id))
+
+    def rewind(self, session_id: str, step: int, backend: Backend) -> Session:
+        """The session from its checkpoint of ``step``, made the latest: checkpoints of
+        later steps are removed (a timeline that was abandoned). Raises KeyError when no
+        readable checkpoint of that step exists."""
+        sdir = self.session_dir(session_id)
+        by_step = self._dirs_by_step(session_id)
+        for path in by_step.get(step, []):
+            try:
+                session = self._load_dir(session_id, path, backend)
+            except Exception as exc:
+                log.warning("checkpoint %s unreadable (%s: %s)", path, type(exc).__name__, exc)
+                continue
+            latest_tmp = sdir / f".tmp-LATEST-{time.monotonic_ns()}"
+            _write_file(latest_tmp, path.name.encode())
+            latest_tmp.rename(sdir / "LATEST")
+            _fsync_dir(sdir)
+            for later in sorted(s for s in by_step if s > step):
+                for p in by_step[later]:
+                    shutil.rmtree(p, ignore_errors=True)
+            _fsync_dir(sdir)
+            return session
+        raise KeyError(step)
+
     def _load_dir(self, session_id: str, path: Path, backend: Backend) -> Session:
         manifest = json.loads((path / "manifest.json").read_bytes())
         if not isinstance(manifest, dict):

@@ -41,6 +41,7 @@ class SessionConfig:
     clip_per_tensor: bool = False
     skip_nonfinite: bool = True
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -63,6 +64,7 @@ class SessionConfig:
             clip_per_tensor=bool(d.get("clip_per_tensor", False)),
             skip_nonfinite=bool(d.get("skip_nonfinite", True)),
             workers=WorkersConfig.from_json(d.get("workers")),
+            labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
         )
 
 
@@ -92,6 +94,18 @@ def check_tensors(config: SessionConfig) -> None:
                              "elements")
 
 
+MAX_LABELS = 64
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"labels: {len(labels)} given; at most {MAX_LABELS}")
+    for k, v in labels.items():
+        if not 1 <= len(k) <= 128 or len(v) > 1024:
+            raise ValueError(f"label {k[:40]!r}: expected a key of 1-128 characters and a "
+                             "value of at most 1024")
+
+
 def state_bytes(config: SessionConfig) -> int:
     """Bytes of device memory a session with this config holds (param, grad and slots)."""
     check_tensors(config)
@@ -113,6 +127,7 @@ def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
     """Validate ``config`` and allocate its state (raises ValueError on bad config)."""
     check_tensors(config)
     config.workers.check()
+    check_labels(config.labels)
     if config.max_grad_norm is not None and not config.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm: expected a number > 0, got {config.max_grad_norm!r}")
     schedule = schedules.schedule_from_dict(config.schedule) if config.schedule else None

@@ -92,6 +92,13 @@ class SessionStore:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
 
+    def replace(self, old: Session, new: Session) -> None:
+        """Publish ``new`` in place of ``old`` (a checkpoint restored over a live session)."""
+        with self._lock:
+            if self._sessions.get(old.id) is not old:
+                raise NotFound(f"session {old.id!r} was replaced during the request")
+            self._sessions[old.id] = new
+
     def check_room(self, extra_bytes: int, session: Session) -> None:
         """Refuse growing ``session`` by ``extra_bytes`` past the limits."""
         with self._lock:

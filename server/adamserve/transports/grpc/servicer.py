@@ -38,6 +38,7 @@ from adamserve import errors, metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
 from adamserve.service import OptimizerService, PushId, SessionInfo, StepResult, TensorChunk
+from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK, SessionConfig
 from adamserve.transports.state_codec import decode_state, encode_state
 from adamserve_proto.v1 import optimizer_pb2 as pb
@@ -66,6 +67,8 @@ STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
@@ -221,6 +224,10 @@ def _first(requests: Iterator[Any], field: str, what: str) -> Any:
     return getattr(msg, field)
 
 
+def _base_step(header: Any) -> int | None:
+    return int(header.base_step) if header.HasField("base_step") else None
+
+
 def _session_id(value: str, field: str = "session_id") -> str:
     if not value:
         raise errors.InvalidArgument(f"{field} is empty")
@@ -277,7 +284,27 @@ def session_config(spec: Any) -> SessionConfig:
         max_grad_norm=spec.max_grad_norm if spec.HasField("max_grad_norm") else None,
         clip_per_tensor=spec.clip_per_tensor,
         skip_nonfinite=spec.skip_nonfinite if spec.HasField("skip_nonfinite") else True,
+        workers=workers_config(spec.workers) if spec.HasField("workers") else WorkersConfig(),
+        labels=dict(spec.labels),
     )
+
+
+def workers_config(msg: Any) -> WorkersConfig:
+    return WorkersConfig(
+        count=msg.count or 1, mode=msg.mode or "sync",
+        straggler_timeout=msg.straggler_timeout,
+        straggler_policy=msg.straggler_policy or "fail",
+        max_staleness=msg.max_staleness if msg.HasField("max_staleness") else None,
+        scale_lr_by_staleness=msg.scale_lr_by_staleness, exchange=msg.exchange)
+
+
+def workers_message(w: WorkersConfig) -> Any:
+    msg = pb.Workers(count=w.count, mode=w.mode, straggler_timeout=w.straggler_timeout,
+                     straggler_policy=w.straggler_policy,
+                     scale_lr_by_staleness=w.scale_lr_by_staleness, exchange=w.exchange)
+    if w.max_staleness is not None:
+        msg.max_staleness = w.max_staleness
+    return msg
 
 
 # ---------------------------------------------------------------------------
@@ -386,6 +413,8 @@ def session_info(info: SessionInfo) -> Any:
         state_bytes=info.state_bytes,
         checkpointed_step=info.checkpointed_step,
         backend=info.backend,
+        workers=workers_message(info.workers),
+        labels=info.labels,
     )
     if info.max_grad_norm is not None:
         msg.max_grad_norm = info.max_grad_norm
@@ -394,7 +423,13 @@ def session_info(info: SessionInfo) -> Any:
 
 def _step_status(result: StepResult) -> Any:
     msg = pb.StepStatus(step=result.step, skipped=result.skipped,
-                        nonfinite=list(result.nonfinite), duplicate=result.duplicate)
+                        nonfinite=list(result.nonfinite), duplicate=result.duplicate,
+                        staleness=result.staleness, pending=result.pending,
+                        contributors=result.contributors,
+                        missing_workers=list(result.missing),
+                        grad_sumsq=list(result.grad_sumsq),
+                        param_sumsq=list(result.param_sumsq),
+                        update_sumsq=list(result.update_sumsq))
     if result.grad_norm is not None:
         msg.grad_norm = result.grad_norm
     return msg
@@ -441,7 +476,7 @@ class OptimizerServicer:
         grads = _chunks(requests, "chunk", method)
         return self.service.step(session_id, grads, return_datatype=rtype,
                                  require_all=header.require_all,
-                                 push_id=self._push_id(header))
+                                 push_id=self._push_id(header), base_step=_base_step(header))
 
     def Step(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
         header = _first(requests, "header", "Step")
@@ -476,7 +511,7 @@ class OptimizerServicer:
                 f"{MAX_SEND_BYTES}-byte message; use the Step stream")
         result = self.service.step(session_id, (_chunk(c) for c in request.gradients),
                                    return_datatype=rtype, require_all=header.require_all,
-                                   push_id=self._push_id(header))
+                                   push_id=self._push_id(header), base_step=_base_step(header))
         return pb.StepUnaryResponse(
             status=_step_status(result),
             params=[pb.TensorChunk(name=c.name, shape=list(c.shape), datatype=c.datatype,
@@ -488,8 +523,12 @@ class OptimizerServicer:
     def Pull(self, request: Any, context: Any) -> Iterator[Any]:
         datatype = _datatype(request.datatype or "FP32", "datatype")
         # cast: OptimizerService.list shadows the builtin in its class body's annotations.
+        timeout = request.timeout or context.time_remaining()
+        if timeout is not None and not math.isfinite(timeout):
+            timeout = None
         chunks = cast(Iterable[TensorChunk], self.service.pull(
-            _session_id(request.session_id), list(request.names) or None, datatype))
+            _session_id(request.session_id), list(request.names) or None, datatype,
+            min_step=request.min_step, timeout=timeout))
         for chunk in chunks:
             yield from chunk_messages(chunk)
 
@@ -553,6 +592,29 @@ class OptimizerServicer:
         self.service.delete(_session_id(request.session_id))
         return pb.DeleteSessionResponse()
 
+    def Commit(self, request: Any, context: Any) -> Iterator[Any]:
+        rtype = (None if request.return_datatype == "NONE"
+                 else _datatype(request.return_datatype or "FP32", "return_datatype"))
+        result = self.service.commit(
+            _session_id(request.session_id), request.step, list(request.tensor_sumsq),
+            request.total_sumsq, param_sumsq=list(request.param_sumsq),
+            update_sumsq=list(request.update_sumsq), return_datatype=rtype)
+        yield pb.StepResponse(status=_step_status(result))
+        for chunk in result.params:
+            yield from chunk_messages(chunk, wrap_field=_STEP_PARAM_FIELD)
+
+    def SetWorkers(self, request: Any, context: Any) -> Any:
+        return session_info(self.service.set_workers(_session_id(request.session_id),
+                                                     request.count))
+
+    def ListCheckpoints(self, request: Any, context: Any) -> Any:
+        return pb.ListCheckpointsResponse(
+            steps=self.service.list_checkpoints(_session_id(request.session_id)))
+
+    def RestoreCheckpoint(self, request: Any, context: Any) -> Any:
+        return session_info(self.service.restore_checkpoint(_session_id(request.session_id),
+                                                            request.step))
+
 
 # method name -> (request streaming, response streaming, request type)
 _METHODS: dict[str, tuple[bool, bool, Any]] = {
@@ -570,6 +632,10 @@ _METHODS: dict[str, tuple[bool, bool, Any]] = {
     "ListSessions": (False, False, pb.ListSessionsRequest),
     "DescribeSession": (False, False, pb.DescribeSessionRequest),
     "DeleteSession": (False, False, pb.DeleteSessionRequest),
+    "Commit": (False, True, pb.CommitRequest),
+    "SetWorkers": (False, False, pb.SetWorkersRequest),
+    "ListCheckpoints": (False, False, pb.ListCheckpointsRequest),
+    "RestoreCheckpoint": (False, False, pb.RestoreCheckpointRequest),
 }
 
 

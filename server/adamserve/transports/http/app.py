@@ -8,8 +8,11 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Security
 from fastapi.security import HTTPBearer
@@ -159,6 +162,17 @@ class _App(FastAPI):
         return schema
 
 
+# Workers of a synchronous session wait in the thread pool for their round: room for
+# many more than anyio's default 40 threads (idle waiting threads cost little).
+THREADS = 256
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+    yield
+
+
 def create_app(service: OptimizerService, token: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> FastAPI:
@@ -170,6 +184,7 @@ def create_app(service: OptimizerService, token: str | None = None, *,
     JSON part of binary ones; over either is a 413.
     """
     app = _App(
+        lifespan=_lifespan,
         title="adamserve",
         version=adamserve.__version__,
         description="Optimizer-as-a-service: the Adam family on a stateful server.",

@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from adamserve.errors import (
+    Aborted,
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -36,6 +38,8 @@ STATUS: dict[type[ServiceError], int] = {
     FailedPrecondition: 409,
     ResourceExhausted: 413,
     Unauthenticated: 401,
+    Aborted: 409,
+    DeadlineExceeded: 408,
 }
 
 # Codes for statuses that starlette raises itself (unknown route, wrong method, ...).
@@ -44,6 +48,7 @@ _CODES: dict[int, str] = {
     401: "unauthenticated",
     404: "not_found",
     405: "method_not_allowed",
+    408: "deadline_exceeded",
     409: "failed_precondition",
     413: "resource_exhausted",
     415: "unsupported_media_type",

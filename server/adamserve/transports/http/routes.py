@@ -21,13 +21,16 @@ from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
 from adamserve.errors import InvalidArgument
-from adamserve.service import OptimizerService, PushId, SessionInfo, TensorChunk
+from adamserve.service import OptimizerService, PushId, SessionInfo, StepResult, TensorChunk
+from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import SessionConfig
 from adamserve.transports.http import binary
 from adamserve.transports.http.errors import describe_validation
 from adamserve.transports.http.schemas import (
     AddTensorsRequest,
+    CheckpointList,
     CheckpointOut,
+    CommitRequest,
     CreateSessionRequest,
     ErrorBody,
     Health,
@@ -35,6 +38,7 @@ from adamserve.transports.http.schemas import (
     PullRequest,
     PullResponse,
     PushRequest,
+    RestoreRequest,
     ScheduleRequest,
     SessionList,
     SessionOut,
@@ -43,6 +47,8 @@ from adamserve.transports.http.schemas import (
     TensorIn,
     TensorSpecIn,
     TensorSpecOut,
+    WorkersOut,
+    WorkersRequest,
 )
 from adamserve.transports.state_codec import decode_state, encode_state
 
@@ -132,7 +138,8 @@ def session_out(info: SessionInfo) -> SessionOut:
         lr=list(info.lr), schedule=info.schedule, max_grad_norm=info.max_grad_norm,
         clip_per_tensor=info.clip_per_tensor, skip_nonfinite=info.skip_nonfinite,
         state_bytes=info.state_bytes, checkpointed_step=info.checkpointed_step,
-        backend=info.backend,
+        backend=info.backend, workers=WorkersOut(**info.workers.to_json()),
+        labels=info.labels,
     )
 
 
@@ -193,6 +200,9 @@ async def create_session(request: Request, service: Service) -> Response:
         max_grad_norm=body.max_grad_norm,
         clip_per_tensor=body.clip_per_tensor,
         skip_nonfinite=body.skip_nonfinite,
+        workers=(WorkersConfig(**body.workers.model_dump()) if body.workers is not None
+                 else WorkersConfig()),
+        labels=dict(body.labels),
     )
     _count_in(chunks)
     info = await _call(service.create, body.session_id, config, chunks)
@@ -262,9 +272,8 @@ def _step(service: OptimizerService, session_id: str, request: Request, raw: byt
                                   f"{', '.join(WIRE_DTYPES)}")
     chunks = _gradients(body.gradients, payload)
     r = service.step(session_id, chunks, return_datatype=rtype, require_all=body.require_all,
-                     push_id=_push_id(body))
-    out = StepResponse(step=r.step, skipped=r.skipped, grad_norm=r.grad_norm,
-                       nonfinite=list(r.nonfinite), duplicate=r.duplicate)
+                     push_id=_push_id(body), base_step=body.base_step)
+    out = _step_out(r)
     if isinstance(body, PushRequest):
         return _json(out)
     return _tensors_response(request, out, r.params, body.binary_output)
@@ -276,6 +285,50 @@ def _step(service: OptimizerService, session_id: str, request: Request, raw: byt
 async def push(session_id: str, request: Request, service: Service) -> Response:
     raw = await request.body()
     return await _call(_step, service, session_id, request, raw, push=True)
+
+
+def _step_out(r: StepResult) -> StepResponse:
+    return StepResponse(step=r.step, skipped=r.skipped, grad_norm=r.grad_norm,
+                        nonfinite=list(r.nonfinite), duplicate=r.duplicate,
+                        staleness=r.staleness, pending=r.pending, contributors=r.contributors,
+                        missing_workers=list(r.missing), grad_sumsq=list(r.grad_sumsq),
+                        param_sumsq=list(r.param_sumsq), update_sumsq=list(r.update_sumsq))
+
+
+@router.post("/v1/sessions/{session_id}/commit", response_model=StepResponse,
+             responses=_binary_ok(StepResponse, "The step's outcome and updated parameters."),
+             summary="Apply a shard's staged step with sums over every shard")
+async def commit(session_id: str, body: CommitRequest, request: Request,
+                 service: Service) -> Response:
+    """The second phase of a sharded step (sessions created with workers.exchange): see
+    the proto's Commit."""
+    rtype = body.return_datatype
+    if rtype is not None and rtype not in WIRE_DTYPES:
+        raise InvalidArgument(f"return_datatype {rtype!r}: expected one of "
+                              f"{', '.join(WIRE_DTYPES)} or null")
+    r = await _call(service.commit, session_id, body.step, body.tensor_sumsq, body.total_sumsq,
+                    param_sumsq=body.param_sumsq, update_sumsq=body.update_sumsq,
+                    return_datatype=rtype)
+    return await _call(_tensors_response, request, _step_out(r), r.params, body.binary_output)
+
+
+@router.put("/v1/sessions/{session_id}/workers", response_model=SessionOut, responses=_ERRORS,
+            summary="Change the number of workers of a live session")
+async def set_workers(session_id: str, body: WorkersRequest, service: Service) -> Response:
+    return _json(session_out(await _call(service.set_workers, session_id, body.count)))
+
+
+@router.get("/v1/sessions/{session_id}/checkpoints", response_model=CheckpointList,
+            responses=_ERRORS, summary="Steps of the session's complete checkpoints")
+async def list_checkpoints(session_id: str, service: Service) -> CheckpointList:
+    return CheckpointList(steps=await _call(service.list_checkpoints, session_id))
+
+
+@router.post("/v1/sessions/{session_id}/restore", response_model=SessionOut, responses=_ERRORS,
+             summary="Roll the session back to its checkpoint of a step")
+async def restore_checkpoint(session_id: str, body: RestoreRequest,
+                             service: Service) -> Response:
+    return _json(session_out(await _call(service.restore_checkpoint, session_id, body.step)))
 
 
 def _push_id(body: StepRequest | PushRequest) -> PushId | None:
@@ -292,7 +345,8 @@ def _push_id(body: StepRequest | PushRequest) -> PushId | None:
              summary="Read parameters")
 async def pull(session_id: str, request: Request, service: Service) -> Response:
     body, _ = await _read(request, PullRequest)
-    chunks = await _call(service.pull, session_id, body.names, body.datatype)
+    chunks = await _call(service.pull, session_id, body.names, body.datatype,
+                         min_step=body.min_step, timeout=body.timeout)
     return await _call(_tensors_response, request, PullResponse(params=[]), chunks,
                        body.binary_output)
 

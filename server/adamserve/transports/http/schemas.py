@@ -120,6 +120,40 @@ class TensorSpecOut(_Response):
     group: int
 
 
+class WorkersIn(_Request):
+    """How the pushes of several workers become steps (see the proto's Workers)."""
+
+    count: int = Field(default=1, ge=1, le=65536, description="Workers pushing each step")
+    mode: Literal["sync", "async"] = Field(
+        default="sync", description="sync: step t is the mean of the workers' gradients; "
+        "async: every push is applied on arrival")
+    straggler_timeout: float = Field(
+        default=0.0, ge=0, description="Seconds from a round's first push; 0: wait forever")
+    straggler_policy: Literal["fail", "apply"] = Field(
+        default="fail", description="After the timeout: fail the round (409), or apply the "
+        "mean of what arrived")
+    max_staleness: int | None = Field(
+        default=None, ge=0, le=2**31, description="async: refuse pushes more steps behind")
+    scale_lr_by_staleness: bool = Field(default=False,
+                                        description="async: lr * 1 / (1 + staleness)")
+    exchange: bool = Field(
+        default=False, description="One shard of a sharded model: full rounds are staged "
+        "and applied by a commit carrying sums over every shard")
+
+
+class WorkersOut(_Response):
+    count: int
+    mode: str
+    straggler_timeout: float
+    straggler_policy: str
+    max_staleness: int | None
+    scale_lr_by_staleness: bool
+    exchange: bool
+
+
+Labels = Annotated[dict[str, str], Field(max_length=64)]
+
+
 def _one_group() -> list[Hyperparameters]:
     return [{}]
 
@@ -138,6 +172,9 @@ class CreateSessionRequest(_Request):
     max_grad_norm: float | None = None
     clip_per_tensor: bool = False
     skip_nonfinite: bool = True
+    workers: WorkersIn | None = Field(default=None, description="Several workers; null: one")
+    labels: Labels = Field(default_factory=dict, description="Free-form labels kept with the "
+                           "session and its checkpoints")
     initial: list[TensorIn] = Field(
         default_factory=list, description="Initial parameter values; others start at zero")
 
@@ -172,6 +209,10 @@ class StepRequest(_Request):
     sequence: int | None = Field(
         default=None, ge=1, le=2**63 - 1,
         description="The worker's step number: 1, 2, 3, ... (with 'worker_id')")
+    base_step: int | None = Field(
+        default=None, ge=0, le=2**63 - 1,
+        description="The step whose parameters the gradient was computed from: sync sessions "
+        "refuse a push for a step already applied (409), async ones use it for staleness")
 
 
 class PushRequest(_Request):
@@ -181,12 +222,45 @@ class PushRequest(_Request):
                                   description="As in a step request")
     sequence: int | None = Field(default=None, ge=1, le=2**63 - 1,
                                  description="As in a step request")
+    base_step: int | None = Field(default=None, ge=0, le=2**63 - 1,
+                                  description="As in a step request")
 
 
 class PullRequest(_Request):
     names: list[str] | None = Field(default=None, description="Tensors to return; all if empty")
     datatype: Datatype = "FP32"
     binary_output: bool = False
+    min_step: int = Field(default=0, ge=0, le=2**63 - 1,
+                          description="Wait until the session reaches this step (409 if its "
+                          "round fails)")
+    timeout: float | None = Field(default=None, ge=0, le=86400,
+                                  description="Seconds to wait for min_step (408 after)")
+
+
+class CommitRequest(_Request):
+    step: int = Field(ge=1, le=2**63 - 1, description="The staged step")
+    tensor_sumsq: list[float] = Field(
+        description="Per tensor of this session: the gradient's sum of squares over the "
+        "whole model tensor it is part of")
+    total_sumsq: float = Field(description="Sum of squares of the whole gradient")
+    param_sumsq: list[float] = Field(default_factory=list,
+                                     description="LAMB's second commit: whole-tensor totals")
+    update_sumsq: list[float] = Field(default_factory=list, description="See param_sumsq")
+    return_datatype: Datatype | None = Field(default="FP32",
+                                             description="null: no parameters back")
+    binary_output: bool = False
+
+
+class WorkersRequest(_Request):
+    count: int = Field(ge=1, le=65536, description="The new number of workers")
+
+
+class RestoreRequest(_Request):
+    step: int = Field(ge=0, le=2**63 - 1, description="The checkpoint's step")
+
+
+class CheckpointList(_Response):
+    steps: list[int] = Field(description="Steps of the complete checkpoints, oldest first")
 
 
 class HyperparametersRequest(_Request):
@@ -207,6 +281,16 @@ class StepResponse(_Response):
     duplicate: bool = Field(
         default=False, description="The (worker_id, sequence) was applied before: nothing "
         "changed; the parameters are the current ones")
+    staleness: int = Field(default=0, description="async: steps behind base_step was")
+    pending: bool = Field(default=False, description="In a round not applied yet, or staged "
+                          "for its commit: no parameters")
+    contributors: int = Field(default=0, description="sync: gradients averaged")
+    missing_workers: list[str] = Field(default_factory=list,
+                                       description="sync: workers absent from this step")
+    grad_sumsq: list[float] = Field(default_factory=list,
+                                    description="A staged step's per-tensor sums of squares")
+    param_sumsq: list[float] = Field(default_factory=list, description="LAMB, first commit")
+    update_sumsq: list[float] = Field(default_factory=list, description="LAMB, first commit")
 
 
 class PullResponse(_Response):
@@ -228,6 +312,8 @@ class SessionOut(_Response):
     state_bytes: int
     checkpointed_step: int
     backend: str
+    workers: WorkersOut
+    labels: dict[str, str]
 
 
 class SessionList(_Response):
