@@ -19,6 +19,9 @@ RESOURCE_EXHAUSTED      :class:`ResourceExhausted` (a server limit; deliberately
 UNAUTHENTICATED / 401   :class:`Unauthenticated`  ``PermissionError``
 UNAVAILABLE, no server  :class:`Unavailable`      ``ConnectionError`` (names the URL)
 DEADLINE_EXCEEDED       :class:`DeadlineExceeded` ``TimeoutError``
+  / 408
+ABORTED / 409           :class:`Aborted`          ``RuntimeError`` (a synchronous round
+                                                  failed: nothing applied; push again)
 anything else / 5xx     :class:`ServerError`      ``RuntimeError``
 =====================  =======================  ===================================
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "BY_CODE",
+    "Aborted",
     "AdamserveError",
     "AlreadyExists",
     "DeadlineExceeded",
@@ -111,6 +115,13 @@ class DeadlineExceeded(AdamserveError, TimeoutError):
     code = "deadline_exceeded"
 
 
+class Aborted(AdamserveError, RuntimeError):
+    """A synchronous round failed (straggler timeout): nothing was applied, and the
+    same gradients may be pushed again."""
+
+    code = "aborted"
+
+
 class ServerError(AdamserveError, RuntimeError):
     """The server failed (INTERNAL, an unexpected status); its log has the details."""
 
@@ -128,6 +139,7 @@ BY_CODE: dict[str, type[AdamserveError]] = {
     "permission_denied": Unauthenticated,
     "unavailable": Unavailable,
     "deadline_exceeded": DeadlineExceeded,
+    "aborted": Aborted,
 }
 
 

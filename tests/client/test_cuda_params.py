@@ -78,7 +78,7 @@ class MemoryTransport(Transport):
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False,
-             sender: Any = None) -> StepResult:
+             sender: Any = None, base_step: int | None = None) -> StepResult:
         s = self.sessions[session_id]
         groups = {t.name: t.group for t in s["spec"].tensors}
         for w in gradients:
@@ -92,13 +92,28 @@ class MemoryTransport(Transport):
                                                                       return_datatype)))
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False, sender: Any = None) -> StepResult:
+             require_all: bool = False, sender: Any = None,
+             base_step: int | None = None) -> StepResult:
         r = self.step(session_id, gradients)
         return StepResult(r.step, r.skipped, r.grad_norm, r.nonfinite)
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32") -> list[WireTensor]:
+             datatype: str = "FP32", *, min_step: int = 0,
+             wait: float | None = None) -> list[WireTensor]:
         return [w for w in self._out(session_id, datatype) if not names or w.name in names]
+
+    # one worker, one server: nothing to commit, no workers, no checkpoints
+    def commit(self, *args: Any, **kwargs: Any) -> StepResult:
+        raise NotImplementedError
+
+    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+        raise NotImplementedError
+
+    def list_checkpoints(self, session_id: str) -> list[int]:
+        raise NotImplementedError
+
+    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+        raise NotImplementedError
 
     def set_hyperparameters(self, session_id: str, group: int,
                             changes: Mapping[str, Any]) -> SessionInfo:

@@ -28,6 +28,7 @@ from adamserve_client.transports.base import (
     StateDict,
     TensorSpec,
     WireTensor,
+    Workers,
 )
 
 T = TypeVar("T")
@@ -152,7 +153,19 @@ def session_info_from_json(d: Mapping[str, Any]) -> SessionInfo:
         state_bytes=int(d.get("state_bytes", 0)),
         checkpointed_step=int(d.get("checkpointed_step", -1)),
         backend=str(d.get("backend", "")),
+        workers=workers_from_json(d.get("workers") or {}),
+        labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
     )
+
+
+def workers_from_json(d: Mapping[str, Any]) -> Workers:
+    staleness = d.get("max_staleness")
+    return Workers(count=int(d.get("count", 1)), mode=str(d.get("mode", "sync")),
+                   straggler_timeout=float(d.get("straggler_timeout", 0.0)),
+                   straggler_policy=str(d.get("straggler_policy", "fail")),
+                   max_staleness=None if staleness is None else int(staleness),
+                   scale_lr_by_staleness=bool(d.get("scale_lr_by_staleness", False)),
+                   exchange=bool(d.get("exchange", False)))
 
 
 # ---------------------------------------------------------------------------

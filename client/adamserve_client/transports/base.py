@@ -37,6 +37,7 @@ __all__ = [
     "TensorSpec",
     "Transport",
     "WireTensor",
+    "Workers",
 ]
 
 # A hyperparameter under torch.optim's name: a number, a switch, or ``betas``' pair.
@@ -67,6 +68,30 @@ class WireTensor:
 
 
 @dataclass(frozen=True)
+class Workers:
+    """How the pushes of a session's workers become steps.
+
+    ``mode="sync"``: step t applies the mean of the gradients of ``count`` workers,
+    each computed from the parameters of step t-1; a worker's step waits for the
+    others. ``straggler_timeout`` (seconds, 0: none) fails a round that is not full
+    in time (``straggler_policy="fail"``: :class:`~adamserve_client.errors.Aborted`,
+    nothing applied) or applies the mean of what arrived (``"apply"``).
+    ``mode="async"``: every push is applied on arrival; one computed more than
+    ``max_staleness`` steps ago is refused; ``scale_lr_by_staleness`` scales lr by
+    1 / (1 + staleness). ``exchange``: one shard of a sharded session (set by
+    :class:`~adamserve_client.transports.sharded.ShardedTransport`).
+    """
+
+    count: int = 1
+    mode: str = "sync"
+    straggler_timeout: float = 0.0
+    straggler_policy: str = "fail"
+    max_staleness: int | None = None
+    scale_lr_by_staleness: bool = False
+    exchange: bool = False
+
+
+@dataclass(frozen=True)
 class SessionSpec:
     """Everything that defines a new session (the proto's SessionSpec)."""
 
@@ -79,6 +104,8 @@ class SessionSpec:
     max_grad_norm: float | None = None
     clip_per_tensor: bool = False
     skip_nonfinite: bool = True
+    workers: Workers = field(default_factory=Workers)
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +126,8 @@ class SessionInfo:
     state_bytes: int
     checkpointed_step: int
     backend: str
+    workers: Workers = field(default_factory=Workers)
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +140,13 @@ class StepResult:
     nonfinite: tuple[str, ...]
     params: tuple[WireTensor, ...] = field(default=())
     duplicate: bool = False  # the sender's step was applied before: acknowledged only
+    staleness: int = 0  # async: steps behind the push's base_step was
+    pending: bool = False  # in a round not applied yet, or staged for a commit
+    contributors: int = 0  # sync: gradients averaged into the step
+    missing: tuple[str, ...] = ()  # sync: workers absent from the step
+    grad_sumsq: tuple[float, ...] = ()  # a staged step's sums of squares, per tensor
+    param_sumsq: tuple[float, ...] = ()  # LAMB, after the first commit
+    update_sumsq: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,18 +194,47 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False,
-             sender: Sender | None = None) -> StepResult:
-        """One optimizer step; the result carries every tensor's parameters."""
+             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
+        """One optimizer step; the result carries every tensor's parameters.
+
+        ``base_step``: the step whose parameters the gradients were computed from (a
+        synchronous session refuses a push for a step already applied; an async one
+        bounds the staleness). In a synchronous session of several workers the call
+        waits for the round and returns the parameters of that step."""
 
     @abc.abstractmethod
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False, sender: Sender | None = None) -> StepResult:
-        """One optimizer step with no parameters sent back."""
+             require_all: bool = False, sender: Sender | None = None,
+             base_step: int | None = None) -> StepResult:
+        """One optimizer step with no parameters sent back (in a synchronous session
+        of several workers: returns at once, ``pending`` until the round is applied)."""
 
     @abc.abstractmethod
     def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32") -> list[WireTensor]:
-        """Current parameter values (all tensors when ``names`` is empty)."""
+             datatype: str = "FP32", *, min_step: int = 0,
+             wait: float | None = None) -> list[WireTensor]:
+        """Parameter values (all tensors when ``names`` is empty); with ``min_step``,
+        once the session has reached that step (waiting up to ``wait`` seconds)."""
+
+    @abc.abstractmethod
+    def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
+               total_sumsq: float, *, param_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (),
+               return_datatype: str | None = "FP32") -> StepResult:
+        """Apply the staged step of one shard with sums over every shard (the second
+        phase of a sharded step; see the proto's Commit). Safe to repeat."""
+
+    @abc.abstractmethod
+    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+        """Change the number of workers of a live session (workers joined or left)."""
+
+    @abc.abstractmethod
+    def list_checkpoints(self, session_id: str) -> list[int]:
+        """Steps of the session's complete checkpoints, oldest first."""
+
+    @abc.abstractmethod
+    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+        """Roll the live session back to its checkpoint of ``step``."""
 
     @abc.abstractmethod
     def set_hyperparameters(self, session_id: str, group: int,

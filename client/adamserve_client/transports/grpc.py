@@ -31,6 +31,7 @@ from adamserve_client.transports.base import (
     TensorSpec,
     Transport,
     WireTensor,
+    Workers,
 )
 from adamserve_proto.v1 import optimizer_pb2 as pb
 
@@ -100,7 +101,28 @@ def _session_info(msg: Any) -> SessionInfo:
         state_bytes=int(msg.state_bytes),
         checkpointed_step=int(msg.checkpointed_step),
         backend=msg.backend,
+        workers=_workers(msg.workers) if msg.HasField("workers") else Workers(),
+        labels=dict(msg.labels),
     )
+
+
+def _workers(msg: Any) -> Workers:
+    return Workers(count=int(msg.count) or 1, mode=msg.mode or "sync",
+                   straggler_timeout=float(msg.straggler_timeout),
+                   straggler_policy=msg.straggler_policy or "fail",
+                   max_staleness=int(msg.max_staleness) if msg.HasField("max_staleness")
+                   else None,
+                   scale_lr_by_staleness=bool(msg.scale_lr_by_staleness),
+                   exchange=bool(msg.exchange))
+
+
+def _workers_message(w: Workers) -> Any:
+    msg = pb.Workers(count=w.count, mode=w.mode, straggler_timeout=w.straggler_timeout,
+                     straggler_policy=w.straggler_policy,
+                     scale_lr_by_staleness=w.scale_lr_by_staleness, exchange=w.exchange)
+    if w.max_staleness is not None:
+        msg.max_staleness = w.max_staleness
+    return msg
 
 
 def _step_result(status: Any, params: Sequence[WireTensor] = ()) -> StepResult:
@@ -108,7 +130,10 @@ def _step_result(status: Any, params: Sequence[WireTensor] = ()) -> StepResult:
         step=int(status.step), skipped=bool(status.skipped),
         grad_norm=status.grad_norm if status.HasField("grad_norm") else None,
         nonfinite=tuple(status.nonfinite), params=tuple(params),
-        duplicate=bool(status.duplicate))
+        duplicate=bool(status.duplicate), staleness=int(status.staleness),
+        pending=bool(status.pending), contributors=int(status.contributors),
+        missing=tuple(status.missing_workers), grad_sumsq=tuple(status.grad_sumsq),
+        param_sumsq=tuple(status.param_sumsq), update_sumsq=tuple(status.update_sumsq))
 
 
 class GrpcTransport(Transport):
@@ -156,6 +181,10 @@ class GrpcTransport(Transport):
         self._list = method("unary_unary", "ListSessions", pb.ListSessionsResponse)
         self._describe = method("unary_unary", "DescribeSession", pb.SessionInfo)
         self._delete = method("unary_unary", "DeleteSession", pb.DeleteSessionResponse)
+        self._commit = method("unary_stream", "Commit", pb.StepResponse)
+        self._set_workers = method("unary_unary", "SetWorkers", pb.SessionInfo)
+        self._list_ckpts = method("unary_unary", "ListCheckpoints", pb.ListCheckpointsResponse)
+        self._restore = method("unary_unary", "RestoreCheckpoint", pb.SessionInfo)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -194,7 +223,8 @@ class GrpcTransport(Transport):
             tensors=_tensor_specs(spec.tensors),
             dtype=spec.dtype,
             schedule_json=json.dumps(dict(spec.schedule)) if spec.schedule is not None else "",
-            clip_per_tensor=spec.clip_per_tensor, skip_nonfinite=spec.skip_nonfinite)
+            clip_per_tensor=spec.clip_per_tensor, skip_nonfinite=spec.skip_nonfinite,
+            workers=_workers_message(spec.workers), labels=dict(spec.labels))
         if spec.max_grad_norm is not None:
             msg.max_grad_norm = spec.max_grad_norm
         first = pb.CreateSessionRequest(spec=msg)
@@ -239,18 +269,21 @@ class GrpcTransport(Transport):
 
     @staticmethod
     def _header(session_id: str, return_datatype: str, require_all: bool,
-                sender: Sender | None) -> Any:
+                sender: Sender | None, base_step: int | None) -> Any:
         header = pb.StepHeader(session_id=session_id, return_datatype=return_datatype,
                                require_all=require_all)
         if sender is not None:
             header.worker_id, header.sequence = sender.worker, sender.sequence
+        if base_step is not None:
+            header.base_step = base_step
         return header
 
     def _step_requests(self, session_id: str, gradients: Sequence[WireTensor],
                        return_datatype: str, require_all: bool,
-                       sender: Sender | None) -> Callable[[], Iterator[Any]]:
+                       sender: Sender | None, base_step: int | None
+                       ) -> Callable[[], Iterator[Any]]:
         header = pb.StepRequest(header=self._header(
-            session_id, return_datatype, require_all, sender)).SerializeToString()
+            session_id, return_datatype, require_all, sender, base_step)).SerializeToString()
 
         def requests() -> Iterator[bytes]:
             yield header
@@ -261,15 +294,15 @@ class GrpcTransport(Transport):
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False,
-             sender: Sender | None = None) -> StepResult:
+             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
         small = sum(memoryview(t.data).nbytes for t in gradients) <= _UNARY_BYTES
         if small and session_id not in self._stream_only:
             result = self._try_step_unary(session_id, gradients, return_datatype, require_all,
-                                          sender)
+                                          sender, base_step)
             if result is not None:
                 return result
         requests = self._step_requests(session_id, gradients, return_datatype, require_all,
-                                       sender)
+                                       sender, base_step)
 
         def run() -> StepResult:
             status = None
@@ -289,14 +322,14 @@ class GrpcTransport(Transport):
 
     def _try_step_unary(self, session_id: str, gradients: Sequence[WireTensor],
                         return_datatype: str, require_all: bool,
-                        sender: Sender | None) -> StepResult | None:
+                        sender: Sender | None, base_step: int | None) -> StepResult | None:
         """One-message step (lowest latency); None where the session needs the stream.
 
         The server refuses a session whose parameters do not fit one message before
         touching it, so falling back to the stream is safe.
         """
         req = pb.StepUnaryRequest(
-            header=self._header(session_id, return_datatype, require_all, sender),
+            header=self._header(session_id, return_datatype, require_all, sender, base_step),
             gradients=[pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
                                       data=bytes(t.data)) for t in gradients])
         try:
@@ -316,14 +349,18 @@ class GrpcTransport(Transport):
         return _step_result(resp.status, params)
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False, sender: Sender | None = None) -> StepResult:
-        requests = self._step_requests(session_id, gradients, "FP32", require_all, sender)
+             require_all: bool = False, sender: Sender | None = None,
+             base_step: int | None = None) -> StepResult:
+        requests = self._step_requests(session_id, gradients, "FP32", require_all, sender,
+                                       base_step)
         return _step_result(self._call(lambda: self._push(requests(), **self._kw()),
                                        once=sender is None))
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32") -> list[WireTensor]:
-        req = pb.PullRequest(session_id=session_id, names=list(names or ()), datatype=datatype)
+             datatype: str = "FP32", *, min_step: int = 0,
+             wait: float | None = None) -> list[WireTensor]:
+        req = pb.PullRequest(session_id=session_id, names=list(names or ()), datatype=datatype,
+                             min_step=min_step, timeout=wait or 0.0)
 
         def run() -> list[WireTensor]:
             out = _codec.ChunkAssembler()
@@ -375,6 +412,43 @@ class GrpcTransport(Transport):
         req = pb.CheckpointRequest(session_id=session_id)
         r = self._call(lambda: self._checkpoint(req, **self._kw()))
         return CheckpointInfo(r.session_id, int(r.step), r.path, int(r.bytes))
+
+    def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
+               total_sumsq: float, *, param_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (),
+               return_datatype: str | None = "FP32") -> StepResult:
+        req = pb.CommitRequest(session_id=session_id, step=step,
+                               tensor_sumsq=list(tensor_sumsq), total_sumsq=total_sumsq,
+                               param_sumsq=list(param_sumsq), update_sumsq=list(update_sumsq),
+                               return_datatype=return_datatype or "NONE")
+
+        def run() -> StepResult:
+            status = None
+            params = _codec.ChunkAssembler()
+            for resp in self._commit(req, **self._kw()):
+                if resp.WhichOneof("kind") == "param":
+                    p = resp.param
+                    params.add(p.name, p.shape, p.datatype, p.offset, p.data)
+                else:
+                    status = resp.status
+            if status is None:
+                raise errors.ServerError(f"{self.url}: the Commit stream ended without a "
+                                         "status", url=self.url)
+            return _step_result(status, params.tensors())
+
+        return self._call(run)  # a commit repeated is answered with the same outcome
+
+    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+        req = pb.SetWorkersRequest(session_id=session_id, count=count)
+        return _session_info(self._call(lambda: self._set_workers(req, **self._kw())))
+
+    def list_checkpoints(self, session_id: str) -> list[int]:
+        req = pb.ListCheckpointsRequest(session_id=session_id)
+        return [int(s) for s in self._call(lambda: self._list_ckpts(req, **self._kw())).steps]
+
+    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+        req = pb.RestoreCheckpointRequest(session_id=session_id, step=step)
+        return _session_info(self._call(lambda: self._restore(req, **self._kw())))
 
     def close(self) -> None:
         self._channel.close()

@@ -10,6 +10,7 @@ number of times; error bodies ``{"error", "code"}`` become their
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -100,11 +101,22 @@ def _step_result(body: Mapping[str, Any], params: Sequence[WireTensor] = ()) -> 
     return StepResult(step=int(body["step"]), skipped=bool(body["skipped"]),
                       grad_norm=None if grad_norm is None else float(grad_norm),
                       nonfinite=tuple(body.get("nonfinite", ())), params=tuple(params),
-                      duplicate=bool(body.get("duplicate", False)))
+                      duplicate=bool(body.get("duplicate", False)),
+                      staleness=int(body.get("staleness", 0)),
+                      pending=bool(body.get("pending", False)),
+                      contributors=int(body.get("contributors", 0)),
+                      missing=tuple(body.get("missing_workers", ())),
+                      grad_sumsq=tuple(float(x) for x in body.get("grad_sumsq", ())),
+                      param_sumsq=tuple(float(x) for x in body.get("param_sumsq", ())),
+                      update_sumsq=tuple(float(x) for x in body.get("update_sumsq", ())))
 
 
-def _sender_fields(sender: Sender | None) -> dict[str, Any]:
-    return {} if sender is None else {"worker_id": sender.worker, "sequence": sender.sequence}
+def _sender_fields(sender: Sender | None, base_step: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {} if sender is None else {"worker_id": sender.worker,
+                                                     "sequence": sender.sequence}
+    if base_step is not None:
+        out["base_step"] = base_step
+    return out
 
 
 class HttpTransport(Transport):
@@ -188,6 +200,7 @@ class HttpTransport(Transport):
             "schedule": dict(spec.schedule) if spec.schedule is not None else None,
             "max_grad_norm": spec.max_grad_norm, "clip_per_tensor": spec.clip_per_tensor,
             "skip_nonfinite": spec.skip_nonfinite,
+            "workers": dataclasses.asdict(spec.workers), "labels": dict(spec.labels),
             "initial": [_tensor_entry(t) for t in initial],
         }
         content, headers = _binary_body(body, initial)
@@ -217,32 +230,34 @@ class HttpTransport(Transport):
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False,
-             sender: Sender | None = None) -> StepResult:
+             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
         content, headers = _binary_body({
             "gradients": [_tensor_entry(t) for t in gradients],
             "return_datatype": return_datatype, "binary_output": True,
-            "require_all": require_all, **_sender_fields(sender)}, gradients)
+            "require_all": require_all, **_sender_fields(sender, base_step)}, gradients)
         r = self._request("POST", self._path(session_id, "step"), content=content,
                           headers=headers)
         body, params = _tensors_out(r)
         return _step_result(body, params)
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False, sender: Sender | None = None) -> StepResult:
+             require_all: bool = False, sender: Sender | None = None,
+             base_step: int | None = None) -> StepResult:
         content, headers = _binary_body({
             "gradients": [_tensor_entry(t) for t in gradients], "require_all": require_all,
-            **_sender_fields(sender)}, gradients)
+            **_sender_fields(sender, base_step)}, gradients)
         r = self._request("POST", self._path(session_id, "push"), content=content,
                           headers=headers)
         return _step_result(r.json())
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32") -> list[WireTensor]:
+             datatype: str = "FP32", *, min_step: int = 0,
+             wait: float | None = None) -> list[WireTensor]:
         if datatype not in DATATYPES:
             raise ValueError(f"datatype {datatype!r}: expected one of {', '.join(DATATYPES)}")
         r = self._request("POST", self._path(session_id, "pull"), json={
             "names": list(names) if names else None, "datatype": datatype,
-            "binary_output": True})
+            "binary_output": True, "min_step": min_step, "timeout": wait})
         return _tensors_out(r)[1]
 
     # -- hyperparameters, schedule, state ----------------------------------------
@@ -269,6 +284,32 @@ class HttpTransport(Transport):
         d = self._request("POST", self._path(session_id, "checkpoint")).json()
         return CheckpointInfo(str(d["session_id"]), int(d["step"]), str(d["path"]),
                               int(d["bytes"]))
+
+    def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
+               total_sumsq: float, *, param_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (),
+               return_datatype: str | None = "FP32") -> StepResult:
+        # JSON has no NaN: a non-finite sum (a NaN gradient somewhere) goes as the
+        # literal NaN / Infinity, which the server's parser accepts
+        content = json.dumps({
+            "step": step, "tensor_sumsq": [float(x) for x in tensor_sumsq],
+            "total_sumsq": float(total_sumsq), "param_sumsq": [float(x) for x in param_sumsq],
+            "update_sumsq": [float(x) for x in update_sumsq],
+            "return_datatype": return_datatype, "binary_output": True})
+        r = self._request("POST", self._path(session_id, "commit"), content=content,
+                          headers={"content-type": "application/json"})
+        body, params = _tensors_out(r)
+        return _step_result(body, params)
+
+    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+        return self._info("PUT", self._path(session_id, "workers"), json={"count": count})
+
+    def list_checkpoints(self, session_id: str) -> list[int]:
+        body = self._request("GET", self._path(session_id, "checkpoints")).json()
+        return [int(s) for s in body["steps"]]
+
+    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+        return self._info("POST", self._path(session_id, "restore"), json={"step": step})
 
     def close(self) -> None:
         self._client.close()
