@@ -11,6 +11,7 @@ methods), :mod:`adamserve_client.errors` (exceptions carrying the server's messa
 
 from adamserve_client import errors
 from adamserve_client.errors import (
+    Aborted,
     AdamserveError,
     AlreadyExists,
     DeadlineExceeded,
@@ -34,9 +35,12 @@ from adamserve_client.optim import (
     RMSprop,
 )
 from adamserve_client.transports import Transport, connect
+from adamserve_client.transports.base import Workers
+from adamserve_client.transports.sharded import ShardedTransport
 
 __all__ = [
     "LAMB",
+    "Aborted",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -53,9 +57,11 @@ __all__ = [
     "RemoteOptimizer",
     "ResourceExhausted",
     "ServerError",
+    "ShardedTransport",
     "Transport",
     "Unauthenticated",
     "Unavailable",
+    "Workers",
     "connect",
     "errors",
 ]

@@ -49,7 +49,8 @@ from adamserve_client.transports import (
     connect,
 )
 from adamserve_client.transports._codec import SCALAR_SLOTS, hyper_value
-from adamserve_client.transports.base import Hyperparameters, Sender, StateDict
+from adamserve_client.transports.base import Hyperparameters, Sender, StateDict, Workers
+from adamserve_client.transports.sharded import ShardedTransport
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +78,8 @@ __all__ = [
 ]
 
 DEFAULT_SERVER = "grpc://127.0.0.1:50051"
+# A server URL, several (one sharded session across them, in shard order), or a transport.
+Server = str | Sequence[str] | Transport | None
 HAVE_TORCH = torch is not None
 
 # torch.optim group keys that pick an implementation, not the maths: kept in
@@ -220,12 +223,20 @@ class RemoteOptimizer(_Base):
     ``schedule``: a server-side learning-rate schedule (``{"kind": "cosine", ...}``);
     on attach, None leaves the session's schedule as it is.
     ``timeout``: seconds allowed for each server call (None: no limit).
+    ``workers``: the session is shared by this many workers (an int: synchronous
+    data parallelism, each step the mean of their gradients), or a
+    :class:`~adamserve_client.transports.base.Workers` (asynchronous mode, straggler
+    timeout, staleness bound); every worker passes the same ``session`` name. A
+    list of URLs for ``server`` spreads the session over those shard servers.
+    ``worker_id``: this worker's stable name (default: random per optimizer); with
+    it, a restarted worker's resent steps are recognised as already applied.
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str, *,
-                 server: str | Transport | None = None, session: str | None = None,
+                 server: Server = None, session: str | None = None,
                  token: str | None = None, wire_dtype: str = "float32",
                  schedule: Mapping[str, Any] | None = None, timeout: float | None = None,
+                 workers: int | Workers | None = None, worker_id: str | None = None,
                  **hyperparameters: Any) -> None:
         algo = _algorithm(algorithm)
         unknown = sorted(set(hyperparameters) - algo.keys - TORCH_SWITCHES)
@@ -252,16 +263,27 @@ class RemoteOptimizer(_Base):
         self.last_step: StepResult | None = None
         # every step carries (worker, sequence): the server applies each once, so the
         # transport may resend a step whose answer was lost
-        self._worker = uuid.uuid4().hex
+        self._worker = worker_id or uuid.uuid4().hex
         self._sequence = 0
-        if server is None or isinstance(server, str):
-            url = server or os.environ.get("ADAMSERVE_URL") or DEFAULT_SERVER
-            self._transport = connect(url, token if token is not None
-                                      else os.environ.get("ADAMSERVE_TOKEN"), timeout)
-            self._owns_transport = True
-        else:
+        self._workers = Workers(count=workers) if isinstance(workers, int) else workers
+        # the step our parameters are from: sent with each push when several workers
+        # share the session (a synchronous round refuses a push for a step already
+        # applied; an async session bounds the staleness)
+        self._base_step = 0
+        self._coordinated = self._workers is not None
+        if isinstance(server, Transport):
             self._transport = server
             self._owns_transport = False
+        else:
+            if server is not None and not isinstance(server, str) and len(server) == 1:
+                server = server[0]
+            auth = token if token is not None else os.environ.get("ADAMSERVE_TOKEN")
+            if server is None or isinstance(server, str):
+                url = server or os.environ.get("ADAMSERVE_URL") or DEFAULT_SERVER
+                self._transport = connect(url, auth, timeout)
+            else:
+                self._transport = ShardedTransport([connect(u, auth, timeout) for u in server])
+            self._owns_transport = True
         try:
             super().__init__(params, defaults)
             self._open_session(session)
@@ -464,7 +486,8 @@ class RemoteOptimizer(_Base):
             tensors=tuple(TensorSpec(p.name, p.shape, p.group) for p in self._params),
             groups=tuple(self._group_hyper(g) for g in self.param_groups),
             dtype="float64" if self._master == "FP64" else "float32",
-            schedule=self._schedule)
+            schedule=self._schedule,
+            workers=self._workers if self._workers is not None else Workers())
 
     def _open_session(self, name: str | None) -> None:
         t = self._transport
@@ -510,6 +533,9 @@ class RemoteOptimizer(_Base):
             self._write(by_name[t.name], t)
         self._synchronize()
         self._sent = [{k: v for k, v in g.items() if k in self._algo.keys} for g in info.groups]
+        self._base_step = info.step
+        self._coordinated = (self._coordinated or info.workers.count > 1
+                             or info.workers.mode == "async")
         if self._schedule is not None and self._schedule != info.schedule:
             self._transport.set_schedule(info.session_id, self._schedule)
 
@@ -614,7 +640,9 @@ class RemoteOptimizer(_Base):
         self._sync_hyperparameters()
         self._sequence += 1
         result = self._transport.step(self.session_id, wire, return_datatype=self._wire,
-                                      sender=Sender(self._worker, self._sequence))
+                                      sender=Sender(self._worker, self._sequence),
+                                      base_step=self._base_step if self._coordinated else None)
+        self._base_step = result.step
         for t in result.params:
             target = sent.get(t.name)
             if target is not None:
@@ -786,10 +814,30 @@ class RemoteOptimizer(_Base):
 
     def pull(self) -> None:
         """Overwrite the local parameters with the server's master weights."""
+        info = self._transport.describe(self.session_id)
         by_name = {p.name: p for p in self._params}
         for t in self._transport.pull(self.session_id, datatype=self._master):
             self._write(by_name[t.name], t)
         self._synchronize()
+        self._base_step = info.step
+
+    def set_workers(self, count: int) -> SessionInfo:
+        """Change how many workers share the session (workers joined or left)."""
+        return self._transport.set_workers(self.session_id, count)
+
+    def restore_checkpoint(self, step: int | None = None) -> int:
+        """Roll the session back to its checkpoint of ``step`` (default: the newest; for a
+        sharded session, the newest step every shard holds) and pull its parameters.
+        Returns the step; the training loop resumes from there."""
+        steps = self._transport.list_checkpoints(self.session_id)
+        if step is None:
+            if not steps:
+                raise errors.FailedPrecondition(
+                    f"session {self.session_id!r} has no complete checkpoint to restore")
+            step = steps[-1]
+        self._transport.restore_checkpoint(self.session_id, step)
+        self.pull()
+        return step
 
     def close(self, delete: bool | None = None) -> None:
         """Release the connection; ``delete`` the session (default: only an anonymous one)."""
@@ -824,12 +872,14 @@ class Adam(RemoteOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False, server: str | Transport | None = None,
+                 decoupled_weight_decay: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
                  wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "adam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
@@ -843,12 +893,14 @@ class AdamW(RemoteOptimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 server: str | Transport | None = None, session: str | None = None,
+                 server: Server = None, session: str | None = None,
                  token: str | None = None, wire_dtype: str = "float32",
                  schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "adamw", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
@@ -862,12 +914,14 @@ class NAdam(RemoteOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, server: str | Transport | None = None,
+                 differentiable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
                  wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "nadam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
@@ -881,12 +935,14 @@ class RAdam(RemoteOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, server: str | Transport | None = None,
+                 differentiable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
                  wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "radam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          decoupled_weight_decay=decoupled_weight_decay,
@@ -899,12 +955,14 @@ class Adamax(RemoteOptimizer):
     def __init__(self, params: Params, lr: float | Any = 2e-3, betas: _Betas = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False,
-                 capturable: bool = False, server: str | Transport | None = None,
+                 capturable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
                  wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "adamax", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          foreach=foreach, maximize=maximize, differentiable=differentiable,
                          capturable=capturable)
@@ -917,12 +975,14 @@ class Adagrad(RemoteOptimizer):
                  weight_decay: float = 0, initial_accumulator_value: float = 0,
                  eps: float = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 server: str | Transport | None = None, session: str | None = None,
+                 server: Server = None, session: str | None = None,
                  token: str | None = None, wire_dtype: str = "float32",
                  schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "adagrad", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value,
                          foreach=foreach, maximize=maximize, differentiable=differentiable,
@@ -936,12 +996,14 @@ class RMSprop(RemoteOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
                  centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False, *, server: str | Transport | None = None,
+                 differentiable: bool = False, *, server: Server = None,
                  session: str | None = None, token: str | None = None,
                  wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "rmsprop", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                          weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                          maximize=maximize, differentiable=differentiable)
@@ -956,12 +1018,14 @@ class LAMB(RemoteOptimizer):
 
     def __init__(self, params: Params, lr: float | Any = 1e-3, betas: _Betas = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, *, maximize: bool = False,
-                 bias_correction: bool = True, server: str | Transport | None = None,
+                 bias_correction: bool = True, server: Server = None,
                  session: str | None = None, token: str | None = None,
                  wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None) -> None:
         super().__init__(params, "lamb", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, bias_correction=bias_correction)
 

@@ -10,9 +10,11 @@ runs on a GPU machine where only the client and torch are installed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,8 @@ class Live:
     data_dir: Path
 
 
-@pytest.fixture(scope="session")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+@contextmanager
+def _server(data_dir: Path) -> Iterator[Live]:
     from adamserve.engine.kernels_cpu import CpuBackend
     from adamserve.service import OptimizerService
     from adamserve.sessions.checkpoints import CheckpointStore
@@ -38,7 +40,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from adamserve.transports.grpc import build_grpc_server
     from adamserve.transports.http import HttpServerThread, create_app
 
-    data_dir = tmp_path_factory.mktemp("client-server")
     store = SessionStore(CpuBackend(), CheckpointStore(data_dir), Limits(max_state_bytes=1 << 30))
     service = OptimizerService(store)
     service.start()
@@ -48,6 +49,20 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     yield Live({"grpc": f"grpc://127.0.0.1:{grpc_port}", "http": http.url}, service, data_dir)
     http.stop()
     grpc_server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    with _server(tmp_path_factory.mktemp("client-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def shard_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Live]]:
+    """Three more servers, for sharded sessions (the ``live`` one is the reference)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(_server(tmp_path_factory.mktemp(f"shard{i}")))
+               for i in range(3)]
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -1,0 +1,593 @@
+"""One session over N adamserve servers: the model's tensors split across shards.
+
+:class:`ShardedTransport` is a :class:`~adamserve_client.transports.Transport`, so
+an optimizer uses it like any other (``server=[url, url, ...]`` builds one). Each
+shard is an ordinary server holding an ordinary session under the same id.
+
+**Layout.** The model's tensors, in order, form one flat key space that is cut
+into N contiguous ranges of about equal size. A tensor that crosses a cut stays
+whole on one shard when it is small; one of ``split_elements`` or more is split
+(as ps-lite and BytePS split large keys). A piece of a split tensor is a 1-D
+tensor named ``<name>#<start>:<end>:<shape>``, so the layout can be rebuilt from
+the shards alone; every shard session carries the labels ``adamserve.shard``
+(``<index>/<count>``) and ``adamserve.layout`` (a hash of the whole layout),
+checked when a client attaches.
+
+**Steps.** Where the update is elementwise and needs no whole-gradient quantity
+(``skip_nonfinite=False``, no ``max_grad_norm``, not LAMB), every shard applies
+its part at once, in parallel. Otherwise the shard sessions are created with
+``Workers.exchange`` and a step has two phases: each shard takes its gradients
+(with several synchronous workers: the round's mean) and answers its per-tensor
+sums of squares; the client adds them up per model tensor and over the model and
+commits them to every shard, which then decides skip and clipping exactly as one
+server would. LAMB commits twice: the second brings the whole-tensor norms of the
+parameters and of the update for the trust ratio. Each worker of a synchronous
+session relays the same sums, and a shard applies the first commit of a step and
+answers later ones with the same outcome, so no worker is special.
+
+**Checkpoints.** Shards checkpoint on their own (every N steps, at the same
+steps, or on :meth:`checkpoint`); a sharded checkpoint of step t is complete when
+every shard holds one of step t. :meth:`list_checkpoints` returns those steps and
+:meth:`restore_checkpoint` rolls every shard back to one, so a restore never
+mixes steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from adamserve_client import errors, tensors
+from adamserve_client.transports._codec import SCALAR_SLOTS
+from adamserve_client.transports.base import (
+    CheckpointInfo,
+    HyperValue,
+    Sender,
+    SessionInfo,
+    SessionSpec,
+    StateDict,
+    StepResult,
+    TensorSpec,
+    Transport,
+    WireTensor,
+)
+
+__all__ = ["Piece", "ShardPlan", "ShardedTransport", "plan_shards"]
+
+T = TypeVar("T")
+
+SHARD_LABEL = "adamserve.shard"
+LAYOUT_LABEL = "adamserve.layout"
+DEFAULT_SPLIT_ELEMENTS = 1 << 20
+_PIECE = re.compile(r"^(?P<name>.+)#(?P<start>\d+):(?P<end>\d+):(?P<shape>[\d,]*)$")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, end)`` of model tensor ``parent`` (an index), held by a shard."""
+
+    parent: int
+    start: int
+    end: int
+    spec: TensorSpec  # as the shard's session declares it
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which pieces of the model's tensors each shard holds, in flat order."""
+
+    tensors: tuple[TensorSpec, ...]
+    shards: tuple[tuple[Piece, ...], ...]
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(b"|")
+            for p in shard:
+                h.update(f"{p.spec.name}:{list(p.spec.shape)}:{p.spec.group};".encode())
+        return h.hexdigest()[:16]
+
+    def numel(self, parent: int) -> int:
+        return math.prod(self.tensors[parent].shape)
+
+
+def _piece(parent: int, spec: TensorSpec, start: int, end: int) -> Piece:
+    numel = math.prod(spec.shape)
+    if start == 0 and end == numel:
+        return Piece(parent, start, end, spec)
+    shape = ",".join(str(d) for d in spec.shape)
+    return Piece(parent, start, end,
+                 TensorSpec(f"{spec.name}#{start}:{end}:{shape}", (end - start,), spec.group))
+
+
+def plan_shards(specs: Sequence[TensorSpec], shards: int,
+                split_elements: int = DEFAULT_SPLIT_ELEMENTS) -> ShardPlan:
+    """Cut the flat key space of ``specs`` into ``shards`` ranges of about equal size."""
+    if shards < 1:
+        raise ValueError(f"shards: expected at least 1, got {shards}")
+    for t in specs:
+        if _PIECE.match(t.name):
+            raise ValueError(f"tensor {t.name!r}: names of the form <name>#<start>:<end>:"
+                             "<shape> are reserved for the pieces of split tensors")
+    total = sum(math.prod(t.shape) for t in specs)
+    target = max(1, -(-total // shards))
+    out: list[list[Piece]] = [[] for _ in range(shards)]
+    s, fill = 0, 0
+    for j, t in enumerate(specs):
+        n = math.prod(t.shape)
+        start = 0
+        while True:
+            room = target - fill
+            rest = n - start
+            if s < shards - 1 and (room <= 0 or (
+                    n < split_elements and fill > 0 and rest - room > room)):
+                s, fill = s + 1, 0  # full, or a whole tensor overflows more than it fits
+                continue
+            if s == shards - 1 or rest <= room or n < split_elements:
+                out[s].append(_piece(j, t, start, n))
+                fill += rest
+                break
+            out[s].append(_piece(j, t, start, start + room))
+            start += room
+            s, fill = s + 1, 0
+    empty = [i for i, shard in enumerate(out) if not shard]
+    if empty:
+        raise ValueError(
+            f"the model's {len(specs)} tensors ({total} elements) leave shard(s) "
+            f"{', '.join(map(str, empty))} of {shards} empty: use fewer shards or a smaller "
+            "split_elements")
+    return ShardPlan(tuple(specs), tuple(tuple(shard) for shard in out))
+
+
+def plan_from_sessions(infos: Sequence[SessionInfo]) -> ShardPlan:
+    """The plan of an existing sharded session, from its shards' descriptions."""
+    parents: list[TensorSpec] = []
+    index: dict[str, int] = {}
+    covered: list[int] = []
+    shards: list[tuple[Piece, ...]] = []
+    for info in infos:
+        pieces = []
+        for t in info.tensors:
+            m = _PIECE.match(t.name)
+            if m is None:
+                name, shape, start, end = t.name, t.shape, 0, math.prod(t.shape)
+            else:
+                name = m["name"]
+                shape = tuple(int(d) for d in m["shape"].split(",") if d)
+                start, end = int(m["start"]), int(m["end"])
+            if name not in index:
+                index[name] = len(parents)
+                parents.append(TensorSpec(name, shape, t.group))
+                covered.append(0)
+            j = index[name]
+            if start != covered[j]:
+                raise ValueError(f"session {info.session_id!r}: tensor {name!r} is not split "
+                                 "into consecutive pieces across the shards given (are the "
+                                 "servers listed in their shard order?)")
+            covered[j] = end
+            pieces.append(Piece(j, start, end, t))
+        shards.append(tuple(pieces))
+    for j, t in enumerate(parents):
+        if covered[j] != math.prod(t.shape):
+            raise ValueError(f"tensor {t.name!r}: the shards hold elements [0, {covered[j]}) of "
+                             f"{math.prod(t.shape)}; a shard is missing")
+    return ShardPlan(tuple(parents), tuple(shards))
+
+
+@dataclass
+class _Session:
+    plan: ShardPlan
+    exchange: bool
+    lamb: bool
+
+
+def _needs_exchange(algorithm: str, max_grad_norm: float | None, skip_nonfinite: bool) -> bool:
+    return algorithm.strip().lower() == "lamb" or max_grad_norm is not None or skip_nonfinite
+
+
+class ShardedTransport(Transport):
+    """A transport to one session spread over ``shards`` (one transport per server, in
+    shard order). ``split_elements``: tensors of at least this many elements may be
+    split across shards. Closing it closes the shard transports."""
+
+    def __init__(self, shards: Sequence[Transport], *,
+                 split_elements: int = DEFAULT_SPLIT_ELEMENTS) -> None:
+        if not shards:
+            raise ValueError("a sharded transport needs at least one shard")
+        self.shards = list(shards)
+        self.url = ",".join(t.url for t in self.shards)
+        self.split_elements = split_elements
+        self._pool = ThreadPoolExecutor(max_workers=len(self.shards),
+                                        thread_name_prefix="adamserve-shard")
+        self._sessions: dict[str, _Session] = {}
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _each(self, fn: Callable[[int, Transport], T]) -> list[T]:
+        """``fn`` on every shard in parallel; the first shard's error if any failed."""
+        futures = [self._pool.submit(fn, i, t) for i, t in enumerate(self.shards)]
+        results: list[T] = []
+        error: BaseException | None = None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except BaseException as exc:  # wait for every shard before raising
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def _session(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            self._merge_info(session_id, self._each(lambda i, t: t.describe(session_id)))
+            s = self._sessions[session_id]
+        return s
+
+    def _merge_info(self, session_id: str, infos: Sequence[SessionInfo]) -> SessionInfo:
+        """One description of the sharded session (and its plan, cached)."""
+        digests = {info.labels.get(LAYOUT_LABEL) for info in infos}
+        for i, info in enumerate(infos):
+            want = f"{i}/{len(infos)}"
+            if info.labels.get(SHARD_LABEL) != want or len(digests) != 1:
+                raise errors.FailedPrecondition(
+                    f"session {session_id!r} on {self.shards[i].url} is shard "
+                    f"{info.labels.get(SHARD_LABEL, '(none: not sharded)')}, expected {want} "
+                    f"of one layout: list the servers in their shard order")
+        plan = plan_from_sessions(infos)
+        first = infos[0]
+        self._sessions[session_id] = _Session(plan, first.workers.exchange,
+                                              first.algorithm.strip().lower() == "lamb")
+        labels = {k: v for k, v in first.labels.items() if k not in (SHARD_LABEL, LAYOUT_LABEL)}
+        return dataclasses.replace(
+            first, tensors=plan.tensors, step=min(i.step for i in infos),
+            state_bytes=sum(i.state_bytes for i in infos),
+            checkpointed_step=min(i.checkpointed_step for i in infos),
+            workers=dataclasses.replace(first.workers, exchange=False), labels=labels)
+
+    def _split(self, plan: ShardPlan, values: Sequence[WireTensor],
+               need_all: bool) -> list[list[WireTensor]]:
+        """Per shard, the pieces of ``values`` (whole model tensors) it holds."""
+        by_name = {w.name: w for w in values}
+        unknown = sorted(set(by_name) - {t.name for t in plan.tensors})
+        if unknown:
+            raise ValueError(f"tensors not in the sharded session: {', '.join(unknown)}")
+        if need_all:
+            absent = [t.name for t in plan.tensors if t.name not in by_name]
+            if absent:
+                raise ValueError(
+                    "a sharded session steps every tensor at once (each shard must take "
+                    f"every step): no gradient for {', '.join(absent[:8])}")
+        out: list[list[WireTensor]] = []
+        for shard in plan.shards:
+            pieces = []
+            for p in shard:
+                w = by_name.get(plan.tensors[p.parent].name)
+                if w is None:
+                    continue
+                size = tensors.itemsize(w.datatype)
+                view = memoryview(w.data).cast("B")[p.start * size:p.end * size]
+                pieces.append(WireTensor(p.spec.name, p.spec.shape, w.datatype, view))
+            out.append(pieces)
+        return out
+
+    @staticmethod
+    def _join(plan: ShardPlan, parts: Sequence[Sequence[WireTensor]]) -> list[WireTensor]:
+        """Whole model tensors from the pieces the shards returned, in model order."""
+        owner: dict[str, Piece] = {p.spec.name: p for shard in plan.shards for p in shard}
+        pieces: dict[int, list[tuple[Piece, WireTensor]]] = {}
+        for part in parts:
+            for w in part:
+                p = owner[w.name]
+                pieces.setdefault(p.parent, []).append((p, w))
+        out = []
+        for j in sorted(pieces):
+            spec = plan.tensors[j]
+            got = pieces[j]
+            if len(got) == 1 and got[0][0].start == 0 and got[0][0].end == plan.numel(j):
+                w = got[0][1]
+                out.append(WireTensor(spec.name, spec.shape, w.datatype, w.data))
+                continue
+            datatype = got[0][1].datatype
+            size = tensors.itemsize(datatype)
+            buf = bytearray(plan.numel(j) * size)
+            for p, w in got:
+                buf[p.start * size:p.end * size] = memoryview(w.data).cast("B")
+            out.append(WireTensor(spec.name, spec.shape, datatype, buf))
+        return out
+
+    def _merge_results(self, session_id: str, plan: ShardPlan,
+                       results: Sequence[StepResult]) -> StepResult:
+        steps = [r.step for r in results]
+        if len(set(steps)) != 1:
+            raise errors.FailedPrecondition(
+                f"the shards of session {session_id!r} are at different steps "
+                f"({', '.join(f'{t.url}: {s}' for t, s in zip(self.shards, steps, strict=True))}"
+                "): restore them to their newest common checkpoint (restore_checkpoint)")
+        parent_of = {p.spec.name: plan.tensors[p.parent].name
+                     for shard in plan.shards for p in shard}
+        nonfinite = tuple(dict.fromkeys(parent_of.get(n, n) for r in results
+                                        for n in r.nonfinite))
+        first = results[0]
+        return StepResult(
+            step=first.step, skipped=any(r.skipped for r in results),
+            grad_norm=first.grad_norm, nonfinite=nonfinite,
+            params=tuple(self._join(plan, [r.params for r in results])),
+            duplicate=all(r.duplicate for r in results),
+            staleness=max(r.staleness for r in results),
+            pending=any(r.pending for r in results),
+            contributors=min(r.contributors for r in results),
+            missing=tuple(sorted({m for r in results for m in r.missing})))
+
+    # -- sessions ---------------------------------------------------------------
+
+    def create_session(self, spec: SessionSpec,
+                       initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        plan = plan_shards(spec.tensors, len(self.shards), self.split_elements)
+        exchange = _needs_exchange(spec.algorithm, spec.max_grad_norm, spec.skip_nonfinite)
+        workers = dataclasses.replace(spec.workers, exchange=exchange)
+        values = self._split(plan, initial, need_all=False)
+        n = len(self.shards)
+
+        def create(i: int, t: Transport) -> SessionInfo:
+            return t.create_session(dataclasses.replace(
+                spec, tensors=tuple(p.spec for p in plan.shards[i]), workers=workers,
+                labels={**spec.labels, SHARD_LABEL: f"{i}/{n}", LAYOUT_LABEL: plan.digest}),
+                values[i])
+
+        futures = [self._pool.submit(create, i, t) for i, t in enumerate(self.shards)]
+        infos: list[SessionInfo] = []
+        failures: list[BaseException] = []
+        made: list[Transport] = []
+        for t, f in zip(self.shards, futures, strict=True):
+            try:
+                infos.append(f.result())
+                made.append(t)
+            except BaseException as exc:
+                failures.append(exc)
+        if failures:
+            for t in made:  # leave no shard session behind a refused create
+                with contextlib.suppress(errors.AdamserveError):
+                    t.delete_session(spec.session_id)
+            raise failures[0]
+        return self._merge_info(spec.session_id, infos)
+
+    def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
+                    group: Mapping[str, HyperValue] | None = None,
+                    initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        raise errors.FailedPrecondition(
+            f"session {session_id!r} is sharded and cannot grow: create it with every "
+            "parameter group (its layout across the shards is fixed at creation)")
+
+    def describe(self, session_id: str) -> SessionInfo:
+        return self._merge_info(session_id, self._each(lambda i, t: t.describe(session_id)))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        ids = [s.session_id for s in self.shards[0].list_sessions()
+               if SHARD_LABEL in s.labels]
+        return [self.describe(sid) for sid in ids]
+
+    def delete_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._each(lambda i, t: t.delete_session(session_id))
+
+    # -- steps ------------------------------------------------------------------
+
+    def step(self, session_id: str, gradients: Sequence[WireTensor], *,
+             return_datatype: str = "FP32", require_all: bool = False,
+             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
+        return self._step(session_id, gradients, return_datatype, sender, base_step)
+
+    def push(self, session_id: str, gradients: Sequence[WireTensor], *,
+             require_all: bool = False, sender: Sender | None = None,
+             base_step: int | None = None) -> StepResult:
+        return self._step(session_id, gradients, None, sender, base_step)
+
+    def _step(self, session_id: str, gradients: Sequence[WireTensor],
+              return_datatype: str | None, sender: Sender | None,
+              base_step: int | None) -> StepResult:
+        s = self._session(session_id)
+        plan = s.plan
+        grads = self._split(plan, gradients, need_all=True)
+        if not s.exchange:
+            if return_datatype is None:
+                results = self._each(lambda i, t: t.push(
+                    session_id, grads[i], require_all=True, sender=sender, base_step=base_step))
+            else:
+                results = self._each(lambda i, t: t.step(
+                    session_id, grads[i], return_datatype=return_datatype, require_all=True,
+                    sender=sender, base_step=base_step))
+            return self._merge_results(session_id, plan, results)
+        staged = self._each(lambda i, t: t.push(session_id, grads[i], require_all=True,
+                                                sender=sender, base_step=base_step))
+        if all(r.duplicate for r in staged):  # applied before: answer like one server
+            params = self.pull(session_id, datatype=return_datatype) if return_datatype else []
+            return dataclasses.replace(self._merge_results(session_id, plan, staged),
+                                       params=tuple(params))
+        if not all(r.pending for r in staged):
+            raise errors.FailedPrecondition(
+                f"the shards of session {session_id!r} disagree about this push (applied on "
+                "some, not on others): restore them to their newest common checkpoint")
+        steps = {r.step for r in staged}
+        if len(steps) != 1:
+            self._merge_results(session_id, plan, staged)  # raises: different steps
+        target = steps.pop() + 1
+        sums = self._totals(plan, [r.grad_sumsq for r in staged])
+        total = math.fsum(sums)
+        results = self._each(lambda i, t: t.commit(
+            session_id, target, [sums[p.parent] for p in plan.shards[i]], total,
+            return_datatype=return_datatype))
+        if s.lamb and all(r.pending for r in results):
+            psq = self._totals(plan, [r.param_sumsq for r in results])
+            usq = self._totals(plan, [r.update_sumsq for r in results])
+            results = self._each(lambda i, t: t.commit(
+                session_id, target, [sums[p.parent] for p in plan.shards[i]], total,
+                param_sumsq=[psq[p.parent] for p in plan.shards[i]],
+                update_sumsq=[usq[p.parent] for p in plan.shards[i]],
+                return_datatype=return_datatype))
+        return self._merge_results(session_id, plan, results)
+
+    @staticmethod
+    def _totals(plan: ShardPlan, per_shard: Sequence[Sequence[float]]) -> list[float]:
+        """Per model tensor, the sum of its pieces' numbers, added in shard order."""
+        out = [0.0] * len(plan.tensors)
+        for shard, values in zip(plan.shards, per_shard, strict=True):
+            if len(values) != len(shard):
+                raise errors.ServerError(f"a shard answered {len(values)} sums for its "
+                                         f"{len(shard)} tensors")
+            for p, v in zip(shard, values, strict=True):
+                out[p.parent] += v
+        return out
+
+    def pull(self, session_id: str, names: Sequence[str] | None = None,
+             datatype: str = "FP32", *, min_step: int = 0,
+             wait: float | None = None) -> list[WireTensor]:
+        plan = self._session(session_id).plan
+        wanted = set(names) if names else None
+        if wanted is not None:
+            unknown = sorted(wanted - {t.name for t in plan.tensors})
+            if unknown:
+                raise ValueError(f"tensors not in the sharded session: {', '.join(unknown)}")
+        local = [[p.spec.name for p in shard
+                  if wanted is None or plan.tensors[p.parent].name in wanted]
+                 for shard in plan.shards]
+        parts = self._each(lambda i, t: t.pull(session_id, local[i], datatype,
+                                               min_step=min_step, wait=wait)
+                           if local[i] else [])
+        joined = {w.name: w for w in self._join(plan, parts)}
+        order = list(names) if names else [t.name for t in plan.tensors]
+        return [joined[n] for n in order]
+
+    def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
+               total_sumsq: float, *, param_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (),
+               return_datatype: str | None = "FP32") -> StepResult:
+        raise errors.FailedPrecondition(
+            "commit belongs to one shard's session: the sharded transport commits its steps "
+            "itself (use step or push)")
+
+    # -- hyperparameters, workers, schedule ------------------------------------------
+
+    def set_hyperparameters(self, session_id: str, group: int,
+                            changes: Mapping[str, HyperValue]) -> SessionInfo:
+        return self._merge_info(session_id, self._each(
+            lambda i, t: t.set_hyperparameters(session_id, group, changes)))
+
+    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
+        return self._merge_info(session_id, self._each(
+            lambda i, t: t.set_schedule(session_id, schedule)))
+
+    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+        return self._merge_info(session_id, self._each(
+            lambda i, t: t.set_workers(session_id, count)))
+
+    # -- state and checkpoints -----------------------------------------------------
+
+    def export_state(self, session_id: str) -> StateDict:
+        """The state_dict of the whole model: each tensor's slots joined from its pieces."""
+        plan = self._session(session_id).plan
+        parts = self._each(lambda i, t: t.export_state(session_id))
+        pieces: dict[int, list[tuple[Piece, dict[str, Any]]]] = {}
+        for shard, sd in zip(plan.shards, parts, strict=True):
+            by_name = {p.spec.name: p for p in shard}
+            for g in sd["param_groups"]:
+                for idx, name in zip(g["params"], g["param_names"], strict=True):
+                    found = sd["state"].get(idx)
+                    if found is not None:
+                        pieces.setdefault(by_name[name].parent, []).append((by_name[name],
+                                                                            found))
+        state: dict[int, dict[str, Any]] = {}
+        for j, got in sorted(pieces.items()):
+            got.sort(key=lambda pe: pe[0].start)
+            shape = plan.tensors[j].shape
+            entry: dict[str, Any] = {}
+            for key, value in got[0][1].items():
+                if key in SCALAR_SLOTS:  # the same on every piece: they step together
+                    entry[key] = value
+                else:
+                    arrays = [np.asarray(e[key]).reshape(-1) for _, e in got]
+                    entry[key] = np.concatenate(arrays).reshape(shape)
+            state[j] = entry
+        groups = []
+        for g_index, g in enumerate(parts[0]["param_groups"]):
+            members = [j for j, t in enumerate(plan.tensors) if t.group == g_index]
+            hyper = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            groups.append({**hyper, "params": members,
+                           "param_names": [plan.tensors[j].name for j in members]})
+        return {"state": state, "param_groups": groups}
+
+    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
+        """Split a whole-model state_dict (keyed as :meth:`export_state` writes it, or by
+        ``param_names``) into the shards' pieces."""
+        plan = self._session(session_id).plan
+        index = {t.name: j for j, t in enumerate(plan.tensors)}
+        parent_of: dict[Any, int] = {}
+        for g in state["param_groups"]:
+            names = g.get("param_names")
+            for k, idx in enumerate(g["params"]):
+                if names is not None:
+                    if names[k] not in index:
+                        raise ValueError(f"state_dict: tensor {names[k]!r} is not in the "
+                                         "session")
+                    parent_of[idx] = index[names[k]]
+                else:
+                    parent_of[idx] = int(idx)
+        entries = {parent_of[idx]: e for idx, e in state["state"].items() if idx in parent_of}
+
+        def shard_state(i: int) -> dict[str, Any]:
+            shard = plan.shards[i]
+            sd_state: dict[int, dict[str, Any]] = {}
+            for k, p in enumerate(shard):
+                e = entries.get(p.parent)
+                if e is None:
+                    continue
+                sd_state[k] = {key: v if key in SCALAR_SLOTS else np.asarray(v).reshape(
+                    -1)[p.start:p.end].reshape(p.spec.shape) for key, v in e.items()}
+            groups = []
+            for g_index, g in enumerate(state["param_groups"]):
+                mine = [k for k, p in enumerate(shard) if p.spec.group == g_index]
+                hyper = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+                groups.append({**hyper, "params": mine,
+                               "param_names": [shard[k].spec.name for k in mine]})
+            return {"state": sd_state, "param_groups": groups}
+
+        return self._merge_info(session_id, self._each(
+            lambda i, t: t.import_state(session_id, shard_state(i))))
+
+    def checkpoint(self, session_id: str) -> CheckpointInfo:
+        """A checkpoint on every shard; complete (and returned) only if all hold one step."""
+        infos = self._each(lambda i, t: t.checkpoint(session_id))
+        steps = sorted({c.step for c in infos})
+        if len(steps) != 1:
+            raise errors.FailedPrecondition(
+                f"the shards of session {session_id!r} checkpointed different steps "
+                f"({', '.join(map(str, steps))}): the sharded checkpoint is not complete; a "
+                "step was in flight on some shards (checkpoint between steps)")
+        return CheckpointInfo(session_id, steps[0], ";".join(c.path for c in infos),
+                              sum(c.bytes for c in infos))
+
+    def list_checkpoints(self, session_id: str) -> list[int]:
+        """Steps of the complete sharded checkpoints: those every shard holds."""
+        per_shard = self._each(lambda i, t: set(t.list_checkpoints(session_id)))
+        return sorted(set.intersection(*per_shard))
+
+    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+        return self._merge_info(session_id, self._each(
+            lambda i, t: t.restore_checkpoint(session_id, step)))
+
+    def close(self) -> None:
+        self._each(lambda i, t: t.close())
+        self._pool.shutdown(wait=False)
+
+    def __repr__(self) -> str:
+        return f"ShardedTransport({[t.url for t in self.shards]!r})"
