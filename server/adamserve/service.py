@@ -397,6 +397,8 @@ class OptimizerService:
         """Refuse a push the session cannot take now (lock held); returns its staleness."""
         w = session.config.workers
         now = session.opt.step_count
+        if push_id is not None and session.pushes.seen(push_id.worker, push_id.sequence):
+            return 0  # applied before: acknowledged as a duplicate, whatever else holds
         if base_step is not None and base_step > now:
             raise FailedPrecondition(
                 f"push computed from step {base_step}, but session {session.id!r} is at step "
@@ -411,8 +413,7 @@ class OptimizerService:
                     f"{session.id!r} is at step {now}); the bound is {w.max_staleness}: pull "
                     "the parameters and compute the gradient again")
             return staleness
-        if base_step is not None and staleness and not (
-                push_id is not None and session.pushes.seen(push_id.worker, push_id.sequence)):
+        if base_step is not None and staleness:
             metrics.STALE_PUSHES.inc()
             last = session.last
             missed = (" (that step was applied without it)" if last is not None

@@ -1,0 +1,224 @@
+"""Many workers on one session, at the service: synchronous rounds (the mean of K
+pushes, straggler timeouts, K changed live), asynchronous staleness, and exactly-once
+delivery of replayed pushes across a restart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from adamserve.engine.kernels_cpu import CpuBackend
+from adamserve.engine.optimizer import TensorSpec
+from adamserve.errors import Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from adamserve.service import OptimizerService, PushId, StepResult, TensorChunk
+from adamserve.sessions.checkpoints import CheckpointStore
+from adamserve.sessions.rounds import WorkersConfig
+from adamserve.sessions.session import SessionConfig
+from adamserve.sessions.store import SessionStore
+
+SHAPES = {"w": (4, 3), "b": (3,)}
+BASE = SessionConfig("adam", tuple(TensorSpec(k, s) for k, s in SHAPES.items()),
+                     groups=({"lr": 0.1},))
+
+
+def _service(data: Path) -> OptimizerService:
+    svc = OptimizerService(SessionStore(CpuBackend(), CheckpointStore(data)))
+    svc.start()
+    return svc
+
+
+def _arrays(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _chunks(arrays: dict[str, np.ndarray]) -> list[TensorChunk]:
+    return [TensorChunk(k, v.shape, "FP32", v.tobytes()) for k, v in arrays.items()]
+
+
+def _config(**workers: Any) -> SessionConfig:
+    return replace(BASE, workers=WorkersConfig(**workers))
+
+
+def _params(svc: OptimizerService, sid: str = "s") -> np.ndarray:
+    return np.array(svc.store.get(sid).opt.param, copy=True)
+
+
+def _in_threads(*calls: Any) -> list[Any]:
+    """Run each call in its own thread; their results (or raised exceptions) in order."""
+    out: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = calls[i]()
+        except Exception as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_a_sync_step_is_the_mean_of_k_pushes_and_every_worker_gets_its_parameters(
+        tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=3))
+    svc.create("ref", BASE)
+    grads = [_arrays(i) for i in range(3)]
+    results = _in_threads(*(lambda i=i: svc.step("s", _chunks(grads[i]),
+                                                 push_id=PushId(f"w{i}", 1), base_step=0)
+                            for i in range(3)))
+    assert all(isinstance(r, StepResult) for r in results), results
+    assert {r.step for r in results} == {1} and {r.contributors for r in results} == {3}
+    assert len({b"".join(bytes(c.data) for c in r.params) for r in results}) == 1
+    # float32 sums commute, so the mean is the same bits whatever the arrival order
+    mean = {k: (grads[0][k] + grads[1][k] + grads[2][k]) / np.float32(3) for k in SHAPES}
+    svc.step("ref", _chunks(mean))
+    np.testing.assert_array_equal(_params(svc), _params(svc, "ref"))
+
+
+def test_pushes_return_at_once_and_pull_waits_for_the_step(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    first = svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
+    assert first.pending and first.step == 0
+    with pytest.raises(DeadlineExceeded, match="waiting for step 1"):
+        svc.pull("s", min_step=1, timeout=0.05)
+    waited = _in_threads(lambda: svc.pull("s", min_step=1, timeout=10),
+                         lambda: (time.sleep(0.1), svc.step(
+                             "s", _chunks(_arrays(1)), return_datatype=None,
+                             push_id=PushId("b", 1)))[1])
+    assert isinstance(waited[0], list) and not waited[1].pending and waited[1].step == 1
+    assert svc.describe("s").step == 1
+
+
+def test_one_push_per_worker_per_step_and_resent_pushes_count_once(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
+    again = svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
+    assert again.pending and svc.store.get("s").round.arrived == 1  # type: ignore[union-attr]
+    with pytest.raises(FailedPrecondition, match="worker 'a' already pushed for step 1"):
+        svc.step("s", _chunks(_arrays(5)), return_datatype=None, push_id=PushId("a", 2))
+    with pytest.raises(InvalidArgument, match="missing tensors: b"):  # rounds need all
+        svc.step("s", _chunks(_arrays(1))[:1], return_datatype=None, push_id=PushId("b", 1))
+    svc.step("s", _chunks(_arrays(1)), return_datatype=None, push_id=PushId("b", 1))
+    assert svc.describe("s").step == 1
+    late = svc.step("s", _chunks(_arrays(0)), push_id=PushId("a", 1), base_step=0)
+    assert late.duplicate and late.step == 1  # applied already: acknowledged only
+    with pytest.raises(FailedPrecondition, match="push for step 1 .* is too late"):
+        svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("c", 1),
+                 base_step=0)
+    with pytest.raises(FailedPrecondition, match="has not reached that step"):
+        svc.step("s", _chunks(_arrays(0)), return_datatype=None, base_step=7)
+
+
+def test_a_straggler_timeout_fails_the_round_and_nothing_changes(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2, straggler_timeout=0.2))
+    _in_threads(*(lambda w=w: svc.step("s", _chunks(_arrays(0)), push_id=PushId(w, 1))
+                  for w in "ab"))
+    before = svc.store.get("s").fingerprint()
+    t0 = time.monotonic()
+    with pytest.raises(Aborted, match=r"step 2 .* 1 of 2 workers pushed within the straggler "
+                                      r"timeout of 0.2 s \(missing: b\); nothing was applied"):
+        svc.step("s", _chunks(_arrays(1)), push_id=PushId("a", 2), base_step=1)
+    assert 0.15 < time.monotonic() - t0 < 5
+    assert svc.store.get("s").fingerprint() == before
+    # the same pushes again make the step
+    results = _in_threads(*(lambda w=w: svc.step("s", _chunks(_arrays(1)),
+                                                 push_id=PushId(w, 2), base_step=1)
+                            for w in "ab"))
+    assert {r.step for r in results} == {2}, results
+
+
+def test_policy_apply_takes_the_mean_of_what_arrived_and_names_the_missing(
+        tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=3, straggler_timeout=0.2, straggler_policy="apply"))
+    svc.create("ref", BASE)
+    g = [_arrays(i) for i in range(3)]
+    _in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 1))
+                  for i in range(3)))
+    svc.step("ref", _chunks({k: (g[0][k] + g[1][k] + g[2][k]) / np.float32(3) for k in SHAPES}))
+    results = _in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 2),
+                                                 base_step=1) for i in range(2)))
+    assert {(r.step, r.contributors, r.missing) for r in results} == {(2, 2, ("w2",))}
+    svc.step("ref", _chunks({k: (g[0][k] + g[1][k]) / np.float32(2) for k in SHAPES}))
+    np.testing.assert_array_equal(_params(svc), _params(svc, "ref"))
+    with pytest.raises(FailedPrecondition, match=r"step 2 \(that step was applied without it\)"):
+        svc.step("s", _chunks(g[2]), push_id=PushId("w2", 2), base_step=1)
+
+
+def test_changing_k_closes_a_round_that_is_full_already(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=3))
+    for w in "ab":
+        svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId(w, 1))
+    info = svc.set_workers("s", 2)
+    assert info.step == 1 and info.workers.count == 2
+    svc.set_workers("s", 4)
+    svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 2))
+    assert svc.describe("s").step == 1
+    with pytest.raises(InvalidArgument, match="workers: expected 1 to 65536, got 0"):
+        svc.set_workers("s", 0)
+
+
+def test_async_pushes_are_bounded_by_staleness_and_may_scale_lr(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(mode="async", max_staleness=1, scale_lr_by_staleness=True))
+    svc.create("ref", BASE)
+    g = [_arrays(i) for i in range(3)]
+    assert svc.step("s", _chunks(g[0]), base_step=0).staleness == 0
+    assert svc.step("s", _chunks(g[1]), base_step=0).staleness == 1  # lr / 2
+    before = svc.store.get("s").fingerprint()
+    with pytest.raises(FailedPrecondition, match="computed from step 0 is 2 steps stale .* "
+                                                 "the bound is 1"):
+        svc.step("s", _chunks(g[2]), base_step=0)
+    assert svc.store.get("s").fingerprint() == before
+    svc.step("ref", _chunks(g[0]))
+    svc.set_hyperparameters("ref", 0, {"lr": 0.05})
+    svc.step("ref", _chunks(g[1]))
+    np.testing.assert_array_equal(_params(svc), _params(svc, "ref"))
+
+
+def test_sync_rounds_replayed_and_reordered_apply_once_across_a_restart(
+        tmp_path: Path) -> None:
+    """Two workers, six rounds; every push is delivered 1-4 times, shuffled within its
+    round and mixed with replays of earlier rounds, with a restart halfway: the state is
+    bit for bit the mean of each round's two pushes, applied once."""
+    rng = np.random.default_rng(3)
+    svc = _service(tmp_path / "served")
+    svc.create("s", _config(count=2))
+    grads = {(w, k): _arrays(10 * k + ord(w)) for k in range(1, 7) for w in "ab"}
+    for k in range(1, 7):
+        if k == 4:
+            svc.checkpoint("s")
+            svc = _service(tmp_path / "served")
+        mine = [(w, k) for w in "ab" for _ in range(1 + int(rng.integers(0, 4)))]
+        old = [(w, j) for w in "ab" for j in range(1, k) if rng.random() < 0.5]
+        deliveries = [*mine, *old]
+        rng.shuffle(deliveries)
+        for w, j in deliveries:
+            r = svc.step("s", _chunks(grads[(w, j)]), return_datatype=None,
+                         push_id=PushId(w, j))
+            assert r.duplicate or j == k  # earlier rounds: applied already
+        assert svc.describe("s").step == k
+    reference = _service(tmp_path / "reference")
+    reference.create("s", BASE)
+    for k in range(1, 7):
+        reference.step("s", _chunks({n: (grads[("a", k)][n] + grads[("b", k)][n])
+                                     / np.float32(2) for n in SHAPES}))
+    ours, ref = svc.store.get("s").opt, reference.store.get("s").opt
+    np.testing.assert_array_equal(ours.param, ref.param)
+    for slot in ref.slots:
+        np.testing.assert_array_equal(ours.slots[slot], ref.slots[slot])
