@@ -115,7 +115,7 @@ def test_one_push_per_worker_per_step_and_resent_pushes_count_once(tmp_path: Pat
     assert svc.describe("s").step == 1
     late = svc.step("s", _chunks(_arrays(0)), push_id=PushId("a", 1), base_step=0)
     assert late.duplicate and late.step == 1  # applied already: acknowledged only
-    with pytest.raises(FailedPrecondition, match="push for step 1 .* is too late"):
+    with pytest.raises(FailedPrecondition, match=r"push for step 1 .* is too late"):
         svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("c", 1),
                  base_step=0)
     with pytest.raises(FailedPrecondition, match="has not reached that step"):
@@ -181,8 +181,8 @@ def test_async_pushes_are_bounded_by_staleness_and_may_scale_lr(tmp_path: Path) 
     assert svc.step("s", _chunks(g[0]), base_step=0).staleness == 0
     assert svc.step("s", _chunks(g[1]), base_step=0).staleness == 1  # lr / 2
     before = svc.store.get("s").fingerprint()
-    with pytest.raises(FailedPrecondition, match="computed from step 0 is 2 steps stale .* "
-                                                 "the bound is 1"):
+    with pytest.raises(FailedPrecondition, match=r"computed from step 0 is 2 steps stale .* "
+                                                 r"the bound is 1"):
         svc.step("s", _chunks(g[2]), base_step=0)
     assert svc.store.get("s").fingerprint() == before
     svc.step("ref", _chunks(g[0]))
