@@ -205,7 +205,9 @@ class GrpcTransport(Transport):
             return errors.Unavailable(
                 f"cannot reach the adamserve server at {self.url} ({self.retries} attempts): "
                 f"{details}", url=self.url)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and details in ("Deadline Exceeded",
+                                                                    code.name):
+            # our own deadline passed (a server-side wait that timed out has its message)
             return errors.DeadlineExceeded(
                 f"{self.url}: no answer within the timeout of {self.timeout} s", url=self.url)
         return errors.error_for(code.name, details, self.url)

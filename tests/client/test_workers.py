@@ -1,0 +1,127 @@
+"""Several workers on one session through the client, over both transports: optimizers
+given ``workers=K`` share a session whose steps are the mean of their gradients; the
+round and staleness errors arrive as the client's exceptions."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+import adamserve_client as ac
+from adamserve_client import errors
+from adamserve_client.tensors import encode
+from adamserve_client.transports import SessionSpec, TensorSpec, WireTensor, connect
+from adamserve_client.transports.base import Sender, Workers
+
+SHAPES = [(5, 4), (4,)]
+
+
+def _grads(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+def _threads(*calls: Any) -> list[Any]:
+    out: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = calls[i]()
+        except Exception as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_two_optimizers_step_as_one_on_the_mean_gradient(url: str, sid: str) -> None:
+    init = [np.ones(s, np.float32) for s in SHAPES]
+    workers = [ac.Adam([p.copy() for p in init], lr=0.1, server=url, session=sid, workers=2,
+                       worker_id=f"w{i}") for i in range(2)]
+    single = ac.Adam([p.copy() for p in init], lr=0.1, server=url)
+    try:
+        for step in range(3):
+            grads = [_grads(10 * step + i) for i in range(2)]
+            out = _threads(*(lambda i=i: workers[i].step(grads[i]) for i in range(2)))
+            assert out == [None, None], out
+            single.step([(a + b) / np.float32(2) for a, b in zip(*grads, strict=True)])
+            for w in workers:
+                assert w.last_step is not None and w.last_step.contributors == 2
+                for mine, ref in zip(w.param_groups[0]["params"],
+                                     single.param_groups[0]["params"], strict=True):
+                    np.testing.assert_array_equal(mine, ref)
+        info = workers[0].set_workers(3)
+        assert info.workers.count == 3 and info.step == 3
+    finally:
+        for w in workers:
+            w.close(delete=False)
+        single.close()
+        with connect(url) as t:
+            t.delete_session(sid)
+
+
+def test_round_and_staleness_errors_cross_both_wires(url: str, sid: str) -> None:
+    specs = tuple(TensorSpec(f"t{i}", s) for i, s in enumerate(SHAPES))
+
+    def wire(seed: int) -> list[WireTensor]:
+        return [WireTensor(t.name, t.shape, "FP32", encode(g, "FP32"))
+                for t, g in zip(specs, _grads(seed), strict=True)]
+
+    with connect(url) as t:
+        t.create_session(SessionSpec(sid, "adam", specs,
+                                     workers=Workers(count=2, straggler_timeout=0.2)))
+        pushed = t.push(sid, wire(0), sender=Sender("a", 1), base_step=0)
+        assert pushed.pending and pushed.step == 0
+        with pytest.raises(errors.DeadlineExceeded, match="waiting for step 1"):
+            t.pull(sid, min_step=1, wait=0.05)
+        with pytest.raises(errors.Aborted, match="1 of 2 workers pushed within the straggler "
+                                                 "timeout"):
+            t.pull(sid, min_step=1, wait=10)
+        done = _threads(lambda: t.step(sid, wire(1), sender=Sender("a", 1), base_step=0),
+                        lambda: t.step(sid, wire(2), sender=Sender("b", 1), base_step=0))
+        assert [r.step for r in done] == [1, 1], done
+        assert [w.name for w in t.pull(sid, min_step=1)] == ["t0", "t1"]
+        with pytest.raises(errors.FailedPrecondition, match="too late"):
+            t.push(sid, wire(3), sender=Sender("c", 1), base_step=0)
+        t.delete_session(sid)
+
+        t.create_session(SessionSpec(sid, "adam", specs,
+                                     workers=Workers(mode="async", max_staleness=0)))
+        assert t.step(sid, wire(0), base_step=0).staleness == 0
+        with pytest.raises(errors.FailedPrecondition, match="1 steps stale"):
+            t.step(sid, wire(1), base_step=0)
+        info = t.describe(sid)
+        assert (info.workers.mode, info.workers.max_staleness, info.step) == ("async", 0, 1)
+        assert t.list_checkpoints(sid) == []
+        t.checkpoint(sid)
+        assert t.list_checkpoints(sid) == [1]
+        t.step(sid, wire(2), base_step=1)
+        assert t.restore_checkpoint(sid, 1).step == 1
+        t.delete_session(sid)
+
+
+def test_bad_worker_settings_are_refused_with_their_field(url: str, sid: str) -> None:
+    specs = (TensorSpec("w", (3,)),)
+    with connect(url) as t:
+        for workers, message in [
+                (Workers(mode="sometimes"), "mode"),
+                (Workers(straggler_policy="wait"), "straggler_policy"),
+                (Workers(mode="async", exchange=True), "cannot be combined with exchange"),
+                (Workers(straggler_timeout=-1.0), "straggler_timeout")]:
+            with pytest.raises(errors.InvalidArgument, match=message):
+                t.create_session(SessionSpec(sid, "adam", specs, workers=workers))
+        t.create_session(SessionSpec(sid, "adam", specs))
+        with pytest.raises(errors.FailedPrecondition, match="has no step waiting for a commit"):
+            t.commit(sid, 1, [0.0], 0.0)
+        with pytest.raises(errors.InvalidArgument, match="workers|count"):
+            t.set_workers(sid, 0)
+        with pytest.raises(errors.NotFound, match="no complete checkpoint of step 5"):
+            t.restore_checkpoint(sid, 5)
+        t.delete_session(sid)
