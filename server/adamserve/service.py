@@ -45,6 +45,10 @@ from adamserve.sessions.store import SessionStore
 
 log = logging.getLogger("adamserve.service")
 
+# The longest a pull waits for a step (a worker waits again if it must): a thread of the
+# server is not held forever by a client that asked for a step that never comes.
+MAX_PULL_WAIT = 600.0
+
 
 @dataclass(frozen=True)
 class TensorChunk:
@@ -356,15 +360,16 @@ class OptimizerService:
                     params = (self._encode(session, None, return_datatype) if return_datatype
                               else [])
         if waiting is not None:
-            return self._round_result(session, waiting, return_datatype, t0)
+            return self._round_result(session, waiting, return_datatype)
         self._count(report.skipped, t0)
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
                           duplicate, staleness=staleness)
 
     @staticmethod
-    def _count(skipped: bool, t0: float) -> None:
+    def _count(skipped: bool, t0: float | None) -> None:
         metrics.STEPS.inc()
-        metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
+        if t0 is not None:  # a round's step has no one request to time
+            metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
         if skipped:
             metrics.SKIPPED_STEPS.inc()
 
@@ -509,6 +514,7 @@ class OptimizerService:
         r.outcome.grad_norm = report.grad_norm
         r.outcome.nonfinite = report.nonfinite
         r.lamb = None
+        self._count(report.skipped, None)  # once per step, not per worker
         if not report.skipped:
             session.version += 1
             for worker, sequence in r.pushes.items():
@@ -572,8 +578,8 @@ class OptimizerService:
                 if session.round is not None:
                     self._expire(session, session.round)
 
-    def _round_result(self, session: Session, r: Round, return_datatype: str | None,
-                      t0: float) -> StepResult:
+    def _round_result(self, session: Session, r: Round,
+                      return_datatype: str | None) -> StepResult:
         """What a push into round ``r`` answers: at once for a plain push; otherwise once
         the round is applied (or staged, for an exchange session)."""
         exchange = session.config.workers.exchange
@@ -587,10 +593,10 @@ class OptimizerService:
         with self._locked(session.id) as current:
             if current is not session:
                 raise NotFound(f"session {session.id!r} was replaced during the request")
-            return self._outcome(session, r, return_datatype, t0)
+            return self._outcome(session, r, return_datatype)
 
-    def _outcome(self, session: Session, r: Round, return_datatype: str | None,
-                 t0: float) -> StepResult:
+    def _outcome(self, session: Session, r: Round,
+                 return_datatype: str | None) -> StepResult:
         o = r.outcome
         assert o is not None
         if o.error is not None:
@@ -604,7 +610,6 @@ class OptimizerService:
                 r.grad_sumsq is not None else (),
                 param_sumsq=tuple(float(x) for x in lamb.param_sumsq) if lamb else (),
                 update_sumsq=tuple(float(x) for x in lamb.update_sumsq) if lamb else ())
-        self._count(o.skipped, t0)
         params = self._encode(session, None, return_datatype) if return_datatype else []
         return StepResult(o.step if not o.skipped else o.step - 1, o.skipped, o.grad_norm,
                           o.nonfinite, params, contributors=o.contributors, missing=o.missing)
@@ -624,7 +629,6 @@ class OptimizerService:
         retry) after the step was applied returns its outcome again.
         """
         _check_datatype(return_datatype, "return datatype")
-        t0 = time.perf_counter()
         session = self.store.get(session_id)
         with session.intake, self._locked(session_id) as current:
             if current is not session:
@@ -637,7 +641,7 @@ class OptimizerService:
                         last.error is not None or session.round is None
                         or session.round.step != step):
                     r = Round(step=step, outcome=last)
-                    return self._outcome(session, r, return_datatype, t0)
+                    return self._outcome(session, r, return_datatype)
                 state = ("has no step waiting for a commit" if r is None or not r.staged
                          else f"waits for the commit of step {r.step}")
                 raise FailedPrecondition(
@@ -660,21 +664,21 @@ class OptimizerService:
                 report = r.lamb.finish(_sums("param_sumsq", param_sumsq, nseg),
                                        _sums("update_sumsq", update_sumsq, nseg))
                 self._finish_round(session, r, report)
-                return self._outcome(session, r, return_datatype, t0)
+                return self._outcome(session, r, return_datatype)
             if r.lamb is not None:  # the first commit again
-                return self._outcome(session, r, return_datatype, t0)
+                return self._outcome(session, r, return_datatype)
             active = None if r.active is None or r.active.all() else r.active
             opt.grad[...] = r.acc
             if lamb:
                 staged = opt.begin_lamb(active, sums, total_sumsq=float(total_sumsq))
                 if isinstance(staged, LambStep):
                     r.lamb = staged
-                    return self._outcome(session, r, return_datatype, t0)
+                    return self._outcome(session, r, return_datatype)
                 self._finish_round(session, r, staged)
             else:
                 self._finish_round(session, r, opt.step(active, sums,
                                                         total_sumsq=float(total_sumsq)))
-            return self._outcome(session, r, return_datatype, t0)
+            return self._outcome(session, r, return_datatype)
 
     def set_workers(self, session_id: str, count: int) -> SessionInfo:
         """Change the number of workers of a live session (workers joined or left).
@@ -768,6 +772,7 @@ class OptimizerService:
         """Parameter values; with ``min_step``, once the session has reached that step
         (waiting up to ``timeout`` seconds; Aborted if that step's round failed)."""
         _check_datatype(datatype, "datatype")
+        timeout = MAX_PULL_WAIT if timeout is None else min(timeout, MAX_PULL_WAIT)
         if min_step < 0:
             raise InvalidArgument(f"min_step {min_step}: expected an integer >= 0")
         if timeout is not None and not timeout >= 0:
