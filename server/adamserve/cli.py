@@ -1,74 +1,89 @@
-"""Composition root: settings -> backend -> store -> service -> transports.
+"""The ``adamserve`` command: argument parsing over :mod:`adamserve.app`.
 
 ``adamserve serve`` runs the gRPC and HTTP transports over one service until
 SIGTERM or SIGINT, then checkpoints every session with unsaved steps and exits.
 Every flag can also be set as an environment variable ``ADAMSERVE_<NAME>``.
+
+``adamserve ray up|addresses|down`` runs shards of the same server as Ray actors
+(:mod:`adamserve.ray_shards`; needs the ``ray`` extra, imported only then).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import sys
 import threading
-from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from adamserve import __version__, ray_shards
+from adamserve.app import Server, Settings, default_state_cap
 
-from adamserve import __version__
-from adamserve.engine.backend import Backend, select_backend
-from adamserve.service import OptimizerService
-from adamserve.sessions.checkpoints import CheckpointStore
-from adamserve.sessions.store import Limits, SessionStore
-from adamserve.transports.grpc.server import build_grpc_server
-from adamserve.transports.http.app import HttpServerThread, create_app
+__all__ = ["Server", "Settings", "default_state_cap", "load_settings", "main"]
 
 log = logging.getLogger("adamserve")
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ADAMSERVE_")
-
-    host: str = "127.0.0.1"
-    grpc_port: int = Field(50051, ge=0, le=65535)
-    http_port: int = Field(8000, ge=0, le=65535)
-    device: str = Field("cpu", pattern="^(auto|cpu|cuda)$")
-    data_dir: Path | None = Path("data")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint each session every N steps")
-    checkpoint_interval: float = Field(0.0, ge=0, description="... and every N seconds")
-    keep_checkpoints: int = Field(3, ge=1)
-    max_state_bytes: int | None = Field(None, ge=0)
-    max_session_bytes: int | None = Field(None, ge=0)
-    token: str | None = None
-    ports_file: Path | None = None
-    log_level: str = "INFO"
-
-
-def default_state_cap(backend: Backend) -> int:
-    """80% of the device's memory: sessions past it are refused rather than OOM-killed."""
-    return int(backend.memory_bytes() * 0.8)
+def _settings_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset(),
+                    passed_on: bool = False) -> None:
+    for name, field in Settings.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        # a shard reads the environment of its own node, not of this process
+        env = f"env ADAMSERVE_{name.upper()}" + (" on the shards' nodes" if passed_on else "")
+        helptext = field.description or f"({env})"
+        parser.add_argument(flag, dest=name, default=None, help=helptext)
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adamserve", description="adamserve " + __version__)
     sub = ap.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC and HTTP server")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        helptext = field.description or f"(env ADAMSERVE_{name.upper()})"
-        serve.add_argument(flag, dest=name, default=None, help=helptext)
+    _settings_flags(serve)
+
+    ray = sub.add_parser("ray", help="run shards of the server as Ray actors (the ray extra)")
+    ray_sub = ray.add_subparsers(dest="ray_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", default="adamserve",
+                        help="the shards' actors are NAME-shard-<i> (default adamserve)")
+    common.add_argument("--address", default=None,
+                        help="the Ray cluster, host:port (default: auto, this machine's)")
+    up = ray_sub.add_parser("up", parents=[common], help="start shards; keep running ones")
+    up.add_argument("--shards", type=int, required=True)
+    up.add_argument("--num-gpus-per-shard", type=float, default=0.0,
+                    help="> 0: each shard keeps its state on its GPU (default 0: CPU)")
+    up.add_argument("--num-cpus-per-shard", type=float, default=0.5)
+    up.add_argument("--data-dir", default="data",
+                    help="root of the shards' data directories, a path on the Ray nodes: "
+                         "<data-dir>/<name>/shard-<i> (default ./data)")
+    up.add_argument("--checkpoint-every", type=int, default=100,
+                    help="checkpoint each session every N steps (default 100)")
+    up.add_argument("--host", default=None,
+                    help="address the shards bind to (default: their node's IP address)")
+    for wire in ("grpc", "http"):
+        up.add_argument(f"--{wire}-port", type=int, default=0,
+                        help=f"shard i serves {wire} on this port + i, also after a restart "
+                             "(default 0: any free port, a new one after each restart)")
+    _settings_flags(up, skip=ray_shards.SHARD_SETTINGS, passed_on=True)
+    ray_sub.add_parser("addresses", parents=[common], help="print the running shards' addresses")
+    ray_sub.add_parser("down", parents=[common],
+                       help="checkpoint and stop the shards (their data directories stay)")
     return ap
 
 
+def _given(args: argparse.Namespace, names: Collection[str]) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
 def load_settings(argv: list[str] | None = None) -> Settings:
-    args = _parser().parse_args(argv)
-    given: dict[str, Any] = {k: v for k, v in vars(args).items()
-                             if k != "command" and v is not None}
+    return _serve_settings(_parser().parse_args(argv))
+
+
+def _serve_settings(args: argparse.Namespace) -> Settings:
+    given = _given(args, Settings.model_fields)
     if given.get("data_dir") in ("", "none"):
         given["data_dir"] = None
     settings = Settings(**given)
@@ -77,68 +92,42 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     return settings
 
 
-class Server:
-    """Both transports over one service; ``stop`` drains and checkpoints."""
+def _print_shards(shards: list[ray_shards.ShardAddress]) -> None:
+    for s in shards:
+        print(f"shard {s['shard']} {s['grpc']} {s['http']}")
+    print("ADAMSERVE_SHARDS=" + ",".join(s["grpc"] for s in shards))
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        backend = select_backend(settings.device)
-        checkpoints = (CheckpointStore(settings.data_dir, keep=settings.keep_checkpoints)
-                       if settings.data_dir is not None else None)
-        cap = settings.max_state_bytes
-        if cap is None:
-            cap = default_state_cap(backend)
-            log.info("max state bytes: %d (80%% of memory; set --max-state-bytes to change)", cap)
-        store = SessionStore(backend, checkpoints, Limits(cap, settings.max_session_bytes))
-        self.service = OptimizerService(
-            store, checkpoint_every_steps=settings.checkpoint_every,
-            checkpoint_every_seconds=settings.checkpoint_interval)
-        self._stop = threading.Event()
-        self.grpc_port = 0
-        self.http_port = 0
 
-    def start(self) -> None:
-        s = self.settings
-        restored = self.service.start()
-        if restored:
-            log.info("restored %d sessions from %s", len(restored), s.data_dir)
-        self.grpc, self.grpc_port = build_grpc_server(self.service, s.host, s.grpc_port, s.token)
-        self.http = HttpServerThread(create_app(self.service, s.token), s.host, s.http_port)
-        self.http_port = self.http.start()
-        log.info("adamserve %s listening: grpc %s:%d, http http://%s:%d (backend %s, data %s)",
-                 __version__, s.host, self.grpc_port, s.host, self.http_port,
-                 self.service.store.backend.name, s.data_dir or "none: checkpoints off")
-        if s.ports_file is not None:
-            tmp = s.ports_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"grpc": self.grpc_port, "http": self.http_port,
-                                       "pid": os.getpid()}))
-            tmp.replace(s.ports_file)
-        if s.checkpoint_interval > 0:
-            threading.Thread(target=self._checkpoint_loop, daemon=True,
-                             name="checkpoints").start()
+def _ray(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _ray_command(args)
+    except Exception as exc:  # Ray's errors carry the shard's own traceback: print that only
+        print(f"adamserve ray {args.ray_command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
-    def _checkpoint_loop(self) -> None:
-        period = min(1.0, self.settings.checkpoint_interval / 4)
-        while not self._stop.wait(period):
-            try:
-                self.service.checkpoint_due()
-            except Exception:
-                log.exception("periodic checkpoint failed")
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.service.ready = False
-        self.grpc.stop(grace=5).wait()
-        self.http.stop()
-        n = self.service.checkpoint_all()
-        log.info("stopped; checkpointed %d sessions", n)
-
-    def wait(self) -> None:
-        self._stop.wait()
+def _ray_command(args: argparse.Namespace) -> None:
+    if args.ray_command == "up":
+        extra = _given(args, Settings.model_fields.keys() - ray_shards.SHARD_SETTINGS)
+        _print_shards(ray_shards.up(
+            args.shards, name=args.name, num_gpus_per_shard=args.num_gpus_per_shard,
+            num_cpus_per_shard=args.num_cpus_per_shard, address=args.address,
+            data_dir=args.data_dir, checkpoint_every=args.checkpoint_every, host=args.host,
+            grpc_port=args.grpc_port, http_port=args.http_port, settings=extra))
+    elif args.ray_command == "addresses":
+        _print_shards(ray_shards.addresses(args.name, address=args.address))
+    else:
+        stopped = ray_shards.down(args.name, address=args.address)
+        print(f"stopped {len(stopped)} shards" + (f": {stopped}" if stopped else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(argv)
+    args = _parser().parse_args(argv)
+    if args.command == "ray":
+        return _ray(args)
+    settings = _serve_settings(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = Server(settings)
