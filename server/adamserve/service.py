@@ -363,7 +363,7 @@ class OptimizerService:
             return self._round_result(session, waiting, return_datatype)
         self._count(report.skipped, t0)
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
-                          duplicate, staleness=staleness)
+                          duplicate, staleness=staleness, contributors=0 if duplicate else 1)
 
     @staticmethod
     def _count(skipped: bool, t0: float | None) -> None:
@@ -593,6 +593,14 @@ class OptimizerService:
         with self._locked(session.id) as current:
             if current is not session:
                 raise NotFound(f"session {session.id!r} was replaced during the request")
+            o = r.outcome
+            if exchange and o is not None and o.error is None and r.grad_sumsq is not None:
+                # the push's answer is its round's sums, even when another worker's
+                # commit has applied the step since: this worker's commit then gets
+                # the outcome, as every later commit does
+                return StepResult(r.step - 1, False, None, (), pending=True,
+                                  contributors=o.contributors, missing=o.missing,
+                                  grad_sumsq=tuple(float(x) for x in r.grad_sumsq))
             return self._outcome(session, r, return_datatype)
 
     def _outcome(self, session: Session, r: Round,

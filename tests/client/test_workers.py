@@ -127,12 +127,14 @@ def test_bad_worker_settings_are_refused_with_their_field(url: str, sid: str) ->
         t.delete_session(sid)
 
 
-@pytest.mark.parametrize("algorithm", ["adamw", "lamb"])
+@pytest.mark.parametrize("algorithm,world,steps", [("adamw", 4, 10), ("lamb", 2, 3)])
 def test_workers_of_a_sharded_session_commit_each_step_once(
-        live: Any, shard_servers: list[Any], sid: str, algorithm: str) -> None:
-    """Two workers on a two-shard session: each relays the same sums to every shard, the
-    first commit applies the step and the second gets the same outcome; the result is
-    one server's step on the mean gradient."""
+        live: Any, shard_servers: list[Any], sid: str, algorithm: str, world: int,
+        steps: int) -> None:
+    """Workers on a two-shard session: each relays the same sums to every shard, the
+    first commit applies the step and the others get the same outcome (also a worker
+    whose push is answered only after another's commit applied the step); the result
+    is one server's step on the mean gradient."""
     shapes = [(6, 5), (30,)]
     init = [np.linspace(-1, 1, int(np.prod(s)), dtype=np.float32).reshape(s) for s in shapes]
     urls = [s.urls["grpc"] for s in shard_servers[:2]]
@@ -142,21 +144,22 @@ def test_workers_of_a_sharded_session_commit_each_step_once(
 
     cls = ac.LAMB if algorithm == "lamb" else ac.AdamW
     workers = [cls([p.copy() for p in init], lr=0.05, server=shards(), session=sid,
-                   workers=2, worker_id=f"w{i}") for i in range(2)]
+                   workers=world, worker_id=f"w{i}") for i in range(world)]
     single = cls([p.copy() for p in init], lr=0.05, server=live.urls["grpc"])
     try:
-        for step in range(3):
+        for step in range(steps):
             rng = np.random.default_rng(step)
             grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes]
-                     for _ in range(2)]
-            out = _threads(*(lambda i=i: workers[i].step(grads[i]) for i in range(2)))
-            assert out == [None, None], out
-            single.step([(a + b) / np.float32(2) for a, b in zip(*grads, strict=True)])
+                     for _ in range(world)]
+            out = _threads(*(lambda i=i: workers[i].step(grads[i]) for i in range(world)))
+            assert out == [None] * world, out
+            single.step([sum(g[k] for g in grads) / np.float32(world)
+                         for k in range(len(shapes))])
             for w in workers:
                 for mine, ref in zip(w.param_groups[0]["params"],
                                      single.param_groups[0]["params"], strict=True):
                     np.testing.assert_allclose(mine, ref, rtol=1e-6, atol=1e-7)
-        assert workers[0].describe().step == 3
+        assert workers[0].describe().step == steps
     finally:
         for w in workers:
             w.close(delete=False)

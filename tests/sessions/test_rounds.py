@@ -222,3 +222,26 @@ def test_sync_rounds_replayed_and_reordered_apply_once_across_a_restart(
     np.testing.assert_array_equal(ours.param, ref.param)
     for slot in ref.slots:
         np.testing.assert_array_equal(ours.slots[slot], ref.slots[slot])
+
+
+def test_a_shard_answers_a_push_with_its_sums_even_after_the_commit(tmp_path: Path) -> None:
+    """Two workers on one shard: A's push waits for the round; B's push closes it and B
+    commits before A's answer is built (the interleaving is forced here by building A's
+    answer after the commit). A still gets the round's sums, and its own commit then gets
+    the applied step's outcome, not an error."""
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2, exchange=True))
+    session = svc.store.get("s")
+    a, b = _arrays(0), _arrays(1)
+    svc.step("s", _chunks(a), return_datatype=None, push_id=PushId("a", 1))  # returns below
+    r = session.round
+    assert r is not None and not r.staged
+    staged = svc.step("s", _chunks(b), push_id=PushId("b", 1))
+    assert staged.pending and staged.step == 0 and len(staged.grad_sumsq) == 2
+    done = svc.commit("s", 1, staged.grad_sumsq, sum(staged.grad_sumsq))
+    assert not done.pending and done.step == 1 and done.params
+    late = svc._round_result(session, r, "FP32")  # A's answer, built after the commit
+    assert late.pending and late.step == 0 and late.grad_sumsq == staged.grad_sumsq
+    again = svc.commit("s", 1, late.grad_sumsq, sum(late.grad_sumsq))
+    assert (again.step, again.pending) == (1, False)
+    assert [bytes(c.data) for c in again.params] == [bytes(c.data) for c in done.params]

@@ -414,10 +414,14 @@ class ShardedTransport(Transport):
             params = self.pull(session_id, datatype=return_datatype) if return_datatype else []
             return dataclasses.replace(self._merge_results(session_id, plan, staged),
                                        params=tuple(params))
-        if not all(r.pending for r in staged):
-            raise errors.FailedPrecondition(
-                f"the shards of session {session_id!r} disagree about this push (applied on "
-                "some, not on others): restore them to their newest common checkpoint")
+        if any(r.duplicate for r in staged):
+            # a resent push that some shards applied already: whoever committed there
+            # holds every shard's sums and commits on the rest too, so wait for that
+            target = max(r.step for r in staged if r.duplicate)
+            params = (self.pull(session_id, datatype=return_datatype, min_step=target)
+                      if return_datatype else [])
+            info = self.describe(session_id)
+            return StepResult(info.step, False, None, (), tuple(params), duplicate=True)
         steps = {r.step for r in staged}
         if len(steps) != 1:
             self._merge_results(session_id, plan, staged)  # raises: different steps

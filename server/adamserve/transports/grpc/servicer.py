@@ -90,10 +90,12 @@ Handler = Callable[[Any, Any], Any]
 def _fail(context: Any, method: str, exc: Exception) -> None:
     """Abort the call with ``exc``'s status; returns only when the client is gone."""
     if isinstance(exc, grpc.RpcError) or not context.is_active():
-        # The client cancelled or its deadline passed: nobody is left to answer.
+        # The client cancelled or its deadline passed: nobody is left to answer. Abort
+        # anyway: a unary handler that returned None would be logged as a
+        # serialisation failure.
         metrics.REQUESTS.labels(TRANSPORT, method, "CANCELLED").inc()
         log.debug("%s: call ended by the client (%r)", method, exc)
-        return
+        context.abort(grpc.StatusCode.CANCELLED, "the call ended before its answer")
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed", method, exc_info=exc)
