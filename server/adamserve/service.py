@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from adamserve import metrics
 from adamserve.engine import schedules, statedict
 from adamserve.engine.backend import make_blocks
 from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
-from adamserve.engine.optimizer import LambStep, Layout, StepReport, TensorSpec
+from adamserve.engine.optimizer import Layout, StepReport, TensorSpec
 from adamserve.errors import (
     Aborted,
     DeadlineExceeded,
@@ -105,6 +106,7 @@ class StepResult:
     grad_sumsq: tuple[float, ...] = ()
     param_sumsq: tuple[float, ...] = ()  # LAMB, after the first commit
     update_sumsq: tuple[float, ...] = ()
+    round: int = 0  # the round the push joined (sync), for its commit
 
 
 @dataclass(frozen=True)
@@ -143,15 +145,43 @@ def _info(s: Session) -> SessionInfo:
     )
 
 
-def _sums(what: str, values: Sequence[float], n: int) -> npt.NDArray[np.float64]:
-    """A commit's per-tensor sums of squares: ``n`` numbers >= 0 (NaN and Inf mean a
-    non-finite gradient somewhere and are kept)."""
+def _not_staged(session: Session, what: str) -> None:
+    """Refuse a change of state while a shard's step waits for its commit: the commit
+    would apply coefficients and moments computed before it."""
+    r = session.round
+    if r is not None and r.staged:
+        raise FailedPrecondition(f"cannot {what}: step {r.step} of session {session.id!r} "
+                                 "is staged and waits for its commit")
+
+
+def _round_failed(session: Session, step: int) -> str:
+    """Why the latest round for ``step`` applied nothing (failed, or skipped for
+    non-finite gradients), unless a new round for it is open; else ""."""
+    last, r = session.last, session.round
+    if last is None or last.step != step or (r is not None and r.step == step):
+        return ""
+    if last.error is not None:
+        return last.error
+    if last.skipped:
+        return (f"step {step} of session {session.id!r} was skipped: non-finite gradients"
+                f"{' in ' + ', '.join(last.nonfinite) if last.nonfinite else ''}; nothing was "
+                "applied: push again")
+    return ""
+
+
+def _sums(what: str, values: Sequence[float], n: int,
+          finite: bool = False) -> npt.NDArray[np.float64]:
+    """A commit's per-tensor sums of squares: ``n`` numbers >= 0. NaN and Inf (a
+    non-finite gradient somewhere) are kept unless ``finite``: LAMB's norms come from a
+    step that passed the non-finite check."""
     out = np.asarray(values, dtype=np.float64)
     if out.shape != (n,):
         raise InvalidArgument(f"{what}: expected {n} numbers, one per tensor of the session, "
                               f"got {len(values)}")
     if (out < 0).any():
         raise InvalidArgument(f"{what}: sums of squares cannot be negative")
+    if finite and not np.isfinite(out).all():
+        raise InvalidArgument(f"{what}: expected finite sums of squares")
     return out
 
 
@@ -332,6 +362,8 @@ class OptimizerService:
             with self._locked(session_id) as current:  # refuse before reading the body
                 if current is not session:
                     raise NotFound(f"session {session_id!r} was replaced during the request")
+                if session.round is not None:  # a round past its straggler timeout ends
+                    self._expire(session, session.round)  # now, not with this push in it
                 self._admit(session, push_id, base_step)
                 multi = self._in_rounds(session)
             opt = session.opt
@@ -448,6 +480,7 @@ class OptimizerService:
         report = opt.step(None if active.all() else active, grad_sumsq=sumsq, lr_scale=lr_scale)
         if not report.skipped:
             session.version += 1
+            session.changed.notify_all()  # pulls waiting for this step
         return report
 
     # -- rounds (several workers, or a shard's two-phase step) ---------------------------
@@ -457,7 +490,8 @@ class OptimizerService:
         """Add a decoded push to the open round (intake and lock held); close it if full."""
         opt = session.opt
         if session.round is None:
-            session.round = Round(step=opt.step_count + 1)
+            session.rounds += 1
+            session.round = Round(step=opt.step_count + 1, id=session.rounds)
         r = session.round
         if push_id is not None and push_id.worker in r.pushes:
             metrics.DUPLICATE_PUSHES.inc()
@@ -466,7 +500,9 @@ class OptimizerService:
         if r.acc is None:
             if session.acc is None:
                 try:
-                    session.acc = opt.backend.zeros(opt.layout.size, opt.dtype)
+                    # float64: the sum of a round's pushes does not depend on the order
+                    # they arrived in (float32 additions would round differently)
+                    session.acc = opt.backend.zeros(opt.layout.size, np.dtype(np.float64))
                 except MemoryError:
                     raise ResourceExhausted(
                         f"session {session.id!r}: no memory for the round accumulator") from None
@@ -486,26 +522,35 @@ class OptimizerService:
 
     def _close(self, session: Session, r: Round) -> None:
         """End round ``r`` with the mean of what arrived (intake and lock held): apply it,
-        or stage it for the commit of an exchange session."""
+        or stage it for the commit of an exchange session. If that fails (the device ran
+        out of memory, say), the round fails: nothing applied, its workers push again."""
         opt = session.opt
-        if r.arrived > 1:
-            r.acc /= r.arrived
         missing = tuple(sorted(session.members - set(r.pushes)))
-        unknown = session.config.workers.count - r.arrived - len(missing)
-        if unknown > 0:
-            missing += (f"{unknown} worker{'s' if unknown > 1 else ''} not seen yet",)
+        try:
+            r.acc /= r.arrived
+            # the mean as the session's precision holds it: what the step will use
+            r.acc[...] = r.acc.astype(opt.dtype)
+            if session.config.workers.exchange:
+                blocks = make_blocks(opt.backend, opt.layout.offsets, r.active)
+                r.grad_sumsq = opt.backend.segment_sumsq(r.acc, blocks, len(opt.layout))
+                r.outcome = Outcome(r.step, r.id, contributors=r.arrived, missing=missing)
+                r.staged = True
+                session.changed.notify_all()
+            else:
+                opt.grad[...] = r.acc
+                active = None if r.active is None or r.active.all() else r.active
+                report = opt.step(active)
+                r.outcome = Outcome(r.step, r.id, contributors=r.arrived, missing=missing)
+                self._finish_round(session, r, report)
+        except Exception as exc:
+            self._fail_round(session, r, f"step {r.step} of session {session.id!r} failed "
+                             f"({type(exc).__name__}); nothing was applied: push again")
+            if isinstance(exc, MemoryError):
+                raise ResourceExhausted(f"session {session.id!r}: the device ran out of "
+                                        f"memory applying step {r.step}") from None
+            raise
         if r.arrived < session.config.workers.count:
             metrics.ROUNDS_SHORT.inc()
-        r.outcome = Outcome(r.step, contributors=r.arrived, missing=missing)
-        if session.config.workers.exchange:
-            r.staged = True
-            blocks = make_blocks(opt.backend, opt.layout.offsets, r.active)
-            r.grad_sumsq = opt.backend.segment_sumsq(r.acc, blocks, len(opt.layout))
-            session.changed.notify_all()
-            return
-        opt.grad[...] = r.acc
-        active = None if r.active is None or r.active.all() else r.active
-        self._finish_round(session, r, opt.step(active))
 
     def _finish_round(self, session: Session, r: Round, report: StepReport) -> None:
         """Record a round's applied (or skipped) step and wake its waiters (lock held)."""
@@ -527,7 +572,7 @@ class OptimizerService:
         session.changed.notify_all()
 
     def _fail_round(self, session: Session, r: Round, why: str) -> None:
-        r.outcome = Outcome(r.step, contributors=r.arrived, error=why)
+        r.outcome = Outcome(r.step, r.id, contributors=r.arrived, error=why)
         session.last = r.outcome
         session.round = None
         metrics.ROUNDS_FAILED.inc()
@@ -535,7 +580,7 @@ class OptimizerService:
 
     def _expire(self, session: Session, r: Round) -> None:
         """The straggler timeout of round ``r`` passed (intake and lock held)."""
-        if session.round is not r or r.staged or r.outcome is not None:
+        if session.deleted or session.round is not r or r.staged or r.outcome is not None:
             return
         w = session.config.workers
         deadline = r.deadline(w)
@@ -600,7 +645,8 @@ class OptimizerService:
                 # the outcome, as every later commit does
                 return StepResult(r.step - 1, False, None, (), pending=True,
                                   contributors=o.contributors, missing=o.missing,
-                                  grad_sumsq=tuple(float(x) for x in r.grad_sumsq))
+                                  grad_sumsq=tuple(float(x) for x in r.grad_sumsq),
+                                  round=r.id)
             return self._outcome(session, r, return_datatype)
 
     def _outcome(self, session: Session, r: Round,
@@ -613,18 +659,19 @@ class OptimizerService:
             lamb = r.lamb
             return StepResult(
                 session.opt.step_count, False, None, (), pending=True,
-                contributors=o.contributors, missing=o.missing,
+                contributors=o.contributors, missing=o.missing, round=r.id,
                 grad_sumsq=tuple(float(x) for x in r.grad_sumsq) if lamb is None and
                 r.grad_sumsq is not None else (),
                 param_sumsq=tuple(float(x) for x in lamb.param_sumsq) if lamb else (),
                 update_sumsq=tuple(float(x) for x in lamb.update_sumsq) if lamb else ())
         params = self._encode(session, None, return_datatype) if return_datatype else []
         return StepResult(o.step if not o.skipped else o.step - 1, o.skipped, o.grad_norm,
-                          o.nonfinite, params, contributors=o.contributors, missing=o.missing)
+                          o.nonfinite, params, contributors=o.contributors, missing=o.missing,
+                          round=o.round)
 
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),
-               update_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (), round_id: int = 0,
                return_datatype: str | None = "FP32") -> StepResult:
         """Apply the staged step ``step`` of an exchange session (one shard of a model)
         with sums of squares over the whole model.
@@ -633,28 +680,30 @@ class OptimizerService:
         the whole tensor it is part of; ``total_sumsq``: over the whole gradient. For
         LAMB, this first commit returns the parameter and update sums of squares of
         this shard (``pending``); a second commit brings their whole-tensor totals in
-        ``param_sumsq`` and ``update_sumsq``. A commit repeated (by another worker, or a
-        retry) after the step was applied returns its outcome again.
+        ``param_sumsq`` and ``update_sumsq``. ``round_id``: the round the push's answer
+        named (0: whichever is staged for ``step``). A commit repeated (by another
+        worker, or a retry) after the step was applied returns its outcome again.
         """
         _check_datatype(return_datatype, "return datatype")
+        if not (total_sumsq >= 0 or math.isnan(total_sumsq)):
+            raise InvalidArgument(f"total_sumsq {total_sumsq}: a sum of squares is >= 0")
         session = self.store.get(session_id)
         with session.intake, self._locked(session_id) as current:
             if current is not session:
                 raise NotFound(f"session {session_id!r} was replaced during the request")
             opt = session.opt
             r = session.round
-            if r is None or not r.staged or r.step != step:
+            if (r is None or not r.staged or r.step != step
+                    or (round_id and round_id != r.id)):
                 last = session.last
-                if last is not None and last.step == step and (
-                        last.error is not None or session.round is None
-                        or session.round.step != step):
-                    r = Round(step=step, outcome=last)
-                    return self._outcome(session, r, return_datatype)
+                if last is not None and last.step == step and round_id in (0, last.round):
+                    return self._outcome(session, Round(step, last.round, outcome=last),
+                                         return_datatype)
                 state = ("has no step waiting for a commit" if r is None or not r.staged
-                         else f"waits for the commit of step {r.step}")
+                         else f"waits for the commit of step {r.step} (round {r.id})")
                 raise FailedPrecondition(
-                    f"commit of step {step}: session {session_id!r} is at step "
-                    f"{opt.step_count} and {state}")
+                    f"commit of step {step}{f' (round {round_id})' if round_id else ''}: "
+                    f"session {session_id!r} is at step {opt.step_count} and {state}")
             nseg = len(opt.layout)
             sums = _sums("tensor_sumsq", tensor_sumsq, nseg)
             lamb = opt.algorithm.value == "lamb"
@@ -669,24 +718,42 @@ class OptimizerService:
                     raise FailedPrecondition(
                         f"commit of step {step}: LAMB's second commit (param_sumsq) came "
                         "before the first (tensor_sumsq only)")
-                report = r.lamb.finish(_sums("param_sumsq", param_sumsq, nseg),
-                                       _sums("update_sumsq", update_sumsq, nseg))
-                self._finish_round(session, r, report)
+                psq = _sums("param_sumsq", param_sumsq, nseg, finite=True)
+                usq = _sums("update_sumsq", update_sumsq, nseg, finite=True)
+                self._apply_staged(session, r, lambda: r.lamb.finish(psq, usq))
                 return self._outcome(session, r, return_datatype)
             if r.lamb is not None:  # the first commit again
                 return self._outcome(session, r, return_datatype)
             active = None if r.active is None or r.active.all() else r.active
-            opt.grad[...] = r.acc
-            if lamb:
+
+            def first() -> StepReport | None:
+                opt.grad[...] = r.acc
+                if not lamb:
+                    return opt.step(active, sums, total_sumsq=float(total_sumsq))
                 staged = opt.begin_lamb(active, sums, total_sumsq=float(total_sumsq))
-                if isinstance(staged, LambStep):
-                    r.lamb = staged
-                    return self._outcome(session, r, return_datatype)
-                self._finish_round(session, r, staged)
-            else:
-                self._finish_round(session, r, opt.step(active, sums,
-                                                        total_sumsq=float(total_sumsq)))
+                if isinstance(staged, StepReport):
+                    return staged
+                r.lamb = staged
+                return None
+
+            self._apply_staged(session, r, first)
             return self._outcome(session, r, return_datatype)
+
+    def _apply_staged(self, session: Session, r: Round,
+                      run: Callable[[], StepReport | None]) -> None:
+        """Run a commit's work on staged round ``r``; a StepReport ends the round. If the
+        work fails, the round fails (nothing applied; its workers push again)."""
+        try:
+            report = run()
+        except Exception as exc:
+            self._fail_round(session, r, f"step {r.step} of session {session.id!r} failed "
+                             f"({type(exc).__name__}); nothing was applied: push again")
+            if isinstance(exc, MemoryError):
+                raise ResourceExhausted(f"session {session.id!r}: the device ran out of "
+                                        f"memory applying step {r.step}") from None
+            raise
+        if report is not None:
+            self._finish_round(session, r, report)
 
     def set_workers(self, session_id: str, count: int) -> SessionInfo:
         """Change the number of workers of a live session (workers joined or left).
@@ -787,18 +854,13 @@ class OptimizerService:
             raise InvalidArgument(f"timeout {timeout}: expected seconds >= 0")
         session = self.store.get(session_id)
         if min_step > session.opt.step_count:
-
-            def reached() -> bool:
-                last = session.last
-                return session.opt.step_count >= min_step or (
-                    last is not None and last.step == min_step and last.error is not None)
-
-            self._wait(session, reached, timeout, f"step {min_step} of session {session_id!r}")
+            self._wait(session, lambda: session.opt.step_count >= min_step or bool(
+                _round_failed(session, min_step)), timeout,
+                f"step {min_step} of session {session_id!r}")
         with self._locked(session_id) as current:
-            last = current.last
-            if (current.opt.step_count < min_step and last is not None
-                    and last.step == min_step and last.error is not None):
-                raise Aborted(last.error)
+            why = _round_failed(current, min_step) if current.opt.step_count < min_step else ""
+            if why:
+                raise Aborted(why)
             return self._encode(current, names, datatype)
 
     def _encode(self, session: Session, names: Sequence[str] | None,
@@ -860,6 +922,10 @@ class OptimizerService:
             with self._locked(session_id) as current:
                 if current is not session:
                     raise NotFound(f"session {session_id!r} was replaced during the request")
+                if session.round is not None:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} has a round of pushes for step "
+                        f"{session.round.step} open: add tensors between steps")
                 self.store.check_room(extra, session)  # again: others may have grown
                 try:
                     opt.add_tensors(tensors, host, group)
@@ -871,6 +937,7 @@ class OptimizerService:
                         "bytes") from None
                 session.config = replace(session.config, tensors=opt.layout.tensors,
                                          groups=tuple(dict(g) for g in opt.groups))
+                session.acc = None  # the rounds' accumulator has the old size
                 session.version += 1
                 info = _info(session)
         self._gauge()
@@ -881,6 +948,7 @@ class OptimizerService:
     def set_hyperparameters(self, session_id: str, group: int,
                             changes: Mapping[str, Any]) -> SessionInfo:
         with self._locked(session_id) as session:
+            _not_staged(session, "change hyperparameters")
             opt = session.opt
             try:
                 new_slots = opt.slots_after(group, changes)
@@ -900,6 +968,7 @@ class OptimizerService:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         with self._locked(session_id) as session:
+            _not_staged(session, "change the schedule")
             session.opt.schedule = parsed
             session.version += 1
             return _info(session)
@@ -910,6 +979,7 @@ class OptimizerService:
 
     def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
         with self._locked(session_id) as session:
+            _not_staged(session, "import a state_dict")
             try:
                 statedict.import_state(session.opt, state)
             except (ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -957,6 +1027,8 @@ class OptimizerService:
     def _write(self, session: Session) -> CheckpointInfo:
         """Checkpoint ``session`` (its lock held, not deleted); durable on return."""
         assert self.checkpoints is not None
+        if session.deleted:  # deleted or replaced by a restore: its files are not ours
+            raise NotFound(f"session {session.id!r} does not exist")
         version = session.version
         info = self.checkpoints.write(session)
         session.checkpointed_version = version

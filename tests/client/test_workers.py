@@ -49,7 +49,7 @@ def test_two_optimizers_step_as_one_on_the_mean_gradient(url: str, sid: str) -> 
     try:
         for step in range(3):
             grads = [_grads(10 * step + i) for i in range(2)]
-            out = _threads(*(lambda i=i: workers[i].step(grads[i]) for i in range(2)))
+            out = _threads(*(lambda i=i, g=grads: workers[i].step(g[i]) for i in range(2)))
             assert out == [None, None], out
             single.step([(a + b) / np.float32(2) for a, b in zip(*grads, strict=True)])
             for w in workers:
@@ -120,7 +120,7 @@ def test_bad_worker_settings_are_refused_with_their_field(url: str, sid: str) ->
         t.create_session(SessionSpec(sid, "adam", specs))
         with pytest.raises(errors.FailedPrecondition, match="has no step waiting for a commit"):
             t.commit(sid, 1, [0.0], 0.0)
-        with pytest.raises(errors.InvalidArgument, match="workers|count"):
+        with pytest.raises(errors.InvalidArgument, match=r"(count|workers): .*(greater than or equal to 1|expected 1 to 512)"):
             t.set_workers(sid, 0)
         with pytest.raises(errors.NotFound, match="no complete checkpoint of step 5"):
             t.restore_checkpoint(sid, 5)
@@ -151,7 +151,8 @@ def test_workers_of_a_sharded_session_commit_each_step_once(
             rng = np.random.default_rng(step)
             grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes]
                      for _ in range(world)]
-            out = _threads(*(lambda i=i: workers[i].step(grads[i]) for i in range(world)))
+            out = _threads(*(lambda i=i, g=grads: workers[i].step(g[i])
+                             for i in range(world)))
             assert out == [None] * world, out
             single.step([sum(g[k] for g in grads) / np.float32(world)
                          for k in range(len(shapes))])

@@ -80,8 +80,9 @@ def test_a_sync_step_is_the_mean_of_k_pushes_and_every_worker_gets_its_parameter
     assert all(isinstance(r, StepResult) for r in results), results
     assert {r.step for r in results} == {1} and {r.contributors for r in results} == {3}
     assert len({b"".join(bytes(c.data) for c in r.params) for r in results}) == 1
-    # float32 sums commute, so the mean is the same bits whatever the arrival order
-    mean = {k: (grads[0][k] + grads[1][k] + grads[2][k]) / np.float32(3) for k in SHAPES}
+    # the server sums in float64, so the mean is the same bits whatever the arrival order
+    mean = {k: ((grads[0][k].astype(np.float64) + grads[1][k] + grads[2][k]) / 3
+                ).astype(np.float32) for k in SHAPES}
     svc.step("ref", _chunks(mean))
     np.testing.assert_array_equal(_params(svc), _params(svc, "ref"))
 
@@ -149,11 +150,13 @@ def test_policy_apply_takes_the_mean_of_what_arrived_and_names_the_missing(
     g = [_arrays(i) for i in range(3)]
     _in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 1))
                   for i in range(3)))
-    svc.step("ref", _chunks({k: (g[0][k] + g[1][k] + g[2][k]) / np.float32(3) for k in SHAPES}))
+    svc.step("ref", _chunks({k: ((g[0][k].astype(np.float64) + g[1][k] + g[2][k]) / 3
+                                 ).astype(np.float32) for k in SHAPES}))
     results = _in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 2),
                                                  base_step=1) for i in range(2)))
     assert {(r.step, r.contributors, r.missing) for r in results} == {(2, 2, ("w2",))}
-    svc.step("ref", _chunks({k: (g[0][k] + g[1][k]) / np.float32(2) for k in SHAPES}))
+    svc.step("ref", _chunks({k: ((g[0][k].astype(np.float64) + g[1][k]) / 2
+                                 ).astype(np.float32) for k in SHAPES}))
     np.testing.assert_array_equal(_params(svc), _params(svc, "ref"))
     with pytest.raises(FailedPrecondition, match=r"step 2 \(that step was applied without it\)"):
         svc.step("s", _chunks(g[2]), push_id=PushId("w2", 2), base_step=1)
@@ -169,7 +172,7 @@ def test_changing_k_closes_a_round_that_is_full_already(tmp_path: Path) -> None:
     svc.set_workers("s", 4)
     svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 2))
     assert svc.describe("s").step == 1
-    with pytest.raises(InvalidArgument, match="workers: expected 1 to 65536, got 0"):
+    with pytest.raises(InvalidArgument, match="workers: expected 1 to 512, got 0"):
         svc.set_workers("s", 0)
 
 
@@ -216,8 +219,9 @@ def test_sync_rounds_replayed_and_reordered_apply_once_across_a_restart(
     reference = _service(tmp_path / "reference")
     reference.create("s", BASE)
     for k in range(1, 7):
-        reference.step("s", _chunks({n: (grads[("a", k)][n] + grads[("b", k)][n])
-                                     / np.float32(2) for n in SHAPES}))
+        reference.step("s", _chunks({n: ((grads[("a", k)][n].astype(np.float64)
+                                          + grads[("b", k)][n]) / 2).astype(np.float32)
+                                     for n in SHAPES}))
     ours, ref = svc.store.get("s").opt, reference.store.get("s").opt
     np.testing.assert_array_equal(ours.param, ref.param)
     for slot in ref.slots:
@@ -232,16 +236,27 @@ def test_a_shard_answers_a_push_with_its_sums_even_after_the_commit(tmp_path: Pa
     svc = _service(tmp_path)
     svc.create("s", _config(count=2, exchange=True))
     session = svc.store.get("s")
-    a, b = _arrays(0), _arrays(1)
-    svc.step("s", _chunks(a), return_datatype=None, push_id=PushId("a", 1))  # returns below
+    answers: list[Any] = []
+    worker_a = threading.Thread(target=lambda: answers.append(svc.step(
+        "s", _chunks(_arrays(0)), push_id=PushId("a", 1))))
+    worker_a.start()
+    while session.round is None:  # A's push has joined the round
+        time.sleep(0.001)
     r = session.round
-    assert r is not None and not r.staged
-    staged = svc.step("s", _chunks(b), push_id=PushId("b", 1))
+    staged = svc.step("s", _chunks(_arrays(1)), push_id=PushId("b", 1))
     assert staged.pending and staged.step == 0 and len(staged.grad_sumsq) == 2
-    done = svc.commit("s", 1, staged.grad_sumsq, sum(staged.grad_sumsq))
+    assert staged.round == r.id
+    done = svc.commit("s", 1, staged.grad_sumsq, sum(staged.grad_sumsq), round_id=r.id)
     assert not done.pending and done.step == 1 and done.params
     late = svc._round_result(session, r, "FP32")  # A's answer, built after the commit
-    assert late.pending and late.step == 0 and late.grad_sumsq == staged.grad_sumsq
-    again = svc.commit("s", 1, late.grad_sumsq, sum(late.grad_sumsq))
-    assert (again.step, again.pending) == (1, False)
-    assert [bytes(c.data) for c in again.params] == [bytes(c.data) for c in done.params]
+    worker_a.join(10)
+    for answer in (late, answers[0]):
+        assert answer.pending and answer.step == 0 and answer.grad_sumsq == staged.grad_sumsq
+        again = svc.commit("s", 1, answer.grad_sumsq, sum(answer.grad_sumsq),
+                           round_id=answer.round)
+        assert (again.step, again.pending) == (1, False)
+        assert [bytes(c.data) for c in again.params] == [bytes(c.data) for c in done.params]
+    with pytest.raises(FailedPrecondition, match=r"commit of step 1 \(round 7\)"):
+        svc.commit("s", 1, staged.grad_sumsq, 0.0, round_id=7)
+    with pytest.raises(InvalidArgument, match="total_sumsq -1.0"):
+        svc.commit("s", 1, staged.grad_sumsq, -1.0)

@@ -147,6 +147,7 @@ class StepResult:
     grad_sumsq: tuple[float, ...] = ()  # a staged step's sums of squares, per tensor
     param_sumsq: tuple[float, ...] = ()  # LAMB, after the first commit
     update_sumsq: tuple[float, ...] = ()
+    round: int = 0  # the round the push joined (sync), named by its commit
 
 
 @dataclass(frozen=True)
@@ -219,10 +220,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),
-               update_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (), round_id: int = 0,
                return_datatype: str | None = "FP32") -> StepResult:
         """Apply the staged step of one shard with sums over every shard (the second
-        phase of a sharded step; see the proto's Commit). Safe to repeat."""
+        phase of a sharded step; see the proto's Commit); ``round_id``: the push
+        answer's ``round``. Safe to repeat."""
 
     @abc.abstractmethod
     def set_workers(self, session_id: str, count: int) -> SessionInfo:

@@ -133,7 +133,8 @@ def _step_result(status: Any, params: Sequence[WireTensor] = ()) -> StepResult:
         duplicate=bool(status.duplicate), staleness=int(status.staleness),
         pending=bool(status.pending), contributors=int(status.contributors),
         missing=tuple(status.missing_workers), grad_sumsq=tuple(status.grad_sumsq),
-        param_sumsq=tuple(status.param_sumsq), update_sumsq=tuple(status.update_sumsq))
+        param_sumsq=tuple(status.param_sumsq), update_sumsq=tuple(status.update_sumsq),
+        round=int(status.round))
 
 
 class GrpcTransport(Transport):
@@ -417,12 +418,12 @@ class GrpcTransport(Transport):
 
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),
-               update_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (), round_id: int = 0,
                return_datatype: str | None = "FP32") -> StepResult:
         req = pb.CommitRequest(session_id=session_id, step=step,
                                tensor_sumsq=list(tensor_sumsq), total_sumsq=total_sumsq,
                                param_sumsq=list(param_sumsq), update_sumsq=list(update_sumsq),
-                               return_datatype=return_datatype or "NONE")
+                               round=round_id, return_datatype=return_datatype or "NONE")
 
         def run() -> StepResult:
             status = None

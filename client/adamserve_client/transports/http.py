@@ -108,7 +108,8 @@ def _step_result(body: Mapping[str, Any], params: Sequence[WireTensor] = ()) -> 
                       missing=tuple(body.get("missing_workers", ())),
                       grad_sumsq=tuple(float(x) for x in body.get("grad_sumsq", ())),
                       param_sumsq=tuple(float(x) for x in body.get("param_sumsq", ())),
-                      update_sumsq=tuple(float(x) for x in body.get("update_sumsq", ())))
+                      update_sumsq=tuple(float(x) for x in body.get("update_sumsq", ())),
+                      round=int(body.get("round", 0)))
 
 
 def _sender_fields(sender: Sender | None, base_step: int | None) -> dict[str, Any]:
@@ -287,14 +288,14 @@ class HttpTransport(Transport):
 
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),
-               update_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (), round_id: int = 0,
                return_datatype: str | None = "FP32") -> StepResult:
         # JSON has no NaN: a non-finite sum (a NaN gradient somewhere) goes as the
         # literal NaN / Infinity, which the server's parser accepts
         content = json.dumps({
             "step": step, "tensor_sumsq": [float(x) for x in tensor_sumsq],
             "total_sumsq": float(total_sumsq), "param_sumsq": [float(x) for x in param_sumsq],
-            "update_sumsq": [float(x) for x in update_sumsq],
+            "update_sumsq": [float(x) for x in update_sumsq], "round": round_id,
             "return_datatype": return_datatype, "binary_output": True})
         r = self._request("POST", self._path(session_id, "commit"), content=content,
                           headers={"content-type": "application/json"})

@@ -428,17 +428,25 @@ class ShardedTransport(Transport):
         target = steps.pop() + 1
         sums = self._totals(plan, [r.grad_sumsq for r in staged])
         total = math.fsum(sums)
+        rounds = [r.round for r in staged]
         results = self._each(lambda i, t: t.commit(
             session_id, target, [sums[p.parent] for p in plan.shards[i]], total,
-            return_datatype=return_datatype))
+            round_id=rounds[i], return_datatype=return_datatype))
         if s.lamb and all(r.pending for r in results):
             psq = self._totals(plan, [r.param_sumsq for r in results])
             usq = self._totals(plan, [r.update_sumsq for r in results])
             results = self._each(lambda i, t: t.commit(
                 session_id, target, [sums[p.parent] for p in plan.shards[i]], total,
                 param_sumsq=[psq[p.parent] for p in plan.shards[i]],
-                update_sumsq=[usq[p.parent] for p in plan.shards[i]],
+                update_sumsq=[usq[p.parent] for p in plan.shards[i]], round_id=rounds[i],
                 return_datatype=return_datatype))
+        elif any(r.pending for r in results):
+            # LAMB: another worker's second commit reached some shards first; it
+            # commits the others too, so wait for the step there
+            params = (self.pull(session_id, datatype=return_datatype, min_step=target)
+                      if return_datatype else [])
+            done = next(r for r in results if not r.pending)
+            return dataclasses.replace(done, params=tuple(params), nonfinite=())
         return self._merge_results(session_id, plan, results)
 
     @staticmethod
@@ -474,7 +482,7 @@ class ShardedTransport(Transport):
 
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),
-               update_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (), round_id: int = 0,
                return_datatype: str | None = "FP32") -> StepResult:
         raise errors.FailedPrecondition(
             "commit belongs to one shard's session: the sharded transport commits its steps "

@@ -356,7 +356,8 @@ class Workers(_message.Message):
     exchange: _builtins.bool
     """Two-phase steps for one shard of a sharded model: a full round is staged,
     not applied; the push is answered with status.grad_sumsq once the round is
-    closed, and Commit applies it with sums over every shard. Sync mode only.
+    closed, and Commit applies it with sums over every shard. Sync mode only,
+    and without a straggler timeout (shards would time out on their own).
     """
     def __init__(
         self,
@@ -825,6 +826,7 @@ class StepStatus(_message.Message):
     GRAD_SUMSQ_FIELD_NUMBER: _builtins.int
     PARAM_SUMSQ_FIELD_NUMBER: _builtins.int
     UPDATE_SUMSQ_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The session's step count after this request."""
     skipped: _builtins.bool
@@ -843,6 +845,11 @@ class StepStatus(_message.Message):
     """
     contributors: _builtins.int
     """Sync: how many workers' gradients the step averaged."""
+    round: _builtins.int
+    """Sync: which round the push joined (an id the session gives each round);
+    Commit names it, so a late commit of an earlier round for the same step is
+    never applied to a newer one.
+    """
     @_builtins.property
     def nonfinite(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tensors whose gradient held NaN or Inf."""
@@ -850,7 +857,7 @@ class StepStatus(_message.Message):
     @_builtins.property
     def missing_workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Sync: workers of the previous step that did not push for this one (after a
-        straggler timeout with policy "apply").
+        straggler timeout with policy "apply"); contributors says how many did.
         """
 
     @_builtins.property
@@ -884,10 +891,11 @@ class StepStatus(_message.Message):
         grad_sumsq: _abc.Iterable[_builtins.float] | None = ...,
         param_sumsq: _abc.Iterable[_builtins.float] | None = ...,
         update_sumsq: _abc.Iterable[_builtins.float] | None = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "grad_norm", b"grad_norm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "contributors", b"contributors", "duplicate", b"duplicate", "grad_norm", b"grad_norm", "grad_sumsq", b"grad_sumsq", "missing_workers", b"missing_workers", "nonfinite", b"nonfinite", "param_sumsq", b"param_sumsq", "pending", b"pending", "skipped", b"skipped", "staleness", b"staleness", "step", b"step", "update_sumsq", b"update_sumsq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "contributors", b"contributors", "duplicate", b"duplicate", "grad_norm", b"grad_norm", "grad_sumsq", b"grad_sumsq", "missing_workers", b"missing_workers", "nonfinite", b"nonfinite", "param_sumsq", b"param_sumsq", "pending", b"pending", "round", b"round", "skipped", b"skipped", "staleness", b"staleness", "step", b"step", "update_sumsq", b"update_sumsq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__grad_norm: _TypeAlias = _typing.Literal["grad_norm"]  # noqa: Y015
     _WhichOneofArgType__grad_norm: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm"]  # noqa: Y015
@@ -1007,7 +1015,10 @@ class PullRequest(_message.Message):
     step is applied); ABORTED if that round fails.
     """
     timeout: _builtins.float
-    """Seconds to wait for min_step; 0: as long as the call's deadline allows."""
+    """Seconds to wait for min_step; 0: as long as the call's deadline allows.
+    The server waits at most 600 s per call (DEADLINE_EXCEEDED after): pull
+    again. ABORTED also when the step was skipped (non-finite gradients).
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tensors to return, in this order; empty for all of them."""
@@ -1042,6 +1053,7 @@ class CommitRequest(_message.Message):
     PARAM_SUMSQ_FIELD_NUMBER: _builtins.int
     UPDATE_SUMSQ_FIELD_NUMBER: _builtins.int
     RETURN_DATATYPE_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session (one shard) whose staged step to apply."""
     step: _builtins.int
@@ -1051,6 +1063,10 @@ class CommitRequest(_message.Message):
     return_datatype: _builtins.str
     """Datatype of the returned parameters ("FP32" when empty); "NONE" returns
     none.
+    """
+    round: _builtins.int
+    """The round the push's status named (0: whichever round is staged for
+    `step`).
     """
     @_builtins.property
     def tensor_sumsq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -1078,10 +1094,11 @@ class CommitRequest(_message.Message):
         param_sumsq: _abc.Iterable[_builtins.float] | None = ...,
         update_sumsq: _abc.Iterable[_builtins.float] | None = ...,
         return_datatype: _builtins.str = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["param_sumsq", b"param_sumsq", "return_datatype", b"return_datatype", "session_id", b"session_id", "step", b"step", "tensor_sumsq", b"tensor_sumsq", "total_sumsq", b"total_sumsq", "update_sumsq", b"update_sumsq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["param_sumsq", b"param_sumsq", "return_datatype", b"return_datatype", "round", b"round", "session_id", b"session_id", "step", b"step", "tensor_sumsq", b"tensor_sumsq", "total_sumsq", b"total_sumsq", "update_sumsq", b"update_sumsq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -266,7 +266,8 @@ class OptimizerServicer:
 
     def SetWorkers(self, request, context):
         """Change the number of workers of a live session (workers joined or left). An
-        open round that already holds that many pushes is applied at once.
+        open round that already holds that many pushes is closed at once (applied,
+        or staged for its commit in an exchange session).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -135,7 +135,8 @@ class OptimizerStub:
     """
     SetWorkers: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.SetWorkersRequest, _optimizer_pb2.SessionInfo]
     """Change the number of workers of a live session (workers joined or left). An
-    open round that already holds that many pushes is applied at once.
+    open round that already holds that many pushes is closed at once (applied,
+    or staged for its commit in an exchange session).
     """
     ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.ListCheckpointsRequest, _optimizer_pb2.ListCheckpointsResponse]
     """The steps of the session's complete checkpoints on this server, oldest
@@ -220,7 +221,8 @@ class OptimizerAsyncStub(OptimizerStub):
     """
     SetWorkers: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.SetWorkersRequest, _optimizer_pb2.SessionInfo]  # type: ignore[assignment]
     """Change the number of workers of a live session (workers joined or left). An
-    open round that already holds that many pushes is applied at once.
+    open round that already holds that many pushes is closed at once (applied,
+    or staged for its commit in an exchange session).
     """
     ListCheckpoints: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.ListCheckpointsRequest, _optimizer_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
     """The steps of the session's complete checkpoints on this server, oldest
@@ -398,7 +400,8 @@ class OptimizerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_optimizer_pb2.SessionInfo, _abc.Awaitable[_optimizer_pb2.SessionInfo]]:
         """Change the number of workers of a live session (workers joined or left). An
-        open round that already holds that many pushes is applied at once.
+        open round that already holds that many pushes is closed at once (applied,
+        or staged for its commit in an exchange session).
         """
 
     @_abc_1.abstractmethod

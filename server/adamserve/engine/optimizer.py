@@ -430,14 +430,14 @@ class LambStep:
     def finish(self, param_sumsq: F64, update_sumsq: F64) -> StepReport:
         """Apply the update with trust ratios from whole-tensor sums of squares."""
         opt, prepared = self.opt, self.prepared
-        if opt.slots is not self.slots:
-            opt.slots.update(self.slots)
         lr = prepared.coef64[:, alg.LAMB_LR_COLUMN]
         scale = lr * alg.lamb_trust_ratio(np.asarray(param_sumsq, np.float64),
                                           np.asarray(update_sumsq, np.float64))
         if len(prepared.idx):
             opt.backend.scaled_sub(opt.param, self.update, prepared.blocks,
                                    opt.backend.to_device(scale.astype(opt.dtype)))
+        if opt.slots is not self.slots:  # the new moments, once the update is in
+            opt.slots.update(self.slots)
         opt._advance(prepared.h, prepared.idx)
         return StepReport(opt.step_count, False, prepared.grad_norm)
 

@@ -31,7 +31,8 @@ import numpy.typing as npt
 
 MODES = ("sync", "async")
 POLICIES = ("fail", "apply")
-MAX_WORKERS = 65536
+# Each worker waiting for its round holds a server thread (the transports have 1024).
+MAX_WORKERS = 512
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class WorkersConfig:
             raise ValueError("mode 'async' cannot be combined with exchange (two-phase steps "
                              "across shards need rounds): use mode 'sync', or a step that "
                              "needs no whole-gradient quantity")
+        if self.exchange and self.straggler_timeout > 0:
+            raise ValueError("straggler_timeout cannot be combined with exchange: each shard "
+                             "would time out on its own and the shards could apply different "
+                             "steps; leave it 0")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +93,7 @@ class Outcome:
     """How a round ended, for every worker that waits on it."""
 
     step: int  # the step the round was for (the session's step count once applied)
+    round: int = 0  # the round's id
     skipped: bool = False
     grad_norm: float | None = None
     nonfinite: tuple[str, ...] = ()
@@ -108,6 +114,7 @@ class Round:
     """
 
     step: int
+    id: int = 0  # unique in the session: a commit names the round it is for
     acc: Any = None
     pushes: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)

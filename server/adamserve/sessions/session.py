@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -167,6 +168,8 @@ class Session:
     members: frozenset[str] = frozenset()  # the workers of the latest applied round
     acc: Any = None  # the rounds' gradient accumulator, allocated on first use
     anonymous: int = 0  # numbers pushes that carry no worker id
+    # round ids start at random: ids from before a restart are not reused
+    rounds: int = field(default_factory=lambda: secrets.randbits(40))
     changed: threading.Condition = field(init=False)  # on ``lock``: rounds and steps
 
     def __post_init__(self) -> None:

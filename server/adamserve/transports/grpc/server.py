@@ -107,7 +107,7 @@ def _serve_when_ready(service: OptimizerService, server: Any,
 
 
 def build_grpc_server(service: OptimizerService, host: str = "127.0.0.1", port: int = 0,
-                      token: str | None = None, max_workers: int = 256) -> tuple[grpc.Server, int]:
+                      token: str | None = None, max_workers: int = 1024) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``service``; return it (started) and the port it bound.
 
     ``port`` 0 picks a free port. With ``token``, every Optimizer call must carry

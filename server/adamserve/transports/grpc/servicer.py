@@ -431,7 +431,7 @@ def _step_status(result: StepResult) -> Any:
                         missing_workers=list(result.missing),
                         grad_sumsq=list(result.grad_sumsq),
                         param_sumsq=list(result.param_sumsq),
-                        update_sumsq=list(result.update_sumsq))
+                        update_sumsq=list(result.update_sumsq), round=result.round)
     if result.grad_norm is not None:
         msg.grad_norm = result.grad_norm
     return msg
@@ -526,8 +526,8 @@ class OptimizerServicer:
         datatype = _datatype(request.datatype or "FP32", "datatype")
         # cast: OptimizerService.list shadows the builtin in its class body's annotations.
         timeout = request.timeout or context.time_remaining()
-        if timeout is not None and not math.isfinite(timeout):
-            timeout = None
+        if timeout is not None:  # past the deadline already: a wait of 0, not an error
+            timeout = max(0.0, timeout) if math.isfinite(timeout) else None
         chunks = cast(Iterable[TensorChunk], self.service.pull(
             _session_id(request.session_id), list(request.names) or None, datatype,
             min_step=request.min_step, timeout=timeout))
@@ -600,7 +600,8 @@ class OptimizerServicer:
         result = self.service.commit(
             _session_id(request.session_id), request.step, list(request.tensor_sumsq),
             request.total_sumsq, param_sumsq=list(request.param_sumsq),
-            update_sumsq=list(request.update_sumsq), return_datatype=rtype)
+            update_sumsq=list(request.update_sumsq), round_id=request.round,
+            return_datatype=rtype)
         yield pb.StepResponse(status=_step_status(result))
         for chunk in result.params:
             yield from chunk_messages(chunk, wrap_field=_STEP_PARAM_FIELD)

@@ -164,7 +164,7 @@ class _App(FastAPI):
 
 # Workers of a synchronous session wait in the thread pool for their round: room for
 # many more than anyio's default 40 threads (idle waiting threads cost little).
-THREADS = 256
+THREADS = 1024
 
 
 @asynccontextmanager

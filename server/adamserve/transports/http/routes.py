@@ -292,7 +292,8 @@ def _step_out(r: StepResult) -> StepResponse:
                         nonfinite=list(r.nonfinite), duplicate=r.duplicate,
                         staleness=r.staleness, pending=r.pending, contributors=r.contributors,
                         missing_workers=list(r.missing), grad_sumsq=list(r.grad_sumsq),
-                        param_sumsq=list(r.param_sumsq), update_sumsq=list(r.update_sumsq))
+                        param_sumsq=list(r.param_sumsq), update_sumsq=list(r.update_sumsq),
+                        round=r.round)
 
 
 @router.post("/v1/sessions/{session_id}/commit", response_model=StepResponse,
@@ -308,7 +309,7 @@ async def commit(session_id: str, body: CommitRequest, request: Request,
                               f"{', '.join(WIRE_DTYPES)} or null")
     r = await _call(service.commit, session_id, body.step, body.tensor_sumsq, body.total_sumsq,
                     param_sumsq=body.param_sumsq, update_sumsq=body.update_sumsq,
-                    return_datatype=rtype)
+                    round_id=body.round, return_datatype=rtype)
     return await _call(_tensors_response, request, _step_out(r), r.params, body.binary_output)
 
 

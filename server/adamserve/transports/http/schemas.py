@@ -123,7 +123,7 @@ class TensorSpecOut(_Response):
 class WorkersIn(_Request):
     """How the pushes of several workers become steps (see the proto's Workers)."""
 
-    count: int = Field(default=1, ge=1, le=65536, description="Workers pushing each step")
+    count: int = Field(default=1, ge=1, le=512, description="Workers pushing each step")
     mode: Literal["sync", "async"] = Field(
         default="sync", description="sync: step t is the mean of the workers' gradients; "
         "async: every push is applied on arrival")
@@ -248,11 +248,13 @@ class CommitRequest(_Request):
     update_sumsq: list[float] = Field(default_factory=list, description="See param_sumsq")
     return_datatype: Datatype | None = Field(default="FP32",
                                              description="null: no parameters back")
+    round: int = Field(default=0, ge=0, le=2**64 - 1, description="The round the push's "
+                       "answer named (0: whichever is staged for step)")
     binary_output: bool = False
 
 
 class WorkersRequest(_Request):
-    count: int = Field(ge=1, le=65536, description="The new number of workers")
+    count: int = Field(ge=1, le=512, description="The new number of workers")
 
 
 class RestoreRequest(_Request):
@@ -291,6 +293,8 @@ class StepResponse(_Response):
                                     description="A staged step's per-tensor sums of squares")
     param_sumsq: list[float] = Field(default_factory=list, description="LAMB, first commit")
     update_sumsq: list[float] = Field(default_factory=list, description="LAMB, first commit")
+    round: int = Field(default=0, description="The round the push joined (sync), for its "
+                       "commit")
 
 
 class PullResponse(_Response):
