@@ -15,7 +15,13 @@ import pytest
 
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import TensorSpec
-from adamserve.errors import Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from adamserve.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from adamserve.service import OptimizerService, PushId, StepResult, TensorChunk
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.rounds import WorkersConfig
@@ -258,5 +264,68 @@ def test_a_shard_answers_a_push_with_its_sums_even_after_the_commit(tmp_path: Pa
         assert [bytes(c.data) for c in again.params] == [bytes(c.data) for c in done.params]
     with pytest.raises(FailedPrecondition, match=r"commit of step 1 \(round 7\)"):
         svc.commit("s", 1, staged.grad_sumsq, 0.0, round_id=7)
-    with pytest.raises(InvalidArgument, match="total_sumsq -1.0"):
+    with pytest.raises(InvalidArgument, match=r"total_sumsq -1\.0"):
         svc.commit("s", 1, staged.grad_sumsq, -1.0)
+
+
+def test_a_round_whose_kernel_fails_applies_nothing_and_the_next_one_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    session = svc.store.get("s")
+    before = session.fingerprint()
+    real = session.opt.backend.run
+    calls = {"n": 0}
+
+    def run_once_out_of_memory(*args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError
+        real(*args)
+
+    monkeypatch.setattr(session.opt.backend, "run", run_once_out_of_memory)
+    svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
+    with pytest.raises(ResourceExhausted, match="ran out of memory applying step 1"):
+        svc.step("s", _chunks(_arrays(1)), return_datatype=None, push_id=PushId("b", 1))
+    assert session.fingerprint() == before and session.round is None
+    with pytest.raises(Aborted, match="failed \\(MemoryError\\); nothing was applied"):
+        svc.pull("s", min_step=1, timeout=1)
+    for w in "ab":  # the same pushes again: the push log did not record them
+        svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId(w, 1))
+    assert svc.describe("s").step == 1
+
+
+def test_a_skipped_round_is_reported_to_pulls_and_can_be_pushed_again(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    bad = _arrays(0)
+    bad["w"][0, 0] = np.nan
+    svc.step("s", _chunks(bad), return_datatype=None, push_id=PushId("a", 1))
+    svc.step("s", _chunks(_arrays(1)), return_datatype=None, push_id=PushId("b", 1))
+    with pytest.raises(Aborted, match="step 1 of session 's' was skipped: non-finite "
+                                      "gradients in w"):
+        svc.pull("s", min_step=1, timeout=1)
+    svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
+    waiting = _in_threads(lambda: svc.pull("s", min_step=1, timeout=10),
+                          lambda: (time.sleep(0.05), svc.step(
+                              "s", _chunks(_arrays(1)), return_datatype=None,
+                              push_id=PushId("b", 1)))[1])
+    assert isinstance(waiting[0], list) and svc.describe("s").step == 1
+
+
+def test_what_cannot_change_while_a_round_is_open_or_staged(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
+    with pytest.raises(FailedPrecondition, match="round of pushes for step 1 open"):
+        svc.add_tensors("s", [TensorSpec("extra", (2,))])
+    svc.create("x", _config(count=1, exchange=True))
+    exported = svc.export_state("x")
+    svc.step("x", _chunks(_arrays(0)))  # staged: waits for its commit
+    for change in (lambda: svc.import_state("x", exported),
+                   lambda: svc.set_hyperparameters("x", 0, {"lr": 1.0}),
+                   lambda: svc.set_schedule("x", {"kind": "constant"})):
+        with pytest.raises(FailedPrecondition, match="staged and waits for its commit"):
+            change()
+    with pytest.raises(InvalidArgument, match="straggler_timeout cannot be combined"):
+        svc.create("y", _config(count=2, exchange=True, straggler_timeout=1.0))
