@@ -17,8 +17,6 @@ the new parameters back (FP32), and the step is the mean of the K gradients.
 steps/s counts session steps (all K workers together make one); "gradients/s ratio" is
 K x steps/s relative to one worker on one server (gradients processed per second);
 MB/s is gradient bytes in plus parameter bytes out, over all workers, per second.
-"recovered" counts worker steps where a two-phase push met the race described at
-``RACE`` below and the worker took the applied step's parameters with a pull instead.
 
 On a machine with few cores the worker processes, the server processes and the
 optimizer kernels share those cores, so the ratios show the cost of rounds and shards,
@@ -32,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -49,16 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from adamserve_client import errors
 from adamserve_client.transports import SessionSpec, TensorSpec, Transport, WireTensor, connect
 from adamserve_client.transports.base import Sender, Workers
 from adamserve_client.transports.sharded import ShardedTransport
 
 CALL_TIMEOUT = 300.0  # seconds one transport call may take before the run is called hung
 SERVER_ENV = {"PYTHONUNBUFFERED": "1"}
-# What ShardedTransport says when one shard answers a push with its applied step and
-# another with its staged sums (see worker_main).
-RACE = "disagree about this push"
 
 
 @dataclass(frozen=True)
@@ -80,7 +73,6 @@ class Measured:
     seconds: float  # wall time of the timed steps, first worker's start to last one's end
     steps: int
     bytes_moved: int  # gradient bytes sent plus parameter bytes received, all workers
-    recovered: int  # timed worker steps that met RACE and took the applied step by a pull
     server_cpu: float  # CPU seconds of the shard processes over the timed steps
     worker_cpu: float  # CPU seconds of the worker processes over the timed steps
 
@@ -154,7 +146,7 @@ def worker_main(urls: list[str], session_id: str, rank: int, world: int, params:
                 count: int, warmup: int, steps: int, start: Any, out: Any) -> None:
     """Step the session ``warmup + steps`` times as worker ``rank`` of ``world``; put a
     dict on ``out``: the timed steps' start and end, bytes moved, CPU seconds of this
-    process, recoveries, or the error."""
+    process, or the error."""
     try:
         transport = open_transport(urls)
         rng = np.random.default_rng(rank)
@@ -164,27 +156,11 @@ def worker_main(urls: list[str], session_id: str, rank: int, world: int, params:
                  for t in tensor_specs(params, count)]
         sent = sum(memoryview(g.data).nbytes for g in grads)
         base = 0
-        recovered = 0
 
         def one() -> int:
-            nonlocal base, recovered
-            try:
-                r = transport.step(session_id, grads, return_datatype="FP32",
-                                   sender=Sender(f"rank{rank}", base + 1), base_step=base)
-            except errors.FailedPrecondition as exc:
-                if RACE not in str(exc):
-                    raise
-                # A shard answered this push with the applied step instead of its staged
-                # sums (the other workers' commit got there first): the step is applied
-                # on every shard without this worker's commit, so take its parameters.
-                recovered += 1
-                params = transport.pull(session_id, min_step=base + 1, wait=CALL_TIMEOUT)
-                now = transport.describe(session_id).step
-                if now != base + 1:
-                    raise RuntimeError(f"rank {rank}: after {exc}: session at step {now}, "
-                                       f"expected {base + 1}") from None
-                base = now
-                return sent + sum(memoryview(p.data).nbytes for p in params)
+            nonlocal base
+            r = transport.step(session_id, grads, return_datatype="FP32",
+                               sender=Sender(f"rank{rank}", base + 1), base_step=base)
             if r.step != base + 1 or r.skipped or (world > 1 and r.contributors != world):
                 raise RuntimeError(f"rank {rank}: step {base} -> {r.step}, skipped={r.skipped}, "
                                    f"contributors={r.contributors} of {world}")
@@ -193,14 +169,13 @@ def worker_main(urls: list[str], session_id: str, rank: int, world: int, params:
 
         for _ in range(warmup):
             one()
-        recovered = 0
         start.wait(CALL_TIMEOUT)
         t0, c0 = time.monotonic(), time.process_time()  # CLOCK_MONOTONIC: one clock for all
         moved = sum(one() for _ in range(steps))
         t1, c1 = time.monotonic(), time.process_time()
         transport.close()
         out.put({"rank": rank, "t0": t0, "t1": t1, "moved": moved, "cpu": c1 - c0,
-                 "recovered": recovered, "error": None})
+                 "error": None})
     except BaseException:
         start.abort()  # release the others (and the parent) from the barrier
         out.put({"rank": rank, "error": traceback.format_exc()})
@@ -254,8 +229,7 @@ def run_case(ctx: Any, servers: list[Server], case: Case,
             admin.delete_session(sid)
         admin.close()
     return Measured(case, max(r["t1"] for r in rows) - min(r["t0"] for r in rows), args.steps,
-                    sum(r["moved"] for r in rows), sum(r["recovered"] for r in rows),
-                    server_cpu, sum(r["cpu"] for r in rows))
+                    sum(r["moved"] for r in rows), server_cpu, sum(r["cpu"] for r in rows))
 
 
 # -- main ---------------------------------------------------------------------------
@@ -291,8 +265,8 @@ def main() -> None:
                     m = run_case(ctx, servers, case, args)
                     runs[case].append(m)
                     print(f"  round {rnd + 1}: {case.workers} worker(s), {case.shards} "
-                          f"shard(s), {case.kind}: {m.steps_per_s:.2f} steps/s, "
-                          f"{m.recovered} recovered", file=sys.stderr, flush=True)
+                          f"shard(s), {case.kind}: {m.steps_per_s:.2f} steps/s",
+                          file=sys.stderr, flush=True)
         except BaseException:
             for s in servers:
                 print(f"--- {s.log.name} ---\n{s.tail()}", file=sys.stderr)
@@ -303,10 +277,7 @@ def main() -> None:
 
     model_mb = args.params * 4 / 1e6
     cpus = os.cpu_count()
-    # each case's best round; recoveries counted over every round
-    results = [dataclasses.replace(max(ms, key=lambda m: m.steps_per_s),
-                                   recovered=sum(m.recovered for m in ms))
-               for ms in runs.values()]
+    results = [max(ms, key=lambda m: m.steps_per_s) for ms in runs.values()]  # best round
     # the reference: the fewest workers on one server (1 worker with the default --workers)
     base = min((r for r in results if r.case.shards == 1), key=lambda r: r.case.workers)
     print(f"# workers: {args.params} fp32 params in {args.tensors} tensors "
@@ -318,25 +289,20 @@ def main() -> None:
           f"{cpus} cores, so the ratios show the overhead of rounds and shards on one "
           f"machine, not scaling across machines.\n")
     print("| workers | shards | sharded step | s/step | steps/s | ratio | "
-          "gradients/s ratio | MB/s | server CPU s/step | workers CPU s/step | recovered |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "gradients/s ratio | MB/s | server CPU s/step | workers CPU s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         k = r.case.workers
         print(f"| {k} | {r.case.shards} | {r.case.kind} | {1 / r.steps_per_s:.3f} | "
               f"{r.steps_per_s:.2f} | {r.steps_per_s / base.steps_per_s:.2f} | "
               f"{k * r.steps_per_s / (base.case.workers * base.steps_per_s):.2f} | "
               f"{r.mb_per_s:.0f} | "
-              f"{r.server_cpu / r.steps:.3f} | {r.worker_cpu / r.steps:.3f} | "
-              f"{r.recovered} |")
+              f"{r.server_cpu / r.steps:.3f} | {r.worker_cpu / r.steps:.3f} |")
     total = args.warmup + args.steps
     print(f"\nMB/s: gradient bytes in plus parameter bytes out, all workers "
           f"({2 * model_mb:.1f} MB per worker per step). CPU s/step: user + system CPU "
           f"seconds of the shard processes (all of them) and of the worker processes (all "
-          f"of them) over the timed steps, per step. recovered: timed worker steps "
-          f"(of rounds x workers x {args.steps}) where ShardedTransport raised \"{RACE}\" -- one "
-          f"shard answered the push with the step already applied by another worker's "
-          f"commit instead of its staged sums -- and the worker took the step's parameters "
-          f"with a pull. Total run {time.monotonic() - began:.0f} s ({total} steps a case).")
+          f"of them) over the timed steps, per step. Total run {time.monotonic() - began:.0f} s ({total} steps a case).")
 
 
 if __name__ == "__main__":

@@ -202,3 +202,32 @@ def test_http_shards_exchange_non_finite_sums(live: Any, shard_servers: list[Any
         one.close()
         http.delete_session(sid)
         http.close()
+
+
+def test_shards_at_different_steps_refuse_to_step_until_restored(
+        shard_servers: list[Any], sid: str) -> None:
+    """One shard rolled back alone (as a shard restarted from an older checkpoint is):
+    the sharded session refuses to step, naming each shard's step, until every shard is
+    restored to a step they all hold."""
+    urls = [s.urls["grpc"] for s in shard_servers]
+    spec = SessionSpec(sid, "adam", SPECS, ({}, {}))
+    sharded = ShardedTransport([connect(u) for u in urls], split_elements=8)
+    try:
+        sharded.create_session(spec)
+        sharded.step(sid, _wire(_grads(0, False)))
+        assert sharded.checkpoint(sid).step == 1
+        sharded.step(sid, _wire(_grads(1, False)))
+        with connect(urls[0]) as first:
+            first.restore_checkpoint(sid, 1)
+        again = ShardedTransport([connect(u) for u in urls], split_elements=8)
+        try:
+            assert again.describe(sid).step == 1
+            with pytest.raises(errors.FailedPrecondition, match=r"different steps .*: 1, .*: 2"):
+                again.step(sid, _wire(_grads(1, False)))
+            assert again.restore_checkpoint(sid, 1).step == 1
+            assert again.step(sid, _wire(_grads(1, False))).step == 2
+        finally:
+            again.close()
+    finally:
+        sharded.delete_session(sid)
+        sharded.close()

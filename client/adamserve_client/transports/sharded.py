@@ -189,6 +189,8 @@ class _Session:
     plan: ShardPlan
     exchange: bool
     lamb: bool
+    step: int  # the step every shard is at (each push names it: a shard elsewhere refuses)
+    steps: tuple[int, ...]  # each shard's step when last described
 
 
 def _needs_exchange(algorithm: str, max_grad_norm: float | None, skip_nonfinite: bool) -> bool:
@@ -246,8 +248,10 @@ class ShardedTransport(Transport):
                     f"of one layout: list the servers in their shard order")
         plan = plan_from_sessions(infos)
         first = infos[0]
+        steps = tuple(i.step for i in infos)
         self._sessions[session_id] = _Session(plan, first.workers.exchange,
-                                              first.algorithm.strip().lower() == "lamb")
+                                              first.algorithm.strip().lower() == "lamb",
+                                              min(steps), steps)
         labels = {k: v for k, v in first.labels.items() if k not in (SHARD_LABEL, LAYOUT_LABEL)}
         return dataclasses.replace(
             first, tensors=plan.tensors, step=min(i.step for i in infos),
@@ -319,6 +323,10 @@ class ShardedTransport(Transport):
         nonfinite = tuple(dict.fromkeys(parent_of.get(n, n) for r in results
                                         for n in r.nonfinite))
         first = results[0]
+        known = self._sessions.get(session_id)
+        if known is not None and not any(r.pending for r in results):
+            known.step = first.step
+            known.steps = tuple(steps)
         return StepResult(
             step=first.step, skipped=any(r.skipped for r in results),
             grad_norm=first.grad_norm, nonfinite=nonfinite,
@@ -398,6 +406,14 @@ class ShardedTransport(Transport):
               base_step: int | None) -> StepResult:
         s = self._session(session_id)
         plan = s.plan
+        if len(set(s.steps)) > 1:
+            raise errors.FailedPrecondition(
+                f"the shards of session {session_id!r} are at different steps "
+                f"({', '.join(f'{t.url}: {n}' for t, n in zip(self.shards, s.steps, strict=True))}"
+                "; a shard restarted from an older checkpoint?): restore_checkpoint() rolls "
+                "them back to the newest step they all hold")
+        if base_step is None:
+            base_step = s.step  # a shard at another step refuses the push: nothing applied
         grads = self._split(plan, gradients, need_all=True)
         if not s.exchange:
             if return_datatype is None:
@@ -446,6 +462,7 @@ class ShardedTransport(Transport):
             params = (self.pull(session_id, datatype=return_datatype, min_step=target)
                       if return_datatype else [])
             done = next(r for r in results if not r.pending)
+            s.step, s.steps = done.step, (done.step,) * len(self.shards)
             return dataclasses.replace(done, params=tuple(params), nonfinite=())
         return self._merge_results(session_id, plan, results)
 
