@@ -526,7 +526,7 @@ class OptimizerService:
         out of memory, say), the round fails: nothing applied, its workers push again."""
         opt = session.opt
         missing = tuple(sorted(session.members - set(r.pushes)))
-        try:
+        with self._round_or_fail(session, r):
             r.acc /= r.arrived
             # the mean as the session's precision holds it: what the step will use
             r.acc[...] = r.acc.astype(opt.dtype)
@@ -542,13 +542,6 @@ class OptimizerService:
                 report = opt.step(active)
                 r.outcome = Outcome(r.step, r.id, contributors=r.arrived, missing=missing)
                 self._finish_round(session, r, report)
-        except Exception as exc:
-            self._fail_round(session, r, f"step {r.step} of session {session.id!r} failed "
-                             f"({type(exc).__name__}); nothing was applied: push again")
-            if isinstance(exc, MemoryError):
-                raise ResourceExhausted(f"session {session.id!r}: the device ran out of "
-                                        f"memory applying step {r.step}") from None
-            raise
         if r.arrived < session.config.workers.count:
             metrics.ROUNDS_SHORT.inc()
 
@@ -741,10 +734,18 @@ class OptimizerService:
 
     def _apply_staged(self, session: Session, r: Round,
                       run: Callable[[], StepReport | None]) -> None:
-        """Run a commit's work on staged round ``r``; a StepReport ends the round. If the
-        work fails, the round fails (nothing applied; its workers push again)."""
-        try:
+        """Run a commit's work on staged round ``r``; a StepReport ends the round."""
+        with self._round_or_fail(session, r):
             report = run()
+        if report is not None:
+            self._finish_round(session, r, report)
+
+    @contextmanager
+    def _round_or_fail(self, session: Session, r: Round) -> Iterator[None]:
+        """Work on round ``r`` (lock held) that, if it raises (the device ran out of
+        memory, say), fails the round: nothing applied, its workers push again."""
+        try:
+            yield
         except Exception as exc:
             self._fail_round(session, r, f"step {r.step} of session {session.id!r} failed "
                              f"({type(exc).__name__}); nothing was applied: push again")
@@ -752,8 +753,6 @@ class OptimizerService:
                 raise ResourceExhausted(f"session {session.id!r}: the device ran out of "
                                         f"memory applying step {r.step}") from None
             raise
-        if report is not None:
-            self._finish_round(session, r, report)
 
     def set_workers(self, session_id: str, count: int) -> SessionInfo:
         """Change the number of workers of a live session (workers joined or left).

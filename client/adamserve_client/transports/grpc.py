@@ -307,21 +307,23 @@ class GrpcTransport(Transport):
         requests = self._step_requests(session_id, gradients, return_datatype, require_all,
                                        sender, base_step)
 
-        def run() -> StepResult:
-            status = None
-            params = _codec.ChunkAssembler()
-            for resp in self._step(requests(), **self._kw()):
-                if resp.WhichOneof("kind") == "param":
-                    p = resp.param
-                    params.add(p.name, p.shape, p.datatype, p.offset, p.data)
-                else:
-                    status = resp.status
-            if status is None:
-                raise errors.ServerError(f"{self.url}: the Step stream ended without a status",
-                                         url=self.url)
-            return _step_result(status, params.tensors())
+        return self._call(lambda: self._step_responses(self._step(requests(), **self._kw()),
+                                                      "Step"), once=sender is None)
 
-        return self._call(run, once=sender is None)
+    def _step_responses(self, responses: Iterator[Any], method: str) -> StepResult:
+        """A StepResponse stream (status, then parameter chunks) as one StepResult."""
+        status = None
+        params = _codec.ChunkAssembler()
+        for resp in responses:
+            if resp.WhichOneof("kind") == "param":
+                p = resp.param
+                params.add(p.name, p.shape, p.datatype, p.offset, p.data)
+            else:
+                status = resp.status
+        if status is None:
+            raise errors.ServerError(f"{self.url}: the {method} stream ended without a status",
+                                     url=self.url)
+        return _step_result(status, params.tensors())
 
     def _try_step_unary(self, session_id: str, gradients: Sequence[WireTensor],
                         return_datatype: str, require_all: bool,
@@ -425,21 +427,9 @@ class GrpcTransport(Transport):
                                param_sumsq=list(param_sumsq), update_sumsq=list(update_sumsq),
                                round=round_id, return_datatype=return_datatype or "NONE")
 
-        def run() -> StepResult:
-            status = None
-            params = _codec.ChunkAssembler()
-            for resp in self._commit(req, **self._kw()):
-                if resp.WhichOneof("kind") == "param":
-                    p = resp.param
-                    params.add(p.name, p.shape, p.datatype, p.offset, p.data)
-                else:
-                    status = resp.status
-            if status is None:
-                raise errors.ServerError(f"{self.url}: the Commit stream ended without a "
-                                         "status", url=self.url)
-            return _step_result(status, params.tensors())
-
-        return self._call(run)  # a commit repeated is answered with the same outcome
+        # a commit repeated is answered with the same outcome: safe to retry
+        return self._call(lambda: self._step_responses(self._commit(req, **self._kw()),
+                                                      "Commit"))
 
     def set_workers(self, session_id: str, count: int) -> SessionInfo:
         req = pb.SetWorkersRequest(session_id=session_id, count=count)
