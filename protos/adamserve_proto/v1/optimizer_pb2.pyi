@@ -33,8 +33,11 @@ services need no token.
 
 Errors: INVALID_ARGUMENT (bad request; the message names the tensor or field
 and what was expected), NOT_FOUND (no such session), ALREADY_EXISTS (session
-id taken), FAILED_PRECONDITION (e.g. checkpoints disabled), RESOURCE_EXHAUSTED
-(state memory limit), UNAUTHENTICATED. A refused request changes nothing.
+id taken), FAILED_PRECONDITION (e.g. checkpoints disabled, a push too stale or
+for a step already applied), RESOURCE_EXHAUSTED (state memory limit), ABORTED
+(a synchronous round failed: nothing applied, push again), DEADLINE_EXCEEDED
+(a Pull that waited for a step ran out of time), UNAUTHENTICATED. A refused
+request changes nothing.
 """
 
 from collections import abc as _abc

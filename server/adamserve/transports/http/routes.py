@@ -64,7 +64,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Invalid argument: the message names the field or tensor and what was expected"),
         (401, "Missing or wrong bearer token"),
         (404, "No such session"),
-        (409, "Already exists / failed precondition"),
+        (408, "A pull that waited for a step ran out of time"),
+        (409, "Already exists / failed precondition / a synchronous round failed (aborted)"),
         (413, "Body, state or memory limit exceeded"),
     )
 }
