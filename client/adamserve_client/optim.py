@@ -209,8 +209,10 @@ class RemoteOptimizer(_Base):
 
     Keyword-only:
 
-    ``server``: URL (``grpc://host:port``, ``http://host:port``) or a
-    :class:`~adamserve_client.transports.Transport`; default ``$ADAMSERVE_URL``,
+    ``server``: URL (``grpc://host:port``, ``http://host:port``), a list of them (a
+    session sharded over those servers, in shard order) or a
+    :class:`~adamserve_client.transports.Transport`; default ``$ADAMSERVE_SHARDS``
+    (comma-separated URLs, as ``adamserve ray up`` prints), else ``$ADAMSERVE_URL``,
     else ``grpc://127.0.0.1:50051``.
     ``session``: a session name: attach to it (its parameters are pulled into
     ``params``: training resumes) when it exists, else create it. Without a name
@@ -275,6 +277,8 @@ class RemoteOptimizer(_Base):
             self._transport = server
             self._owns_transport = False
         else:
+            if server is None and os.environ.get("ADAMSERVE_SHARDS"):
+                server = [u for u in os.environ["ADAMSERVE_SHARDS"].split(",") if u.strip()]
             if server is not None and not isinstance(server, str) and len(server) == 1:
                 server = server[0]
             auth = token if token is not None else os.environ.get("ADAMSERVE_TOKEN")

@@ -231,3 +231,20 @@ def test_shards_at_different_steps_refuse_to_step_until_restored(
     finally:
         sharded.delete_session(sid)
         sharded.close()
+
+
+def test_adamserve_shards_names_the_shards_of_an_optimizer(
+        shard_servers: list[Any], sid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adamserve_client as ac
+
+    monkeypatch.setenv("ADAMSERVE_SHARDS", ",".join(s.urls["grpc"] for s in shard_servers))
+    w, b, c = np.zeros((4, 3), np.float32), np.zeros(5, np.float32), np.zeros(7, np.float32)
+    opt = ac.Adam([w, b, c], lr=0.1, session=sid)  # one tensor on each shard
+    try:
+        assert isinstance(opt.transport, ShardedTransport)
+        assert len(opt.transport.shards) == 3
+        opt.step([np.ones_like(w), -np.ones_like(b), np.ones_like(c)])
+        np.testing.assert_allclose(w, -0.1, rtol=1e-6)
+        np.testing.assert_allclose(b, 0.1, rtol=1e-6)
+    finally:
+        opt.close(delete=True)
