@@ -272,7 +272,10 @@ class RemoteOptimizer(_Base):
         # share the session (a synchronous round refuses a push for a step already
         # applied; an async session bounds the staleness)
         self._base_step = 0
-        self._coordinated = self._workers is not None
+        # a named worker numbers its pushes by the step they are for, so that a restarted
+        # worker goes on where the session is (a count from 1 would repeat old numbers,
+        # which the server would take for resent pushes and drop)
+        self._coordinated = self._workers is not None or worker_id is not None
         if isinstance(server, Transport):
             self._transport = server
             self._owns_transport = False
@@ -642,7 +645,7 @@ class RemoteOptimizer(_Base):
         if not wire:
             return loss
         self._sync_hyperparameters()
-        self._sequence += 1
+        self._sequence = self._base_step + 1 if self._coordinated else self._sequence + 1
         result = self._transport.step(self.session_id, wire, return_datatype=self._wire,
                                       sender=Sender(self._worker, self._sequence),
                                       base_step=self._base_step if self._coordinated else None)

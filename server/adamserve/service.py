@@ -375,7 +375,7 @@ class OptimizerService:
             with self._locked(session_id) as current:
                 if current is not session:
                     raise NotFound(f"session {session_id!r} was replaced during the request")
-                duplicate = self._seen(session, push_id)
+                duplicate = self._seen(session, push_id, base_step)
                 staleness = self._admit(session, push_id, base_step)
                 if duplicate:
                     report = StepReport(opt.step_count, False, None)
@@ -406,13 +406,20 @@ class OptimizerService:
             metrics.SKIPPED_STEPS.inc()
 
     @staticmethod
-    def _seen(session: Session, push_id: PushId | None) -> bool:
-        """Whether this push was applied before (raises if the log cannot take it)."""
+    def _seen(session: Session, push_id: PushId | None, base_step: int | None = None) -> bool:
+        """Whether this push was applied before (raises if the log cannot take it).
+
+        A push numbered by the step it is for (sequence = base_step + 1, as the client
+        numbers the pushes of a named worker, so that a restarted worker goes on where
+        the session is) may jump ahead of the worker's last one by the steps others made.
+        """
         if push_id is None:
             return False
         if session.pushes.seen(push_id.worker, push_id.sequence):
             metrics.DUPLICATE_PUSHES.inc()
             return True
+        if base_step is not None and push_id.sequence == base_step + 1:
+            return False
         try:
             session.pushes.check(push_id.worker, push_id.sequence)
         except ValueError as exc:

@@ -168,3 +168,72 @@ def test_workers_of_a_sharded_session_commit_each_step_once(
         for w in workers:
             w.transport.close()
         single.close()
+
+
+def test_a_restarted_worker_goes_on_where_the_session_is(url: str, sid: str) -> None:
+    """A named worker numbers its pushes by step: after a restart (a new optimizer with
+    the same worker_id, attaching to the session at step 2) its pushes are new ones, not
+    taken for resent old ones; its resent last push is still recognised."""
+    init = [np.ones(s, np.float32) for s in SHAPES]
+
+    def worker(name: str) -> ac.Adam:
+        return ac.Adam([p.copy() for p in init], lr=0.1, server=url, session=sid, workers=2,
+                       worker_id=name)
+
+    a, b = worker("a"), worker("b")
+    try:
+        for step in range(2):
+            g = _grads(step)
+            assert _threads(lambda g=g: a.step(g), lambda g=g: b.step(g)) == [None, None]
+        a.close(delete=False)
+        a = worker("a")  # restarted: attaches at step 2
+        assert a.describe().step == 2
+        assert _threads(lambda: a.step(_grads(7)), lambda: b.step(_grads(8))) == [None, None]
+        assert a.last_step is not None and a.last_step.contributors == 2
+        assert a.describe().step == 3
+        with connect(url) as t:  # a's push for step 3, resent: acknowledged only
+            again = t.step(sid, [WireTensor(f"param.{i}", s, "FP32", encode(g, "FP32"))
+                                 for i, (s, g) in enumerate(zip(SHAPES, _grads(7),
+                                                                strict=True))],
+                           sender=Sender("a", 3), base_step=2)
+            assert again.duplicate and again.step == 3
+    finally:
+        a.close(delete=False)
+        b.close(delete=True)
+
+
+def test_async_workers_never_apply_a_push_staler_than_the_bound(url: str, sid: str) -> None:
+    """Three async workers race: every applied push was at most one step stale, every
+    refused one says so and changed nothing, and the session counts exactly the applied
+    pushes."""
+    init = [np.zeros(s, np.float32) for s in SHAPES]
+    opts = [ac.Adam([p.copy() for p in init], lr=0.01, server=url, session=sid,
+                    workers=Workers(3, mode="async", max_staleness=1), worker_id=f"w{i}")
+            for i in range(3)]
+    applied: list[int] = []
+    refused = [0]
+    lock = threading.Lock()
+
+    def work(opt: ac.Adam, seed: int) -> None:
+        for k in range(8):
+            try:
+                opt.step(_grads(100 * seed + k))
+            except errors.FailedPrecondition as exc:
+                assert "steps stale" in str(exc)
+                with lock:
+                    refused[0] += 1
+                opt.pull()
+                continue
+            assert opt.last_step is not None
+            with lock:
+                applied.append(opt.last_step.staleness)
+
+    try:
+        assert _threads(*(lambda o=o, i=i: work(o, i) for i, o in enumerate(opts))) == \
+            [None] * 3
+        assert all(s <= 1 for s in applied) and len(applied) + refused[0] == 24
+        assert opts[0].describe().step == len(applied)
+    finally:
+        for o in opts[1:]:
+            o.close(delete=False)
+        opts[0].close(delete=True)
