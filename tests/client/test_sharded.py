@@ -248,3 +248,41 @@ def test_adamserve_shards_names_the_shards_of_an_optimizer(
         np.testing.assert_allclose(b, 0.1, rtol=1e-6)
     finally:
         opt.close(delete=True)
+
+
+def test_a_sharded_torch_optimizer_matches_torch_and_its_state_dict(
+        shard_servers: list[Any], sid: str) -> None:
+    import torch
+
+    import adamserve_client as ac
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    ref_net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                  torch.nn.Linear(16, 2))
+    ref_net.load_state_dict(net.state_dict())
+    shards = ShardedTransport([connect(s.urls["grpc"]) for s in shard_servers],
+                              split_elements=16)  # the 128-element weight is cut
+    opt = ac.AdamW(net.named_parameters(), lr=1e-2, server=shards, session=sid)
+    ref = torch.optim.AdamW(ref_net.parameters(), lr=1e-2)
+    try:
+        for _ in range(3):
+            x = torch.randn(4, 8)
+            for model, o in ((net, opt), (ref_net, ref)):
+                o.zero_grad()
+                model(x).pow(2).sum().backward()
+                o.step()
+        for mine, theirs in zip(net.parameters(), ref_net.parameters(), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+        sd, rsd = opt.state_dict(), ref.state_dict()
+        assert sorted(sd["state"]) == sorted(rsd["state"])
+        for k, entry in rsd["state"].items():
+            for slot in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(sd["state"][k][slot], entry[slot], rtol=1e-5,
+                                           atol=1e-7)
+        opt.load_state_dict(rsd)  # torch's own state_dict, split across the shards
+        torch.testing.assert_close(opt.state_dict()["state"][2]["exp_avg"],
+                                   rsd["state"][2]["exp_avg"])
+    finally:
+        opt.close(delete=True)
+        shards.close()
