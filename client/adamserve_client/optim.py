@@ -268,6 +268,7 @@ class RemoteOptimizer(_Base):
         self._worker = worker_id or uuid.uuid4().hex
         self._sequence = 0
         self._workers = Workers(count=workers) if isinstance(workers, int) else workers
+        self._count_only = isinstance(workers, int)  # workers=K says nothing of the rest
         # the step our parameters are from: sent with each push when several workers
         # share the session (a synchronous round refuses a push for a step already
         # applied; an async session bounds the staleness)
@@ -543,8 +544,23 @@ class RemoteOptimizer(_Base):
         self._base_step = info.step
         self._coordinated = (self._coordinated or info.workers.count > 1
                              or info.workers.mode == "async")
+        self._match_workers(info)
         if self._schedule is not None and self._schedule != info.schedule:
             self._transport.set_schedule(info.session_id, self._schedule)
+
+    def _match_workers(self, info: SessionInfo) -> None:
+        """Attaching with ``workers=``: a new count (the job restarted with another world
+        size) is set on the session; another mode or policy is an error."""
+        if self._workers is None:
+            return
+        theirs = info.workers
+        mine = dataclasses.replace(self._workers, exchange=theirs.exchange)
+        if not self._count_only and dataclasses.replace(mine, count=theirs.count) != theirs:
+            raise ValueError(f"session {info.session_id!r} runs workers {theirs}; this "
+                             f"optimizer asks for {self._workers} (only the count may change "
+                             "on a live session)")
+        if mine.count != theirs.count:
+            self._transport.set_workers(info.session_id, mine.count)
 
     def _grow_session(self, group: int) -> None:
         """Add group ``group`` and its parameters to the server session in one call:
@@ -643,6 +659,10 @@ class RemoteOptimizer(_Base):
                 loss = closure()
         wire, sent = self._gradients(grads)
         if not wire:
+            if self._coordinated and self._workers is not None and self._workers.count > 1:
+                raise ValueError("no parameter has a gradient, but every worker of a "
+                                 "synchronous session pushes every step (the others wait for "
+                                 "it)")
             return loss
         self._sync_hyperparameters()
         self._sequence = self._base_step + 1 if self._coordinated else self._sequence + 1
@@ -656,6 +676,11 @@ class RemoteOptimizer(_Base):
                 self._write(target, t)
         self._synchronize()
         self.last_step = dataclasses.replace(result, params=())
+        if result.duplicate:
+            warnings.warn(f"adamserve: step {self._sequence} of worker {self._worker!r} was "
+                          "applied before (an earlier answer was lost); this gradient was not "
+                          f"applied and the parameters are now those of step {result.step}",
+                          RuntimeWarning, stacklevel=3)
         if result.skipped:
             warnings.warn(f"adamserve skipped step {result.step + 1}: non-finite gradients in "
                           f"{', '.join(result.nonfinite)}", RuntimeWarning, stacklevel=3)
@@ -788,8 +813,9 @@ class RemoteOptimizer(_Base):
                 row[key] = arr
             state[i] = row
         hyper = [self._group_hyper(g) for g in saved_groups]
-        self._transport.import_state(self.session_id, {
+        info = self._transport.import_state(self.session_id, {
             "state": state, "param_groups": self._with_params(hyper)})
+        self._base_step = info.step  # the loaded state's step: the next push is for the next
         new_groups = []
         by_name = all("param_names" in g for g in (*saved_groups, *self.param_groups))
         for group, saved in zip(self.param_groups, saved_groups, strict=True):

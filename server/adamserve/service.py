@@ -10,8 +10,10 @@ expected; each transport maps them to its status codes.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from adamserve.errors import (
     ResourceExhausted,
 )
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
+from adamserve.sessions.pushlog import PushLog
 from adamserve.sessions.rounds import Outcome, Round, WorkersConfig
 from adamserve.sessions.session import (
     Session,
@@ -46,9 +49,13 @@ from adamserve.sessions.store import SessionStore
 
 log = logging.getLogger("adamserve.service")
 
-# The longest a pull waits for a step (a worker waits again if it must): a thread of the
-# server is not held forever by a client that asked for a step that never comes.
-MAX_PULL_WAIT = 600.0
+# The longest one request waits for a step (a pull, or a step waiting for its round; the
+# client asks again if it must): a server thread is not held forever by a client that
+# waits for a step that never comes, or that went away.
+MAX_WAIT = 600.0
+# Requests waiting at once, over all sessions: each holds a transport thread (there are
+# 1024); past this, waits are refused so that the pushes that end them still get one.
+MAX_WAITERS = 768
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ class _Assembler:
         self.scope = scope
         self.out = out
         self.received = np.zeros(len(self.layout), dtype=np.int64)
+        self.seen = np.zeros(len(self.layout), dtype=bool)  # a chunk came (maybe empty)
         self.sumsq = np.zeros(len(self.layout), dtype=np.float64)
         self.bytes = 0
 
@@ -239,6 +247,7 @@ class _Assembler:
         lo = int(self.layout.offsets[i]) + done
         self.sumsq[i] += decode_into(self.out[lo:lo + count], chunk.data, chunk.datatype)
         self.received[i] = done + count
+        self.seen[i] = True
         self.bytes += nbytes
         return i, lo, lo + count
 
@@ -246,7 +255,7 @@ class _Assembler:
         """Which tensors were sent; each must be complete (and all of them if required)."""
         numel = np.diff(self.layout.offsets)
         sent = self.received > 0
-        if not sent.any():
+        if not self.seen.any():
             raise InvalidArgument("the request carries no gradient tensors")
         incomplete = sent & (self.received != numel)
         missing = ~sent & (numel > 0) if require_all else np.zeros_like(sent)
@@ -269,6 +278,8 @@ class OptimizerService:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.ready = False
+        self._waiting = 0  # requests in _wait now
+        self._waiting_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -336,7 +347,8 @@ class OptimizerService:
 
     def step(self, session_id: str, grads: Iterable[TensorChunk], *,
              return_datatype: str | None = "FP32", require_all: bool = False,
-             push_id: PushId | None = None, base_step: int | None = None) -> StepResult:
+             push_id: PushId | None = None, base_step: int | None = None,
+             wait: float | None = None) -> StepResult:
         """Apply one update from ``grads``; tensors not sent are left as they are.
 
         ``return_datatype`` None returns no parameters (a push). ``push_id``: a push
@@ -346,7 +358,8 @@ class OptimizerService:
 
         With several workers (synchronous mode) the push joins the open round: a
         push returns at once (``pending``), a step waits for the round and returns
-        its outcome and the parameters of that step. A shard of an exchange session
+        its outcome and the parameters of that step (``wait``: for at most that many
+        seconds, and never more than ``MAX_WAIT``). A shard of an exchange session
         waits for the round to close and returns its sums of squares (``pending``);
         :meth:`commit` applies it.
         """
@@ -357,21 +370,25 @@ class OptimizerService:
             raise InvalidArgument(f"base_step {base_step}: expected an integer >= 0")
         t0 = time.perf_counter()
         session = self.store.get(session_id)
+        with self._locked(session_id) as current:  # refuse before reading the body
+            if current is not session:
+                raise NotFound(f"session {session_id!r} was replaced during the request")
+            if session.round is not None:  # a round past its straggler timeout ends now,
+                self._expire(session, session.round)  # not with this push in it
+            self._admit(session, push_id, base_step)
+            multi = self._in_rounds(session)
+        # One worker: its request is decoded into the session's gradient buffer, one at a
+        # time (intake). Rounds: each push into a buffer of its own, so a worker whose
+        # upload stalls holds up no other worker (nor the straggler timeout).
         waiting: Round | None = None
-        with session.intake:  # the gradient buffer is ours; the state is not locked yet
-            with self._locked(session_id) as current:  # refuse before reading the body
-                if current is not session:
-                    raise NotFound(f"session {session_id!r} was replaced during the request")
-                if session.round is not None:  # a round past its straggler timeout ends
-                    self._expire(session, session.round)  # now, not with this push in it
-                self._admit(session, push_id, base_step)
-                multi = self._in_rounds(session)
-            opt = session.opt
-            host = opt.grad if opt.backend.name == "cpu" else np.empty(opt.layout.size, opt.dtype)
+        opt = session.opt
+        with contextlib.nullcontext() if multi else session.intake:
+            own = multi or opt.backend.name != "cpu"
+            host = np.empty(opt.layout.size, opt.dtype) if own else opt.grad
             asm = _Assembler(opt.layout, host)
             for chunk in grads:
                 asm.add(chunk)
-            active = asm.finish(require_all or multi)
+            active = asm.finish(require_all)
             with self._locked(session_id) as current:
                 if current is not session:
                     raise NotFound(f"session {session_id!r} was replaced during the request")
@@ -383,7 +400,7 @@ class OptimizerService:
                     waiting = self._arrive(session, host, active, push_id)
                 else:
                     report = self._apply(session, host, active, asm.sumsq,
-                                         self._lr_scale(session, staleness))
+                                         self._lr_scale(session, staleness), intake=not multi)
                     if push_id is not None and not report.skipped:
                         session.pushes.record(push_id.worker, push_id.sequence)
                     if not report.skipped:
@@ -392,7 +409,7 @@ class OptimizerService:
                     params = (self._encode(session, None, return_datatype) if return_datatype
                               else [])
         if waiting is not None:
-            return self._round_result(session, waiting, return_datatype)
+            return self._round_result(session, waiting, return_datatype, wait)
         self._count(report.skipped, t0)
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
                           duplicate, staleness=staleness, contributors=0 if duplicate else 1)
@@ -479,12 +496,19 @@ class OptimizerService:
         return staleness
 
     def _apply(self, session: Session, host: npt.NDArray[Any], active: npt.NDArray[np.bool_],
-               sumsq: npt.NDArray[np.float64] | None, lr_scale: float = 1.0) -> StepReport:
-        """Step ``session`` (its lock held) from the decoded gradients in ``host``."""
+               sumsq: npt.NDArray[np.float64] | None, lr_scale: float = 1.0, *,
+               intake: bool = True) -> StepReport:
+        """Step ``session`` (its lock held) from the decoded gradients in ``host``;
+        without ``intake`` held the session's gradient buffer is not ours to write."""
         opt = session.opt
+        grad = None
         if host is not opt.grad:
-            opt.grad[...] = opt.backend.to_device(host)
-        report = opt.step(None if active.all() else active, grad_sumsq=sumsq, lr_scale=lr_scale)
+            if intake:
+                opt.grad[...] = opt.backend.to_device(host)
+            else:
+                grad = opt.backend.to_device(host)
+        report = opt.step(None if active.all() else active, grad_sumsq=sumsq, lr_scale=lr_scale,
+                          grad=grad)
         if not report.skipped:
             session.version += 1
             session.changed.notify_all()  # pulls waiting for this step
@@ -517,6 +541,8 @@ class OptimizerService:
             r.acc[...] = src
             r.active = active
         else:
+            if r.active is None or not np.array_equal(active, r.active):
+                raise InvalidArgument(self._active_mismatch(session, r, active))
             r.acc += src
         if push_id is not None:
             r.pushes[push_id.worker] = push_id.sequence
@@ -527,6 +553,16 @@ class OptimizerService:
             self._close(session, r)
         return r
 
+    @staticmethod
+    def _active_mismatch(session: Session, r: Round, active: npt.NDArray[np.bool_]) -> str:
+        names = [t.name for t in session.opt.layout.tensors]
+        mine = [n for n, a in zip(names, active, strict=True) if a]
+        theirs = [n for n, a in zip(names, r.active if r.active is not None else active,
+                                    strict=True) if a]
+        return (f"this push carries gradients for {len(mine)} tensors, the first push of step "
+                f"{r.step} for {len(theirs)}: the pushes of one step carry the same tensors "
+                f"(differing: {', '.join(sorted(set(mine) ^ set(theirs))[:8])})")
+
     def _close(self, session: Session, r: Round) -> None:
         """End round ``r`` with the mean of what arrived (intake and lock held): apply it,
         or stage it for the commit of an exchange session. If that fails (the device ran
@@ -535,18 +571,19 @@ class OptimizerService:
         missing = tuple(sorted(session.members - set(r.pushes)))
         with self._round_or_fail(session, r):
             r.acc /= r.arrived
-            # the mean as the session's precision holds it: what the step will use
-            r.acc[...] = r.acc.astype(opt.dtype)
+            if session.round_grad is None:
+                session.round_grad = opt.backend.zeros(opt.layout.size, opt.dtype)
+            session.round_grad[...] = r.acc  # the mean in the session's precision
             if session.config.workers.exchange:
                 blocks = make_blocks(opt.backend, opt.layout.offsets, r.active)
-                r.grad_sumsq = opt.backend.segment_sumsq(r.acc, blocks, len(opt.layout))
+                r.grad_sumsq = opt.backend.segment_sumsq(session.round_grad, blocks,
+                                                         len(opt.layout))
                 r.outcome = Outcome(r.step, r.id, contributors=r.arrived, missing=missing)
                 r.staged = True
                 session.changed.notify_all()
             else:
-                opt.grad[...] = r.acc
                 active = None if r.active is None or r.active.all() else r.active
-                report = opt.step(active)
+                report = opt.step(active, grad=session.round_grad)
                 r.outcome = Outcome(r.step, r.id, contributors=r.arrived, missing=missing)
                 self._finish_round(session, r, report)
         if r.arrived < session.config.workers.count:
@@ -603,10 +640,28 @@ class OptimizerService:
         """Block until ``done()`` (checked under the lock), enforcing straggler timeouts;
         DeadlineExceeded after ``timeout`` seconds."""
         end = None if timeout is None else time.monotonic() + timeout
+        with self._waiting_lock:
+            if self._waiting >= MAX_WAITERS:
+                raise ResourceExhausted(
+                    f"{self._waiting} requests are waiting for steps already; try again when "
+                    "some have ended")
+            self._waiting += 1
+        try:
+            self._wait_until(session, done, end, timeout, what)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+
+    def _wait_until(self, session: Session, done: Callable[[], bool], end: float | None,
+                    timeout: float | None, what: str) -> None:
         while True:
             with session.changed:
                 while not done():
                     if session.deleted:
+                        if session.restored_to is not None:
+                            raise Aborted(f"session {session.id!r} was restored to its "
+                                          f"checkpoint of step {session.restored_to}: pull the "
+                                          "parameters and push again")
                         raise NotFound(f"session {session.id!r} was deleted")
                     r = session.round
                     dl = r.deadline(session.config.workers) if r is not None else None
@@ -619,12 +674,12 @@ class OptimizerService:
                     session.changed.wait(limit - now)
                 else:
                     return
-            with session.intake, session.lock:  # the round has run out of time
+            with session.lock:  # the round has run out of time
                 if session.round is not None:
                     self._expire(session, session.round)
 
-    def _round_result(self, session: Session, r: Round,
-                      return_datatype: str | None) -> StepResult:
+    def _round_result(self, session: Session, r: Round, return_datatype: str | None,
+                      wait: float | None = None) -> StepResult:
         """What a push into round ``r`` answers: at once for a plain push; otherwise once
         the round is applied (or staged, for an exchange session)."""
         exchange = session.config.workers.exchange
@@ -634,7 +689,9 @@ class OptimizerService:
                     return StepResult(session.opt.step_count, False, None, (), pending=True)
         self._wait(session, lambda: r.outcome is not None and (
             r.staged or r.outcome.error is not None or session.round is not r),
-            None, f"step {r.step}")
+            MAX_WAIT if wait is None else min(wait, MAX_WAIT),
+            f"step {r.step} (its round has {r.arrived} of {session.config.workers.count} "
+            "pushes; this one stays in it: send it again to wait again)")
         with self._locked(session.id) as current:
             if current is not session:
                 raise NotFound(f"session {session.id!r} was replaced during the request")
@@ -688,7 +745,7 @@ class OptimizerService:
         if not (total_sumsq >= 0 or math.isnan(total_sumsq)):
             raise InvalidArgument(f"total_sumsq {total_sumsq}: a sum of squares is >= 0")
         session = self.store.get(session_id)
-        with session.intake, self._locked(session_id) as current:
+        with self._locked(session_id) as current:
             if current is not session:
                 raise NotFound(f"session {session_id!r} was replaced during the request")
             opt = session.opt
@@ -727,10 +784,10 @@ class OptimizerService:
             active = None if r.active is None or r.active.all() else r.active
 
             def first() -> StepReport | None:
-                opt.grad[...] = r.acc
+                grad = session.round_grad
                 if not lamb:
-                    return opt.step(active, sums, total_sumsq=float(total_sumsq))
-                staged = opt.begin_lamb(active, sums, total_sumsq=float(total_sumsq))
+                    return opt.step(active, sums, total_sumsq=float(total_sumsq), grad=grad)
+                staged = opt.begin_lamb(active, sums, total_sumsq=float(total_sumsq), grad=grad)
                 if isinstance(staged, StepReport):
                     return staged
                 r.lamb = staged
@@ -766,9 +823,15 @@ class OptimizerService:
 
         A round that already has ``count`` pushes closes at once."""
         session = self.store.get(session_id)
-        with session.intake, self._locked(session_id) as current:
+        with self._locked(session_id) as current:
             if current is not session:
                 raise NotFound(f"session {session_id!r} was replaced during the request")
+            r = session.round
+            if session.config.workers.exchange and r is not None and r.pushes:
+                # each shard would close its round with whichever pushes it holds
+                raise FailedPrecondition(
+                    f"session {session_id!r} is a shard with a round of {r.arrived} pushes "
+                    f"open for step {r.step}: change the number of workers between steps")
             workers = replace(session.config.workers, count=count)
             try:
                 workers.check()
@@ -853,7 +916,7 @@ class OptimizerService:
         """Parameter values; with ``min_step``, once the session has reached that step
         (waiting up to ``timeout`` seconds; Aborted if that step's round failed)."""
         _check_datatype(datatype, "datatype")
-        timeout = MAX_PULL_WAIT if timeout is None else min(timeout, MAX_PULL_WAIT)
+        timeout = MAX_WAIT if timeout is None else min(timeout, MAX_WAIT)
         if min_step < 0:
             raise InvalidArgument(f"min_step {min_step}: expected an integer >= 0")
         if timeout is not None and not timeout >= 0:
@@ -943,7 +1006,7 @@ class OptimizerService:
                         "bytes") from None
                 session.config = replace(session.config, tensors=opt.layout.tensors,
                                          groups=tuple(dict(g) for g in opt.groups))
-                session.acc = None  # the rounds' accumulator has the old size
+                session.acc = session.round_grad = None  # the rounds' buffers: old size
                 session.version += 1
                 info = _info(session)
         self._gauge()
@@ -991,7 +1054,10 @@ class OptimizerService:
             except (ValueError, TypeError, KeyError, IndexError, AttributeError,
                     OverflowError) as exc:
                 raise InvalidArgument(f"state_dict: {exc}") from None
+            # a new timeline: pushes numbered by the steps of the old one are not its
+            session.pushes = PushLog()
             session.version += 1
+            session.changed.notify_all()
             return _info(session)
 
     # -- checkpoints ---------------------------------------------------------
@@ -1025,6 +1091,7 @@ class OptimizerService:
             new.checkpointed_at = time.monotonic()
             self.store.replace(old, new)
             old.deleted = True  # waiters on the old object stop
+            old.restored_to = step
             old.changed.notify_all()
             log.info("session %s restored to its checkpoint of step %d", session_id, step)
         self._gauge()

@@ -9,6 +9,7 @@ only difference allowed is the order of a few float64 additions. Real servers on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from adamserve_client import errors
 from adamserve_client.tensors import decode, encode
 from adamserve_client.transports import SessionSpec, TensorSpec, WireTensor, connect
+from adamserve_client.transports.base import Workers
 from adamserve_client.transports.sharded import ShardedTransport, plan_shards
 
 SHAPES = [(7, 5), (33,), (2, 3, 4), (1,), (40,)]
@@ -170,8 +172,8 @@ def test_shards_listed_out_of_order_are_refused(shard_servers: list[Any], sid: s
         right.create_session(SessionSpec(sid, "adam", SPECS, ({}, {})))
         with pytest.raises(errors.FailedPrecondition, match="shard order"):
             wrong.describe(sid)
-        # every tensor must have a gradient: each shard takes every step
-        with pytest.raises(ValueError, match="no gradient for t1"):
+        # each shard takes every step: each needs a gradient for one of its tensors
+        with pytest.raises(ValueError, match=r"no gradient for any tensor of shard\(s\) 1, 2"):
             right.step(sid, _wire(_grads(0, False))[:1])
     finally:
         right.delete_session(sid)
@@ -286,3 +288,29 @@ def test_a_sharded_torch_optimizer_matches_torch_and_its_state_dict(
     finally:
         opt.close(delete=True)
         shards.close()
+
+
+def test_sharded_edge_cases(shard_servers: list[Any], sid: str) -> None:
+    urls = [s.urls["grpc"] for s in shard_servers[:2]]
+    sharded = ShardedTransport([connect(u) for u in urls], split_elements=8)
+    try:
+        # a shard whose only tensor is empty still takes every step
+        specs = (TensorSpec("w", (4,)), TensorSpec("empty", (0,)))
+        sharded.create_session(SessionSpec(sid, "adam", specs))
+        grads = [WireTensor("w", (4,), "FP32", encode(np.ones(4, np.float32), "FP32")),
+                 WireTensor("empty", (0,), "FP32", b"")]
+        assert sharded.step(sid, grads).step == 1
+        # a state_dict without state for some tensors: every shard takes its step
+        state = sharded.export_state(sid)
+        sharded.import_state(sid, {"state": {}, "param_groups": state["param_groups"]})
+        assert {i.step for i in sharded._each(lambda i, t: t.describe(sid))} == {0}
+        sharded.import_state(sid, state)
+        assert {i.step for i in sharded._each(lambda i, t: t.describe(sid))} == {1}
+        sharded.delete_session(sid)
+        for workers in (Workers(2, mode="async"), Workers(2, straggler_timeout=5.0)):
+            with pytest.raises(ValueError, match="synchronous rounds without a straggler"):
+                sharded.create_session(SessionSpec(sid, "adam", specs, workers=workers))
+    finally:
+        with contextlib.suppress(errors.NotFound):
+            sharded.delete_session(sid)
+        sharded.close()

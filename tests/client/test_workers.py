@@ -5,6 +5,7 @@ round and staleness errors arrive as the client's exceptions."""
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -237,3 +238,41 @@ def test_async_workers_never_apply_a_push_staler_than_the_bound(url: str, sid: s
         for o in opts[1:]:
             o.close(delete=False)
         opts[0].close(delete=True)
+
+
+def test_attaching_with_another_worker_count_changes_it_and_another_mode_is_refused(
+        url: str, sid: str) -> None:
+    init = [np.ones(s, np.float32) for s in SHAPES]
+    first = ac.Adam([p.copy() for p in init], lr=0.1, server=url, session=sid, workers=4)
+    try:
+        again = ac.Adam([p.copy() for p in init], lr=0.1, server=url, session=sid, workers=2)
+        assert again.describe().workers.count == 2  # the job came back with 2 workers
+        again.close(delete=False)
+        with pytest.raises(ValueError, match="only the count may change"):
+            ac.Adam([p.copy() for p in init], lr=0.1, server=url, session=sid,
+                    workers=Workers(2, mode="async"))
+    finally:
+        first.close(delete=True)
+
+
+def test_a_named_worker_goes_on_after_loading_an_older_state_dict(url: str, sid: str) -> None:
+    """Loading a state_dict moves the session to its step; the named worker's next pushes
+    are new ones there, not taken for the ones it sent before."""
+    w = np.ones(SHAPES[0], np.float32)
+    opt = ac.Adam([w], lr=0.1, server=url, session=sid, worker_id="rank0")
+    try:
+        for k in range(3):
+            opt.step([_grads(k)[0]])
+        saved = opt.state_dict()
+        for k in range(3, 6):
+            opt.step([_grads(k)[0]])
+        assert opt.describe().step == 6
+        opt.load_state_dict(saved)
+        assert opt.describe().step == 3
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "applied before" warning: all new
+            for k in range(3, 6):
+                opt.step([_grads(k)[0]])
+        assert opt.describe().step == 6
+    finally:
+        opt.close(delete=True)

@@ -116,7 +116,8 @@ def test_one_push_per_worker_per_step_and_resent_pushes_count_once(tmp_path: Pat
     assert again.pending and svc.store.get("s").round.arrived == 1  # type: ignore[union-attr]
     with pytest.raises(FailedPrecondition, match="worker 'a' already pushed for step 1"):
         svc.step("s", _chunks(_arrays(5)), return_datatype=None, push_id=PushId("a", 2))
-    with pytest.raises(InvalidArgument, match="missing tensors: b"):  # rounds need all
+    with pytest.raises(InvalidArgument, match=r"for 1 tensors, the first push of step 1 for "
+                                              r"2: .* \(differing: b\)"):
         svc.step("s", _chunks(_arrays(1))[:1], return_datatype=None, push_id=PushId("b", 1))
     svc.step("s", _chunks(_arrays(1)), return_datatype=None, push_id=PushId("b", 1))
     assert svc.describe("s").step == 1
@@ -329,3 +330,59 @@ def test_what_cannot_change_while_a_round_is_open_or_staged(tmp_path: Path) -> N
             change()
     with pytest.raises(InvalidArgument, match="straggler_timeout cannot be combined"):
         svc.create("y", _config(count=2, exchange=True, straggler_timeout=1.0))
+
+
+def test_a_stalled_upload_holds_up_no_other_worker(tmp_path: Path) -> None:
+    """Worker a's upload stalls midway; worker b's push still joins the round, and the
+    straggler timeout still fails it; a's push, once it resumes, starts the next try."""
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2, straggler_timeout=0.3))
+    resume = threading.Event()
+    chunks = _chunks(_arrays(0))
+
+    def stalled() -> Any:
+        yield chunks[0]
+        resume.wait(10)
+        yield chunks[1]
+
+    slow = threading.Thread(target=lambda: svc.step("s", stalled(), return_datatype=None,
+                                                    push_id=PushId("a", 1)))
+    slow.start()
+    t0 = time.monotonic()
+    with pytest.raises(Aborted, match="1 of 2 workers pushed"):
+        svc.step("s", _chunks(_arrays(1)), push_id=PushId("b", 1))
+    assert time.monotonic() - t0 < 3
+    resume.set()
+    slow.join(10)
+    assert svc.store.get("s").round is not None  # a's push opened the next try
+    done = svc.step("s", _chunks(_arrays(1)), push_id=PushId("b", 1))
+    assert done.step == 1 and done.contributors == 2
+
+
+def test_rounds_of_frozen_tensors_and_waits_that_end(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    only_w = _chunks(_arrays(0))[:1]  # b is frozen on every worker
+    svc.step("s", only_w, return_datatype=None, push_id=PushId("a", 1))
+    done = svc.step("s", only_w, push_id=PushId("b", 1))
+    assert done.step == 1
+    assert list(svc.store.get("s").opt.seg_step) == [1, 0]
+    with pytest.raises(DeadlineExceeded, match=r"waiting for step 2 .* 1 of 2 pushes"):
+        svc.step("s", only_w, push_id=PushId("a", 2), base_step=1, wait=0.1)
+    assert svc._waiting == 0
+    svc.checkpoint("s")
+    waiter = _in_threads(lambda: svc.step("s", only_w, push_id=PushId("a", 2), base_step=1),
+                         lambda: (time.sleep(0.1), svc.restore_checkpoint("s", 1))[1])
+    assert isinstance(waiter[0], Aborted) and "restored to its checkpoint of step 1" in str(
+        waiter[0])
+
+
+def test_a_shard_changes_its_worker_count_only_between_steps(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("x", _config(count=2, exchange=True))
+    out = _in_threads(lambda: svc.step("x", _chunks(_arrays(0)), push_id=PushId("a", 1),
+                                       wait=1.0),
+                      lambda: (time.sleep(0.1), svc.set_workers("x", 1))[1])
+    assert isinstance(out[0], DeadlineExceeded)  # its round never closed
+    assert isinstance(out[1], FailedPrecondition) and "between steps" in str(out[1])
+    assert svc.describe("x").workers.count == 2

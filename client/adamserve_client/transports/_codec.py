@@ -314,8 +314,10 @@ def encode_state(sd: Mapping[str, Any]) -> bytes:
             arrays.append(arr)
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
               for g in sd["param_groups"]]
-    header["__metadata__"] = {"adamserve": STATE_TAG,
-                              "json": json.dumps({"param_groups": groups, "scalars": scalars})}
+    body: dict[str, Any] = {"param_groups": groups, "scalars": scalars}
+    if "step_count" in sd:  # one shard's part of a sharded state: the model's step
+        body["step_count"] = int(sd["step_count"])
+    header["__metadata__"] = {"adamserve": STATE_TAG, "json": json.dumps(body)}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return b"".join([len(text).to_bytes(8, "little"), text,

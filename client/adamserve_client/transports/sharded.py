@@ -259,19 +259,12 @@ class ShardedTransport(Transport):
             checkpointed_step=min(i.checkpointed_step for i in infos),
             workers=dataclasses.replace(first.workers, exchange=False), labels=labels)
 
-    def _split(self, plan: ShardPlan, values: Sequence[WireTensor],
-               need_all: bool) -> list[list[WireTensor]]:
+    def _split(self, plan: ShardPlan, values: Sequence[WireTensor]) -> list[list[WireTensor]]:
         """Per shard, the pieces of ``values`` (whole model tensors) it holds."""
         by_name = {w.name: w for w in values}
         unknown = sorted(set(by_name) - {t.name for t in plan.tensors})
         if unknown:
             raise ValueError(f"tensors not in the sharded session: {', '.join(unknown)}")
-        if need_all:
-            absent = [t.name for t in plan.tensors if t.name not in by_name]
-            if absent:
-                raise ValueError(
-                    "a sharded session steps every tensor at once (each shard must take "
-                    f"every step): no gradient for {', '.join(absent[:8])}")
         out: list[list[WireTensor]] = []
         for shard in plan.shards:
             pieces = []
@@ -341,10 +334,17 @@ class ShardedTransport(Transport):
 
     def create_session(self, spec: SessionSpec,
                        initial: Sequence[WireTensor] = ()) -> SessionInfo:
+        if len(self.shards) > 1 and (spec.workers.mode == "async"
+                                     or spec.workers.straggler_timeout > 0):
+            # each shard would decide on its own (what is too stale, when time is up)
+            # and the shards could apply different steps
+            raise ValueError("a session over several shards runs synchronous rounds without a "
+                             "straggler timeout: mode 'async' and straggler_timeout need one "
+                             "server")
         plan = plan_shards(spec.tensors, len(self.shards), self.split_elements)
         exchange = _needs_exchange(spec.algorithm, spec.max_grad_norm, spec.skip_nonfinite)
         workers = dataclasses.replace(spec.workers, exchange=exchange)
-        values = self._split(plan, initial, need_all=False)
+        values = self._split(plan, initial)
         n = len(self.shards)
 
         def create(i: int, t: Transport) -> SessionInfo:
@@ -406,6 +406,9 @@ class ShardedTransport(Transport):
               base_step: int | None) -> StepResult:
         s = self._session(session_id)
         plan = s.plan
+        if len(set(s.steps)) > 1:  # as last described: a commit may have landed since
+            self.describe(session_id)
+            s = self._sessions[session_id]
         if len(set(s.steps)) > 1:
             raise errors.FailedPrecondition(
                 f"the shards of session {session_id!r} are at different steps "
@@ -414,7 +417,13 @@ class ShardedTransport(Transport):
                 "them back to the newest step they all hold")
         if base_step is None:
             base_step = s.step  # a shard at another step refuses the push: nothing applied
-        grads = self._split(plan, gradients, need_all=True)
+        grads = self._split(plan, gradients)
+        idle = [i for i, g in enumerate(grads) if not g]
+        if idle:
+            raise ValueError(
+                f"no gradient for any tensor of shard(s) {', '.join(map(str, idle))}: every "
+                "shard takes every step (frozen or unused parameters: give the optimizer "
+                "only those that train, [p for p in model.parameters() if p.requires_grad])")
         if not s.exchange:
             if return_datatype is None:
                 results = self._each(lambda i, t: t.push(
@@ -572,6 +581,8 @@ class ShardedTransport(Transport):
                 else:
                     parent_of[idx] = int(idx)
         entries = {parent_of[idx]: e for idx, e in state["state"].items() if idx in parent_of}
+        # every shard takes the model's step, also one whose pieces have no state yet
+        step_count = int(max((float(e.get("step", 0)) for e in entries.values()), default=0))
 
         def shard_state(i: int) -> dict[str, Any]:
             shard = plan.shards[i]
@@ -588,7 +599,7 @@ class ShardedTransport(Transport):
                 hyper = {k: v for k, v in g.items() if k not in ("params", "param_names")}
                 groups.append({**hyper, "params": mine,
                                "param_names": [shard[k].spec.name for k in mine]})
-            return {"state": sd_state, "param_groups": groups}
+            return {"state": sd_state, "param_groups": groups, "step_count": step_count}
 
         return self._merge_info(session_id, self._each(
             lambda i, t: t.import_state(session_id, shard_state(i))))

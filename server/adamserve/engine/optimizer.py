@@ -279,7 +279,8 @@ class FlatOptimizer:
             values["beta1"] = np.array([s.beta1(t, float(x)) for x in values["beta1"]])
 
     def step(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None, *,
-             lr_scale: float = 1.0, total_sumsq: float | None = None) -> StepReport:
+             lr_scale: float = 1.0, total_sumsq: float | None = None,
+             grad: Array | None = None) -> StepReport:
         """Apply one update from ``self.grad`` to the tensors marked ``active`` (default all).
 
         A step whose active gradients hold NaN or Inf (with ``skip_nonfinite``) changes
@@ -288,37 +289,39 @@ class FlatOptimizer:
         gradient buffer) saves the reduction pass. ``lr_scale`` multiplies every
         group's (scheduled) lr for this step. ``total_sumsq``: the squared norm of the
         whole gradient when this optimizer holds only part of it (a shard); then
-        ``grad_sumsq`` holds each segment's whole-tensor sum of squares.
+        ``grad_sumsq`` holds each segment's whole-tensor sum of squares. ``grad``: the
+        gradient, when it is not in ``self.grad`` (LAMB writes its update over it).
         """
-        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq)
+        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq, grad)
         if isinstance(prepared, StepReport):
             return prepared
         if self.algorithm is Algorithm.LAMB:
             lamb = LambStep(self, prepared, in_place=True)
             return lamb.finish(lamb.param_sumsq, lamb.update_sumsq)
         if len(prepared.idx):
-            self.backend.run(self.algorithm.value, self.slots, self.param, self.grad,
+            self.backend.run(self.algorithm.value, self.slots, self.param, prepared.grad,
                              prepared.blocks, prepared.coef)
         self._advance(prepared.h, prepared.idx)
         return StepReport(self.step_count, False, prepared.grad_norm)
 
     def begin_lamb(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None, *,
-                   lr_scale: float = 1.0, total_sumsq: float | None = None
-                   ) -> LambStep | StepReport:
+                   lr_scale: float = 1.0, total_sumsq: float | None = None,
+                   grad: Array | None = None) -> LambStep | StepReport:
         """LAMB's step up to the trust ratio, for a shard whose tensors are parts of
         larger ones: the new moments go to scratch buffers and the state is untouched
         until :meth:`LambStep.finish` gets the whole tensors' norms. A skipped step
         returns its report."""
         if self.algorithm is not Algorithm.LAMB:
             raise ValueError(f"begin_lamb: the optimizer runs {self.algorithm.value}, not lamb")
-        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq)
+        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq, grad)
         if isinstance(prepared, StepReport):
             return prepared
         return LambStep(self, prepared, in_place=False)
 
     def _prepare(self, active: BoolArray | None, grad_sumsq: F64 | None, lr_scale: float,
-                 total_sumsq: float | None) -> _Prepared | StepReport:
+                 total_sumsq: float | None, grad: Array | None) -> _Prepared | StepReport:
         """The non-finite check, clipping and this step's coefficients."""
+        g = self.grad if grad is None else grad
         nseg = len(self.layout)
         if active is None:
             active_mask = np.ones(nseg, dtype=bool)
@@ -332,7 +335,7 @@ class FlatOptimizer:
         grad_norm: float | None = None
         if need_norms and len(idx):
             if grad_sumsq is None:
-                grad_sumsq = self.backend.segment_sumsq(self.grad, blocks, nseg)
+                grad_sumsq = self.backend.segment_sumsq(g, blocks, nseg)
             sumsq = grad_sumsq[idx]
             bad = ~np.isfinite(sumsq)
             if self.skip_nonfinite and (bad.any() or (
@@ -344,7 +347,7 @@ class FlatOptimizer:
         h, coef64 = self._coefficients(None if active is None else active_mask, idx, gscale,
                                        lr_scale)
         coef = self.backend.to_device(coef64.astype(self.dtype))
-        return _Prepared(blocks, idx, h, coef64, coef, grad_norm)
+        return _Prepared(blocks, idx, h, coef64, coef, grad_norm, g)
 
     def _coefficients(self, active: BoolArray | None, idx: I64, gscale: F64,
                       lr_scale: float = 1.0) -> tuple[alg.SegmentHyper, F64]:
@@ -397,6 +400,7 @@ class _Prepared:
     coef64: F64
     coef: Array
     grad_norm: float | None
+    grad: Array  # the gradient the step reads
 
 
 class LambStep:
@@ -415,10 +419,10 @@ class LambStep:
         self.prepared = prepared
         nseg = len(opt.layout)
         if in_place:
-            self.slots, self.update = opt.slots, opt.grad
+            self.slots, self.update = opt.slots, prepared.grad
         else:
             self.slots = {k: v.copy() for k, v in opt.slots.items()}
-            self.update = opt.grad.copy()
+            self.update = prepared.grad.copy()
         blocks = prepared.blocks
         psq_b, rsq_b = opt.backend.lamb_moments(self.slots, opt.param, self.update, blocks,
                                                 prepared.coef)

@@ -108,6 +108,11 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
     if not isinstance(sd, Mapping) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("state_dict: expected a mapping with 'state' and 'param_groups'")
     groups = sd["param_groups"]
+    step_count = sd.get("step_count")  # optional: the session's step when no state says it
+    if step_count is not None and (isinstance(step_count, bool) or not isinstance(
+            step_count, int | float) or not 0 <= float(step_count) < MAX_STEP
+            or float(step_count) != int(step_count)):
+        raise ValueError(f"step_count {step_count!r}: expected a whole number in [0, 2**62)")
     if len(groups) != len(opt.groups):
         raise ValueError(f"state_dict has {len(groups)} param_groups; the session has "
                          f"{len(opt.groups)}")
@@ -173,3 +178,5 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
     for name, buf in host.items():
         opt.slots[name][...] = opt.backend.to_device(buf)
     opt.step_count = int(opt.seg_step.max()) if len(opt.seg_step) else 0
+    if step_count is not None:
+        opt.step_count = max(opt.step_count, int(step_count))

@@ -160,13 +160,15 @@ class Session:
     version: int = 0  # bumped by every change of state: steps, imports, hyperparameters
     checkpointed_version: int = 0
     deleted: bool = False  # set under the lock; a waiter that finds it set gets NotFound
+    restored_to: int | None = None  # replaced by its checkpoint of this step (deleted too)
     pushes: PushLog = field(default_factory=PushLog)  # exactly-once record, checkpointed
     # many workers (see adamserve.sessions.rounds); not checkpointed: a round lost to a
     # restart is pushed again
     round: Round | None = None
     last: Outcome | None = None  # how the latest round ended
     members: frozenset[str] = frozenset()  # the workers of the latest applied round
-    acc: Any = None  # the rounds' gradient accumulator, allocated on first use
+    acc: Any = None  # the rounds' gradient sum (float64), allocated on first use
+    round_grad: Any = None  # a closed round's mean gradient, in the session's precision
     anonymous: int = 0  # numbers pushes that carry no worker id
     # round ids start at random: ids from before a restart are not reused
     rounds: int = field(default_factory=lambda: secrets.randbits(40))

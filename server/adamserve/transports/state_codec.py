@@ -31,7 +31,10 @@ def encode_state(sd: Mapping[str, Any]) -> bytes:
                 scalars.setdefault(str(int(idx)), {})[key] = float(value)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
               for g in sd["param_groups"]]
-    meta = json.dumps({"param_groups": groups, "scalars": scalars})
+    body: dict[str, Any] = {"param_groups": groups, "scalars": scalars}
+    if "step_count" in sd:
+        body["step_count"] = sd["step_count"]
+    meta = json.dumps(body)
     return bytes(st_save(tensors, metadata={"adamserve": TAG, "json": meta}))
 
 
@@ -72,4 +75,7 @@ def decode_state(blob: bytes) -> dict[str, Any]:
     for g in groups:
         if isinstance(g, dict) and isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+    out: dict[str, Any] = {"state": state, "param_groups": groups}
+    if "step_count" in body:  # the session's step, when no tensor's state says it
+        out["step_count"] = body["step_count"]
+    return out

@@ -226,6 +226,12 @@ def _first(requests: Iterator[Any], field: str, what: str) -> Any:
     return getattr(msg, field)
 
 
+def _remaining(context: Any) -> float | None:
+    """Seconds left before the call's deadline (None: none); past it already: 0."""
+    left = context.time_remaining()
+    return None if left is None or not math.isfinite(left) else max(0.0, float(left))
+
+
 def _base_step(header: Any) -> int | None:
     return int(header.base_step) if header.HasField("base_step") else None
 
@@ -470,7 +476,8 @@ class OptimizerServicer:
             return None
         return PushId(header.worker_id, int(header.sequence))
 
-    def _step(self, requests: Iterator[Any], method: str, push: bool) -> StepResult:
+    def _step(self, requests: Iterator[Any], method: str, push: bool,
+              context: Any) -> StepResult:
         header = _first(requests, "header", method)
         session_id = _session_id(header.session_id, "header.session_id")
         rtype = None if push else _datatype(header.return_datatype or "FP32",
@@ -478,7 +485,8 @@ class OptimizerServicer:
         grads = _chunks(requests, "chunk", method)
         return self.service.step(session_id, grads, return_datatype=rtype,
                                  require_all=header.require_all,
-                                 push_id=self._push_id(header), base_step=_base_step(header))
+                                 push_id=self._push_id(header), base_step=_base_step(header),
+                                 wait=_remaining(context))
 
     def Step(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
         header = _first(requests, "header", "Step")
@@ -494,7 +502,7 @@ class OptimizerServicer:
                     yield from chunk_messages(item, wrap_field=_STEP_PARAM_FIELD)
             return
         result = self._step(itertools.chain([pb.StepRequest(header=header)], requests),
-                            "Step", push=False)
+                            "Step", push=False, context=context)
         yield pb.StepResponse(status=_step_status(result))
         for chunk in result.params:
             yield from chunk_messages(chunk, wrap_field=_STEP_PARAM_FIELD)
@@ -513,21 +521,20 @@ class OptimizerServicer:
                 f"{MAX_SEND_BYTES}-byte message; use the Step stream")
         result = self.service.step(session_id, (_chunk(c) for c in request.gradients),
                                    return_datatype=rtype, require_all=header.require_all,
-                                   push_id=self._push_id(header), base_step=_base_step(header))
+                                   push_id=self._push_id(header), base_step=_base_step(header),
+                                   wait=_remaining(context))
         return pb.StepUnaryResponse(
             status=_step_status(result),
             params=[pb.TensorChunk(name=c.name, shape=list(c.shape), datatype=c.datatype,
                                    data=bytes(c.data)) for c in result.params])
 
     def Push(self, requests: Iterator[Any], context: Any) -> Any:
-        return _step_status(self._step(requests, "Push", push=True))
+        return _step_status(self._step(requests, "Push", push=True, context=context))
 
     def Pull(self, request: Any, context: Any) -> Iterator[Any]:
         datatype = _datatype(request.datatype or "FP32", "datatype")
         # cast: OptimizerService.list shadows the builtin in its class body's annotations.
-        timeout = request.timeout or context.time_remaining()
-        if timeout is not None:  # past the deadline already: a wait of 0, not an error
-            timeout = max(0.0, timeout) if math.isfinite(timeout) else None
+        timeout = request.timeout or _remaining(context)
         chunks = cast(Iterable[TensorChunk], self.service.pull(
             _session_id(request.session_id), list(request.names) or None, datatype,
             min_step=request.min_step, timeout=timeout))
