@@ -16,6 +16,7 @@ from adamserve_client import errors
 from adamserve_client.tensors import encode
 from adamserve_client.transports import SessionSpec, TensorSpec, WireTensor, connect
 from adamserve_client.transports.base import Sender, Workers
+from tests.concurrency import in_threads
 
 SHAPES = [(5, 4), (4,)]
 
@@ -23,23 +24,6 @@ SHAPES = [(5, 4), (4,)]
 def _grads(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
-
-
-def _threads(*calls: Any) -> list[Any]:
-    out: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            out[i] = calls[i]()
-        except Exception as exc:
-            out[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return out
 
 
 def test_two_optimizers_step_as_one_on_the_mean_gradient(url: str, sid: str) -> None:
@@ -50,7 +34,7 @@ def test_two_optimizers_step_as_one_on_the_mean_gradient(url: str, sid: str) -> 
     try:
         for step in range(3):
             grads = [_grads(10 * step + i) for i in range(2)]
-            out = _threads(*(lambda i=i, g=grads: workers[i].step(g[i]) for i in range(2)))
+            out = in_threads(*(lambda i=i, g=grads: workers[i].step(g[i]) for i in range(2)))
             assert out == [None, None], out
             single.step([(a + b) / np.float32(2) for a, b in zip(*grads, strict=True)])
             for w in workers:
@@ -85,7 +69,7 @@ def test_round_and_staleness_errors_cross_both_wires(url: str, sid: str) -> None
         with pytest.raises(errors.Aborted, match="1 of 2 workers pushed within the straggler "
                                                  "timeout"):
             t.pull(sid, min_step=1, wait=10)
-        done = _threads(lambda: t.step(sid, wire(1), sender=Sender("a", 1), base_step=0),
+        done = in_threads(lambda: t.step(sid, wire(1), sender=Sender("a", 1), base_step=0),
                         lambda: t.step(sid, wire(2), sender=Sender("b", 1), base_step=0))
         assert [r.step for r in done] == [1, 1], done
         assert [w.name for w in t.pull(sid, min_step=1)] == ["t0", "t1"]
@@ -152,7 +136,7 @@ def test_workers_of_a_sharded_session_commit_each_step_once(
             rng = np.random.default_rng(step)
             grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes]
                      for _ in range(world)]
-            out = _threads(*(lambda i=i, g=grads: workers[i].step(g[i])
+            out = in_threads(*(lambda i=i, g=grads: workers[i].step(g[i])
                              for i in range(world)))
             assert out == [None] * world, out
             single.step([sum(g[k] for g in grads) / np.float32(world)
@@ -185,11 +169,11 @@ def test_a_restarted_worker_goes_on_where_the_session_is(url: str, sid: str) -> 
     try:
         for step in range(2):
             g = _grads(step)
-            assert _threads(lambda g=g: a.step(g), lambda g=g: b.step(g)) == [None, None]
+            assert in_threads(lambda g=g: a.step(g), lambda g=g: b.step(g)) == [None, None]
         a.close(delete=False)
         a = worker("a")  # restarted: attaches at step 2
         assert a.describe().step == 2
-        assert _threads(lambda: a.step(_grads(7)), lambda: b.step(_grads(8))) == [None, None]
+        assert in_threads(lambda: a.step(_grads(7)), lambda: b.step(_grads(8))) == [None, None]
         assert a.last_step is not None and a.last_step.contributors == 2
         assert a.describe().step == 3
         with connect(url) as t:  # a's push for step 3, resent: acknowledged only
@@ -230,7 +214,7 @@ def test_async_workers_never_apply_a_push_staler_than_the_bound(url: str, sid: s
                 applied.append(opt.last_step.staleness)
 
     try:
-        assert _threads(*(lambda o=o, i=i: work(o, i) for i, o in enumerate(opts))) == \
+        assert in_threads(*(lambda o=o, i=i: work(o, i) for i, o in enumerate(opts))) == \
             [None] * 3
         assert all(s <= 1 for s in applied) and len(applied) + refused[0] == 24
         assert opts[0].describe().step == len(applied)

@@ -27,6 +27,7 @@ from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import SessionConfig
 from adamserve.sessions.store import SessionStore
+from tests.concurrency import in_threads
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 BASE = SessionConfig("adam", tuple(TensorSpec(k, s) for k, s in SHAPES.items()),
@@ -56,31 +57,13 @@ def _params(svc: OptimizerService, sid: str = "s") -> np.ndarray:
     return np.array(svc.store.get(sid).opt.param, copy=True)
 
 
-def _in_threads(*calls: Any) -> list[Any]:
-    """Run each call in its own thread; their results (or raised exceptions) in order."""
-    out: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            out[i] = calls[i]()
-        except Exception as exc:
-            out[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return out
-
-
 def test_a_sync_step_is_the_mean_of_k_pushes_and_every_worker_gets_its_parameters(
         tmp_path: Path) -> None:
     svc = _service(tmp_path)
     svc.create("s", _config(count=3))
     svc.create("ref", BASE)
     grads = [_arrays(i) for i in range(3)]
-    results = _in_threads(*(lambda i=i: svc.step("s", _chunks(grads[i]),
+    results = in_threads(*(lambda i=i: svc.step("s", _chunks(grads[i]),
                                                  push_id=PushId(f"w{i}", 1), base_step=0)
                             for i in range(3)))
     assert all(isinstance(r, StepResult) for r in results), results
@@ -100,7 +83,7 @@ def test_pushes_return_at_once_and_pull_waits_for_the_step(tmp_path: Path) -> No
     assert first.pending and first.step == 0
     with pytest.raises(DeadlineExceeded, match="waiting for step 1"):
         svc.pull("s", min_step=1, timeout=0.05)
-    waited = _in_threads(lambda: svc.pull("s", min_step=1, timeout=10),
+    waited = in_threads(lambda: svc.pull("s", min_step=1, timeout=10),
                          lambda: (time.sleep(0.1), svc.step(
                              "s", _chunks(_arrays(1)), return_datatype=None,
                              push_id=PushId("b", 1)))[1])
@@ -133,7 +116,7 @@ def test_one_push_per_worker_per_step_and_resent_pushes_count_once(tmp_path: Pat
 def test_a_straggler_timeout_fails_the_round_and_nothing_changes(tmp_path: Path) -> None:
     svc = _service(tmp_path)
     svc.create("s", _config(count=2, straggler_timeout=0.2))
-    _in_threads(*(lambda w=w: svc.step("s", _chunks(_arrays(0)), push_id=PushId(w, 1))
+    in_threads(*(lambda w=w: svc.step("s", _chunks(_arrays(0)), push_id=PushId(w, 1))
                   for w in "ab"))
     before = svc.store.get("s").fingerprint()
     t0 = time.monotonic()
@@ -143,7 +126,7 @@ def test_a_straggler_timeout_fails_the_round_and_nothing_changes(tmp_path: Path)
     assert 0.15 < time.monotonic() - t0 < 5
     assert svc.store.get("s").fingerprint() == before
     # the same pushes again make the step
-    results = _in_threads(*(lambda w=w: svc.step("s", _chunks(_arrays(1)),
+    results = in_threads(*(lambda w=w: svc.step("s", _chunks(_arrays(1)),
                                                  push_id=PushId(w, 2), base_step=1)
                             for w in "ab"))
     assert {r.step for r in results} == {2}, results
@@ -155,11 +138,11 @@ def test_policy_apply_takes_the_mean_of_what_arrived_and_names_the_missing(
     svc.create("s", _config(count=3, straggler_timeout=0.2, straggler_policy="apply"))
     svc.create("ref", BASE)
     g = [_arrays(i) for i in range(3)]
-    _in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 1))
+    in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 1))
                   for i in range(3)))
     svc.step("ref", _chunks({k: ((g[0][k].astype(np.float64) + g[1][k] + g[2][k]) / 3
                                  ).astype(np.float32) for k in SHAPES}))
-    results = _in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 2),
+    results = in_threads(*(lambda i=i: svc.step("s", _chunks(g[i]), push_id=PushId(f"w{i}", 2),
                                                  base_step=1) for i in range(2)))
     assert {(r.step, r.contributors, r.missing) for r in results} == {(2, 2, ("w2",))}
     svc.step("ref", _chunks({k: ((g[0][k].astype(np.float64) + g[1][k]) / 2
@@ -307,7 +290,7 @@ def test_a_skipped_round_is_reported_to_pulls_and_can_be_pushed_again(tmp_path: 
                                       "gradients in w"):
         svc.pull("s", min_step=1, timeout=1)
     svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
-    waiting = _in_threads(lambda: svc.pull("s", min_step=1, timeout=10),
+    waiting = in_threads(lambda: svc.pull("s", min_step=1, timeout=10),
                           lambda: (time.sleep(0.05), svc.step(
                               "s", _chunks(_arrays(1)), return_datatype=None,
                               push_id=PushId("b", 1)))[1])
@@ -371,7 +354,7 @@ def test_rounds_of_frozen_tensors_and_waits_that_end(tmp_path: Path) -> None:
         svc.step("s", only_w, push_id=PushId("a", 2), base_step=1, wait=0.1)
     assert svc._waiting == 0
     svc.checkpoint("s")
-    waiter = _in_threads(lambda: svc.step("s", only_w, push_id=PushId("a", 2), base_step=1),
+    waiter = in_threads(lambda: svc.step("s", only_w, push_id=PushId("a", 2), base_step=1),
                          lambda: (time.sleep(0.1), svc.restore_checkpoint("s", 1))[1])
     assert isinstance(waiter[0], Aborted) and "restored to its checkpoint of step 1" in str(
         waiter[0])
@@ -380,7 +363,7 @@ def test_rounds_of_frozen_tensors_and_waits_that_end(tmp_path: Path) -> None:
 def test_a_shard_changes_its_worker_count_only_between_steps(tmp_path: Path) -> None:
     svc = _service(tmp_path)
     svc.create("x", _config(count=2, exchange=True))
-    out = _in_threads(lambda: svc.step("x", _chunks(_arrays(0)), push_id=PushId("a", 1),
+    out = in_threads(lambda: svc.step("x", _chunks(_arrays(0)), push_id=PushId("a", 1),
                                        wait=1.0),
                       lambda: (time.sleep(0.1), svc.set_workers("x", 1))[1])
     assert isinstance(out[0], DeadlineExceeded)  # its round never closed
