@@ -68,6 +68,7 @@ T = TypeVar("T")
 SHARD_LABEL = "adamserve.shard"
 LAYOUT_LABEL = "adamserve.layout"
 DEFAULT_SPLIT_ELEMENTS = 1 << 20
+AGREE_SECONDS = 5.0  # how long a pull waits for shards one commit apart to agree
 _PIECE = re.compile(r"^(?P<name>.+)#(?P<start>\d+):(?P<end>\d+):(?P<shape>[\d,]*)$")
 
 
@@ -490,7 +491,15 @@ class ShardedTransport(Transport):
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
              wait: float | None = None) -> list[WireTensor]:
-        plan = self._session(session_id).plan
+        """The model's parameters, joined from the shards. Shards last seen at different
+        steps (a commit still reaching some of them) are given a few seconds to agree,
+        so the parts come from one step."""
+        s = self._session(session_id)
+        plan = s.plan
+        if not min_step and len(set(s.steps)) > 1:
+            with contextlib.suppress(errors.DeadlineExceeded):  # diverged: take what is
+                return self.pull(session_id, names, datatype, min_step=max(s.steps),
+                                 wait=AGREE_SECONDS)
         wanted = set(names) if names else None
         if wanted is not None:
             unknown = sorted(wanted - {t.name for t in plan.tensors})
