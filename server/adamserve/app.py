@@ -90,6 +90,15 @@ class Server:
         if s.checkpoint_interval > 0:
             threading.Thread(target=self._checkpoint_loop, daemon=True,
                              name="checkpoints").start()
+        threading.Thread(target=self._rounds_loop, daemon=True, name="rounds").start()
+
+    def _rounds_loop(self) -> None:
+        """Straggler timeouts, also of rounds no worker waits on."""
+        while not self._stop.wait(0.2):
+            try:
+                self.service.expire_rounds()
+            except Exception:
+                log.exception("ending rounds past their straggler timeout failed")
 
     def _checkpoint_loop(self) -> None:
         period = min(1.0, self.settings.checkpoint_interval / 4)

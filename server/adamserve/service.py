@@ -635,6 +635,23 @@ class OptimizerService:
             + (f" (missing: {', '.join(missing)})" if missing else "")
             + "; nothing was applied: push the same gradients again"))
 
+    def expire_rounds(self) -> int:
+        """End the rounds past their straggler timeout now, also those nobody waits on
+        (workers that push and pull later); returns how many. Run every fraction of a
+        second by the server."""
+        n = 0
+        now = time.monotonic()
+        for session in self.store.all():
+            r = session.round
+            deadline = r.deadline(session.config.workers) if r is not None else None
+            if deadline is None or now < deadline:
+                continue
+            with session.lock:
+                if session.round is r and r is not None:
+                    self._expire(session, r)
+                    n += session.round is not r
+        return n
+
     def _wait(self, session: Session, done: Callable[[], bool], timeout: float | None,
               what: str) -> None:
         """Block until ``done()`` (checked under the lock), enforcing straggler timeouts;

@@ -369,3 +369,16 @@ def test_a_shard_changes_its_worker_count_only_between_steps(tmp_path: Path) -> 
     assert isinstance(out[0], DeadlineExceeded)  # its round never closed
     assert isinstance(out[1], FailedPrecondition) and "between steps" in str(out[1])
     assert svc.describe("x").workers.count == 2
+
+
+def test_a_round_nobody_waits_on_still_times_out(tmp_path: Path) -> None:
+    """Workers that push and pull later: the server ends the round at its deadline."""
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2, straggler_timeout=0.1))
+    svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
+    assert svc.expire_rounds() == 0  # not yet
+    time.sleep(0.15)
+    assert svc.expire_rounds() == 1
+    assert svc.store.get("s").round is None
+    with pytest.raises(Aborted, match="1 of 2 workers pushed"):
+        svc.pull("s", min_step=1, timeout=1)
