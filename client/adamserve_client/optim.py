@@ -666,9 +666,18 @@ class RemoteOptimizer(_Base):
             return loss
         self._sync_hyperparameters()
         self._sequence = self._base_step + 1 if self._coordinated else self._sequence + 1
-        result = self._transport.step(self.session_id, wire, return_datatype=self._wire,
-                                      sender=Sender(self._worker, self._sequence),
-                                      base_step=self._base_step if self._coordinated else None)
+        while True:
+            try:
+                result = self._transport.step(
+                    self.session_id, wire, return_datatype=self._wire,
+                    sender=Sender(self._worker, self._sequence),
+                    base_step=self._base_step if self._coordinated else None)
+                break
+            except errors.DeadlineExceeded:
+                # no timeout of ours: the server ended a long wait for the other workers;
+                # the same push again (recognised as such) waits on
+                if not self._coordinated or getattr(self._transport, "timeout", 0) is not None:
+                    raise
         self._base_step = result.step
         for t in result.params:
             target = sent.get(t.name)
@@ -677,9 +686,10 @@ class RemoteOptimizer(_Base):
         self._synchronize()
         self.last_step = dataclasses.replace(result, params=())
         if result.duplicate:
-            warnings.warn(f"adamserve: step {self._sequence} of worker {self._worker!r} was "
-                          "applied before (an earlier answer was lost); this gradient was not "
-                          f"applied and the parameters are now those of step {result.step}",
+            warnings.warn(f"adamserve: the server had applied push {self._sequence} of worker "
+                          f"{self._worker!r} before (a resend, or an earlier answer was lost): "
+                          "if this call carried a new gradient, it was not applied; the "
+                          f"parameters are now those of step {result.step}",
                           RuntimeWarning, stacklevel=3)
         if result.skipped:
             warnings.warn(f"adamserve skipped step {result.step + 1}: non-finite gradients in "

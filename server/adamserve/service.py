@@ -392,6 +392,10 @@ class OptimizerService:
             with self._locked(session_id) as current:
                 if current is not session:
                     raise NotFound(f"session {session_id!r} was replaced during the request")
+                if asm.layout is not opt.layout:  # add_tensors ran while this push arrived
+                    raise FailedPrecondition(
+                        f"the tensors of session {session_id!r} changed while this push "
+                        "arrived: push again")
                 duplicate = self._seen(session, push_id, base_step)
                 staleness = self._admit(session, push_id, base_step)
                 if duplicate:
@@ -520,15 +524,12 @@ class OptimizerService:
                 push_id: PushId | None) -> Round:
         """Add a decoded push to the open round (intake and lock held); close it if full."""
         opt = session.opt
-        if session.round is None:
-            session.rounds += 1
-            session.round = Round(step=opt.step_count + 1, id=session.rounds)
         r = session.round
-        if push_id is not None and push_id.worker in r.pushes:
+        if r is not None and push_id is not None and push_id.worker in r.pushes:
             metrics.DUPLICATE_PUSHES.inc()
             return r  # the same push again: it waits on the round like the first
         src = host if host is opt.grad else opt.backend.to_device(host)
-        if r.acc is None:
+        if r is None:  # the first push opens the round, once its gradient is in
             if session.acc is None:
                 try:
                     # float64: the sum of a round's pushes does not depend on the order
@@ -537,9 +538,10 @@ class OptimizerService:
                 except MemoryError:
                     raise ResourceExhausted(
                         f"session {session.id!r}: no memory for the round accumulator") from None
-            r.acc = session.acc
-            r.acc[...] = src
-            r.active = active
+            session.acc[...] = src
+            session.rounds += 1
+            r = session.round = Round(step=opt.step_count + 1, id=session.rounds,
+                                      acc=session.acc, active=active)
         else:
             if r.active is None or not np.array_equal(active, r.active):
                 raise InvalidArgument(self._active_mismatch(session, r, active))
@@ -657,6 +659,9 @@ class OptimizerService:
         """Block until ``done()`` (checked under the lock), enforcing straggler timeouts;
         DeadlineExceeded after ``timeout`` seconds."""
         end = None if timeout is None else time.monotonic() + timeout
+        with session.changed:
+            if done():  # no need to wait: counts against no cap
+                return
         with self._waiting_lock:
             if self._waiting >= MAX_WAITERS:
                 raise ResourceExhausted(
@@ -1071,8 +1076,13 @@ class OptimizerService:
             except (ValueError, TypeError, KeyError, IndexError, AttributeError,
                     OverflowError) as exc:
                 raise InvalidArgument(f"state_dict: {exc}") from None
-            # a new timeline: pushes numbered by the steps of the old one are not its
+            # a new timeline: pushes numbered by the steps of the old one are not its,
+            # nor is a round of pushes computed from the old parameters
             session.pushes = PushLog()
+            if session.round is not None:
+                self._fail_round(session, session.round, (
+                    f"the state of session {session_id!r} was replaced (a state_dict was "
+                    "imported) before this step was applied: pull and push again"))
             session.version += 1
             session.changed.notify_all()
             return _info(session)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 from adamserve_client import errors
 from adamserve_client.tensors import decode, encode
 from adamserve_client.transports import SessionSpec, TensorSpec, WireTensor, connect
-from adamserve_client.transports.base import Workers
+from adamserve_client.transports.base import Sender, Workers
 from adamserve_client.transports.sharded import ShardedTransport, plan_shards
 
 SHAPES = [(7, 5), (33,), (2, 3, 4), (1,), (40,)]
@@ -173,7 +174,7 @@ def test_shards_listed_out_of_order_are_refused(shard_servers: list[Any], sid: s
         with pytest.raises(errors.FailedPrecondition, match="shard order"):
             wrong.describe(sid)
         # each shard takes every step: each needs a gradient for one of its tensors
-        with pytest.raises(ValueError, match=r"no gradient for any tensor of shard\(s\) 1, 2"):
+        with pytest.raises(ValueError, match="no gradient for t1"):
             right.step(sid, _wire(_grads(0, False))[:1])
     finally:
         right.delete_session(sid)
@@ -314,3 +315,56 @@ def test_sharded_edge_cases(shard_servers: list[Any], sid: str) -> None:
         with contextlib.suppress(errors.NotFound):
             sharded.delete_session(sid)
         sharded.close()
+
+
+def test_workers_change_on_every_shard_or_on_none(shard_servers: list[Any], sid: str) -> None:
+    urls = [s.urls["grpc"] for s in shard_servers[:2]]
+    spec = SessionSpec(sid, "adam", SPECS, ({}, {}), workers=Workers(2))
+    sharded = ShardedTransport([connect(u) for u in urls], split_elements=8)
+    try:
+        sharded.create_session(spec)
+        plan = plan_shards(SPECS, 2, 8)
+        # a push waits on shard 0's round (and stays in it): shard 1 has none
+        with connect(urls[0], timeout=0.3) as shard0, pytest.raises(errors.DeadlineExceeded):
+            shard0.push(sid, [WireTensor(p.spec.name, p.spec.shape, "FP32",
+                                         bytes(4 * math.prod(p.spec.shape)))
+                              for p in plan.shards[0]], sender=Sender("w", 1))
+        with pytest.raises(errors.FailedPrecondition, match="between steps"):
+            sharded.set_workers(sid, 3)
+        counts = [i.workers.count for i in sharded._each(lambda i, t: t.describe(sid))]
+        assert counts == [2, 2]
+    finally:
+        sharded.delete_session(sid)
+        sharded.close()
+
+
+def test_workers_that_create_one_sharded_session_at_once_all_attach(
+        shard_servers: list[Any], sid: str) -> None:
+    import adamserve_client as ac
+    from tests.concurrency import in_threads
+
+    urls = [s.urls["grpc"] for s in shard_servers]
+    init = [np.full(s, 0.5, np.float32) for s in SHAPES]
+    barrier = threading.Barrier(4)
+    opts: list[Any] = [None] * 4
+
+    def worker(rank: int) -> None:
+        barrier.wait(10)
+        opts[rank] = ac.Adam([p.copy() for p in init], lr=0.1, session=sid, workers=4,
+                             worker_id=f"w{rank}", server=ShardedTransport(
+                                 [connect(u) for u in urls], split_elements=8))
+        opts[rank].step([g.astype(np.float32) for g in _grads(rank, False)])
+
+    try:
+        assert in_threads(*(lambda r=r: worker(r) for r in range(4))) == [None] * 4
+        first = opts[0].param_groups[0]["params"]
+        for o in opts[1:]:
+            for a, b in zip(o.param_groups[0]["params"], first, strict=True):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        for o in opts:
+            if o is not None:
+                o.close(delete=False)
+                o.transport.close()
+        with ShardedTransport([connect(u) for u in urls]) as t:
+            t.delete_session(sid)

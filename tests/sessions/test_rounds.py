@@ -382,3 +382,29 @@ def test_a_round_nobody_waits_on_still_times_out(tmp_path: Path) -> None:
     assert svc.store.get("s").round is None
     with pytest.raises(Aborted, match="1 of 2 workers pushed"):
         svc.pull("s", min_step=1, timeout=1)
+
+
+def test_tensors_added_while_a_push_arrives_refuse_it_and_imports_end_the_round(
+        tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    resume = threading.Event()
+    chunks = _chunks(_arrays(0))
+
+    def slow() -> Any:
+        yield chunks[0]
+        resume.wait(10)
+        yield chunks[1]
+
+    out = in_threads(lambda: svc.step("s", slow(), return_datatype=None, push_id=PushId("a", 1)),
+                     lambda: (svc.add_tensors("s", [TensorSpec("extra", (2,))]),
+                              resume.set())[0])
+    assert isinstance(out[0], FailedPrecondition) and "changed while this push arrived" in str(
+        out[0])
+    assert svc.store.get("s").round is None  # the refused push opened nothing
+    # a round open when a state_dict is imported fails: its pushes were for the old state
+    svc.step("s", [*_chunks(_arrays(0)), TensorChunk("extra", (2,), "FP32", bytes(8))],
+             return_datatype=None, push_id=PushId("a", 1))
+    svc.import_state("s", svc.export_state("s"))
+    with pytest.raises(Aborted, match="a state_dict was imported"):
+        svc.pull("s", min_step=1, timeout=1)

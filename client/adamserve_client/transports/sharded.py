@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -364,12 +365,29 @@ class ShardedTransport(Transport):
                 made.append(t)
             except BaseException as exc:
                 failures.append(exc)
+        if failures and all(isinstance(f, errors.AlreadyExists) for f in failures):
+            # another worker of the job creates the same session at the same time: keep
+            # ours, wait until every shard has one, and attach like the others
+            self._await_shards(spec.session_id)
+            raise failures[0]
         if failures:
             for t in made:  # leave no shard session behind a refused create
                 with contextlib.suppress(errors.AdamserveError):
                     t.delete_session(spec.session_id)
             raise failures[0]
         return self._merge_info(spec.session_id, infos)
+
+    def _await_shards(self, session_id: str, seconds: float = 30.0) -> None:
+        """Wait until every shard holds ``session_id`` (NotFound after ``seconds``)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                self._each(lambda i, t: t.describe(session_id))
+                return
+            except errors.NotFound:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
                     group: Mapping[str, HyperValue] | None = None,
@@ -418,13 +436,15 @@ class ShardedTransport(Transport):
                 "them back to the newest step they all hold")
         if base_step is None:
             base_step = s.step  # a shard at another step refuses the push: nothing applied
-        grads = self._split(plan, gradients)
-        idle = [i for i, g in enumerate(grads) if not g]
-        if idle:
+        given = {w.name for w in gradients}
+        absent = [t.name for t in plan.tensors if t.name not in given]
+        if absent:  # checked before any shard is pushed: all or none take the step
             raise ValueError(
-                f"no gradient for any tensor of shard(s) {', '.join(map(str, idle))}: every "
-                "shard takes every step (frozen or unused parameters: give the optimizer "
-                "only those that train, [p for p in model.parameters() if p.requires_grad])")
+                "a sharded session steps every tensor at once (each shard takes every step): "
+                f"no gradient for {', '.join(absent[:8])} (frozen or unused parameters: give "
+                "the optimizer only those that train, "
+                "[p for p in model.parameters() if p.requires_grad])")
+        grads = self._split(plan, gradients)
         if not s.exchange:
             if return_datatype is None:
                 results = self._each(lambda i, t: t.push(
@@ -535,8 +555,34 @@ class ShardedTransport(Transport):
             lambda i, t: t.set_schedule(session_id, schedule)))
 
     def set_workers(self, session_id: str, count: int) -> SessionInfo:
-        return self._merge_info(session_id, self._each(
-            lambda i, t: t.set_workers(session_id, count)))
+        """The new count on every shard, or on none: a shard that refuses (it holds pushes
+        of an open round) puts the others back to their count."""
+        before = self._each(lambda i, t: t.describe(session_id))
+        futures = [self._pool.submit(t.set_workers, session_id, count) for t in self.shards]
+        infos: list[SessionInfo] = []
+        failure: BaseException | None = None
+        for f in futures:
+            try:
+                infos.append(f.result())
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            for t, old in zip(self.shards, before, strict=True):
+                with contextlib.suppress(errors.AdamserveError):
+                    t.set_workers(session_id, old.workers.count)
+            raise failure
+        return self._merge_info(session_id, infos)
+
+    @property
+    def timeout(self) -> float | None:
+        """The longest call timeout of the shards' transports (None: one has none)."""
+        limits: list[float] = []
+        for t in self.shards:
+            limit = getattr(t, "timeout", None)
+            if limit is None:
+                return None
+            limits.append(float(limit))
+        return max(limits)
 
     # -- state and checkpoints -----------------------------------------------------
 
