@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,14 @@ def _arrays(seed: int) -> dict[str, np.ndarray]:
 
 def _chunks(arrays: dict[str, np.ndarray]) -> list[TensorChunk]:
     return [TensorChunk(k, v.shape, "FP32", v.tobytes()) for k, v in arrays.items()]
+
+
+def _stalling(resume: threading.Event) -> Iterator[TensorChunk]:
+    """A push whose upload stalls after its first tensor until ``resume`` is set."""
+    chunks = _chunks(_arrays(0))
+    yield chunks[0]
+    resume.wait(10)
+    yield from chunks[1:]
 
 
 def _config(**workers: Any) -> SessionConfig:
@@ -321,14 +330,7 @@ def test_a_stalled_upload_holds_up_no_other_worker(tmp_path: Path) -> None:
     svc = _service(tmp_path)
     svc.create("s", _config(count=2, straggler_timeout=0.3))
     resume = threading.Event()
-    chunks = _chunks(_arrays(0))
-
-    def stalled() -> Any:
-        yield chunks[0]
-        resume.wait(10)
-        yield chunks[1]
-
-    slow = threading.Thread(target=lambda: svc.step("s", stalled(), return_datatype=None,
+    slow = threading.Thread(target=lambda: svc.step("s", _stalling(resume), return_datatype=None,
                                                     push_id=PushId("a", 1)))
     slow.start()
     t0 = time.monotonic()
@@ -389,14 +391,8 @@ def test_tensors_added_while_a_push_arrives_refuse_it_and_imports_end_the_round(
     svc = _service(tmp_path)
     svc.create("s", _config(count=2))
     resume = threading.Event()
-    chunks = _chunks(_arrays(0))
-
-    def slow() -> Any:
-        yield chunks[0]
-        resume.wait(10)
-        yield chunks[1]
-
-    out = in_threads(lambda: svc.step("s", slow(), return_datatype=None, push_id=PushId("a", 1)),
+    out = in_threads(lambda: svc.step("s", _stalling(resume), return_datatype=None,
+                                      push_id=PushId("a", 1)),
                      lambda: (svc.add_tensors("s", [TensorSpec("extra", (2,))]),
                               resume.set())[0])
     assert isinstance(out[0], FailedPrecondition) and "changed while this push arrived" in str(

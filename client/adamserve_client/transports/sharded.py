@@ -191,8 +191,12 @@ class _Session:
     plan: ShardPlan
     exchange: bool
     lamb: bool
-    step: int  # the step every shard is at (each push names it: a shard elsewhere refuses)
-    steps: tuple[int, ...]  # each shard's step when last described
+    steps: tuple[int, ...]  # each shard's step when last seen
+
+    @property
+    def step(self) -> int:
+        """The step each push names (a shard at another step refuses it)."""
+        return min(self.steps)
 
 
 def _needs_exchange(algorithm: str, max_grad_norm: float | None, skip_nonfinite: bool) -> bool:
@@ -253,7 +257,7 @@ class ShardedTransport(Transport):
         steps = tuple(i.step for i in infos)
         self._sessions[session_id] = _Session(plan, first.workers.exchange,
                                               first.algorithm.strip().lower() == "lamb",
-                                              min(steps), steps)
+                                              steps)
         labels = {k: v for k, v in first.labels.items() if k not in (SHARD_LABEL, LAYOUT_LABEL)}
         return dataclasses.replace(
             first, tensors=plan.tensors, step=min(i.step for i in infos),
@@ -320,7 +324,6 @@ class ShardedTransport(Transport):
         first = results[0]
         known = self._sessions.get(session_id)
         if known is not None and not any(r.pending for r in results):
-            known.step = first.step
             known.steps = tuple(steps)
         return StepResult(
             step=first.step, skipped=any(r.skipped for r in results),
@@ -492,7 +495,7 @@ class ShardedTransport(Transport):
             params = (self.pull(session_id, datatype=return_datatype, min_step=target)
                       if return_datatype else [])
             done = next(r for r in results if not r.pending)
-            s.step, s.steps = done.step, (done.step,) * len(self.shards)
+            s.steps = (done.step,) * len(self.shards)
             return dataclasses.replace(done, params=tuple(params), nonfinite=())
         return self._merge_results(session_id, plan, results)
 
