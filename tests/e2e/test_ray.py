@@ -129,7 +129,8 @@ def ray_cluster() -> Iterator[Cluster]:
 def _adamserve_ray(*args: str) -> str:
     r = subprocess.run([sys.executable, "-m", "adamserve.cli", "ray", *args], env=_env(),
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"adamserve ray {' '.join(args)}: {r.returncode}\n{r.stderr}"
+    assert r.returncode == 0, (f"adamserve ray {' '.join(args)}: {r.returncode}\n"
+                               f"stdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-4000:]}")
     return r.stdout
 
 
