@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from adamserve_client import errors, tensors
+from adamserve_client import errors, tensors, validation
 from adamserve_client.transports import (
     SessionInfo,
     SessionSpec,
@@ -251,6 +251,7 @@ class RemoteOptimizer(_Base):
         defaults = dict(hyperparameters)
         for key, value in algo.defaults.items():
             defaults.setdefault(key, value)
+        validation.check_constructor(algorithm.strip().lower(), defaults)
         self.algorithm = algorithm.strip().lower()
         self._algo = algo
         self._wire = tensors.wire_datatype(wire_dtype)
@@ -657,6 +658,8 @@ class RemoteOptimizer(_Base):
                     loss = closure()
             else:
                 loss = closure()
+        validation.check_step(self.algorithm, self.param_groups,
+                              [p.value for p in self._params])
         wire, sent = self._gradients(grads)
         if not wire:
             if self._coordinated and self._workers is not None and self._workers.count > 1:
