@@ -7,19 +7,22 @@ the rest of a training loop (``zero_grad``, ``backward``, ``step``, LR scheduler
 
 How a step goes: the gradients of the parameters that have one (``.grad`` not
 None, as torch skips the others) are sent in ``wire_dtype``; the server applies
-one fused update to its float32 master copy and sends the parameters back in
-``wire_dtype``; they are copied into the parameters in place. Hyperparameters
-changed in ``param_groups`` since the last step (by hand or by an LR scheduler)
-are sent first, only the keys that changed.
+one fused update to its master copy (float64 for a float64 model, else float32)
+and sends the parameters back in ``wire_dtype``; they are copied into the
+parameters in place. Hyperparameters changed in ``param_groups`` since the last
+step (by hand or by an LR scheduler) are sent first, only the keys that changed,
+and so are parameters changed locally since (``load_state_dict`` of the model, a
+clamp, an EMA swap), found by their version counters: a step where nothing
+changed costs nothing more.
 
 With torch installed the classes are ``torch.optim.Optimizer`` subclasses (step
 hooks, state-dict hooks and ``zero_grad`` come from torch). NumPy arrays work
 as parameters too, with or without torch: they are updated in place by
 ``opt.step(grads)``.
 
-State is the server's: ``opt.state`` stays empty; ``state_dict()`` fetches it in
-torch's exact format and ``load_state_dict()`` sends one (from this class or from
-``torch.optim``) to the server.
+State is the server's: ``opt.state[p]`` fetches it on first access after a step;
+``state_dict()`` fetches it in torch's exact format and ``load_state_dict()`` sends
+one (from this class or from ``torch.optim``) to the server.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from adamserve_client import errors, tensors, validation
+from adamserve_client.param_state import ParamState
 from adamserve_client.transports import (
     SessionInfo,
     SessionSpec,
@@ -157,6 +161,18 @@ def _is_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def _is_float64(x: Any) -> bool:
+    return bool(x.dtype == torch.float64) if _is_tensor(x) else np.asarray(x).dtype == np.float64
+
+
+def _master_datatype(name: str) -> str:
+    """The datatype of a ``master_dtype`` name: the server keeps float32 or float64."""
+    key = name.lower()
+    if key not in ("float32", "float64"):
+        raise ValueError(f"master_dtype {name!r}: expected 'float32' or 'float64'")
+    return tensors.WIRE_NAMES[key]
+
+
 def _shape(x: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in x.shape)
 
@@ -196,6 +212,22 @@ class _Param:
     group: int
     value: Any
     shape: tuple[int, ...]
+    # what the value's stamp was when it last matched the server's copy (None: it may
+    # not match; it is sent before the next step)
+    synced: tuple[int, int] | None = None
+
+
+def _stamp(value: Any) -> tuple[int, int]:
+    """What changes when a torch tensor is changed in place (autograd's version counter:
+    copy_, clamp_, load_state_dict, nn.init) or given other storage (``p.data = x``,
+    ``.to(device)``). NumPy arrays carry neither: their stamp never changes, and
+    :meth:`RemoteOptimizer.params_changed` says when they did."""
+    if not _is_tensor(value):
+        return (0, 0)
+    try:
+        return (int(value._version), int(value.data_ptr()))
+    except RuntimeError:  # an inference tensor has no version counter: always send it
+        return (-1, id(object()))
 
 
 class RemoteOptimizer(_Base):
@@ -219,9 +251,11 @@ class RemoteOptimizer(_Base):
     the session is anonymous and deleted by :meth:`close` or when the optimizer
     is garbage-collected.
     ``token``: the server's bearer token (default ``$ADAMSERVE_TOKEN``).
-    ``wire_dtype``: "float32", "bfloat16" or "float16" for gradients and returned
-    parameters (the server keeps float32 master weights; "float64" keeps float64
-    ones).
+    ``wire_dtype``: "float32", "bfloat16", "float16" or "float64" for gradients and
+    returned parameters (default: the master dtype).
+    ``master_dtype``: "float32" or "float64", the dtype of the server's master weights
+    and state (default: float64 when every parameter is float64 or ``wire_dtype`` is,
+    as torch keeps a float64 model's state in float64; else float32).
     ``schedule``: a server-side learning-rate schedule (``{"kind": "cosine", ...}``);
     on attach, None leaves the session's schedule as it is.
     ``timeout``: seconds allowed for each server call (None: no limit).
@@ -236,7 +270,8 @@ class RemoteOptimizer(_Base):
 
     def __init__(self, params: Iterable[Any], algorithm: str, *,
                  server: Server = None, session: str | None = None,
-                 token: str | None = None, wire_dtype: str = "float32",
+                 token: str | None = None, wire_dtype: str | None = None,
+                 master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None, timeout: float | None = None,
                  workers: int | Workers | None = None, worker_id: str | None = None,
                  **hyperparameters: Any) -> None:
@@ -254,8 +289,10 @@ class RemoteOptimizer(_Base):
         validation.check_constructor(algorithm.strip().lower(), defaults)
         self.algorithm = algorithm.strip().lower()
         self._algo = algo
-        self._wire = tensors.wire_datatype(wire_dtype)
-        self._master = "FP64" if self._wire == "FP64" else "FP32"
+        # both follow the parameters unless given (see _choose_dtypes)
+        self._wire_choice = tensors.wire_datatype(wire_dtype) if wire_dtype else None
+        self._master_choice = _master_datatype(master_dtype) if master_dtype else None
+        self._wire = self._master = "FP32"
         self._schedule = dict(schedule) if schedule is not None else None
         self._params: list[_Param] = []
         self._numpy: bool | None = None
@@ -295,6 +332,9 @@ class RemoteOptimizer(_Base):
             self._owns_transport = True
         try:
             super().__init__(params, defaults)
+            # torch's defaultdict(dict), read from the server instead
+            self.state = ParamState(  # type: ignore[assignment]
+                lambda: [p.value for p in self._params], self._server_state)
             self._open_session(session)
         except BaseException:
             if self._owns_transport:
@@ -346,6 +386,7 @@ class RemoteOptimizer(_Base):
         start = len(self._params)
         try:
             self._params.extend(self._new_params(g))
+            self._invalidate_state()
             self._sent.append({})
             if self._session_id is not None:
                 self._grow_session(g)
@@ -464,8 +505,10 @@ class RemoteOptimizer(_Base):
                                      f"parameter has shape {list(p.shape)}")
         if not _is_tensor(p.value):
             tensors.decode_into(p.value, t.data, t.datatype)
+            p.synced = _stamp(p.value)
             return
         if not len(memoryview(t.data)):
+            p.synced = _stamp(p.value)
             return
         with warnings.catch_warnings():
             # torch warns that a bytes object is not writable; it is only read here
@@ -481,11 +524,60 @@ class RemoteOptimizer(_Base):
                 staged = self._pinned_buffer(p, src.dtype, "param")
                 staged.copy_(src)
                 value.copy_(staged, non_blocking=True)
+        p.synced = _stamp(value)  # after our own in-place write
 
     def _values(self, params: Sequence[_Param], datatype: str) -> list[WireTensor]:
         out = [self._encode(p, p.value, datatype, "value") for p in params]
         self._synchronize()
         return out
+
+    # -- parameters changed locally ------------------------------------------------------
+
+    @staticmethod
+    def _mark_synced(params: Iterable[_Param]) -> None:
+        for p in params:
+            p.synced = _stamp(p.value)
+
+    def _changed(self) -> list[_Param]:
+        """The parameters whose local values may differ from the server's copy: changed
+        in place or rebound since we last wrote or sent them, or marked by
+        :meth:`params_changed`. Costs two attribute reads per parameter."""
+        changed = [p for p in self._params if p.synced != _stamp(p.value)]
+        for p in changed:
+            if _shape(p.value) != p.shape:
+                raise ValueError(f"parameter {p.name!r} now has shape {list(p.value.shape)}, "
+                                 f"but the session holds it as {list(p.shape)}: a tensor keeps "
+                                 "its shape (build a new optimizer for the new model)")
+        return changed
+
+    def _send_changed(self) -> None:
+        """Send the parameters changed locally since the last step, so the next step starts
+        from what the user's tensors hold (as torch.optim's does); nothing when none did."""
+        changed = self._changed()
+        if changed:
+            self._transport.set_parameters(self.session_id, self._values(changed, self._master))
+            self._mark_synced(changed)
+
+    def params_changed(self, params: Iterable[Any] | None = None) -> None:
+        """Say that ``params`` (default: all) were changed in a way the optimizer cannot
+        see, so that the next step sends them first.
+
+        torch parameters changed in place (``copy_``, ``clamp_`` under ``no_grad``,
+        ``load_state_dict``, ``nn.init``) or given new storage are seen without this:
+        their version counter or storage address changes. Changes through ``p.data``
+        (``p.data.copy_(x)``) bypass the version counter, as they bypass autograd's
+        checks, and NumPy arrays have none: call this after such changes.
+        """
+        if params is None:
+            marked = self._params
+        else:
+            ids = {id(x[1] if isinstance(x, tuple) else x) for x in params}
+            marked = [p for p in self._params if id(p.value) in ids]
+            if len(marked) != len(ids):
+                raise ValueError("params_changed: some of the given tensors are not "
+                                 "parameters of this optimizer")
+        for p in marked:
+            p.synced = None
 
     # -- the session -------------------------------------------------------------------
 
@@ -498,6 +590,26 @@ class RemoteOptimizer(_Base):
             schedule=self._schedule,
             workers=self._workers if self._workers is not None else Workers())
 
+    def _choose_dtypes(self, session_dtype: str | None = None) -> None:
+        """The master dtype: an existing session's; else ``master_dtype``; else float64
+        when every parameter is float64 (torch keeps their state in float64 too) or the
+        wire is; else float32. The wire dtype: ``wire_dtype``, else the master's."""
+        if session_dtype is not None:
+            master = _master_datatype(session_dtype)
+            if self._master_choice not in (None, master):
+                raise ValueError(f"the session keeps {session_dtype} master weights; this "
+                                 f"optimizer asks for master_dtype "
+                                 f"{'float64' if master == 'FP32' else 'float32'!r}")
+        elif self._master_choice is not None:
+            master = self._master_choice
+        elif self._wire_choice == "FP64" or (
+                self._params and all(_is_float64(p.value) for p in self._params)):
+            master = "FP64"
+        else:
+            master = "FP32"
+        self._master = master
+        self._wire = self._wire_choice or master
+
     def _open_session(self, name: str | None) -> None:
         t = self._transport
         session_id = name if name is not None else f"opt-{uuid.uuid4().hex[:20]}"
@@ -508,14 +620,17 @@ class RemoteOptimizer(_Base):
             except errors.NotFound:
                 info = None
         if info is None:
+            self._choose_dtypes()
             try:
                 t.create_session(self._spec(session_id), self._values(self._params, self._master))
                 self._sent = [self._group_hyper(g) for g in self.param_groups]
+                self._mark_synced(self._params)
             except errors.AlreadyExists:
                 if name is None:
                     raise
                 info = t.describe(name)
         if info is not None:
+            self._choose_dtypes(info.dtype)
             self._attach(info)
         self._session_id = session_id
         if name is None:
@@ -569,7 +684,8 @@ class RemoteOptimizer(_Base):
         session's checkpoints (a refused call changes nothing there)."""
         new = [TensorSpec(p.name, p.shape, p.group) for p in self._params if p.group == group]
         hyper = self._group_hyper(self.param_groups[group])
-        values = self._values([p for p in self._params if p.group == group], self._master)
+        added = [p for p in self._params if p.group == group]
+        values = self._values(added, self._master)
         try:
             self._transport.add_tensors(self.session_id, new, hyper, values)
         except (errors.DeadlineExceeded, errors.Unavailable, errors.ServerError):
@@ -577,6 +693,7 @@ class RemoteOptimizer(_Base):
             if not self._session_grown(new, group):
                 raise
         self._sent[group] = hyper
+        self._mark_synced(added)
 
     def _session_grown(self, new: Sequence[TensorSpec], group: int) -> bool:
         """Whether the session ends with exactly ``new`` and has ``group + 1`` groups."""
@@ -668,6 +785,7 @@ class RemoteOptimizer(_Base):
                                  "it)")
             return loss
         self._sync_hyperparameters()
+        self._send_changed()
         self._sequence = self._base_step + 1 if self._coordinated else self._sequence + 1
         while True:
             try:
@@ -682,6 +800,7 @@ class RemoteOptimizer(_Base):
                 if not self._coordinated or getattr(self._transport, "timeout", 0) is not None:
                     raise
         self._base_step = result.step
+        self._invalidate_state()
         for t in result.params:
             target = sent.get(t.name)
             if target is not None:
@@ -721,10 +840,8 @@ class RemoteOptimizer(_Base):
                 out[key] = torch.from_numpy(np.asarray(value)).to(p.value.device)
         return out
 
-    def state_dict(self) -> StateDict:
-        """The optimizer state in torch.optim's format, fetched from the server."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
+    def _server_state(self) -> dict[int, dict[str, Any]]:
+        """Every parameter's state, by index, in torch's layout, fetched from the server."""
         exported = self._transport.export_state(self.session_id)
         names = self._server_names(exported)
         index = {p.name: i for i, p in enumerate(self._params)}
@@ -737,8 +854,15 @@ class RemoteOptimizer(_Base):
             for i, p in enumerate(self._params):
                 if i not in state:
                     init = float(self.param_groups[p.group]["initial_accumulator_value"])
-                    state[i] = self._local_entry(p, {
-                        "step": 0.0, "sum": np.full(p.shape, init, dtype=np.float32)})
+                    state[i] = self._local_entry(p, {"step": 0.0, "sum": np.full(
+                        p.shape, init, dtype=tensors.DATATYPES[self._master])})
+        return dict(sorted(state.items()))
+
+    def state_dict(self) -> StateDict:
+        """The optimizer state in torch.optim's format, fetched from the server."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self._server_state()
         groups = []
         start = 0
         for group in self.param_groups:
@@ -746,7 +870,7 @@ class RemoteOptimizer(_Base):
             packed["params"] = list(range(start, start + len(group["params"])))
             start += len(group["params"])
             groups.append(packed)
-        sd: StateDict = {"state": dict(sorted(state.items())), "param_groups": groups}
+        sd: StateDict = {"state": state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -840,17 +964,29 @@ class RemoteOptimizer(_Base):
             new_groups.append(saved)
         self.param_groups = new_groups
         self._sent = [dict(h) for h in hyper]
+        self._invalidate_state()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     # -- the session, directly -------------------------------------------------------------
 
+    def _invalidate_state(self) -> None:
+        state = getattr(self, "state", None)
+        if isinstance(state, ParamState):  # not yet while torch's __init__ runs
+            state.invalidate()
+
     def describe(self) -> SessionInfo:
-        """The server's view of the session (step count, lr per group, memory...)."""
+        """The server's view of the session (step count, lr per group, memory...), with
+        the hyperparameters changed locally since the last step (by hand or by an LR
+        scheduler) sent first, as the next step would."""
+        self._sync_hyperparameters()
         return self._transport.describe(self.session_id)
 
     def checkpoint(self) -> Any:
-        """Write a durable checkpoint of the session on the server now."""
+        """Write a durable checkpoint of the session on the server now, with the
+        parameters and hyperparameters changed locally since the last step."""
+        self._sync_hyperparameters()
+        self._send_changed()
         return self._transport.checkpoint(self.session_id)
 
     def set_schedule(self, schedule: Mapping[str, Any] | None) -> SessionInfo:
@@ -866,6 +1002,7 @@ class RemoteOptimizer(_Base):
             self._write(by_name[t.name], t)
         self._synchronize()
         self._base_step = info.step
+        self._invalidate_state()
 
     def set_workers(self, count: int) -> SessionInfo:
         """Change how many workers share the session (workers joined or left)."""
@@ -920,11 +1057,11 @@ class Adam(RemoteOptimizer):
                  differentiable: bool = False, fused: bool | None = None,
                  decoupled_weight_decay: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adam", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
@@ -940,12 +1077,12 @@ class AdamW(RemoteOptimizer):
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  server: Server = None, session: str | None = None,
-                 token: str | None = None, wire_dtype: str = "float32",
+                 token: str | None = None, wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adamw", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
@@ -962,11 +1099,11 @@ class NAdam(RemoteOptimizer):
                  maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "nadam", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay,
@@ -983,11 +1120,11 @@ class RAdam(RemoteOptimizer):
                  maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "radam", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, foreach=foreach, capturable=capturable,
@@ -1003,11 +1140,11 @@ class Adamax(RemoteOptimizer):
                  maximize: bool = False, differentiable: bool = False,
                  capturable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adamax", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          foreach=foreach, maximize=maximize, differentiable=differentiable,
@@ -1022,12 +1159,12 @@ class Adagrad(RemoteOptimizer):
                  eps: float = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  server: Server = None, session: str | None = None,
-                 token: str | None = None, wire_dtype: str = "float32",
+                 token: str | None = None, wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adagrad", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value,
@@ -1044,11 +1181,11 @@ class RMSprop(RemoteOptimizer):
                  foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "rmsprop", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                          weight_decay=weight_decay, capturable=capturable, foreach=foreach,
@@ -1066,11 +1203,11 @@ class LAMB(RemoteOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, *, maximize: bool = False,
                  bias_correction: bool = True, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str = "float32", schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "lamb", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, bias_correction=bias_correction)

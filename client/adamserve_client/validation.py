@@ -2,14 +2,51 @@
 
 Filled in to match torch 2.13's ``torch/optim/*.py`` exactly (exception types and
 messages), so code that catches torch's errors catches ours.
+
+:func:`check_constructor` repeats the constructors' checks in torch's order, on the
+caller's own objects (so a message such as ``Invalid learning rate: tensor(-0.0010)``
+prints the value exactly as torch does, and a value torch cannot compare fails with
+the same ``TypeError``). :func:`check_step` repeats what a CPU (or CUDA) ``step()``
+of torch refuses for the implementation switches (``foreach``, ``fused``,
+``capturable``, ``differentiable``): it follows torch's choice of implementation per
+parameter group (``fused`` → ``foreach`` → the single-tensor loop, ``foreach=None``
+defaulting as ``_default_to_fused_or_foreach`` does) and raises the first error that
+implementation raises, group by group, parameter by parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+else:
+    try:
+        import torch
+    except ImportError:  # NumPy mode only: nothing can be a Tensor
+        torch = None
 
 __all__ = ["check_constructor", "check_step"]
+
+# the client's key -> torch.optim's class name (for TypeError messages)
+_CLASS = {"adam": "Adam", "amsgrad": "Adam", "adamw": "AdamW", "nadam": "NAdam",
+          "radam": "RAdam", "adamax": "Adamax", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+# implementation switches of torch.optim that a torch class does not take: passing one
+# (possible through the generic RemoteOptimizer) is torch's TypeError
+_NOT_ACCEPTED = {"nadam": ("fused",), "radam": ("fused",), "adamax": ("fused",),
+                 "rmsprop": ("fused",), "adagrad": ("capturable",)}
+
+_LEAF_IN_PLACE = "a leaf Variable that requires grad is being used in an in-place operation."
+_FOREACH_AUTOGRAD = "_foreach ops don't support autograd"
+_TENSOR_LR_FOREACH = "lr as a Tensor is not supported for capturable=False and foreach=True"
+
+
+def _is_tensor(x: Any) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+# -- construction ------------------------------------------------------------------------
 
 
 def check_constructor(algorithm: str, hyper: Mapping[str, Any]) -> None:
@@ -18,9 +55,293 @@ def check_constructor(algorithm: str, hyper: Mapping[str, Any]) -> None:
     ``algorithm``: the client's key (adam, amsgrad, adamw, nadam, radam, adamax, adagrad,
     rmsprop, lamb); ``hyper``: the defaults merged with the caller's keyword arguments,
     under torch's names (including foreach, fused, capturable, differentiable).
+
+    torch checks ``fused`` against ``foreach``/``differentiable`` after it has taken the
+    parameters; here they come last too, but before the parameters are looked at.
     """
+    for key in _NOT_ACCEPTED.get(algorithm, ()):
+        if key in hyper:
+            raise TypeError(f"{_CLASS[algorithm]}.__init__() got an unexpected keyword "
+                            f"argument '{key}'")
+    if algorithm in ("adam", "amsgrad", "adamw"):
+        _adam(hyper)
+    elif algorithm in ("nadam", "radam", "adamax", "lamb"):
+        _adam_family(algorithm, hyper)
+    elif algorithm == "adagrad":
+        _adagrad(hyper)
+    elif algorithm == "rmsprop":
+        _rmsprop(hyper)
+
+
+def _nonnegative(x: Any) -> bool:
+    """torch's ``0.0 <= x``, written so (not ``x >= 0.0``): a value that cannot be
+    compared fails with the same TypeError as in torch."""
+    return bool(0.0 <= x)  # noqa: SIM300
+
+
+def _tensor_lr(lr: Any) -> None:
+    if _is_tensor(lr) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
+def _lr_eps(lr: Any, eps: Any) -> None:
+    if not _nonnegative(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not _nonnegative(eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+
+
+def _betas_wd(betas: Any, weight_decay: Any) -> None:
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not _nonnegative(weight_decay):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _fused(hyper: Mapping[str, Any]) -> None:
+    if hyper.get("fused"):
+        if hyper.get("differentiable", False):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if hyper.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _adam(hyper: Mapping[str, Any]) -> None:
+    """torch/optim/adam.py, Adam.__init__ (AdamW calls it)."""
+    lr, betas = hyper["lr"], hyper["betas"]
+    foreach, capturable = hyper.get("foreach"), hyper.get("capturable", False)
+    if _is_tensor(lr):
+        if foreach and not capturable:
+            raise ValueError(_TENSOR_LR_FOREACH)
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    _lr_eps(lr, hyper["eps"])
+    _betas_wd(betas, hyper["weight_decay"])
+    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (_is_tensor(betas[0]) and _is_tensor(betas[1]))):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i in (0, 1):
+        if _is_tensor(betas[i]):
+            if not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for "
+                                 "capturable=False and foreach=True")
+            if betas[i].numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    _fused(hyper)
+
+
+def _adam_family(algorithm: str, hyper: Mapping[str, Any]) -> None:
+    """NAdam, RAdam, Adamax (and LAMB, which has no torch class: Adam's numeric checks)."""
+    _tensor_lr(hyper["lr"])
+    _lr_eps(hyper["lr"], hyper["eps"])
+    _betas_wd(hyper["betas"], hyper["weight_decay"])
+    if algorithm == "nadam" and not _nonnegative(hyper["momentum_decay"]):
+        raise ValueError(f"Invalid momentum_decay value: {hyper['momentum_decay']}")
+
+
+def _adagrad(hyper: Mapping[str, Any]) -> None:
+    """torch/optim/adagrad.py, Adagrad.__init__."""
+    lr = hyper["lr"]
+    _tensor_lr(lr)
+    if not _nonnegative(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not _nonnegative(hyper["lr_decay"]):
+        raise ValueError(f"Invalid lr_decay value: {hyper['lr_decay']}")
+    if not _nonnegative(hyper["weight_decay"]):
+        raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']}")
+    if not _nonnegative(hyper["initial_accumulator_value"]):
+        raise ValueError("Invalid initial_accumulator_value value: "
+                         f"{hyper['initial_accumulator_value']}")
+    if not _nonnegative(hyper["eps"]):
+        raise ValueError(f"Invalid epsilon value: {hyper['eps']}")
+    _fused(hyper)
+
+
+def _rmsprop(hyper: Mapping[str, Any]) -> None:
+    """torch/optim/rmsprop.py, RMSprop.__init__."""
+    _tensor_lr(hyper["lr"])
+    _lr_eps(hyper["lr"], hyper["eps"])
+    if not _nonnegative(hyper["momentum"]):
+        raise ValueError(f"Invalid momentum value: {hyper['momentum']}")
+    if not _nonnegative(hyper["weight_decay"]):
+        raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']}")
+    if not _nonnegative(hyper["alpha"]):
+        raise ValueError(f"Invalid alpha value: {hyper['alpha']}")
+
+
+# -- step --------------------------------------------------------------------------------
+
+
+def _capturable_devices(supports_xla: bool) -> list[str]:
+    """torch.optim.optimizer._get_capturable_supported_devices."""
+    backend = torch._C._get_privateuse1_backend_name() if torch is not None else "privateuseone"
+    return ["cuda", "xpu", "hpu", backend, *(["xla"] if supports_xla else [])]
+
+
+def _foreach_devices() -> list[str]:
+    """torch.utils._foreach_utils._get_foreach_kernels_supported_devices."""
+    backend = torch._C._get_privateuse1_backend_name() if torch is not None else "privateuseone"
+    return ["cuda", "xpu", "mtia", backend]
+
+
+def _fused_devices() -> list[str]:
+    """torch.utils._foreach_utils._get_fused_kernels_supported_devices."""
+    backend = torch._C._get_privateuse1_backend_name() if torch is not None else "privateuseone"
+    return ["mps", "cuda", "xpu", "hpu", "cpu", "mtia", backend]
+
+
+def _device(p: Any) -> str:
+    """The device type a parameter is on (NumPy arrays: the CPU)."""
+    return str(p.device.type) if _is_tensor(p) else "cpu"
+
+
+def _has_grad(p: Any) -> bool:
+    """Whether torch's step takes ``p`` (NumPy arrays get their gradients in step())."""
+    return not _is_tensor(p) or p.grad is not None
+
+
+def _leaf_requiring_grad(p: Any) -> bool:
+    return _is_tensor(p) and bool(p.requires_grad) and bool(p.is_leaf)
+
+
+def _default_foreach(params: Sequence[Any], differentiable: bool) -> bool:
+    """torch.optim.optimizer._default_to_fused_or_foreach(params, differentiable, False)[1]."""
+    if differentiable:
+        return False
+    supported = _foreach_devices()
+    plain = (torch.Tensor, torch.nn.Parameter) if torch is not None else ()
+    return all(type(p) in plain and _device(p) in supported for p in params)
+
+
+def _check_fused_device(p: Any) -> None:
+    """torch.optim.optimizer._device_dtype_check_for_fused."""
+    supported = _fused_devices()
+    floating = bool(p.is_floating_point()) if _is_tensor(p) else True
+    if not (_device(p) in supported and floating):
+        dtype = p.dtype
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
+                           f"of supported devices: {supported} but {dtype} and {_device(p)}")
+
+
+def _capturable_error(algorithm: str, supports_xla: bool, foreach: bool) -> AssertionError:
+    devices = _capturable_devices(supports_xla)
+    if algorithm == "nadam":
+        what = "params, mu_products, and state_steps" if foreach else (
+            "params, mu_products and state_steps")
+    else:
+        what = "params and state_steps"
+    return AssertionError(f"If capturable=True, {what} must be on supported devices: "
+                          f"{devices}.")
+
+
+def _single_tensor(algorithm: str, group: Mapping[str, Any], params: Sequence[Any]) -> None:
+    """The single-tensor loops: the capturable device check, then (autograd on, as torch
+    turns it on for differentiable=True) the first in-place update of a leaf parameter."""
+    capturable = algorithm != "adagrad" and group.get("capturable", False)
+    differentiable = group.get("differentiable", False)
+    supported = _capturable_devices(True)
+    for p in params:
+        if capturable and _device(p) not in supported:
+            raise _capturable_error(algorithm, True, foreach=False)
+        if differentiable and _leaf_requiring_grad(p):
+            raise RuntimeError(_LEAF_IN_PLACE)
+
+
+def _step_adam(algorithm: str, group: Mapping[str, Any], params: Sequence[Any]) -> None:
+    """Adam._init_group, then adam() and its _fused/_multi_tensor/_single_tensor paths."""
+    fused, foreach = group.get("fused"), group.get("foreach")
+    capturable = group.get("capturable", False)
+    differentiable = group.get("differentiable", False)
+    lr = group["lr"]
+    for p in params:
+        if fused:
+            _check_fused_device(p)
+        if foreach and _is_tensor(lr) and not capturable:
+            raise RuntimeError(_TENSOR_LR_FOREACH)
+    if fused is None and foreach is None:
+        foreach = _default_foreach(params, differentiable)
+        if foreach and _is_tensor(lr) and not capturable:
+            foreach = False
+    if fused:
+        if params and differentiable:
+            raise RuntimeError("Adam with fused=True does not support differentiable=True")
+    elif foreach:
+        if not params:
+            return
+        if _is_tensor(lr):
+            if not capturable:
+                raise RuntimeError(_TENSOR_LR_FOREACH)
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        for i, beta in enumerate(group["betas"], start=1):
+            if _is_tensor(beta):
+                if not capturable:
+                    raise ValueError(f"beta{i} as a Tensor is not supported for "
+                                     "capturable=False and foreach=True")
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor beta{i} must be 1-element")
+        if capturable and not all(_device(p) in _capturable_devices(False) for p in params):
+            raise _capturable_error(algorithm, False, foreach=True)
+        if differentiable:
+            raise AssertionError(_FOREACH_AUTOGRAD)
+    else:
+        _single_tensor(algorithm, group, params)
+
+
+def _step_other(algorithm: str, group: Mapping[str, Any], params: Sequence[Any]) -> None:
+    """NAdam, RAdam, Adamax, RMSprop and Adagrad: their functional dispatch and the
+    preambles of their foreach (and Adagrad's fused) implementations."""
+    foreach = group.get("foreach")
+    differentiable = group.get("differentiable", False)
+    fused = group.get("fused") if algorithm == "adagrad" else None
+    if fused:
+        for p in params[:1]:  # Adagrad checks the first parameter with a gradient
+            _check_fused_device(p)
+    if foreach is None and (algorithm != "adagrad" or fused is None):
+        foreach = _default_foreach(params, differentiable)
+    if fused:
+        if params and differentiable:
+            raise RuntimeError("adagrad with fused=True does not support differentiable=True")
+    elif foreach:
+        # Adamax and Adagrad refuse autograd before they look for parameters
+        if differentiable and (params or algorithm in ("adamax", "adagrad")):
+            raise AssertionError(_FOREACH_AUTOGRAD)
+        if params and algorithm != "adagrad" and group.get("capturable", False):
+            xla = algorithm == "rmsprop"
+            if not all(_device(p) in _capturable_devices(xla) for p in params):
+                raise _capturable_error(algorithm, xla, foreach=True)
+    else:
+        _single_tensor(algorithm, group, params)
+
+
+def _needs_check(group: Mapping[str, Any]) -> bool:
+    """Whether any switch of the group can make torch's step refuse it (the fast path)."""
+    if group.get("capturable") or group.get("fused") or group.get("differentiable"):
+        return True
+    # foreach (also the default, on CUDA) refuses Tensor lr and betas without capturable
+    return group.get("foreach", None) is not False and (
+        _is_tensor(group.get("lr")) or any(_is_tensor(b) for b in group.get("betas", ())))
 
 
 def check_step(algorithm: str, groups: Sequence[Mapping[str, Any]], params: Sequence[Any]) -> None:
     """Raise what torch raises at the first ``step()`` on the CPU for these groups and
-    parameters (for example ``capturable=True`` with CPU tensors)."""
+    parameters (for example ``capturable=True`` with CPU tensors).
+
+    ``params``: every parameter, in group order (each group's own ``params`` list is
+    used; ``params`` stands for a group without one). A torch parameter takes part when its ``.grad``
+    is set, as in torch; a NumPy array always does. Groups whose switches are all off
+    cost one look each.
+    """
+    if algorithm not in _CLASS:  # LAMB: no torch implementation to follow
+        return
+    for group in groups:
+        if not _needs_check(group):
+            continue
+        members = group.get("params", params)
+        with_grad = [p for p in members if _has_grad(p)]
+        if algorithm in ("adam", "amsgrad", "adamw"):
+            _step_adam(algorithm, group, with_grad)
+        else:
+            _step_other(algorithm, group, with_grad)

@@ -1034,6 +1034,54 @@ class OptimizerService:
         self._gauge()
         return info
 
+    def set_parameters(self, session_id: str, values: Iterable[TensorChunk]) -> SessionInfo:
+        """Overwrite the master weights of the tensors sent (whole tensors; others keep
+        theirs); the optimizer state is kept, as when torch's parameters are changed in
+        place between steps.
+
+        While a round of pushes is open or staged, values equal to the session's are
+        accepted and change nothing (every worker of a resumed job sends the weights
+        it loaded), and other values are refused: a round's gradients were computed
+        from the parameters it started with.
+        """
+        session = self.store.get(session_id)
+        opt = session.opt
+        layout = opt.layout
+        # decoded into a buffer of its own, outside the lock: a slow upload holds up
+        # no step; a refused request changes nothing
+        host = np.empty(layout.size, opt.dtype)
+        asm = _Assembler(layout, host)
+        for chunk in values:
+            asm.add(chunk)
+        if not asm.seen.any():
+            raise InvalidArgument("the request carries no parameter tensors")
+        asm.finish(require_all=False)  # each tensor sent is whole
+        sent = np.flatnonzero(asm.seen & (asm.received == np.diff(layout.offsets)))
+        spans = [layout.span(int(i)) for i in sent]
+        with self._locked(session_id) as current:
+            if current is not session:
+                raise NotFound(f"session {session_id!r} was replaced during the request")
+            if layout is not opt.layout:
+                raise FailedPrecondition(
+                    f"the tensors of session {session_id!r} changed while these parameters "
+                    "arrived: send them again")
+            r = session.round
+            if r is not None:
+                params = opt.backend.to_host(opt.param)
+                differ = [layout.tensors[int(i)].name for i, s in zip(sent, spans, strict=True)
+                          if not np.array_equal(params[s], host[s])]
+                if differ:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} has a round of pushes for step {r.step} "
+                        f"open: its parameters ({', '.join(differ[:8])}) can change between "
+                        "steps, not while the round's gradients are computed from them")
+                return _info(session)
+            for s in spans:
+                opt.param[s] = opt.backend.to_device(host[s])
+            session.version += 1
+            session.changed.notify_all()
+            return _info(session)
+
     # -- hyperparameters and state -------------------------------------------
 
     def set_hyperparameters(self, session_id: str, group: int,

@@ -72,6 +72,11 @@ class MemoryTransport(Transport):
             tensors.decode_into(s["params"][w.name], w.data, w.datatype)
         return self._info(session_id)
 
+    def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
+        for w in values:
+            tensors.decode_into(self.sessions[session_id]["params"][w.name], w.data, w.datatype)
+        return self._info(session_id)
+
     def _out(self, sid: str, datatype: str) -> list[WireTensor]:
         return [WireTensor(n, p.shape, datatype, tensors.encode(p, datatype))
                 for n, p in self.sessions[sid]["params"].items()]

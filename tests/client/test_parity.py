@@ -169,14 +169,17 @@ def test_torch_lr_schedulers(url: str, sid: str, kind: str) -> None:
             betas_seen.add(opt.param_groups[0]["betas"][0])
             for a, b in zip(remote_params, local_params, strict=True):
                 np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=ATOL)
-        # The server holds what the last step used (the scheduler's newest values are
-        # sent with the next step).
+        # describe() shows the scheduler's newest values, which the next step will use,
+        # not those of the last step
+        lr_next, beta1_next = ref.param_groups[0]["lr"], ref.param_groups[0]["betas"][0]
+        assert kind == "linear" or lr_next != lr_used  # linear ends flat at step 10
         info = opt.describe()
-        assert math.isclose(info.lr[0], lr_used, rel_tol=1e-12)
+        assert math.isclose(info.lr[0], lr_next, rel_tol=1e-12)
         if kind == "onecycle":
             assert len(betas_seen) > 5  # momentum cycled, and was sent
+            assert beta1_next != beta1_used
             assert math.isclose(info.groups[0]["betas"][0],  # type: ignore[index]
-                                beta1_used, rel_tol=1e-12)
+                                beta1_next, rel_tol=1e-12)
     finally:
         opt.close(delete=True)
 

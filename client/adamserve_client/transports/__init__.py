@@ -39,10 +39,19 @@ def connect(url: str, token: str | None = None, timeout: float | None = None, *,
     is unavailable (exponential backoff between them).
     """
     scheme = parse_url(url).scheme
-    if scheme == "grpc":
-        from adamserve_client.transports.grpc import GrpcTransport
+    try:
+        if scheme == "grpc":
+            from adamserve_client.transports.grpc import GrpcTransport
 
-        return GrpcTransport(url, token, timeout, retries=retries)
-    from adamserve_client.transports.http import HttpTransport
-
+            return GrpcTransport(url, token, timeout, retries=retries)
+        from adamserve_client.transports.http import HttpTransport
+    except ModuleNotFoundError as exc:
+        if exc.name not in _WIRE_LIBRARIES:
+            raise
+        raise ImportError(f"adamserve_client: {scheme}:// URLs need the {exc.name} package, "
+                          "which is not installed: pip install 'adamserve[client]'") from None
     return HttpTransport(url, token, timeout, retries=retries)
+
+
+# The packages each wire needs beyond the core install (the `client` extra brings them).
+_WIRE_LIBRARIES = frozenset({"grpc", "httpx", "httpcore", "h11", "anyio"})

@@ -239,6 +239,11 @@ class Transport(abc.ABC):
         """Roll the live session back to its checkpoint of ``step``."""
 
     @abc.abstractmethod
+    def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
+        """Overwrite the values of whole tensors (others keep theirs); the optimizer
+        state and step count are kept. Safe to repeat."""
+
+    @abc.abstractmethod
     def set_hyperparameters(self, session_id: str, group: int,
                             changes: Mapping[str, HyperValue]) -> SessionInfo:
         """Change hyperparameters of one group (torch names; betas as a pair)."""

@@ -45,6 +45,7 @@ _MAX_MESSAGE = 64 * _codec.MiB
 _STEP_CHUNK_FIELD = pb.StepRequest.DESCRIPTOR.fields_by_name["chunk"].number
 _CREATE_INITIAL_FIELD = pb.CreateSessionRequest.DESCRIPTOR.fields_by_name["initial"].number
 _ADD_INITIAL_FIELD = pb.AddTensorsRequest.DESCRIPTOR.fields_by_name["initial"].number
+_SET_VALUE_FIELD = pb.SetParametersRequest.DESCRIPTOR.fields_by_name["value"].number
 # Steps whose gradients fit in this many bytes go as one StepUnary message.
 _UNARY_BYTES = 1 * _codec.MiB
 
@@ -174,6 +175,7 @@ class GrpcTransport(Transport):
         self._stream_only: set[str] = set()
         self._push = method("stream_unary", "Push", pb.StepStatus)
         self._pull = method("unary_stream", "Pull", pb.TensorChunk)
+        self._set_params = method("stream_unary", "SetParameters", pb.SessionInfo)
         self._set_hyper = method("unary_unary", "SetHyperparameters", pb.SessionInfo)
         self._set_schedule = method("unary_unary", "SetSchedule", pb.SessionInfo)
         self._export = method("unary_stream", "ExportState", pb.StateChunk)
@@ -255,6 +257,15 @@ class GrpcTransport(Transport):
 
         return _session_info(self._call(lambda: self._add_tensors(requests(), **self._kw()),
                                         once=True))
+
+    def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
+        def requests() -> Iterator[Any]:
+            yield pb.SetParametersRequest(session_id=session_id)
+            for t in values:
+                yield from _codec.chunk_messages(t, _SET_VALUE_FIELD)
+
+        # repeating it writes the same values: safe to retry
+        return _session_info(self._call(lambda: self._set_params(requests(), **self._kw())))
 
     def describe(self, session_id: str) -> SessionInfo:
         req = pb.DescribeSessionRequest(session_id=session_id)

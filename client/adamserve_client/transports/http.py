@@ -217,6 +217,11 @@ class HttpTransport(Transport):
         return self._info("POST", self._path(session_id, "tensors"), content=content,
                           headers=headers)
 
+    def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
+        content, headers = _binary_body({"values": [_tensor_entry(t) for t in values]}, values)
+        return self._info("PUT", self._path(session_id, "params"), content=content,
+                          headers=headers)
+
     def describe(self, session_id: str) -> SessionInfo:
         return self._info("GET", self._path(session_id))
 

@@ -548,6 +548,13 @@ class ShardedTransport(Transport):
 
     # -- hyperparameters, workers, schedule ------------------------------------------
 
+    def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
+        parts = self._split(self._session(session_id).plan, values)
+        # a shard none of whose tensors changed is not called
+        infos = self._each(lambda i, t: t.set_parameters(session_id, parts[i]) if parts[i]
+                           else t.describe(session_id))
+        return self._merge_info(session_id, infos)
+
     def set_hyperparameters(self, session_id: str, group: int,
                             changes: Mapping[str, HyperValue]) -> SessionInfo:
         return self._merge_info(session_id, self._each(

@@ -1206,12 +1206,42 @@ class RestoreCheckpointRequest(_message.Message):
 Global___RestoreCheckpointRequest: _TypeAlias = RestoreCheckpointRequest  # noqa: Y015
 
 @_typing.final
-class SetHyperparametersRequest(_message.Message):
+class SetParametersRequest(_message.Message):
     """---------------------------------------------------------------------------
     Hyperparameters, schedules, state
 
-    Request for SetHyperparameters.
+    One message of the SetParameters client stream.
     """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to change: the first message, and only the first."""
+    @_builtins.property
+    def value(self) -> Global___TensorChunk:
+        """A chunk of a tensor's new values: every later message."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        value: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "session_id", b"session_id", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "session_id", b"session_id", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["session_id", "value"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SetParametersRequest: _TypeAlias = SetParametersRequest  # noqa: Y015
+
+@_typing.final
+class SetHyperparametersRequest(_message.Message):
+    """Request for SetHyperparameters."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -66,6 +66,11 @@ class OptimizerStub:
                 request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.PullRequest.SerializeToString,
                 response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.SetParameters = channel.stream_unary(
+                '/adamserve.v1.Optimizer/SetParameters',
+                request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SetParametersRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
+                _registered_method=True)
         self.SetHyperparameters = channel.unary_unary(
                 '/adamserve.v1.Optimizer/SetHyperparameters',
                 request_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SetHyperparametersRequest.SerializeToString,
@@ -187,6 +192,20 @@ class OptimizerServicer:
 
     def Pull(self, request, context):
         """Current parameter values, as chunks (server stream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetParameters(self, request_iterator, context):
+        """Overwrite the parameter values of some tensors, as torch's in-place changes
+        of parameters between steps (loading weights, clamping, re-initialising): the
+        optimizer state and step count are kept, tensors not sent keep their values.
+        Client stream: the first message carries `session_id`, every later one a
+        `value` chunk (tensors whole, in the session's dtype or any wire datatype).
+        While a round of pushes is open, values equal to the session's are accepted
+        and change nothing; others get FAILED_PRECONDITION. A refused request
+        changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -322,6 +341,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.PullRequest.FromString,
                     response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.TensorChunk.SerializeToString,
+            ),
+            'SetParameters': grpc.stream_unary_rpc_method_handler(
+                    servicer.SetParameters,
+                    request_deserializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SetParametersRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.SerializeToString,
             ),
             'SetHyperparameters': grpc.unary_unary_rpc_method_handler(
                     servicer.SetHyperparameters,
@@ -548,6 +572,33 @@ class Optimizer:
             '/adamserve.v1.Optimizer/Pull',
             adamserve__proto_dot_v1_dot_optimizer__pb2.PullRequest.SerializeToString,
             adamserve__proto_dot_v1_dot_optimizer__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetParameters(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/adamserve.v1.Optimizer/SetParameters',
+            adamserve__proto_dot_v1_dot_optimizer__pb2.SetParametersRequest.SerializeToString,
+            adamserve__proto_dot_v1_dot_optimizer__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,

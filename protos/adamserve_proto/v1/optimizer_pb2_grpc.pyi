@@ -106,6 +106,16 @@ class OptimizerStub:
     """
     Pull: _grpc.UnaryStreamMultiCallable[_optimizer_pb2.PullRequest, _optimizer_pb2.TensorChunk]
     """Current parameter values, as chunks (server stream)."""
+    SetParameters: _grpc.StreamUnaryMultiCallable[_optimizer_pb2.SetParametersRequest, _optimizer_pb2.SessionInfo]
+    """Overwrite the parameter values of some tensors, as torch's in-place changes
+    of parameters between steps (loading weights, clamping, re-initialising): the
+    optimizer state and step count are kept, tensors not sent keep their values.
+    Client stream: the first message carries `session_id`, every later one a
+    `value` chunk (tensors whole, in the session's dtype or any wire datatype).
+    While a round of pushes is open, values equal to the session's are accepted
+    and change nothing; others get FAILED_PRECONDITION. A refused request
+    changes nothing.
+    """
     SetHyperparameters: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.SetHyperparametersRequest, _optimizer_pb2.SessionInfo]
     """Change hyperparameters of one parameter group; takes effect at the next step."""
     SetSchedule: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.SetScheduleRequest, _optimizer_pb2.SessionInfo]
@@ -192,6 +202,16 @@ class OptimizerAsyncStub(OptimizerStub):
     """
     Pull: _aio.UnaryStreamMultiCallable[_optimizer_pb2.PullRequest, _optimizer_pb2.TensorChunk]  # type: ignore[assignment]
     """Current parameter values, as chunks (server stream)."""
+    SetParameters: _aio.StreamUnaryMultiCallable[_optimizer_pb2.SetParametersRequest, _optimizer_pb2.SessionInfo]  # type: ignore[assignment]
+    """Overwrite the parameter values of some tensors, as torch's in-place changes
+    of parameters between steps (loading weights, clamping, re-initialising): the
+    optimizer state and step count are kept, tensors not sent keep their values.
+    Client stream: the first message carries `session_id`, every later one a
+    `value` chunk (tensors whole, in the session's dtype or any wire datatype).
+    While a round of pushes is open, values equal to the session's are accepted
+    and change nothing; others get FAILED_PRECONDITION. A refused request
+    changes nothing.
+    """
     SetHyperparameters: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.SetHyperparametersRequest, _optimizer_pb2.SessionInfo]  # type: ignore[assignment]
     """Change hyperparameters of one parameter group; takes effect at the next step."""
     SetSchedule: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.SetScheduleRequest, _optimizer_pb2.SessionInfo]  # type: ignore[assignment]
@@ -311,6 +331,22 @@ class OptimizerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_optimizer_pb2.TensorChunk], _abc.AsyncIterator[_optimizer_pb2.TensorChunk]]:
         """Current parameter values, as chunks (server stream)."""
+
+    @_abc_1.abstractmethod
+    def SetParameters(
+        self,
+        request_iterator: _MaybeAsyncIterator[_optimizer_pb2.SetParametersRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.SessionInfo, _abc.Awaitable[_optimizer_pb2.SessionInfo]]:
+        """Overwrite the parameter values of some tensors, as torch's in-place changes
+        of parameters between steps (loading weights, clamping, re-initialising): the
+        optimizer state and step count are kept, tensors not sent keep their values.
+        Client stream: the first message carries `session_id`, every later one a
+        `value` chunk (tensors whole, in the session's dtype or any wire datatype).
+        While a round of pushes is open, values equal to the session's are accepted
+        and change nothing; others get FAILED_PRECONDITION. A refused request
+        changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def SetHyperparameters(

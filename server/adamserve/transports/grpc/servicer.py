@@ -470,6 +470,11 @@ class OptimizerServicer:
         initial = _chunks(requests, "initial", "AddTensors")
         return session_info(self.service.add_tensors(session_id, tensors, group, initial))
 
+    def SetParameters(self, requests: Iterator[Any], context: Any) -> Any:
+        session_id = _session_id(_first(requests, "session_id", "SetParameters"))
+        values = _chunks(requests, "value", "SetParameters")
+        return session_info(self.service.set_parameters(session_id, values))
+
     @staticmethod
     def _push_id(header: Any) -> PushId | None:
         if not header.sequence and not header.worker_id:
@@ -634,6 +639,7 @@ _METHODS: dict[str, tuple[bool, bool, Any]] = {
     "StepUnary": (False, False, pb.StepUnaryRequest),
     "Push": (True, False, pb.StepRequest),
     "Pull": (False, True, pb.PullRequest),
+    "SetParameters": (True, False, pb.SetParametersRequest),
     "SetHyperparameters": (False, False, pb.SetHyperparametersRequest),
     "SetSchedule": (False, False, pb.SetScheduleRequest),
     "ExportState": (False, True, pb.ExportStateRequest),

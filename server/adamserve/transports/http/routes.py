@@ -35,6 +35,7 @@ from adamserve.transports.http.schemas import (
     ErrorBody,
     Health,
     HyperparametersRequest,
+    ParametersRequest,
     PullRequest,
     PullResponse,
     PushRequest,
@@ -57,7 +58,8 @@ M = TypeVar("M", bound=BaseModel)
 
 # Models only referenced from openapi_extra; the app adds them to the components.
 RAW_BODY_MODELS: tuple[type[BaseModel], ...] = (
-    CreateSessionRequest, AddTensorsRequest, StepRequest, PushRequest, PullRequest)
+    CreateSessionRequest, AddTensorsRequest, StepRequest, PushRequest, PullRequest,
+    ParametersRequest)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
@@ -351,6 +353,20 @@ async def pull(session_id: str, request: Request, service: Service) -> Response:
                          min_step=body.min_step, timeout=body.timeout)
     return await _call(_tensors_response, request, PullResponse(params=[]), chunks,
                        body.binary_output)
+
+
+@router.put("/v1/sessions/{session_id}/params", response_model=SessionOut, responses=_ERRORS,
+            openapi_extra=_tensor_body(ParametersRequest), summary="Overwrite parameters")
+async def set_parameters(session_id: str, request: Request, service: Service) -> Response:
+    """Overwrite the values of some tensors, as torch's in-place changes of parameters
+    between steps (loading weights, clamping): the optimizer state and step count are
+    kept. While a round of pushes is open, values equal to the session's are accepted
+    and change nothing; others get 409. A refused request changes nothing."""
+    body, payload = await _read(request, ParametersRequest)
+    chunks = await _call(binary.tensor_chunks, body.values, payload)
+    _count_in(chunks)
+    info = await _call(service.set_parameters, session_id, chunks)
+    return _json(session_out(info))
 
 
 # -- hyperparameters, schedule, state -----------------------------------------

@@ -226,6 +226,12 @@ class PushRequest(_Request):
                                   description="As in a step request")
 
 
+class ParametersRequest(_Request):
+    values: list[TensorIn] = Field(
+        description="New values of whole tensors (others keep theirs); the optimizer state "
+        "and step count are kept")
+
+
 class PullRequest(_Request):
     names: list[str] | None = Field(default=None, description="Tensors to return; all if empty")
     datatype: Datatype = "FP32"
