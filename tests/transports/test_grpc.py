@@ -805,6 +805,66 @@ def test_bad_add_tensors_are_refused_and_change_nothing(srv: Server, session: st
     assert [t.name for t in info.tensors] == ["w", "b", "n"] and len(info.groups) == 2
 
 
+def set_requests(sid: str, values: Arrays, per_chunk: int | None = None
+                 ) -> list[pb.SetParametersRequest]:
+    msgs = [pb.SetParametersRequest(session_id=sid)]
+    for n, a in values.items():
+        msgs += [pb.SetParametersRequest(value=c) for c in tensor_chunks(n, a, "FP32", per_chunk)]
+    return msgs
+
+
+def test_set_parameters_mid_run_equals_local(stub: pb_grpc.OptimizerStub) -> None:
+    """Whole tensors overwritten between steps (in chunks, in any datatype); the moments
+    and step count stay, the other tensors keep their values."""
+    sid = new_id()
+    init = small_model(3)
+    create(stub, sid, init)
+    ref = local(init)
+    rng = np.random.default_rng(4)
+    grads = small_grads(rng)
+    step(stub, sid, grads)
+    local_step(ref, grads)
+    w = rand(rng, 8, 16)
+    info = stub.SetParameters(iter(set_requests(sid, {"w": w}, per_chunk=50)))
+    assert info.step == 1
+    ref.param[ref.layout.span(ref.layout.index("w"))] = w.reshape(-1)
+    half = np.full(16, 0.5, np.float32)
+    stub.SetParameters(iter([pb.SetParametersRequest(session_id=sid),
+                             *[pb.SetParametersRequest(value=c)
+                               for c in tensor_chunks("b", half, "FP16")]]))
+    ref.param[ref.layout.span(ref.layout.index("b"))] = half
+    _, params, _ = step(stub, sid, grads)
+    assert_same(params, local_step(ref, grads))
+
+
+def test_bad_set_parameters_are_refused_and_change_nothing(srv: Server, session: str) -> None:
+    before = srv.fp(session)
+    w = np.ones((8, 16), np.float32)
+    cases: list[tuple[list[pb.SetParametersRequest], grpc.StatusCode, tuple[str, ...]]] = [
+        (set_requests(session, {"zz": w}), grpc.StatusCode.INVALID_ARGUMENT,
+         ("'zz' is not in this session",)),
+        (set_requests(session, {"w": np.ones((16, 8), np.float32)}),
+         grpc.StatusCode.INVALID_ARGUMENT, ("expected shape [8, 16], got [16, 8]",)),
+        (set_requests(session, {"w": w}, per_chunk=50)[:2], grpc.StatusCode.INVALID_ARGUMENT,
+         ("received 50 of 128 elements",)),
+        (set_requests(session, {"w": w, "b": np.ones(3, np.float32)}),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'b'", "expected shape [16], got [3]")),
+        (set_requests(session, {}), grpc.StatusCode.INVALID_ARGUMENT,
+         ("no parameter tensors",)),
+        (set_requests("ghost", {"w": w}), grpc.StatusCode.NOT_FOUND, ("ghost",)),
+        (set_requests("", {"w": w}), grpc.StatusCode.INVALID_ARGUMENT, ("session_id",)),
+        (set_requests(session, {"w": w})[1:], grpc.StatusCode.INVALID_ARGUMENT,
+         ("first message", "session_id")),
+        ([], grpc.StatusCode.INVALID_ARGUMENT, ("empty stream",)),
+        (set_requests(session, {"w": w}) + [pb.SetParametersRequest(session_id=session)],
+         grpc.StatusCode.INVALID_ARGUMENT, ("`session_id` may only be sent in the first",)),
+    ]
+    for msgs, code, needles in cases:
+        expect(lambda: srv.stub.SetParameters(iter(msgs)), code,  # noqa: B023 (called at once)
+               *needles)
+        assert srv.fp(session) == before, needles
+
+
 def test_import_garbage_state_is_refused(srv: Server, session: str) -> None:
     stub = srv.stub
     before = srv.fp(session)

@@ -353,6 +353,33 @@ def test_add_tensors_mid_run_matches_local_optimizer(client: httpx.Client, live:
     assert r.json()["step"] == 3
 
 
+def test_set_parameters_mid_run_matches_local_optimizer(client: httpx.Client) -> None:
+    """PUT /params overwrites whole tensors (JSON or binary) and keeps the moments."""
+    initial = rng_values(11)
+    create(client, "set-params", seed=11)
+    ref = reference(initial)
+    grads = rng_values(12)
+    body = {"gradients": [json_tensor(n, g) for n, g in grads.items()]}
+    assert client.post("/v1/sessions/set-params/step", json=body).status_code == 200
+    ref_step(ref, grads)
+    w = np.full((4, 3), 0.25, np.float32)
+    r = client.put("/v1/sessions/set-params/params", json={"values": [json_tensor("w", w)]})
+    assert r.status_code == 200, r.text
+    assert r.json()["step"] == 1
+    b = np.arange(3, dtype=np.float32)
+    r = client.put("/v1/sessions/set-params/params", **binary_body(
+        {"values": [binary_tensor("b", (3,), "FP32", 12)]}, [b.tobytes()]))
+    assert r.status_code == 200, r.text
+    ref.param[ref.layout.span(ref.layout.index("w"))] = w.ravel()
+    ref.param[ref.layout.span(ref.layout.index("b"))] = b
+    assert client.post("/v1/sessions/set-params/step", json=body).status_code == 200
+    ref_step(ref, grads)
+    out = client.post("/v1/sessions/set-params/pull", json={}).json()["params"]
+    for t in out:
+        np.testing.assert_array_equal(fp32(t["data"]), ref_param(ref, t["name"]), t["name"])
+    client.delete("/v1/sessions/set-params")
+
+
 def test_state_export_import_round_trip(client: httpx.Client, live: Live) -> None:
     create(client, "st-a", seed=6)
     for k in range(2):
@@ -547,6 +574,7 @@ def _bin(req: dict[str, Any], payload: bytes, header_len: int | str | None = Non
 W_BIN = binary_tensor("w", (4, 3), "FP32", 48)
 STEP = f"/v1/sessions/{VICTIM}/step"
 TENSORS = f"/v1/sessions/{VICTIM}/tensors"
+PARAMS = f"/v1/sessions/{VICTIM}/params"
 
 BAD: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("unknown session", "POST", "/v1/sessions/nope/step", {"json": {"gradients": [_w()]}},
@@ -652,6 +680,21 @@ BAD: list[tuple[str, str, str, dict[str, Any], int, str]] = [
      400, "tensors[0].group: Input should be greater than or equal to 0"),
     ("add: tensors missing", "POST", TENSORS, {"json": {"group": {}}},
      400, "tensors: Field required"),
+    ("params: unknown tensor", "PUT", PARAMS, {"json": {"values": [_w(name="zz")]}},
+     400, "tensor 'zz' is not in this session; expected one of w, b, e"),
+    ("params: wrong shape", "PUT", PARAMS, {"json": {"values": [_w(shape=[3, 4])]}},
+     400, "expected shape [4, 3], got [3, 4]"),
+    ("params: short data", "PUT", PARAMS, {"json": {"values": [_w(data=[1.0] * 11)]}},
+     400, "tensor 'w': data has 11 values; shape [4, 3] needs 12"),
+    ("params: none", "PUT", PARAMS, {"json": {"values": []}},
+     400, "carries no parameter tensors"),
+    ("params: one good, one bad", "PUT", PARAMS,
+     {"json": {"values": [_w(), _w(name="b", shape=[2, 6])]}}, 400,
+     "expected shape [3], got [2, 6]"),
+    ("params: binary short of its size", "PUT", PARAMS,
+     _bin({"values": [W_BIN]}, b"\0" * 40), 400, "binary data ends at byte 48"),
+    ("params: unknown session", "PUT", "/v1/sessions/nope/params",
+     {"json": {"values": [_w()]}}, 404, "session 'nope' does not exist"),
     ("state blob garbage", "PUT", f"/v1/sessions/{VICTIM}/state",
      {"content": b"definitely not safetensors"}, 400, "state blob"),
     ("state blob empty", "PUT", f"/v1/sessions/{VICTIM}/state", {"content": b""},
