@@ -856,7 +856,7 @@ def test_bad_set_parameters_are_refused_and_change_nothing(srv: Server, session:
         (set_requests(session, {"w": w})[1:], grpc.StatusCode.INVALID_ARGUMENT,
          ("first message", "session_id")),
         ([], grpc.StatusCode.INVALID_ARGUMENT, ("empty stream",)),
-        (set_requests(session, {"w": w}) + [pb.SetParametersRequest(session_id=session)],
+        ([*set_requests(session, {"w": w}), pb.SetParametersRequest(session_id=session)],
          grpc.StatusCode.INVALID_ARGUMENT, ("`session_id` may only be sent in the first",)),
     ]
     for msgs, code, needles in cases:
