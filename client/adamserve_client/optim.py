@@ -149,6 +149,20 @@ _SLOT_ORDER = {k: i for i, k in enumerate((
     "square_avg", "momentum_buffer", "grad_avg"))}
 
 
+# torch.optim's messages for a sparse gradient (AdamW's is Adam's, its base class).
+_SPARSE = {
+    "adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
+    "amsgrad": "Adam does not support sparse gradients, please consider SparseAdam instead",
+    "adamw": "Adam does not support sparse gradients, please consider SparseAdam instead",
+    "nadam": "NAdam does not support sparse gradients",
+    "radam": "RAdam does not support sparse gradients",
+    "adamax": "Adamax does not support sparse gradients",
+    "rmsprop": "RMSprop does not support sparse gradients",
+    # torch's Adagrad takes them; the server's does not yet
+    "adagrad": "Adagrad here does not take sparse gradients: send grad.to_dense()",
+}
+
+
 def _algorithm(name: str) -> Algorithm:
     key = name.strip().lower()
     if key not in ALGORITHMS:
@@ -280,13 +294,17 @@ class RemoteOptimizer(_Base):
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for "
                              f"{algorithm}; expected {', '.join(sorted(algo.keys))}")
-        if isinstance(params, np.ndarray) or _is_tensor(params):
-            raise TypeError("params argument given to the optimizer should be an iterable of "
-                            f"arrays, tensors or dicts, but got {type(params).__name__}")
         defaults = dict(hyperparameters)
         for key, value in algo.defaults.items():
             defaults.setdefault(key, value)
         validation.check_constructor(algorithm.strip().lower(), defaults)
+        # after the hyperparameters, as torch checks them
+        if _is_tensor(params):
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got {torch.typename(params)}")
+        if isinstance(params, np.ndarray):
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            "arrays or dicts, but got numpy.ndarray")
         self.algorithm = algorithm.strip().lower()
         self._algo = algo
         # both follow the parameters unless given (see _choose_dtypes)
@@ -403,6 +421,7 @@ class RemoteOptimizer(_Base):
         names = group.get("param_names")
         start = len(self._params)
         taken = {p.name for p in self._params}
+        values = {id(p.value) for p in self._params}
         added = []
         for k, value in enumerate(group["params"]):
             self._set_mode(value)
@@ -410,9 +429,15 @@ class RemoteOptimizer(_Base):
                 raise TypeError(f"parameter {k} of group {g} has dtype {value.dtype}; the "
                                 "optimizer needs floating-point parameters")
             name = str(names[k]) if names else f"param.{start + k}"
+            if id(value) in values:
+                # torch warns and updates it twice per step, a behaviour it deprecates
+                raise ValueError(f"parameter {k} of group {g} appears in the optimizer more "
+                                 "than once (torch warns that this will become an error): "
+                                 "list each parameter once")
             if name in taken:
                 raise ValueError(f"parameter name {name!r} appears twice")
             taken.add(name)
+            values.add(id(value))
             added.append(_Param(name, g, value, _shape(value)))
         return added
 
@@ -488,8 +513,8 @@ class RemoteOptimizer(_Base):
             raise ValueError(f"gradient for {p.name!r} has shape {list(x.shape)}, the "
                              f"parameter has shape {list(p.shape)}")
         if x.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                               f"({p.name!r})")
+            raise RuntimeError(_SPARSE.get(self.algorithm, f"{type(self).__name__} does not "
+                                           "support sparse gradients"))
         host = self._host_tensor(p, x, datatype, key)
         data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else b""
         return WireTensor(p.name, p.shape, datatype, data)
@@ -775,9 +800,9 @@ class RemoteOptimizer(_Base):
                     loss = closure()
             else:
                 loss = closure()
-        validation.check_step(self.algorithm, self.param_groups,
-                              [p.value for p in self._params])
         wire, sent = self._gradients(grads)
+        validation.check_step(self.algorithm, self.param_groups,
+                              [p.value for p in sent.values()])
         if not wire:
             if self._coordinated and self._workers is not None and self._workers.count > 1:
                 raise ValueError("no parameter has a gradient, but every worker of a "
@@ -1057,11 +1082,13 @@ class Adam(RemoteOptimizer):
                  differentiable: bool = False, fused: bool | None = None,
                  decoupled_weight_decay: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adam", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
@@ -1077,12 +1104,14 @@ class AdamW(RemoteOptimizer):
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  server: Server = None, session: str | None = None,
-                 token: str | None = None, wire_dtype: str | None = None, master_dtype: str | None = None,
+                 token: str | None = None, wire_dtype: str | None = None,
+                 master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adamw", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
@@ -1099,11 +1128,13 @@ class NAdam(RemoteOptimizer):
                  maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "nadam", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay,
@@ -1120,11 +1151,13 @@ class RAdam(RemoteOptimizer):
                  maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "radam", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, foreach=foreach, capturable=capturable,
@@ -1140,11 +1173,13 @@ class Adamax(RemoteOptimizer):
                  maximize: bool = False, differentiable: bool = False,
                  capturable: bool = False, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adamax", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          foreach=foreach, maximize=maximize, differentiable=differentiable,
@@ -1159,12 +1194,14 @@ class Adagrad(RemoteOptimizer):
                  eps: float = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  server: Server = None, session: str | None = None,
-                 token: str | None = None, wire_dtype: str | None = None, master_dtype: str | None = None,
+                 token: str | None = None, wire_dtype: str | None = None,
+                 master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "adagrad", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value,
@@ -1181,11 +1218,13 @@ class RMSprop(RemoteOptimizer):
                  foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "rmsprop", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                          weight_decay=weight_decay, capturable=capturable, foreach=foreach,
@@ -1203,11 +1242,13 @@ class LAMB(RemoteOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, *, maximize: bool = False,
                  bias_correction: bool = True, server: Server = None,
                  session: str | None = None, token: str | None = None,
-                 wire_dtype: str | None = None, master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
                  worker_id: str | None = None) -> None:
         super().__init__(params, "lamb", server=server, session=session, token=token,
-                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule, timeout=timeout,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
                          workers=workers, worker_id=worker_id,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, bias_correction=bias_correction)

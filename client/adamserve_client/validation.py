@@ -12,6 +12,12 @@ of torch refuses for the implementation switches (``foreach``, ``fused``,
 parameter group (``fused`` → ``foreach`` → the single-tensor loop, ``foreach=None``
 defaulting as ``_default_to_fused_or_foreach`` does) and raises the first error that
 implementation raises, group by group, parameter by parameter.
+
+Two approximations, both for groups that override a switch of the defaults: torch
+turns autograd on during ``step()`` from ``defaults["differentiable"]`` (the groups are
+all check_step sees, so each group's own flag stands for it), and Adagrad checks the
+device and dtype of ``fused`` parameters once per optimizer (here: every step, with the
+same verdict, since a parameter's device and dtype do not change).
 """
 
 from __future__ import annotations
@@ -330,9 +336,9 @@ def check_step(algorithm: str, groups: Sequence[Mapping[str, Any]], params: Sequ
     parameters (for example ``capturable=True`` with CPU tensors).
 
     ``params``: every parameter, in group order (each group's own ``params`` list is
-    used; ``params`` stands for a group without one). A torch parameter takes part when its ``.grad``
-    is set, as in torch; a NumPy array always does. Groups whose switches are all off
-    cost one look each.
+    used; ``params`` stands for a group without one). A torch parameter takes part when
+    its ``.grad`` is set, as in torch; a NumPy array always does. A group whose switches
+    are all off (and whose lr and betas are not Tensors) costs one look.
     """
     if algorithm not in _CLASS:  # LAMB: no torch implementation to follow
         return

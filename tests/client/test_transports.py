@@ -269,9 +269,18 @@ def test_unreachable_server_is_a_connection_error_naming_the_url(scheme: str) ->
 
 
 def test_bad_hyperparameter_is_a_value_error_with_the_servers_message(url: str) -> None:
-    with pytest.raises(ValueError, match=r"lr: expected a value >= 0, got -1\.0") as e:
+    # the constructor checks as torch does, before any call to the server
+    with pytest.raises(ValueError, match=r"^Invalid learning rate: -1\.0$") as e:
         ac.Adam([torch.zeros(3)], lr=-1.0, server=url)
-    assert isinstance(e.value, ac.InvalidArgument) and e.value.code == "invalid_argument"
+    assert not isinstance(e.value, ac.InvalidArgument)
+    # what reaches the server is checked there too, and its message comes back
+    opt = ac.Adam([torch.zeros(3)], server=url)
+    try:
+        with pytest.raises(ValueError, match=r"lr: expected a value >= 0, got -1\.0") as e:
+            opt.transport.set_hyperparameters(opt.session_id, 0, {"lr": -1.0})
+        assert isinstance(e.value, ac.InvalidArgument) and e.value.code == "invalid_argument"
+    finally:
+        opt.close()
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         ac.RemoteOptimizer([torch.zeros(3)], "adam", server=url, momentum=0.9)
     with pytest.raises(ValueError, match="unknown algorithm 'sgd'"):
