@@ -6,8 +6,9 @@ tensors that changed (SetParameters). This starts a real ``adamserve serve`` pro
 (CPU backend) and times, through the Python client (torch tensors, gRPC), one step
 of a 16M-parameter fp32 Adam session in 8 tensors:
 
-* nothing changed, with the check (the default) and with the check turned off, the
-  two interleaved step by step so that both see the same machine;
+* nothing changed, with the check (the default) and with the check turned off,
+  interleaved with the next case step by step (each first in turn) so that all see
+  the same machine;
 * one tensor (1/8 of the parameters) changed in place before each step;
 * the check alone (``_changed()``), over many calls.
 
@@ -68,11 +69,13 @@ def main() -> None:
 
             for _ in range(3):
                 opt.step()  # warm-up
-            with_times, without_times, changed_times = [], [], []
-            for _ in range(args.repeat):
-                with_times.append(timed(opt.step))
-                without_times.append(timed(without_check))
-                changed_times.append(timed(one_changed))
+            cases: list[tuple[Callable[[], object], list[float]]] = [
+                (opt.step, []), (without_check, []), (one_changed, [])]
+            for i in range(args.repeat):
+                for k in range(3):  # each case first, second and third in turn
+                    fn, times = cases[(i + k) % 3]
+                    times.append(timed(fn))
+            with_times, without_times, changed_times = (times for _, times in cases)
             calls = 10_000
             t0 = time.perf_counter()
             for _ in range(calls):

@@ -1,39 +1,82 @@
 """Domain errors. Each transport maps them to its own status codes, one table each.
 
-They sit outside the layers so every layer may raise them.
+They sit outside the layers so every layer may raise them. Besides its status
+(``code``) every error carries a stable machine-readable ``reason`` (UPPER_SNAKE_CASE,
+as google.rpc.ErrorInfo's): the class's default, or a more specific one from
+:data:`REASONS` given where it is raised, plus optional string ``metadata`` (the
+session id, the step...). A client branches on the reason, never on the message.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Every reason the server gives, and what it means. Stable: clients match on them.
+REASONS: dict[str, str] = {
+    "INTERNAL": "an unexpected server error (the message is generic)",
+    "INVALID_ARGUMENT": "the request is malformed or does not fit the session",
+    "SESSION_NOT_FOUND": "no such session (or it was deleted or replaced meanwhile)",
+    "CHECKPOINT_NOT_FOUND": "the session has no complete checkpoint of that step",
+    "SESSION_EXISTS": "a session with that id exists already",
+    "FAILED_PRECONDITION": "the session's state does not allow the request now",
+    "STALE_PUSH": "a push computed from a step the session has moved past, or too stale",
+    "PUSH_AHEAD": "a push computed from a step the session has not reached",
+    "ROUND_OPEN": "a change refused while a round of pushes is open",
+    "STEP_STAGED": "a change refused while a staged step waits for its commit",
+    "DUPLICATE_WORKER_PUSH": "a worker pushed twice for one step with other sequences",
+    "LAYOUT_CHANGED": "the session's tensors changed while the request arrived",
+    "CHECKPOINTS_DISABLED": "the server has no data directory",
+    "QUOTA_EXCEEDED": "a server limit on memory, waiting requests or workers",
+    "DEVICE_OUT_OF_MEMORY": "the device could not allocate what the request needs",
+    "ROUND_ABORTED": "a synchronous round failed: nothing was applied; push again",
+    "WAIT_TIMEOUT": "a wait for a step ran out of time; nothing changed",
+    "UNAUTHENTICATED": "a missing or wrong bearer token",
+}
 
 
 class ServiceError(Exception):
     """Base: a request was refused; the message says what was wrong and what was expected."""
 
     code = "internal"
+    default_reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or self.default_reason
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown error reason {self.reason!r}")
+        self.metadata = dict(metadata or {})
 
 
 class InvalidArgument(ServiceError):
     code = "invalid_argument"
+    default_reason = "INVALID_ARGUMENT"
 
 
 class NotFound(ServiceError):
     code = "not_found"
+    default_reason = "SESSION_NOT_FOUND"
 
 
 class AlreadyExists(ServiceError):
     code = "already_exists"
+    default_reason = "SESSION_EXISTS"
 
 
 class FailedPrecondition(ServiceError):
     code = "failed_precondition"
+    default_reason = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(ServiceError):
     code = "resource_exhausted"
+    default_reason = "QUOTA_EXCEEDED"
 
 
 class Unauthenticated(ServiceError):
     code = "unauthenticated"
+    default_reason = "UNAUTHENTICATED"
 
 
 class Aborted(ServiceError):
@@ -41,9 +84,11 @@ class Aborted(ServiceError):
     and the workers may push for the same step again."""
 
     code = "aborted"
+    default_reason = "ROUND_ABORTED"
 
 
 class DeadlineExceeded(ServiceError):
     """A wait (a pull for a step not reached yet) ran out of time; nothing changed."""
 
     code = "deadline_exceeded"
+    default_reason = "WAIT_TIMEOUT"
