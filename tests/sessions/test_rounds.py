@@ -354,7 +354,7 @@ def test_rounds_of_frozen_tensors_and_waits_that_end(tmp_path: Path) -> None:
     assert list(svc.store.get("s").opt.seg_step) == [1, 0]
     with pytest.raises(DeadlineExceeded, match=r"waiting for step 2 .* 1 of 2 pushes"):
         svc.step("s", only_w, push_id=PushId("a", 2), base_step=1, wait=0.1)
-    assert svc._waiting == 0
+    assert svc.waits.waiting == 0
     svc.checkpoint("s")
     waiter = in_threads(lambda: svc.step("s", only_w, push_id=PushId("a", 2), base_step=1),
                          lambda: (time.sleep(0.1), svc.restore_checkpoint("s", 1))[1])

@@ -19,23 +19,11 @@ from adamserve.service import OptimizerService, TensorChunk
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
 from adamserve.sessions.session import Session, SessionConfig
 from adamserve.sessions.store import Limits, SessionStore
+from tests.sessions.support import SHAPES
+from tests.sessions.support import gradients as _grads
+from tests.sessions.support import service as _service
 
-SHAPES = {"w": (4, 3), "b": (3,)}
 CONFIG = SessionConfig("adam", tuple(TensorSpec(k, s) for k, s in SHAPES.items()))
-
-
-def _service(data: Path, limits: Limits | None = None, every: int = 0,
-             store_cls: type[CheckpointStore] = CheckpointStore) -> OptimizerService:
-    svc = OptimizerService(SessionStore(CpuBackend(), store_cls(data), limits or Limits()),
-                           checkpoint_every_steps=every)
-    svc.start()
-    return svc
-
-
-def _grads(seed: int = 0) -> list[TensorChunk]:
-    rng = np.random.default_rng(seed)
-    return [TensorChunk(k, s, "FP32", rng.standard_normal(s).astype(np.float32).tobytes())
-            for k, s in SHAPES.items()]
 
 
 def test_refused_imports_change_nothing(tmp_path: Path) -> None:
@@ -91,7 +79,7 @@ def test_a_step_waiting_on_a_deleted_session_gets_not_found(tmp_path: Path) -> N
     t = threading.Thread(target=waiter)
     t.start()
     time.sleep(0.1)  # the waiter now blocks on the session's lock
-    session.deleted = True  # what delete() does under the lock
+    session.end()  # what delete() does under the lock
     svc.store.remove(session)
     svc.checkpoints.delete("s")  # type: ignore[union-attr]
     session.lock.release()

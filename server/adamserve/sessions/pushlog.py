@@ -6,7 +6,7 @@ duplicate or arrives out of order. Per worker the log keeps a low-water mark (ev
 sequence up to it was applied, or is too old to tell) and the applied sequences in a
 window of ``WINDOW`` above it, so it stays small even when sequences are skipped (a
 step refused or skipped for non-finite gradients leaves a gap). It is saved with
-every checkpoint, so it holds across a restart.
+every checkpoint, so it holds across a restart. :class:`PushId` names one push.
 """
 
 from __future__ import annotations
@@ -16,8 +16,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from adamserve.errors import InvalidArgument
+
 WINDOW = 1024  # how far out of order a worker's pushes may arrive
 MAX_WORKERS = 4096  # the least recently seen worker's record is dropped beyond this
+
+
+@dataclass(frozen=True)
+class PushId:
+    """Who sent a push: a worker id and its sequence number (1, 2, ...), for exactly-once."""
+
+    worker: str
+    sequence: int
+
+    def check(self) -> None:
+        if not self.worker or len(self.worker) > 128:
+            raise InvalidArgument(f"worker_id {self.worker!r}: expected 1-128 characters")
+        if self.sequence < 1:
+            raise InvalidArgument(f"sequence {self.sequence}: expected an integer >= 1")
+
+
+def as_pushes(push: PushId | None) -> dict[str, int]:
+    """One push as a step's record of its pushes (worker -> sequence)."""
+    return {} if push is None else {push.worker: push.sequence}
 
 
 @dataclass

@@ -16,18 +16,18 @@ clipping, the non-finite check) does not apply a closed round. It keeps the mean
 gradient staged and reports its per-tensor sums of squares; the step is applied
 when a commit brings the sums over every shard.
 
-This module holds the bookkeeping only; :mod:`adamserve.service` moves the data.
+This module holds what configures a session's workers and how a round ended;
+:mod:`adamserve.sessions.coordinator` runs the rounds (their states and buffers), and
+``docs/exchange.md`` describes the two-phase exchange end to end.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 MODES = ("sync", "async")
 POLICIES = ("fail", "apply")
@@ -100,35 +100,3 @@ class Outcome:
     contributors: int = 0
     missing: tuple[str, ...] = ()
     error: str | None = None  # the round failed: nothing was applied
-
-
-@dataclass
-class Round:
-    """The open round of a synchronous session (or the staged step of a shard).
-
-    ``acc`` is the sum of the arrived gradients (a device buffer owned by the round;
-    None until the first arrival). ``pushes`` maps each contributor to its push
-    sequence (0 for a push without one), recorded in the push log only once the
-    round is applied, so a round lost to a restart leaves the workers free to
-    push again.
-    """
-
-    step: int
-    id: int = 0  # unique in the session: a commit names the round it is for
-    acc: Any = None
-    pushes: dict[str, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-    staged: bool = False  # closed, waiting for the commit (exchange)
-    active: npt.NDArray[np.bool_] | None = None
-    grad_sumsq: npt.NDArray[np.float64] | None = None
-    lamb: Any = None  # the LambStep between the two commits of a split LAMB step
-    outcome: Outcome | None = None
-
-    @property
-    def arrived(self) -> int:
-        return len(self.pushes)
-
-    def deadline(self, config: WorkersConfig) -> float | None:
-        if config.straggler_timeout <= 0 or self.staged or not self.pushes:
-            return None
-        return self.started + config.straggler_timeout

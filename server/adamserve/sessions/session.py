@@ -1,23 +1,27 @@
-"""A session: one named optimizer, its flat state, and the lock that serialises its steps."""
+"""A session: one named optimizer, its flat state, the lock that serialises its steps,
+and the invariants every change keeps (see :class:`Session`)."""
 
 from __future__ import annotations
 
 import re
-import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from adamserve import metrics
 from adamserve.engine import algorithms as alg
 from adamserve.engine import schedules
 from adamserve.engine.backend import Backend
-from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, TensorSpec
-from adamserve.sessions.pushlog import PushLog
-from adamserve.sessions.rounds import Outcome, Round, WorkersConfig
+from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, StepReport, TensorSpec
+from adamserve.errors import InvalidArgument
+from adamserve.sessions.coordinator import Round, RoundCoordinator
+from adamserve.sessions.pushlog import PushId, PushLog
+from adamserve.sessions.rounds import WorkersConfig
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -146,6 +150,10 @@ def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
 
 @dataclass
 class Session:
+    """One optimizer and everything kept beside it. It keeps its own invariants: a
+    change of state goes through :meth:`changing` (or :meth:`record_step` for a step),
+    which moves ``version`` on and wakes the waiters; :meth:`end` retires it."""
+
     id: str
     config: SessionConfig
     opt: FlatOptimizer
@@ -157,25 +165,92 @@ class Session:
     created: float = field(default_factory=time.time)
     checkpointed_step: int = -1  # step of the last durable checkpoint
     checkpointed_at: float = field(default_factory=time.monotonic)
-    version: int = 0  # bumped by every change of state: steps, imports, hyperparameters
+    version: int = 0  # moved on by every change of state: steps, imports, hyperparameters
     checkpointed_version: int = 0
     deleted: bool = False  # set under the lock; a waiter that finds it set gets NotFound
     restored_to: int | None = None  # replaced by its checkpoint of this step (deleted too)
     pushes: PushLog = field(default_factory=PushLog)  # exactly-once record, checkpointed
-    # many workers (see adamserve.sessions.rounds); not checkpointed: a round lost to a
-    # restart is pushed again
-    round: Round | None = None
-    last: Outcome | None = None  # how the latest round ended
-    members: frozenset[str] = frozenset()  # the workers of the latest applied round
-    acc: Any = None  # the rounds' gradient sum (float64), allocated on first use
-    round_grad: Any = None  # a closed round's mean gradient, in the session's precision
-    anonymous: int = 0  # numbers pushes that carry no worker id
-    # round ids start at random: ids from before a restart are not reused
-    rounds: int = field(default_factory=lambda: secrets.randbits(40))
+    # what runs after every applied step (the store installs its checkpoint trigger)
+    on_step: Callable[[Session, StepReport], None] | None = None
     changed: threading.Condition = field(init=False)  # on ``lock``: rounds and steps
+    # many workers; not checkpointed: a round lost to a restart is pushed again
+    rounds: RoundCoordinator = field(init=False)
 
     def __post_init__(self) -> None:
         self.changed = threading.Condition(self.lock)
+        self.rounds = RoundCoordinator(self)
+
+    @property
+    def workers(self) -> WorkersConfig:
+        return self.config.workers
+
+    @property
+    def round(self) -> Round | None:
+        """The current round (open, or staged for its commit), if any."""
+        return self.rounds.current
+
+    # -- the one way to change a session (its lock held) -------------------------------
+
+    @contextmanager
+    def changing(self) -> Iterator[Session]:
+        """A change of state: once the block succeeds the version moves on (so the
+        session is dirty until checkpointed) and waiters wake; a block that raises
+        counts as no change (a refused request changes nothing)."""
+        yield self
+        self.version += 1
+        self.wake()
+
+    def record_step(self, report: StepReport, pushes: Mapping[str, int]) -> None:
+        """A step ran: counted; if applied (not skipped), its pushes (worker ->
+        sequence; 0: none) go in the push log, the state changed, and the ``on_step``
+        trigger runs."""
+        metrics.STEPS.inc()
+        if report.skipped:
+            metrics.SKIPPED_STEPS.inc()
+            return
+        with self.changing():
+            for worker, sequence in pushes.items():
+                if sequence:
+                    self.pushes.record(worker, sequence)
+        if self.on_step is not None:
+            self.on_step(self, report)
+
+    def seen(self, push: PushId | None, base_step: int | None = None) -> bool:
+        """Whether this push was applied before (raises if the log cannot take it).
+
+        A push numbered by the step it is for (sequence = base_step + 1, as the client
+        numbers the pushes of a named worker, so that a restarted worker goes on where
+        the session is) may jump ahead of the worker's last one by the steps others made.
+        """
+        if push is None:
+            return False
+        if self.pushes.seen(push.worker, push.sequence):
+            metrics.DUPLICATE_PUSHES.inc()
+            return True
+        if base_step is not None and push.sequence == base_step + 1:
+            return False
+        try:
+            self.pushes.check(push.worker, push.sequence)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return False
+
+    def wake(self) -> None:
+        """Wake every request waiting on this session (a step, a round, its end)."""
+        self.changed.notify_all()
+
+    def end(self, restored_to: int | None = None) -> None:
+        """Retire the session (deleted, or replaced by its checkpoint of ``restored_to``):
+        whoever holds or waits for it gets NotFound (or, restored, Aborted)."""
+        self.deleted = True
+        self.restored_to = restored_to
+        self.wake()
+
+    def checkpointed(self, step: int, version: int) -> None:
+        """A checkpoint of ``step``, taken at ``version``, is durable."""
+        self.checkpointed_version = version
+        self.checkpointed_step = step
+        self.checkpointed_at = time.monotonic()
 
     @property
     def state_bytes(self) -> int:

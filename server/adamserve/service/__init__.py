@@ -1,0 +1,16 @@
+"""The service layer: the operations both transports expose, on domain types only.
+
+``api`` (:class:`OptimizerService`: orchestration and validation), ``types`` (the
+domain types: :class:`TensorChunk`, :class:`SessionInfo`, :class:`StepResult`),
+``tensors`` (chunks checked and decoded into a session's layout, parameters encoded),
+``waits`` (requests that wait for a step, and their bounds). The rules a session keeps
+live one layer down, in :mod:`adamserve.sessions`.
+"""
+
+from adamserve.service.api import OptimizerService
+from adamserve.service.types import SessionInfo, StepResult, TensorChunk
+from adamserve.service.waits import MAX_WAIT, MAX_WAITERS
+from adamserve.sessions.pushlog import PushId
+
+__all__ = ["MAX_WAIT", "MAX_WAITERS", "OptimizerService", "PushId", "SessionInfo", "StepResult",
+           "TensorChunk"]

@@ -1,0 +1,586 @@
+"""OptimizerService: the operations both transports expose, on domain types only.
+
+Orchestration and validation: every request is checked against the session's layout
+before any state is touched (gradients are decoded into a buffer that is not state),
+and only a complete, valid request reaches the session. The rules live below it: a
+:class:`~adamserve.sessions.session.Session` keeps its invariants (the one way to
+take one is :meth:`SessionStore.locked <adamserve.sessions.store.SessionStore.locked>`,
+the one way to change one is ``session.changing()``), its
+:class:`~adamserve.sessions.coordinator.RoundCoordinator` runs the rounds of several
+workers, and :class:`~adamserve.sessions.checkpoint_policy.CheckpointPolicy` decides
+when checkpoints are written. Errors are :mod:`adamserve.errors` exceptions whose
+messages name the tensor and what was expected, each with a stable reason.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from adamserve import metrics
+from adamserve.engine import schedules, statedict
+from adamserve.engine.dtypes import encode
+from adamserve.engine.optimizer import Layout, StepReport, TensorSpec
+from adamserve.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from adamserve.service import answers
+from adamserve.service.tensors import (
+    Assembler,
+    check_datatype,
+    encode_params,
+    initial_values,
+    sums,
+)
+from adamserve.service.types import SessionInfo, StepResult, TensorChunk, session_info
+from adamserve.service.waits import Waits, bounded
+from adamserve.sessions import meta
+from adamserve.sessions.checkpoint_policy import CheckpointPolicy
+from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
+from adamserve.sessions.coordinator import Round, RoundState
+from adamserve.sessions.pushlog import PushId, PushLog, as_pushes
+from adamserve.sessions.rounds import Outcome
+from adamserve.sessions.session import Session, SessionConfig, check_tensors, slot_bytes
+from adamserve.sessions.store import SessionStore
+
+log = logging.getLogger("adamserve.service")
+
+
+class OptimizerService:
+    def __init__(self, store: SessionStore, *, checkpoint_every_steps: int = 0,
+                 checkpoint_every_seconds: float = 0.0) -> None:
+        self.store = store
+        self.checkpoints: CheckpointStore | None = store.checkpoints
+        self.policy = CheckpointPolicy(store.checkpoints, every_steps=checkpoint_every_steps,
+                                       every_seconds=checkpoint_every_seconds)
+        store.after_step = self.policy.after_step
+        self.waits = Waits()
+        self.ready = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> list[str]:
+        restored = self.store.restore_all()
+        self._gauge()
+        self.ready = True
+        return restored
+
+    def _gauge(self) -> None:
+        metrics.SESSIONS.set(len(self.store.all()))
+        metrics.STATE_BYTES.set(self.store.total_bytes())
+
+    # -- sessions ------------------------------------------------------------
+
+    def create(self, session_id: str, config: SessionConfig,
+               initial: Iterable[TensorChunk] = ()) -> SessionInfo:
+        """Create a session; tensors without initial values start at zero."""
+        session = self.store.create(session_id, config)  # returned locked
+        opt = session.opt
+        try:
+            host = initial_values(opt.layout, initial, opt.dtype)
+            with session.changing():  # version 1: never checkpointed yet
+                opt.param[...] = opt.backend.to_device(host)
+        except BaseException:
+            session.end()
+            self.store.remove(session)
+            raise
+        finally:
+            session.lock.release()
+        self._gauge()
+        log.info("created session %s: %s, %d tensors, %d elements", session_id,
+                 config.algorithm, len(config.tensors), opt.layout.size)
+        return session_info(session)
+
+    def describe(self, session_id: str) -> SessionInfo:
+        return session_info(self.store.get(session_id))
+
+    def list(self) -> builtins.list[SessionInfo]:
+        return [session_info(s) for s in self.store.all()]
+
+    def delete(self, session_id: str) -> None:
+        with self.store.locked(session_id) as session:
+            session.end()
+            self.store.remove(session)
+            if self.checkpoints is not None:
+                self.checkpoints.delete(session_id)
+        self._gauge()
+
+    # -- steps ---------------------------------------------------------------
+
+    def step(self, session_id: str, grads: Iterable[TensorChunk], *,
+             return_datatype: str | None = "FP32", require_all: bool = False,
+             push_id: PushId | None = None, base_step: int | None = None,
+             wait: float | None = None) -> StepResult:
+        """Apply one update from ``grads``; tensors not sent are left as they are.
+
+        ``return_datatype`` None returns no parameters (a push). ``push_id``: a push
+        this session applied before is acknowledged (``duplicate``) and not applied
+        again, so a client may retry a step whose answer it lost. ``base_step``: the
+        step whose parameters the gradient was computed from (staleness checks).
+
+        With several workers (synchronous mode) the push joins the open round: a
+        push returns at once (``pending``), a step waits for the round and returns
+        its outcome and the parameters of that step (``wait``: for at most that many
+        seconds, and never more than ``MAX_WAIT``). A shard of an exchange session
+        waits for the round to close and returns its sums of squares (``pending``);
+        :meth:`commit` applies it.
+        """
+        check_datatype(return_datatype, "return datatype")
+        if push_id is not None:
+            push_id.check()
+        if base_step is not None and base_step < 0:
+            raise InvalidArgument(f"base_step {base_step}: expected an integer >= 0")
+        t0 = time.perf_counter()
+        session = self.store.get(session_id)
+        rounds = session.rounds
+        with self.store.locked(session_id, session):  # refuse before reading the body
+            rounds.expire()  # a round past its straggler timeout ends now, not with this push
+            rounds.admit(push_id, base_step)
+            multi = rounds.in_rounds()
+        # One worker: its request is decoded into the session's gradient buffer, one at a
+        # time (intake). Rounds: each push into a buffer of its own, so a worker whose
+        # upload stalls holds up no other worker (nor the straggler timeout).
+        waiting: Round | None = None
+        opt = session.opt
+        with contextlib.nullcontext() if multi else session.intake:
+            own = multi or opt.backend.name != "cpu"
+            host = np.empty(opt.layout.size, opt.dtype) if own else opt.grad
+            asm = Assembler(opt.layout, host)
+            for chunk in grads:
+                asm.add(chunk)
+            active = asm.finish(require_all)
+            with self.store.locked(session_id, session):
+                self._same_layout(session, asm.layout, "this push arrived: push again")
+                duplicate = session.seen(push_id, base_step)
+                staleness = rounds.admit(push_id, base_step)
+                if duplicate:
+                    report = StepReport(opt.step_count, False, None)
+                elif rounds.in_rounds():
+                    waiting = rounds.arrive(host, active, push_id)
+                else:
+                    report = self._apply(session, host, active, asm.sumsq, push_id,
+                                         rounds.lr_scale(staleness), intake=not multi)
+                if waiting is None:
+                    params = (encode_params(opt, None, return_datatype) if return_datatype
+                              else [])
+        if waiting is not None:
+            return self._round_result(session, waiting, return_datatype, wait)
+        if not duplicate:
+            metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
+        return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
+                          duplicate, staleness=staleness, contributors=0 if duplicate else 1)
+
+    @staticmethod
+    def _same_layout(session: Session, layout: Layout, during: str) -> None:
+        """Refuse a request decoded against tensors that add_tensors has changed since."""
+        if layout is not session.opt.layout:
+            raise FailedPrecondition(
+                f"the tensors of session {session.id!r} changed while {during}",
+                reason="LAYOUT_CHANGED", metadata=meta(session.id))
+
+    @staticmethod
+    def _apply(session: Session, host: npt.NDArray[Any], active: npt.NDArray[np.bool_],
+               sumsq: npt.NDArray[np.float64] | None, push_id: PushId | None,
+               lr_scale: float = 1.0, *, intake: bool = True) -> StepReport:
+        """Step ``session`` (its lock held) from the decoded gradients in ``host``;
+        without ``intake`` held the session's gradient buffer is not ours to write."""
+        opt = session.opt
+        grad = None
+        if host is not opt.grad:
+            if intake:
+                opt.grad[...] = opt.backend.to_device(host)
+            else:
+                grad = opt.backend.to_device(host)
+        report = opt.step(None if active.all() else active, grad_sumsq=sumsq, lr_scale=lr_scale,
+                          grad=grad)
+        session.record_step(report, as_pushes(push_id))
+        return report
+
+    # -- rounds (several workers, or a shard's two-phase step) ---------------------------
+
+    def _round_result(self, session: Session, r: Round, return_datatype: str | None,
+                      wait: float | None = None) -> StepResult:
+        """What a push into round ``r`` answers: at once for a plain push; otherwise once
+        the round is applied (or staged, for an exchange session)."""
+        exchange = session.workers.exchange
+        if return_datatype is None and not exchange:
+            with session.lock:
+                if r.state is RoundState.OPEN:
+                    return StepResult(session.opt.step_count, False, None, (), pending=True)
+        self.waits.wait(session, lambda: r.state is not RoundState.OPEN, bounded(wait),
+                        f"step {r.step} (its round has {r.arrived} of {session.workers.count} "
+                        "pushes; this one stays in it: send it again to wait again)")
+        with self.store.locked(session.id, session):
+            if exchange and r.state is not RoundState.FAILED and r.grad_sumsq is not None:
+                # the push's answer is its round's sums, even when another worker's
+                # commit has applied the step since: this worker's commit then gets
+                # the outcome, as every later commit does
+                return answers.staged_sums(r)
+            return answers.answer(session, r, return_datatype)
+
+    def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
+               total_sumsq: float, *, param_sumsq: Sequence[float] = (),
+               update_sumsq: Sequence[float] = (), round_id: int = 0,
+               return_datatype: str | None = "FP32") -> StepResult:
+        """Apply the staged step ``step`` of an exchange session (one shard of a model)
+        with sums of squares over the whole model (see ``docs/exchange.md``).
+
+        ``tensor_sumsq``: per tensor of this session, the gradient's sum of squares over
+        the whole tensor it is part of; ``total_sumsq``: over the whole gradient. For
+        LAMB, this first commit returns the parameter and update sums of squares of
+        this shard (``pending``); a second commit brings their whole-tensor totals in
+        ``param_sumsq`` and ``update_sumsq``. ``round_id``: the round the push's answer
+        named (0: whichever is staged for ``step``). A commit repeated (by another
+        worker, or a retry) after the step was applied returns its outcome again.
+        """
+        check_datatype(return_datatype, "return datatype")
+        if not (total_sumsq >= 0 or math.isnan(total_sumsq)):
+            raise InvalidArgument(f"total_sumsq {total_sumsq}: a sum of squares is >= 0")
+        session = self.store.get(session_id)
+        with self.store.locked(session_id, session):
+            opt = session.opt
+            r = session.rounds.for_commit(step, round_id)
+            if isinstance(r, Outcome):  # committed already: its outcome again
+                return answers.answer(session, r, return_datatype)
+            nseg = len(opt.layout)
+            tensor_sums = sums("tensor_sumsq", tensor_sumsq, nseg)
+            if bool(param_sumsq) != bool(update_sumsq):
+                raise InvalidArgument("param_sumsq and update_sumsq come together (LAMB's "
+                                      "second commit)")
+            if param_sumsq and opt.algorithm.value != "lamb":
+                raise InvalidArgument(f"param_sumsq: session {session_id!r} runs "
+                                      f"{opt.algorithm.value}; only LAMB takes a second commit")
+            if param_sumsq:
+                if r.state is not RoundState.LAMB:
+                    raise FailedPrecondition(
+                        f"commit of step {step}: LAMB's second commit (param_sumsq) came "
+                        "before the first (tensor_sumsq only)",
+                        metadata=meta(session_id, step=step))
+                psq = sums("param_sumsq", param_sumsq, nseg, finite=True)
+                usq = sums("update_sumsq", update_sumsq, nseg, finite=True)
+                session.rounds.commit_lamb(r, psq, usq)
+            elif r.state is RoundState.STAGED:  # else LAMB's first commit again
+                session.rounds.commit(r, tensor_sums, float(total_sumsq))
+            return answers.answer(session, r, return_datatype)
+
+    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+        """Change the number of workers of a live session (workers joined or left).
+
+        A round that already has ``count`` pushes closes at once."""
+        session = self.store.get(session_id)
+        with self.store.locked(session_id, session):
+            r = session.round
+            if session.workers.exchange and r is not None and r.pushes:
+                # each shard would close its round with whichever pushes it holds
+                raise FailedPrecondition(
+                    f"session {session_id!r} is a shard with a round of {r.arrived} pushes "
+                    f"open for step {r.step}: change the number of workers between steps",
+                    reason="ROUND_OPEN", metadata=meta(session_id, step=r.step))
+            workers = replace(session.workers, count=count)
+            try:
+                workers.check()
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            with session.changing():
+                session.config = replace(session.config, workers=workers)
+            session.rounds.workers_changed()
+            return session_info(session)
+
+    def expire_rounds(self) -> int:
+        """End the rounds past their straggler timeout now, also those nobody waits on
+        (workers that push and pull later); returns how many. Run every fraction of a
+        second by the server."""
+        n = 0
+        now = time.monotonic()
+        for session in self.store.all():
+            deadline = session.rounds.deadline()
+            if deadline is None or now < deadline:
+                continue
+            with session.lock:
+                n += session.rounds.expire()
+        return n
+
+    def step_stream(self, session_id: str, grads: Iterable[TensorChunk], *,
+                    return_datatype: str | None = "FP32", push_id: PushId | None = None
+                    ) -> Iterator[TensorChunk | StepResult]:
+        """Full duplex: apply each gradient chunk as it arrives and yield its updated
+        parameters at once; the :class:`StepResult` comes last.
+
+        Only for sessions whose step needs nothing computed over a whole tensor or the
+        whole gradient (an elementwise algorithm, no ``max_grad_norm``,
+        ``skip_nonfinite=False``); others raise FailedPrecondition. Unlike ``step``, a
+        request that fails midway leaves the chunks already applied updated (the
+        tensors they belong to count the step); the error names what was wrong. A
+        push seen before (``push_id``) is read, checked and acknowledged with no
+        parameters back.
+        """
+        check_datatype(return_datatype, "return datatype")
+        if push_id is not None:
+            push_id.check()
+        t0 = time.perf_counter()
+        # duplex changes state chunk by chunk, so it holds the state lock while it reads
+        claimed = self.store.get(session_id)
+        with claimed.intake, self.store.locked(session_id, claimed) as session:
+            opt = session.opt
+            if session.rounds.in_rounds():
+                raise FailedPrecondition(
+                    f"session {session_id!r} averages the pushes of several workers (or is a "
+                    "shard waiting for commits): send the step without apply_as_received")
+            if not opt.streamable:
+                raise FailedPrecondition(
+                    f"session {session_id!r} cannot apply gradients as they arrive: it uses "
+                    f"{'LAMB' if opt.algorithm.value == 'lamb' else 'whole-gradient checks'} "
+                    "(needs an elementwise algorithm, no max_grad_norm and "
+                    "skip_nonfinite=false); send the step without apply_as_received")
+            on_host = opt.backend.name == "cpu"
+            host = opt.grad if on_host else np.empty(opt.layout.size, opt.dtype)
+            asm = Assembler(session.opt.layout, host)
+            if session.seen(push_id):
+                for chunk in grads:
+                    asm.add(chunk)
+                asm.finish(require_all=False)
+                yield StepResult(opt.step_count, False, None, (), duplicate=True)
+                return
+            stream = opt.begin_stream()
+            try:
+                for chunk in grads:
+                    i, lo, hi = asm.add(chunk)
+                    if not on_host:
+                        opt.grad[lo:hi] = opt.backend.to_device(host[lo:hi])
+                    stream.apply(i, lo, hi)
+                    if return_datatype is not None:
+                        values = opt.backend.to_host(opt.param[lo:hi])
+                        yield TensorChunk(chunk.name, chunk.shape, return_datatype,
+                                          encode(values, return_datatype), chunk.offset)
+            finally:
+                report = stream.finish()
+                if stream.touched.any():  # applied, even if only in part: never again
+                    session.record_step(report, as_pushes(push_id))
+            asm.finish(require_all=False)
+        metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
+        yield StepResult(report.step, False, None, ())
+
+    def pull(self, session_id: str, names: Sequence[str] | None = None,
+             datatype: str = "FP32", *, min_step: int = 0,
+             timeout: float | None = None) -> builtins.list[TensorChunk]:
+        """Parameter values; with ``min_step``, once the session has reached that step
+        (waiting up to ``timeout`` seconds; Aborted if that step's round failed)."""
+        check_datatype(datatype, "datatype")
+        timeout = bounded(timeout)
+        if min_step < 0:
+            raise InvalidArgument(f"min_step {min_step}: expected an integer >= 0")
+        if not timeout >= 0:
+            raise InvalidArgument(f"timeout {timeout}: expected seconds >= 0")
+        session = self.store.get(session_id)
+        if min_step > session.opt.step_count:
+            self.waits.wait(session, lambda: session.opt.step_count >= min_step or bool(
+                session.rounds.failed(min_step)), timeout,
+                f"step {min_step} of session {session_id!r}")
+        with self.store.locked(session_id) as current:
+            why = current.rounds.failed(min_step) if current.opt.step_count < min_step else ""
+            if why:
+                raise Aborted(why, reason="ROUND_ABORTED", metadata=meta(session_id,
+                                                                         step=min_step))
+            return encode_params(current.opt, names, datatype)
+
+    # -- tensors and parameters ------------------------------------------------
+
+    def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
+                    group: Mapping[str, Any] | None = None,
+                    initial: Iterable[TensorChunk] = ()) -> SessionInfo:
+        """Add tensors to a live session, as torch's ``add_param_group``.
+
+        ``group``: hyperparameters of a new group for them (their ``group`` index must
+        be the new group's, i.e. the current number of groups); None: they join
+        existing groups. Their step counts start at 0; values not sent start at zero.
+        """
+        session = self.store.get(session_id)
+        # intake: the layout cannot change under us; the state stays unlocked while the
+        # request (its initial values) is read and checked
+        with session.intake:
+            opt = session.opt
+            try:
+                check_tensors(replace(session.config, tensors=(*opt.layout.tensors, *tensors)))
+                added = Layout(tuple(tensors))
+                clash = {t.name for t in tensors} & {t.name for t in opt.layout.tensors}
+                if clash:
+                    raise ValueError(f"tensor names already in the session: "
+                                     f"{', '.join(sorted(clash))}")
+                new_slots = set(opt.slots_after_group(group)) - set(opt.slots)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            # the existing slots grow by the new tensors; a slot the new group turns on
+            # (say amsgrad) spans the whole grown session
+            extra = (slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize)
+                     + len(new_slots) * (opt.layout.size + added.size) * opt.dtype.itemsize)
+            self.store.check_room(extra, session)  # before allocating anything
+            host = initial_values(added, initial, opt.dtype,
+                                  scope="among the tensors being added")
+            with self.store.locked(session_id, session):
+                r = session.round
+                if r is not None:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} has a round of pushes for step "
+                        f"{r.step} open: add tensors between steps",
+                        reason="ROUND_OPEN", metadata=meta(session_id, step=r.step))
+                self.store.check_room(extra, session)  # again: others may have grown
+                with session.changing():
+                    try:
+                        opt.add_tensors(tensors, host, group)
+                    except ValueError as exc:
+                        raise InvalidArgument(str(exc)) from None
+                    except MemoryError:
+                        raise ResourceExhausted(
+                            f"session {session_id!r}: the device could not allocate {extra} "
+                            "more bytes", reason="DEVICE_OUT_OF_MEMORY",
+                            metadata=meta(session_id)) from None
+                    session.config = replace(session.config, tensors=opt.layout.tensors,
+                                             groups=tuple(dict(g) for g in opt.groups))
+                    session.rounds.layout_changed()
+                info = session_info(session)
+        self._gauge()
+        return info
+
+    def set_parameters(self, session_id: str, values: Iterable[TensorChunk]) -> SessionInfo:
+        """Overwrite the master weights of the tensors sent (whole tensors; others keep
+        theirs); the optimizer state is kept, as when torch's parameters are changed in
+        place between steps.
+
+        While a round of pushes is open or staged, values equal to the session's are
+        accepted and change nothing (every worker of a resumed job sends the weights
+        it loaded), and other values are refused: a round's gradients were computed
+        from the parameters it started with.
+        """
+        session = self.store.get(session_id)
+        opt = session.opt
+        layout = opt.layout
+        # decoded into a buffer of its own, outside the lock: a slow upload holds up
+        # no step; a refused request changes nothing
+        host = np.empty(layout.size, opt.dtype)
+        asm = Assembler(layout, host)
+        for chunk in values:
+            asm.add(chunk)
+        if not asm.seen.any():
+            raise InvalidArgument("the request carries no parameter tensors")
+        asm.finish(require_all=False)  # each tensor sent is whole
+        sent = np.flatnonzero(asm.seen & (asm.received == np.diff(layout.offsets)))
+        spans = [layout.span(int(i)) for i in sent]
+        with self.store.locked(session_id, session):
+            self._same_layout(session, layout, "these parameters arrived: send them again")
+            r = session.round
+            if r is not None:
+                params = opt.backend.to_host(opt.param)
+                differ = [layout.tensors[int(i)].name for i, s in zip(sent, spans, strict=True)
+                          if not np.array_equal(params[s], host[s])]
+                if differ:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} has a round of pushes for step {r.step} "
+                        f"open: its parameters ({', '.join(differ[:8])}) can change between "
+                        "steps, not while the round's gradients are computed from them",
+                        reason="ROUND_OPEN", metadata=meta(session_id, step=r.step))
+                return session_info(session)
+            with session.changing():
+                for s in spans:
+                    opt.param[s] = opt.backend.to_device(host[s])
+            return session_info(session)
+
+    # -- hyperparameters and state -------------------------------------------
+
+    def set_hyperparameters(self, session_id: str, group: int,
+                            changes: Mapping[str, Any]) -> SessionInfo:
+        with self.store.locked(session_id) as session:
+            session.rounds.refuse_if_staged("change hyperparameters")
+            opt = session.opt
+            try:
+                new_slots = opt.slots_after(group, changes)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            grow = len(set(new_slots) - set(opt.slots))
+            if grow:
+                self.store.check_room(grow * opt.layout.size * opt.dtype.itemsize, session)
+            with session.changing():
+                opt.set_hyperparameters(group, changes)
+            self._gauge()
+            return session_info(session)
+
+    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
+        try:
+            parsed = schedules.schedule_from_dict(schedule) if schedule else None
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        with self.store.locked(session_id) as session, session.changing():
+            session.rounds.refuse_if_staged("change the schedule")
+            session.opt.schedule = parsed
+            return session_info(session)
+
+    def export_state(self, session_id: str) -> statedict.StateDict:
+        with self.store.locked(session_id) as session:
+            return statedict.export_state(session.opt)
+
+    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
+        with self.store.locked(session_id) as session, session.changing():
+            session.rounds.refuse_if_staged("import a state_dict")
+            try:
+                statedict.import_state(session.opt, state)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                    OverflowError) as exc:
+                raise InvalidArgument(f"state_dict: {exc}") from None
+            # a new timeline: pushes numbered by the steps of the old one are not its,
+            # nor is a round of pushes computed from the old parameters
+            session.pushes = PushLog()
+            session.rounds.fail_current(
+                f"the state of session {session_id!r} was replaced (a state_dict was "
+                "imported) before this step was applied: pull and push again")
+            return session_info(session)
+
+    # -- checkpoints (when: self.policy) -----------------------------------------
+
+    def checkpoint(self, session_id: str) -> CheckpointInfo:
+        self.policy.require()
+        with self.store.locked(session_id) as session:
+            return self.policy.write(session)
+
+    def list_checkpoints(self, session_id: str) -> builtins.list[int]:
+        """Steps of the session's complete checkpoints on this server, oldest first."""
+        self.store.get(session_id)
+        return [] if self.checkpoints is None else self.checkpoints.steps(session_id)
+
+    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+        """Roll the live session back to its checkpoint of ``step`` (for a sharded
+        session: the newest step every shard holds); later checkpoints are removed."""
+        checkpoints = self.policy.require()
+        old = self.store.get(session_id)
+        with old.intake, self.store.locked(session_id, old):
+            try:
+                new = checkpoints.rewind(session_id, step, self.store.backend)
+            except KeyError:
+                raise NotFound(
+                    f"session {session_id!r} has no complete checkpoint of step {step}; it has "
+                    f"{checkpoints.steps(session_id) or 'none'}", reason="CHECKPOINT_NOT_FOUND",
+                    metadata=meta(session_id, step=step)) from None
+            self.store.replace(old, new)
+            old.end(restored_to=step)  # waiters on the old object stop
+            log.info("session %s restored to its checkpoint of step %d", session_id, step)
+        self._gauge()
+        return session_info(new)
+
+    def checkpoint_due(self) -> int:
+        """Checkpoint sessions whose last checkpoint is older than the time interval."""
+        return self.policy.due(self.store.all())
+
+    def checkpoint_all(self) -> int:
+        """Checkpoint every session with unsaved steps (graceful shutdown)."""
+        return self.policy.on_stop(self.store.all())

@@ -1,0 +1,91 @@
+"""The domain types the service speaks to both transports, and a session's description."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from adamserve.engine import statedict
+from adamserve.engine.optimizer import TensorSpec
+from adamserve.sessions.rounds import WorkersConfig
+from adamserve.sessions.session import Session
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """Part (or all) of one named tensor, as raw little-endian bytes.
+
+    ``offset`` is the index of the chunk's first element in the flattened tensor;
+    the chunks of one tensor arrive in order.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    datatype: str
+    data: bytes | memoryview
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    algorithm: str
+    dtype: str
+    step: int
+    tensors: tuple[TensorSpec, ...]
+    groups: tuple[dict[str, Any], ...]
+    lr: tuple[float, ...]  # the lr the next step will use, per group
+    schedule: dict[str, Any] | None
+    max_grad_norm: float | None
+    clip_per_tensor: bool
+    skip_nonfinite: bool
+    state_bytes: int
+    checkpointed_step: int
+    backend: str
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    skipped: bool
+    grad_norm: float | None
+    nonfinite: tuple[str, ...]
+    params: list[TensorChunk] = field(default_factory=list)
+    duplicate: bool = False  # this (worker, sequence) was applied before: acknowledged only
+    staleness: int = 0  # steps between the push's base_step and the step it was applied to
+    pending: bool = False  # in a round not applied yet (or staged for its commit)
+    contributors: int = 0  # pushes averaged into a round's step (0: not a round)
+    missing: tuple[str, ...] = ()  # workers of the previous round absent from this one
+    # a staged step's sums of squares per tensor of the session, for the commit
+    grad_sumsq: tuple[float, ...] = ()
+    param_sumsq: tuple[float, ...] = ()  # LAMB, after the first commit
+    update_sumsq: tuple[float, ...] = ()
+    round: int = 0  # the round the push joined (sync), for its commit
+
+
+def session_info(s: Session) -> SessionInfo:
+    opt = s.opt
+    return SessionInfo(
+        id=s.id,
+        algorithm=s.config.algorithm,
+        dtype=s.config.dtype,
+        step=opt.step_count,
+        tensors=opt.layout.tensors,
+        groups=tuple(statedict.torch_group(h) for h in opt.groups),
+        lr=tuple(opt.current_lr(g) for g in range(len(opt.groups))),
+        schedule=opt.schedule.to_dict() if opt.schedule is not None else None,
+        max_grad_norm=opt.clip.max_norm,
+        clip_per_tensor=opt.clip.per_tensor,
+        skip_nonfinite=opt.skip_nonfinite,
+        state_bytes=s.state_bytes,
+        checkpointed_step=s.checkpointed_step,
+        backend=opt.backend.name,
+        workers=s.config.workers,
+        labels=dict(s.config.labels),
+    )
