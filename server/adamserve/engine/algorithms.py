@@ -1,8 +1,9 @@
 """The Adam family as data: hyperparameters, state slots, per-step coefficients.
 
 Every algorithm is described by an :class:`AlgorithmSpec`: its torch-compatible
-defaults, which flat state buffers ("slots") it keeps, and how one step's scalar
-coefficients are derived from the hyperparameters and the integer step count.
+defaults (derived from the table both sides share, :mod:`adamserve_proto.algorithms`),
+which flat state buffers ("slots") it keeps, and how one step's scalar coefficients
+are derived from the hyperparameters and the integer step count.
 The kernels (CPU and GPU) then run a single fused elementwise pass per step that
 reads those coefficients per tensor ("segment").
 
@@ -41,6 +42,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from adamserve_proto import algorithms as table
+
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
@@ -59,12 +62,6 @@ class Algorithm(StrEnum):
     LAMB = "lamb"
 
 
-# Names accepted on the wire that are one algorithm with an option set.
-ALIASES: dict[str, tuple[Algorithm, Hyperparameters]] = {
-    "amsgrad": (Algorithm.ADAM, {"amsgrad": True}),
-}
-
-
 class HyperparameterError(ValueError):
     """A hyperparameter is unknown, of the wrong type, or out of range."""
 
@@ -73,8 +70,10 @@ class HyperparameterError(ValueError):
 class AlgorithmSpec:
     """What one algorithm keeps and accepts.
 
-    ``defaults`` are torch.optim's (LAMB: optax.lamb's). ``betas`` is flattened to
-    ``beta1``/``beta2`` so every value is a plain float or bool.
+    ``defaults`` are the shared table's (:mod:`adamserve_proto.algorithms`: torch.optim's,
+    LAMB optax.lamb's, with the server's extras), numbers as floats and ``betas``
+    flattened to ``beta1``/``beta2``, so every value is a plain float or bool.
+    ``bools``: the keys whose values are true/false.
     """
 
     algorithm: Algorithm
@@ -101,54 +100,28 @@ class AlgorithmSpec:
         return tuple(slots)
 
 
-_ADAM_COMMON: dict[str, HyperValue] = {
-    "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
-    "maximize": False,
-}
+def _spec(row: table.AlgorithmDef) -> AlgorithmSpec:
+    defaults: Hyperparameters = {}
+    for key, value in row.wire_defaults().items():
+        if isinstance(value, tuple):  # betas
+            defaults["beta1"], defaults["beta2"] = value
+        else:
+            defaults[key] = value
+    bools = frozenset(k for k, v in defaults.items() if isinstance(v, bool))
+    return AlgorithmSpec(Algorithm(row.runs), defaults, bools)
+
 
 SPECS: dict[Algorithm, AlgorithmSpec] = {
-    Algorithm.ADAM: AlgorithmSpec(
-        Algorithm.ADAM,
-        {**_ADAM_COMMON, "amsgrad": False, "decoupled_weight_decay": False,
-         "bias_correction": True},
-        frozenset({"maximize", "amsgrad", "decoupled_weight_decay", "bias_correction"}),
-    ),
-    Algorithm.ADAMW: AlgorithmSpec(
-        Algorithm.ADAMW,
-        {**_ADAM_COMMON, "weight_decay": 1e-2, "amsgrad": False,
-         "decoupled_weight_decay": True, "bias_correction": True},
-        frozenset({"maximize", "amsgrad", "decoupled_weight_decay", "bias_correction"}),
-    ),
-    Algorithm.NADAM: AlgorithmSpec(
-        Algorithm.NADAM,
-        {**_ADAM_COMMON, "lr": 2e-3, "momentum_decay": 4e-3, "decoupled_weight_decay": False},
-        frozenset({"maximize", "decoupled_weight_decay"}),
-    ),
-    Algorithm.RADAM: AlgorithmSpec(
-        Algorithm.RADAM,
-        {**_ADAM_COMMON, "decoupled_weight_decay": False},
-        frozenset({"maximize", "decoupled_weight_decay"}),
-    ),
-    Algorithm.ADAMAX: AlgorithmSpec(
-        Algorithm.ADAMAX, {**_ADAM_COMMON, "lr": 2e-3}, frozenset({"maximize"})
-    ),
-    Algorithm.ADAGRAD: AlgorithmSpec(
-        Algorithm.ADAGRAD,
-        {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
-         "eps": 1e-10, "maximize": False},
-        frozenset({"maximize"}),
-    ),
-    Algorithm.RMSPROP: AlgorithmSpec(
-        Algorithm.RMSPROP,
-        {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
-         "centered": False, "maximize": False},
-        frozenset({"maximize", "centered"}),
-    ),
-    Algorithm.LAMB: AlgorithmSpec(
-        Algorithm.LAMB,
-        {**_ADAM_COMMON, "eps": 1e-6, "bias_correction": True},
-        frozenset({"maximize", "bias_correction"}),
-    ),
+    Algorithm(row.name): _spec(row) for row in table.ALGORITHMS.values() if row.name == row.runs
+}
+if set(SPECS) != set(Algorithm):  # pragma: no cover - the table and the kernels disagree
+    raise ImportError(f"adamserve_proto.algorithms describes {sorted(SPECS)}; the engine "
+                      f"runs {sorted(Algorithm)}")
+
+# Names accepted on the wire that are one algorithm with an option set.
+ALIASES: dict[str, tuple[Algorithm, Hyperparameters]] = {
+    row.name: (Algorithm(row.runs), dict(row.options))
+    for row in table.ALGORITHMS.values() if row.name != row.runs
 }
 
 # Hyperparameters that must lie in [0, 1).
