@@ -32,8 +32,8 @@ import grpc
 import httpx
 import numpy as np
 
-from adamserve_proto.v1 import optimizer_pb2 as pb
-from adamserve_proto.v1 import optimizer_pb2_grpc as pbg
+from adamserve_proto.v2 import optimizer_pb2 as pb
+from adamserve_proto.v2 import optimizer_pb2_grpc as pbg
 
 CHUNK = 4 << 20
 
@@ -107,8 +107,8 @@ def tcp_floor(in_bytes: int, out_bytes: int, repeat: int) -> float:
 # -- gRPC ---------------------------------------------------------------------
 
 
-def grpc_create(stub: pbg.OptimizerStub, sid: str, n: int) -> None:
-    spec = pb.SessionSpec(session_id=sid, algorithm="adam",
+def grpc_create(stub: pbg.OptimizerServiceStub, sid: str, n: int) -> None:
+    spec = pb.SessionSpec(session_id=sid, algorithm=pb.ALGORITHM_ADAM,
                           tensors=[pb.TensorSpec(name="w", shape=[n])])
     stub.CreateSession(iter([pb.CreateSessionRequest(spec=spec)]))
 
@@ -125,7 +125,7 @@ def grpc_requests(sid: str, data: bytes, n: int, datatype: str,
                                                   offset=off, data=bytes(part)))
 
 
-def grpc_step(stub: pbg.OptimizerStub, sid: str, data: bytes, n: int, datatype: str,
+def grpc_step(stub: pbg.OptimizerServiceStub, sid: str, data: bytes, n: int, datatype: str,
               ret: str) -> int:
     received = 0
     for msg in stub.Step(grpc_requests(sid, data, n, datatype, ret)):
@@ -134,7 +134,7 @@ def grpc_step(stub: pbg.OptimizerStub, sid: str, data: bytes, n: int, datatype: 
     return received
 
 
-def grpc_step_unary(stub: pbg.OptimizerStub, sid: str, data: bytes) -> int:
+def grpc_step_unary(stub: pbg.OptimizerServiceStub, sid: str, data: bytes) -> int:
     n = len(data) // 4
     reply = stub.StepUnary(pb.StepUnaryRequest(
         header=pb.StepHeader(session_id=sid),
@@ -146,7 +146,7 @@ def grpc_step_unary(stub: pbg.OptimizerStub, sid: str, data: bytes) -> int:
 
 
 def http_create(c: httpx.Client, sid: str, n: int) -> None:
-    r = c.post("/v1/sessions", json={"session_id": sid, "algorithm": "adam",
+    r = c.post("/v2/sessions", json={"session_id": sid, "algorithm": "ALGORITHM_ADAM",
                                      "tensors": [{"name": "w", "shape": [n]}]})
     r.raise_for_status()
 
@@ -155,7 +155,7 @@ def http_step(c: httpx.Client, sid: str, data: bytes, n: int) -> int:
     head = json.dumps({"gradients": [{"name": "w", "shape": [n], "datatype": "FP32",
                                       "parameters": {"binary_data_size": len(data)}}],
                        "binary_output": True}).encode()
-    r = c.post(f"/v1/sessions/{sid}/step", content=head + data,
+    r = c.post(f"/v2/sessions/{sid}/step", content=head + data,
                headers={"content-type": "application/octet-stream",
                         "adamserve-header-length": str(len(head))})
     r.raise_for_status()
@@ -191,7 +191,7 @@ def main() -> None:
             opts = [("grpc.max_receive_message_length", 64 << 20),
                     ("grpc.max_send_message_length", 64 << 20)]
             chan = grpc.insecure_channel(f"127.0.0.1:{gport}", options=opts)
-            stub = pbg.OptimizerStub(chan)
+            stub = pbg.OptimizerServiceStub(chan)
             http = httpx.Client(base_url=f"http://127.0.0.1:{hport}", timeout=120)
             grpc_create(stub, "big", n)
             grpc_create(stub, "small", 1000)

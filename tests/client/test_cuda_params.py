@@ -1,91 +1,71 @@
 """Parameters on a CUDA device, staged through pinned host memory, against the same run
-on the CPU. No server here: an in-memory Transport (momentum SGD in NumPy) stands in,
-so this file needs only the client, torch and a GPU. The CPU half always runs; the
-CUDA half is skipped, saying so, where torch sees no GPU.
+on the CPU. No server here: an in-memory Wire (momentum SGD in NumPy, answering the v2
+messages the client sends) stands in under the client's own session operations, so this
+file needs only the client, torch and a GPU. The CPU half always runs; the CUDA half is
+skipped, saying so, where torch sees no GPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from google.protobuf.message import Message
 
 import adamserve_client as ac
 from adamserve_client import tensors
-from adamserve_client.transports import (
-    CheckpointInfo,
-    SessionInfo,
-    SessionSpec,
-    StepResult,
-    TensorSpec,
-    Transport,
-    WireTensor,
-)
+from adamserve_client.transports import Client, TensorSpec, Wire, WireTensor
+from adamserve_client.transports._codec import decode_state, encode_state
+from adamserve_client.transports.base import Blob, Payload, Reply
+from adamserve_client.transports.messages import group_message, join_betas, tensor_specs
+from adamserve_proto.rpc import RPCS
+from adamserve_proto.v2 import optimizer_pb2 as pb
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="torch sees no CUDA device")])]
 
 
-class MemoryTransport(Transport):
-    """One process's sessions, updated by m = 0.9 m + g; p -= lr m (slot 'exp_avg')."""
+class MemoryWire(Wire):
+    """One process's sessions, updated by m = 0.9 m + g; p -= lr m (slot 'exp_avg').
+
+    The seam is two methods: whatever an optimizer does reaches it as v2 messages."""
 
     url = "memory://"
+    timeout = None
 
     def __init__(self) -> None:
         self.sessions: dict[str, dict[str, Any]] = {}
 
-    def _info(self, sid: str) -> SessionInfo:
+    def _session(self, sid: str) -> pb.Session:
+        if sid not in self.sessions:
+            raise ac.NotFound(f"session {sid!r} not found", reason="SESSION_NOT_FOUND")
         s = self.sessions[sid]
-        spec: SessionSpec = s["spec"]
-        return SessionInfo(sid, spec.algorithm, "float32", s["step"], spec.tensors,
-                           tuple(s["groups"]), tuple(float(g["lr"]) for g in s["groups"]),
-                           None, None, False, True, 0, -1, "memory")
+        return pb.Session(session_id=sid, algorithm=s["algorithm"], step=s["step"],
+                          tensors=tensor_specs(s["tensors"]),
+                          groups=[group_message(g) for g in s["groups"]],
+                          lr=[float(g["lr"]) for g in s["groups"]], skip_nonfinite=True)
 
-    def create_session(self, spec: SessionSpec, initial: Sequence[WireTensor] = ()
-                       ) -> SessionInfo:
-        params = {t.name: np.zeros(t.shape, np.float32) for t in spec.tensors}
-        for w in initial:
-            tensors.decode_into(params[w.name], w.data, w.datatype)
-        self.sessions[spec.session_id] = {
-            "spec": spec, "params": params, "groups": [dict(g) for g in spec.groups],
-            "m": {n: np.zeros_like(p) for n, p in params.items()}, "steps": dict.fromkeys(
-                params, 0), "step": 0}
-        return self._info(spec.session_id)
-
-    def add_tensors(self, session_id: str, tensors_: Sequence[TensorSpec],
-                    group: Mapping[str, Any] | None = None,
-                    initial: Sequence[WireTensor] = ()) -> SessionInfo:
-        s = self.sessions[session_id]
-        if group is not None:
-            s["groups"].append(dict(group))
-        s["spec"] = dataclasses.replace(s["spec"], tensors=(*s["spec"].tensors, *tensors_))
-        for t in tensors_:
-            s["params"][t.name] = np.zeros(t.shape, np.float32)
-            s["m"][t.name] = np.zeros(t.shape, np.float32)
+    def _add(self, s: dict[str, Any], specs: Any, initial: Any) -> None:
+        for t in specs:
+            spec = TensorSpec(t.name, tuple(t.shape), t.group)
+            s["tensors"].append(spec)
+            s["params"][t.name] = np.zeros(spec.shape, np.float32)
+            s["m"][t.name] = np.zeros(spec.shape, np.float32)
             s["steps"][t.name] = 0
         for w in initial:
             tensors.decode_into(s["params"][w.name], w.data, w.datatype)
-        return self._info(session_id)
 
-    def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
-        for w in values:
-            tensors.decode_into(self.sessions[session_id]["params"][w.name], w.data, w.datatype)
-        return self._info(session_id)
+    def _out(self, sid: str, datatype: str, names: Any = ()) -> list[WireTensor]:
+        return [WireTensor(n, p.shape, datatype or "FP32", tensors.encode(p, datatype or "FP32"))
+                for n, p in self.sessions[sid]["params"].items() if not names or n in names]
 
-    def _out(self, sid: str, datatype: str) -> list[WireTensor]:
-        return [WireTensor(n, p.shape, datatype, tensors.encode(p, datatype))
-                for n, p in self.sessions[sid]["params"].items()]
-
-    def step(self, session_id: str, gradients: Sequence[WireTensor], *,
-             return_datatype: str = "FP32", require_all: bool = False,
-             sender: Any = None, base_step: int | None = None) -> StepResult:
-        s = self.sessions[session_id]
-        groups = {t.name: t.group for t in s["spec"].tensors}
+    def _step(self, header: pb.StepHeader, gradients: Any) -> pb.StepStatus:
+        s = self.sessions[header.session_id]
+        groups = {t.name: t.group for t in s["tensors"]}
         for w in gradients:
             g = np.zeros(w.shape, np.float32)
             tensors.decode_into(g, w.data, w.datatype)
@@ -93,88 +73,100 @@ class MemoryTransport(Transport):
             s["params"][w.name] -= np.float32(s["groups"][groups[w.name]]["lr"]) * s["m"][w.name]
             s["steps"][w.name] += 1
         s["step"] += 1
-        return StepResult(s["step"], False, None, (), tuple(self._out(session_id,
-                                                                      return_datatype)))
+        return pb.StepStatus(step=s["step"])
 
-    def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False, sender: Any = None,
-             base_step: int | None = None) -> StepResult:
-        r = self.step(session_id, gradients)
-        return StepResult(r.step, r.skipped, r.grad_norm, r.nonfinite)
+    def _export(self, sid: str) -> bytes:
+        s = self.sessions[sid]
+        names = [t.name for t in s["tensors"]]
+        return encode_state({
+            "state": {i: {"step": float(s["steps"][n]), "exp_avg": s["m"][n].copy()}
+                      for i, n in enumerate(names) if s["steps"][n]},
+            "param_groups": [{**g, "params": [i for i, t in enumerate(s["tensors"])
+                                              if t.group == k],
+                              "param_names": [t.name for t in s["tensors"] if t.group == k]}
+                             for k, g in enumerate(s["groups"])]})
 
-    def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32", *, min_step: int = 0,
-             wait: float | None = None) -> list[WireTensor]:
-        return [w for w in self._out(session_id, datatype) if not names or w.name in names]
-
-    # one worker, one server: nothing to commit, no workers, no checkpoints
-    def commit(self, *args: Any, **kwargs: Any) -> StepResult:
-        raise NotImplementedError
-
-    def set_workers(self, session_id: str, count: int) -> SessionInfo:
-        raise NotImplementedError
-
-    def list_checkpoints(self, session_id: str) -> list[int]:
-        raise NotImplementedError
-
-    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
-        raise NotImplementedError
-
-    def set_hyperparameters(self, session_id: str, group: int,
-                            changes: Mapping[str, Any]) -> SessionInfo:
-        self.sessions[session_id]["groups"][group].update(changes)
-        return self._info(session_id)
-
-    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
-        return self._info(session_id)
-
-    def export_state(self, session_id: str) -> dict[str, Any]:
-        s = self.sessions[session_id]
-        names = [t.name for t in s["spec"].tensors]
-        return {"state": {i: {"step": float(s["steps"][n]), "exp_avg": s["m"][n].copy()}
-                          for i, n in enumerate(names) if s["steps"][n]},
-                "param_groups": [{**g, "params": [i for i, t in enumerate(s["spec"].tensors)
-                                                  if t.group == k],
-                                  "param_names": [t.name for t in s["spec"].tensors
-                                                  if t.group == k]}
-                                 for k, g in enumerate(s["groups"])]}
-
-    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
-        s = self.sessions[session_id]
+    def _import(self, sid: str, blob: Blob) -> None:
+        s = self.sessions[sid]
+        state = decode_state(blob.data)
         for g in state["param_groups"]:
             for i, name in zip(g["params"], g["param_names"], strict=True):
                 entry = state["state"].get(i)
                 s["m"][name] = (np.zeros_like(s["m"][name]) if entry is None
                                 else np.asarray(entry["exp_avg"], np.float32).copy())
                 s["steps"][name] = 0 if entry is None else int(entry["step"])
-        return self._info(session_id)
 
-    def checkpoint(self, session_id: str) -> CheckpointInfo:
-        return CheckpointInfo(session_id, self.sessions[session_id]["step"], "", 0)
+    def unary(self, method: str, request: Any, *, idempotent: bool = True) -> Message:
+        sid = request.session_id
+        if method == "SetHyperparameters":
+            self.sessions[sid]["groups"][request.group].update(
+                join_betas(dict(request.changes.values), dict(request.changes.flags)))
+        elif method == "Checkpoint":
+            return pb.CheckpointResponse(checkpoint=pb.CheckpointInfo(
+                session_id=sid, step=self.sessions[sid]["step"]))
+        elif method == "ListSessions":
+            return pb.ListSessionsResponse(sessions=[self._session(s) for s in
+                                                     sorted(self.sessions)])
+        elif method == "DeleteSession":
+            self.sessions.pop(sid, None)
+            return pb.DeleteSessionResponse()
+        elif method not in ("GetSession", "SetSchedule"):
+            raise NotImplementedError(method)  # one worker, one server: no workers, commits
+        return RPCS[method].response_type(session=self._session(sid))
 
-    def describe(self, session_id: str) -> SessionInfo:
-        if session_id not in self.sessions:
-            raise ac.NotFound(f"session {session_id!r} not found")
-        return self._info(session_id)
+    def stream(self, method: str, request: Any, payload: Payload = (), *,
+               idempotent: bool = True) -> Reply:
+        handlers: dict[str, Callable[[], Reply]] = {
+            "CreateSession": lambda: self._create(request.spec, payload),
+            "AddTensors": lambda: self._grow(request.spec, payload),
+            "Step": lambda: Reply(pb.StepResponse(status=self._step(request.header, payload)),
+                                  self._out(request.header.session_id,
+                                            request.header.return_datatype)),
+            "Push": lambda: Reply(pb.PushResponse(status=self._step(request.header, payload))),
+            "Pull": lambda: Reply(None, self._out(request.session_id, request.datatype,
+                                                  request.names)),
+            "ExportState": lambda: Reply(None, blob=self._export(request.session_id)),
+        }
+        if method in handlers:
+            return handlers[method]()
+        if method == "SetParameters":
+            for w in payload:
+                tensors.decode_into(self.sessions[request.session_id]["params"][w.name],
+                                    w.data, w.datatype)
+        elif method == "ImportState":
+            self._import(request.session_id, payload)
+        else:
+            raise NotImplementedError(method)
+        return Reply(RPCS[method].response_type(session=self._session(request.session_id)))
 
-    def list_sessions(self) -> list[SessionInfo]:
-        return [self._info(s) for s in sorted(self.sessions)]
+    def _create(self, spec: pb.SessionSpec, initial: Any) -> Reply:
+        s = self.sessions[spec.session_id] = {
+            "algorithm": spec.algorithm, "tensors": [], "params": {}, "m": {}, "steps": {},
+            "groups": [join_betas(dict(g.values), dict(g.flags)) for g in spec.groups],
+            "step": 0}
+        self._add(s, spec.tensors, initial)
+        return Reply(pb.CreateSessionResponse(session=self._session(spec.session_id)))
 
-    def delete_session(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+    def _grow(self, spec: pb.AddTensorsSpec, initial: Any) -> Reply:
+        s = self.sessions[spec.session_id]
+        if spec.HasField("new_group"):
+            s["groups"].append(join_betas(dict(spec.new_group.values),
+                                          dict(spec.new_group.flags)))
+        self._add(s, spec.tensors, initial)
+        return Reply(pb.AddTensorsResponse(session=self._session(spec.session_id)))
 
     def close(self) -> None:
         pass
 
 
 def run(device: str, wire: str, dtype: torch.dtype = torch.float32, steps: int = 6
-        ) -> tuple[list[torch.Tensor], dict[str, Any], MemoryTransport]:
+        ) -> tuple[list[torch.Tensor], dict[str, Any], MemoryWire]:
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g).to(device=device, dtype=dtype)
               for s in [(64, 33), (33,), (3, 1, 5)]]
-    transport = MemoryTransport()
+    transport = MemoryWire()
     opt = ac.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], lr=0.01,
-                  server=transport, session="s", wire_dtype=wire)
+                  server=Client(transport), session="s", wire_dtype=wire)
     for k in range(steps):
         for i, p in enumerate(params):
             grad = torch.randn(p.shape[::-1], generator=g).to(device=device, dtype=dtype)
@@ -200,7 +192,8 @@ def test_device_parameters_match_the_cpu(device: str, wire: str) -> None:
         torch.testing.assert_close(sd["state"][k]["exp_avg"].cpu(), entry["exp_avg"])
         assert sd["state"][k]["step"].device.type == "cpu"  # as torch keeps it
     # a state_dict of device tensors loads back (values moved to the host for the wire)
-    opt = ac.Adam([{"params": got[:2]}, {"params": got[2:]}], server=transport, session="s")
+    opt = ac.Adam([{"params": got[:2]}, {"params": got[2:]}], server=Client(transport),
+                  session="s")
     opt.load_state_dict(sd)
     assert transport.sessions["s"]["steps"]["param.1"] == 4
 
@@ -222,13 +215,13 @@ def test_add_param_group_of_device_parameters(device: str) -> None:
     a = torch.randn(8, 5, generator=g).to(device)
     b = torch.randn(7, 3, generator=g).to(device).t()  # non-contiguous
     b0 = b.cpu().numpy().copy()
-    transport = MemoryTransport()
-    opt = ac.Adam([a], lr=0.01, server=transport, session="s", wire_dtype="bfloat16")
+    transport = MemoryWire()
+    opt = ac.Adam([a], lr=0.01, server=Client(transport), session="s", wire_dtype="bfloat16")
     a.grad = torch.ones_like(a)
     opt.step()
     opt.add_param_group({"params": [b], "lr": 0.1})
     s = transport.sessions["s"]
-    assert [(t.name, t.shape, t.group) for t in s["spec"].tensors] == [
+    assert [(t.name, t.shape, t.group) for t in s["tensors"]] == [
         ("param.0", (8, 5), 0), ("param.1", (3, 7), 1)]
     assert s["groups"][1]["lr"] == 0.1 and s["step"] == 1
     np.testing.assert_array_equal(s["params"]["param.1"], b0)  # sent in the master dtype

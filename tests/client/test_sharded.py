@@ -171,8 +171,9 @@ def test_shards_listed_out_of_order_are_refused(shard_servers: list[Any], sid: s
     wrong = ShardedTransport([connect(u) for u in reversed(urls)], split_elements=8)
     try:
         right.create_session(SessionSpec(sid, "adam", SPECS, ({}, {})))
-        with pytest.raises(errors.FailedPrecondition, match="shard order"):
+        with pytest.raises(errors.FailedPrecondition, match="shard order") as e:
             wrong.describe(sid)
+        assert e.value.reason == "SHARD_ORDER" and e.value.metadata["session_id"] == sid
         # each shard takes every step: each needs a gradient for one of its tensors
         with pytest.raises(ValueError, match="no gradient for t1"):
             right.step(sid, _wire(_grads(0, False))[:1])
@@ -225,8 +226,10 @@ def test_shards_at_different_steps_refuse_to_step_until_restored(
         again = ShardedTransport([connect(u) for u in urls], split_elements=8)
         try:
             assert again.describe(sid).step == 1
-            with pytest.raises(errors.FailedPrecondition, match=r"different steps .*: 1, .*: 2"):
+            with pytest.raises(errors.FailedPrecondition,
+                               match=r"different steps .*: 1, .*: 2") as e:
                 again.step(sid, _wire(_grads(1, False)))
+            assert e.value.reason == "SHARDS_DIVERGED" and e.value.metadata["steps"] == "1,2,2"
             assert again.restore_checkpoint(sid, 1).step == 1
             assert again.step(sid, _wire(_grads(1, False))).step == 2
         finally:
@@ -304,9 +307,9 @@ def test_sharded_edge_cases(shard_servers: list[Any], sid: str) -> None:
         # a state_dict without state for some tensors: every shard takes its step
         state = sharded.export_state(sid)
         sharded.import_state(sid, {"state": {}, "param_groups": state["param_groups"]})
-        assert {i.step for i in sharded._each(lambda i, t: t.describe(sid))} == {0}
+        assert {i.step for i in sharded.each(lambda i, t: t.describe(sid))} == {0}
         sharded.import_state(sid, state)
-        assert {i.step for i in sharded._each(lambda i, t: t.describe(sid))} == {1}
+        assert {i.step for i in sharded.each(lambda i, t: t.describe(sid))} == {1}
         sharded.delete_session(sid)
         for workers in (Workers(2, mode="async"), Workers(2, straggler_timeout=5.0)):
             with pytest.raises(ValueError, match="synchronous rounds without a straggler"):
@@ -331,7 +334,7 @@ def test_workers_change_on_every_shard_or_on_none(shard_servers: list[Any], sid:
                               for p in plan.shards[0]], sender=Sender("w", 1))
         with pytest.raises(errors.FailedPrecondition, match="between steps"):
             sharded.set_workers(sid, 3)
-        counts = [i.workers.count for i in sharded._each(lambda i, t: t.describe(sid))]
+        counts = [i.workers.count for i in sharded.each(lambda i, t: t.describe(sid))]
         assert counts == [2, 2]
     finally:
         sharded.delete_session(sid)

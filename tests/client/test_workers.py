@@ -67,21 +67,24 @@ def test_round_and_staleness_errors_cross_both_wires(url: str, sid: str) -> None
         with pytest.raises(errors.DeadlineExceeded, match="waiting for step 1"):
             t.pull(sid, min_step=1, wait=0.05)
         with pytest.raises(errors.Aborted, match="1 of 2 workers pushed within the straggler "
-                                                 "timeout"):
+                                                 "timeout") as aborted:
             t.pull(sid, min_step=1, wait=10)
+        assert aborted.value.reason == "ROUND_ABORTED"
         done = in_threads(lambda: t.step(sid, wire(1), sender=Sender("a", 1), base_step=0),
                         lambda: t.step(sid, wire(2), sender=Sender("b", 1), base_step=0))
         assert [r.step for r in done] == [1, 1], done
         assert [w.name for w in t.pull(sid, min_step=1)] == ["t0", "t1"]
-        with pytest.raises(errors.FailedPrecondition, match="too late"):
+        with pytest.raises(errors.FailedPrecondition, match="too late") as late:
             t.push(sid, wire(3), sender=Sender("c", 1), base_step=0)
+        assert late.value.reason == "STALE_PUSH"
         t.delete_session(sid)
 
         t.create_session(SessionSpec(sid, "adam", specs,
                                      workers=Workers(mode="async", max_staleness=0)))
         assert t.step(sid, wire(0), base_step=0).staleness == 0
-        with pytest.raises(errors.FailedPrecondition, match="1 steps stale"):
+        with pytest.raises(errors.FailedPrecondition, match="1 steps stale") as stale:
             t.step(sid, wire(1), base_step=0)
+        assert stale.value.reason == "STALE_PUSH"
         info = t.describe(sid)
         assert (info.workers.mode, info.workers.max_staleness, info.step) == ("async", 0, 1)
         assert t.list_checkpoints(sid) == []
@@ -105,6 +108,9 @@ def test_bad_worker_settings_are_refused_with_their_field(url: str, sid: str) ->
         t.create_session(SessionSpec(sid, "adam", specs))
         with pytest.raises(errors.FailedPrecondition, match="has no step waiting for a commit"):
             t.commit(sid, 1, [0.0], 0.0)
+        with pytest.raises(errors.FailedPrecondition, match="commits its steps itself") as own:
+            ac.ShardedTransport([t]).commit(sid, 1, [0.0], 0.0)
+        assert own.value.reason == "SESSION_SHARDED"
         with pytest.raises(errors.InvalidArgument, match=r"(count|workers): .*(greater than or equal to 1|expected 1 to 512)"):
             t.set_workers(sid, 0)
         with pytest.raises(errors.NotFound, match="no complete checkpoint of step 5"):

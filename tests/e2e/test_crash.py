@@ -46,10 +46,11 @@ def _create(c: httpx.Client, sid: str) -> None:
     rng = np.random.default_rng(7)
     p0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
     body, headers = _binary({
-        "session_id": sid, "algorithm": "adam", "groups": [{"lr": 1e-3, "amsgrad": True}],
+        "session_id": sid, "algorithm": "ALGORITHM_ADAM",
+        "groups": [{"values": {"lr": 1e-3}, "flags": {"amsgrad": True}}],
         "tensors": [{"name": k, "shape": list(s)} for k, s in SHAPES.items()],
         "initial": _tensor_entries(p0)}, list(p0.values()))
-    r = c.post("/v1/sessions", content=body, headers=headers)
+    r = c.post("/v2/sessions", content=body, headers=headers)
     assert r.status_code == 201, r.text
 
 
@@ -74,12 +75,12 @@ def _train(url: str, sid: str, start: int, acked: dict[str, int], stop: threadin
             g = _grads(step)
             body, headers = _binary({"gradients": _tensor_entries(g)}, list(g.values()))
             try:
-                r = c.post(f"/v1/sessions/{sid}/push", content=body, headers=headers)
+                r = c.post(f"/v2/sessions/{sid}/push", content=body, headers=headers)
                 if r.status_code != 200:
                     return
                 step += 1
                 if step % 3 == 0:
-                    r = c.post(f"/v1/sessions/{sid}/checkpoint")
+                    r = c.post(f"/v2/sessions/{sid}/checkpoint")
                     if r.status_code == 200:
                         acked[sid] = r.json()["step"]
             except httpx.HTTPError:
@@ -94,7 +95,7 @@ def test_kill_9_restores_last_acknowledged_checkpoint(
     with server.client() as c:
         for sid in SESSIONS:
             _create(c, sid)
-            assert c.post(f"/v1/sessions/{sid}/checkpoint").status_code == 200
+            assert c.post(f"/v2/sessions/{sid}/checkpoint").status_code == 200
     acked = dict.fromkeys(SESSIONS, 0)
     start = dict.fromkeys(SESSIONS, 0)
     replays: dict[int, FlatOptimizer] = {}
@@ -112,18 +113,18 @@ def test_kill_9_restores_last_acknowledged_checkpoint(
         server = server_factory(data, "--checkpoint-every", "4").start()
         with server.client() as c:
             for sid in SESSIONS:
-                info = c.get(f"/v1/sessions/{sid}")
+                info = c.get(f"/v2/sessions/{sid}")
                 assert info.status_code == 200, info.text
                 restored = info.json()["step"]
                 assert restored >= acked[sid], (sid, restored, acked[sid])
                 if restored not in replays:
                     replays[restored] = _replay(restored)
                 ref = replays[restored]
-                pulled = c.post(f"/v1/sessions/{sid}/pull", json={"binary_output": True})
+                pulled = c.post(f"/v2/sessions/{sid}/pull", json={"binary_output": True})
                 n = int(pulled.headers["adamserve-header-length"])
                 params = np.frombuffer(pulled.content[n:], dtype="<f4")
                 np.testing.assert_array_equal(params, ref.param)
-                state = decode_state(c.get(f"/v1/sessions/{sid}/state").content)
+                state = decode_state(c.get(f"/v2/sessions/{sid}/state").content)
                 for i in range(len(SHAPES)):
                     if restored:
                         np.testing.assert_array_equal(

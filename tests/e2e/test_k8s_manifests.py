@@ -285,7 +285,7 @@ def test_probes_are_open_routes_of_the_app(variant: tuple[str, list[Doc], Path])
     # a token is set (from the Secret) but a kubelet sends none
     app = create_app(service, token="from-the-secret")
     routes = _route_paths(app.routes)
-    assert "/v1/sessions" in routes, f"the route walk found too little: {routes}"
+    assert "/v2/sessions" in routes, f"the route walk found too little: {routes}"
     for kind, probe in probes.items():
         assert probe["path"] in routes, f"{kind} {probe['path']} is not a route of the app"
     with TestClient(app) as client:

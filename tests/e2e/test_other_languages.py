@@ -117,16 +117,18 @@ def test_curl_session_from_readme(server: ServerProcess, tmp_path: Path) -> None
     assert len(docs) == 4, docs
     info, *steps = docs
     sid = create["session_id"]
-    assert info["id"] == sid and info["algorithm"] == "adamw" and info["step"] == 0, info
+    assert info["session_id"] == sid and info["algorithm"] == create["algorithm"], info
+    assert info["step"] == 0 and "checkpointed_step" not in info, info
 
-    # The same session, computed here.
+    # The same session, computed here (the proto's names as the engine's).
     specs = {t["name"]: t["shape"] for t in create["tensors"]}
     initial = {t["name"]: np.asarray(t["data"], np.float32) for t in create["initial"]}
     grads = {t["name"]: np.asarray(t["data"], np.float32) for t in step_body["gradients"]}
-    local = FlatOptimizer(create["algorithm"],
+    algorithm = create["algorithm"].removeprefix("ALGORITHM_").lower()
+    groups = [{**g.get("values", {}), **g.get("flags", {})} for g in create["groups"]]
+    local = FlatOptimizer(algorithm,
                           Layout(tuple(TensorSpec(k, tuple(v)) for k, v in specs.items())),
-                          create["groups"],
-                          params=np.concatenate([initial[k].ravel() for k in specs]))
+                          groups, params=np.concatenate([initial[k].ravel() for k in specs]))
     for n, answer in enumerate(steps, 1):
         assert answer["step"] == n and answer["skipped"] is False, answer
         local.grad[:] = np.concatenate([grads[k].ravel() for k in specs])
@@ -155,8 +157,9 @@ def test_curl_session_from_readme(server: ServerProcess, tmp_path: Path) -> None
 
     # DELETE went through: the session is gone.
     with httpx.Client(base_url=server.http_url, timeout=30) as c:
-        gone = c.get(f"/v1/sessions/{sid}")
+        gone = c.get(f"/v2/sessions/{sid}")
     assert gone.status_code == 404, gone.text
+    assert gone.json()["reason"] == "SESSION_NOT_FOUND", gone.text
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def test_node_grpc_session_matches_python_client(
     grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
              for _ in range(STEPS)]
     plan = {
-        "session_id": "node-session", "algorithm": "adamw",
+        "session_id": "node-session", "algorithm": "ALGORITHM_ADAMW",
         "groups": [{"values": {"lr": LR, "beta1": BETAS[0], "beta2": BETAS[1],
                                "weight_decay": WEIGHT_DECAY}}],
         "tensors": [{"name": k, "shape": s, "initial": initial[k].ravel().tolist()}
@@ -237,9 +240,11 @@ def test_node_grpc_session_matches_python_client(
     assert r.returncode == 0, (f"session.js failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n"
                                f"{_server_log(server)}")
     out = json.loads(r.stdout)
-    assert out["created"] == {"session_id": "node-session", "algorithm": "adamw", "step": 0,
+    assert out["created"] == {"session_id": "node-session", "algorithm": "ALGORITHM_ADAMW",
+                              "step": 0,
                               "tensors": [{"name": k, "shape": s} for k, s in SHAPES.items()]}
     assert out["after_delete"] == "NOT_FOUND", out["after_delete"]
+    assert out["after_delete_reason"] == "SESSION_NOT_FOUND", out
     assert [s["step"] for s in out["steps"]] == [1, 2, 3]
     assert not any(s["skipped"] for s in out["steps"])
 

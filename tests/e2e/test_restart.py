@@ -15,8 +15,8 @@ SHAPES = {"w": [16, 8], "b": [8]}
 
 
 def _create(c, sid: str, p0: dict[str, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
-    r = c.post("/v1/sessions", json={
-        "session_id": sid, "algorithm": "adamw", "groups": [{"lr": 0.01}],
+    r = c.post("/v2/sessions", json={
+        "session_id": sid, "algorithm": "ALGORITHM_ADAMW", "groups": [{"values": {"lr": 0.01}}],
         "tensors": [{"name": k, "shape": v} for k, v in SHAPES.items()],
         "initial": [{"name": k, "shape": SHAPES[k], "datatype": "FP32",
                      "data": p0[k].ravel().tolist()} for k in SHAPES]})
@@ -24,7 +24,7 @@ def _create(c, sid: str, p0: dict[str, np.ndarray]) -> None:  # type: ignore[no-
 
 
 def _step(c, sid: str, g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    r = c.post(f"/v1/sessions/{sid}/step", json={"gradients": [
+    r = c.post(f"/v2/sessions/{sid}/step", json={"gradients": [
         {"name": k, "shape": SHAPES[k], "datatype": "FP32", "data": g[k].ravel().tolist()}
         for k in SHAPES]})
     assert r.status_code == 200, r.text
@@ -51,11 +51,11 @@ def test_sigterm_checkpoints_and_restart_resumes(
 
     server = server_factory(data).start()
     with server.client() as c:
-        info = c.get("/v1/sessions/run1").json()
+        info = c.get("/v2/sessions/run1").json()
         assert info["step"] == 3
         for g in grads[3:]:
             out = _step(c, "run1", g)
-        assert c.delete("/v1/sessions/run1").status_code in (200, 204)
+        assert c.delete("/v2/sessions/run1").status_code in (200, 204)
     for g in grads:
         local.grad[:] = np.concatenate([g[k].ravel() for k in SHAPES])
         local.step()
@@ -115,5 +115,5 @@ def test_session_life_over_each_transport_equals_the_local_engine(
     np.testing.assert_array_equal(np.concatenate([p.ravel() for p in params]), local.param)
     opt.close(delete=True)
     with server.client() as c:
-        assert c.get("/v1/sessions/life").status_code == 404
+        assert c.get("/v2/sessions/life").status_code == 404
     server.terminate()

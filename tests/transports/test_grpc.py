@@ -8,7 +8,6 @@ fingerprint unchanged.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,22 +17,27 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import descriptor_pb2
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import ErrorInfo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
-from adamserve.service import OptimizerService, TensorChunk
+from adamserve.service import OptimizerService
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
 from adamserve.transports.grpc import build_grpc_server
-from adamserve.transports.grpc.servicer import MAX_SEND_BYTES, chunk_messages
+from adamserve.transports.grpc.servicer import MAX_SEND_BYTES
 from adamserve.transports.state_codec import decode_state
-from adamserve_proto.v1 import optimizer_pb2 as pb
-from adamserve_proto.v1 import optimizer_pb2_grpc as pb_grpc
+from adamserve_proto.v2 import optimizer_pb2 as pb
+from adamserve_proto.v2 import optimizer_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
+SERVICE = "adamserve_proto.v2.OptimizerService"
 CAP = 1 << 30  # the store's max_state_bytes
 TOKEN = "s3cret-token"
 WIRE = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"),
@@ -54,7 +58,7 @@ class Server:
             self.service.start()
         self.server, self.port = build_grpc_server(self.service, port=0, token=token)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.OptimizerStub(self.channel)
+        self.stub = pb_grpc.OptimizerServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -72,7 +76,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture
-def stub(srv: Server) -> pb_grpc.OptimizerStub:
+def stub(srv: Server) -> pb_grpc.OptimizerServiceStub:
     return srv.stub
 
 
@@ -134,17 +138,27 @@ def assemble(chunks: Iterable[pb.TensorChunk]) -> Arrays:
     return out
 
 
-def create(stub: pb_grpc.OptimizerStub, sid: str, init: Arrays, algorithm: str = "adam",
+def algorithm_value(name: str) -> pb.Algorithm.ValueType:
+    """The Algorithm enum value of a domain name ("adamw" -> ALGORITHM_ADAMW)."""
+    return pb.Algorithm.Value(f"ALGORITHM_{name.upper()}")
+
+
+def create(stub: pb_grpc.OptimizerServiceStub, sid: str, init: Arrays, algorithm: str = "adam",
            groups: list[pb.Group] | None = None, datatype: str = "FP32",
-           per_chunk: int | None = None, **spec: Any) -> pb.SessionInfo:
+           per_chunk: int | None = None, **spec: Any) -> pb.Session:
     msgs = [pb.CreateSessionRequest(spec=pb.SessionSpec(
-        session_id=sid, algorithm=algorithm, groups=groups or [],
+        session_id=sid, algorithm=algorithm_value(algorithm), groups=groups or [],
         tensors=[pb.TensorSpec(name=n, shape=list(a.shape)) for n, a in init.items()], **spec))]
     for n, a in init.items():
         msgs += [pb.CreateSessionRequest(initial=c)
                  for c in tensor_chunks(n, a, datatype, per_chunk)]
-    info: pb.SessionInfo = stub.CreateSession(iter(msgs))
-    return info
+    reply: pb.CreateSessionResponse = stub.CreateSession(iter(msgs))
+    return reply.session
+
+
+def describe(stub: pb_grpc.OptimizerServiceStub, sid: str) -> pb.Session:
+    reply: pb.GetSessionResponse = stub.GetSession(pb.GetSessionRequest(session_id=sid))
+    return reply.session
 
 
 def step_requests(sid: str, grads: Arrays, datatype: str = "FP32", return_datatype: str = "FP32",
@@ -156,7 +170,13 @@ def step_requests(sid: str, grads: Arrays, datatype: str = "FP32", return_dataty
     return msgs
 
 
-def step(stub: pb_grpc.OptimizerStub, sid: str, grads: Arrays, **kw: Any) -> tuple[
+def push_requests(sid: str, grads: Arrays, **kw: Any) -> list[pb.PushRequest]:
+    """step_requests as PushRequests (the same oneof, field for field)."""
+    return [pb.PushRequest.FromString(m.SerializeToString())
+            for m in step_requests(sid, grads, **kw)]
+
+
+def step(stub: pb_grpc.OptimizerServiceStub, sid: str, grads: Arrays, **kw: Any) -> tuple[
         pb.StepStatus, Arrays, list[pb.StepResponse]]:
     responses = list(stub.Step(iter(step_requests(sid, grads, **kw))))
     assert responses[0].WhichOneof("kind") == "status"
@@ -164,10 +184,10 @@ def step(stub: pb_grpc.OptimizerStub, sid: str, grads: Arrays, **kw: Any) -> tup
     return responses[0].status, assemble(r.param for r in responses[1:]), responses
 
 
-def pull(stub: pb_grpc.OptimizerStub, sid: str, names: list[str] | None = None,
+def pull(stub: pb_grpc.OptimizerServiceStub, sid: str, names: list[str] | None = None,
          datatype: str = "FP32") -> Arrays:
-    return assemble(stub.Pull(pb.PullRequest(session_id=sid, names=names or [],
-                                             datatype=datatype)))
+    return assemble(r.chunk for r in stub.Pull(pb.PullRequest(session_id=sid, names=names or [],
+                                                               datatype=datatype)))
 
 
 def local(init: Arrays, algorithm: str = "adam", groups: list[dict[str, Any]] | None = None,
@@ -220,12 +240,46 @@ def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
     return info.value
 
 
-def expect(fn: Callable[[], Any], code: grpc.StatusCode, *needles: str) -> str:
+# The reasons each status code may carry (the table at the top of optimizer.proto).
+REASONS_BY_CODE: dict[grpc.StatusCode, set[str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: {"INVALID_ARGUMENT"},
+    grpc.StatusCode.NOT_FOUND: {"SESSION_NOT_FOUND", "CHECKPOINT_NOT_FOUND"},
+    grpc.StatusCode.ALREADY_EXISTS: {"SESSION_EXISTS"},
+    grpc.StatusCode.FAILED_PRECONDITION: {
+        "STALE_PUSH", "PUSH_AHEAD", "ROUND_OPEN", "STEP_STAGED", "DUPLICATE_WORKER_PUSH",
+        "LAYOUT_CHANGED", "CHECKPOINTS_DISABLED", "FAILED_PRECONDITION"},
+    grpc.StatusCode.RESOURCE_EXHAUSTED: {"QUOTA_EXCEEDED", "DEVICE_OUT_OF_MEMORY"},
+    grpc.StatusCode.ABORTED: {"ROUND_ABORTED"},
+    grpc.StatusCode.DEADLINE_EXCEEDED: {"WAIT_TIMEOUT"},
+    grpc.StatusCode.UNAUTHENTICATED: {"UNAUTHENTICATED"},
+    grpc.StatusCode.INTERNAL: {"INTERNAL"},
+}
+
+
+def error_info(err: grpc.RpcError) -> ErrorInfo:
+    """The one google.rpc.ErrorInfo in an error's status details."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "no grpc-status-details-bin"
+    assert status.code == err.code().value[0] and status.message == err.details()
+    (detail,) = status.details
+    info = ErrorInfo()
+    assert detail.Unpack(info)
+    assert info.domain == "adamserve"
+    return info
+
+
+def expect(fn: Callable[[], Any], code: grpc.StatusCode, *needles: str,
+           reason: str | None = None) -> str:
     err = rpc_error(fn)
     assert err.code() == code, (err.code(), err.details())
     details = err.details() or ""
     for needle in needles:
         assert needle in details, f"{needle!r} not in {details!r}"
+    info = error_info(err)
+    if reason is not None:
+        assert info.reason == reason, (info.reason, details)
+    else:
+        assert info.reason in REASONS_BY_CODE[code], (code, info.reason, details)
     return details
 
 
@@ -233,7 +287,7 @@ def expect(fn: Callable[[], Any], code: grpc.StatusCode, *needles: str) -> str:
 # numerics
 
 
-def test_create_then_three_steps_equal_local_fp32(stub: pb_grpc.OptimizerStub) -> None:
+def test_create_then_three_steps_equal_local_fp32(stub: pb_grpc.OptimizerServiceStub) -> None:
     sid = new_id()
     init = small_model()
     groups = [pb.Group(values={"lr": 0.01, "beta1": 0.8, "weight_decay": 0.1},
@@ -255,10 +309,10 @@ def test_create_then_three_steps_equal_local_fp32(stub: pb_grpc.OptimizerStub) -
         assert status.HasField("grad_norm") and status.grad_norm > 0
         assert_same(params, local_step(opt, grads))
     assert_same(pull(stub, sid), local_params(opt))
-    assert stub.DescribeSession(pb.DescribeSessionRequest(session_id=sid)).step == 3
+    assert describe(stub, sid).step == 3
 
 
-def test_partial_step_push_and_pull_datatypes(stub: pb_grpc.OptimizerStub) -> None:
+def test_partial_step_push_and_pull_datatypes(stub: pb_grpc.OptimizerServiceStub) -> None:
     sid = new_id()
     init = small_model(2)
     create(stub, sid, init, algorithm="adamw")
@@ -266,13 +320,13 @@ def test_partial_step_push_and_pull_datatypes(stub: pb_grpc.OptimizerStub) -> No
     rng = np.random.default_rng(3)
     # Push: a subset of tensors, nothing comes back
     grads = {"w": rand(rng, 8, 16)}
-    status = stub.Push(iter(step_requests(sid, grads, return_datatype="")))
+    status = stub.Push(iter(push_requests(sid, grads, return_datatype=""))).status
     assert status.step == 1 and not status.skipped
     want = local_step(opt, grads)
     assert_same(pull(stub, sid), want)
     # Pull by name, in the order asked, and in other datatypes
     got = stub.Pull(pb.PullRequest(session_id=sid, names=["s", "w"]))
-    assert [c.name for c in got] == ["s", "w"]
+    assert [r.chunk.name for r in got] == ["s", "w"]
     assert_same(pull(stub, sid, ["b"], "FP64"), {"b": want["b"].astype(np.float64)})
     assert_same(pull(stub, sid, ["w"], "FP16"), {"w": want["w"].astype(np.float16)})
     # the default return datatype is FP32
@@ -280,7 +334,7 @@ def test_partial_step_push_and_pull_datatypes(stub: pb_grpc.OptimizerStub) -> No
     assert all(p.dtype == np.float32 for p in params.values())
 
 
-def test_bf16_wire_grads_and_params(stub: pb_grpc.OptimizerStub) -> None:
+def test_bf16_wire_grads_and_params(stub: pb_grpc.OptimizerServiceStub) -> None:
     sid = new_id()
     init = small_model(4)
     create(stub, sid, init)
@@ -315,27 +369,12 @@ def test_tensor_larger_than_a_message_round_trips_in_chunks(srv: Server) -> None
     assert sum(1 for r in responses if r.param.name == "big") >= 3
     assert_same(params, local_step(opt, grads))
     pulled = list(stub.Pull(pb.PullRequest(session_id=sid, names=["big"])))
-    assert len(pulled) >= 3 and max(c.ByteSize() for c in pulled) <= MAX_SEND_BYTES
-    assert_same(assemble(pulled), {"big": local_params(opt)["big"]})
+    assert len(pulled) >= 3 and max(r.ByteSize() for r in pulled) <= MAX_SEND_BYTES
+    assert_same(assemble(r.chunk for r in pulled), {"big": local_params(opt)["big"]})
     stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
 
 
-def test_hand_serialised_chunks_equal_protobuf() -> None:
-    data = np.arange(10, dtype=np.float32).tobytes()
-    chunk = TensorChunk("layer.ü", (2, 5), "FP32", data, 0)
-    got = list(chunk_messages(chunk, max_bytes=1024 + 16 + 11 * 2 + len("layer.ü".encode())))
-    assert len(got) == 3  # 4 + 4 + 2 elements
-    for k, raw in enumerate(got):
-        lo, hi = 4 * k, min(4 * k + 4, 10)
-        want = pb.TensorChunk(name="layer.ü", shape=[2, 5], datatype="FP32", offset=lo,
-                              data=data[4 * lo:4 * hi])
-        assert raw == want.SerializeToString()
-    wrapped = list(chunk_messages(TensorChunk("e", (0,), "BF16", b"", 0), wrap_field=2))
-    assert wrapped == [pb.StepResponse(param=pb.TensorChunk(name="e", shape=[0], datatype="BF16"))
-                       .SerializeToString()]
-
-
-def test_set_hyperparameters_mid_run_equals_local(stub: pb_grpc.OptimizerStub) -> None:
+def test_set_hyperparameters_mid_run_equals_local(stub: pb_grpc.OptimizerServiceStub) -> None:
     sid = new_id()
     init = small_model(7)
     create(stub, sid, init)
@@ -346,7 +385,8 @@ def test_set_hyperparameters_mid_run_equals_local(stub: pb_grpc.OptimizerStub) -
         _, params, _ = step(stub, sid, grads)
         assert_same(params, local_step(opt, grads))
     info = stub.SetHyperparameters(pb.SetHyperparametersRequest(
-        session_id=sid, group=0, changes=pb.Group(values={"lr": 0.05}, flags={"maximize": True})))
+        session_id=sid, group=0, changes=pb.Group(values={"lr": 0.05}, flags={"maximize": True})
+    )).session
     assert info.groups[0].values["lr"] == 0.05 and info.lr[0] == 0.05
     assert info.groups[0].flags["maximize"] is True
     opt.set_hyperparameters(0, {"lr": 0.05, "maximize": True})
@@ -380,11 +420,12 @@ def test_add_tensors_mid_run_equals_local(srv: Server) -> None:
         grads = small_grads(rng)
         _, params, _ = step(stub, sid, grads)
         assert_same(params, local_step(opt, grads))
-    ck = stub.Checkpoint(pb.CheckpointRequest(session_id=sid))
+    ck = stub.Checkpoint(pb.CheckpointRequest(session_id=sid)).checkpoint
     head = rand(rng, 3, 5)
     info = stub.AddTensors(iter(add_requests(
         sid, [("head", (3, 5), 1), ("bias", (4,), 1)], {"head": head},
-        pb.Group(values={"lr": 0.05, "beta1": 0.7}, flags={"amsgrad": True}), per_chunk=4)))
+        pb.Group(values={"lr": 0.05, "beta1": 0.7}, flags={"amsgrad": True}), per_chunk=4))
+    ).session
     assert [(t.name, t.group) for t in info.tensors] == [
         ("w", 0), ("b", 0), ("s", 0), ("head", 1), ("bias", 1)]
     assert info.step == 2 and len(info.groups) == 2 and info.lr[1] == 0.05
@@ -396,7 +437,7 @@ def test_add_tensors_mid_run_equals_local(srv: Server) -> None:
                     {"lr": 0.05, "beta1": 0.7, "amsgrad": True})
     assert_same(pull(stub, sid), local_params(opt))
     # no new group: a tensor joins group 0 (no initial values: zeros)
-    info = stub.AddTensors(iter(add_requests(sid, [("extra", (2, 2), 0)])))
+    info = stub.AddTensors(iter(add_requests(sid, [("extra", (2, 2), 0)]))).session
     assert [t.name for t in info.tensors][-1] == "extra" and len(info.groups) == 2
     opt.add_tensors([TensorSpec("extra", (2, 2), 0)], np.zeros(4, np.float32))
     for k in range(3):
@@ -425,7 +466,7 @@ def _export_import_round_trip(srv: Server, init: Arrays) -> None:
     create(stub, b, pull(stub, a), algorithm="nadam")
     half = len(blob) // 2
     info = stub.ImportState(iter([pb.ImportStateRequest(session_id=b, data=blob[:half]),
-                                  pb.ImportStateRequest(data=blob[half:])]))
+                                  pb.ImportStateRequest(data=blob[half:])])).session
     assert info.session_id == b
     blob_b = b"".join(c.data for c in stub.ExportState(pb.ExportStateRequest(session_id=b)))
     # safetensors may order metadata differently; the contents must be equal
@@ -454,46 +495,77 @@ def test_export_import_round_trip_scalar_tensor(srv: Server) -> None:
 def test_checkpoint_list_describe_delete(srv: Server) -> None:
     stub = srv.stub
     sid = new_id("ck")
-    create(stub, sid, small_model(11), algorithm="rmsprop", max_grad_norm=1.5,
-           clip_per_tensor=True, skip_nonfinite=False, dtype="float64")
+    created = create(stub, sid, small_model(11), algorithm="rmsprop", max_grad_norm=1.5,
+                     clip_per_tensor=True, skip_nonfinite=False, dtype=pb.STATE_DTYPE_FLOAT64)
+    assert not created.HasField("checkpointed_step")  # none yet: absent, not -1
     step(stub, sid, small_grads(np.random.default_rng(12)))
-    ck = stub.Checkpoint(pb.CheckpointRequest(session_id=sid))
-    assert ck.session_id == sid and ck.step == 1 and ck.bytes > 0
+    ck = stub.Checkpoint(pb.CheckpointRequest(session_id=sid)).checkpoint
+    assert ck.session_id == sid and ck.step == 1 and ck.size_bytes > 0
     assert Path(ck.path).exists()
-    info = stub.DescribeSession(pb.DescribeSessionRequest(session_id=sid))
-    assert info.checkpointed_step == 1 and info.algorithm == "rmsprop"
-    assert info.dtype == "float64" and info.backend == "cpu"
+    info = describe(stub, sid)
+    assert info.HasField("checkpointed_step") and info.checkpointed_step == 1
+    assert info.algorithm == pb.ALGORITHM_RMSPROP
+    assert info.dtype == pb.STATE_DTYPE_FLOAT64 and info.backend == pb.BACKEND_CPU
     assert info.HasField("max_grad_norm") and info.max_grad_norm == 1.5
     assert info.clip_per_tensor and not info.skip_nonfinite
-    assert info.state_bytes > 0 and info.schedule_json == ""
+    assert info.state_bytes > 0 and not info.HasField("schedule")
+    assert info.workers.count == 1 and info.workers.mode == pb.WORKER_MODE_SYNC
     assert "centered" in info.groups[0].flags and "alpha" in info.groups[0].values
     listed = stub.ListSessions(pb.ListSessionsRequest()).sessions
     assert sid in [s.session_id for s in listed]
     stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
     assert sid not in [s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions]
-    expect(lambda: stub.DescribeSession(pb.DescribeSessionRequest(session_id=sid)),
-           grpc.StatusCode.NOT_FOUND, sid)
+    expect(lambda: describe(stub, sid), grpc.StatusCode.NOT_FOUND, sid,
+           reason="SESSION_NOT_FOUND")
     expect(lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid)),
-           grpc.StatusCode.NOT_FOUND, sid)
+           grpc.StatusCode.NOT_FOUND, sid, reason="SESSION_NOT_FOUND")
 
 
 # ---------------------------------------------------------------------------
 # health, reflection, token
 
 
+def reflect(channel: grpc.Channel, version: str,
+            request: reflection_pb2.ServerReflectionRequest
+            ) -> reflection_pb2.ServerReflectionResponse:
+    """One reflection request over grpc.reflection.<version> (v1 and v1alpha have the same
+    messages, field for field, so v1alpha's classes serialise both)."""
+    call = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    (reply,) = list(call(iter([request])))
+    return reply  # type: ignore[no-any-return]
+
+
 def test_health_serving_and_reflection(srv: Server) -> None:
     health = health_pb2_grpc.HealthStub(srv.channel)
-    for name in ("", "adamserve.v1.Optimizer"):
+    for name in ("", SERVICE):
         resp = health.Check(health_pb2.HealthCheckRequest(service=name))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    for version in ("v1", "v1alpha"):
+        out = reflect(srv.channel, version, reflection_pb2.ServerReflectionRequest(
+            list_services=""))
+        names = {s.name for s in out.list_services_response.service}
+        assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection"} <= names, (version, names)
+        for symbol in (SERVICE, f"grpc.reflection.{version}.ServerReflection"):
+            out = reflect(srv.channel, version, reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol=symbol))
+            files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                     for raw in out.file_descriptor_response.file_descriptor_proto]
+            assert symbol.rpartition(".")[2] in {
+                svc.name for f in files for svc in f.service}, (version, symbol)
+    # the v2 file and what it imports (Duration), so a client can build every message
+    out = reflect(srv.channel, "v1", reflection_pb2.ServerReflectionRequest(
+        file_by_filename="adamserve_proto/v2/optimizer.proto"))
+    names = {descriptor_pb2.FileDescriptorProto.FromString(raw).name
+             for raw in out.file_descriptor_response.file_descriptor_proto}
+    assert names == {"adamserve_proto/v2/optimizer.proto", "google/protobuf/duration.proto"}
+    # the stub generated for v1alpha agrees
     refl = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
-    out = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+    assert list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
         list_services="")])))
-    names = [s.name for s in out[0].list_services_response.service]
-    assert "adamserve.v1.Optimizer" in names and "grpc.health.v1.Health" in names
-    out = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="adamserve.v1.Optimizer")])))
-    assert out[0].file_descriptor_response.file_descriptor_proto
 
 
 def test_health_not_serving_until_ready(tmp_path: Path) -> None:
@@ -520,7 +592,7 @@ def test_token(tmp_path: Path) -> None:
         list_req = pb.ListSessionsRequest()
         for md in (None, bad, (("authorization", TOKEN),)):
             expect(lambda md=md: stub.ListSessions(list_req, metadata=md),
-                   grpc.StatusCode.UNAUTHENTICATED, "Bearer")
+                   grpc.StatusCode.UNAUTHENTICATED, "Bearer", reason="UNAUTHENTICATED")
         assert len(stub.ListSessions(list_req, metadata=ok).sessions) == 0
         init = small_model()
         expect(lambda: create(stub, "t", init), grpc.StatusCode.UNAUTHENTICATED)
@@ -528,7 +600,8 @@ def test_token(tmp_path: Path) -> None:
                grpc.StatusCode.UNAUTHENTICATED)
         assert not s.store.all()
         msgs = [pb.CreateSessionRequest(spec=pb.SessionSpec(
-            session_id="t", algorithm="adam", tensors=[pb.TensorSpec(name="w", shape=[3])]))]
+            session_id="t", algorithm=pb.ALGORITHM_ADAM,
+            tensors=[pb.TensorSpec(name="w", shape=[3])]))]
         stub.CreateSession(iter(msgs), metadata=ok)
         grads = {"w": np.ones(3, np.float32)}
         expect(lambda: list(stub.Step(iter(step_requests("t", grads)), metadata=bad)),
@@ -540,9 +613,9 @@ def test_token(tmp_path: Path) -> None:
         health = health_pb2_grpc.HealthStub(s.channel)
         assert health.Check(health_pb2.HealthCheckRequest()).status == (
             health_pb2.HealthCheckResponse.SERVING)
-        refl = reflection_pb2_grpc.ServerReflectionStub(s.channel)
-        assert list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            list_services="")])))
+        for version in ("v1", "v1alpha"):
+            assert reflect(s.channel, version, reflection_pb2.ServerReflectionRequest(
+                list_services="")).list_services_response.service
     finally:
         s.close()
 
@@ -626,7 +699,8 @@ def test_bad_step_is_refused_and_changes_nothing(srv: Server, session: str, case
     expect(lambda: list(srv.stub.Step(iter(build(session)))), code, *needles)
     assert srv.fp(session) == before
     if case in ("unknown tensor", "chunk out of order", "no header"):
-        expect(lambda: srv.stub.Push(iter(build(session))), code, *needles)
+        pushes = [pb.PushRequest.FromString(m.SerializeToString()) for m in build(session)]
+        expect(lambda: srv.stub.Push(iter(pushes)), code, *needles)
         assert srv.fp(session) == before
     # the session still steps normally afterwards
     status, _, _ = step(srv.stub, session, {"b": np.ones(16, np.float32)})
@@ -649,14 +723,14 @@ def test_nan_gradient_skips_the_step(srv: Server, session: str) -> None:
 
 def test_malformed_protobuf_is_invalid_argument(srv: Server, session: str) -> None:
     before = srv.fp(session)
-    raw_step = srv.channel.stream_stream("/adamserve.v1.Optimizer/Step",
+    raw_step = srv.channel.stream_stream(f"/{SERVICE}/Step",
                                          request_serializer=lambda b: b,
                                          response_deserializer=pb.StepResponse.FromString)
     expect(lambda: list(raw_step(iter([b"\xff\xff\xff\xff"]))),
            grpc.StatusCode.INVALID_ARGUMENT, "malformed", "StepRequest")
-    raw_describe = srv.channel.unary_unary("/adamserve.v1.Optimizer/DescribeSession",
+    raw_describe = srv.channel.unary_unary(f"/{SERVICE}/GetSession",
                                            request_serializer=lambda b: b,
-                                           response_deserializer=pb.SessionInfo.FromString)
+                                           response_deserializer=pb.GetSessionResponse.FromString)
     expect(lambda: raw_describe(b"\x0a\x05ab"), grpc.StatusCode.INVALID_ARGUMENT, "malformed")
     assert srv.fp(session) == before
 
@@ -666,10 +740,18 @@ def test_bad_creates(srv: Server, session: str) -> None:
     n = len(srv.store.all())
     init = {"w": np.zeros((2, 2), np.float32)}
     before = srv.fp(session)
-    expect(lambda: create(stub, session, init), grpc.StatusCode.ALREADY_EXISTS, session)
+    expect(lambda: create(stub, session, init), grpc.StatusCode.ALREADY_EXISTS, session,
+           reason="SESSION_EXISTS")
     assert srv.fp(session) == before
-    expect(lambda: create(stub, new_id(), init, algorithm="adamm"),
-           grpc.StatusCode.INVALID_ARGUMENT, "'adamm'", "adamw")
+
+    def create_spec(**spec: Any) -> Any:
+        return stub.CreateSession(iter([pb.CreateSessionRequest(spec=pb.SessionSpec(
+            session_id=new_id(), tensors=[pb.TensorSpec(name="w", shape=[2, 2])], **spec))]))
+
+    expect(lambda: create_spec(), grpc.StatusCode.INVALID_ARGUMENT, "algorithm", "not set",
+           "ALGORITHM_ADAMW")
+    expect(lambda: create_spec(algorithm=42), grpc.StatusCode.INVALID_ARGUMENT, "algorithm",
+           "42", "ALGORITHM_LAMB")
     expect(lambda: create(stub, new_id(), init, groups=[pb.Group(values={"lr": -1.0})]),
            grpc.StatusCode.INVALID_ARGUMENT, "lr", ">= 0")
     expect(lambda: create(stub, new_id(), init, groups=[pb.Group(values={"bogus": 1.0})]),
@@ -679,17 +761,30 @@ def test_bad_creates(srv: Server, session: str) -> None:
     expect(lambda: create(stub, new_id(), init, groups=[pb.Group(values={"lr": 1.0},
                                                                  flags={"lr": True})]),
            grpc.StatusCode.INVALID_ARGUMENT, "lr", "value and as a flag")
-    expect(lambda: create(stub, new_id(), init, schedule_json="{"),
-           grpc.StatusCode.INVALID_ARGUMENT, "schedule_json", "JSON")
-    expect(lambda: create(stub, new_id(), init, schedule_json="[1]"),
-           grpc.StatusCode.INVALID_ARGUMENT, "schedule_json", "object")
-    expect(lambda: create(stub, new_id(), init, dtype="float16"),
-           grpc.StatusCode.INVALID_ARGUMENT, "dtype", "float16")
+    expect(lambda: create(stub, new_id(), init, schedule=pb.Schedule()),
+           grpc.StatusCode.INVALID_ARGUMENT, "schedule", "no kind", "cosine")
+    expect(lambda: create(stub, new_id(), init,
+                          schedule=pb.Schedule(cosine=pb.CosineSchedule())),
+           grpc.StatusCode.INVALID_ARGUMENT, "schedule.total_steps", ">= 1")
+    expect(lambda: create(stub, new_id(), init, schedule=pb.Schedule(join=pb.JoinSchedule(
+               schedules=[pb.Schedule(constant=pb.ConstantSchedule()), pb.Schedule()],
+               milestones=[3]))),
+           grpc.StatusCode.INVALID_ARGUMENT, "schedule.join.schedules[1]", "no kind")
+    expect(lambda: create(stub, new_id(), init, schedule=pb.Schedule(
+               one_cycle=pb.OneCycleSchedule(total_steps=10, anneal_strategy=9))),
+           grpc.StatusCode.INVALID_ARGUMENT, "anneal_strategy", "9", "ANNEAL_STRATEGY_LINEAR")
+    expect(lambda: create(stub, new_id(), init, dtype=5),
+           grpc.StatusCode.INVALID_ARGUMENT, "dtype", "5", "STATE_DTYPE_FLOAT64")
+    expect(lambda: create(stub, new_id(), init, workers=pb.Workers(count=2, mode=7)),
+           grpc.StatusCode.INVALID_ARGUMENT, "workers.mode", "WORKER_MODE_ASYNC")
+    expect(lambda: create(stub, new_id(), init, workers=pb.Workers(
+               count=2, straggler_timeout=Duration(seconds=-1))),
+           grpc.StatusCode.INVALID_ARGUMENT, "workers.straggler_timeout", "negative")
     expect(lambda: create(stub, "bad id!", init), grpc.StatusCode.INVALID_ARGUMENT, "bad id!")
     expect(lambda: create(stub, new_id(), {}), grpc.StatusCode.INVALID_ARGUMENT, "tensor")
     # initial values are checked like gradients
     short = [pb.CreateSessionRequest(spec=pb.SessionSpec(
-                 session_id=new_id(), algorithm="adam",
+                 session_id=new_id(), algorithm=pb.ALGORITHM_ADAM,
                  tensors=[pb.TensorSpec(name="w", shape=[4])])),
              pb.CreateSessionRequest(initial=pb.TensorChunk(name="w", shape=[4], datatype="FP32",
                                                             data=b"\0" * 8))]
@@ -700,11 +795,12 @@ def test_bad_creates(srv: Server, session: str) -> None:
     expect(lambda: stub.CreateSession(iter([])), grpc.StatusCode.INVALID_ARGUMENT, "empty stream")
     # memory: over the store's cap is RESOURCE_EXHAUSTED; past any sane size INVALID_ARGUMENT
     msgs = [pb.CreateSessionRequest(spec=pb.SessionSpec(
-        session_id=new_id("huge"), algorithm="adam",
+        session_id=new_id("huge"), algorithm=pb.ALGORITHM_ADAM,
         tensors=[pb.TensorSpec(name="w", shape=[100_000, 100_000])]))]
-    expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.RESOURCE_EXHAUSTED, "bytes")
+    expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.RESOURCE_EXHAUSTED, "bytes",
+           reason="QUOTA_EXCEEDED")
     msgs[0].spec.tensors[0].shape[:] = [1 << 40, 1 << 40]
-    expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT, "2^48")
+    expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT, "elements; at most")
     msgs[0].spec.tensors[0].shape[:] = [-3]
     expect(lambda: stub.CreateSession(iter(msgs)), grpc.StatusCode.INVALID_ARGUMENT, "negative")
     assert len(srv.store.all()) == n  # nothing was left behind
@@ -725,11 +821,10 @@ def test_bad_hyperparameters_schedules_and_pulls(srv: Server, session: str) -> N
            "'momentum'")
     expect(lambda: set_h(group=3, values={"lr": 0.1}), grpc.StatusCode.INVALID_ARGUMENT,
            "group 3")
-    expect(lambda: stub.SetSchedule(pb.SetScheduleRequest(session_id=session,
-                                                          schedule_json="not json")),
-           grpc.StatusCode.INVALID_ARGUMENT, "schedule_json")
-    expect(lambda: stub.SetSchedule(pb.SetScheduleRequest(session_id="ghost",
-                                                          schedule_json="")),
+    expect(lambda: stub.SetSchedule(pb.SetScheduleRequest(
+               session_id=session, schedule=pb.Schedule(step=pb.StepSchedule(step_size=0)))),
+           grpc.StatusCode.INVALID_ARGUMENT, "schedule.step_size")
+    expect(lambda: stub.SetSchedule(pb.SetScheduleRequest(session_id="ghost")),
            grpc.StatusCode.NOT_FOUND, "ghost")
     expect(lambda: list(stub.Pull(pb.PullRequest(session_id=session, names=["zz"]))),
            grpc.StatusCode.INVALID_ARGUMENT, "'zz'")
@@ -737,10 +832,13 @@ def test_bad_hyperparameters_schedules_and_pulls(srv: Server, session: str) -> N
            grpc.StatusCode.INVALID_ARGUMENT, "'fp32'")
     expect(lambda: list(stub.Pull(pb.PullRequest(session_id="ghost"))),
            grpc.StatusCode.NOT_FOUND, "ghost")
+    expect(lambda: list(stub.Pull(pb.PullRequest(session_id=session,
+                                                 timeout=Duration(nanos=-5)))),
+           grpc.StatusCode.INVALID_ARGUMENT, "timeout", "negative")
     assert srv.fp(session) == before
     # removing a schedule that is not there is fine, and changes nothing
-    info = stub.SetSchedule(pb.SetScheduleRequest(session_id=session))
-    assert info.schedule_json == "" and srv.fp(session) == before
+    info = stub.SetSchedule(pb.SetScheduleRequest(session_id=session)).session
+    assert not info.HasField("schedule") and srv.fp(session) == before
 
 
 def test_bad_add_tensors_are_refused_and_change_nothing(srv: Server, session: str) -> None:
@@ -775,7 +873,7 @@ def test_bad_add_tensors_are_refused_and_change_nothing(srv: Server, session: st
         (add_requests(session, [("n", (-2,), 0)]),
          grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "negative")),
         (add_requests(session, [("n", (1 << 40, 1 << 40), 0)]),
-         grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "2^48")),
+         grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "elements; at most")),
         (add_requests(session, [("n", (1,) * 65, 0)]),
          grpc.StatusCode.INVALID_ARGUMENT, ("'n'", "dimensions")),
         (add_requests(session, [("n", (100_000, 100_000), 0)]),
@@ -796,12 +894,12 @@ def test_bad_add_tensors_are_refused_and_change_nothing(srv: Server, session: st
     for msgs, code, needles in cases:
         expect(lambda: add(msgs), code, *needles)  # noqa: B023 (called at once)
         assert srv.fp(session) == before, needles
-    info = stub.DescribeSession(pb.DescribeSessionRequest(session_id=session))
+    info = describe(stub, session)
     assert [t.name for t in info.tensors] == ["w", "b"] and len(info.groups) == 1
     # the session still steps, and grows, normally afterwards
     status, _, _ = step(srv.stub, session, {"b": np.ones(16, np.float32)})
     assert status.step == 2
-    info = add(add_requests(session, [("n", (2,), 1)], two, new_group=group))
+    info = add(add_requests(session, [("n", (2,), 1)], two, new_group=group)).session
     assert [t.name for t in info.tensors] == ["w", "b", "n"] and len(info.groups) == 2
 
 
@@ -813,7 +911,7 @@ def set_requests(sid: str, values: Arrays, per_chunk: int | None = None
     return msgs
 
 
-def test_set_parameters_mid_run_equals_local(stub: pb_grpc.OptimizerStub) -> None:
+def test_set_parameters_mid_run_equals_local(stub: pb_grpc.OptimizerServiceStub) -> None:
     """Whole tensors overwritten between steps (in chunks, in any datatype); the moments
     and step count stay, the other tensors keep their values."""
     sid = new_id()
@@ -825,7 +923,7 @@ def test_set_parameters_mid_run_equals_local(stub: pb_grpc.OptimizerStub) -> Non
     step(stub, sid, grads)
     local_step(ref, grads)
     w = rand(rng, 8, 16)
-    info = stub.SetParameters(iter(set_requests(sid, {"w": w}, per_chunk=50)))
+    info = stub.SetParameters(iter(set_requests(sid, {"w": w}, per_chunk=50))).session
     assert info.step == 1
     ref.param[ref.layout.span(ref.layout.index("w"))] = w.reshape(-1)
     half = np.full(16, 0.5, np.float32)
@@ -910,19 +1008,8 @@ def test_unexpected_errors_are_internal_and_generic(srv: Server, session: str,
         raise RuntimeError("secret detail")
 
     monkeypatch.setattr(srv.service, "describe", boom)
-    details = expect(lambda: srv.stub.DescribeSession(pb.DescribeSessionRequest(
-        session_id=session)), grpc.StatusCode.INTERNAL, "internal error")
+    details = expect(lambda: describe(srv.stub, session), grpc.StatusCode.INTERNAL,
+                     "internal error", reason="INTERNAL")
     assert "secret" not in details
 
 
-def test_schedule_round_trip_if_available(srv: Server, session: str) -> None:
-    from adamserve.engine import schedules
-
-    try:
-        schedules.schedule_from_dict({"kind": "constant", "factor": 0.5})
-    except Exception:
-        pytest.skip("schedules.schedule_from_dict does not parse a constant schedule yet")
-    info = srv.stub.SetSchedule(pb.SetScheduleRequest(
-        session_id=session, schedule_json=json.dumps({"kind": "constant", "factor": 0.5})))
-    assert json.loads(info.schedule_json)["kind"] == "constant"
-    assert info.lr[0] == pytest.approx(0.5 * info.groups[0].values["lr"])

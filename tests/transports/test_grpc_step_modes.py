@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
-from adamserve_proto.v1 import optimizer_pb2 as pb
+from adamserve_proto.v2 import optimizer_pb2 as pb
 
-from .test_grpc import Server
+from .test_grpc import Server, algorithm_value
 
 SHAPES = {"big": (3, 500_000), "small": (7,)}  # "big" spans two 4 MiB chunks
 PER = 1 << 20  # elements per chunk
@@ -28,7 +28,8 @@ def srv(tmp_path: Path) -> Iterator[Server]:
 
 def _create(srv: Server, sid: str, algorithm: str = "adam", skip_nonfinite: bool = False,
             **extra: float) -> None:
-    spec = pb.SessionSpec(session_id=sid, algorithm=algorithm, skip_nonfinite=skip_nonfinite,
+    spec = pb.SessionSpec(session_id=sid, algorithm=algorithm_value(algorithm),
+                          skip_nonfinite=skip_nonfinite,
                           tensors=[pb.TensorSpec(name=k, shape=s) for k, s in SHAPES.items()],
                           groups=[pb.Group(values={"lr": 1e-2, **extra})])
     srv.stub.CreateSession(iter([pb.CreateSessionRequest(spec=spec)]))
@@ -43,6 +44,10 @@ def _chunks(grads: dict[str, np.ndarray]) -> list[pb.StepRequest]:
                 name=name, shape=list(g.shape), datatype="FP32", offset=off,
                 data=flat[off:off + PER].tobytes())))
     return out
+
+
+def _push(msgs: list[pb.StepRequest]) -> list[pb.PushRequest]:
+    return [pb.PushRequest(chunk=m.chunk) for m in msgs]
 
 
 def test_duplex_step_streams_while_receiving_and_equals_a_step(srv: Server) -> None:
@@ -89,7 +94,7 @@ def test_duplex_refused_where_the_step_needs_the_whole_gradient(srv: Server, kin
     elif kind == "nonfinite-check":
         _create(srv, kind, skip_nonfinite=True)
     else:
-        spec = pb.SessionSpec(session_id=kind, algorithm="adam", skip_nonfinite=False,
+        spec = pb.SessionSpec(session_id=kind, algorithm=pb.ALGORITHM_ADAM, skip_nonfinite=False,
                               max_grad_norm=1.0,
                               tensors=[pb.TensorSpec(name=k, shape=s) for k, s in SHAPES.items()])
         srv.stub.CreateSession(iter([pb.CreateSessionRequest(spec=spec)]))
@@ -107,7 +112,7 @@ def test_duplex_refused_where_the_step_needs_the_whole_gradient(srv: Server, kin
 def test_step_unary_equals_the_stream_and_refuses_large_sessions(srv: Server) -> None:
     shapes = {"w": (10, 10), "b": (10,)}
     for sid in ("unary", "stream"):
-        spec = pb.SessionSpec(session_id=sid, algorithm="nadam",
+        spec = pb.SessionSpec(session_id=sid, algorithm=pb.ALGORITHM_NADAM,
                               tensors=[pb.TensorSpec(name=k, shape=s) for k, s in shapes.items()])
         srv.stub.CreateSession(iter([pb.CreateSessionRequest(spec=spec)]))
     rng = np.random.default_rng(3)
@@ -138,13 +143,13 @@ def test_a_resent_step_is_acknowledged_not_applied(srv: Server) -> None:
     first = list(srv.stub.Step(iter([pb.StepRequest(header=header), *_chunks(g)])))
     after_first = srv.fp("once")
     again = list(srv.stub.Step(iter([pb.StepRequest(header=header), *_chunks(g)])))
-    pushed = srv.stub.Push(iter([pb.StepRequest(header=header), *_chunks(g)]))
+    pushed = srv.stub.Push(iter([pb.PushRequest(header=header), *_push(_chunks(g))])).status
     assert not first[0].status.duplicate and again[0].status.duplicate and pushed.duplicate
     assert again[0].status.step == first[0].status.step == 1
     assert [m.param.data for m in again[1:]] == [m.param.data for m in first[1:]]
     assert srv.fp("once") == after_first
     with pytest.raises(grpc.RpcError) as err:  # a worker id without a sequence
-        srv.stub.Push(iter([pb.StepRequest(header=pb.StepHeader(session_id="once",
+        srv.stub.Push(iter([pb.PushRequest(header=pb.StepHeader(session_id="once",
                                                                  worker_id="w0")),
-                            *_chunks(g)]))
+                            *_push(_chunks(g))]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

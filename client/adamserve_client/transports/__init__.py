@@ -1,8 +1,12 @@
-"""Transports: one narrow seam (:class:`Transport`), two wires with the same method names.
+"""Transports: the session operations (:class:`Transport`, implemented once by
+:class:`~adamserve_client.transports.client.Client`) over a narrow per-server seam
+(:class:`~adamserve_client.transports.base.Wire`: ``unary`` and ``stream`` of v2
+messages), with a gRPC and an HTTP wire; sharded sessions compose transports
+(:class:`~adamserve_client.transports.sharded.ShardedTransport`).
 
 ``connect(url)`` picks the wire from the URL's scheme: ``grpc://host:port`` or
-``http://host:port`` / ``https://host:port``. The transport modules import their
-wire libraries (grpcio, httpx) only when used.
+``http://host:port`` / ``https://host:port``. The wire modules import their
+libraries (grpcio, httpx) only when used.
 """
 
 from __future__ import annotations
@@ -15,24 +19,28 @@ from adamserve_client.transports.base import (
     StepResult,
     TensorSpec,
     Transport,
+    Wire,
     WireTensor,
 )
+from adamserve_client.transports.client import Client
 
 __all__ = [
     "CheckpointInfo",
+    "Client",
     "SessionInfo",
     "SessionSpec",
     "StepResult",
     "TensorSpec",
     "Transport",
+    "Wire",
     "WireTensor",
     "connect",
 ]
 
 
 def connect(url: str, token: str | None = None, timeout: float | None = None, *,
-            retries: int = 3) -> Transport:
-    """A transport to the adamserve server at ``url``.
+            retries: int = 3) -> Client:
+    """The session operations on the adamserve server at ``url``.
 
     ``token``: the server's bearer token, if it has one. ``timeout``: seconds each
     call may take (None: no limit). ``retries``: calls made in all while the server

@@ -1,18 +1,26 @@
-"""The transport seam: what the optimizer needs from a server, whatever the wire.
+"""The two seams of the client: :class:`Wire` (one server, one wire) and
+:class:`Transport` (the session operations an optimizer calls).
 
-:class:`Transport` is deliberately narrow (like httpx's ``BaseTransport``): one
-method per server operation, plain data in and out. Both implementations,
-:class:`~adamserve_client.transports.grpc.GrpcTransport` and
-:class:`~adamserve_client.transports.http.HttpTransport`, have exactly these
-methods; what they share (tensor chunking, the state blob, hyperparameter
-conversion, retries) lives in :mod:`adamserve_client.transports._codec`.
+:class:`Wire` is the narrow one (like httpx's ``BaseTransport``): two methods that
+move ``adamserve_proto.v2`` messages and tensor or blob payloads to one server and
+back, :meth:`Wire.unary` and :meth:`Wire.stream`. A wire knows its protocol
+(framing, routes, errors, retries) and nothing of what the messages mean:
+:class:`~adamserve_client.transports.grpc.GrpcWire` and
+:class:`~adamserve_client.transports.http.HttpWire` are the two.
 
-Tensors cross the seam as :class:`WireTensor`: a name, a shape, an Open Inference
+:class:`Transport` is what :class:`~adamserve_client.RemoteOptimizer` calls: one
+method per session operation, plain data in and out (the dataclasses below).
+:class:`~adamserve_client.transports.client.Client` implements it once over any
+wire; :class:`~adamserve_client.transports.sharded.ShardedTransport` over several
+transports, one per shard.
+
+Tensors cross both seams as :class:`WireTensor`: a name, a shape, an Open Inference
 Protocol datatype (``FP32``, ``FP16``, ``BF16``, ``FP64``) and raw little-endian
 bytes. Turning arrays into those bytes is the caller's business
 (:mod:`adamserve_client.tensors`), so a transport never copies more than it must.
 
-Errors are :mod:`adamserve_client.errors` exceptions carrying the server's message.
+Errors are :mod:`adamserve_client.errors` exceptions carrying the server's message
+and reason.
 """
 
 from __future__ import annotations
@@ -23,19 +31,27 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from google.protobuf.message import Message
+
 from adamserve_client.tensors import Buffer
 
 __all__ = [
+    "Blob",
     "Buffer",
     "CheckpointInfo",
+    "ExchangeSums",
     "HyperValue",
     "Hyperparameters",
+    "Reply",
+    "RoundInfo",
+    "Sender",
     "SessionInfo",
     "SessionSpec",
     "StateDict",
     "StepResult",
     "TensorSpec",
     "Transport",
+    "Wire",
     "WireTensor",
     "Workers",
 ]
@@ -110,7 +126,9 @@ class SessionSpec:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """A session as the server describes it; ``groups`` use torch's names (betas a pair)."""
+    """A session as the server describes it; ``groups`` use torch's names (betas a
+    pair), ``schedule`` its ``{"kind": ...}`` form with every key, and
+    ``checkpointed_step`` is -1 while the session has no checkpoint."""
 
     session_id: str
     algorithm: str
@@ -131,23 +149,58 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """The outcome of a step; ``params`` are every tensor's values (empty for a push)."""
+class RoundInfo:
+    """What a push did in a session of several workers (the proto's RoundStatus)."""
 
-    step: int
-    skipped: bool
-    grad_norm: float | None
-    nonfinite: tuple[str, ...]
-    params: tuple[WireTensor, ...] = field(default=())
-    duplicate: bool = False  # the sender's step was applied before: acknowledged only
-    staleness: int = 0  # async: steps behind the push's base_step was
-    pending: bool = False  # in a round not applied yet, or staged for a commit
+    round_id: int = 0  # the round the push joined (sync), named by its commit
     contributors: int = 0  # sync: gradients averaged into the step
     missing: tuple[str, ...] = ()  # sync: workers absent from the step
-    grad_sumsq: tuple[float, ...] = ()  # a staged step's sums of squares, per tensor
+    staleness: int = 0  # async: steps behind the push's base_step was
+
+
+@dataclass(frozen=True)
+class ExchangeSums:
+    """The sums of squares one shard's staged step reports for its commit."""
+
+    grad_sumsq: tuple[float, ...] = ()  # per tensor, of the (mean) gradient
     param_sumsq: tuple[float, ...] = ()  # LAMB, after the first commit
     update_sumsq: tuple[float, ...] = ()
-    round: int = 0  # the round the push joined (sync), named by its commit
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outcome of a step; ``params`` are every tensor's values (empty for a push).
+
+    The parts of sessions of several workers are in ``workers`` (also read as
+    ``round``, ``contributors``, ``missing`` and ``staleness``), those of one shard's
+    two-phase step in ``exchange``.
+    """
+
+    step: int
+    skipped: bool = False
+    grad_norm: float | None = None
+    nonfinite: tuple[str, ...] = ()
+    params: tuple[WireTensor, ...] = ()
+    duplicate: bool = False  # the sender's step was applied before: acknowledged only
+    pending: bool = False  # in a round not applied yet, or staged for a commit
+    workers: RoundInfo = field(default_factory=RoundInfo)
+    exchange: ExchangeSums = field(default_factory=ExchangeSums)
+
+    @property
+    def round(self) -> int:
+        return self.workers.round_id
+
+    @property
+    def contributors(self) -> int:
+        return self.workers.contributors
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return self.workers.missing
+
+    @property
+    def staleness(self) -> int:
+        return self.workers.staleness
 
 
 @dataclass(frozen=True)
@@ -167,8 +220,71 @@ class CheckpointInfo:
     bytes: int
 
 
+# ---------------------------------------------------------------------------
+# The per-server seam
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Raw bytes a stream carries instead of tensors (the state_dict blob)."""
+
+    data: Buffer
+
+
+# What a stream carries after its first message: tensors (chunked on the wire) or a blob.
+Payload = Sequence[WireTensor] | Blob
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a :meth:`Wire.stream` call answered: the response message (for a response
+    stream, its one message that is not a chunk, e.g. a Step's ``StepStatus``; None
+    when there was none) and the tensors or the blob bytes that came with it."""
+
+    message: Message | None
+    tensors: Sequence[WireTensor] = ()
+    blob: Buffer = b""
+
+
+class Wire(abc.ABC):
+    """One server over one wire protocol: v2 messages and payloads, nothing more.
+
+    Method names are the RPCs of ``adamserve_proto.v2.OptimizerService``
+    (:data:`adamserve_proto.rpc.RPCS`). ``idempotent=False`` marks a call that must
+    not run twice (a create, a step without a sender): the wire then retries it
+    only where the request surely never reached the server. Failures are raised as
+    :mod:`adamserve_client.errors` exceptions with the server's reason.
+    """
+
+    #: The server's URL as given to :func:`~adamserve_client.transports.connect`.
+    url: str
+    #: Seconds each call may take (None: no limit).
+    timeout: float | None
+
+    @abc.abstractmethod
+    def unary(self, method: str, request: Message, *, idempotent: bool = True) -> Message:
+        """One request message, one response message (e.g. ``GetSession``)."""
+
+    @abc.abstractmethod
+    def stream(self, method: str, request: Message, payload: Payload = (), *,
+               idempotent: bool = True) -> Reply:
+        """An RPC that moves tensors or blob bytes. ``request``: for a request stream
+        its first message (e.g. a ``StepRequest`` with ``header`` set), else the
+        request; ``payload``: the tensors (or the blob) the request stream carries
+        after it, in the first message's chunk (or bytes) field."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection; the wire is unusable afterwards."""
+
+
+# ---------------------------------------------------------------------------
+# The operations seam
+
+
 class Transport(abc.ABC):
-    """One connection to one adamserve server. Use as a context manager, or call close()."""
+    """The session operations on one server (or one sharded session's servers). Use as
+    a context manager, or call close()."""
 
     #: The server's URL as given to :func:`~adamserve_client.transports.connect`.
     url: str
@@ -223,8 +339,9 @@ class Transport(abc.ABC):
                update_sumsq: Sequence[float] = (), round_id: int = 0,
                return_datatype: str | None = "FP32") -> StepResult:
         """Apply the staged step of one shard with sums over every shard (the second
-        phase of a sharded step; see the proto's Commit); ``round_id``: the push
-        answer's ``round``. Safe to repeat."""
+        phase of a sharded step; see :mod:`~adamserve_client.transports.exchange`);
+        ``round_id``: the push answer's ``round``; ``return_datatype`` None: no
+        parameters back. Safe to repeat."""
 
     @abc.abstractmethod
     def set_workers(self, session_id: str, count: int) -> SessionInfo:
@@ -250,7 +367,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
-        """Replace (None: remove) the session's learning-rate schedule."""
+        """Replace (None: remove) the session's learning-rate schedule
+        (``{"kind": "cosine", "total_steps": 100}``...)."""
 
     @abc.abstractmethod
     def export_state(self, session_id: str) -> StateDict:
@@ -269,8 +387,9 @@ class Transport(abc.ABC):
         """One session."""
 
     @abc.abstractmethod
-    def list_sessions(self) -> list[SessionInfo]:
-        """Every live session, ordered by id."""
+    def list_sessions(self, *, page_size: int = 0) -> list[SessionInfo]:
+        """Every live session, ordered by id, fetched ``page_size`` at a time (0: the
+        server's default page)."""
 
     @abc.abstractmethod
     def delete_session(self, session_id: str) -> None:

@@ -1,48 +1,193 @@
-"""The HTTP transport: the server's ``/v1`` REST API over one httpx connection pool.
+"""The HTTP wire: the server's ``/v2/sessions`` API over one httpx connection pool.
 
-Tensors travel in the binary layout (the Triton / Open Inference Protocol
-binary-data extension): a JSON header whose length is in ``Adamserve-Header-Length``,
-then the raw tensor bytes back to back; steps and pulls ask for binary output the
-same way. Requests that could not connect (or got 503) are retried a bounded
-number of times; error bodies ``{"error", "code"}`` become their
-:mod:`adamserve_client.errors` exception with the server's message.
+Each RPC is one route (:data:`ROUTES`); its request message travels as the
+proto's JSON (field names, enums by name, Durations as ``"30s"``, 64-bit integers
+as numbers), less the session id, which is in the path. Tensors travel in the
+binary layout (the Triton / Open Inference Protocol binary-data extension): a
+JSON header whose length is in ``Adamserve-Header-Length``, its tensor entries
+giving ``parameters.binary_data_size``, then the raw tensor bytes back to back;
+steps, commits and pulls ask for binary output the same way. The state blob is
+the body itself. Answers are read back into the RPC's response message.
+
+Errors: the body ``{"error", "code", "reason", "metadata"}`` becomes its
+:mod:`adamserve_client.errors` exception with the server's message and reason.
+Requests that could not connect (or got 503) are retried a bounded number of times.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import numpy as np
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from adamserve_client import errors
-from adamserve_client.tensors import DATATYPES, encode
+from adamserve_client.tensors import encode
 from adamserve_client.transports import _codec
-from adamserve_client.transports.base import (
-    CheckpointInfo,
-    HyperValue,
-    Sender,
-    SessionInfo,
-    SessionSpec,
-    StateDict,
-    StepResult,
-    TensorSpec,
-    Transport,
-    WireTensor,
-)
+from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
+from adamserve_client.transports.client import Client
+from adamserve_proto import rpc
+from adamserve_proto.v2 import optimizer_pb2 as pb
 
-__all__ = ["HttpTransport"]
+__all__ = ["ROUTES", "HttpTransport", "HttpWire", "Route"]
 
+PREFIX = "/v2/sessions"
 HEADER_LENGTH = "Adamserve-Header-Length"
 OCTET_STREAM = "application/octet-stream"
 # Statuses when the error body carries no code.
 _STATUS_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
-                 404: "not_found", 409: "failed_precondition", 413: "resource_exhausted",
-                 429: "resource_exhausted", 503: "unavailable", 504: "deadline_exceeded"}
+                 404: "not_found", 408: "deadline_exceeded", 409: "failed_precondition",
+                 413: "resource_exhausted", 429: "resource_exhausted", 503: "unavailable",
+                 504: "deadline_exceeded"}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an RPC goes: ``verb PREFIX[/{session_id}]path``; ``tensors``: the body's key
+    for the request's tensors; ``binary_output``: the route returns tensors;
+    ``defaults``: the body writes fields at their default values too (a step's header
+    leaves them out: there "" and 0 mean "not given", which the JSON says by absence)."""
+
+    verb: str
+    path: str = ""
+    tensors: str = ""
+    binary_output: bool = False
+    in_path: bool = True  # the session id is in the path (not the body)
+    defaults: bool = True
+
+
+ROUTES: Mapping[str, Route] = {
+    "CreateSession": Route("POST", tensors="initial", in_path=False),
+    "AddTensors": Route("POST", "/tensors", tensors="initial"),
+    "ListSessions": Route("GET", in_path=False),
+    "GetSession": Route("GET"),
+    "DeleteSession": Route("DELETE"),
+    "Step": Route("POST", "/step", tensors="gradients", binary_output=True, defaults=False),
+    "Push": Route("POST", "/push", tensors="gradients", defaults=False),
+    "Commit": Route("POST", "/commit", binary_output=True),
+    "Pull": Route("POST", "/pull", binary_output=True),
+    "SetParameters": Route("PUT", "/params", tensors="values"),
+    "SetHyperparameters": Route("PATCH", "/hyperparameters"),
+    "SetSchedule": Route("PUT", "/schedule"),
+    "SetWorkers": Route("PUT", "/workers"),
+    "ExportState": Route("GET", "/state"),
+    "ImportState": Route("PUT", "/state"),
+    "Checkpoint": Route("POST", "/checkpoint"),
+    "ListCheckpoints": Route("GET", "/checkpoints"),
+    "RestoreCheckpoint": Route("POST", "/restore"),
+}
+
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+_FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
+
+
+def _numbers(value: Any, desc: Any) -> Any:
+    """MessageToDict's output with 64-bit integers as numbers and non-finite floats as
+    floats (which ``json.dumps`` writes as the literals the server reads)."""
+    f: FieldDescriptor
+    for f in desc.fields:
+        if f.name not in value:
+            continue
+        v = value[f.name]
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            vf = f.message_type.fields_by_name["value"]
+            value[f.name] = {k: _scalar(x, vf) for k, x in v.items()}
+        elif f.is_repeated:
+            value[f.name] = [_scalar(x, f) for x in v]
+        else:
+            value[f.name] = _scalar(v, f)
+    return value
+
+
+def _scalar(v: Any, f: FieldDescriptor) -> Any:
+    if f.type in _INT64:
+        return int(v)
+    if f.type in _FLOATS:
+        return float(v)
+    if f.message_type is not None and isinstance(v, dict):
+        return _numbers(v, f.message_type)
+    return v
+
+
+def message_json(msg: Message, defaults: bool = True) -> dict[str, Any]:
+    """A message in the proto's JSON mapping, as the HTTP API reads it; ``defaults``:
+    fields without presence at their default values are written too."""
+    out: dict[str, Any] = _numbers(json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults),
+        msg.DESCRIPTOR)
+    return out
+
+
+def _quoted(value: Any) -> Any:
+    """JSON values as json_format reads them: NaN and the infinities as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _quoted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_quoted(v) for v in value]
+    return value
+
+
+def _body_of(request: Message) -> Message | None:
+    """The message a route's JSON body holds: a stream's first message's member (the
+    spec or header it carries), else the request itself; None for a bare session id."""
+    oneof = request.DESCRIPTOR.oneofs_by_name.get("kind")
+    if oneof is None:
+        return request
+    member = request.WhichOneof("kind")
+    value = getattr(request, member) if member else None
+    return value if isinstance(value, Message) else None
+
+
+def _wrapped(response: type[Message]) -> str | None:
+    """The field the route's JSON answer fills when the RPC wraps it (``session`` of a
+    GetSessionResponse, ``status`` of a StepResponse); None when the answer is the
+    response itself."""
+    fields = [f for f in response.DESCRIPTOR.fields
+              if f.message_type is not pb.TensorChunk.DESCRIPTOR
+              and f.type != FieldDescriptor.TYPE_BYTES]
+    if len(fields) == 1 and fields[0].message_type is not None and not fields[0].is_repeated:
+        return str(fields[0].name)
+    return None
+
+
+def _entry(t: WireTensor) -> dict[str, Any]:
+    return {"name": t.name, "shape": list(t.shape), "datatype": t.datatype,
+            "parameters": {"binary_data_size": memoryview(t.data).nbytes}}
+
+
+def _tensors_out(response: httpx.Response) -> tuple[dict[str, Any], list[WireTensor]]:
+    """The JSON part and the tensors (``params``) of an answer, binary or JSON."""
+    content = response.content
+    n = response.headers.get(HEADER_LENGTH)
+    if n is None:
+        body = json.loads(content) if content else {}
+        return body, [WireTensor(p["name"], tuple(p["shape"]), p["datatype"],
+                                 encode(np.asarray(p.get("data") or [], dtype=np.float64),
+                                        p["datatype"]))
+                      for p in body.pop("params", [])]
+    view = memoryview(content)
+    pos = int(n)
+    body = json.loads(bytes(view[:pos]))
+    params = []
+    for p in body.pop("params", []):
+        size = int(p["parameters"]["binary_data_size"])
+        if pos + size > len(view):
+            raise _codec.bad_response("binary response: tensor data past the end of the body")
+        params.append(WireTensor(p["name"], tuple(int(d) for d in p["shape"]), p["datatype"],
+                                 view[pos:pos + size]))
+        pos += size
+    return body, params
 
 
 class _Busy(Exception):
@@ -57,71 +202,8 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | _Busy)
 
 
-def _tensor_entry(t: WireTensor) -> dict[str, Any]:
-    return {"name": t.name, "shape": list(t.shape), "datatype": t.datatype,
-            "parameters": {"binary_data_size": memoryview(t.data).nbytes}}
-
-
-def _binary_body(body: Mapping[str, Any], tensors: Sequence[WireTensor]
-                 ) -> tuple[bytes, dict[str, str]]:
-    header = json.dumps(body, separators=(",", ":")).encode()
-    content = b"".join([header, *(memoryview(t.data).cast("B") for t in tensors)])
-    return content, {"content-type": OCTET_STREAM, HEADER_LENGTH: str(len(header))}
-
-
-def _tensors_out(response: httpx.Response) -> tuple[dict[str, Any], list[WireTensor]]:
-    """The JSON part and the tensors of a step or pull response (binary or JSON)."""
-    content = response.content
-    n = response.headers.get(HEADER_LENGTH)
-    view = memoryview(content)
-    if n is None:
-        body = json.loads(content)
-        params = [WireTensor(p["name"], tuple(p["shape"]), p["datatype"],
-                             encode(_numbers(p), p["datatype"])) for p in body.get("params", [])]
-        return body, params
-    pos = int(n)
-    body = json.loads(bytes(view[:pos]))
-    params = []
-    for p in body.get("params", []):
-        size = int(p["parameters"]["binary_data_size"])
-        if pos + size > len(view):
-            raise errors.ServerError("binary response: tensor data past the end of the body")
-        params.append(WireTensor(p["name"], tuple(int(d) for d in p["shape"]), p["datatype"],
-                                 view[pos:pos + size]))
-        pos += size
-    return body, params
-
-
-def _numbers(p: Mapping[str, Any]) -> np.ndarray[Any, Any]:
-    return np.asarray(p.get("data") or [], dtype=np.float64)
-
-
-def _step_result(body: Mapping[str, Any], params: Sequence[WireTensor] = ()) -> StepResult:
-    grad_norm = body.get("grad_norm")
-    return StepResult(step=int(body["step"]), skipped=bool(body["skipped"]),
-                      grad_norm=None if grad_norm is None else float(grad_norm),
-                      nonfinite=tuple(body.get("nonfinite", ())), params=tuple(params),
-                      duplicate=bool(body.get("duplicate", False)),
-                      staleness=int(body.get("staleness", 0)),
-                      pending=bool(body.get("pending", False)),
-                      contributors=int(body.get("contributors", 0)),
-                      missing=tuple(body.get("missing_workers", ())),
-                      grad_sumsq=tuple(float(x) for x in body.get("grad_sumsq", ())),
-                      param_sumsq=tuple(float(x) for x in body.get("param_sumsq", ())),
-                      update_sumsq=tuple(float(x) for x in body.get("update_sumsq", ())),
-                      round=int(body.get("round", 0)))
-
-
-def _sender_fields(sender: Sender | None, base_step: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {} if sender is None else {"worker_id": sender.worker,
-                                                     "sequence": sender.sequence}
-    if base_step is not None:
-        out["base_step"] = base_step
-    return out
-
-
-class HttpTransport(Transport):
-    """A transport to ``http://host:port`` (or ``https://``).
+class HttpWire(Wire):
+    """The wire to ``http://host:port`` (or ``https://``).
 
     ``token``: sent as ``Authorization: Bearer <token>``. ``timeout``: seconds
     allowed for each request (None: none, but connecting gives up after 10 s).
@@ -142,7 +224,73 @@ class HttpTransport(Transport):
             base_url=url.rstrip("/"), headers=headers,
             timeout=httpx.Timeout(timeout, connect=timeout if timeout is not None else 10.0))
 
-    # -- plumbing --------------------------------------------------------------
+    # -- the seam ---------------------------------------------------------------
+
+    def unary(self, method: str, request: Message, *, idempotent: bool = True) -> Message:
+        reply = self.stream(method, request, idempotent=idempotent)
+        if reply.message is None:
+            raise _codec.bad_response(f"the {method} answer is empty", self.url)
+        return reply.message
+
+    def stream(self, method: str, request: Message, payload: Payload = (), *,
+               idempotent: bool = True) -> Reply:
+        route = ROUTES[method]
+        path, kwargs = self._http_request(route, request, payload)
+        return self._reply(method, self._request(route.verb, path, **kwargs))
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @staticmethod
+    def _http_request(route: Route, request: Message, payload: Payload
+                      ) -> tuple[str, dict[str, Any]]:
+        """The path and httpx arguments of ``request`` on ``route``."""
+        body_msg = _body_of(request)
+        body = message_json(body_msg, route.defaults) if body_msg is not None else {}
+        session_id = str(body.pop("session_id", "")) if route.in_path else ""
+        if not session_id and route.in_path:
+            session_id = str(getattr(request, "session_id", ""))
+        path = PREFIX + (f"/{quote(session_id, safe='')}" if route.in_path else "") + route.path
+        kwargs: dict[str, Any] = {}
+        if isinstance(payload, Blob):
+            kwargs = {"content": payload.data, "headers": {"content-type": OCTET_STREAM}}
+        elif route.verb == "GET":
+            kwargs = {"params": body} if body else {}
+        elif route.verb != "DELETE":
+            if route.binary_output:
+                body["binary_output"] = True
+            if route.tensors:
+                body[route.tensors] = [_entry(t) for t in payload]
+            # JSON has no NaN: a non-finite number (a commit's sum over a NaN gradient)
+            # goes as the literal NaN / Infinity, which the server's parser accepts
+            text = json.dumps(body, separators=(",", ":")).encode()
+            if route.tensors:
+                kwargs = {"content": b"".join([text, *(memoryview(t.data).cast("B")
+                                                       for t in payload)]),
+                          "headers": {"content-type": OCTET_STREAM,
+                                      HEADER_LENGTH: str(len(text))}}
+            else:
+                kwargs = {"content": text, "headers": {"content-type": "application/json"}}
+        return path, kwargs
+
+    def _reply(self, method: str, r: httpx.Response) -> Reply:
+        response_type = rpc.RPCS[method].response_type
+        if method == "ExportState":
+            return Reply(None, blob=r.content)
+        body, tensors = _tensors_out(r)
+        if method == "Pull":
+            return Reply(None, tensors)
+        wrap = _wrapped(response_type)
+        out = response_type()
+        try:
+            json_format.ParseDict(_quoted(body), getattr(out, wrap) if wrap else out,
+                                  ignore_unknown_fields=True)
+        except json_format.ParseError as exc:
+            raise _codec.bad_response(f"the {method} answer does not parse: {exc}",
+                                      self.url) from None
+        return Reply(out, tensors)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         def run() -> httpx.Response:
@@ -157,13 +305,10 @@ class HttpTransport(Transport):
         except _Busy as busy:
             r = busy.response
         except httpx.TimeoutException as exc:
-            raise errors.DeadlineExceeded(
-                f"{self.url}: no answer within the timeout of {self.timeout} s ({exc})",
-                url=self.url) from None
+            raise _codec.timed_out(self.url, self.timeout, str(exc)) from None
         except httpx.TransportError as exc:
-            raise errors.Unavailable(
-                f"cannot reach the adamserve server at {self.url} ({self.retries} attempts): "
-                f"{exc or type(exc).__name__}", url=self.url) from None
+            raise _codec.unreachable(self.url, self.retries,
+                                     str(exc) or type(exc).__name__) from None
         if r.status_code >= 400:
             raise self._error(r)
         return r
@@ -171,155 +316,30 @@ class HttpTransport(Transport):
     def _error(self, r: httpx.Response) -> errors.AdamserveError:
         code = _STATUS_CODES.get(r.status_code, "internal")
         message = r.text or r.reason_phrase
+        reason: str | None = None
+        metadata: dict[str, str] = {}
         try:
             body = r.json()
-            if isinstance(body, dict):
-                code = str(body.get("code") or code)
-                message = str(body.get("error") or body.get("detail") or message)
         except ValueError:
-            pass
+            body = None
+        if isinstance(body, dict):
+            code = str(body.get("code") or code)
+            message = str(body.get("error") or body.get("detail") or message)
+            reason = str(body["reason"]) if body.get("reason") else None
+            if isinstance(body.get("metadata"), dict):
+                metadata = {str(k): str(v) for k, v in body["metadata"].items()}
         if code == "unavailable":
             message = f"adamserve server at {self.url} is unavailable: {message}"
-        return errors.error_for(code, message, self.url)
-
-    @staticmethod
-    def _path(session_id: str, *rest: str) -> str:
-        return "/".join(("/v1/sessions", quote(session_id, safe=""), *rest))
-
-    def _info(self, method: str, path: str, **kwargs: Any) -> SessionInfo:
-        return _codec.session_info_from_json(self._request(method, path, **kwargs).json())
-
-    # -- sessions ---------------------------------------------------------------
-
-    def create_session(self, spec: SessionSpec,
-                       initial: Sequence[WireTensor] = ()) -> SessionInfo:
-        body: dict[str, Any] = {
-            "session_id": spec.session_id, "algorithm": spec.algorithm,
-            "tensors": [_codec.tensor_spec_to_json(t) for t in spec.tensors],
-            "groups": [_codec.group_to_json(g) for g in spec.groups] or [{}],
-            "dtype": spec.dtype,
-            "schedule": dict(spec.schedule) if spec.schedule is not None else None,
-            "max_grad_norm": spec.max_grad_norm, "clip_per_tensor": spec.clip_per_tensor,
-            "skip_nonfinite": spec.skip_nonfinite,
-            "workers": dataclasses.asdict(spec.workers), "labels": dict(spec.labels),
-            "initial": [_tensor_entry(t) for t in initial],
-        }
-        content, headers = _binary_body(body, initial)
-        return self._info("POST", "/v1/sessions", content=content, headers=headers)
-
-    def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
-                    group: Mapping[str, HyperValue] | None = None,
-                    initial: Sequence[WireTensor] = ()) -> SessionInfo:
-        content, headers = _binary_body({
-            "tensors": [_codec.tensor_spec_to_json(t) for t in tensors],
-            "group": _codec.group_to_json(group) if group is not None else None,
-            "initial": [_tensor_entry(t) for t in initial]}, initial)
-        return self._info("POST", self._path(session_id, "tensors"), content=content,
-                          headers=headers)
-
-    def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
-        content, headers = _binary_body({"values": [_tensor_entry(t) for t in values]}, values)
-        return self._info("PUT", self._path(session_id, "params"), content=content,
-                          headers=headers)
-
-    def describe(self, session_id: str) -> SessionInfo:
-        return self._info("GET", self._path(session_id))
-
-    def list_sessions(self) -> list[SessionInfo]:
-        body = self._request("GET", "/v1/sessions").json()
-        return [_codec.session_info_from_json(s) for s in body["sessions"]]
-
-    def delete_session(self, session_id: str) -> None:
-        self._request("DELETE", self._path(session_id))
-
-    # -- steps ------------------------------------------------------------------
-
-    def step(self, session_id: str, gradients: Sequence[WireTensor], *,
-             return_datatype: str = "FP32", require_all: bool = False,
-             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
-        content, headers = _binary_body({
-            "gradients": [_tensor_entry(t) for t in gradients],
-            "return_datatype": return_datatype, "binary_output": True,
-            "require_all": require_all, **_sender_fields(sender, base_step)}, gradients)
-        r = self._request("POST", self._path(session_id, "step"), content=content,
-                          headers=headers)
-        body, params = _tensors_out(r)
-        return _step_result(body, params)
-
-    def push(self, session_id: str, gradients: Sequence[WireTensor], *,
-             require_all: bool = False, sender: Sender | None = None,
-             base_step: int | None = None) -> StepResult:
-        content, headers = _binary_body({
-            "gradients": [_tensor_entry(t) for t in gradients], "require_all": require_all,
-            **_sender_fields(sender, base_step)}, gradients)
-        r = self._request("POST", self._path(session_id, "push"), content=content,
-                          headers=headers)
-        return _step_result(r.json())
-
-    def pull(self, session_id: str, names: Sequence[str] | None = None,
-             datatype: str = "FP32", *, min_step: int = 0,
-             wait: float | None = None) -> list[WireTensor]:
-        if datatype not in DATATYPES:
-            raise ValueError(f"datatype {datatype!r}: expected one of {', '.join(DATATYPES)}")
-        r = self._request("POST", self._path(session_id, "pull"), json={
-            "names": list(names) if names else None, "datatype": datatype,
-            "binary_output": True, "min_step": min_step, "timeout": wait})
-        return _tensors_out(r)[1]
-
-    # -- hyperparameters, schedule, state ----------------------------------------
-
-    def set_hyperparameters(self, session_id: str, group: int,
-                            changes: Mapping[str, HyperValue]) -> SessionInfo:
-        return self._info("PATCH", self._path(session_id, "hyperparameters"),
-                          json={"group": group, "values": _codec.group_to_json(changes)})
-
-    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
-        return self._info("PUT", self._path(session_id, "schedule"), json={
-            "schedule": dict(schedule) if schedule is not None else None})
-
-    def export_state(self, session_id: str) -> StateDict:
-        r = self._request("GET", self._path(session_id, "state"))
-        return _codec.decode_state(bytearray(r.content))
-
-    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
-        return self._info("PUT", self._path(session_id, "state"),
-                          content=_codec.encode_state(state),
-                          headers={"content-type": OCTET_STREAM})
-
-    def checkpoint(self, session_id: str) -> CheckpointInfo:
-        d = self._request("POST", self._path(session_id, "checkpoint")).json()
-        return CheckpointInfo(str(d["session_id"]), int(d["step"]), str(d["path"]),
-                              int(d["bytes"]))
-
-    def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
-               total_sumsq: float, *, param_sumsq: Sequence[float] = (),
-               update_sumsq: Sequence[float] = (), round_id: int = 0,
-               return_datatype: str | None = "FP32") -> StepResult:
-        # JSON has no NaN: a non-finite sum (a NaN gradient somewhere) goes as the
-        # literal NaN / Infinity, which the server's parser accepts
-        content = json.dumps({
-            "step": step, "tensor_sumsq": [float(x) for x in tensor_sumsq],
-            "total_sumsq": float(total_sumsq), "param_sumsq": [float(x) for x in param_sumsq],
-            "update_sumsq": [float(x) for x in update_sumsq], "round": round_id,
-            "return_datatype": return_datatype, "binary_output": True})
-        r = self._request("POST", self._path(session_id, "commit"), content=content,
-                          headers={"content-type": "application/json"})
-        body, params = _tensors_out(r)
-        return _step_result(body, params)
-
-    def set_workers(self, session_id: str, count: int) -> SessionInfo:
-        return self._info("PUT", self._path(session_id, "workers"), json={"count": count})
-
-    def list_checkpoints(self, session_id: str) -> list[int]:
-        body = self._request("GET", self._path(session_id, "checkpoints")).json()
-        return [int(s) for s in body["steps"]]
-
-    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
-        return self._info("POST", self._path(session_id, "restore"), json={"step": step})
-
-    def close(self) -> None:
-        self._client.close()
+        return errors.error_for(code, message, self.url, reason=reason, metadata=metadata)
 
     def __repr__(self) -> str:
-        return f"HttpTransport({self.url!r})"
+        return f"HttpWire({self.url!r})"
 
+
+class HttpTransport(Client):
+    """The session operations on ``http://host:port`` (a :class:`Client` over an
+    :class:`HttpWire`; the arguments are the wire's)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
+                 retries: int = 3, backoff: float = 0.05) -> None:
+        super().__init__(HttpWire(url, token, timeout, retries=retries, backoff=backoff))

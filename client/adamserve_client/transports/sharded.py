@@ -1,29 +1,23 @@
 """One session over N adamserve servers: the model's tensors split across shards.
 
-:class:`ShardedTransport` is a :class:`~adamserve_client.transports.Transport`, so
-an optimizer uses it like any other (``server=[url, url, ...]`` builds one). Each
-shard is an ordinary server holding an ordinary session under the same id.
+:class:`ShardedTransport` is a :class:`~adamserve_client.transports.Transport` made
+of transports, one per shard, so an optimizer uses it like any other
+(``server=[url, url, ...]`` builds one). Each shard is an ordinary server holding
+an ordinary session under the same id.
 
-**Layout.** The model's tensors, in order, form one flat key space that is cut
-into N contiguous ranges of about equal size. A tensor that crosses a cut stays
-whole on one shard when it is small; one of ``split_elements`` or more is split
-(as ps-lite and BytePS split large keys). A piece of a split tensor is a 1-D
-tensor named ``<name>#<start>:<end>:<shape>``, so the layout can be rebuilt from
-the shards alone; every shard session carries the labels ``adamserve.shard``
-(``<index>/<count>``) and ``adamserve.layout`` (a hash of the whole layout),
-checked when a client attaches.
+**Layout** (:mod:`~adamserve_client.transports.layout`): the model's tensors, in
+order, cut into N contiguous ranges of about equal size, large tensors split
+between shards. Every shard session carries the labels ``adamserve.shard``
+(``<index>/<count>``) and ``adamserve.layout`` (the layout's digest), checked when
+a client attaches.
 
 **Steps.** Where the update is elementwise and needs no whole-gradient quantity
 (``skip_nonfinite=False``, no ``max_grad_norm``, not LAMB), every shard applies
 its part at once, in parallel. Otherwise the shard sessions are created with
-``Workers.exchange`` and a step has two phases: each shard takes its gradients
-(with several synchronous workers: the round's mean) and answers its per-tensor
-sums of squares; the client adds them up per model tensor and over the model and
-commits them to every shard, which then decides skip and clipping exactly as one
-server would. LAMB commits twice: the second brings the whole-tensor norms of the
-parameters and of the update for the trust ratio. Each worker of a synchronous
-session relays the same sums, and a shard applies the first commit of a step and
-answers later ones with the same outcome, so no worker is special.
+``Workers.exchange`` and a step runs in two phases
+(:mod:`~adamserve_client.transports.exchange`): the shards report sums of
+squares, the client adds them up and commits them, and each shard decides
+exactly as one server would.
 
 **Checkpoints.** Shards checkpoint on their own (every N steps, at the same
 steps, or on :meth:`checkpoint`); a sharded checkpoint of step t is complete when
@@ -36,9 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,11 +38,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from adamserve_client import errors, tensors
+from adamserve_client import errors
 from adamserve_client.transports._codec import SCALAR_SLOTS
 from adamserve_client.transports.base import (
     CheckpointInfo,
     HyperValue,
+    RoundInfo,
     Sender,
     SessionInfo,
     SessionSpec,
@@ -61,6 +53,16 @@ from adamserve_client.transports.base import (
     Transport,
     WireTensor,
 )
+from adamserve_client.transports.exchange import exchange_step
+from adamserve_client.transports.layout import (
+    DEFAULT_SPLIT_ELEMENTS,
+    Piece,
+    ShardPlan,
+    join,
+    plan_from_sessions,
+    plan_shards,
+    split,
+)
 
 __all__ = ["Piece", "ShardPlan", "ShardedTransport", "plan_shards"]
 
@@ -68,122 +70,7 @@ T = TypeVar("T")
 
 SHARD_LABEL = "adamserve.shard"
 LAYOUT_LABEL = "adamserve.layout"
-DEFAULT_SPLIT_ELEMENTS = 1 << 20
 AGREE_SECONDS = 5.0  # how long a pull waits for shards one commit apart to agree
-_PIECE = re.compile(r"^(?P<name>.+)#(?P<start>\d+):(?P<end>\d+):(?P<shape>[\d,]*)$")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Elements ``[start, end)`` of model tensor ``parent`` (an index), held by a shard."""
-
-    parent: int
-    start: int
-    end: int
-    spec: TensorSpec  # as the shard's session declares it
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Which pieces of the model's tensors each shard holds, in flat order."""
-
-    tensors: tuple[TensorSpec, ...]
-    shards: tuple[tuple[Piece, ...], ...]
-
-    @property
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for shard in self.shards:
-            h.update(b"|")
-            for p in shard:
-                h.update(f"{p.spec.name}:{list(p.spec.shape)}:{p.spec.group};".encode())
-        return h.hexdigest()[:16]
-
-    def numel(self, parent: int) -> int:
-        return math.prod(self.tensors[parent].shape)
-
-
-def _piece(parent: int, spec: TensorSpec, start: int, end: int) -> Piece:
-    numel = math.prod(spec.shape)
-    if start == 0 and end == numel:
-        return Piece(parent, start, end, spec)
-    shape = ",".join(str(d) for d in spec.shape)
-    return Piece(parent, start, end,
-                 TensorSpec(f"{spec.name}#{start}:{end}:{shape}", (end - start,), spec.group))
-
-
-def plan_shards(specs: Sequence[TensorSpec], shards: int,
-                split_elements: int = DEFAULT_SPLIT_ELEMENTS) -> ShardPlan:
-    """Cut the flat key space of ``specs`` into ``shards`` ranges of about equal size."""
-    if shards < 1:
-        raise ValueError(f"shards: expected at least 1, got {shards}")
-    for t in specs:
-        if _PIECE.match(t.name):
-            raise ValueError(f"tensor {t.name!r}: names of the form <name>#<start>:<end>:"
-                             "<shape> are reserved for the pieces of split tensors")
-    total = sum(math.prod(t.shape) for t in specs)
-    target = max(1, -(-total // shards))
-    out: list[list[Piece]] = [[] for _ in range(shards)]
-    s, fill = 0, 0
-    for j, t in enumerate(specs):
-        n = math.prod(t.shape)
-        start = 0
-        while True:
-            room = target - fill
-            rest = n - start
-            if s < shards - 1 and (room <= 0 or (
-                    n < split_elements and fill > 0 and rest - room > room)):
-                s, fill = s + 1, 0  # full, or a whole tensor overflows more than it fits
-                continue
-            if s == shards - 1 or rest <= room or n < split_elements:
-                out[s].append(_piece(j, t, start, n))
-                fill += rest
-                break
-            out[s].append(_piece(j, t, start, start + room))
-            start += room
-            s, fill = s + 1, 0
-    empty = [i for i, shard in enumerate(out) if not shard]
-    if empty:
-        raise ValueError(
-            f"the model's {len(specs)} tensors ({total} elements) leave shard(s) "
-            f"{', '.join(map(str, empty))} of {shards} empty: use fewer shards or a smaller "
-            "split_elements")
-    return ShardPlan(tuple(specs), tuple(tuple(shard) for shard in out))
-
-
-def plan_from_sessions(infos: Sequence[SessionInfo]) -> ShardPlan:
-    """The plan of an existing sharded session, from its shards' descriptions."""
-    parents: list[TensorSpec] = []
-    index: dict[str, int] = {}
-    covered: list[int] = []
-    shards: list[tuple[Piece, ...]] = []
-    for info in infos:
-        pieces = []
-        for t in info.tensors:
-            m = _PIECE.match(t.name)
-            if m is None:
-                name, shape, start, end = t.name, t.shape, 0, math.prod(t.shape)
-            else:
-                name = m["name"]
-                shape = tuple(int(d) for d in m["shape"].split(",") if d)
-                start, end = int(m["start"]), int(m["end"])
-            if name not in index:
-                index[name] = len(parents)
-                parents.append(TensorSpec(name, shape, t.group))
-                covered.append(0)
-            j = index[name]
-            if start != covered[j]:
-                raise ValueError(f"session {info.session_id!r}: tensor {name!r} is not split "
-                                 "into consecutive pieces across the shards given (are the "
-                                 "servers listed in their shard order?)")
-            covered[j] = end
-            pieces.append(Piece(j, start, end, t))
-        shards.append(tuple(pieces))
-    for j, t in enumerate(parents):
-        if covered[j] != math.prod(t.shape):
-            raise ValueError(f"tensor {t.name!r}: the shards hold elements [0, {covered[j]}) of "
-                             f"{math.prod(t.shape)}; a shard is missing")
-    return ShardPlan(tuple(parents), tuple(shards))
 
 
 @dataclass
@@ -221,7 +108,7 @@ class ShardedTransport(Transport):
 
     # -- plumbing --------------------------------------------------------------
 
-    def _each(self, fn: Callable[[int, Transport], T]) -> list[T]:
+    def each(self, fn: Callable[[int, Transport], T]) -> list[T]:
         """``fn`` on every shard in parallel; the first shard's error if any failed."""
         futures = [self._pool.submit(fn, i, t) for i, t in enumerate(self.shards)]
         results: list[T] = []
@@ -238,7 +125,7 @@ class ShardedTransport(Transport):
     def _session(self, session_id: str) -> _Session:
         s = self._sessions.get(session_id)
         if s is None:
-            self._merge_info(session_id, self._each(lambda i, t: t.describe(session_id)))
+            self._merge_info(session_id, self.each(lambda i, t: t.describe(session_id)))
             s = self._sessions[session_id]
         return s
 
@@ -251,7 +138,9 @@ class ShardedTransport(Transport):
                 raise errors.FailedPrecondition(
                     f"session {session_id!r} on {self.shards[i].url} is shard "
                     f"{info.labels.get(SHARD_LABEL, '(none: not sharded)')}, expected {want} "
-                    f"of one layout: list the servers in their shard order")
+                    f"of one layout: list the servers in their shard order",
+                    reason="SHARD_ORDER", metadata={"session_id": session_id,
+                                                    "shard": self.shards[i].url})
         plan = plan_from_sessions(infos)
         first = infos[0]
         steps = tuple(i.step for i in infos)
@@ -265,75 +154,43 @@ class ShardedTransport(Transport):
             checkpointed_step=min(i.checkpointed_step for i in infos),
             workers=dataclasses.replace(first.workers, exchange=False), labels=labels)
 
-    def _split(self, plan: ShardPlan, values: Sequence[WireTensor]) -> list[list[WireTensor]]:
-        """Per shard, the pieces of ``values`` (whole model tensors) it holds."""
-        by_name = {w.name: w for w in values}
-        unknown = sorted(set(by_name) - {t.name for t in plan.tensors})
-        if unknown:
-            raise ValueError(f"tensors not in the sharded session: {', '.join(unknown)}")
-        out: list[list[WireTensor]] = []
-        for shard in plan.shards:
-            pieces = []
-            for p in shard:
-                w = by_name.get(plan.tensors[p.parent].name)
-                if w is None:
-                    continue
-                size = tensors.itemsize(w.datatype)
-                view = memoryview(w.data).cast("B")[p.start * size:p.end * size]
-                pieces.append(WireTensor(p.spec.name, p.spec.shape, w.datatype, view))
-            out.append(pieces)
-        return out
+    def _diverged(self, session_id: str, steps: Sequence[int]) -> errors.FailedPrecondition:
+        at = ", ".join(f"{t.url}: {n}" for t, n in zip(self.shards, steps, strict=True))
+        return errors.FailedPrecondition(
+            f"the shards of session {session_id!r} are at different steps ({at}; a shard "
+            "restarted from an older checkpoint?): restore_checkpoint() rolls them back to "
+            "the newest step they all hold", reason="SHARDS_DIVERGED",
+            metadata={"session_id": session_id, "steps": ",".join(map(str, steps))})
 
-    @staticmethod
-    def _join(plan: ShardPlan, parts: Sequence[Sequence[WireTensor]]) -> list[WireTensor]:
-        """Whole model tensors from the pieces the shards returned, in model order."""
-        owner: dict[str, Piece] = {p.spec.name: p for shard in plan.shards for p in shard}
-        pieces: dict[int, list[tuple[Piece, WireTensor]]] = {}
-        for part in parts:
-            for w in part:
-                p = owner[w.name]
-                pieces.setdefault(p.parent, []).append((p, w))
-        out = []
-        for j in sorted(pieces):
-            spec = plan.tensors[j]
-            got = pieces[j]
-            if len(got) == 1 and got[0][0].start == 0 and got[0][0].end == plan.numel(j):
-                w = got[0][1]
-                out.append(WireTensor(spec.name, spec.shape, w.datatype, w.data))
-                continue
-            datatype = got[0][1].datatype
-            size = tensors.itemsize(datatype)
-            buf = bytearray(plan.numel(j) * size)
-            for p, w in got:
-                buf[p.start * size:p.end * size] = memoryview(w.data).cast("B")
-            out.append(WireTensor(spec.name, spec.shape, datatype, buf))
-        return out
-
-    def _merge_results(self, session_id: str, plan: ShardPlan,
-                       results: Sequence[StepResult]) -> StepResult:
+    def merge(self, session_id: str, plan: ShardPlan,
+              results: Sequence[StepResult]) -> StepResult:
+        """One result from every shard's: the model's tensors joined, the tensors named
+        as the model's."""
         steps = [r.step for r in results]
         if len(set(steps)) != 1:
-            raise errors.FailedPrecondition(
-                f"the shards of session {session_id!r} are at different steps "
-                f"({', '.join(f'{t.url}: {s}' for t, s in zip(self.shards, steps, strict=True))}"
-                "): restore them to their newest common checkpoint (restore_checkpoint)")
+            raise self._diverged(session_id, steps)
         parent_of = {p.spec.name: plan.tensors[p.parent].name
                      for shard in plan.shards for p in shard}
         nonfinite = tuple(dict.fromkeys(parent_of.get(n, n) for r in results
                                         for n in r.nonfinite))
         first = results[0]
-        known = self._sessions.get(session_id)
-        if known is not None and not any(r.pending for r in results):
-            known.steps = tuple(steps)
+        if not any(r.pending for r in results):
+            self.seen(session_id, first.step)
         return StepResult(
             step=first.step, skipped=any(r.skipped for r in results),
             grad_norm=first.grad_norm, nonfinite=nonfinite,
-            params=tuple(self._join(plan, [r.params for r in results])),
+            params=tuple(join(plan, [r.params for r in results])),
             duplicate=all(r.duplicate for r in results),
-            staleness=max(r.staleness for r in results),
             pending=any(r.pending for r in results),
-            contributors=min(r.contributors for r in results),
-            missing=tuple(sorted({m for r in results for m in r.missing})))
+            workers=RoundInfo(
+                contributors=min(r.contributors for r in results),
+                missing=tuple(sorted({m for r in results for m in r.missing})),
+                staleness=max(r.staleness for r in results)))
+
+    def seen(self, session_id: str, step: int) -> None:
+        known = self._sessions.get(session_id)
+        if known is not None:
+            known.steps = (step,) * len(self.shards)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -349,7 +206,7 @@ class ShardedTransport(Transport):
         plan = plan_shards(spec.tensors, len(self.shards), self.split_elements)
         exchange = _needs_exchange(spec.algorithm, spec.max_grad_norm, spec.skip_nonfinite)
         workers = dataclasses.replace(spec.workers, exchange=exchange)
-        values = self._split(plan, initial)
+        values = split(plan, initial)
         n = len(self.shards)
 
         def create(i: int, t: Transport) -> SessionInfo:
@@ -385,7 +242,7 @@ class ShardedTransport(Transport):
         deadline = time.monotonic() + seconds
         while True:
             try:
-                self._each(lambda i, t: t.describe(session_id))
+                self.each(lambda i, t: t.describe(session_id))
                 return
             except errors.NotFound:
                 if time.monotonic() > deadline:
@@ -397,19 +254,21 @@ class ShardedTransport(Transport):
                     initial: Sequence[WireTensor] = ()) -> SessionInfo:
         raise errors.FailedPrecondition(
             f"session {session_id!r} is sharded and cannot grow: create it with every "
-            "parameter group (its layout across the shards is fixed at creation)")
+            "parameter group (its layout across the shards is fixed at creation)",
+            reason="SESSION_SHARDED", metadata={"session_id": session_id})
 
     def describe(self, session_id: str) -> SessionInfo:
-        return self._merge_info(session_id, self._each(lambda i, t: t.describe(session_id)))
+        return self._merge_info(session_id, self.each(lambda i, t: t.describe(session_id)))
 
-    def list_sessions(self) -> list[SessionInfo]:
-        ids = [s.session_id for s in self.shards[0].list_sessions()
+    def list_sessions(self, *, page_size: int = 0) -> list[SessionInfo]:
+        """The sharded sessions (those of the first shard labelled as shards)."""
+        ids = [s.session_id for s in self.shards[0].list_sessions(page_size=page_size)
                if SHARD_LABEL in s.labels]
         return [self.describe(sid) for sid in ids]
 
     def delete_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
-        self._each(lambda i, t: t.delete_session(session_id))
+        self.each(lambda i, t: t.delete_session(session_id))
 
     # -- steps ------------------------------------------------------------------
 
@@ -432,11 +291,7 @@ class ShardedTransport(Transport):
             self.describe(session_id)
             s = self._sessions[session_id]
         if len(set(s.steps)) > 1:
-            raise errors.FailedPrecondition(
-                f"the shards of session {session_id!r} are at different steps "
-                f"({', '.join(f'{t.url}: {n}' for t, n in zip(self.shards, s.steps, strict=True))}"
-                "; a shard restarted from an older checkpoint?): restore_checkpoint() rolls "
-                "them back to the newest step they all hold")
+            raise self._diverged(session_id, s.steps)
         if base_step is None:
             base_step = s.step  # a shard at another step refuses the push: nothing applied
         given = {w.name for w in gradients}
@@ -447,69 +302,19 @@ class ShardedTransport(Transport):
                 f"no gradient for {', '.join(absent[:8])} (frozen or unused parameters: give "
                 "the optimizer only those that train, "
                 "[p for p in model.parameters() if p.requires_grad])")
-        grads = self._split(plan, gradients)
+        grads = split(plan, gradients)
         if not s.exchange:
             if return_datatype is None:
-                results = self._each(lambda i, t: t.push(
+                results = self.each(lambda i, t: t.push(
                     session_id, grads[i], require_all=True, sender=sender, base_step=base_step))
             else:
-                results = self._each(lambda i, t: t.step(
+                results = self.each(lambda i, t: t.step(
                     session_id, grads[i], return_datatype=return_datatype, require_all=True,
                     sender=sender, base_step=base_step))
-            return self._merge_results(session_id, plan, results)
-        staged = self._each(lambda i, t: t.push(session_id, grads[i], require_all=True,
-                                                sender=sender, base_step=base_step))
-        if all(r.duplicate for r in staged):  # applied before: answer like one server
-            params = self.pull(session_id, datatype=return_datatype) if return_datatype else []
-            return dataclasses.replace(self._merge_results(session_id, plan, staged),
-                                       params=tuple(params))
-        if any(r.duplicate for r in staged):
-            # a resent push that some shards applied already: whoever committed there
-            # holds every shard's sums and commits on the rest too, so wait for that
-            target = max(r.step for r in staged if r.duplicate)
-            params = (self.pull(session_id, datatype=return_datatype, min_step=target)
-                      if return_datatype else [])
-            info = self.describe(session_id)
-            return StepResult(info.step, False, None, (), tuple(params), duplicate=True)
-        steps = {r.step for r in staged}
-        if len(steps) != 1:
-            self._merge_results(session_id, plan, staged)  # raises: different steps
-        target = steps.pop() + 1
-        sums = self._totals(plan, [r.grad_sumsq for r in staged])
-        total = math.fsum(sums)
-        rounds = [r.round for r in staged]
-        results = self._each(lambda i, t: t.commit(
-            session_id, target, [sums[p.parent] for p in plan.shards[i]], total,
-            round_id=rounds[i], return_datatype=return_datatype))
-        if s.lamb and all(r.pending for r in results):
-            psq = self._totals(plan, [r.param_sumsq for r in results])
-            usq = self._totals(plan, [r.update_sumsq for r in results])
-            results = self._each(lambda i, t: t.commit(
-                session_id, target, [sums[p.parent] for p in plan.shards[i]], total,
-                param_sumsq=[psq[p.parent] for p in plan.shards[i]],
-                update_sumsq=[usq[p.parent] for p in plan.shards[i]], round_id=rounds[i],
-                return_datatype=return_datatype))
-        elif any(r.pending for r in results):
-            # LAMB: another worker's second commit reached some shards first; it
-            # commits the others too, so wait for the step there
-            params = (self.pull(session_id, datatype=return_datatype, min_step=target)
-                      if return_datatype else [])
-            done = next(r for r in results if not r.pending)
-            s.steps = (done.step,) * len(self.shards)
-            return dataclasses.replace(done, params=tuple(params), nonfinite=())
-        return self._merge_results(session_id, plan, results)
-
-    @staticmethod
-    def _totals(plan: ShardPlan, per_shard: Sequence[Sequence[float]]) -> list[float]:
-        """Per model tensor, the sum of its pieces' numbers, added in shard order."""
-        out = [0.0] * len(plan.tensors)
-        for shard, values in zip(plan.shards, per_shard, strict=True):
-            if len(values) != len(shard):
-                raise errors.ServerError(f"a shard answered {len(values)} sums for its "
-                                         f"{len(shard)} tensors")
-            for p, v in zip(shard, values, strict=True):
-                out[p.parent] += v
-        return out
+            return self.merge(session_id, plan, results)
+        return exchange_step(self, session_id, plan, grads, sender=sender,
+                             base_step=base_step, return_datatype=return_datatype,
+                             lamb=s.lamb)
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
@@ -531,10 +336,10 @@ class ShardedTransport(Transport):
         local = [[p.spec.name for p in shard
                   if wanted is None or plan.tensors[p.parent].name in wanted]
                  for shard in plan.shards]
-        parts = self._each(lambda i, t: t.pull(session_id, local[i], datatype,
+        parts = self.each(lambda i, t: t.pull(session_id, local[i], datatype,
                                                min_step=min_step, wait=wait)
                            if local[i] else [])
-        joined = {w.name: w for w in self._join(plan, parts)}
+        joined = {w.name: w for w in join(plan, parts)}
         order = list(names) if names else [t.name for t in plan.tensors]
         return [joined[n] for n in order]
 
@@ -544,30 +349,31 @@ class ShardedTransport(Transport):
                return_datatype: str | None = "FP32") -> StepResult:
         raise errors.FailedPrecondition(
             "commit belongs to one shard's session: the sharded transport commits its steps "
-            "itself (use step or push)")
+            "itself (use step or push)", reason="SESSION_SHARDED",
+            metadata={"session_id": session_id})
 
     # -- hyperparameters, workers, schedule ------------------------------------------
 
     def set_parameters(self, session_id: str, values: Sequence[WireTensor]) -> SessionInfo:
-        parts = self._split(self._session(session_id).plan, values)
+        parts = split(self._session(session_id).plan, values)
         # a shard none of whose tensors changed is not called
-        infos = self._each(lambda i, t: t.set_parameters(session_id, parts[i]) if parts[i]
+        infos = self.each(lambda i, t: t.set_parameters(session_id, parts[i]) if parts[i]
                            else t.describe(session_id))
         return self._merge_info(session_id, infos)
 
     def set_hyperparameters(self, session_id: str, group: int,
                             changes: Mapping[str, HyperValue]) -> SessionInfo:
-        return self._merge_info(session_id, self._each(
+        return self._merge_info(session_id, self.each(
             lambda i, t: t.set_hyperparameters(session_id, group, changes)))
 
     def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
-        return self._merge_info(session_id, self._each(
+        return self._merge_info(session_id, self.each(
             lambda i, t: t.set_schedule(session_id, schedule)))
 
     def set_workers(self, session_id: str, count: int) -> SessionInfo:
         """The new count on every shard, or on none: a shard that refuses (it holds pushes
         of an open round) puts the others back to their count."""
-        before = self._each(lambda i, t: t.describe(session_id))
+        before = self.each(lambda i, t: t.describe(session_id))
         futures = [self._pool.submit(t.set_workers, session_id, count) for t in self.shards]
         infos: list[SessionInfo] = []
         failure: BaseException | None = None
@@ -599,7 +405,7 @@ class ShardedTransport(Transport):
     def export_state(self, session_id: str) -> StateDict:
         """The state_dict of the whole model: each tensor's slots joined from its pieces."""
         plan = self._session(session_id).plan
-        parts = self._each(lambda i, t: t.export_state(session_id))
+        parts = self.each(lambda i, t: t.export_state(session_id))
         pieces: dict[int, list[tuple[Piece, dict[str, Any]]]] = {}
         for shard, sd in zip(plan.shards, parts, strict=True):
             by_name = {p.spec.name: p for p in shard}
@@ -666,32 +472,33 @@ class ShardedTransport(Transport):
                                "param_names": [shard[k].spec.name for k in mine]})
             return {"state": sd_state, "param_groups": groups, "step_count": step_count}
 
-        return self._merge_info(session_id, self._each(
+        return self._merge_info(session_id, self.each(
             lambda i, t: t.import_state(session_id, shard_state(i))))
 
     def checkpoint(self, session_id: str) -> CheckpointInfo:
         """A checkpoint on every shard; complete (and returned) only if all hold one step."""
-        infos = self._each(lambda i, t: t.checkpoint(session_id))
+        infos = self.each(lambda i, t: t.checkpoint(session_id))
         steps = sorted({c.step for c in infos})
         if len(steps) != 1:
             raise errors.FailedPrecondition(
                 f"the shards of session {session_id!r} checkpointed different steps "
                 f"({', '.join(map(str, steps))}): the sharded checkpoint is not complete; a "
-                "step was in flight on some shards (checkpoint between steps)")
+                "step was in flight on some shards (checkpoint between steps)",
+                reason="CHECKPOINT_INCOMPLETE", metadata={"session_id": session_id})
         return CheckpointInfo(session_id, steps[0], ";".join(c.path for c in infos),
                               sum(c.bytes for c in infos))
 
     def list_checkpoints(self, session_id: str) -> list[int]:
         """Steps of the complete sharded checkpoints: those every shard holds."""
-        per_shard = self._each(lambda i, t: set(t.list_checkpoints(session_id)))
+        per_shard = self.each(lambda i, t: set(t.list_checkpoints(session_id)))
         return sorted(set.intersection(*per_shard))
 
     def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
-        return self._merge_info(session_id, self._each(
+        return self._merge_info(session_id, self.each(
             lambda i, t: t.restore_checkpoint(session_id, step)))
 
     def close(self) -> None:
-        self._each(lambda i, t: t.close())
+        self.each(lambda i, t: t.close())
         self._pool.shutdown(wait=False)
 
     def __repr__(self) -> str:

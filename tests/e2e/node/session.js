@@ -5,7 +5,7 @@
 //
 //   node session.js HOST:PORT PLAN_JSON [STATE_OUT]
 //
-// PLAN_JSON: {"session_id": "...", "algorithm": "adamw",
+// PLAN_JSON: {"session_id": "...", "algorithm": "ALGORITHM_ADAMW",
 //             "groups": [{"values": {"lr": 0.01}, "flags": {}}],
 //             "tensors": [{"name": "w", "shape": [3, 4], "initial": [...]}, ...],
 //             "steps": [{"w": [...gradient...], ...}, ...],
@@ -14,7 +14,9 @@
 // in chunks of at most chunk_elements elements. STATE_OUT: where to write the
 // exported safetensors blob. Prints one JSON document: the session as created, the
 // status and parameters after each step, the size of the exported state and the
-// outcome of describing the session after its deletion.
+// outcome of getting the session after its deletion (the status code's name and
+// the reason of the google.rpc.ErrorInfo in the status details, read with a few
+// lines of protobuf wire decoding: the .proto is all this script has).
 'use strict';
 
 const path = require('path');
@@ -22,7 +24,7 @@ const fs = require('fs');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const PROTO = path.resolve(__dirname, '..', '..', '..', 'protos', 'adamserve_proto', 'v1',
+const PROTO = path.resolve(__dirname, '..', '..', '..', 'protos', 'adamserve_proto', 'v2',
   'optimizer.proto');
 
 function loadOptimizer() {
@@ -33,7 +35,7 @@ function loadOptimizer() {
     defaults: true,
     oneofs: true, // the `kind` oneof names which field a message carries
   });
-  return grpc.loadPackageDefinition(definition).adamserve.v1.Optimizer;
+  return grpc.loadPackageDefinition(definition).adamserve_proto.v2.OptimizerService;
 }
 
 function numel(shape) {
@@ -65,7 +67,7 @@ function* chunks(name, shape, values, chunkElements) {
 
 function createSession(client, plan) {
   return new Promise((resolve, reject) => {
-    const call = client.CreateSession((err, info) => (err ? reject(err) : resolve(info)));
+    const call = client.CreateSession((err, reply) => (err ? reject(err) : resolve(reply.session)));
     call.write({
       spec: {
         session_id: plan.session_id,
@@ -143,6 +145,49 @@ function exportState(client, sessionId) {
   });
 }
 
+// Protobuf wire decoding, just enough for google.rpc.Status: its fields as
+// [number, bytes] pairs (length-delimited ones; varints skipped).
+function fields(buf) {
+  const out = [];
+  let i = 0;
+  const varint = () => {
+    let n = 0;
+    let shift = 0;
+    for (;;) {
+      const b = buf[i++];
+      n += (b & 0x7f) * 2 ** shift;
+      shift += 7;
+      if (b < 0x80) return n;
+    }
+  };
+  while (i < buf.length) {
+    const key = varint();
+    if ((key & 7) === 0) {
+      varint();
+    } else if ((key & 7) === 2) {
+      const len = varint();
+      out.push([Math.floor(key / 8), buf.subarray(i, i + len)]);
+      i += len;
+    } else {
+      throw new Error(`unexpected wire type ${key & 7}`);
+    }
+  }
+  return out;
+}
+
+// The reason of the ErrorInfo in a google.rpc.Status (details = repeated Any, field 3;
+// Any.value = field 2; ErrorInfo.reason = field 1).
+function errorInfoReason(statusBytes) {
+  for (const [n, any] of fields(statusBytes)) {
+    if (n !== 3) continue;
+    const parts = Object.fromEntries(fields(any));
+    if (parts[1].toString() !== 'type.googleapis.com/google.rpc.ErrorInfo') continue;
+    const info = Object.fromEntries(fields(parts[2]));
+    return info[1].toString();
+  }
+  return null;
+}
+
 function unary(client, method, request) {
   return new Promise((resolve, reject) => {
     client[method](request, (err, reply) => (err ? reject(err) : resolve(reply)));
@@ -171,10 +216,12 @@ async function main() {
     out.state_bytes = blob.length;
     await unary(client, 'DeleteSession', { session_id: plan.session_id });
     try {
-      await unary(client, 'DescribeSession', { session_id: plan.session_id });
+      await unary(client, 'GetSession', { session_id: plan.session_id });
       out.after_delete = 'OK';
     } catch (err) {
       out.after_delete = grpc.status[err.code]; // expected: NOT_FOUND
+      const [details] = err.metadata.get('grpc-status-details-bin');
+      out.after_delete_reason = details ? errorInfoReason(details) : null;
     }
   } finally {
     client.close();

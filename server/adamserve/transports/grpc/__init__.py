@@ -1,4 +1,4 @@
-"""gRPC transport: ``build_grpc_server`` serves an OptimizerService as ``adamserve.v1.Optimizer``."""
+"""gRPC transport: ``build_grpc_server`` serves an OptimizerService as ``adamserve_proto.v2.OptimizerService``."""
 
 from adamserve.transports.grpc.server import build_grpc_server
 

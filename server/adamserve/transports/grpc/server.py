@@ -1,6 +1,4 @@
-# grpcio ships no type information; its names are Any here (types-grpcio would type them).
-# mypy: disable-error-code="import-untyped"
-"""Build the gRPC server: the Optimizer service, health, reflection and the bearer token."""
+"""Build the gRPC server: the OptimizerService, health, reflection and the bearer token."""
 
 from __future__ import annotations
 
@@ -13,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from adamserve import metrics
+from adamserve import errors, metrics
 from adamserve.service import OptimizerService
 from adamserve.transports.grpc.servicer import (
     MAX_RECEIVE_BYTES,
@@ -24,16 +23,62 @@ from adamserve.transports.grpc.servicer import (
     SERVICE_NAME,
     TRANSPORT,
     add_to_server,
+    error_status,
 )
+from adamserve_proto import rpc
 
 log = logging.getLogger("adamserve.transports.grpc")
 
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+# grpc.reflection.v1 is v1alpha under another package name, message for message (the
+# protocol was promoted as it was); grpcio-reflection serves v1alpha only.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+REFLECTION_V1ALPHA = reflection.SERVICE_NAME
 # Services that answer without a token: load balancers and grpcurl need them.
-OPEN_SERVICES = ("grpc.health.v1.Health", reflection.SERVICE_NAME,
-                 "grpc.reflection.v1.ServerReflection")
+OPEN_SERVICES = (health.SERVICE_NAME, REFLECTION_V1ALPHA, REFLECTION_V1)
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unused-ignore]
+def _add_reflection_v1_descriptor() -> None:
+    """Put grpc/reflection/v1/reflection.proto in the default pool (v1alpha's file with
+    its package renamed), so reflection describes the v1 service as well."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    v1 = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(v1)
+    old, new = f".{v1.package}.", ".grpc.reflection.v1."
+    v1.name = "grpc/reflection/v1/reflection.proto"
+    v1.package = "grpc.reflection.v1"
+    v1.ClearField("options")
+    for message in v1.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(old, new)
+    for service in v1.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(v1)
+
+
+def _enable_reflection(server: grpc.Server, names: tuple[str, ...]) -> None:
+    """Server reflection v1alpha and v1 (one servicer answers both)."""
+    _add_reflection_v1_descriptor()
+    servicer = reflection.ReflectionServicer((*names, REFLECTION_V1ALPHA, REFLECTION_V1))
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(tuple(
+        grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+        for name in (REFLECTION_V1ALPHA, REFLECTION_V1)))
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuse calls without metadata ``authorization: Bearer <token>`` (UNAUTHENTICATED).
 
     The token is compared in constant time. Health and reflection stay open.
@@ -42,7 +87,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unus
     def __init__(self, token: str) -> None:
         self._expected = token.encode()
 
-    def _authorized(self, metadata: Any) -> bool:
+    def _authorized(self, metadata: Metadata | None) -> bool:
         for key, value in metadata or ():
             if key != "authorization":
                 continue
@@ -53,9 +98,12 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unus
                 return True
         return False
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          handler_call_details: Any) -> Any:
-        method: str = handler_call_details.method
+    def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         grpc.RpcMethodHandler[Any, Any] | None],
+            handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
         service = method.lstrip("/").partition("/")[0]
         if service in OPEN_SERVICES or self._authorized(handler_call_details.invocation_metadata):
             return continuation(handler_call_details)
@@ -64,12 +112,12 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unus
             return None  # UNIMPLEMENTED, as without a token
         name = method.rpartition("/")[2]
 
-        def deny(request: Any, context: Any) -> None:
+        def deny(request: object, context: grpc.ServicerContext) -> None:
             metrics.REQUESTS.labels(TRANSPORT, name, "UNAUTHENTICATED").inc()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong token: send metadata 'authorization: Bearer <token>'")
+            context.abort_with_status(error_status(errors.Unauthenticated(
+                "missing or wrong token: send metadata 'authorization: Bearer <token>'")))
 
-        factory = METHOD_KINDS[(handler.request_streaming, handler.response_streaming)]
+        factory = METHOD_KINDS[rpc.kind(handler.request_streaming, handler.response_streaming)]
         return factory(deny, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 
@@ -83,8 +131,8 @@ def _address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _serve_when_ready(service: OptimizerService, server: Any,
-                      health_servicer: Any) -> None:
+def _serve_when_ready(service: OptimizerService, server: grpc.Server,
+                      health_servicer: health.HealthServicer) -> None:
     """Report SERVING once ``service.ready``; stop watching when the server stops."""
     serving = health_pb2.HealthCheckResponse.SERVING
 
@@ -112,8 +160,8 @@ def build_grpc_server(service: OptimizerService, host: str = "127.0.0.1", port: 
 
     ``port`` 0 picks a free port. With ``token``, every Optimizer call must carry
     ``authorization: Bearer <token>``; the health service (NOT_SERVING until
-    ``service.ready``, then SERVING, for "" and "adamserve.v1.Optimizer") and
-    server reflection need none. Messages up to 64 MiB are accepted; the server
+    ``service.ready``, then SERVING, for "" and "adamserve_proto.v2.OptimizerService")
+    and server reflection (v1 and v1alpha) need none. Messages up to 64 MiB are accepted; the server
     sends at most 4 MiB per message. Stop it with ``server.stop(grace)``.
     """
     if token is not None and not token:
@@ -133,8 +181,7 @@ def build_grpc_server(service: OptimizerService, host: str = "127.0.0.1", port: 
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
-                                         reflection.SERVICE_NAME), server)
+    _enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     address = _address(host, port)
     try:
         bound = server.add_insecure_port(address)

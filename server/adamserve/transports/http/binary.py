@@ -34,7 +34,7 @@ from adamserve.engine.dtypes import WIRE_DTYPES, encode
 from adamserve.errors import InvalidArgument, ResourceExhausted
 from adamserve.service import TensorChunk
 from adamserve.transports.http.errors import describe_validation
-from adamserve.transports.http.schemas import MAX_DIM, TensorIn, TensorOut, TensorParameters
+from adamserve.transports.http.schemas import MAX_DIM, TensorIn
 
 HEADER_LENGTH = "Adamserve-Header-Length"
 TRITON_HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -196,14 +196,14 @@ def to_numbers(chunk: TensorChunk) -> list[float]:
     return out
 
 
-def tensors_out(chunks: Sequence[TensorChunk], binary: bool) -> list[TensorOut]:
+def tensors_json(chunks: Sequence[TensorChunk], binary: bool) -> list[dict[str, Any]]:
+    """Returned tensors as JSON entries: their values as numbers, or (``binary``) their
+    binary_data_size, the bytes following the JSON header."""
     if binary:
-        return [TensorOut.model_construct(
-            name=c.name, shape=list(c.shape), datatype=c.datatype, data=None,
-            parameters=TensorParameters.model_construct(binary_data_size=len(c.data)))
-            for c in chunks]
-    return [TensorOut.model_construct(name=c.name, shape=list(c.shape), datatype=c.datatype,
-                                      data=to_numbers(c), parameters=None) for c in chunks]
+        return [{"name": c.name, "shape": list(c.shape), "datatype": c.datatype,
+                 "parameters": {"binary_data_size": len(c.data)}} for c in chunks]
+    return [{"name": c.name, "shape": list(c.shape), "datatype": c.datatype,
+             "data": to_numbers(c)} for c in chunks]
 
 
 class BinaryResponse(Response):

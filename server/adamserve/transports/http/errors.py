@@ -1,8 +1,12 @@
 """Error mapping: domain errors and request validation to HTTP statuses, one table.
 
-Every error body is ``{"error": message, "code": name}``. Validation errors are
-400 (not FastAPI's 422) so that both transports say "invalid argument" alike.
-Anything unmapped is a 500 with a generic body, logged with its traceback.
+Every error body is ``{"error": message, "code": name, "reason": REASON, "metadata":
+{...}}``: the reason and metadata are the service error's (those gRPC puts in its
+ErrorInfo); errors the HTTP layer finds itself (validation, an unknown route, a body
+over the limit, a missing token) carry the reason of their kind (INVALID_ARGUMENT,
+QUOTA_EXCEEDED, UNAUTHENTICATED, INTERNAL). Validation errors are 400 (not FastAPI's
+422) so that both transports say "invalid argument" alike. Anything unmapped is a
+500 with a generic body, logged with its traceback.
 """
 
 from __future__ import annotations
@@ -55,12 +59,19 @@ _CODES: dict[int, str] = {
     503: "unavailable",
 }
 
+# Reasons of the errors the HTTP layer finds itself, by status (else INVALID_ARGUMENT).
+_REASONS: dict[int, str] = {401: "UNAUTHENTICATED", 413: "QUOTA_EXCEEDED", 500: "INTERNAL",
+                            503: "INTERNAL"}
+
 _MAX_ERRORS_SHOWN = 5
 
 
 def error_response(status: int, message: str, code: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code or _CODES.get(status, "internal")},
+                   headers: Mapping[str, str] | None = None, *, reason: str | None = None,
+                   metadata: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code or _CODES.get(status, "internal"),
+                         "reason": reason or _REASONS.get(status, "INVALID_ARGUMENT"),
+                         "metadata": dict(metadata or {})},
                         status_code=status, headers=dict(headers) if headers else None)
 
 
@@ -109,7 +120,8 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unmapped service error on %s %s: %r", request.method, request.url.path, exc)
         return error_response(500, "internal error", "internal")
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return error_response(status, str(exc), exc.code, headers)
+    return error_response(status, str(exc), exc.code, headers, reason=exc.reason,
+                          metadata=exc.metadata)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -11,50 +11,50 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar, cast
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
 from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
-from adamserve.engine.optimizer import TensorSpec
 from adamserve.errors import InvalidArgument
 from adamserve.service import OptimizerService, PushId, SessionInfo, StepResult, TensorChunk
-from adamserve.sessions.rounds import WorkersConfig
-from adamserve.sessions.session import SessionConfig
+from adamserve.transports import convert
 from adamserve.transports.http import binary
 from adamserve.transports.http.errors import describe_validation
 from adamserve.transports.http.schemas import (
     AddTensorsRequest,
-    CheckpointList,
-    CheckpointOut,
+    CheckpointInfo,
     CommitRequest,
     CreateSessionRequest,
     ErrorBody,
     Health,
-    HyperparametersRequest,
+    ListCheckpointsResponse,
+    ListSessionsResponse,
     ParametersRequest,
     PullRequest,
     PullResponse,
     PushRequest,
-    RestoreRequest,
-    ScheduleRequest,
-    SessionList,
-    SessionOut,
+    RestoreCheckpointRequest,
+    Session,
+    SetHyperparametersRequest,
+    SetScheduleRequest,
+    SetWorkersRequest,
     StepRequest,
     StepResponse,
-    TensorIn,
-    TensorSpecIn,
-    TensorSpecOut,
-    WorkersOut,
-    WorkersRequest,
 )
 from adamserve.transports.state_codec import decode_state, encode_state
+from adamserve_proto.v2 import optimizer_pb2 as pb
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+P = TypeVar("P", bound=Message)
+
+PREFIX = "/v2/sessions"
 
 # Models only referenced from openapi_extra; the app adds them to the components.
 RAW_BODY_MODELS: tuple[type[BaseModel], ...] = (
@@ -65,9 +65,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "Invalid argument: the message names the field or tensor and what was expected"),
         (401, "Missing or wrong bearer token"),
-        (404, "No such session"),
+        (404, "No such session (or checkpoint)"),
         (408, "A pull that waited for a step ran out of time"),
-        (409, "Already exists / failed precondition / a synchronous round failed (aborted)"),
+        (409, "Already exists / failed precondition / a synchronous round failed (aborted): "
+              "the body's reason says which"),
         (413, "Body, state or memory limit exceeded"),
     )
 }
@@ -102,7 +103,7 @@ def _binary_ok(model: type[BaseModel], text: str) -> dict[int | str, dict[str, A
     }}
 
 
-router = APIRouter()  # /v1: guarded by the token when there is one
+router = APIRouter()  # /v2: guarded by the token when there is one
 open_router = APIRouter()  # health probes, never guarded
 
 
@@ -126,27 +127,30 @@ async def _read(request: Request, model: type[M]) -> tuple[M, memoryview | None]
     return await _call(binary.parse_body, model, request.headers, raw, limit)
 
 
-def _json(model: BaseModel, status: int = 200, **dump: Any) -> Response:
-    return Response(model.model_dump_json(**dump), status_code=status,
+def _message(body: BaseModel, message: P, *, exclude: set[str] | None = None, **fields: Any
+             ) -> P:
+    """``body`` (less ``exclude``, the HTTP-only fields) as the proto message it mirrors,
+    with ``fields`` (the path's session_id) set; json_format reads it as gRPC's bytes are
+    read, enums by name and durations as strings."""
+    data = body.model_dump(exclude=exclude, exclude_none=True)
+    convert.parse_json({**data, **fields}, message, type(body).__name__)
+    return message
+
+
+def _json(value: dict[str, Any], status: int = 200) -> Response:
+    return Response(to_json(value, inf_nan_mode="constants"), status_code=status,
                     media_type="application/json")
 
 
-def session_out(info: SessionInfo) -> SessionOut:
-    return SessionOut(
-        id=info.id, algorithm=info.algorithm, dtype=info.dtype, step=info.step,
-        tensors=[TensorSpecOut(name=t.name, shape=list(t.shape), group=t.group)
-                 for t in info.tensors],
-        groups=[{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
-                for g in info.groups],
-        lr=list(info.lr), schedule=info.schedule, max_grad_norm=info.max_grad_norm,
-        clip_per_tensor=info.clip_per_tensor, skip_nonfinite=info.skip_nonfinite,
-        state_bytes=info.state_bytes, checkpointed_step=info.checkpointed_step,
-        backend=info.backend, workers=WorkersOut(**info.workers.to_json()),
-        labels=info.labels,
-    )
+def _proto_json(msg: Message, status: int = 200) -> Response:
+    return _json(convert.message_json(msg), status)
 
 
-def _gradients(tensors: list[TensorIn], payload: memoryview | None) -> list[TensorChunk]:
+def _session(info: SessionInfo, status: int = 200) -> Response:
+    return _proto_json(convert.session_message(info), status)
+
+
+def _gradients(tensors: list[Any], payload: memoryview | None) -> list[TensorChunk]:
     chunks = binary.tensor_chunks(tensors, payload)
     if not chunks:
         # checked here too: the service counts a zero-size tensor as always present,
@@ -156,63 +160,41 @@ def _gradients(tensors: list[TensorIn], payload: memoryview | None) -> list[Tens
     return chunks
 
 
-def _tensor_specs(tensors: list[TensorSpecIn]) -> tuple[TensorSpec, ...]:
-    """Declared tensors as the service's specs, each and all together within bounds."""
-    specs = tuple(TensorSpec(t.name, tuple(t.shape), t.group) for t in tensors)
-    sizes = {t.name: binary.numel(t.shape) for t in specs}
-    for name, n in sizes.items():
-        if n > binary.MAX_ELEMENTS:
-            raise InvalidArgument(f"tensor {name!r}: {n} elements; at most "
-                                  f"{binary.MAX_ELEMENTS}")
-    total = sum(sizes.values())
-    if total > binary.MAX_ELEMENTS:
-        raise InvalidArgument(f"the session's tensors hold {total} elements; at most "
-                              f"{binary.MAX_ELEMENTS}")
-    return specs
-
-
 def _count_in(chunks: list[TensorChunk]) -> None:
     metrics.BYTES_IN.labels("http").inc(sum(len(c.data) for c in chunks))
 
 
-def _tensors_response(request: Request, result: StepResponse | PullResponse,
-                      chunks: list[TensorChunk], binary_output: bool) -> Response:
+def _tensors_response(request: Request, result: dict[str, Any], chunks: list[TensorChunk],
+                      binary_output: bool) -> Response:
     metrics.BYTES_OUT.labels("http").inc(sum(len(c.data) for c in chunks))
     if binary.wants_binary(request.headers, binary_output):
-        result.params = binary.tensors_out(chunks, binary=True)
-        header = result.model_dump_json(exclude={"params": {"__all__": {"data"}}}).encode()
-        return binary.BinaryResponse(header, [c.data for c in chunks])
-    result.params = binary.tensors_out(chunks, binary=False)
-    return _json(result, exclude={"params": {"__all__": {"parameters"}}})
+        result["params"] = binary.tensors_json(chunks, binary=True)
+        return binary.BinaryResponse(to_json(result, inf_nan_mode="constants"),
+                                     [c.data for c in chunks])
+    result["params"] = binary.tensors_json(chunks, binary=False)
+    return _json(result)
+
+
+def _step_out(r: StepResult) -> dict[str, Any]:
+    return convert.message_json(convert.step_status(r))
 
 
 # -- sessions ----------------------------------------------------------------
 
 
-@router.post("/v1/sessions", status_code=201, response_model=SessionOut, responses=_ERRORS,
+@router.post(PREFIX, status_code=201, response_model=Session, responses=_ERRORS,
              openapi_extra=_tensor_body(CreateSessionRequest), summary="Create a session")
 async def create_session(request: Request, service: Service) -> Response:
     body, payload = await _read(request, CreateSessionRequest)
     chunks = await _call(binary.tensor_chunks, body.initial, payload)
-    config = SessionConfig(
-        algorithm=body.algorithm,
-        tensors=_tensor_specs(body.tensors),
-        groups=tuple(dict(g) for g in body.groups),
-        dtype=body.dtype,
-        schedule=body.schedule,
-        max_grad_norm=body.max_grad_norm,
-        clip_per_tensor=body.clip_per_tensor,
-        skip_nonfinite=body.skip_nonfinite,
-        workers=(WorkersConfig(**body.workers.model_dump()) if body.workers is not None
-                 else WorkersConfig()),
-        labels=dict(body.labels),
-    )
+    spec = _message(body, pb.SessionSpec(), exclude={"initial"})
+    config = convert.session_config(spec)
     _count_in(chunks)
     info = await _call(service.create, body.session_id, config, chunks)
-    return _json(session_out(info), status=201)
+    return _session(info, status=201)
 
 
-@router.post("/v1/sessions/{session_id}/tensors", response_model=SessionOut,
+@router.post(PREFIX + "/{session_id}/tensors", response_model=Session,
              responses=_ERRORS, openapi_extra=_tensor_body(AddTensorsRequest),
              summary="Add tensors (optionally a new parameter group) to a session")
 async def add_tensors(session_id: str, request: Request, service: Service) -> Response:
@@ -221,27 +203,37 @@ async def add_tensors(session_id: str, request: Request, service: Service) -> Re
     are kept. A refused request changes nothing."""
     body, payload = await _read(request, AddTensorsRequest)
     chunks = await _call(binary.tensor_chunks, body.initial, payload)
-    tensors = _tensor_specs(body.tensors)
-    group = dict(body.group) if body.group is not None else None
+    spec = _message(body, pb.AddTensorsSpec(), exclude={"initial"}, session_id=session_id)
+    tensors = convert.tensor_specs(spec.tensors)
+    group = (convert.group_dict(spec.new_group, "new_group")
+             if spec.HasField("new_group") else None)
     _count_in(chunks)
     info = await _call(service.add_tensors, session_id, tensors, group, chunks)
-    return _json(session_out(info))
+    return _session(info)
 
 
-@router.get("/v1/sessions", response_model=SessionList, responses=_ERRORS,
-            summary="List sessions")
-async def list_sessions(service: Service) -> SessionList:
-    infos = await _call(service.list)
-    return SessionList(sessions=[session_out(i) for i in infos])
+@router.get(PREFIX, response_model=ListSessionsResponse, responses=_ERRORS,
+            summary="List sessions, ordered by id, a page at a time")
+async def list_sessions(
+        service: Service,
+        page_size: Annotated[int, Query(ge=0, le=2**31 - 1, description=(
+            f"Sessions per page, at most {convert.MAX_PAGE_SIZE}; 0: "
+            f"{convert.DEFAULT_PAGE_SIZE}"))] = 0,
+        page_token: Annotated[str, Query(max_length=1024, description=(
+            "The previous page's next_page_token; empty for the first page"))] = "",
+) -> Response:
+    infos, token = convert.page(await _call(service.list), page_size, page_token)
+    return _proto_json(pb.ListSessionsResponse(
+        sessions=[convert.session_message(i) for i in infos], next_page_token=token))
 
 
-@router.get("/v1/sessions/{session_id}", response_model=SessionOut, responses=_ERRORS,
+@router.get(PREFIX + "/{session_id}", response_model=Session, responses=_ERRORS,
             summary="Describe a session")
-async def describe_session(session_id: str, service: Service) -> SessionOut:
-    return session_out(await _call(service.describe, session_id))
+async def get_session(session_id: str, service: Service) -> Response:
+    return _session(await _call(service.describe, session_id))
 
 
-@router.delete("/v1/sessions/{session_id}", status_code=204, responses=_ERRORS,
+@router.delete(PREFIX + "/{session_id}", status_code=204, responses=_ERRORS,
                summary="Delete a session and its checkpoints")
 async def delete_session(session_id: str, service: Service) -> Response:
     await _call(service.delete, session_id)
@@ -251,7 +243,7 @@ async def delete_session(session_id: str, service: Service) -> Response:
 # -- steps -------------------------------------------------------------------
 
 
-@router.post("/v1/sessions/{session_id}/step", response_model=StepResponse,
+@router.post(PREFIX + "/{session_id}/step", response_model=StepResponse,
              responses=_binary_ok(StepResponse, "The step's outcome and updated parameters."),
              openapi_extra=_tensor_body(StepRequest), summary="Apply one step, return params")
 async def step(session_id: str, request: Request, service: Service) -> Response:
@@ -282,7 +274,7 @@ def _step(service: OptimizerService, session_id: str, request: Request, raw: byt
     return _tensors_response(request, out, r.params, body.binary_output)
 
 
-@router.post("/v1/sessions/{session_id}/push", response_model=StepResponse, responses=_ERRORS,
+@router.post(PREFIX + "/{session_id}/push", response_model=StepResponse, responses=_ERRORS,
              openapi_extra=_tensor_body(PushRequest),
              summary="Apply one step, return no params")
 async def push(session_id: str, request: Request, service: Service) -> Response:
@@ -290,49 +282,41 @@ async def push(session_id: str, request: Request, service: Service) -> Response:
     return await _call(_step, service, session_id, request, raw, push=True)
 
 
-def _step_out(r: StepResult) -> StepResponse:
-    return StepResponse(step=r.step, skipped=r.skipped, grad_norm=r.grad_norm,
-                        nonfinite=list(r.nonfinite), duplicate=r.duplicate,
-                        staleness=r.staleness, pending=r.pending, contributors=r.contributors,
-                        missing_workers=list(r.missing), grad_sumsq=list(r.grad_sumsq),
-                        param_sumsq=list(r.param_sumsq), update_sumsq=list(r.update_sumsq),
-                        round=r.round)
-
-
-@router.post("/v1/sessions/{session_id}/commit", response_model=StepResponse,
+@router.post(PREFIX + "/{session_id}/commit", response_model=StepResponse,
              responses=_binary_ok(StepResponse, "The step's outcome and updated parameters."),
              summary="Apply a shard's staged step with sums over every shard")
 async def commit(session_id: str, body: CommitRequest, request: Request,
                  service: Service) -> Response:
     """The second phase of a sharded step (sessions created with workers.exchange): see
     the proto's Commit."""
-    rtype = body.return_datatype
+    rtype = None if body.skip_params else body.return_datatype
     if rtype is not None and rtype not in WIRE_DTYPES:
         raise InvalidArgument(f"return_datatype {rtype!r}: expected one of "
-                              f"{', '.join(WIRE_DTYPES)} or null")
+                              f"{', '.join(WIRE_DTYPES)}")
     r = await _call(service.commit, session_id, body.step, body.tensor_sumsq, body.total_sumsq,
                     param_sumsq=body.param_sumsq, update_sumsq=body.update_sumsq,
-                    round_id=body.round, return_datatype=rtype)
+                    round_id=body.round_id, return_datatype=rtype)
     return await _call(_tensors_response, request, _step_out(r), r.params, body.binary_output)
 
 
-@router.put("/v1/sessions/{session_id}/workers", response_model=SessionOut, responses=_ERRORS,
+@router.put(PREFIX + "/{session_id}/workers", response_model=Session, responses=_ERRORS,
             summary="Change the number of workers of a live session")
-async def set_workers(session_id: str, body: WorkersRequest, service: Service) -> Response:
-    return _json(session_out(await _call(service.set_workers, session_id, body.count)))
+async def set_workers(session_id: str, body: SetWorkersRequest, service: Service) -> Response:
+    return _session(await _call(service.set_workers, session_id, body.count))
 
 
-@router.get("/v1/sessions/{session_id}/checkpoints", response_model=CheckpointList,
+@router.get(PREFIX + "/{session_id}/checkpoints", response_model=ListCheckpointsResponse,
             responses=_ERRORS, summary="Steps of the session's complete checkpoints")
-async def list_checkpoints(session_id: str, service: Service) -> CheckpointList:
-    return CheckpointList(steps=await _call(service.list_checkpoints, session_id))
+async def list_checkpoints(session_id: str, service: Service) -> Response:
+    steps = await _call(service.list_checkpoints, session_id)
+    return _proto_json(pb.ListCheckpointsResponse(steps=steps))
 
 
-@router.post("/v1/sessions/{session_id}/restore", response_model=SessionOut, responses=_ERRORS,
+@router.post(PREFIX + "/{session_id}/restore", response_model=Session, responses=_ERRORS,
              summary="Roll the session back to its checkpoint of a step")
-async def restore_checkpoint(session_id: str, body: RestoreRequest,
+async def restore_checkpoint(session_id: str, body: RestoreCheckpointRequest,
                              service: Service) -> Response:
-    return _json(session_out(await _call(service.restore_checkpoint, session_id, body.step)))
+    return _session(await _call(service.restore_checkpoint, session_id, body.step))
 
 
 def _push_id(body: StepRequest | PushRequest) -> PushId | None:
@@ -343,19 +327,20 @@ def _push_id(body: StepRequest | PushRequest) -> PushId | None:
     return PushId(body.worker_id, body.sequence)
 
 
-@router.post("/v1/sessions/{session_id}/pull", response_model=PullResponse,
+@router.post(PREFIX + "/{session_id}/pull", response_model=PullResponse,
              responses=_binary_ok(PullResponse, "The session's current parameters."),
              openapi_extra=_tensor_body(PullRequest, required=False),
              summary="Read parameters")
 async def pull(session_id: str, request: Request, service: Service) -> Response:
     body, _ = await _read(request, PullRequest)
-    chunks = await _call(service.pull, session_id, body.names, body.datatype,
-                         min_step=body.min_step, timeout=body.timeout)
-    return await _call(_tensors_response, request, PullResponse(params=[]), chunks,
-                       body.binary_output)
+    msg = _message(body, pb.PullRequest(), exclude={"binary_output"}, session_id=session_id)
+    timeout = convert.seconds(msg.timeout, "timeout") if msg.HasField("timeout") else None
+    chunks = await _call(service.pull, session_id, list(msg.names) or None, body.datatype,
+                         min_step=msg.min_step, timeout=timeout)
+    return await _call(_tensors_response, request, {}, chunks, body.binary_output)
 
 
-@router.put("/v1/sessions/{session_id}/params", response_model=SessionOut, responses=_ERRORS,
+@router.put(PREFIX + "/{session_id}/params", response_model=Session, responses=_ERRORS,
             openapi_extra=_tensor_body(ParametersRequest), summary="Overwrite parameters")
 async def set_parameters(session_id: str, request: Request, service: Service) -> Response:
     """Overwrite the values of some tensors, as torch's in-place changes of parameters
@@ -365,26 +350,27 @@ async def set_parameters(session_id: str, request: Request, service: Service) ->
     body, payload = await _read(request, ParametersRequest)
     chunks = await _call(binary.tensor_chunks, body.values, payload)
     _count_in(chunks)
-    info = await _call(service.set_parameters, session_id, chunks)
-    return _json(session_out(info))
+    return _session(await _call(service.set_parameters, session_id, chunks))
 
 
 # -- hyperparameters, schedule, state -----------------------------------------
 
 
-@router.patch("/v1/sessions/{session_id}/hyperparameters", response_model=SessionOut,
+@router.patch(PREFIX + "/{session_id}/hyperparameters", response_model=Session,
               responses=_ERRORS, summary="Change one group's hyperparameters")
-async def set_hyperparameters(session_id: str, body: HyperparametersRequest,
+async def set_hyperparameters(session_id: str, body: SetHyperparametersRequest,
                               service: Service) -> Response:
-    info = await _call(service.set_hyperparameters, session_id, body.group, body.values)
-    return _json(session_out(info))
+    msg = _message(body, pb.SetHyperparametersRequest(), session_id=session_id)
+    changes = convert.group_dict(msg.changes, "changes")
+    return _session(await _call(service.set_hyperparameters, session_id, msg.group, changes))
 
 
-@router.put("/v1/sessions/{session_id}/schedule", response_model=SessionOut,
+@router.put(PREFIX + "/{session_id}/schedule", response_model=Session,
             responses=_ERRORS, summary="Set or remove the learning-rate schedule")
-async def set_schedule(session_id: str, body: ScheduleRequest, service: Service) -> Response:
-    info = await _call(service.set_schedule, session_id, body.schedule)
-    return _json(session_out(info))
+async def set_schedule(session_id: str, body: SetScheduleRequest, service: Service) -> Response:
+    msg = _message(body, pb.SetScheduleRequest(), session_id=session_id)
+    schedule = convert.schedule_dict(msg.schedule) if msg.HasField("schedule") else None
+    return _session(await _call(service.set_schedule, session_id, schedule))
 
 
 _STATE_DOC = ("The torch-format state_dict as one safetensors file: tensors "
@@ -392,7 +378,7 @@ _STATE_DOC = ("The torch-format state_dict as one safetensors file: tensors "
               "(param_groups and per-parameter scalars).")
 
 
-@router.get("/v1/sessions/{session_id}/state", response_class=Response, summary="Export state",
+@router.get(PREFIX + "/{session_id}/state", response_class=Response, summary="Export state",
             responses={**_ERRORS, 200: {"description": _STATE_DOC, "content": {
                 binary.OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
 async def export_state(session_id: str, service: Service) -> Response:
@@ -441,7 +427,7 @@ def _decode_state(blob: bytes) -> dict[str, Any]:
     return state
 
 
-@router.put("/v1/sessions/{session_id}/state", response_model=SessionOut, responses=_ERRORS,
+@router.put(PREFIX + "/{session_id}/state", response_model=Session, responses=_ERRORS,
             summary="Import state",
             openapi_extra={"requestBody": {"required": True, "description": _STATE_DOC,
                                            "content": {binary.OCTET_STREAM: {"schema": {
@@ -451,16 +437,14 @@ async def import_state(session_id: str, request: Request, service: Service) -> R
     metrics.BYTES_IN.labels("http").inc(len(blob))
     await _call(service.describe, session_id)  # 404 before parsing a large blob
     state = await _call(_decode_state, blob)
-    info = await _call(service.import_state, session_id, state)
-    return _json(session_out(info))
+    return _session(await _call(service.import_state, session_id, state))
 
 
-@router.post("/v1/sessions/{session_id}/checkpoint", response_model=CheckpointOut,
+@router.post(PREFIX + "/{session_id}/checkpoint", response_model=CheckpointInfo,
              responses=_ERRORS, summary="Write a durable checkpoint now")
-async def checkpoint(session_id: str, service: Service) -> CheckpointOut:
+async def checkpoint(session_id: str, service: Service) -> Response:
     info = await _call(service.checkpoint, session_id)
-    return CheckpointOut(session_id=info.session_id, step=info.step, path=info.path,
-                         bytes=info.bytes)
+    return _proto_json(convert.checkpoint_message(info))
 
 
 # -- operations ----------------------------------------------------------------

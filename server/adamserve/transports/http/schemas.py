@@ -1,4 +1,14 @@
-"""Wire models of the HTTP API: pydantic only, no logic.
+"""Wire models of the HTTP API (v2): pydantic only, no logic.
+
+Field names and values are the proto's (adamserve_proto/v2/optimizer.proto, in
+proto3's JSON mapping with the proto's field names): ``session_id``, groups as
+``{"values": {...}, "flags": {...}}``, enums by name (``"ALGORITHM_ADAMW"``), a
+schedule as its typed oneof (``{"cosine": {"total_steps": 100}}``), durations as
+strings (``"30s"``), optional fields left out when absent; 64-bit integers are
+JSON numbers. The routes parse these bodies into the proto's messages and answer
+from them (:mod:`adamserve.transports.convert`), so the models here describe and
+bound what travels; tests/transports/test_http.py checks that each one has the
+proto message's fields.
 
 Tensors follow the Open Inference Protocol's shape: ``{"name", "shape", "datatype",
 "data"}`` with ``data`` a flat row-major list of numbers, or, in a binary request
@@ -14,11 +24,22 @@ literals. Ask for binary output where a strict JSON reader must parse the result
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.config import JsonDict
 
 from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK
+from adamserve.transports import convert
 
 # Wire datatypes, as in adamserve.engine.dtypes.WIRE_DTYPES. Kept a plain string in
 # the models (the enum is documentation) so an unknown one gets a message naming
@@ -47,28 +68,52 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _hyper_value(v: Any) -> float | bool | list[float]:
-    """A hyperparameter: true/false, a number, or a list of numbers (betas).
+Number = Annotated[Any, AfterValidator(_number), WithJsonSchema({"type": "number"})]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Step = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+# proto3 JSON's Duration: seconds with up to 9 decimals and an "s" ("30s", "0.25s")
+Duration = Annotated[str, Field(pattern=r"^-?[0-9]{1,12}(\.[0-9]{1,9})?s$",
+                                description="A duration as proto3 JSON writes it: \"30s\", "
+                                "\"0.5s\"")]
 
-    Ranges and names are the engine's to check; this only keeps the JSON types
-    the engine expects (a single message instead of one per union branch).
-    """
-    if isinstance(v, bool):
+
+def _names(enum: convert.EnumMap[Any]) -> JsonDict:
+    """The JSON schema's enum: the proto's names (UNSPECIFIED, the default, too)."""
+    names: list[JsonValue] = list(convert.enum_names(enum))
+    return {"enum": names}
+
+
+def _member(enum: convert.EnumMap[Any]) -> Callable[[str], str]:
+    """A validator: one of the enum's names, or a message listing them."""
+    names = convert.enum_names(enum)
+
+    def check(v: str) -> str:
+        if v not in names:
+            raise ValueError(f"unknown {enum.descriptor.name} {_short(v)}; expected one of "
+                             f"{', '.join(enum.names)}")
         return v
-    if isinstance(v, list):
-        return [_number(x) for x in v]
-    if isinstance(v, int | float):
-        return _number(v)
-    raise ValueError(f"expected a number, true/false or a list of numbers, got {_short(v)}")
+
+    return check
 
 
-HyperValue = Annotated[
-    Any,
-    AfterValidator(_hyper_value),
-    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "boolean"},
-                              {"type": "array", "items": {"type": "number"}}]}),
-]
-Hyperparameters = dict[str, HyperValue]
+Algorithm = Annotated[str, AfterValidator(_member(convert.ALGORITHM)), Field(
+    json_schema_extra=_names(convert.ALGORITHM),
+    description="The update rule: ALGORITHM_ADAMW, ...")]
+StateDtype = Annotated[str, AfterValidator(_member(convert.STATE_DTYPE)), Field(
+    json_schema_extra=_names(convert.STATE_DTYPE), description="Master state precision")]
+WorkerMode = Annotated[str, AfterValidator(_member(convert.WORKER_MODE)), Field(
+    json_schema_extra=_names(convert.WORKER_MODE),
+    description="WORKER_MODE_SYNC: step t is the mean of the workers' gradients; "
+    "WORKER_MODE_ASYNC: every push is applied on arrival")]
+StragglerPolicy = Annotated[str, AfterValidator(_member(convert.STRAGGLER_POLICY)), Field(
+    json_schema_extra=_names(convert.STRAGGLER_POLICY),
+    description="After the straggler timeout: fail the round (409), or apply the mean of "
+    "what arrived")]
+Backend = Annotated[str, AfterValidator(_member(convert.BACKEND)), Field(
+    json_schema_extra=_names(convert.BACKEND), description="Where the session's kernels run")]
+AnnealStrategy = Annotated[str, AfterValidator(_member(convert.ANNEAL_STRATEGY)), Field(
+    json_schema_extra=_names(convert.ANNEAL_STRATEGY), description="OneCycle's annealing")]
 
 
 class _Request(BaseModel):
@@ -108,32 +153,111 @@ class TensorOut(_Response):
     parameters: TensorParameters | None = None
 
 
-class TensorSpecIn(_Request):
+class TensorSpec(_Request):
+    """The declaration of one named tensor (proto TensorSpec)."""
+
     name: Name
     shape: Shape
-    group: int = Field(default=0, ge=0, description="Index into 'groups'")
+    group: int = Field(default=0, ge=0, le=2**31 - 1, description="Index into 'groups'")
 
 
-class TensorSpecOut(_Response):
-    name: str
-    shape: list[int]
-    group: int
+class Group(_Request):
+    """Hyperparameters of one parameter group (proto Group): torch.optim's names, betas
+    split into beta1/beta2; keys left out take the defaults (or keep their values)."""
+
+    values: dict[str, Number] = Field(default_factory=dict,
+                                      description='Numbers, e.g. {"lr": 0.001, "beta1": 0.9}')
+    flags: dict[str, bool] = Field(default_factory=dict,
+                                   description='Switches, e.g. {"amsgrad": true}')
 
 
-class WorkersIn(_Request):
-    """How the pushes of several workers become steps (see the proto's Workers)."""
+# -- schedules: the proto's Schedule oneof, one key naming the kind --------------------
 
-    count: int = Field(default=1, ge=1, le=512, description="Workers pushing each step")
-    mode: Literal["sync", "async"] = Field(
-        default="sync", description="sync: step t is the mean of the workers' gradients; "
-        "async: every push is applied on arrival")
-    straggler_timeout: float = Field(
-        default=0.0, ge=0, description="Seconds from a round's first push; 0: wait forever")
-    straggler_policy: Literal["fail", "apply"] = Field(
-        default="fail", description="After the timeout: fail the round (409), or apply the "
-        "mean of what arrived")
+
+class ConstantSchedule(_Request):
+    factor: Number | None = Field(default=None, description="absent: 1")
+
+
+class LinearSchedule(_Request):
+    start_factor: Number = 0.0
+    end_factor: Number | None = Field(default=None, description="absent: 1")
+    total_steps: Int64 = 0
+
+
+class CosineSchedule(_Request):
+    total_steps: Int64 = 0
+    eta_min: Number = 0.0
+
+
+class InverseSqrtSchedule(_Request):
+    warmup_steps: Int64 = 0
+
+
+class ExponentialSchedule(_Request):
+    gamma: Number = 0.0
+
+
+class StepSchedule(_Request):
+    step_size: Int64 = 0
+    gamma: Number | None = Field(default=None, description="absent: 0.1")
+
+
+class OneCycleSchedule(_Request):
+    total_steps: Int64 = 0
+    max_lr: Number | None = Field(default=None, description="absent: the group's lr")
+    pct_start: Number | None = None
+    anneal_strategy: AnnealStrategy = "ANNEAL_STRATEGY_UNSPECIFIED"
+    div_factor: Number | None = None
+    final_div_factor: Number | None = None
+    three_phase: bool = False
+    cycle_momentum: bool | None = None
+    base_momentum: Number | None = None
+    max_momentum: Number | None = None
+
+
+class JoinSchedule(_Request):
+    schedules: list[Schedule] = Field(default_factory=list, max_length=64)
+    milestones: list[Int64] = Field(default_factory=list, max_length=63)
+
+
+class Schedule(_Request):
+    """A learning-rate schedule: exactly one of the keys (proto Schedule), e.g.
+    ``{"cosine": {"total_steps": 1000}}``."""
+
+    constant: ConstantSchedule | None = None
+    linear: LinearSchedule | None = None
+    cosine: CosineSchedule | None = None
+    inverse_sqrt: InverseSqrtSchedule | None = None
+    exponential: ExponentialSchedule | None = None
+    step: StepSchedule | None = None
+    one_cycle: OneCycleSchedule | None = None
+    join: JoinSchedule | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        kinds = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("a schedule has exactly one of the keys "
+                             f"{', '.join(type(self).model_fields)}; got "
+                             f"{', '.join(kinds) if kinds else 'none'}")
+        return self
+
+
+JoinSchedule.model_rebuild()
+
+# -- sessions -------------------------------------------------------------------------
+
+
+class Workers(_Request):
+    """How the pushes of several workers become steps (proto Workers)."""
+
+    count: int = Field(default=0, ge=0, le=512, description="Workers pushing each step; 0: 1")
+    mode: WorkerMode = "WORKER_MODE_UNSPECIFIED"
+    straggler_timeout: Duration | None = Field(
+        default=None, description="From a round's first push; absent or \"0s\": wait forever")
+    straggler_policy: StragglerPolicy = "STRAGGLER_POLICY_UNSPECIFIED"
     max_staleness: int | None = Field(
-        default=None, ge=0, le=2**31, description="async: refuse pushes more steps behind")
+        default=None, ge=0, le=2**31 - 1, description="async: refuse pushes more steps behind")
     scale_lr_by_staleness: bool = Field(default=False,
                                         description="async: lr * 1 / (1 + staleness)")
     exchange: bool = Field(
@@ -141,38 +265,23 @@ class WorkersIn(_Request):
         "and applied by a commit carrying sums over every shard")
 
 
-class WorkersOut(_Response):
-    count: int
-    mode: str
-    straggler_timeout: float
-    straggler_policy: str
-    max_staleness: int | None
-    scale_lr_by_staleness: bool
-    exchange: bool
-
-
 Labels = Annotated[dict[str, str], Field(max_length=64)]
 
 
-def _one_group() -> list[Hyperparameters]:
-    return [{}]
-
-
 class CreateSessionRequest(_Request):
+    """The proto's SessionSpec, and the initial values (``initial``: OIP tensors)."""
+
     session_id: str = Field(description="1-128 letters, digits, '.', '_' or '-'")
-    algorithm: str = Field(
-        description="adam, adamw, amsgrad, nadam, radam, adamax, adagrad, rmsprop or lamb")
-    tensors: list[TensorSpecIn] = Field(min_length=1)
-    groups: list[Hyperparameters] = Field(
-        default_factory=_one_group, min_length=1,
-        description="Parameter groups: torch.optim hyperparameter names, betas as [b1, b2]")
-    dtype: Literal["float32", "float64"] = "float32"
-    schedule: dict[str, Any] | None = Field(
-        default=None, description="A learning-rate schedule, as schedules.to_dict writes it")
-    max_grad_norm: float | None = None
+    algorithm: Algorithm
+    tensors: list[TensorSpec] = Field(min_length=1)
+    groups: list[Group] = Field(default_factory=list,
+                                description="Parameter groups; empty: one with the defaults")
+    dtype: StateDtype = "STATE_DTYPE_UNSPECIFIED"
+    schedule: Schedule | None = Field(default=None, description="absent: none")
+    max_grad_norm: Number | None = Field(default=None, description="absent: no clipping")
     clip_per_tensor: bool = False
-    skip_nonfinite: bool = True
-    workers: WorkersIn | None = Field(default=None, description="Several workers; null: one")
+    skip_nonfinite: bool | None = Field(default=None, description="absent: true")
+    workers: Workers | None = Field(default=None, description="absent: one worker")
     labels: Labels = Field(default_factory=dict, description="Free-form labels kept with the "
                            "session and its checkpoints")
     initial: list[TensorIn] = Field(
@@ -180,19 +289,23 @@ class CreateSessionRequest(_Request):
 
 
 class AddTensorsRequest(_Request):
-    tensors: list[TensorSpecIn] = Field(
+    """The proto's AddTensorsSpec (the session is the path's), and initial values."""
+
+    tensors: list[TensorSpec] = Field(
         description="The new tensors, appended after the session's; names must be new. "
-        "With 'group', each one's group must be the new group's index (the session's "
+        "With 'new_group', each one's group must be the new group's index (the session's "
         "current number of groups)")
-    group: Hyperparameters | None = Field(
+    new_group: Group | None = Field(
         default=None, description="Hyperparameters of a new parameter group for the new "
-        "tensors (torch.optim names, betas as [b1, b2]; keys left out take the algorithm's "
-        "defaults); null: no new group, the tensors join existing ones")
+        "tensors (keys left out take the algorithm's defaults); absent: no new group, the "
+        "tensors join existing ones")
     initial: list[TensorIn] = Field(
         default_factory=list, description="Initial values of new tensors; others start at zero")
 
 
 class StepRequest(_Request):
+    """The proto's StepHeader (the session is the path's) and the gradients."""
+
     gradients: list[TensorIn]
     return_datatype: Datatype = Field(
         default="FP32", description="Wire datatype of the updated parameters returned")
@@ -233,114 +346,130 @@ class ParametersRequest(_Request):
 
 
 class PullRequest(_Request):
-    names: list[str] | None = Field(default=None, description="Tensors to return; all if empty")
+    names: list[str] = Field(default_factory=list, description="Tensors to return; empty: all")
     datatype: Datatype = "FP32"
     binary_output: bool = False
-    min_step: int = Field(default=0, ge=0, le=2**63 - 1,
-                          description="Wait until the session reaches this step (409 if its "
-                          "round fails)")
-    timeout: float | None = Field(default=None, ge=0, le=86400,
-                                  description="Seconds to wait for min_step (408 after)")
+    min_step: Step = Field(default=0, description="Wait until the session reaches this step "
+                           "(409 if its round fails)")
+    timeout: Duration | None = Field(default=None, description="How long to wait for min_step "
+                                     "(408 after); absent: the server's limit (600 s)")
 
 
 class CommitRequest(_Request):
     step: int = Field(ge=1, le=2**63 - 1, description="The staged step")
-    tensor_sumsq: list[float] = Field(
+    tensor_sumsq: list[Number] = Field(
         description="Per tensor of this session: the gradient's sum of squares over the "
         "whole model tensor it is part of")
-    total_sumsq: float = Field(description="Sum of squares of the whole gradient")
-    param_sumsq: list[float] = Field(default_factory=list,
-                                     description="LAMB's second commit: whole-tensor totals")
-    update_sumsq: list[float] = Field(default_factory=list, description="See param_sumsq")
-    return_datatype: Datatype | None = Field(default="FP32",
-                                             description="null: no parameters back")
-    round: int = Field(default=0, ge=0, le=2**64 - 1, description="The round the push's "
-                       "answer named (0: whichever is staged for step)")
+    total_sumsq: Number = Field(description="Sum of squares of the whole gradient")
+    param_sumsq: list[Number] = Field(default_factory=list,
+                                      description="LAMB's second commit: whole-tensor totals")
+    update_sumsq: list[Number] = Field(default_factory=list, description="See param_sumsq")
+    return_datatype: Datatype = "FP32"
+    skip_params: bool = Field(default=False, description="Return no parameters")
+    round_id: Step = Field(default=0, description="The round the push's answer named (0: "
+                           "whichever is staged for step)")
     binary_output: bool = False
 
 
-class WorkersRequest(_Request):
+class SetWorkersRequest(_Request):
     count: int = Field(ge=1, le=512, description="The new number of workers")
 
 
-class RestoreRequest(_Request):
-    step: int = Field(ge=0, le=2**63 - 1, description="The checkpoint's step")
+class RestoreCheckpointRequest(_Request):
+    step: Step = Field(description="The checkpoint's step")
 
 
-class CheckpointList(_Response):
-    steps: list[int] = Field(description="Steps of the complete checkpoints, oldest first")
+class SetHyperparametersRequest(_Request):
+    group: int = Field(default=0, ge=0, le=2**31 - 1, description="The group to change")
+    changes: Group = Field(description="Keys left out keep their values")
 
 
-class HyperparametersRequest(_Request):
-    group: int = Field(default=0, ge=0)
-    values: Hyperparameters
+class SetScheduleRequest(_Request):
+    schedule: Schedule | None = Field(default=None, description="absent or null: no schedule")
 
 
-class ScheduleRequest(_Request):
-    schedule: dict[str, Any] | None = Field(description="null removes the schedule")
+# -- responses: the proto's messages in its JSON mapping ------------------------------
+
+
+class Session(_Response):
+    """A session as it is now (proto Session); optional fields are left out when absent."""
+
+    session_id: str
+    algorithm: Algorithm
+    dtype: StateDtype
+    step: int
+    tensors: list[TensorSpec]
+    groups: list[Group] = Field(description="Every key of each group")
+    lr: list[float] = Field(description="The lr the next step uses, per group")
+    schedule: Schedule | None = Field(default=None, description="absent: none")
+    max_grad_norm: float | None = Field(default=None, description="absent: no clipping")
+    clip_per_tensor: bool
+    skip_nonfinite: bool
+    state_bytes: int
+    checkpointed_step: int | None = Field(default=None, description="Step of the last durable "
+                                          "checkpoint; absent when there is none")
+    backend: Backend
+    workers: Workers
+    labels: dict[str, str]
+
+
+class RoundStatus(_Response):
+    round_id: int = Field(description="The round the push joined, for its commit")
+    contributors: int = Field(description="sync: gradients averaged")
+    missing_workers: list[str] = Field(description="sync: workers absent from this step")
+    staleness: int = Field(description="async: steps behind base_step was")
+
+
+class ExchangeSums(_Response):
+    grad_sumsq: list[float] = Field(description="A staged step's per-tensor sums of squares")
+    param_sumsq: list[float] = Field(description="LAMB, first commit")
+    update_sumsq: list[float] = Field(description="LAMB, first commit")
 
 
 class StepResponse(_Response):
+    """The proto's StepStatus, and the parameters (``params``: OIP tensors)."""
+
     step: int = Field(description="The session's step count after this request")
     skipped: bool = Field(description="True when a gradient held NaN or Inf; nothing changed")
-    grad_norm: float | None
+    grad_norm: float | None = Field(default=None, description="absent: not computed")
     nonfinite: list[str] = Field(description="Tensors whose gradient held NaN or Inf")
+    duplicate: bool = Field(description="The (worker_id, sequence) was applied before: "
+                            "nothing changed; the parameters are the current ones")
+    pending: bool = Field(description="In a round not applied yet, or staged for its commit: "
+                          "no parameters")
+    round: RoundStatus | None = Field(default=None, description="Sessions of several workers")
+    exchange: ExchangeSums | None = Field(default=None, description="Exchange sessions")
     params: list[TensorOut] = Field(default_factory=list)
-    duplicate: bool = Field(
-        default=False, description="The (worker_id, sequence) was applied before: nothing "
-        "changed; the parameters are the current ones")
-    staleness: int = Field(default=0, description="async: steps behind base_step was")
-    pending: bool = Field(default=False, description="In a round not applied yet, or staged "
-                          "for its commit: no parameters")
-    contributors: int = Field(default=0, description="sync: gradients averaged")
-    missing_workers: list[str] = Field(default_factory=list,
-                                       description="sync: workers absent from this step")
-    grad_sumsq: list[float] = Field(default_factory=list,
-                                    description="A staged step's per-tensor sums of squares")
-    param_sumsq: list[float] = Field(default_factory=list, description="LAMB, first commit")
-    update_sumsq: list[float] = Field(default_factory=list, description="LAMB, first commit")
-    round: int = Field(default=0, description="The round the push joined (sync), for its "
-                       "commit")
 
 
 class PullResponse(_Response):
     params: list[TensorOut]
 
 
-class SessionOut(_Response):
-    id: str
-    algorithm: str
-    dtype: str
-    step: int
-    tensors: list[TensorSpecOut]
-    groups: list[dict[str, Any]]
-    lr: list[float] = Field(description="The lr the next step uses, per group")
-    schedule: dict[str, Any] | None
-    max_grad_norm: float | None
-    clip_per_tensor: bool
-    skip_nonfinite: bool
-    state_bytes: int
-    checkpointed_step: int
-    backend: str
-    workers: WorkersOut
-    labels: dict[str, str]
+class ListSessionsResponse(_Response):
+    sessions: list[Session] = Field(description="One page, ordered by id")
+    next_page_token: str = Field(description="Token of the next page; empty on the last")
 
 
-class SessionList(_Response):
-    sessions: list[SessionOut]
-
-
-class CheckpointOut(_Response):
+class CheckpointInfo(_Response):
     session_id: str
     step: int
     path: str
-    bytes: int
+    size_bytes: int
+
+
+class ListCheckpointsResponse(_Response):
+    steps: list[int] = Field(description="Steps of the complete checkpoints, oldest first")
 
 
 class ErrorBody(BaseModel):
     error: str = Field(description="What was wrong and what was expected")
     code: str = Field(description="invalid_argument, not_found, already_exists, "
                       "failed_precondition, resource_exhausted, unauthenticated, internal, ...")
+    reason: str = Field(description="Stable and machine-readable, as the gRPC ErrorInfo's: "
+                        "SESSION_NOT_FOUND, STALE_PUSH, ROUND_ABORTED, ... (see the proto)")
+    metadata: dict[str, str] = Field(description='Context, e.g. {"session_id": "s", '
+                                     '"step": "3"}')
 
 
 class Health(BaseModel):

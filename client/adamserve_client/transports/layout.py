@@ -1,0 +1,186 @@
+"""How a sharded session's tensors lie across its shards: the plan, and cutting whole
+tensors into the shards' pieces and joining them back.
+
+The model's tensors, in order, form one flat key space that is cut into N
+contiguous ranges of about equal size. A tensor that crosses a cut stays whole on
+one shard when it is small; one of ``split_elements`` or more is split (as ps-lite
+and BytePS split large keys). A piece of a split tensor is a 1-D tensor named
+``<name>#<start>:<end>:<shape>``, so the plan can be rebuilt from the shards'
+sessions alone (:func:`plan_from_sessions`); :attr:`ShardPlan.digest` names the
+whole layout, and every shard session carries it in its labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from adamserve_client import tensors
+from adamserve_client.transports.base import SessionInfo, TensorSpec, WireTensor
+
+__all__ = ["DEFAULT_SPLIT_ELEMENTS", "Piece", "ShardPlan", "join", "plan_from_sessions",
+           "plan_shards", "split"]
+
+DEFAULT_SPLIT_ELEMENTS = 1 << 20
+_PIECE = re.compile(r"^(?P<name>.+)#(?P<start>\d+):(?P<end>\d+):(?P<shape>[\d,]*)$")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, end)`` of model tensor ``parent`` (an index), held by a shard."""
+
+    parent: int
+    start: int
+    end: int
+    spec: TensorSpec  # as the shard's session declares it
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which pieces of the model's tensors each shard holds, in flat order."""
+
+    tensors: tuple[TensorSpec, ...]
+    shards: tuple[tuple[Piece, ...], ...]
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(b"|")
+            for p in shard:
+                h.update(f"{p.spec.name}:{list(p.spec.shape)}:{p.spec.group};".encode())
+        return h.hexdigest()[:16]
+
+    def numel(self, parent: int) -> int:
+        return math.prod(self.tensors[parent].shape)
+
+
+def _piece(parent: int, spec: TensorSpec, start: int, end: int) -> Piece:
+    numel = math.prod(spec.shape)
+    if start == 0 and end == numel:
+        return Piece(parent, start, end, spec)
+    shape = ",".join(str(d) for d in spec.shape)
+    return Piece(parent, start, end,
+                 TensorSpec(f"{spec.name}#{start}:{end}:{shape}", (end - start,), spec.group))
+
+
+def plan_shards(specs: Sequence[TensorSpec], shards: int,
+                split_elements: int = DEFAULT_SPLIT_ELEMENTS) -> ShardPlan:
+    """Cut the flat key space of ``specs`` into ``shards`` ranges of about equal size."""
+    if shards < 1:
+        raise ValueError(f"shards: expected at least 1, got {shards}")
+    for t in specs:
+        if _PIECE.match(t.name):
+            raise ValueError(f"tensor {t.name!r}: names of the form <name>#<start>:<end>:"
+                             "<shape> are reserved for the pieces of split tensors")
+    total = sum(math.prod(t.shape) for t in specs)
+    target = max(1, -(-total // shards))
+    out: list[list[Piece]] = [[] for _ in range(shards)]
+    s, fill = 0, 0
+    for j, t in enumerate(specs):
+        n = math.prod(t.shape)
+        start = 0
+        while True:
+            room = target - fill
+            rest = n - start
+            if s < shards - 1 and (room <= 0 or (
+                    n < split_elements and fill > 0 and rest - room > room)):
+                s, fill = s + 1, 0  # full, or a whole tensor overflows more than it fits
+                continue
+            if s == shards - 1 or rest <= room or n < split_elements:
+                out[s].append(_piece(j, t, start, n))
+                fill += rest
+                break
+            out[s].append(_piece(j, t, start, start + room))
+            start += room
+            s, fill = s + 1, 0
+    empty = [i for i, shard in enumerate(out) if not shard]
+    if empty:
+        raise ValueError(
+            f"the model's {len(specs)} tensors ({total} elements) leave shard(s) "
+            f"{', '.join(map(str, empty))} of {shards} empty: use fewer shards or a smaller "
+            "split_elements")
+    return ShardPlan(tuple(specs), tuple(tuple(shard) for shard in out))
+
+
+def plan_from_sessions(infos: Sequence[SessionInfo]) -> ShardPlan:
+    """The plan of an existing sharded session, from its shards' descriptions."""
+    parents: list[TensorSpec] = []
+    index: dict[str, int] = {}
+    covered: list[int] = []
+    shards: list[tuple[Piece, ...]] = []
+    for info in infos:
+        pieces = []
+        for t in info.tensors:
+            m = _PIECE.match(t.name)
+            if m is None:
+                name, shape, start, end = t.name, t.shape, 0, math.prod(t.shape)
+            else:
+                name = m["name"]
+                shape = tuple(int(d) for d in m["shape"].split(",") if d)
+                start, end = int(m["start"]), int(m["end"])
+            if name not in index:
+                index[name] = len(parents)
+                parents.append(TensorSpec(name, shape, t.group))
+                covered.append(0)
+            j = index[name]
+            if start != covered[j]:
+                raise ValueError(f"session {info.session_id!r}: tensor {name!r} is not split "
+                                 "into consecutive pieces across the shards given (are the "
+                                 "servers listed in their shard order?)")
+            covered[j] = end
+            pieces.append(Piece(j, start, end, t))
+        shards.append(tuple(pieces))
+    for j, t in enumerate(parents):
+        if covered[j] != math.prod(t.shape):
+            raise ValueError(f"tensor {t.name!r}: the shards hold elements [0, {covered[j]}) of "
+                             f"{math.prod(t.shape)}; a shard is missing")
+    return ShardPlan(tuple(parents), tuple(shards))
+
+
+def split(plan: ShardPlan, values: Sequence[WireTensor]) -> list[list[WireTensor]]:
+    """Per shard, the pieces of ``values`` (whole model tensors) it holds."""
+    by_name = {w.name: w for w in values}
+    unknown = sorted(set(by_name) - {t.name for t in plan.tensors})
+    if unknown:
+        raise ValueError(f"tensors not in the sharded session: {', '.join(unknown)}")
+    out: list[list[WireTensor]] = []
+    for shard in plan.shards:
+        pieces = []
+        for p in shard:
+            w = by_name.get(plan.tensors[p.parent].name)
+            if w is None:
+                continue
+            size = tensors.itemsize(w.datatype)
+            view = memoryview(w.data).cast("B")[p.start * size:p.end * size]
+            pieces.append(WireTensor(p.spec.name, p.spec.shape, w.datatype, view))
+        out.append(pieces)
+    return out
+
+
+def join(plan: ShardPlan, parts: Sequence[Sequence[WireTensor]]) -> list[WireTensor]:
+    """Whole model tensors from the pieces the shards returned, in model order."""
+    owner: dict[str, Piece] = {p.spec.name: p for shard in plan.shards for p in shard}
+    pieces: dict[int, list[tuple[Piece, WireTensor]]] = {}
+    for part in parts:
+        for w in part:
+            p = owner[w.name]
+            pieces.setdefault(p.parent, []).append((p, w))
+    out = []
+    for j in sorted(pieces):
+        spec = plan.tensors[j]
+        got = pieces[j]
+        if len(got) == 1 and got[0][0].start == 0 and got[0][0].end == plan.numel(j):
+            w = got[0][1]
+            out.append(WireTensor(spec.name, spec.shape, w.datatype, w.data))
+            continue
+        datatype = got[0][1].datatype
+        size = tensors.itemsize(datatype)
+        buf = bytearray(plan.numel(j) * size)
+        for p, w in got:
+            buf[p.start * size:p.end * size] = memoryview(w.data).cast("B")
+        out.append(WireTensor(spec.name, spec.shape, datatype, buf))
+    return out

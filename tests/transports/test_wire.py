@@ -1,0 +1,137 @@
+"""adamserve_proto.wire writes what protobuf writes; adamserve_proto.rpc is the service's
+descriptor, row for row."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from adamserve_proto import rpc, wire
+from adamserve_proto.v2 import optimizer_pb2 as pb
+from adamserve_proto.v2 import optimizer_pb2_grpc as pb_grpc
+
+CHUNK_FIELDS = [wire.CREATE_INITIAL, wire.ADD_TENSORS_INITIAL, wire.SET_PARAMETERS_VALUE,
+                wire.STEP_CHUNK, wire.PUSH_CHUNK, wire.STEP_PARAM, wire.COMMIT_PARAM,
+                wire.PULL_CHUNK]
+
+
+def _wrapper(f: FieldDescriptor) -> type[Message]:
+    return getattr(pb, f.containing_type.name)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 300, 2**31, 2**63 - 1, -1, -(2**63)])
+def test_varint_is_protobufs(n: int) -> None:
+    # TensorChunk.offset (int64, field 4) serialises as exactly its tag and the varint
+    assert wire.key(4, 0) + wire.varint(n) == pb.TensorChunk(offset=n).SerializeToString()
+    assert wire.varint(0) == b"\0"
+
+
+def test_every_single_tensor_chunk_field_of_v2_is_named() -> None:
+    # StepUnary's repeated gradients/params are protobuf's to write; every other field
+    # holding one TensorChunk is one wire.py wraps chunks in
+    found = {f.full_name for m in pb.DESCRIPTOR.message_types_by_name.values()
+             for f in m.fields
+             if f.message_type is pb.TensorChunk.DESCRIPTOR and not f.is_repeated}
+    assert found == {f.full_name for f in CHUNK_FIELDS}
+
+
+@pytest.mark.parametrize("wrap", [None, *CHUNK_FIELDS],
+                         ids=lambda f: getattr(f, "full_name", "bare"))
+def test_chunks_equal_protobuf(wrap: FieldDescriptor | None) -> None:
+    data = np.arange(10, dtype=np.float32).tobytes()
+    name = "layer.ü"
+    max_bytes = 70  # about 54 bytes of framing (see chunk_messages)
+    got = list(wire.chunk_messages(name, (2, 5), "FP32", data, itemsize=4, wrap=wrap,
+                                   max_bytes=max_bytes))
+    assert len(got) > 1
+    start = 0
+    for raw in got:
+        assert len(raw) <= max_bytes
+        chunk = pb.TensorChunk.FromString(raw) if wrap is None else getattr(
+            _wrapper(wrap).FromString(raw), wrap.name)
+        assert chunk.offset == start
+        n = len(chunk.data) // 4
+        want = pb.TensorChunk(name=name, shape=[2, 5], datatype="FP32", offset=start,
+                              data=data[4 * start:4 * (start + n)])
+        whole = want if wrap is None else _wrapper(wrap)(**{wrap.name: want})
+        assert raw == whole.SerializeToString()
+        start += n
+    assert start == 10
+
+
+def test_offset_and_defaults_left_out_as_protobuf_does() -> None:
+    # a later piece of a tensor (offset), a scalar (no shape), an empty tensor
+    data = np.arange(3, dtype=np.float64).tobytes()
+    (raw,) = wire.chunk_messages("t", (8,), "FP64", data, itemsize=8, offset=5,
+                                 wrap=wire.STEP_PARAM)
+    want = pb.StepResponse(param=pb.TensorChunk(name="t", shape=[8], datatype="FP64", offset=5,
+                                                data=data))
+    assert raw == want.SerializeToString()
+    (scalar,) = wire.chunk_messages("s", (), "", b"\0\0\x80?", itemsize=4)
+    assert scalar == pb.TensorChunk(name="s", data=b"\0\0\x80?").SerializeToString()
+    (empty,) = wire.chunk_messages("e", (0,), "BF16", b"", itemsize=2, wrap=wire.STEP_PARAM)
+    assert empty == pb.StepResponse(param=pb.TensorChunk(name="e", shape=[0], datatype="BF16")
+                                    ).SerializeToString()
+
+
+def test_large_chunks_fit_four_mib() -> None:
+    numel = 3_000_005
+    data = np.zeros(numel, np.float32)
+    msgs = list(wire.chunk_messages("big", (numel,), "FP32", data, itemsize=4,
+                                    wrap=wire.STEP_CHUNK))
+    assert len(msgs) == math.ceil(numel * 4 / wire.MAX_MESSAGE_BYTES)  # nearly full
+    assert max(len(m) for m in msgs) <= wire.MAX_MESSAGE_BYTES
+    assert sum(len(pb.StepRequest.FromString(m).chunk.data) for m in msgs) == numel * 4
+
+
+def test_chunks_that_do_not_fit_are_refused() -> None:
+    with pytest.raises(ValueError, match="whole number of 4-byte"):
+        list(wire.chunk_messages("x", (4,), "FP32", b"12", itemsize=4))
+    with pytest.raises(ValueError, match=r"do not fit shape \[4\]"):
+        list(wire.chunk_messages("x", (4,), "FP32", bytes(20), itemsize=4))
+    with pytest.raises(ValueError, match="do not fit"):
+        list(wire.chunk_messages("x", (4,), "FP32", bytes(8), itemsize=4, offset=3))
+    with pytest.raises(TypeError, match="not a TensorChunk"):
+        list(wire.chunk_messages("x", (1,), "FP32", bytes(4), itemsize=4,
+                                 wrap=wire.EXPORT_DATA))
+    with pytest.raises(ValueError, match="no room"):
+        list(wire.chunk_messages("x", (1,), "FP32", bytes(4), itemsize=4, max_bytes=20))
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000])
+def test_blob_messages_equal_protobuf(size: int) -> None:
+    blob = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    msgs = list(wire.blob_messages(blob, max_bytes=2048))
+    assert msgs and max(len(m) for m in msgs) <= 2048
+    assert b"".join(pb.ExportStateResponse.FromString(m).data for m in msgs) == blob
+    for m in msgs:
+        piece = pb.ExportStateResponse.FromString(m).data
+        assert m == pb.ExportStateResponse(data=piece).SerializeToString()
+    imports = list(wire.blob_messages(blob, wire.IMPORT_DATA, max_bytes=2048))
+    assert b"".join(pb.ImportStateRequest.FromString(m).data for m in imports) == blob
+    assert [bytes(p) for p in wire.blob_pieces(blob, 2048)] == [
+        pb.ExportStateResponse.FromString(m).data for m in msgs]
+
+
+def test_rpc_table_is_the_service_descriptor() -> None:
+    service = pb.DESCRIPTOR.services_by_name["OptimizerService"]
+    assert rpc.SERVICE_NAME == "adamserve_proto.v2.OptimizerService"
+    assert list(rpc.RPCS) == [m.name for m in service.methods]
+    for m in service.methods:
+        row = rpc.RPCS[m.name]
+        assert row.request_type is getattr(pb, m.input_type.name)
+        assert row.response_type is getattr(pb, m.output_type.name)
+        assert (row.request_streaming, row.response_streaming) == (m.client_streaming,
+                                                                    m.server_streaming)
+        assert row.path == f"/adamserve_proto.v2.OptimizerService/{m.name}"
+    kinds = {name: r.kind for name, r in rpc.RPCS.items()}
+    assert kinds["Step"] == "stream_stream" and kinds["CreateSession"] == "stream_unary"
+    assert kinds["Pull"] == "unary_stream" and kinds["GetSession"] == "unary_unary"
+    assert kinds["Commit"] == "unary_stream" and kinds["StepUnary"] == "unary_unary"
+    # the generated stub agrees with the table, method by method
+    assert set(rpc.RPCS) == {n for n in dir(pb_grpc.OptimizerServiceServicer)
+                             if not n.startswith("_")}
