@@ -12,8 +12,10 @@ attribute reads per parameter and nothing more.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +69,10 @@ def stamp(value: Any) -> tuple[int, int]:
     try:
         return (int(value._version), int(value.data_ptr()))
     except RuntimeError:  # an inference tensor has no version counter: always send it
-        return (-1, id(object()))
+        return (-1, next(_UNIQUE))
+
+
+_UNIQUE = itertools.count()  # stamps that never match, not even each other
 
 
 class LocalParams:
@@ -205,11 +210,22 @@ class LocalParams:
                 value.copy_(staged, non_blocking=True)
         p.synced = stamp(value)  # after our own in-place write
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around our own writes of server values: a write bumps the version counter,
+        which views of one storage share, so every parameter in sync before is in sync
+        after (a parameter changed locally stays marked)."""
+        in_sync = [p for p in self.all if p.synced is not None and p.synced == stamp(p.value)]
+        yield
+        for p in in_sync:
+            p.synced = stamp(p.value)
+
     def write_all(self, sent: Iterable[WireTensor]) -> None:
         """Write every tensor of a pull into the parameter of its name."""
         by_name = self.by_name()
-        for t in sent:
-            self.write(by_name[t.name], t)
+        with self.writing():
+            for t in sent:
+                self.write(by_name[t.name], t)
         self.synchronize()
 
     def values(self, params: Sequence[Param], datatype: str) -> list[WireTensor]:

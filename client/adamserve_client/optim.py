@@ -259,10 +259,11 @@ class RemoteOptimizer(_Base):
         self._send_changed()
         result = session.step(wire)
         self._invalidate_state()
-        for t in result.params:
-            target = sent.get(t.name)
-            if target is not None:
-                self._params.write(target, t)
+        with self._params.writing():
+            for t in result.params:
+                target = sent.get(t.name)
+                if target is not None:
+                    self._params.write(target, t)
         self._params.synchronize()
         self.last_step = dataclasses.replace(result, params=())
         if result.duplicate:

@@ -97,6 +97,32 @@ def test_only_changed_tensors_travel_and_unchanged_steps_send_nothing(
         transport.close()
 
 
+def test_views_of_one_storage_are_not_resent(live: Live, sid: str) -> None:
+    """Views of one flat buffer share a version counter: writing the step's results
+    into one view must not make the others look changed."""
+    transport = Recording(live.urls["grpc"])
+    flat = torch.zeros(12)
+    views = [flat[:8].view(2, 4).requires_grad_(), flat[8:].requires_grad_()]
+    opt = ac.Adam(views, lr=1e-2, server=transport, session=sid)
+    try:
+        for step in range(3):
+            for v in views:
+                v.grad = torch.full(v.shape, 0.1 * (step + 1))
+            opt.step()
+        assert transport.sent == []
+        with torch.no_grad():
+            views[1].fill_(2.0)  # bumps the counter both views share: both are sent
+        for v in views:
+            v.grad = torch.ones(v.shape)
+        opt.step()
+        assert transport.sent == [["param.0", "param.1"]]
+        opt.step()
+        assert len(transport.sent) == 1
+    finally:
+        opt.close(delete=True)
+        transport.close()
+
+
 def test_a_parameter_given_new_storage(url: str, sid: str) -> None:
     """``p.data = x`` bypasses the version counter but not the storage address."""
     m = linear()
