@@ -32,10 +32,9 @@ from adamserve_client.transports import (
     WireTensor,
     connect,
 )
-from adamserve_client.transports._codec import hyper_value
 from adamserve_client.transports.base import Hyperparameters, Sender, Workers
 from adamserve_client.transports.sharded import ShardedTransport
-from adamserve_proto.algorithms import ALGORITHMS, AlgorithmDef
+from adamserve_proto.algorithms import ALGORITHMS, AlgorithmDef, wire_value
 
 __all__ = ["DEFAULT_SERVER", "Server", "Session", "connect_server", "find_algorithm",
            "master_datatype"]
@@ -144,7 +143,7 @@ class Session:
 
     def group_hyper(self, group: Mapping[str, Any]) -> Hyperparameters:
         """A group's hyperparameters that the server knows, as the wire takes them."""
-        return {k: hyper_value(k, group[k]) for k in sorted(self.algo.keys) if k in group}
+        return {k: wire_value(k, group[k]) for k in sorted(self.algo.keys) if k in group}
 
     # -- creating or attaching ---------------------------------------------------------
 

@@ -21,8 +21,8 @@ import numpy.typing as npt
 from adamserve_client import tensors
 from adamserve_client._params import LocalParams, Param
 from adamserve_client._torch import is_tensor, shape, torch
-from adamserve_client.transports._codec import SCALAR_SLOTS
 from adamserve_client.transports.base import Hyperparameters, StateDict
+from adamserve_proto.state_blob import SCALAR_SLOTS
 
 __all__ = ["import_rows", "match", "merged_groups", "packed_groups", "server_state",
            "with_params"]

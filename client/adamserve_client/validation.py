@@ -23,33 +23,23 @@ same verdict, since a parameter's device and dtype do not change).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
-else:
-    try:
-        import torch
-    except ImportError:  # NumPy mode only: nothing can be a Tensor
-        torch = None
+from adamserve_client._torch import is_tensor, torch
+from adamserve_proto.algorithms import ALGORITHMS, SWITCHES
 
 __all__ = ["check_constructor", "check_step"]
 
-# the client's key -> torch.optim's class name (for TypeError messages)
-_CLASS = {"adam": "Adam", "amsgrad": "Adam", "adamw": "AdamW", "nadam": "NAdam",
-          "radam": "RAdam", "adamax": "Adamax", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+# the client's key -> torch.optim's class name (for TypeError messages); LAMB has none
+_CLASS = {row.name: row.torch_class for row in ALGORITHMS.values() if row.torch_class}
 # implementation switches of torch.optim that a torch class does not take: passing one
 # (possible through the generic RemoteOptimizer) is torch's TypeError
-_NOT_ACCEPTED = {"nadam": ("fused",), "radam": ("fused",), "adamax": ("fused",),
-                 "rmsprop": ("fused",), "adagrad": ("capturable",)}
+_NOT_ACCEPTED = {name: tuple(k for k in SWITCHES if k not in ALGORITHMS[name].switches)
+                 for name in _CLASS}
 
 _LEAF_IN_PLACE = "a leaf Variable that requires grad is being used in an in-place operation."
 _FOREACH_AUTOGRAD = "_foreach ops don't support autograd"
 _TENSOR_LR_FOREACH = "lr as a Tensor is not supported for capturable=False and foreach=True"
-
-
-def _is_tensor(x: Any) -> bool:
-    return torch is not None and isinstance(x, torch.Tensor)
 
 
 # -- construction ------------------------------------------------------------------------
@@ -86,7 +76,7 @@ def _nonnegative(x: Any) -> bool:
 
 
 def _tensor_lr(lr: Any) -> None:
-    if _is_tensor(lr) and lr.numel() != 1:
+    if is_tensor(lr) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
 
 
@@ -118,7 +108,7 @@ def _adam(hyper: Mapping[str, Any]) -> None:
     """torch/optim/adam.py, Adam.__init__ (AdamW calls it)."""
     lr, betas = hyper["lr"], hyper["betas"]
     foreach, capturable = hyper.get("foreach"), hyper.get("capturable", False)
-    if _is_tensor(lr):
+    if is_tensor(lr):
         if foreach and not capturable:
             raise ValueError(_TENSOR_LR_FOREACH)
         if lr.numel() != 1:
@@ -126,10 +116,10 @@ def _adam(hyper: Mapping[str, Any]) -> None:
     _lr_eps(lr, hyper["eps"])
     _betas_wd(betas, hyper["weight_decay"])
     if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
-            or (_is_tensor(betas[0]) and _is_tensor(betas[1]))):
+            or (is_tensor(betas[0]) and is_tensor(betas[1]))):
         raise ValueError("betas must be either both floats or both Tensors")
     for i in (0, 1):
-        if _is_tensor(betas[i]):
+        if is_tensor(betas[i]):
             if not capturable and foreach:
                 raise ValueError(f"betas[{i}] as a Tensor is not supported for "
                                  "capturable=False and foreach=True")
@@ -200,16 +190,16 @@ def _fused_devices() -> list[str]:
 
 def _device(p: Any) -> str:
     """The device type a parameter is on (NumPy arrays: the CPU)."""
-    return str(p.device.type) if _is_tensor(p) else "cpu"
+    return str(p.device.type) if is_tensor(p) else "cpu"
 
 
 def _has_grad(p: Any) -> bool:
     """Whether torch's step takes ``p`` (NumPy arrays get their gradients in step())."""
-    return not _is_tensor(p) or p.grad is not None
+    return not is_tensor(p) or p.grad is not None
 
 
 def _leaf_requiring_grad(p: Any) -> bool:
-    return _is_tensor(p) and bool(p.requires_grad) and bool(p.is_leaf)
+    return is_tensor(p) and bool(p.requires_grad) and bool(p.is_leaf)
 
 
 def _default_foreach(params: Sequence[Any], differentiable: bool) -> bool:
@@ -224,7 +214,7 @@ def _default_foreach(params: Sequence[Any], differentiable: bool) -> bool:
 def _check_fused_device(p: Any) -> None:
     """torch.optim.optimizer._device_dtype_check_for_fused."""
     supported = _fused_devices()
-    floating = bool(p.is_floating_point()) if _is_tensor(p) else True
+    floating = bool(p.is_floating_point()) if is_tensor(p) else True
     if not (_device(p) in supported and floating):
         dtype = p.dtype
         raise RuntimeError("`fused=True` requires all the params to be floating point Tensors "
@@ -264,11 +254,11 @@ def _step_adam(algorithm: str, group: Mapping[str, Any], params: Sequence[Any]) 
     for p in params:
         if fused:
             _check_fused_device(p)
-        if foreach and _is_tensor(lr) and not capturable:
+        if foreach and is_tensor(lr) and not capturable:
             raise RuntimeError(_TENSOR_LR_FOREACH)
     if fused is None and foreach is None:
         foreach = _default_foreach(params, differentiable)
-        if foreach and _is_tensor(lr) and not capturable:
+        if foreach and is_tensor(lr) and not capturable:
             foreach = False
     if fused:
         if params and differentiable:
@@ -276,13 +266,13 @@ def _step_adam(algorithm: str, group: Mapping[str, Any], params: Sequence[Any]) 
     elif foreach:
         if not params:
             return
-        if _is_tensor(lr):
+        if is_tensor(lr):
             if not capturable:
                 raise RuntimeError(_TENSOR_LR_FOREACH)
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
         for i, beta in enumerate(group["betas"], start=1):
-            if _is_tensor(beta):
+            if is_tensor(beta):
                 if not capturable:
                     raise ValueError(f"beta{i} as a Tensor is not supported for "
                                      "capturable=False and foreach=True")
@@ -328,7 +318,7 @@ def _needs_check(group: Mapping[str, Any]) -> bool:
         return True
     # foreach (also the default, on CUDA) refuses Tensor lr and betas without capturable
     return group.get("foreach", None) is not False and (
-        _is_tensor(group.get("lr")) or any(_is_tensor(b) for b in group.get("betas", ())))
+        is_tensor(group.get("lr")) or any(is_tensor(b) for b in group.get("betas", ())))
 
 
 def check_step(algorithm: str, groups: Sequence[Mapping[str, Any]], params: Sequence[Any]) -> None:

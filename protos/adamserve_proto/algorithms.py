@@ -7,12 +7,18 @@ defaults exactly as its constructors write them (``weight_decay=0`` where torch
 writes ``0``), in the order the server lists them; LAMB, which torch lacks, takes
 optax.lamb's (the paper's). ``extras``: what the server accepts beyond torch's class
 (Adam's ``bias_correction``), with the server's default; torch's param groups do not
-carry them.
+carry them. ``torch_class``: torch.optim's class of that algorithm, and ``switches``:
+which of torch's implementation switches (:data:`SWITCHES`) that class takes.
+
+Also how a hyperparameter and a group travel: :func:`wire_value` (true/false, a
+float, betas a pair) and :func:`split_betas` / :func:`join_betas` (torch's ``betas``
+pair <-> the wire's ``beta1`` and ``beta2``).
 
 Plain Python, importable by both sides, so that each default is written once: the
 server's engine (``adamserve.engine.algorithms``) derives its specs from it, and the
-client (``adamserve_client.optim``) its generic defaults and the default arguments
-of its torch-signature classes.
+client (``adamserve_client.optim``) its generic defaults, the default arguments of
+its torch-signature classes and the switches each refuses
+(``adamserve_client.validation``).
 """
 
 from __future__ import annotations
@@ -22,19 +28,66 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["ALGORITHMS", "SWITCHES", "AlgorithmDef", "WireValue", "wire_value"]
+__all__ = ["ALGORITHMS", "SWITCHES", "AlgorithmDef", "WireValue", "join_betas", "split_betas",
+           "wire_value"]
 
 # A hyperparameter as the wire carries it: true/false, a number, or betas as a pair.
 WireValue = bool | float | tuple[float, ...]
 
 
-def wire_value(value: Any) -> WireValue:
-    """A default as the wire carries it: bools stay, numbers become floats, pairs of floats."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, tuple):
-        return tuple(float(v) for v in value)
-    return float(value)
+def wire_value(key: str, value: Any) -> WireValue:
+    """A hyperparameter as the wire carries it: true/false (Python's or NumPy's bool), a
+    number (an int, a float, a one-element tensor) as a float, betas (a pair, list or
+    tuple) as a tuple of floats; ValueError naming ``key`` for anything else."""
+    try:
+        if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":
+            return bool(value)
+        if isinstance(value, list | tuple):
+            return tuple(float(v) for v in value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"hyperparameter {key!r}: expected a number, true/false or a pair of "
+                         f"numbers, got {value!r}") from None
+
+
+def split_betas(group: Mapping[str, Any]) -> dict[str, bool | float]:
+    """A group under torch's names (``betas`` a pair) under the wire's: ``beta1`` and
+    ``beta2`` where ``betas`` stood, numbers as floats, true/false kept; ValueError for
+    another pair."""
+    out: dict[str, bool | float] = {}
+    for key, value in group.items():
+        if isinstance(value, tuple | list):
+            if key != "betas" or len(value) != 2:
+                raise ValueError(f"hyperparameter {key!r}: only betas may be a pair, "
+                                 f"got {value!r}")
+            out["beta1"], out["beta2"] = float(value[0]), float(value[1])
+        elif isinstance(value, bool):
+            out[key] = value
+        else:
+            out[key] = float(value)
+    return out
+
+
+def join_betas(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The wire's names back under torch's: ``beta1`` and ``beta2`` as the pair ``betas``
+    (where ``beta1`` stood; one without the other is kept as it is), the rest unchanged."""
+    both = "beta1" in group and "beta2" in group
+    out: dict[str, Any] = {}
+    for key, value in group.items():
+        if both and key == "beta1":
+            out["betas"] = (float(value), float(group["beta2"]))
+        elif not (both and key == "beta2"):
+            out[key] = value
+    return out
+
+
+# torch.optim's implementation switches, with torch's defaults: they pick an
+# implementation, not the maths, so they stay in the client's param groups (its
+# state_dicts look like torch's) and never travel.
+SWITCHES: Mapping[str, Any] = MappingProxyType({
+    "foreach": None, "fused": None, "capturable": False, "differentiable": False,
+})
+_ALL_SWITCHES = frozenset(SWITCHES)
 
 
 @dataclass(frozen=True)
@@ -46,6 +99,8 @@ class AlgorithmDef:
     defaults: Mapping[str, Any]
     extras: Mapping[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    torch_class: str | None = None  # torch.optim's class of that name (LAMB: none)
+    switches: frozenset[str] = _ALL_SWITCHES  # the switches (SWITCHES) that class takes
 
     def __post_init__(self) -> None:
         for name in ("defaults", "extras", "options"):  # read-only: both sides share them
@@ -59,45 +114,42 @@ class AlgorithmDef:
     def wire_defaults(self, extras: bool = True) -> dict[str, WireValue]:
         """The defaults (with the extras, unless told not to) as the wire carries them."""
         given = {**self.defaults, **self.extras} if extras else self.defaults
-        return {k: wire_value(v) for k, v in given.items()}
+        return {k: wire_value(k, v) for k, v in given.items()}
 
     def alias(self, name: str, **options: Any) -> AlgorithmDef:
         """Another name for this algorithm with ``options`` set."""
         return AlgorithmDef(name, self.runs, {**self.defaults, **options}, self.extras,
-                            options)
+                            options, self.torch_class, self.switches)
 
-
-# torch.optim's implementation switches, with torch's defaults: they pick an
-# implementation, not the maths, so they stay in the client's param groups (its
-# state_dicts look like torch's) and never travel.
-SWITCHES: Mapping[str, Any] = MappingProxyType({
-    "foreach": None, "fused": None, "capturable": False, "differentiable": False,
-})
 
 _ADAM_FAMILY: dict[str, Any] = {
     "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "maximize": False,
 }
 _BIAS_CORRECTION = {"bias_correction": True}
 
+_NO_FUSED = _ALL_SWITCHES - {"fused"}
+
 ADAM = AlgorithmDef("adam", "adam", {
     **_ADAM_FAMILY, "amsgrad": False, "decoupled_weight_decay": False,
-}, extras=_BIAS_CORRECTION)
+}, extras=_BIAS_CORRECTION, torch_class="Adam")
 ADAMW = AlgorithmDef("adamw", "adamw", {
     **_ADAM_FAMILY, "weight_decay": 1e-2, "amsgrad": False, "decoupled_weight_decay": True,
-}, extras=_BIAS_CORRECTION)
+}, extras=_BIAS_CORRECTION, torch_class="AdamW")
 NADAM = AlgorithmDef("nadam", "nadam", {
     **_ADAM_FAMILY, "lr": 2e-3, "momentum_decay": 4e-3, "decoupled_weight_decay": False,
-})
-RADAM = AlgorithmDef("radam", "radam", {**_ADAM_FAMILY, "decoupled_weight_decay": False})
-ADAMAX = AlgorithmDef("adamax", "adamax", {**_ADAM_FAMILY, "lr": 2e-3})
+}, torch_class="NAdam", switches=_NO_FUSED)
+RADAM = AlgorithmDef("radam", "radam", {**_ADAM_FAMILY, "decoupled_weight_decay": False},
+                     torch_class="RAdam", switches=_NO_FUSED)
+ADAMAX = AlgorithmDef("adamax", "adamax", {**_ADAM_FAMILY, "lr": 2e-3}, torch_class="Adamax",
+                      switches=_NO_FUSED)
 ADAGRAD = AlgorithmDef("adagrad", "adagrad", {
     "lr": 1e-2, "lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0,
     "eps": 1e-10, "maximize": False,
-})
+}, torch_class="Adagrad", switches=_ALL_SWITCHES - {"capturable"})
 RMSPROP = AlgorithmDef("rmsprop", "rmsprop", {
     "lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0, "momentum": 0,
     "centered": False, "maximize": False,
-})
+}, torch_class="RMSprop", switches=_NO_FUSED)
 # optax.lamb: b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0 (lr has no default there)
 LAMB = AlgorithmDef("lamb", "lamb", {
     "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "maximize": False,

@@ -87,8 +87,9 @@ class Server:
             tmp.write_text(json.dumps({"grpc": self.grpc_port, "http": self.http_port,
                                        "pid": os.getpid()}))
             tmp.replace(s.ports_file)
-        if s.checkpoint_interval > 0:
-            threading.Thread(target=self._checkpoint_loop, daemon=True,
+        period = self.service.policy.period
+        if period is not None:
+            threading.Thread(target=self._checkpoint_loop, args=(period,), daemon=True,
                              name="checkpoints").start()
         threading.Thread(target=self._rounds_loop, daemon=True, name="rounds").start()
 
@@ -100,8 +101,8 @@ class Server:
             except Exception:
                 log.exception("ending rounds past their straggler timeout failed")
 
-    def _checkpoint_loop(self) -> None:
-        period = min(1.0, self.settings.checkpoint_interval / 4)
+    def _checkpoint_loop(self, period: float) -> None:
+        """The policy's timer: sessions due for a periodic checkpoint, every ``period`` s."""
         while not self._stop.wait(period):
             try:
                 self.service.checkpoint_due()

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 REASONS: dict[str, str] = {
     "INTERNAL": "an unexpected server error (the message is generic)",
     "INVALID_ARGUMENT": "the request is malformed or does not fit the session",
+    "UNARY_TOO_LARGE": "the session's parameters do not fit one StepUnary reply: use the "
+                       "Step stream",
     "SESSION_NOT_FOUND": "no such session (or it was deleted or replaced meanwhile)",
     "CHECKPOINT_NOT_FOUND": "the session has no complete checkpoint of that step",
     "SESSION_EXISTS": "a session with that id exists already",
@@ -23,6 +25,12 @@ REASONS: dict[str, str] = {
     "PUSH_AHEAD": "a push computed from a step the session has not reached",
     "ROUND_OPEN": "a change refused while a round of pushes is open",
     "STEP_STAGED": "a change refused while a staged step waits for its commit",
+    "NO_STAGED_STEP": "a commit for a step (or round) that is neither staged nor the last "
+                      "one committed",
+    "COMMIT_OUT_OF_ORDER": "LAMB's second commit (param_sumsq) before its first",
+    "NOT_STREAMABLE": "a step sent with apply_as_received to a session that cannot apply "
+                      "gradients as they arrive (several workers, a shard, LAMB or "
+                      "whole-gradient checks): send it without",
     "DUPLICATE_WORKER_PUSH": "a worker pushed twice for one step with other sequences",
     "LAYOUT_CHANGED": "the session's tensors changed while the request arrived",
     "CHECKPOINTS_DISABLED": "the server has no data directory",

@@ -21,7 +21,8 @@ from adamserve_client import tensors
 from adamserve_client.transports import Client, TensorSpec, Wire, WireTensor
 from adamserve_client.transports._codec import decode_state, encode_state
 from adamserve_client.transports.base import Blob, Payload, Reply
-from adamserve_client.transports.messages import group_message, join_betas, tensor_specs
+from adamserve_client.transports.messages import group_message, tensor_specs
+from adamserve_proto.convert import torch_group
 from adamserve_proto.rpc import RPCS
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
@@ -100,7 +101,7 @@ class MemoryWire(Wire):
         sid = request.session_id
         if method == "SetHyperparameters":
             self.sessions[sid]["groups"][request.group].update(
-                join_betas(dict(request.changes.values), dict(request.changes.flags)))
+                torch_group(request.changes, "changes"))
         elif method == "Checkpoint":
             return pb.CheckpointResponse(checkpoint=pb.CheckpointInfo(
                 session_id=sid, step=self.sessions[sid]["step"]))
@@ -142,7 +143,7 @@ class MemoryWire(Wire):
     def _create(self, spec: pb.SessionSpec, initial: Any) -> Reply:
         s = self.sessions[spec.session_id] = {
             "algorithm": spec.algorithm, "tensors": [], "params": {}, "m": {}, "steps": {},
-            "groups": [join_betas(dict(g.values), dict(g.flags)) for g in spec.groups],
+            "groups": [torch_group(g, "groups") for g in spec.groups],
             "step": 0}
         self._add(s, spec.tensors, initial)
         return Reply(pb.CreateSessionResponse(session=self._session(spec.session_id)))
@@ -150,8 +151,7 @@ class MemoryWire(Wire):
     def _grow(self, spec: pb.AddTensorsSpec, initial: Any) -> Reply:
         s = self.sessions[spec.session_id]
         if spec.HasField("new_group"):
-            s["groups"].append(join_betas(dict(spec.new_group.values),
-                                          dict(spec.new_group.flags)))
+            s["groups"].append(torch_group(spec.new_group, "new_group"))
         self._add(s, spec.tensors, initial)
         return Reply(pb.AddTensorsResponse(session=self._session(spec.session_id)))
 

@@ -39,6 +39,15 @@ def test_signature_is_torchs_then_the_options(name: str) -> None:
     assert [a[0] for a in ours[len(theirs):]] == list(OPTIONS)
 
 
+@pytest.mark.parametrize("name", [n for n in CLASSES if n != "LAMB"])
+def test_the_table_names_torchs_class_and_the_switches_it_takes(name: str) -> None:
+    row = ALGORITHMS[CLASSES[name]]
+    theirs = {a[0] for a in _arguments(getattr(torch.optim, name))}
+    ours = {a[0] for a in _arguments(getattr(ac, name))}
+    assert row.torch_class == name
+    assert row.switches == theirs & set(SWITCHES) == ours & set(SWITCHES)
+
+
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_every_default_is_the_tables(name: str) -> None:
     row = ALGORITHMS[CLASSES[name]]

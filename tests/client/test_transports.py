@@ -204,7 +204,7 @@ def test_the_same_operations_behave_identically_over_grpc_and_http(
         "bad shape": ("InvalidArgument", "invalid_argument", "INVALID_ARGUMENT"),
         "bad hyper": ("InvalidArgument", "invalid_argument", "INVALID_ARGUMENT"),
         "restore missing": ("NotFound", "not_found", "CHECKPOINT_NOT_FOUND"),
-        "commit": ("FailedPrecondition", "failed_precondition", "FAILED_PRECONDITION"),
+        "commit": ("FailedPrecondition", "failed_precondition", "NO_STAGED_STEP"),
         "describe deleted": ("NotFound", "not_found", "SESSION_NOT_FOUND"),
         "delete deleted": ("NotFound", "not_found", "SESSION_NOT_FOUND"),
     }

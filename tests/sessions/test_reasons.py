@@ -170,3 +170,28 @@ def test_requests_overtaken_while_they_arrived(tmp_path: Path) -> None:
                      lambda: (time.sleep(0.1), svc.restore_checkpoint("s", 0), resume.set()))
     assert isinstance(out[0], NotFound) and out[0].reason == "SESSION_NOT_FOUND"
     assert "was replaced during the request" in str(out[0])
+
+
+def test_commits_that_do_not_fit_the_staged_step(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("x", _workers(count=1, exchange=True))
+    err = _refusal(lambda: svc.commit("x", 1, [0.0, 0.0], 0.0), FailedPrecondition,
+                   "NO_STAGED_STEP", session_id="x", step="0")
+    assert "has no step waiting for a commit" in str(err)
+    staged = svc.step("x", _grads())
+    _refusal(lambda: svc.commit("x", 2, staged.grad_sumsq, 1.0), FailedPrecondition,
+             "NO_STAGED_STEP", session_id="x")
+    svc.create("lamb", replace(_workers(count=1, exchange=True), algorithm="lamb"))
+    staged = svc.step("lamb", _grads())
+    _refusal(lambda: svc.commit("lamb", 1, staged.grad_sumsq, sum(staged.grad_sumsq),
+                                param_sumsq=[1.0, 1.0], update_sumsq=[1.0, 1.0]),
+             FailedPrecondition, "COMMIT_OUT_OF_ORDER", session_id="lamb", step="1")
+
+
+def test_steps_that_cannot_be_applied_as_they_arrive(tmp_path: Path) -> None:
+    svc = _service(tmp_path)
+    svc.create("lamb", replace(BASE, algorithm="lamb", skip_nonfinite=False))
+    svc.create("workers", replace(_workers(count=2), skip_nonfinite=False))
+    for sid in ("lamb", "workers"):
+        _refusal(lambda sid=sid: list(svc.step_stream(sid, _grads())), FailedPrecondition,
+                 "NOT_STREAMABLE", session_id=sid)

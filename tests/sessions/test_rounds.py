@@ -90,6 +90,7 @@ def test_pushes_return_at_once_and_pull_waits_for_the_step(tmp_path: Path) -> No
     svc.create("s", _config(count=2))
     first = svc.step("s", _chunks(_arrays(0)), return_datatype=None, push_id=PushId("a", 1))
     assert first.pending and first.step == 0
+    assert first.round != 0  # the round the push joined, as the proto's RoundStatus says
     with pytest.raises(DeadlineExceeded, match="waiting for step 1"):
         svc.pull("s", min_step=1, timeout=0.05)
     waited = in_threads(lambda: svc.pull("s", min_step=1, timeout=10),
@@ -97,6 +98,7 @@ def test_pushes_return_at_once_and_pull_waits_for_the_step(tmp_path: Path) -> No
                              "s", _chunks(_arrays(1)), return_datatype=None,
                              push_id=PushId("b", 1)))[1])
     assert isinstance(waited[0], list) and not waited[1].pending and waited[1].step == 1
+    assert waited[1].round == first.round  # the same round, applied by the second push
     assert svc.describe("s").step == 1
 
 

@@ -8,6 +8,7 @@ fingerprint unchanged.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from prometheus_client import REGISTRY
 
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
+from adamserve.errors import REASONS
 from adamserve.service import OptimizerService
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
@@ -242,18 +244,41 @@ def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
 
 # The reasons each status code may carry (the table at the top of optimizer.proto).
 REASONS_BY_CODE: dict[grpc.StatusCode, set[str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: {"INVALID_ARGUMENT"},
+    grpc.StatusCode.INVALID_ARGUMENT: {"INVALID_ARGUMENT", "UNARY_TOO_LARGE"},
     grpc.StatusCode.NOT_FOUND: {"SESSION_NOT_FOUND", "CHECKPOINT_NOT_FOUND"},
     grpc.StatusCode.ALREADY_EXISTS: {"SESSION_EXISTS"},
     grpc.StatusCode.FAILED_PRECONDITION: {
-        "STALE_PUSH", "PUSH_AHEAD", "ROUND_OPEN", "STEP_STAGED", "DUPLICATE_WORKER_PUSH",
-        "LAYOUT_CHANGED", "CHECKPOINTS_DISABLED", "FAILED_PRECONDITION"},
+        "STALE_PUSH", "PUSH_AHEAD", "ROUND_OPEN", "STEP_STAGED", "NO_STAGED_STEP",
+        "COMMIT_OUT_OF_ORDER", "NOT_STREAMABLE", "DUPLICATE_WORKER_PUSH", "LAYOUT_CHANGED",
+        "CHECKPOINTS_DISABLED", "FAILED_PRECONDITION"},
     grpc.StatusCode.RESOURCE_EXHAUSTED: {"QUOTA_EXCEEDED", "DEVICE_OUT_OF_MEMORY"},
     grpc.StatusCode.ABORTED: {"ROUND_ABORTED"},
     grpc.StatusCode.DEADLINE_EXCEEDED: {"WAIT_TIMEOUT"},
     grpc.StatusCode.UNAUTHENTICATED: {"UNAUTHENTICATED"},
     grpc.StatusCode.INTERNAL: {"INTERNAL"},
 }
+
+
+def _proto_reasons() -> dict[str, set[str]]:
+    """The reasons of each status code in the table at the top of optimizer.proto."""
+    text = (Path(pb.__file__).with_name("optimizer.proto")).read_text()
+    block = text[text.index("//   INVALID_ARGUMENT"):text.index("// Clients branch")]
+    rows: dict[str, str] = {}
+    code = ""
+    for line in block.splitlines():
+        row = re.match(r"//   ([A-Z_]+)\s+(.*)", line)
+        if row:
+            code = row.group(1)
+            rows[code] = row.group(2)
+        else:
+            rows[code] += " " + line.removeprefix("//").strip()
+    return {code: set(re.findall(r"\b[A-Z][A-Z_]+\b", re.sub(r"\([^)]*\)", "", reasons)))
+            for code, reasons in rows.items()}
+
+
+def test_the_reason_table_is_the_protos_and_the_servers() -> None:
+    assert _proto_reasons() == {code.name: reasons for code, reasons in REASONS_BY_CODE.items()}
+    assert set().union(*REASONS_BY_CODE.values()) == set(REASONS)
 
 
 def error_info(err: grpc.RpcError) -> ErrorInfo:

@@ -13,7 +13,7 @@ import pytest
 from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
-from .test_grpc import Server, algorithm_value
+from .test_grpc import Server, algorithm_value, error_info
 
 SHAPES = {"big": (3, 500_000), "small": (7,)}  # "big" spans two 4 MiB chunks
 PER = 1 << 20  # elements per chunk
@@ -106,6 +106,7 @@ def test_duplex_refused_where_the_step_needs_the_whole_gradient(srv: Server, kin
         list(srv.stub.Step(iter(reqs)))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "cannot apply gradients as they arrive" in (err.value.details() or "")
+    assert error_info(err.value).reason == "NOT_STREAMABLE"
     assert srv.fp(kind) == before
 
 
@@ -133,6 +134,7 @@ def test_step_unary_equals_the_stream_and_refuses_large_sessions(srv: Server) ->
         srv.stub.StepUnary(pb.StepUnaryRequest(header=pb.StepHeader(session_id="big")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "use the Step stream" in (err.value.details() or "")
+    assert error_info(err.value).reason == "UNARY_TOO_LARGE"  # what the client falls back on
     assert srv.fp("big") == before
 
 

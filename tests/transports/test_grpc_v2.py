@@ -17,9 +17,9 @@ from adamserve.engine import schedules
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.service import OptimizerService
 from adamserve.sessions.store import SessionStore
-from adamserve.transports import convert
 from adamserve.transports.grpc import build_grpc_server
 from adamserve.transports.grpc.servicer import OptimizerServicer, method_handlers
+from adamserve_proto import convert as shared
 from adamserve_proto import rpc
 from adamserve_proto.v2 import optimizer_pb2 as pb
 from adamserve_proto.v2 import optimizer_pb2_grpc as pb_grpc
@@ -68,7 +68,8 @@ def test_a_stale_push_is_failed_precondition_stale_push(srv: Server) -> None:
     create(stub, "sync", W, workers=pb.Workers(count=2, mode=pb.WORKER_MODE_SYNC))
     first = _push(stub, "sync", "a", 0)
     assert first.pending and not first.HasField("exchange")
-    _push(stub, "sync", "b", 0)
+    assert first.round.round_id != 0  # the round the push joined
+    assert _push(stub, "sync", "b", 0).round.round_id == first.round.round_id
     assert describe(stub, "sync").step == 1
     before = srv.fp("sync")
     err = rpc_error(lambda: _push(stub, "sync", "c", 0))
@@ -203,7 +204,7 @@ def test_typed_schedule_round_trips(srv: Server, kind: str) -> None:
     info = create(stub, kind, W, schedule=sent)
     assert info.schedule == sent
     # what the engine computes from it is what the session reports
-    engine = schedules.schedule_from_dict(convert.schedule_dict(sent))
+    engine = schedules.schedule_from_dict(shared.schedule_dict(sent))
     assert info.lr[0] == pytest.approx(engine.lr(0, info.groups[0].values["lr"]))
     stub.SetSchedule(pb.SetScheduleRequest(session_id=kind))
     assert not describe(stub, kind).HasField("schedule")
@@ -241,10 +242,10 @@ def test_every_engine_schedule_converts_both_ways() -> None:
               schedules.warmup(4, schedules.Cosine(10))]
     for s in engine:
         d = s.to_dict()
-        assert convert.schedule_dict(convert.schedule_message(d)) == {
-            k: v for k, v in d.items() if v is not None}, d
-        assert schedules.schedule_from_dict(convert.schedule_dict(
-            convert.schedule_message(d))) == s
+        # every key comes back, an absent one as the proto's default (max_lr None)
+        assert shared.schedule_dict(shared.schedule_message(d)) == d, d
+        assert schedules.schedule_from_dict(shared.schedule_dict(
+            shared.schedule_message(d))) == s
 
 
 def test_durations_round_trip(srv: Server) -> None:

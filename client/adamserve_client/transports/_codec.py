@@ -24,10 +24,11 @@ from adamserve_client.tensors import DATATYPES
 from adamserve_client.transports.base import (
     Buffer,
     Hyperparameters,
-    HyperValue,
     StateDict,
     WireTensor,
 )
+from adamserve_proto import state_blob
+from adamserve_proto.algorithms import wire_value
 
 T = TypeVar("T")
 
@@ -73,21 +74,9 @@ def parse_url(url: str) -> ServerAddress:
 # Hyperparameter groups: torch's names, betas a pair
 
 
-def hyper_value(key: str, value: Any) -> HyperValue:
-    """A hyperparameter as the wire takes it: bool, float, or betas as a pair of floats."""
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, list | tuple):
-        return tuple(float(v) for v in value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"hyperparameter {key!r}: expected a number, true/false or a pair of "
-                         f"numbers, got {value!r}") from None
-
-
 def group_from_json(group: Mapping[str, Any]) -> Hyperparameters:
-    return {k: hyper_value(k, v) for k, v in group.items()}
+    """A group of the state blob's JSON as the wire's values (:func:`wire_value`)."""
+    return {k: wire_value(k, v) for k, v in group.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -143,13 +132,9 @@ class ChunkAssembler:
 
 
 # ---------------------------------------------------------------------------
-# The state blob: one safetensors file (written and read here by hand: an 8-byte
-# header length, a JSON header, raw little-endian bytes) holding tensors
-# "state.<index>.<slot>" and metadata {"adamserve": "state_dict/1", "json": ...}.
+# The state blob (its layout: adamserve_proto.state_blob), as safetensors bytes written
+# and read here by hand: an 8-byte header length, a JSON header, raw little-endian bytes.
 
-STATE_TAG = "state_dict/1"
-# Entries of a parameter's state that are numbers, not tensors.
-SCALAR_SLOTS = frozenset({"step", "mu_product"})
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
 }
@@ -158,30 +143,20 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 def encode_state(sd: Mapping[str, Any]) -> bytes:
     """A torch-format state_dict of NumPy arrays (or numbers) as the wire's blob."""
+    tensors, metadata = state_blob.state_parts(sd)
     header: dict[str, Any] = {}
     arrays: list[np.ndarray[Any, Any]] = []
-    scalars: dict[str, dict[str, float]] = {}
     offset = 0
-    for idx, entry in sd["state"].items():
-        for key, value in entry.items():
-            if key in SCALAR_SLOTS:
-                scalars.setdefault(str(int(idx)), {})[key] = float(value)
-                continue
-            arr = np.asarray(value)
-            if arr.dtype.newbyteorder("<") not in _ST_NAMES:
-                arr = arr.astype(np.float32)
-            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-            header[f"state.{int(idx)}.{key}"] = {
-                "dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                "data_offsets": [offset, offset + arr.nbytes]}
-            offset += arr.nbytes
-            arrays.append(arr)
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
-              for g in sd["param_groups"]]
-    body: dict[str, Any] = {"param_groups": groups, "scalars": scalars}
-    if "step_count" in sd:  # one shard's part of a sharded state: the model's step
-        body["step_count"] = int(sd["step_count"])
-    header["__metadata__"] = {"adamserve": STATE_TAG, "json": json.dumps(body)}
+    for name, value in tensors.items():
+        arr = np.asarray(value)
+        if arr.dtype.newbyteorder("<") not in _ST_NAMES:
+            arr = arr.astype(np.float32)
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    header["__metadata__"] = metadata
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return b"".join([len(text).to_bytes(8, "little"), text,
@@ -190,41 +165,27 @@ def encode_state(sd: Mapping[str, Any]) -> bytes:
 
 def decode_state(blob: Buffer) -> StateDict:
     """The wire's blob as a torch-format state_dict of NumPy arrays (views of ``blob``)."""
-    view = memoryview(blob).cast("B")
-    if len(view) < 8:
-        raise bad_response("state blob: fewer than 8 bytes")
-    n = int.from_bytes(view[:8], "little")
-    if n > len(view) - 8:
-        raise bad_response(f"state blob: header of {n} bytes in a blob of {len(view)}")
     try:
-        header = json.loads(bytes(view[8:8 + n]))
-        meta = header.pop("__metadata__", None) or {}
-        if meta.get("adamserve") != STATE_TAG:
-            raise ValueError(f"metadata 'adamserve' is not {STATE_TAG!r}")
-        body = json.loads(meta["json"])
-        data = view[8 + n:]
-        state: dict[int, dict[str, Any]] = {}
+        header, start = state_blob.read_header(blob)
+        meta = header.pop("__metadata__", None)
+        data = memoryview(blob).cast("B")[start:]
+        tensors: dict[str, np.ndarray[Any, Any]] = {}
         for key, desc in header.items():
-            kind, idx, slot = key.split(".")
-            if kind != "state":
-                raise ValueError(f"tensor {key!r} is not named state.<index>.<slot>")
             dtype = _ST_DTYPES[desc["dtype"]]
             lo, hi = (int(x) for x in desc["data_offsets"])
             shape = tuple(int(d) for d in desc["shape"])
             if hi - lo != math.prod(shape) * dtype.itemsize or hi > len(data):
                 raise ValueError(f"tensor {key!r}: bad data_offsets")
-            arr = np.frombuffer(data[lo:hi], dtype=dtype).reshape(shape)
-            state.setdefault(int(idx), {})[slot] = arr
-        for idx, entry in body.get("scalars", {}).items():
-            state.setdefault(int(idx), {}).update({k: float(v) for k, v in entry.items()})
+            tensors[key] = np.frombuffer(data[lo:hi], dtype=dtype).reshape(shape)
+        sd = state_blob.state_dict(tensors, meta)
         groups = [group_from_json({k: v for k, v in g.items()
                                    if k not in ("params", "param_names")})
                   | {"params": [int(i) for i in g.get("params", [])],
                      "param_names": [str(s) for s in g.get("param_names", [])]}
-                  for g in body["param_groups"]]
+                  for g in sd["param_groups"]]
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise bad_response(f"state blob from the server is malformed: {exc!r}") from None
-    return {"state": dict(sorted(state.items())), "param_groups": groups}
+    return {"state": sd["state"], "param_groups": groups}
 
 
 # ---------------------------------------------------------------------------

@@ -141,7 +141,7 @@ class Client(Transport):
         request = pb.PullRequest(session_id=session_id, names=list(names or ()),
                                  datatype=datatype, min_step=min_step)
         if wait:
-            request.timeout.CopyFrom(m.duration(wait))
+            request.timeout.CopyFrom(m.duration(wait, "wait"))
         return list(self.wire.stream("Pull", request).tensors)
 
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],

@@ -245,8 +245,8 @@ class GrpcWire(Wire):
             resp: Any = self.unary("StepUnary", req, idempotent=idempotent)
         except (errors.InvalidArgument, errors.ServerError) as exc:
             # refused before anything changed: a server without StepUnary, or a session
-            # whose parameters do not fit one reply ("... use the Step stream")
-            if exc.code == "unimplemented" or "Step stream" in exc.message:
+            # whose parameters do not fit one reply
+            if exc.code == "unimplemented" or exc.reason == "UNARY_TOO_LARGE":
                 self.stream_only.add(header.session_id)
                 return None
             raise

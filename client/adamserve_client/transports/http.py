@@ -17,7 +17,6 @@ Requests that could not connect (or got 503) are retried a bounded number of tim
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,6 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -34,7 +32,7 @@ from adamserve_client.tensors import encode
 from adamserve_client.transports import _codec
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
-from adamserve_proto import rpc
+from adamserve_proto import convert, rpc
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
 __all__ = ["ROUTES", "HttpTransport", "HttpWire", "Route"]
@@ -84,59 +82,6 @@ ROUTES: Mapping[str, Route] = {
     "ListCheckpoints": Route("GET", "/checkpoints"),
     "RestoreCheckpoint": Route("POST", "/restore"),
 }
-
-_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
-_FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
-
-
-def _numbers(value: Any, desc: Any) -> Any:
-    """MessageToDict's output with 64-bit integers as numbers and non-finite floats as
-    floats (which ``json.dumps`` writes as the literals the server reads)."""
-    f: FieldDescriptor
-    for f in desc.fields:
-        if f.name not in value:
-            continue
-        v = value[f.name]
-        if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            vf = f.message_type.fields_by_name["value"]
-            value[f.name] = {k: _scalar(x, vf) for k, x in v.items()}
-        elif f.is_repeated:
-            value[f.name] = [_scalar(x, f) for x in v]
-        else:
-            value[f.name] = _scalar(v, f)
-    return value
-
-
-def _scalar(v: Any, f: FieldDescriptor) -> Any:
-    if f.type in _INT64:
-        return int(v)
-    if f.type in _FLOATS:
-        return float(v)
-    if f.message_type is not None and isinstance(v, dict):
-        return _numbers(v, f.message_type)
-    return v
-
-
-def message_json(msg: Message, defaults: bool = True) -> dict[str, Any]:
-    """A message in the proto's JSON mapping, as the HTTP API reads it; ``defaults``:
-    fields without presence at their default values are written too."""
-    out: dict[str, Any] = _numbers(json_format.MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults),
-        msg.DESCRIPTOR)
-    return out
-
-
-def _quoted(value: Any) -> Any:
-    """JSON values as json_format reads them: NaN and the infinities as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _quoted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_quoted(v) for v in value]
-    return value
-
 
 def _body_of(request: Message) -> Message | None:
     """The message a route's JSON body holds: a stream's first message's member (the
@@ -248,7 +193,8 @@ class HttpWire(Wire):
                       ) -> tuple[str, dict[str, Any]]:
         """The path and httpx arguments of ``request`` on ``route``."""
         body_msg = _body_of(request)
-        body = message_json(body_msg, route.defaults) if body_msg is not None else {}
+        body = (convert.message_json(body_msg, defaults=route.defaults)
+                if body_msg is not None else {})
         session_id = str(body.pop("session_id", "")) if route.in_path else ""
         if not session_id and route.in_path:
             session_id = str(getattr(request, "session_id", ""))
@@ -285,11 +231,10 @@ class HttpWire(Wire):
         wrap = _wrapped(response_type)
         out = response_type()
         try:
-            json_format.ParseDict(_quoted(body), getattr(out, wrap) if wrap else out,
-                                  ignore_unknown_fields=True)
-        except json_format.ParseError as exc:
-            raise _codec.bad_response(f"the {method} answer does not parse: {exc}",
-                                      self.url) from None
+            convert.parse_json(body, getattr(out, wrap) if wrap else out,
+                               f"the {method} answer does not parse", ignore_unknown=True)
+        except ValueError as exc:
+            raise _codec.bad_response(str(exc), self.url) from None
         return Reply(out, tensors)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

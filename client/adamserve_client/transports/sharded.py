@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from adamserve_client import errors
-from adamserve_client.transports._codec import SCALAR_SLOTS
 from adamserve_client.transports.base import (
     CheckpointInfo,
     HyperValue,
@@ -63,6 +62,7 @@ from adamserve_client.transports.layout import (
     plan_shards,
     split,
 )
+from adamserve_proto.state_blob import SCALAR_SLOTS
 
 __all__ = ["Piece", "ShardPlan", "ShardedTransport", "plan_shards"]
 

@@ -34,10 +34,14 @@ Errors: the gRPC status code, a message naming the tensor or field and what
 was expected, and in the status details (grpc-status-details-bin, a
 google.rpc.Status) one google.rpc.ErrorInfo with domain "adamserve", a
 stable `reason` and string metadata (such as "session_id" and "step"):
-  INVALID_ARGUMENT     INVALID_ARGUMENT
+  INVALID_ARGUMENT     INVALID_ARGUMENT, UNARY_TOO_LARGE (a StepUnary reply
+                       would not fit one message: use the Step stream)
   NOT_FOUND            SESSION_NOT_FOUND, CHECKPOINT_NOT_FOUND
   ALREADY_EXISTS       SESSION_EXISTS
   FAILED_PRECONDITION  STALE_PUSH, PUSH_AHEAD, ROUND_OPEN, STEP_STAGED,
+                       NO_STAGED_STEP (a Commit for a step not staged),
+                       COMMIT_OUT_OF_ORDER (LAMB's second Commit first),
+                       NOT_STREAMABLE (apply_as_received refused),
                        DUPLICATE_WORKER_PUSH, LAYOUT_CHANGED,
                        CHECKPOINTS_DISABLED, FAILED_PRECONDITION
   RESOURCE_EXHAUSTED   QUOTA_EXCEEDED, DEVICE_OUT_OF_MEMORY
@@ -1396,7 +1400,9 @@ class StepHeader(_message.Message):
     parameters back at once, while later chunks are still coming in. Only for
     sessions whose step needs nothing computed over a whole tensor or the whole
     gradient: an elementwise algorithm (not LAMB), no max_grad_norm, and
-    skip_nonfinite = false (else FAILED_PRECONDITION). The response then holds
+    skip_nonfinite = false, in a session whose pushes go through no round
+    (not several synchronous workers, not a shard: else FAILED_PRECONDITION,
+    NOT_STREAMABLE). The response then holds
     the parameter chunks first, in the order their gradients arrived, and the
     status last. A stream that fails midway leaves the chunks already applied
     updated. Ignored by Push.

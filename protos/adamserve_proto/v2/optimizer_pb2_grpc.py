@@ -174,8 +174,8 @@ class OptimizerServiceServicer:
         """One optimizer step in a single request and reply, for small sessions: the
         lowest latency (streams cost a few round trips more). The gradients and the
         returned parameters must each fit one message (4 MiB by default; a larger
-        session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
-        otherwise; apply_as_received is ignored.
+        session gets INVALID_ARGUMENT, reason UNARY_TOO_LARGE, naming Step
+        instead). Same rules as Step otherwise; apply_as_received is ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -275,9 +275,11 @@ class OptimizerServiceServicer:
         docs/exchange.md) with the sums of squares over every shard. Server
         stream, as Step: `status` first, then the parameters. For LAMB the first
         commit answers status.pending with this shard's param_sumsq/update_sumsq
-        and no parameters; a second commit brings their totals. A commit repeated
-        after the step was applied (by another worker, or a retry) answers the
-        same outcome.
+        and no parameters; a second commit brings their totals (one before the
+        first: FAILED_PRECONDITION, COMMIT_OUT_OF_ORDER). A commit repeated after
+        the step was applied (by another worker, or a retry) answers the same
+        outcome; one for a step neither staged nor the last one committed gets
+        FAILED_PRECONDITION (NO_STAGED_STEP).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

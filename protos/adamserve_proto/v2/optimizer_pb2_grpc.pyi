@@ -34,10 +34,14 @@ Errors: the gRPC status code, a message naming the tensor or field and what
 was expected, and in the status details (grpc-status-details-bin, a
 google.rpc.Status) one google.rpc.ErrorInfo with domain "adamserve", a
 stable `reason` and string metadata (such as "session_id" and "step"):
-  INVALID_ARGUMENT     INVALID_ARGUMENT
+  INVALID_ARGUMENT     INVALID_ARGUMENT, UNARY_TOO_LARGE (a StepUnary reply
+                       would not fit one message: use the Step stream)
   NOT_FOUND            SESSION_NOT_FOUND, CHECKPOINT_NOT_FOUND
   ALREADY_EXISTS       SESSION_EXISTS
   FAILED_PRECONDITION  STALE_PUSH, PUSH_AHEAD, ROUND_OPEN, STEP_STAGED,
+                       NO_STAGED_STEP (a Commit for a step not staged),
+                       COMMIT_OUT_OF_ORDER (LAMB's second Commit first),
+                       NOT_STREAMABLE (apply_as_received refused),
                        DUPLICATE_WORKER_PUSH, LAYOUT_CHANGED,
                        CHECKPOINTS_DISABLED, FAILED_PRECONDITION
   RESOURCE_EXHAUSTED   QUOTA_EXCEEDED, DEVICE_OUT_OF_MEMORY
@@ -106,8 +110,8 @@ class OptimizerServiceStub:
     """One optimizer step in a single request and reply, for small sessions: the
     lowest latency (streams cost a few round trips more). The gradients and the
     returned parameters must each fit one message (4 MiB by default; a larger
-    session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
-    otherwise; apply_as_received is ignored.
+    session gets INVALID_ARGUMENT, reason UNARY_TOO_LARGE, naming Step
+    instead). Same rules as Step otherwise; apply_as_received is ignored.
     """
     Push: _grpc.StreamUnaryMultiCallable[_optimizer_pb2.PushRequest, _optimizer_pb2.PushResponse]
     """Like Step, but no parameters come back (the header's return_datatype is
@@ -153,9 +157,11 @@ class OptimizerServiceStub:
     docs/exchange.md) with the sums of squares over every shard. Server
     stream, as Step: `status` first, then the parameters. For LAMB the first
     commit answers status.pending with this shard's param_sumsq/update_sumsq
-    and no parameters; a second commit brings their totals. A commit repeated
-    after the step was applied (by another worker, or a retry) answers the
-    same outcome.
+    and no parameters; a second commit brings their totals (one before the
+    first: FAILED_PRECONDITION, COMMIT_OUT_OF_ORDER). A commit repeated after
+    the step was applied (by another worker, or a retry) answers the same
+    outcome; one for a step neither staged nor the last one committed gets
+    FAILED_PRECONDITION (NO_STAGED_STEP).
     """
     SetWorkers: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.SetWorkersRequest, _optimizer_pb2.SetWorkersResponse]
     """Change the number of workers of a live session (workers joined or left). An
@@ -203,8 +209,8 @@ class OptimizerServiceAsyncStub(OptimizerServiceStub):
     """One optimizer step in a single request and reply, for small sessions: the
     lowest latency (streams cost a few round trips more). The gradients and the
     returned parameters must each fit one message (4 MiB by default; a larger
-    session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
-    otherwise; apply_as_received is ignored.
+    session gets INVALID_ARGUMENT, reason UNARY_TOO_LARGE, naming Step
+    instead). Same rules as Step otherwise; apply_as_received is ignored.
     """
     Push: _aio.StreamUnaryMultiCallable[_optimizer_pb2.PushRequest, _optimizer_pb2.PushResponse]  # type: ignore[assignment]
     """Like Step, but no parameters come back (the header's return_datatype is
@@ -250,9 +256,11 @@ class OptimizerServiceAsyncStub(OptimizerServiceStub):
     docs/exchange.md) with the sums of squares over every shard. Server
     stream, as Step: `status` first, then the parameters. For LAMB the first
     commit answers status.pending with this shard's param_sumsq/update_sumsq
-    and no parameters; a second commit brings their totals. A commit repeated
-    after the step was applied (by another worker, or a retry) answers the
-    same outcome.
+    and no parameters; a second commit brings their totals (one before the
+    first: FAILED_PRECONDITION, COMMIT_OUT_OF_ORDER). A commit repeated after
+    the step was applied (by another worker, or a retry) answers the same
+    outcome; one for a step neither staged nor the last one committed gets
+    FAILED_PRECONDITION (NO_STAGED_STEP).
     """
     SetWorkers: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.SetWorkersRequest, _optimizer_pb2.SetWorkersResponse]  # type: ignore[assignment]
     """Change the number of workers of a live session (workers joined or left). An
@@ -321,8 +329,8 @@ class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
         """One optimizer step in a single request and reply, for small sessions: the
         lowest latency (streams cost a few round trips more). The gradients and the
         returned parameters must each fit one message (4 MiB by default; a larger
-        session gets INVALID_ARGUMENT naming Step instead). Same rules as Step
-        otherwise; apply_as_received is ignored.
+        session gets INVALID_ARGUMENT, reason UNARY_TOO_LARGE, naming Step
+        instead). Same rules as Step otherwise; apply_as_received is ignored.
         """
 
     @_abc_1.abstractmethod
@@ -440,9 +448,11 @@ class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
         docs/exchange.md) with the sums of squares over every shard. Server
         stream, as Step: `status` first, then the parameters. For LAMB the first
         commit answers status.pending with this shard's param_sumsq/update_sumsq
-        and no parameters; a second commit brings their totals. A commit repeated
-        after the step was applied (by another worker, or a retry) answers the
-        same outcome.
+        and no parameters; a second commit brings their totals (one before the
+        first: FAILED_PRECONDITION, COMMIT_OUT_OF_ORDER). A commit repeated after
+        the step was applied (by another worker, or a retry) answers the same
+        outcome; one for a step neither staged nor the last one committed gets
+        FAILED_PRECONDITION (NO_STAGED_STEP).
         """
 
     @_abc_1.abstractmethod

@@ -101,12 +101,7 @@ class AlgorithmSpec:
 
 
 def _spec(row: table.AlgorithmDef) -> AlgorithmSpec:
-    defaults: Hyperparameters = {}
-    for key, value in row.wire_defaults().items():
-        if isinstance(value, tuple):  # betas
-            defaults["beta1"], defaults["beta2"] = value
-        else:
-            defaults[key] = value
+    defaults: Hyperparameters = table.split_betas(row.wire_defaults())
     bools = frozenset(k for k, v in defaults.items() if isinstance(v, bool))
     return AlgorithmSpec(Algorithm(row.runs), defaults, bools)
 

@@ -16,11 +16,11 @@ import numpy as np
 
 from adamserve.engine import algorithms as alg
 from adamserve.engine.optimizer import FlatOptimizer
+from adamserve_proto import algorithms as table
 
-# torch.optim group keys that select an implementation, not the maths.
-IGNORED_GROUP_KEYS = frozenset({
-    "foreach", "fused", "capturable", "differentiable", "params", "param_names", "initial_lr",
-})
+# Group keys that are not hyperparameters: torch.optim's implementation switches (they
+# select an implementation, not the maths), the group's members and a scheduler's note.
+IGNORED_GROUP_KEYS = frozenset(table.SWITCHES) | {"params", "param_names", "initial_lr"}
 
 StateDict = dict[str, Any]
 
@@ -28,13 +28,8 @@ MAX_STEP = 2**62  # an int64 step counter with room to count on
 
 
 def torch_group(h: Mapping[str, alg.HyperValue]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in h.items():
-        if k == "beta1":
-            out["betas"] = (float(v), float(h["beta2"]))
-        elif k != "beta2":
-            out[k] = v
-    return out
+    """A group's hyperparameters under torch's names (``betas`` a pair)."""
+    return table.join_betas(h)
 
 
 def export_state(opt: FlatOptimizer) -> StateDict:

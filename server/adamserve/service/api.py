@@ -218,8 +218,9 @@ class OptimizerService:
         exchange = session.workers.exchange
         if return_datatype is None and not exchange:
             with session.lock:
-                if r.state is RoundState.OPEN:
-                    return StepResult(session.opt.step_count, False, None, (), pending=True)
+                if r.state is RoundState.OPEN:  # the round it joined, for its commit or pull
+                    return StepResult(session.opt.step_count, False, None, (), pending=True,
+                                      round=r.id)
         self.waits.wait(session, lambda: r.state is not RoundState.OPEN, bounded(wait),
                         f"step {r.step} (its round has {r.arrived} of {session.workers.count} "
                         "pushes; this one stays in it: send it again to wait again)")
@@ -267,7 +268,7 @@ class OptimizerService:
                 if r.state is not RoundState.LAMB:
                     raise FailedPrecondition(
                         f"commit of step {step}: LAMB's second commit (param_sumsq) came "
-                        "before the first (tensor_sumsq only)",
+                        "before the first (tensor_sumsq only)", reason="COMMIT_OUT_OF_ORDER",
                         metadata=meta(session_id, step=step))
                 psq = sums("param_sumsq", param_sumsq, nseg, finite=True)
                 usq = sums("update_sumsq", update_sumsq, nseg, finite=True)
@@ -321,7 +322,7 @@ class OptimizerService:
 
         Only for sessions whose step needs nothing computed over a whole tensor or the
         whole gradient (an elementwise algorithm, no ``max_grad_norm``,
-        ``skip_nonfinite=False``); others raise FailedPrecondition. Unlike ``step``, a
+        ``skip_nonfinite=False``); others raise FailedPrecondition (NOT_STREAMABLE). Unlike ``step``, a
         request that fails midway leaves the chunks already applied updated (the
         tensors they belong to count the step); the error names what was wrong. A
         push seen before (``push_id``) is read, checked and acknowledged with no
@@ -338,13 +339,15 @@ class OptimizerService:
             if session.rounds.in_rounds():
                 raise FailedPrecondition(
                     f"session {session_id!r} averages the pushes of several workers (or is a "
-                    "shard waiting for commits): send the step without apply_as_received")
+                    "shard waiting for commits): send the step without apply_as_received",
+                    reason="NOT_STREAMABLE", metadata=meta(session_id))
             if not opt.streamable:
                 raise FailedPrecondition(
                     f"session {session_id!r} cannot apply gradients as they arrive: it uses "
                     f"{'LAMB' if opt.algorithm.value == 'lamb' else 'whole-gradient checks'} "
                     "(needs an elementwise algorithm, no max_grad_norm and "
-                    "skip_nonfinite=false); send the step without apply_as_received")
+                    "skip_nonfinite=false); send the step without apply_as_received",
+                    reason="NOT_STREAMABLE", metadata=meta(session_id))
             on_host = opt.backend.name == "cpu"
             host = opt.grad if on_host else np.empty(opt.layout.size, opt.dtype)
             asm = Assembler(session.opt.layout, host)

@@ -387,7 +387,7 @@ class RoundCoordinator:
         raise FailedPrecondition(
             f"commit of step {step}{f' (round {round_id})' if round_id else ''}: "
             f"session {host.id!r} is at step {host.opt.step_count} and {state}",
-            metadata=meta(host.id, step=host.opt.step_count))
+            reason="NO_STAGED_STEP", metadata=meta(host.id, step=host.opt.step_count))
 
     def failed(self, step: int) -> str:
         """Why the latest round for ``step`` applied nothing (failed, or skipped for

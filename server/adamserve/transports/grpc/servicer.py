@@ -382,7 +382,8 @@ class OptimizerServicer:
         if out_bytes > MAX_SEND_BYTES:
             raise errors.InvalidArgument(
                 f"StepUnary: the parameters ({out_bytes} bytes as {rtype}) do not fit one "
-                f"{MAX_SEND_BYTES}-byte message; use the Step stream")
+                f"{MAX_SEND_BYTES}-byte message; use the Step stream",
+                reason="UNARY_TOO_LARGE", metadata={"session_id": session_id})
         result = self._step(header, (_chunk(c) for c in request.gradients), push=False,
                             context=context)
         return pb.StepUnaryResponse(

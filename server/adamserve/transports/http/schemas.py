@@ -39,7 +39,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK
-from adamserve.transports import convert
+from adamserve_proto import convert
 
 # Wire datatypes, as in adamserve.engine.dtypes.WIRE_DTYPES. Kept a plain string in
 # the models (the enum is documentation) so an unknown one gets a message naming
@@ -80,13 +80,13 @@ Duration = Annotated[str, Field(pattern=r"^-?[0-9]{1,12}(\.[0-9]{1,9})?s$",
 
 def _names(enum: convert.EnumMap[Any]) -> JsonDict:
     """The JSON schema's enum: the proto's names (UNSPECIFIED, the default, too)."""
-    names: list[JsonValue] = list(convert.enum_names(enum))
+    names: list[JsonValue] = list(enum.all_names)
     return {"enum": names}
 
 
 def _member(enum: convert.EnumMap[Any]) -> Callable[[str], str]:
     """A validator: one of the enum's names, or a message listing them."""
-    names = convert.enum_names(enum)
+    names = enum.all_names
 
     def check(v: str) -> str:
         if v not in names:
