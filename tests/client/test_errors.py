@@ -284,3 +284,42 @@ def test_steps_are_retried_only_when_they_never_reached_a_server() -> None:
     assert not _never_sent(midway) and _unavailable(midway)
     assert not _never_sent(Err(grpc.StatusCode.INVALID_ARGUMENT, "failed to connect"))
     assert error_info(midway) == (None, {})  # no status details: the class's reason
+
+
+def test_http_retries_a_503_only_for_calls_that_may_run_twice() -> None:
+    """A 503 may come from a proxy after the server took the request: a create (not
+    safe to repeat) is sent once, a describe up to ``retries`` times."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def _busy(self) -> None:
+            hits.append(self.command)
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = b'{"error": "upstream failed", "code": "unavailable"}'
+            self.send_response(503)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _busy
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with connect(f"http://127.0.0.1:{proxy.server_address[1]}", retries=3) as t:
+            with pytest.raises(errors.Unavailable):
+                t.create_session(SessionSpec("s", "adam", (TensorSpec("w", (2,)),)))
+            assert hits == ["POST"]
+            with pytest.raises(errors.Unavailable):
+                t.describe("s")
+            assert hits == ["POST", "GET", "GET", "GET"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

@@ -147,6 +147,10 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | _Busy)
 
 
+def _not_connected(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
 class HttpWire(Wire):
     """The wire to ``http://host:port`` (or ``https://``).
 
@@ -181,7 +185,7 @@ class HttpWire(Wire):
                idempotent: bool = True) -> Reply:
         route = ROUTES[method]
         path, kwargs = self._http_request(route, request, payload)
-        return self._reply(method, self._request(route.verb, path, **kwargs))
+        return self._reply(method, self._request(route.verb, path, idempotent, **kwargs))
 
     def close(self) -> None:
         self._client.close()
@@ -237,7 +241,12 @@ class HttpWire(Wire):
             raise _codec.bad_response(str(exc), self.url) from None
         return Reply(out, tensors)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, idempotent: bool = True,
+                 **kwargs: Any) -> httpx.Response:
+        # a 503 may come from a proxy after the server took the request: only a call
+        # that may run twice is retried on it; a refused connection is always retried
+        retryable = _retryable if idempotent else _not_connected
+
         def run() -> httpx.Response:
             r = self._client.request(method, path, **kwargs)
             if r.status_code == 503:
@@ -245,7 +254,7 @@ class HttpWire(Wire):
             return r
 
         try:
-            r = _codec.with_retries(run, _retryable, attempts=self.retries,
+            r = _codec.with_retries(run, retryable, attempts=self.retries,
                                     backoff=self.backoff)
         except _Busy as busy:
             r = busy.response

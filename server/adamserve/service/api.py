@@ -471,7 +471,8 @@ class OptimizerService:
         opt = session.opt
         layout = opt.layout
         # decoded into a buffer of its own, outside the lock: a slow upload holds up
-        # no step; a refused request changes nothing
+        # no step; a refused request changes nothing. np.empty only reserves address
+        # space: the pages of the tensors not sent are never touched
         host = np.empty(layout.size, opt.dtype)
         asm = Assembler(layout, host)
         for chunk in values:
@@ -485,15 +486,17 @@ class OptimizerService:
             self._same_layout(session, layout, "these parameters arrived: send them again")
             r = session.round
             if r is not None:
-                params = opt.backend.to_host(opt.param)
+                # only the tensors sent are compared (and copied from the device)
                 differ = [layout.tensors[int(i)].name for i, s in zip(sent, spans, strict=True)
-                          if not np.array_equal(params[s], host[s])]
+                          if not np.array_equal(opt.backend.to_host(opt.param[s]), host[s])]
                 if differ:
                     raise FailedPrecondition(
                         f"session {session_id!r} has a round of pushes for step {r.step} "
-                        f"open: its parameters ({', '.join(differ[:8])}) can change between "
-                        "steps, not while the round's gradients are computed from them",
-                        reason="ROUND_OPEN", metadata=meta(session_id, step=r.step))
+                        f"{'staged for its commit' if r.staged else 'open'}: its parameters "
+                        f"({', '.join(differ[:8])}) can change between steps, not while the "
+                        "round's gradients are computed from them",
+                        reason="STEP_STAGED" if r.staged else "ROUND_OPEN",
+                        metadata=meta(session_id, step=r.step))
                 return session_info(session)
             with session.changing():
                 for s in spans:
