@@ -406,3 +406,39 @@ def test_tensors_added_while_a_push_arrives_refuse_it_and_imports_end_the_round(
     svc.import_state("s", svc.export_state("s"))
     with pytest.raises(Aborted, match="a state_dict was imported"):
         svc.pull("s", min_step=1, timeout=1)
+
+
+def test_a_worker_collecting_late_gets_its_rounds_parameters(tmp_path: Path) -> None:
+    """A worker that collects its answer after another one has already changed the
+    parameters (SetParameters after its step) still gets the parameters of the step."""
+    svc = _service(tmp_path)
+    svc.create("s", _config(count=2))
+    late = threading.Event()
+    wait = svc.waits.wait
+
+    def slow_for_b(*args: Any, **kwargs: Any) -> None:
+        wait(*args, **kwargs)
+        if threading.current_thread().name == "b":
+            late.wait(10)
+
+    svc.waits.wait = slow_for_b  # type: ignore[method-assign]
+    answers: dict[str, StepResult] = {}
+
+    def push(worker: str, seed: int) -> None:
+        answers[worker] = svc.step("s", _chunks(_arrays(seed)), push_id=PushId(worker, 1),
+                                   base_step=0)
+
+    a = threading.Thread(target=push, args=("a", 1), name="a")
+    b = threading.Thread(target=push, args=("b", 2), name="b")
+    a.start()
+    b.start()
+    a.join(10)
+    stepped = _params(svc)
+    svc.set_parameters("s", _chunks({k: np.full(v, 9.0, np.float32) for k, v in SHAPES.items()}))
+    late.set()
+    b.join(10)
+    got = {b"".join(bytes(c.data) for c in answers[w].params) for w in ("a", "b")}
+    assert got == {stepped.tobytes()}
+    assert np.all(_params(svc) == 9.0)
+    r = svc.store.get("s").rounds.ended
+    assert r is not None and not r.owed and not r.kept  # nothing kept once collected

@@ -28,7 +28,9 @@ def answer(session: Session, r: Round | Outcome, return_datatype: str | None) ->
             r.grad_sumsq is not None else (),
             param_sumsq=tuple(float(x) for x in lamb.param_sumsq) if lamb else (),
             update_sumsq=tuple(float(x) for x in lamb.update_sumsq) if lamb else ())
-    params = encode_params(session.opt, None, return_datatype) if return_datatype else []
+    kept = r.kept.get(return_datatype) if isinstance(r, Round) and return_datatype else None
+    params = (kept if kept is not None else
+              encode_params(session.opt, None, return_datatype) if return_datatype else [])
     return StepResult(o.step if not o.skipped else o.step - 1, o.skipped, o.grad_norm,
                       o.nonfinite, params, contributors=o.contributors, missing=o.missing,
                       round=o.round)

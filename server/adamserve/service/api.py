@@ -169,7 +169,7 @@ class OptimizerService:
                 if duplicate:
                     report = StepReport(opt.step_count, False, None)
                 elif rounds.in_rounds():
-                    waiting = rounds.arrive(host, active, push_id)
+                    waiting = rounds.arrive(host, active, push_id, return_datatype)
                 else:
                     report = self._apply(session, host, active, asm.sumsq, push_id,
                                          rounds.lr_scale(staleness), intake=not multi)
@@ -221,16 +221,22 @@ class OptimizerService:
                 if r.state is RoundState.OPEN:  # the round it joined, for its commit or pull
                     return StepResult(session.opt.step_count, False, None, (), pending=True,
                                       round=r.id)
-        self.waits.wait(session, lambda: r.state is not RoundState.OPEN, bounded(wait),
-                        f"step {r.step} (its round has {r.arrived} of {session.workers.count} "
-                        "pushes; this one stays in it: send it again to wait again)")
-        with self.store.locked(session.id, session):
-            if exchange and r.state is not RoundState.FAILED and r.grad_sumsq is not None:
-                # the push's answer is its round's sums, even when another worker's
-                # commit has applied the step since: this worker's commit then gets
-                # the outcome, as every later commit does
-                return answers.staged_sums(r)
-            return answers.answer(session, r, return_datatype)
+        try:
+            self.waits.wait(session, lambda: r.state is not RoundState.OPEN, bounded(wait),
+                            f"step {r.step} (its round has {r.arrived} of "
+                            f"{session.workers.count} pushes; this one stays in it: send it "
+                            "again to wait again)")
+            with self.store.locked(session.id, session):
+                if exchange and r.state is not RoundState.FAILED and r.grad_sumsq is not None:
+                    # the push's answer is its round's sums, even when another worker's
+                    # commit has applied the step since: this worker's commit then gets
+                    # the outcome, as every later commit does
+                    return answers.staged_sums(r)
+                return answers.answer(session, r, return_datatype)
+        finally:
+            if return_datatype is not None:
+                with session.lock:
+                    r.collected(return_datatype)
 
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),
@@ -498,6 +504,7 @@ class OptimizerService:
                         reason="STEP_STAGED" if r.staged else "ROUND_OPEN",
                         metadata=meta(session_id, step=r.step))
                 return session_info(session)
+            session.rounds.keep_answers(lambda datatype: encode_params(opt, None, datatype))
             with session.changing():
                 for s in spans:
                     opt.param[s] = opt.backend.to_device(host[s])

@@ -26,7 +26,8 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -89,6 +90,19 @@ class Round:
     grad_sumsq: F64 | None = None  # once STAGED: this shard's per-tensor sums of squares
     lamb: LambStep | None = None  # in LAMB: the step up to its trust ratio
     outcome: Outcome | None = None  # once STAGED or final
+    # the answers it owes waiting workers, by datatype, and the parameters kept for them
+    # when they changed before all were collected (see RoundCoordinator.keep_answers)
+    owed: Counter[str] = field(default_factory=Counter)
+    kept: dict[str, Any] = field(default_factory=dict)
+
+    def collected(self, datatype: str) -> None:
+        """A waiting worker has its answer (or gave up): once none is owed, the kept
+        parameters go."""
+        self.owed[datatype] -= 1
+        if self.owed[datatype] <= 0:
+            del self.owed[datatype]
+        if not self.owed:
+            self.kept.clear()
 
     def move(self, to: RoundState) -> None:
         if to not in NEXT[self.state]:
@@ -133,6 +147,7 @@ class RoundCoordinator:
     def __init__(self, host: RoundHost) -> None:
         self._host = host
         self.current: Round | None = None  # OPEN, STAGED or LAMB
+        self.ended: Round | None = None  # the latest round that ended
         self.last: Outcome | None = None  # how the latest round ended
         self.members: frozenset[str] = frozenset()  # the workers of the latest applied round
         self._sum: Any = None  # the pushes' sum (float64), allocated on first use
@@ -201,14 +216,18 @@ class RoundCoordinator:
 
     # -- transitions ------------------------------------------------------------
 
-    def arrive(self, grad: npt.NDArray[Any], active: BoolArray, push: PushId | None) -> Round:
+    def arrive(self, grad: npt.NDArray[Any], active: BoolArray, push: PushId | None,
+               answer: str | None = None) -> Round:
         """Add a decoded push (host memory) to the current round, opening one if there
-        is none (once its gradient is in); the round closes when it is full."""
+        is none (once its gradient is in); the round closes when it is full.
+        ``answer``: the datatype of the parameters the pusher waits for (None: none)."""
         host = self._host
         opt = host.opt
         r = self.current
         if r is not None and push is not None and push.worker in r.pushes:
             metrics.DUPLICATE_PUSHES.inc()
+            if answer is not None:
+                r.owed[answer] += 1
             return r  # the same push again: it waits on the round like the first
         src = opt.backend.to_device(grad)
         if r is None:
@@ -233,6 +252,8 @@ class RoundCoordinator:
         else:
             self._anonymous += 1
             r.pushes[f"(anonymous {self._anonymous})"] = 0
+        if answer is not None:
+            r.owed[answer] += 1
         if r.arrived >= host.workers.count:
             self.close(r)
         return r
@@ -349,7 +370,19 @@ class RoundCoordinator:
     def _end(self, r: Round) -> None:
         self.last = r.outcome
         self.current = None
+        self.ended = r
         self._host.wake()
+
+    def keep_answers(self, encode: Callable[[str], Any]) -> None:
+        """The parameters are about to change outside a step (SetParameters): the
+        answers the latest round still owes its waiting workers are encoded now, so a
+        worker that collects late still gets the parameters of that round's step."""
+        r = self.ended
+        if r is None:
+            return
+        for datatype in r.owed:
+            if datatype not in r.kept:
+                r.kept[datatype] = encode(datatype)
 
     @contextmanager
     def _or_fail(self, r: Round) -> Iterator[None]:
