@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     grpc_port: int = Field(50051, ge=0, le=65535)
     http_port: int = Field(8000, ge=0, le=65535)
+    flight_port: int = Field(8815, ge=0, le=65535,
+                             description="Arrow Flight port (0: no Flight service)")
+    allow_shared_memory: bool = Field(
+        False, description="let clients on this host register shared-memory regions for "
+                           "their steps (docs/data-plane.md)")
     device: str = Field("cpu", pattern="^(auto|cpu|cuda)$")
     data_dir: Path | None = Path("data")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint each session every N steps")
@@ -66,7 +71,8 @@ class Server:
         store = SessionStore(backend, checkpoints, Limits(cap, settings.max_session_bytes))
         self.service = OptimizerService(
             store, checkpoint_every_steps=settings.checkpoint_every,
-            checkpoint_every_seconds=settings.checkpoint_interval)
+            checkpoint_every_seconds=settings.checkpoint_interval,
+            allow_shared_memory=settings.allow_shared_memory)
         self._stop = threading.Event()
         self.grpc_port = 0
         self.http_port = 0

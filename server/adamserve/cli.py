@@ -35,7 +35,11 @@ def _settings_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = froz
         # a shard reads the environment of its own node, not of this process
         env = f"env ADAMSERVE_{name.upper()}" + (" on the shards' nodes" if passed_on else "")
         helptext = field.description or f"({env})"
-        parser.add_argument(flag, dest=name, default=None, help=helptext)
+        if field.annotation is bool:  # a switch: --allow-shared-memory
+            parser.add_argument(flag, dest=name, default=None, action="store_const",
+                                const="true", help=helptext)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=helptext)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -39,6 +39,8 @@ REASONS: dict[str, str] = {
     "ROUND_ABORTED": "a synchronous round failed: nothing was applied; push again",
     "WAIT_TIMEOUT": "a wait for a step ran out of time; nothing changed",
     "UNAUTHENTICATED": "a missing or wrong bearer token",
+    "SHARED_MEMORY_DISABLED": "a shared-memory request to a server started without "
+                              "--allow-shared-memory",
 }
 
 

@@ -1384,6 +1384,9 @@ class StepHeader(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     BASE_STEP_FIELD_NUMBER: _builtins.int
+    GRADIENTS_REGION_FIELD_NUMBER: _builtins.int
+    GRADIENTS_DATATYPE_FIELD_NUMBER: _builtins.int
+    PARAMS_REGION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to step."""
     return_datatype: _builtins.str
@@ -1420,6 +1423,24 @@ class StepHeader(_message.Message):
     the status or Pull that returned them). Sync sessions refuse a push for a
     step already applied; async sessions use it for the staleness bound.
     """
+    gradients_datatype: _builtins.str
+    """Datatype of the gradients in gradients_region ("FP32" when empty)."""
+    @_builtins.property
+    def gradients_region(self) -> Global___SharedMemoryRef:
+        """Same-host shared memory (RegisterSharedMemory): the gradients of every
+        tensor of the session, packed in the session's tensor order, as
+        `gradients_datatype`, at this place of a registered region; the stream then
+        carries no chunks. byte_size must be the session's element count times the
+        datatype's size.
+        """
+
+    @_builtins.property
+    def params_region(self) -> Global___SharedMemoryRef:
+        """Same-host shared memory: write the updated parameters of every tensor,
+        packed in the session's tensor order, as `return_datatype`, at this place
+        of a registered region instead of sending them. Ignored by Push.
+        """
+
     def __init__(
         self,
         *,
@@ -1430,10 +1451,13 @@ class StepHeader(_message.Message):
         worker_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
         base_step: _builtins.int | None = ...,
+        gradients_region: Global___SharedMemoryRef | None = ...,
+        gradients_datatype: _builtins.str = ...,
+        params_region: Global___SharedMemoryRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "base_step", b"base_step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "base_step", b"base_step", "gradients_region", b"gradients_region", "params_region", b"params_region"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "apply_as_received", b"apply_as_received", "base_step", b"base_step", "require_all", b"require_all", "return_datatype", b"return_datatype", "sequence", b"sequence", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "apply_as_received", b"apply_as_received", "base_step", b"base_step", "gradients_datatype", b"gradients_datatype", "gradients_region", b"gradients_region", "params_region", b"params_region", "require_all", b"require_all", "return_datatype", b"return_datatype", "sequence", b"sequence", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__base_step: _TypeAlias = _typing.Literal["base_step"]  # noqa: Y015
     _WhichOneofArgType__base_step: _TypeAlias = _typing.Literal["_base_step", b"_base_step"]  # noqa: Y015
@@ -2434,3 +2458,262 @@ class RestoreCheckpointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestoreCheckpointResponse: _TypeAlias = RestoreCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRef(_message.Message):
+    """---------------------------------------------------------------------------
+    Same-host shared memory
+
+    A place in a registered shared-memory region.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """The region's name, as registered."""
+    offset: _builtins.int
+    """Where the bytes start, from the start of the region."""
+    byte_size: _builtins.int
+    """How many bytes: offset + byte_size must lie within the region."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRef: _TypeAlias = SharedMemoryRef  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRegion(_message.Message):
+    """A registered shared-memory region."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests use for it (1-128 letters, digits, '_', '-', '.')."""
+    key: _builtins.str
+    """The POSIX shared-memory object (what shm_open takes, without the leading
+    '/'; no other '/'): letters, digits, '_', '-', '.'.
+    """
+    byte_size: _builtins.int
+    """The bytes of the object the server maps, from its start."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: _builtins.str = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "key", b"key", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRegion: _TypeAlias = SharedMemoryRegion  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryRequest(_message.Message):
+    """RegisterSharedMemory's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def region(self) -> Global___SharedMemoryRegion:
+        """The region: the object must exist, be at least byte_size bytes and belong
+        to the server's user.
+        """
+
+    def __init__(
+        self,
+        *,
+        region: Global___SharedMemoryRegion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryRequest: _TypeAlias = RegisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryResponse(_message.Message):
+    """RegisterSharedMemory's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def region(self) -> Global___SharedMemoryRegion:
+        """The region as registered."""
+
+    def __init__(
+        self,
+        *,
+        region: Global___SharedMemoryRegion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryResponse: _TypeAlias = RegisterSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryRequest(_message.Message):
+    """UnregisterSharedMemory's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The region's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryRequest: _TypeAlias = UnregisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryResponse(_message.Message):
+    """UnregisterSharedMemory's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryResponse: _TypeAlias = UnregisterSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
+class ListSharedMemoryRequest(_message.Message):
+    """ListSharedMemory's request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSharedMemoryRequest: _TypeAlias = ListSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class ListSharedMemoryResponse(_message.Message):
+    """ListSharedMemory's response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedMemoryRegion]:
+        """The regions, ordered by name."""
+
+    def __init__(
+        self,
+        *,
+        regions: _abc.Iterable[Global___SharedMemoryRegion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["regions", b"regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSharedMemoryResponse: _TypeAlias = ListSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
+class FlightCommand(_message.Message):
+    """---------------------------------------------------------------------------
+    Arrow Flight (docs/data-plane.md)
+
+    The command bytes of a Flight descriptor (DoPut, DoExchange) or the bytes of
+    a ticket (DoGet): which operation a Flight stream carries, as the request
+    message the gRPC service takes. Tensors travel as record batches, not in the
+    request's chunk fields.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PUSH_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    CREATE_SESSION_FIELD_NUMBER: _builtins.int
+    ADD_TENSORS_FIELD_NUMBER: _builtins.int
+    SET_PARAMETERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def step(self) -> Global___StepRequest:
+        """DoExchange: one step; the first message the Step stream would send."""
+
+    @_builtins.property
+    def push(self) -> Global___PushRequest:
+        """DoPut: one push; the first message of the Push stream."""
+
+    @_builtins.property
+    def pull(self) -> Global___PullRequest:
+        """DoGet: parameter values."""
+
+    @_builtins.property
+    def create_session(self) -> Global___CreateSessionRequest:
+        """DoPut: a new session with the initial values the batches carry."""
+
+    @_builtins.property
+    def add_tensors(self) -> Global___AddTensorsRequest:
+        """DoPut: new tensors with the initial values the batches carry."""
+
+    @_builtins.property
+    def set_parameters(self) -> Global___SetParametersRequest:
+        """DoPut: parameter values to overwrite."""
+
+    def __init__(
+        self,
+        *,
+        step: Global___StepRequest | None = ...,
+        push: Global___PushRequest | None = ...,
+        pull: Global___PullRequest | None = ...,
+        create_session: Global___CreateSessionRequest | None = ...,
+        add_tensors: Global___AddTensorsRequest | None = ...,
+        set_parameters: Global___SetParametersRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["step", "push", "pull", "create_session", "add_tensors", "set_parameters"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___FlightCommand: _TypeAlias = FlightCommand  # noqa: Y015

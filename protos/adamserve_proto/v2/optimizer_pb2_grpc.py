@@ -131,6 +131,21 @@ class OptimizerServiceStub:
                 request_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RestoreCheckpointRequest.SerializeToString,
                 response_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RestoreCheckpointResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/adamserve_proto.v2.OptimizerService/RegisterSharedMemory',
+                request_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/adamserve_proto.v2.OptimizerService/UnregisterSharedMemory',
+                request_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.ListSharedMemory = channel.unary_unary(
+                '/adamserve_proto.v2.OptimizerService/ListSharedMemory',
+                request_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.ListSharedMemoryRequest.SerializeToString,
+                response_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.ListSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServiceServicer:
@@ -311,6 +326,33 @@ class OptimizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Register a POSIX shared-memory region this server can map (same host only;
+        the server must run with --allow-shared-memory, else FAILED_PRECONDITION,
+        SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
+        size for its gradients and its returned parameters instead of sending them
+        (StepHeader.gradients_region, StepHeader.params_region), and no tensor
+        bytes cross the socket. See docs/data-plane.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Unregister a region. A step using it finishes first; later steps naming it
+        get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSharedMemory(self, request, context):
+        """The regions registered (by this caller's tenant), ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -408,6 +450,21 @@ def add_OptimizerServiceServicer_to_server(servicer, server):
                     servicer.RestoreCheckpoint,
                     request_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RestoreCheckpointRequest.FromString,
                     response_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RestoreCheckpointResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'ListSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSharedMemory,
+                    request_deserializer=adamserve__proto_dot_v2_dot_optimizer__pb2.ListSharedMemoryRequest.FromString,
+                    response_serializer=adamserve__proto_dot_v2_dot_optimizer__pb2.ListSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -925,6 +982,87 @@ class OptimizerService:
             '/adamserve_proto.v2.OptimizerService/RestoreCheckpoint',
             adamserve__proto_dot_v2_dot_optimizer__pb2.RestoreCheckpointRequest.SerializeToString,
             adamserve__proto_dot_v2_dot_optimizer__pb2.RestoreCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamserve_proto.v2.OptimizerService/RegisterSharedMemory',
+            adamserve__proto_dot_v2_dot_optimizer__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            adamserve__proto_dot_v2_dot_optimizer__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamserve_proto.v2.OptimizerService/UnregisterSharedMemory',
+            adamserve__proto_dot_v2_dot_optimizer__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            adamserve__proto_dot_v2_dot_optimizer__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamserve_proto.v2.OptimizerService/ListSharedMemory',
+            adamserve__proto_dot_v2_dot_optimizer__pb2.ListSharedMemoryRequest.SerializeToString,
+            adamserve__proto_dot_v2_dot_optimizer__pb2.ListSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

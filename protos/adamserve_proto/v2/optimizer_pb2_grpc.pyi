@@ -177,6 +177,20 @@ class OptimizerServiceStub:
     sharded session: the newest step every shard holds). Checkpoints of later
     steps are removed: they belong to a timeline that was abandoned.
     """
+    RegisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.RegisterSharedMemoryRequest, _optimizer_pb2.RegisterSharedMemoryResponse]
+    """Register a POSIX shared-memory region this server can map (same host only;
+    the server must run with --allow-shared-memory, else FAILED_PRECONDITION,
+    SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
+    size for its gradients and its returned parameters instead of sending them
+    (StepHeader.gradients_region, StepHeader.params_region), and no tensor
+    bytes cross the socket. See docs/data-plane.md.
+    """
+    UnregisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.UnregisterSharedMemoryRequest, _optimizer_pb2.UnregisterSharedMemoryResponse]
+    """Unregister a region. A step using it finishes first; later steps naming it
+    get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+    """
+    ListSharedMemory: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.ListSharedMemoryRequest, _optimizer_pb2.ListSharedMemoryResponse]
+    """The regions registered (by this caller's tenant), ordered by name."""
 
 @_typing.type_check_only
 class OptimizerServiceAsyncStub(OptimizerServiceStub):
@@ -276,6 +290,20 @@ class OptimizerServiceAsyncStub(OptimizerServiceStub):
     sharded session: the newest step every shard holds). Checkpoints of later
     steps are removed: they belong to a timeline that was abandoned.
     """
+    RegisterSharedMemory: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.RegisterSharedMemoryRequest, _optimizer_pb2.RegisterSharedMemoryResponse]  # type: ignore[assignment]
+    """Register a POSIX shared-memory region this server can map (same host only;
+    the server must run with --allow-shared-memory, else FAILED_PRECONDITION,
+    SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
+    size for its gradients and its returned parameters instead of sending them
+    (StepHeader.gradients_region, StepHeader.params_region), and no tensor
+    bytes cross the socket. See docs/data-plane.md.
+    """
+    UnregisterSharedMemory: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.UnregisterSharedMemoryRequest, _optimizer_pb2.UnregisterSharedMemoryResponse]  # type: ignore[assignment]
+    """Unregister a region. A step using it finishes first; later steps naming it
+    get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+    """
+    ListSharedMemory: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.ListSharedMemoryRequest, _optimizer_pb2.ListSharedMemoryResponse]  # type: ignore[assignment]
+    """The regions registered (by this caller's tenant), ordered by name."""
 
 class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The optimizer service. Streams carry one operation each: a Step stream is one
@@ -486,5 +514,37 @@ class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
         sharded session: the newest step every shard holds). Checkpoints of later
         steps are removed: they belong to a timeline that was abandoned.
         """
+
+    @_abc_1.abstractmethod
+    def RegisterSharedMemory(
+        self,
+        request: _optimizer_pb2.RegisterSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.RegisterSharedMemoryResponse, _abc.Awaitable[_optimizer_pb2.RegisterSharedMemoryResponse]]:
+        """Register a POSIX shared-memory region this server can map (same host only;
+        the server must run with --allow-shared-memory, else FAILED_PRECONDITION,
+        SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
+        size for its gradients and its returned parameters instead of sending them
+        (StepHeader.gradients_region, StepHeader.params_region), and no tensor
+        bytes cross the socket. See docs/data-plane.md.
+        """
+
+    @_abc_1.abstractmethod
+    def UnregisterSharedMemory(
+        self,
+        request: _optimizer_pb2.UnregisterSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.UnregisterSharedMemoryResponse, _abc.Awaitable[_optimizer_pb2.UnregisterSharedMemoryResponse]]:
+        """Unregister a region. A step using it finishes first; later steps naming it
+        get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListSharedMemory(
+        self,
+        request: _optimizer_pb2.ListSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_optimizer_pb2.ListSharedMemoryResponse, _abc.Awaitable[_optimizer_pb2.ListSharedMemoryResponse]]:
+        """The regions registered (by this caller's tenant), ordered by name."""
 
 def add_OptimizerServiceServicer_to_server(servicer: OptimizerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -61,8 +61,10 @@ log = logging.getLogger("adamserve.service")
 
 class OptimizerService:
     def __init__(self, store: SessionStore, *, checkpoint_every_steps: int = 0,
-                 checkpoint_every_seconds: float = 0.0) -> None:
+                 checkpoint_every_seconds: float = 0.0,
+                 allow_shared_memory: bool = False) -> None:
         self.store = store
+        self.allow_shared_memory = allow_shared_memory
         self.checkpoints: CheckpointStore | None = store.checkpoints
         self.policy = CheckpointPolicy(store.checkpoints, every_steps=checkpoint_every_steps,
                                        every_seconds=checkpoint_every_seconds)

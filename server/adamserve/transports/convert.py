@@ -21,10 +21,12 @@ import binascii
 import math
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from adamserve import errors
+from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
-from adamserve.service import SessionInfo, StepResult
+from adamserve.service import OptimizerService, PushId, SessionInfo, StepResult, TensorChunk
 from adamserve.sessions.checkpoints import CheckpointInfo
 from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK, SessionConfig
@@ -43,6 +45,55 @@ message_json = proto.message_json
 
 # ---------------------------------------------------------------------------
 # Tensors
+
+
+def datatype(value: str, field: str) -> str:
+    """A wire datatype field (empty: FP32)."""
+    value = value or "FP32"
+    if value not in WIRE_DTYPES:
+        raise errors.InvalidArgument(
+            f"{field}: unknown datatype {value!r}; expected one of {', '.join(WIRE_DTYPES)}")
+    return value
+
+
+def session_id(value: str, field: str = "session_id") -> str:
+    if not value:
+        raise errors.InvalidArgument(f"{field} is empty")
+    return value
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """A StepHeader as the arguments of ``OptimizerService.step``, checked."""
+
+    session_id: str
+    return_datatype: str | None  # None: a push (no parameters back)
+    require_all: bool
+    push_id: PushId | None
+    base_step: int | None
+    apply_as_received: bool
+
+
+def step_call(header: pb.StepHeader, push: bool) -> StepCall:
+    """The step (or, with ``push``, the push) a header asks for; every transport's."""
+    push_id = (PushId(header.worker_id, int(header.sequence))
+               if header.sequence or header.worker_id else None)
+    return StepCall(
+        session_id=session_id(header.session_id, "header.session_id"),
+        return_datatype=None if push else datatype(header.return_datatype,
+                                                   "header.return_datatype"),
+        require_all=header.require_all, push_id=push_id,
+        base_step=int(header.base_step) if header.HasField("base_step") else None,
+        apply_as_received=header.apply_as_received and not push)
+
+
+def run_step(service: OptimizerService, header: pb.StepHeader, grads: Iterable[TensorChunk],
+             *, push: bool, wait: float | None) -> StepResult:
+    """The step (or push) ``header`` asks for, with the gradients ``grads``."""
+    call = step_call(header, push)
+    return service.step(call.session_id, grads, return_datatype=call.return_datatype,
+                        require_all=call.require_all, push_id=call.push_id,
+                        base_step=call.base_step, wait=wait)
 
 
 def check_shape(shape: Iterable[int], what: str) -> tuple[int, ...]:

@@ -38,9 +38,10 @@ from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
 
 from adamserve import errors, metrics
-from adamserve.engine.dtypes import WIRE_DTYPES, itemsize
-from adamserve.service import OptimizerService, PushId, StepResult, TensorChunk
+from adamserve.engine.dtypes import itemsize
+from adamserve.service import OptimizerService, StepResult, TensorChunk
 from adamserve.transports import convert
+from adamserve.transports.grpc.shared_memory import SharedMemoryMethods
 from adamserve.transports.state_codec import decode_state, encode_state
 from adamserve_proto import rpc, wire
 from adamserve_proto.v2 import optimizer_pb2 as pb
@@ -192,11 +193,8 @@ def _messages(requests: Incoming[M]) -> Iterator[M]:
         yield _ok(msg)
 
 
-def _datatype(value: str, field: str) -> str:
-    if value not in WIRE_DTYPES:
-        raise errors.InvalidArgument(
-            f"{field}: unknown datatype {value!r}; expected one of {', '.join(WIRE_DTYPES)}")
-    return value
+_datatype = convert.datatype
+_session_id = convert.session_id
 
 
 def _chunk(msg: pb.TensorChunk) -> TensorChunk:
@@ -249,22 +247,6 @@ def _remaining(context: Context) -> float | None:
     return None if left is None or not math.isfinite(left) else max(0.0, float(left))
 
 
-def _session_id(value: str, field: str = "session_id") -> str:
-    if not value:
-        raise errors.InvalidArgument(f"{field} is empty")
-    return value
-
-
-def _push_id(header: pb.StepHeader) -> PushId | None:
-    if not header.sequence and not header.worker_id:
-        return None
-    return PushId(header.worker_id, int(header.sequence))
-
-
-def _base_step(header: pb.StepHeader) -> int | None:
-    return int(header.base_step) if header.HasField("base_step") else None
-
-
 # ---------------------------------------------------------------------------
 # Outgoing messages
 
@@ -293,7 +275,7 @@ def _params(result: StepResult, wrap: FieldDescriptor) -> Iterator[bytes]:
 # The servicer
 
 
-class OptimizerServicer:
+class OptimizerServicer(SharedMemoryMethods):
     """Implements ``adamserve_proto.v2.OptimizerService`` over an :class:`OptimizerService`.
 
     One method per RPC of :data:`adamserve_proto.rpc.RPCS`, under its name.
@@ -345,22 +327,18 @@ class OptimizerServicer:
 
     def _step(self, header: pb.StepHeader, grads: Iterator[TensorChunk], push: bool,
               context: Context) -> StepResult:
-        session_id = _session_id(header.session_id, "header.session_id")
-        rtype = None if push else _datatype(header.return_datatype or "FP32",
-                                            "header.return_datatype")
-        return self.service.step(session_id, grads, return_datatype=rtype,
-                                 require_all=header.require_all, push_id=_push_id(header),
-                                 base_step=_base_step(header), wait=_remaining(context))
+        return convert.run_step(self.service, header, grads, push=push,
+                                wait=_remaining(context))
 
     def Step(self, requests: Incoming[pb.StepRequest],
              context: Context) -> Iterator[Response]:
         header = _first(requests, "header", "Step").header
         grads = _chunks(requests, "chunk", "Step")
         if header.apply_as_received:
-            rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
-            for item in self.service.step_stream(
-                    _session_id(header.session_id, "header.session_id"), grads,
-                    return_datatype=rtype, push_id=_push_id(header)):
+            call = convert.step_call(header, push=False)
+            for item in self.service.step_stream(call.session_id, grads,
+                                                 return_datatype=call.return_datatype,
+                                                 push_id=call.push_id):
                 if isinstance(item, StepResult):
                     yield pb.StepResponse(status=convert.step_status(item))
                 else:
