@@ -43,7 +43,8 @@ stable `reason` and string metadata (such as "session_id" and "step"):
                        COMMIT_OUT_OF_ORDER (LAMB's second Commit first),
                        NOT_STREAMABLE (apply_as_received refused),
                        DUPLICATE_WORKER_PUSH, LAYOUT_CHANGED,
-                       CHECKPOINTS_DISABLED, FAILED_PRECONDITION
+                       CHECKPOINTS_DISABLED, SHARED_MEMORY_DISABLED,
+                       FAILED_PRECONDITION
   RESOURCE_EXHAUSTED   QUOTA_EXCEEDED, DEVICE_OUT_OF_MEMORY
   ABORTED              ROUND_ABORTED (a synchronous round failed: nothing
                        applied; push again)
