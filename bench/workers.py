@@ -98,7 +98,7 @@ class Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "adamserve.cli", "serve", "--grpc-port", "0",
-                 "--http-port", "0", "--data-dir", str(self.data), "--ports-file",
+                 "--http-port", "0", "--flight-port", "0", "--data-dir", str(self.data), "--ports-file",
                  str(self.ports), "--log-level", "WARNING"],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **SERVER_ENV})
         self.url = ""

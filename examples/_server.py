@@ -21,7 +21,7 @@ def adamserve_server(transport: str = "grpc", data_dir: Path | None = None,
     with tempfile.TemporaryDirectory(prefix="adamserve-example-") as tmp:
         ports = Path(tmp) / "ports.json"
         cmd = [sys.executable, "-m", "adamserve.cli", "serve", "--grpc-port", "0",
-               "--http-port", "0", "--data-dir", str(data_dir) if data_dir else "none",
+               "--http-port", "0", "--flight-port", "0", "--data-dir", str(data_dir) if data_dir else "none",
                "--ports-file", str(ports), "--log-level", "WARNING", *extra]
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:

@@ -1,4 +1,5 @@
-"""The server composed: settings -> backend -> store -> service -> both transports.
+"""The server composed: settings -> backend -> store -> service -> the transports
+(gRPC, HTTP and, unless its port is 0, Arrow Flight).
 
 :class:`Server` is what ``adamserve serve`` runs and what each Ray shard runs
 (:mod:`adamserve.ray_shards`); both build it from :class:`Settings`.
@@ -20,6 +21,7 @@ from adamserve.engine.backend import Backend, select_backend
 from adamserve.service import OptimizerService
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
+from adamserve.transports.flight import FlightServerThread
 from adamserve.transports.grpc.server import build_grpc_server
 from adamserve.transports.http.app import HttpServerThread, create_app
 
@@ -57,7 +59,7 @@ def default_state_cap(backend: Backend) -> int:
 
 
 class Server:
-    """Both transports over one service; ``stop`` drains and checkpoints."""
+    """The transports over one service; ``stop`` drains and checkpoints."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -76,6 +78,8 @@ class Server:
         self._stop = threading.Event()
         self.grpc_port = 0
         self.http_port = 0
+        self.flight_port = 0
+        self.flight: FlightServerThread | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -85,13 +89,17 @@ class Server:
         self.grpc, self.grpc_port = build_grpc_server(self.service, s.host, s.grpc_port, s.token)
         self.http = HttpServerThread(create_app(self.service, s.token), s.host, s.http_port)
         self.http_port = self.http.start()
-        log.info("adamserve %s listening: grpc %s:%d, http http://%s:%d (backend %s, data %s)",
-                 __version__, s.host, self.grpc_port, s.host, self.http_port,
+        if s.flight_port:
+            self.flight = FlightServerThread(self.service, s.host, s.flight_port, s.token)
+            self.flight_port = self.flight.start()
+        log.info("adamserve %s listening: grpc %s:%d, http http://%s:%d, flight %s "
+                 "(backend %s, data %s)", __version__, s.host, self.grpc_port, s.host,
+                 self.http_port, self.flight.url if self.flight else "off",
                  self.service.store.backend.name, s.data_dir or "none: checkpoints off")
         if s.ports_file is not None:
             tmp = s.ports_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"grpc": self.grpc_port, "http": self.http_port,
-                                       "pid": os.getpid()}))
+                                       "flight": self.flight_port, "pid": os.getpid()}))
             tmp.replace(s.ports_file)
         period = self.service.policy.period
         if period is not None:
@@ -120,6 +128,8 @@ class Server:
         self.service.ready = False
         self.grpc.stop(grace=5).wait()
         self.http.stop()
+        if self.flight is not None:
+            self.flight.stop()
         n = self.service.checkpoint_all()
         log.info("stopped; checkpointed %d sessions", n)
 

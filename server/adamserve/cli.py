@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         up.add_argument(f"--{wire}-port", type=int, default=0,
                         help=f"shard i serves {wire} on this port + i, also after a restart "
                              "(default 0: any free port, a new one after each restart)")
+    up.add_argument("--flight-port", type=int, default=0,
+                    help="shard i serves Arrow Flight on this port + i (default 0: no Flight)")
     _settings_flags(up, skip=ray_shards.SHARD_SETTINGS, passed_on=True)
     ray_sub.add_parser("addresses", parents=[common], help="print the running shards' addresses")
     ray_sub.add_parser("down", parents=[common],
@@ -98,7 +100,8 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
 
 def _print_shards(shards: list[ray_shards.ShardAddress]) -> None:
     for s in shards:
-        print(f"shard {s['shard']} {s['grpc']} {s['http']}")
+        print(f"shard {s['shard']} {s['grpc']} {s['http']}" + (f" {s['flight']}"
+                                                              if s["flight"] else ""))
     print("ADAMSERVE_SHARDS=" + ",".join(s["grpc"] for s in shards))
 
 
@@ -119,7 +122,8 @@ def _ray_command(args: argparse.Namespace) -> None:
             args.shards, name=args.name, num_gpus_per_shard=args.num_gpus_per_shard,
             num_cpus_per_shard=args.num_cpus_per_shard, address=args.address,
             data_dir=args.data_dir, checkpoint_every=args.checkpoint_every, host=args.host,
-            grpc_port=args.grpc_port, http_port=args.http_port, settings=extra))
+            grpc_port=args.grpc_port, http_port=args.http_port, flight_port=args.flight_port,
+            settings=extra))
     elif args.ray_command == "addresses":
         _print_shards(ray_shards.addresses(args.name, address=args.address))
     else:

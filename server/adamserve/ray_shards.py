@@ -37,8 +37,8 @@ __all__ = ["NAMESPACE", "SHARD_SETTINGS", "Shard", "ShardAddress", "addresses", 
 
 NAMESPACE = "adamserve"
 # Settings that up() sets itself, per shard; any other Settings field may be passed on.
-SHARD_SETTINGS = frozenset({"host", "grpc_port", "http_port", "device", "data_dir",
-                            "checkpoint_every", "ports_file"})
+SHARD_SETTINGS = frozenset({"host", "grpc_port", "http_port", "flight_port", "device",
+                            "data_dir", "checkpoint_every", "ports_file"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _WILDCARD = ("0.0.0.0", "::", "")
 
@@ -49,6 +49,7 @@ class ShardAddress(TypedDict):
     shard: int
     grpc: str  # grpc://host:port
     http: str  # http://host:port
+    flight: str  # flight://host:port; "" without Flight (flight_port 0)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ShardConfig:
     host: str | None = None  # None: the node's IP address
     grpc_port: int = 0  # 0: any free port, a new one after each restart
     http_port: int = 0
+    flight_port: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +92,7 @@ class Shard:
             **config.settings,
             "host": config.host or ray.util.get_node_ip_address(),
             "grpc_port": config.grpc_port, "http_port": config.http_port,
-            "device": config.device,
+            "flight_port": config.flight_port, "device": config.device,
             "data_dir": Path(config.data_dir), "checkpoint_every": config.checkpoint_every})
         if settings.token == "":  # as `adamserve serve`: an empty token means none
             settings.token = None
@@ -107,7 +109,9 @@ class Shard:
     def address(self) -> ShardAddress:
         return {"shard": self.index,
                 "grpc": _url("grpc", self.host, self.server.grpc_port),
-                "http": _url("http", self.host, self.server.http_port)}
+                "http": _url("http", self.host, self.server.http_port),
+                "flight": (_url("flight", self.host, self.server.flight_port)
+                           if self.server.flight_port else "")}
 
     def pid(self) -> int:
         """The actor's process id on its node (for operators: profilers, kill -9 drills)."""
@@ -156,7 +160,8 @@ def _shard_indices(ray: Any, name: str) -> list[int]:
 def up(shards: int, *, name: str = "adamserve", num_gpus_per_shard: float = 0,
        num_cpus_per_shard: float = 0.5, address: str | None = None,
        data_dir: str | Path = "data", checkpoint_every: int = 100, host: str | None = None,
-       grpc_port: int = 0, http_port: int = 0, settings: Mapping[str, Any] | None = None,
+       grpc_port: int = 0, http_port: int = 0, flight_port: int = 0,
+       settings: Mapping[str, Any] | None = None,
        timeout: float = 300.0) -> list[ShardAddress]:
     """Start shards 0 .. ``shards``-1 (those already running are kept) and return their addresses.
 
@@ -167,7 +172,8 @@ def up(shards: int, *, name: str = "adamserve", num_gpus_per_shard: float = 0,
     ``0.0.0.0``: every interface, advertised as the node's IP address).
     ``grpc_port``, ``http_port``: shard i listens on ``grpc_port + i`` and
     ``http_port + i``, so a shard restarted on the same node is back at the same
-    address; 0: any free port, new after each restart.
+    address; 0: any free port, new after each restart. ``flight_port``: shard i
+    serves Arrow Flight on ``flight_port + i``; 0: no Flight.
     ``num_gpus_per_shard`` > 0 puts each shard's state on its GPU (CuPy). ``settings``:
     other :class:`~adamserve.app.Settings` fields, such as ``token`` or
     ``max_state_bytes``. A running shard keeps the options it was started with:
@@ -179,7 +185,8 @@ def up(shards: int, *, name: str = "adamserve", num_gpus_per_shard: float = 0,
         raise ValueError(f"name {name!r}: use letters, digits, '_', '.', '-'")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-    for flag, port in (("grpc_port", grpc_port), ("http_port", http_port)):
+    for flag, port in (("grpc_port", grpc_port), ("http_port", http_port),
+                       ("flight_port", flight_port)):
         if not (port == 0 or 0 < port <= 65536 - shards):
             raise ValueError(f"{flag} {port}: 0, or room for {shards} ports up to 65535")
     extra = dict(settings or {})
@@ -203,7 +210,8 @@ def up(shards: int, *, name: str = "adamserve", num_gpus_per_shard: float = 0,
             scheduling_strategy="SPREAD",
         ).remote(ShardConfig(i, str(root / f"shard-{i}"), device, checkpoint_every, host,
                              grpc_port + i if grpc_port else 0,
-                             http_port + i if http_port else 0, extra))
+                             http_port + i if http_port else 0,
+                             flight_port + i if flight_port else 0, extra))
         for i in range(shards)]
     result: list[ShardAddress] = ray.get([h.address.remote() for h in handles], timeout=timeout)
     return result

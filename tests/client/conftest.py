@@ -1,8 +1,9 @@
-"""One real server for the client tests: an OptimizerService behind both transports.
+"""One real server for the client tests: an OptimizerService behind every transport.
 
-gRPC (build_grpc_server) and HTTP (uvicorn in a thread) listen on 127.0.0.1 with
-port 0 over the same service, as ``adamserve serve`` runs them. Tests are
-parametrized over the two URLs and use fresh session ids.
+gRPC (build_grpc_server), HTTP (uvicorn in a thread) and Arrow Flight
+(FlightServerThread) listen on 127.0.0.1 with port 0 over the same service, as
+``adamserve serve`` runs them. Tests are parametrized over the three URLs and use
+fresh session ids.
 
 The server is imported inside the fixture, not at the top: test_cuda_params.py
 runs on a GPU machine where only the client and torch are installed.
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-TRANSPORTS = ("grpc", "http")
+TRANSPORTS = ("grpc", "http", "flight")
 
 
 @dataclass
@@ -37,6 +38,7 @@ def _server(data_dir: Path) -> Iterator[Live]:
     from adamserve.service import OptimizerService
     from adamserve.sessions.checkpoints import CheckpointStore
     from adamserve.sessions.store import Limits, SessionStore
+    from adamserve.transports.flight import FlightServerThread
     from adamserve.transports.grpc import build_grpc_server
     from adamserve.transports.http import HttpServerThread, create_app
 
@@ -46,7 +48,11 @@ def _server(data_dir: Path) -> Iterator[Live]:
     grpc_server, grpc_port = build_grpc_server(service, port=0)
     http = HttpServerThread(create_app(service))
     http.start()
-    yield Live({"grpc": f"grpc://127.0.0.1:{grpc_port}", "http": http.url}, service, data_dir)
+    flight = FlightServerThread(service)
+    flight.start()
+    yield Live({"grpc": f"grpc://127.0.0.1:{grpc_port}", "http": http.url, "flight": flight.url},
+               service, data_dir)
+    flight.stop()
     http.stop()
     grpc_server.stop(None)
 
@@ -78,3 +84,15 @@ _ids = itertools.count()
 def sid(request: pytest.FixtureRequest) -> str:
     """A session id no other test uses."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"t{next(_ids)}-{request.node.name}")[:120]
+
+
+@pytest.fixture(scope="session")
+def shm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Live]]:
+    """Three servers like ``live`` that take shared-memory regions (as with
+    ``--allow-shared-memory``): one for single-server sessions, two more for shards."""
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(_server(tmp_path_factory.mktemp(f"shm{i}")))
+                   for i in range(3)]
+        for server in servers:
+            server.service.allow_shared_memory = True
+        yield servers

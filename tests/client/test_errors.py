@@ -18,6 +18,7 @@ import adamserve_client as ac
 from adamserve_client import errors
 from adamserve_client.transports import Client, SessionSpec, TensorSpec, connect
 from adamserve_client.transports.base import Sender, Workers
+from adamserve_client.transports.flight import FlightWire
 from adamserve_client.transports.grpc import GrpcWire
 from tests.client.conftest import Live
 from tests.client.test_transports import f32
@@ -230,6 +231,21 @@ class _Unavailable:
 
             stub = w._stubs["GetSession"]
             w._stubs["GetSession"] = lambda *a, **k: self._maybe(Refused(), stub, a, k)
+        elif isinstance(w, FlightWire):
+            import pyarrow.flight as fl
+
+            real, outer = w._client, self
+
+            class Flaky:  # the FlightClient, whose actions fail as a refused connection does
+                def do_action(self, *a: Any, **k: Any) -> Any:
+                    return outer._maybe(fl.FlightUnavailableError(
+                        "failed to connect to all addresses; Connection refused"),
+                        real.do_action, a, k)
+
+                def close(self) -> None:
+                    real.close()
+
+            w._client = Flaky()  # type: ignore[assignment]
         else:
             import httpx
 

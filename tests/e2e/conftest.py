@@ -28,7 +28,7 @@ class ServerProcess:
         ports = self.data_dir.parent / f"ports-{self.data_dir.name}.json"
         ports.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "adamserve.cli", "serve", "--grpc-port", "0",
-               "--http-port", "0", "--data-dir", str(self.data_dir), "--ports-file", str(ports),
+               "--http-port", "0", "--flight-port", "0", "--data-dir", str(self.data_dir), "--ports-file", str(ports),
                *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as log:

@@ -4,9 +4,10 @@
 messages), with a gRPC and an HTTP wire; sharded sessions compose transports
 (:class:`~adamserve_client.transports.sharded.ShardedTransport`).
 
-``connect(url)`` picks the wire from the URL's scheme: ``grpc://host:port`` or
-``http://host:port`` / ``https://host:port``. The wire modules import their
-libraries (grpcio, httpx) only when used.
+``connect(url)`` picks the wire from the URL's scheme: ``grpc://host:port``,
+``flight://host:port`` (Arrow Flight, the bulk data plane) or ``http://host:port`` /
+``https://host:port``. The wire modules import their libraries (grpcio, pyarrow,
+httpx) only when used.
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ def connect(url: str, token: str | None = None, timeout: float | None = None, *,
     call may take (None: no limit). ``retries``: calls made in all while the server
     is unavailable (exponential backoff between them).
     """
-    scheme = parse_url(url).scheme
+    scheme = url.partition("://")[0].lower()
+    if scheme != "flight":
+        scheme = parse_url(url).scheme
     try:
+        if scheme == "flight":
+            from adamserve_client.transports.flight import FlightTransport
+
+            return FlightTransport(url, token, timeout, retries=retries)
         if scheme == "grpc":
             from adamserve_client.transports.grpc import GrpcTransport
 
@@ -62,4 +69,4 @@ def connect(url: str, token: str | None = None, timeout: float | None = None, *,
 
 
 # The packages each wire needs beyond the core install (the `client` extra brings them).
-_WIRE_LIBRARIES = frozenset({"grpc", "httpx", "httpcore", "h11", "anyio"})
+_WIRE_LIBRARIES = frozenset({"grpc", "httpx", "httpcore", "h11", "anyio", "pyarrow"})

@@ -1,0 +1,290 @@
+"""The Arrow Flight wire: ``adamserve_proto.v2`` over Flight (docs/data-plane.md).
+
+A step is one ``DoExchange`` (the descriptor's command a ``FlightCommand`` with the
+Step stream's first message; the gradients as record batches in
+:mod:`adamserve_proto.flight`'s layout, built over the tensors' own memory); a push,
+a create or add-tensors with initial values and a SetParameters are ``DoPut``; a
+pull is ``DoGet``; every other RPC is ``DoAction`` with the RPC's name and the
+serialised request (its results are the response messages the gRPC service would
+stream). The bytes move in Arrow's C++ code, not in Python.
+
+Errors: the ``google.rpc.Status`` in a Flight error's ``extra_info`` gives the
+status code, the message and the reason, as over gRPC. Calls that fail with
+UNAVAILABLE are retried like the gRPC wire's (a call that must not run twice only
+when the connection was never made).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
+
+import pyarrow as pa
+import pyarrow.flight as fl
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+
+from adamserve_client import errors
+from adamserve_client.transports import _codec
+from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
+from adamserve_client.transports.client import Client
+from adamserve_proto import flight as layout
+from adamserve_proto import rpc
+from adamserve_proto.v2 import optimizer_pb2 as pb
+
+__all__ = ["FlightTransport", "FlightWire"]
+
+T = TypeVar("T")
+
+DEFAULT_FLIGHT_PORT = 8815
+_DOMAIN = "adamserve"
+# The RPCs that travel as Flight streams, and the FlightCommand field of each.
+_COMMANDS = {"Step": "step", "Push": "push", "Pull": "pull", "CreateSession": "create_session",
+             "AddTensors": "add_tensors", "SetParameters": "set_parameters"}
+# google.rpc.Code numbers -> the status names adamserve_client.errors maps
+_CODE_NAMES = dict(enumerate((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED")))
+_NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed",
+               "name resolution", "no route to host")
+
+
+def parse_flight_url(url: str) -> _codec.ServerAddress:
+    """``flight://host:port`` (port 8815 when not given)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme.lower() != "flight" or not sep:
+        raise ValueError(f"FlightTransport needs a flight:// URL, got {url!r}")
+    address = _codec.parse_url("grpc://" + rest)
+    port = address.port if ":" in rest.rsplit("]", 1)[-1] else DEFAULT_FLIGHT_PORT
+    return _codec.ServerAddress("flight", address.host, port)
+
+
+def _status(exc: fl.FlightError) -> status_pb2.Status | None:
+    info = getattr(exc, "extra_info", None)
+    if not info:
+        return None
+    try:
+        return status_pb2.Status.FromString(bytes(info))
+    except DecodeError:
+        return None
+
+
+def _message(exc: BaseException) -> str:
+    """The message of a Flight error, without the detail Arrow appends."""
+    return str(exc).split(". Detail:", 1)[0]
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, fl.FlightUnavailableError)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    return _unavailable(exc) and any(m in str(exc).lower() for m in _NEVER_SENT)
+
+
+def _tensors(payload: Sequence[WireTensor]) -> tuple[str, Iterator[pa.RecordBatch]]:
+    """The payload's datatype and its record batches (one datatype per stream)."""
+    kinds = {t.datatype for t in payload}
+    if len(kinds) > 1:
+        raise ValueError(f"one Flight stream carries one datatype; got {sorted(kinds)}")
+    datatype = kinds.pop() if kinds else "FP32"
+    return datatype, layout.batches(((t.name, t.shape, t.data, 0) for t in payload), datatype)
+
+
+class FlightWire(Wire):
+    """The wire to ``flight://host:port``; arguments as :class:`GrpcWire`'s."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
+                 retries: int = 3, backoff: float = 0.05) -> None:
+        address = parse_flight_url(url)
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self._options = fl.FlightCallOptions(timeout=timeout, headers=headers)
+        self._client = fl.FlightClient(f"grpc://{address.hostport}")
+
+    # -- the seam ---------------------------------------------------------------
+
+    def unary(self, method: str, request: Message, *, idempotent: bool = True) -> Message:
+        reply = self._call(lambda: self._action(method, request), idempotent)
+        if reply.message is None:
+            raise _codec.bad_response(f"the {method} action returned no result", self.url)
+        return reply.message
+
+    def stream(self, method: str, request: Message, payload: Payload = (), *,
+               idempotent: bool = True) -> Reply:
+        if isinstance(payload, Blob):  # ImportState: the whole blob in one message
+            blob_request: Any = type(request)()
+            blob_request.CopyFrom(request)
+            blob_request.data = bytes(payload.data)
+            return self._call(lambda: self._action(method, blob_request), idempotent)
+        kind = _COMMANDS.get(method)
+        if kind is None or (not payload and method in ("CreateSession", "AddTensors")):
+            return self._call(lambda: self._action(method, request), idempotent)
+        cmd = pb.FlightCommand()
+        getattr(cmd, kind).CopyFrom(request)
+        command = cmd.SerializeToString()
+        if method == "Step":
+            return self._call(lambda: self._exchange(command, payload), idempotent)
+        if method == "Pull":
+            return self._call(lambda: self._get(command), idempotent)
+        response_type = rpc.RPCS[method].response_type
+        return self._call(lambda: self._put(command, payload, response_type), idempotent)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- the verbs --------------------------------------------------------------
+
+    def _action(self, method: str, request: Message) -> Reply:
+        """DoAction: the response messages, gathered as the gRPC wire gathers a stream."""
+        response_type = rpc.RPCS[method].response_type
+        results = self._client.do_action(fl.Action(method, request.SerializeToString()),
+                                         self._options)
+        head: Message | None = None
+        tensors = _codec.ChunkAssembler()
+        blob: list[bytes] = []
+        for result in results:
+            msg = _parse(response_type, result.body.to_pybytes(), self.url)
+            payload = False
+            for f, value in msg.ListFields():
+                if f.message_type is pb.TensorChunk.DESCRIPTOR:
+                    tensors.add_chunk(value)
+                    payload = True
+                elif f.type == FieldDescriptor.TYPE_BYTES:
+                    blob.append(value)
+                    payload = True
+            if not payload:
+                head = msg
+        return Reply(head, tensors.tensors(), bytearray().join(blob))
+
+    def _exchange(self, command: bytes, payload: Sequence[WireTensor]) -> Reply:
+        """DoExchange: the gradients out, the status and the parameters back."""
+        writer, reader = self._client.do_exchange(fl.FlightDescriptor.for_command(command),
+                                                  self._options)
+        datatype, batches = _tensors(payload)
+        failed: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                writer.begin(layout.schema(datatype))
+                for batch in batches:
+                    writer.write_batch(batch)
+                writer.done_writing()
+            except BaseException as exc:  # the reader below sees the call's error
+                failed.append(exc)
+
+        # the answer is read while the gradients go out: a server that answers early
+        # (an error, or the parameters of a full-duplex step) never blocks on us
+        sender = threading.Thread(target=send, name="adamserve-flight-send", daemon=True)
+        sender.start()
+        try:
+            return self._gather(reader, pb.StepResponse)
+        finally:
+            sender.join()
+            writer.close()
+            if failed and not isinstance(failed[0], fl.FlightError):
+                raise failed[0]
+
+    def _put(self, command: bytes, payload: Sequence[WireTensor],
+             response_type: type[Message]) -> Reply:
+        """DoPut: the tensors out, the one PutResult (the response message) back."""
+        datatype, batches = _tensors(payload)
+        writer, meta = self._client.do_put(fl.FlightDescriptor.for_command(command),
+                                           layout.schema(datatype), self._options)
+        try:
+            for batch in batches:
+                writer.write_batch(batch)
+            writer.done_writing()
+            answer = meta.read()
+        finally:
+            writer.close()
+        if answer is None:
+            raise _codec.bad_response("DoPut returned no result", self.url)
+        return Reply(_parse(response_type, answer.to_pybytes(), self.url))
+
+    def _get(self, command: bytes) -> Reply:
+        reader = self._client.do_get(fl.Ticket(command), self._options)
+        return self._gather(reader, None)
+
+    def _gather(self, reader: Any, status_type: type[Message] | None) -> Reply:
+        """A stream of metadata (the status) and record batches (whole tensors)."""
+        head: Message | None = None
+        tensors = _codec.ChunkAssembler()
+        datatype = ""
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                break
+            if chunk.app_metadata is not None and status_type is not None:
+                head = _parse(status_type, chunk.app_metadata.to_pybytes(), self.url)
+            if chunk.data is None:
+                continue
+            if not datatype:
+                try:
+                    datatype = layout.datatype_of(chunk.data.schema)
+                except ValueError as exc:
+                    raise _codec.bad_response(str(exc), self.url) from None
+            for row in layout.rows(chunk.data, datatype):
+                # a view of the batch's buffer: the assembler keeps it or copies it once
+                tensors.add(row.name, row.shape, datatype, row.offset, cast(bytes, row.data))
+        return Reply(head, tensors.tensors())
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T], idempotent: bool) -> T:
+        try:
+            return _codec.with_retries(fn, _unavailable if idempotent else _never_sent,
+                                       attempts=self.retries, backoff=self.backoff)
+        except fl.FlightError as exc:
+            raise self._error(exc) from None
+        except pa.ArrowException as exc:
+            raise _codec.bad_response(f"the Flight stream cannot be read ({_message(exc)})",
+                                      self.url) from None
+
+    def _error(self, exc: fl.FlightError) -> errors.AdamserveError:
+        status = _status(exc)
+        if status is None:
+            if isinstance(exc, fl.FlightUnavailableError):
+                return _codec.unreachable(self.url, self.retries, _message(exc))
+            if isinstance(exc, fl.FlightTimedOutError):
+                return _codec.timed_out(self.url, self.timeout)
+            if isinstance(exc, fl.FlightUnauthenticatedError):
+                return errors.error_for("UNAUTHENTICATED", _message(exc), self.url)
+            return errors.error_for("UNKNOWN", _message(exc), self.url)
+        reason: str | None = None
+        metadata: dict[str, str] = {}
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info) and (info.domain == _DOMAIN or reason is None):
+                reason, metadata = info.reason or None, dict(info.metadata)
+        code = _CODE_NAMES.get(status.code, "UNKNOWN")
+        return errors.error_for(code, status.message, self.url, reason=reason,
+                                metadata=metadata)
+
+    def __repr__(self) -> str:
+        return f"FlightWire({self.url!r})"
+
+
+def _parse(cls: type[Message], data: bytes, url: str) -> Message:
+    try:
+        return cls.FromString(data)
+    except DecodeError:
+        raise _codec.bad_response(f"the server's answer is not a {cls.DESCRIPTOR.name}",
+                                  url) from None
+
+
+class FlightTransport(Client):
+    """The session operations on ``flight://host:port`` (a :class:`Client` over a
+    :class:`FlightWire`)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
+                 retries: int = 3, backoff: float = 0.05) -> None:
+        super().__init__(FlightWire(url, token, timeout, retries=retries, backoff=backoff))

@@ -1,0 +1,386 @@
+"""The Arrow Flight data plane: the OptimizerService over Flight (docs/data-plane.md).
+
+The contract is the v2 one, carried by Flight's four verbs:
+
+* ``DoExchange``: a step. The descriptor's command is a ``FlightCommand`` whose
+  ``step`` is the Step stream's first message (its header); the client's record
+  batches carry the gradients (:mod:`adamserve_proto.flight`'s layout); the answer
+  is one metadata message, a serialised ``StepResponse`` with the status, then the
+  parameters as record batches. With ``apply_as_received`` the parameters of each
+  batch go back as soon as it is applied (full duplex) and the status comes last.
+* ``DoPut``: a push (``FlightCommand.push``), a create or an add-tensors with
+  initial values, or parameter values (``set_parameters``): the batches carry the
+  tensors; the one ``PutResult`` is the serialised response message of that RPC.
+* ``DoGet``: a pull; the ticket is a ``FlightCommand`` with ``pull``.
+* ``DoAction``: every other operation (and any RPC whose request is one message),
+  its type the RPC's name and its body the serialised request message; each
+  result is one serialised response message, as the gRPC service would stream them. These go through the gRPC servicer's own
+  methods (:class:`~adamserve.transports.grpc.servicer.OptimizerServicer`), so the
+  two wires cannot drift.
+
+Gradients are decoded from the Arrow buffers straight into the session's buffer
+(each row's values reach the service as a memoryview of the received buffer);
+parameters leave as views of the step's encoded values (the copy taken under
+the session's lock, so a later step cannot change them mid-send).
+
+Errors: a Flight error whose ``extra_info`` (``grpc-status-details-bin`` on the
+wire) is a ``google.rpc.Status`` with the gRPC status code, the message and one
+``google.rpc.ErrorInfo`` (domain "adamserve", the reason and metadata), exactly
+what the gRPC service sends in its details. The Flight error class follows the
+code where Flight has one (UNAUTHENTICATED, DEADLINE_EXCEEDED, UNAVAILABLE,
+INTERNAL); every other code is a ``FlightServerError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+import pyarrow as pa
+import pyarrow.flight as fl
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
+
+from adamserve import errors, metrics
+from adamserve.service import OptimizerService, StepResult, TensorChunk
+from adamserve.transports import convert
+from adamserve.transports.grpc.servicer import (
+    ERROR_DOMAIN,
+    INTERNAL_MESSAGE,
+    OptimizerServicer,
+    status_of,
+)
+from adamserve_proto import flight as layout
+from adamserve_proto import rpc
+from adamserve_proto.v2 import optimizer_pb2 as pb
+
+log = logging.getLogger("adamserve.transports.flight")
+
+TRANSPORT = "flight"
+# DoAction runs every RPC with its request as one message: a request stream's first
+# message alone (an ImportStateRequest with the whole blob; a CreateSession with no
+# initial values; a Step whose gradients are in shared memory).
+ACTIONS = frozenset(rpc.RPCS)
+# FlightCommand kind -> the RPC it stands for.
+COMMANDS = {"step": "Step", "push": "Push", "pull": "Pull", "create_session": "CreateSession",
+            "add_tensors": "AddTensors", "set_parameters": "SetParameters"}
+
+_FLIGHT_ERRORS: dict[grpc.StatusCode, type[fl.FlightError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: fl.FlightUnauthenticatedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: fl.FlightTimedOutError,
+    grpc.StatusCode.UNAVAILABLE: fl.FlightUnavailableError,
+    grpc.StatusCode.INTERNAL: fl.FlightInternalError,
+}
+
+
+def flight_error(exc: BaseException) -> fl.FlightError:
+    """The Flight error a request that raised ``exc`` answers with."""
+    code, message = status_of(exc)
+    if isinstance(exc, errors.ServiceError) and code is not grpc.StatusCode.INTERNAL:
+        reason, metadata = exc.reason, exc.metadata
+    else:
+        code, message, reason, metadata = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE,
+                                           "INTERNAL", {})
+    info = any_pb2.Any()
+    info.Pack(ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {}))
+    status = Status(code=code.value[0], message=message, details=[info])
+    cls = _FLIGHT_ERRORS.get(code, fl.FlightServerError)
+    return cls(message, extra_info=status.SerializeToString())
+
+
+@dataclass
+class _Label:
+    method: str
+
+
+class _Call:
+    """The part of a gRPC ServicerContext the servicer's methods read: Flight gives a
+    handler no deadline, so waits are bounded by the service's own limits."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+
+def _parse(cls: type[Message], data: bytes, what: str) -> Any:
+    try:
+        return cls.FromString(data)
+    except DecodeError as exc:
+        raise errors.InvalidArgument(
+            f"{what}: not a {cls.DESCRIPTOR.full_name} message ({exc or 'cannot parse'})"
+        ) from None
+
+
+def _command(data: bytes, what: str, *kinds: str) -> tuple[str, Any]:
+    """The FlightCommand in ``data``: its kind (one of ``kinds``) and request."""
+    cmd = _parse(pb.FlightCommand, data, what)
+    kind = cmd.WhichOneof("kind")
+    if kind not in kinds:
+        raise errors.InvalidArgument(
+            f"{what}: the FlightCommand carries {f'`{kind}`' if kind else 'nothing'}; "
+            f"expected {' or '.join(f'`{k}`' for k in kinds)}")
+    return kind, getattr(cmd, kind)
+
+
+def _header(first: Any, what: str) -> pb.StepHeader:
+    """The header of a Step or Push stream's first message."""
+    if first.WhichOneof("kind") != "header":
+        raise errors.InvalidArgument(f"{what}: the command's request must carry `header`")
+    return cast(pb.StepHeader, first.header)
+
+
+def _chunks(reader: Any, what: str) -> Iterator[TensorChunk]:
+    """The tensor chunks in the record batches a client sends."""
+    datatype = ""
+    for batch in _batches(reader, what):
+        if not datatype:
+            try:
+                datatype = layout.datatype_of(batch.schema)
+            except ValueError as exc:
+                raise errors.InvalidArgument(f"{what}: {exc}") from None
+        try:
+            for row in layout.rows(batch, datatype):
+                shape = convert.check_shape(row.shape, f"tensor {row.name!r}")
+                if row.offset < 0:
+                    raise errors.InvalidArgument(
+                        f"tensor {row.name!r}: negative chunk offset {row.offset}")
+                metrics.BYTES_IN.labels(TRANSPORT).inc(row.data.nbytes)
+                yield TensorChunk(row.name, shape, datatype, row.data, row.offset)
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"{what}: {exc}") from None
+
+
+def _batches(reader: Any, what: str) -> Iterator[pa.RecordBatch]:
+    """The record batches of a client's stream (metadata-only messages skipped); a
+    stream that breaks off or does not parse is InvalidArgument."""
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        except fl.FlightCancelledError:
+            raise
+        except (pa.ArrowException, OSError) as exc:
+            raise errors.InvalidArgument(
+                f"{what}: the record batch stream cannot be read ({_first_line(exc)})"
+            ) from None
+        if chunk.data is not None:
+            yield chunk.data
+
+
+def _first_line(exc: BaseException) -> str:
+    """An Arrow error's message without the traceback Arrow appends."""
+    return str(exc).split(". Detail:", 1)[0].splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _tensor_batches(params: Iterable[TensorChunk], datatype: str) -> Iterator[pa.RecordBatch]:
+    """Parameters as record batches, each row a view of the chunk's bytes."""
+    for c in params:
+        metrics.BYTES_OUT.labels(TRANSPORT).inc(len(c.data))
+        yield from layout.batches([(c.name, c.shape, c.data, c.offset)], datatype)
+
+
+def _write_params(writer: Any, params: Iterable[TensorChunk], datatype: str) -> None:
+    for batch in _tensor_batches(params, datatype):
+        writer.write_batch(batch)
+
+
+def _buffer(msg: Message | bytes) -> pa.Buffer:
+    return pa.py_buffer(msg if isinstance(msg, bytes) else msg.SerializeToString())
+
+
+class BearerToken(fl.ServerMiddlewareFactory):  # type: ignore[misc]
+    """Refuse calls without header ``authorization: Bearer <token>`` (UNAUTHENTICATED),
+    compared in constant time, as the gRPC and HTTP services do."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self._expected = token.encode()
+
+    def start_call(self, info: Any, headers: dict[str, list[str | bytes]]) -> None:
+        for value in headers.get("authorization", ()):
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            scheme, _, credential = raw.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(),
+                                                                   self._expected):
+                return
+        metrics.REQUESTS.labels(TRANSPORT, str(info.method), "UNAUTHENTICATED").inc()
+        raise flight_error(errors.Unauthenticated(
+            "missing or wrong token: send header 'authorization: Bearer <token>'"))
+
+
+class FlightService(fl.FlightServerBase):  # type: ignore[misc]
+    """``service`` over Arrow Flight at ``location`` (``grpc://host:port``; port 0
+    picks a free one: see :attr:`port`)."""
+
+    def __init__(self, service: OptimizerService, location: str,
+                 token: str | None = None) -> None:
+        middleware = {"auth": BearerToken(token)} if token else {}
+        super().__init__(location, middleware=middleware)
+        self.service = service
+        self.servicer = OptimizerServicer(service)
+
+    # -- the guard --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _guard(self, method: str) -> Iterator[_Label]:
+        """Domain errors as Flight errors with the status details; anything else is
+        logged and answered INTERNAL. The label names the RPC once it is known."""
+        label = _Label(method)
+        try:
+            yield label
+        except fl.FlightError:
+            metrics.REQUESTS.labels(TRANSPORT, label.method, "CANCELLED").inc()
+            raise
+        except Exception as exc:
+            failure = flight_error(exc)
+            if isinstance(failure, fl.FlightInternalError):
+                log.error("%s failed", label.method, exc_info=exc)
+            code = status_of(exc)[0] if isinstance(exc, errors.ServiceError) else None
+            metrics.REQUESTS.labels(TRANSPORT, label.method,
+                                    code.name if code else "INTERNAL").inc()
+            raise failure from None
+        metrics.REQUESTS.labels(TRANSPORT, label.method, "OK").inc()
+
+    # -- the four verbs -----------------------------------------------------------
+
+    def do_exchange(self, context: Any, descriptor: fl.FlightDescriptor, reader: Any,
+                    writer: Any) -> None:
+        with self._guard("Step"):
+            _, first = _command(descriptor.command or b"", "DoExchange", "step")
+            header = _header(first, "Step")
+            grads = _chunks(reader, "Step")
+            if header.apply_as_received:
+                self._duplex(header, grads, writer)
+                return
+            result = convert.run_step(self.service, header, grads, push=False, wait=None)
+            writer.write_metadata(_buffer(pb.StepResponse(status=convert.step_status(result))))
+            if result.params:
+                datatype = header.return_datatype or "FP32"
+                writer.begin(layout.schema(datatype))
+                _write_params(writer, result.params, datatype)
+
+    def _duplex(self, header: pb.StepHeader, grads: Iterator[TensorChunk], writer: Any) -> None:
+        call = convert.step_call(header, push=False)
+        datatype = call.return_datatype or "FP32"
+        begun = False
+        for item in self.service.step_stream(call.session_id, grads, return_datatype=datatype,
+                                             push_id=call.push_id):
+            if isinstance(item, StepResult):
+                writer.write_metadata(_buffer(pb.StepResponse(
+                    status=convert.step_status(item))))
+                continue
+            if not begun:
+                writer.begin(layout.schema(datatype))
+                begun = True
+            _write_params(writer, [item], datatype)
+
+    def do_put(self, context: Any, descriptor: fl.FlightDescriptor, reader: Any,
+               writer: Any) -> None:
+        with self._guard("DoPut") as label:
+            kind, first = _command(descriptor.command or b"", "DoPut", "push",
+                                   "create_session", "add_tensors", "set_parameters")
+            label.method = COMMANDS[kind]
+            response = self._put(kind, first, _chunks(reader, label.method))
+            writer.write(_buffer(response))
+
+    def _put(self, kind: str, first: Any, chunks: Iterator[TensorChunk]) -> Message:
+        service = self.service
+        if kind == "push":
+            result = convert.run_step(service, _header(first, "Push"), chunks, push=True,
+                                      wait=None)
+            return pb.PushResponse(status=convert.step_status(result))
+        if kind == "create_session":
+            spec = _spec(first, "CreateSession")
+            info = service.create(convert.session_id(spec.session_id, "spec.session_id"),
+                                  convert.session_config(spec), chunks)
+            return pb.CreateSessionResponse(session=convert.session_message(info))
+        if kind == "add_tensors":
+            spec = _spec(first, "AddTensors")
+            group = (convert.group_dict(spec.new_group, "new_group")
+                     if spec.HasField("new_group") else None)
+            info = service.add_tensors(convert.session_id(spec.session_id, "spec.session_id"),
+                                       convert.tensor_specs(spec.tensors), group, chunks)
+            return pb.AddTensorsResponse(session=convert.session_message(info))
+        if first.WhichOneof("kind") != "session_id":
+            raise errors.InvalidArgument("SetParameters: the command's request must carry "
+                                         "`session_id`")
+        info = service.set_parameters(convert.session_id(first.session_id), chunks)
+        return pb.SetParametersResponse(session=convert.session_message(info))
+
+    def do_get(self, context: Any, ticket: fl.Ticket) -> fl.GeneratorStream:
+        with self._guard("Pull"):
+            _, request = _command(ticket.ticket or b"", "DoGet", "pull")
+            datatype = convert.datatype(request.datatype, "datatype")
+            timeout = (convert.seconds(request.timeout, "timeout")
+                       if request.HasField("timeout") else None)
+            params = self.service.pull(convert.session_id(request.session_id),
+                                       list(request.names) or None, datatype,
+                                       min_step=request.min_step, timeout=timeout)
+            return fl.GeneratorStream(layout.schema(datatype), _tensor_batches(params, datatype))
+
+    def do_action(self, context: Any, action: fl.Action) -> Iterator[fl.Result]:
+        method = action.type
+        with self._guard(method if method in rpc.RPCS else "DoAction"):
+            if method not in ACTIONS:
+                raise errors.InvalidArgument(
+                    f"DoAction: unknown action {method!r}; expected one of "
+                    f"{', '.join(sorted(ACTIONS))}")
+            row = rpc.RPCS[method]
+            body = action.body.to_pybytes() if action.body is not None else b""
+            request = _parse(row.request_type, body, method)
+            fn: Callable[[Any, Any], Any] = getattr(self.servicer, method)
+            answer = fn(iter([request]) if row.request_streaming else request, _Call())
+            # run the whole operation here, under the guard, before the first result
+            results = list(answer) if row.response_streaming else [answer]
+        return iter([fl.Result(_buffer(r)) for r in results])
+
+    def list_actions(self, context: Any) -> list[tuple[str, str]]:
+        return [(name, f"adamserve_proto.v2.OptimizerService/{name}: the body is a "
+                       f"{rpc.RPCS[name].request_type.DESCRIPTOR.name}")
+                for name in sorted(ACTIONS)]
+
+
+def _spec(first: Any, what: str) -> Any:
+    if first.WhichOneof("kind") != "spec":
+        raise errors.InvalidArgument(f"{what}: the command's request must carry `spec`")
+    return first.spec
+
+
+class FlightServerThread:
+    """A :class:`FlightService` served by a thread; ``stop`` shuts it down."""
+
+    def __init__(self, service: OptimizerService, host: str = "127.0.0.1", port: int = 0,
+                 token: str | None = None) -> None:
+        if token is not None and not token:
+            raise ValueError("token: expected a non-empty string, or None for no "
+                             "authentication")
+        bracketed = f"[{host}]" if ":" in host else host
+        try:
+            self.server = FlightService(service, f"grpc://{bracketed}:{port}", token)
+        except pa.ArrowException as exc:
+            raise OSError(f"Flight: cannot listen on {bracketed}:{port} "
+                          f"({_first_line(exc)})") from None
+        self.port: int = self.server.port
+        self.url = f"flight://{bracketed}:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve, name="adamserve-flight",
+                                        daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        log.info("Flight listening on %s", self.url)
+        return self.port
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self._thread.join(10)
