@@ -3,7 +3,7 @@ on one server.
 
 One run starts two real ``adamserve serve`` processes (CPU backend) and, for 1, 2 and 4
 worker processes against 1 and 2 shards, times ``steps`` synchronous steps of one AdamW
-session over gRPC (after ``warmup`` untimed ones). Every worker is its own process with
+session over gRPC and over Arrow Flight (after ``warmup`` untimed ones). Every worker is its own process with
 its own transport; in each step every worker sends its whole gradient (FP32) and gets
 the new parameters back (FP32), and the step is the mean of the K gradients.
 
@@ -23,7 +23,8 @@ optimizer kernels share those cores, so the ratios show the cost of rounds and s
 not how throughput scales across machines (see docs/scaling.md).
 
     python bench/workers.py [--params 4194304] [--tensors 4] [--steps 25] [--warmup 3]
-                            [--rounds 2] [--workers 1 2 4] [--no-one-phase]
+                            [--rounds 2] [--workers 1 2 4] [--wires grpc flight]
+                            [--no-one-phase]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,7 @@ class Case:
     workers: int
     shards: int
     skip_nonfinite: bool = True
+    wire: str = "grpc"  # or "flight"
 
     @property
     def kind(self) -> str:
@@ -98,20 +101,20 @@ class Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "adamserve.cli", "serve", "--grpc-port", "0",
-                 "--http-port", "0", "--flight-port", "0", "--data-dir", str(self.data), "--ports-file",
-                 str(self.ports), "--log-level", "WARNING"],
+                 "--http-port", "0", "--flight-port", str(_free_port()), "--data-dir",
+                 str(self.data), "--ports-file", str(self.ports), "--log-level", "WARNING"],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **SERVER_ENV})
-        self.url = ""
+        self.urls: dict[str, str] = {}
 
-    def wait_ready(self, timeout: float = 60.0) -> str:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not self.ports.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start (exit {self.proc.poll()}):\n"
                                    + self.tail())
             time.sleep(0.05)
-        self.url = f"grpc://127.0.0.1:{json.loads(self.ports.read_text())['grpc']}"
-        return self.url
+        ports = json.loads(self.ports.read_text())
+        self.urls = {w: f"{w}://127.0.0.1:{ports[w]}" for w in ("grpc", "flight")}
 
     def tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -126,6 +129,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
+
+
+def _free_port() -> int:
+    """A port free now (Flight's port 0 turns it off, so the bench picks one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def open_transport(urls: list[str]) -> Transport:
@@ -189,9 +199,10 @@ def cpu_seconds(pid: int) -> float:
 
 def run_case(ctx: Any, servers: list[Server], case: Case,
              args: argparse.Namespace) -> Measured:
-    sid = f"bench-{case.workers}w-{case.shards}s-{int(case.skip_nonfinite)}-{time.monotonic_ns()}"
+    sid = (f"bench-{case.wire}-{case.workers}w-{case.shards}s-{int(case.skip_nonfinite)}-"
+           f"{time.monotonic_ns()}")
     mine = servers[:case.shards]
-    urls = [s.url for s in mine]
+    urls = [s.urls[case.wire] for s in mine]
     admin = open_transport(urls)
     admin.create_session(SessionSpec(sid, "adamw", tensor_specs(args.params, args.tensors),
                                      skip_nonfinite=case.skip_nonfinite,
@@ -243,14 +254,18 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per case first")
     ap.add_argument("--rounds", type=int, default=2, help="times the sweep runs (best kept)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--wires", nargs="+", default=["grpc", "flight"],
+                    choices=["grpc", "flight"])
     ap.add_argument("--no-one-phase", action="store_true",
                     help="skip the 2-shard cases with skip_nonfinite=False")
     args = ap.parse_args()
     args.params -= args.params % args.tensors
 
-    cases = [Case(k, m) for m in (1, 2) for k in args.workers]
-    if not args.no_one_phase:
-        cases += [Case(k, 2, skip_nonfinite=False) for k in args.workers]
+    cases = []
+    for wire in args.wires:
+        cases += [Case(k, m, wire=wire) for m in (1, 2) for k in args.workers]
+        if not args.no_one_phase:
+            cases += [Case(k, 2, skip_nonfinite=False, wire=wire) for k in args.workers]
 
     ctx = mp.get_context("spawn")
     began = time.monotonic()
@@ -264,7 +279,8 @@ def main() -> None:
                 for case in cases:
                     m = run_case(ctx, servers, case, args)
                     runs[case].append(m)
-                    print(f"  round {rnd + 1}: {case.workers} worker(s), {case.shards} "
+                    print(f"  round {rnd + 1}: {case.wire}, {case.workers} worker(s), "
+                          f"{case.shards} "
                           f"shard(s), {case.kind}: {m.steps_per_s:.2f} steps/s",
                           file=sys.stderr, flush=True)
         except BaseException:
@@ -278,22 +294,26 @@ def main() -> None:
     model_mb = args.params * 4 / 1e6
     cpus = os.cpu_count()
     results = [max(ms, key=lambda m: m.steps_per_s) for ms in runs.values()]  # best round
-    # the reference: the fewest workers on one server (1 worker with the default --workers)
-    base = min((r for r in results if r.case.shards == 1), key=lambda r: r.case.workers)
+    # the reference: the fewest workers on one server over the first wire (1 worker, gRPC,
+    # with the defaults)
+    base = min((r for r in results if r.case.shards == 1 and r.case.wire == args.wires[0]),
+               key=lambda r: r.case.workers)
     print(f"# workers: {args.params} fp32 params in {args.tensors} tensors "
-          f"({model_mb:.1f} MB each way per worker per step), AdamW, gRPC, loopback, "
+          f"({model_mb:.1f} MB each way per worker per step), AdamW, "
+          f"{' and '.join(args.wires)}, loopback, "
           f"{cpus} cpus, servers on the CPU backend; each case: {args.warmup} warm-up steps "
           f"then {args.steps} timed steps, best of {args.rounds} rounds (the sweep run "
           f"{args.rounds} times)\n")
     print(f"Note: the worker processes, the server processes and their kernels share these "
           f"{cpus} cores, so the ratios show the overhead of rounds and shards on one "
           f"machine, not scaling across machines.\n")
-    print("| workers | shards | sharded step | s/step | steps/s | ratio | "
+    print("| wire | workers | shards | sharded step | s/step | steps/s | ratio | "
           "gradients/s ratio | MB/s | server CPU s/step | workers CPU s/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         k = r.case.workers
-        print(f"| {k} | {r.case.shards} | {r.case.kind} | {1 / r.steps_per_s:.3f} | "
+        print(f"| {r.case.wire} | {k} | {r.case.shards} | {r.case.kind} | "
+              f"{1 / r.steps_per_s:.3f} | "
               f"{r.steps_per_s:.2f} | {r.steps_per_s / base.steps_per_s:.2f} | "
               f"{k * r.steps_per_s / (base.case.workers * base.steps_per_s):.2f} | "
               f"{r.mb_per_s:.0f} | "

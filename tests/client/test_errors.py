@@ -147,16 +147,20 @@ def test_reasons_of_a_stale_push_and_an_aborted_round(transport: Client, sid: st
 
 @contextlib.contextmanager
 def _serve(service: Any, token: str | None = None) -> Iterator[dict[str, str]]:
-    """gRPC and HTTP in front of ``service``."""
+    """gRPC, HTTP and Flight in front of ``service``."""
+    from adamserve.transports.flight import FlightServerThread
     from adamserve.transports.grpc import build_grpc_server
     from adamserve.transports.http import HttpServerThread, create_app
 
     server, port = build_grpc_server(service, port=0, token=token)
     http = HttpServerThread(create_app(service, token=token))
     http.start()
+    flight = FlightServerThread(service, token=token)
+    flight.start()
     try:
-        yield {"grpc": f"grpc://127.0.0.1:{port}", "http": http.url}
+        yield {"grpc": f"grpc://127.0.0.1:{port}", "http": http.url, "flight": flight.url}
     finally:
+        flight.stop()
         http.stop()
         server.stop(None)
 
@@ -199,7 +203,7 @@ def token_urls(live: Live) -> Iterator[dict[str, str]]:
         yield urls
 
 
-@pytest.mark.parametrize("scheme", ["grpc", "http"])
+@pytest.mark.parametrize("scheme", ["grpc", "http", "flight"])
 def test_token(token_urls: dict[str, str], scheme: str) -> None:
     with pytest.raises(PermissionError, match="token") as e:
         connect(token_urls[scheme]).list_sessions()

@@ -64,10 +64,11 @@ def _grads(step: int, nan: bool) -> list[np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module")
-def sharded(shard_servers: list[Any]) -> Any:
+@pytest.fixture(scope="module", params=["grpc", "flight"])
+def sharded(shard_servers: list[Any], request: pytest.FixtureRequest) -> Any:
     # split_elements 8: every tensor but the scalar may be cut between shards
-    t = ShardedTransport([connect(s.urls["grpc"]) for s in shard_servers], split_elements=8)
+    t = ShardedTransport([connect(s.urls[request.param]) for s in shard_servers],
+                         split_elements=8)
     yield t
     t.close()
 

@@ -2,7 +2,8 @@
 
 A step is one ``DoExchange`` (the descriptor's command a ``FlightCommand`` with the
 Step stream's first message; the gradients as record batches in
-:mod:`adamserve_proto.flight`'s layout, built over the tensors' own memory); a push,
+:mod:`adamserve_proto.flight`'s layout, built over the tensors' own memory), or,
+when its gradients are small, one ``StepUnary`` action (the lowest latency); a push,
 a create or add-tensors with initial values and a SetParameters are ``DoPut``; a
 pull is ``DoGet``; every other RPC is ``DoAction`` with the RPC's name and the
 serialised request (its results are the response messages the gRPC service would
@@ -16,7 +17,6 @@ when the connection was never made).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
@@ -40,6 +40,8 @@ T = TypeVar("T")
 
 DEFAULT_FLIGHT_PORT = 8815
 _DOMAIN = "adamserve"
+# Steps whose gradients fit in this many bytes go as one StepUnary action.
+_UNARY_BYTES = 1 << 20
 # The RPCs that travel as Flight streams, and the FlightCommand field of each.
 _COMMANDS = {"Step": "step", "Push": "push", "Pull": "pull", "CreateSession": "create_session",
              "AddTensors": "add_tensors", "SetParameters": "set_parameters"}
@@ -108,6 +110,8 @@ class FlightWire(Wire):
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = fl.FlightCallOptions(timeout=timeout, headers=headers)
         self._client = fl.FlightClient(f"grpc://{address.hostport}")
+        # sessions too large for StepUnary: their steps go as DoExchange
+        self.stream_only: set[str] = set()
 
     # -- the seam ---------------------------------------------------------------
 
@@ -131,6 +135,9 @@ class FlightWire(Wire):
         getattr(cmd, kind).CopyFrom(request)
         command = cmd.SerializeToString()
         if method == "Step":
+            small = self._step_unary(request, payload, idempotent)
+            if small is not None:
+                return small
             return self._call(lambda: self._exchange(command, payload), idempotent)
         if method == "Pull":
             return self._call(lambda: self._get(command), idempotent)
@@ -141,6 +148,29 @@ class FlightWire(Wire):
         self._client.close()
 
     # -- the verbs --------------------------------------------------------------
+
+    def _step_unary(self, request: Message, gradients: Sequence[WireTensor],
+                    idempotent: bool) -> Reply | None:
+        """A small step as one StepUnary action (one message each way: the lowest
+        latency); None where the session needs the stream (its parameters do not fit
+        one message: refused before anything changed)."""
+        header = cast(pb.StepRequest, request).header
+        if (header.session_id in self.stream_only
+                or sum(memoryview(t.data).nbytes for t in gradients) > _UNARY_BYTES):
+            return None
+        unary = pb.StepUnaryRequest(header=header, gradients=[
+            pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
+                           data=bytes(t.data)) for t in gradients])
+        try:
+            resp: Any = self.unary("StepUnary", unary, idempotent=idempotent)
+        except errors.InvalidArgument as exc:
+            if exc.reason == "UNARY_TOO_LARGE":
+                self.stream_only.add(header.session_id)
+                return None
+            raise
+        params = [WireTensor(p.name, tuple(p.shape), p.datatype or "FP32", p.data)
+                  for p in resp.params]
+        return Reply(pb.StepResponse(status=resp.status), params)
 
     def _action(self, method: str, request: Message) -> Reply:
         """DoAction: the response messages, gathered as the gRPC wire gathers a stream."""
@@ -154,7 +184,7 @@ class FlightWire(Wire):
             msg = _parse(response_type, result.body.to_pybytes(), self.url)
             payload = False
             for f, value in msg.ListFields():
-                if f.message_type is pb.TensorChunk.DESCRIPTOR:
+                if f.message_type is pb.TensorChunk.DESCRIPTOR and not f.is_repeated:
                     tensors.add_chunk(value)
                     payload = True
                 elif f.type == FieldDescriptor.TYPE_BYTES:
@@ -165,32 +195,23 @@ class FlightWire(Wire):
         return Reply(head, tensors.tensors(), bytearray().join(blob))
 
     def _exchange(self, command: bytes, payload: Sequence[WireTensor]) -> Reply:
-        """DoExchange: the gradients out, the status and the parameters back."""
+        """DoExchange: the gradients out, then the status and the parameters back. The
+        server reads the whole request before it answers (the client sends no
+        apply_as_received), so writing first and reading after cannot deadlock."""
         writer, reader = self._client.do_exchange(fl.FlightDescriptor.for_command(command),
                                                   self._options)
         datatype, batches = _tensors(payload)
-        failed: list[BaseException] = []
-
-        def send() -> None:
+        try:
             try:
                 writer.begin(layout.schema(datatype))
                 for batch in batches:
                     writer.write_batch(batch)
                 writer.done_writing()
-            except BaseException as exc:  # the reader below sees the call's error
-                failed.append(exc)
-
-        # the answer is read while the gradients go out: a server that answers early
-        # (an error, or the parameters of a full-duplex step) never blocks on us
-        sender = threading.Thread(target=send, name="adamserve-flight-send", daemon=True)
-        sender.start()
-        try:
+            except fl.FlightError:
+                pass  # the server refused early: its answer below says why
             return self._gather(reader, pb.StepResponse)
         finally:
-            sender.join()
             writer.close()
-            if failed and not isinstance(failed[0], fl.FlightError):
-                raise failed[0]
 
     def _put(self, command: bytes, payload: Sequence[WireTensor],
              response_type: type[Message]) -> Reply:
