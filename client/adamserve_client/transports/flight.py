@@ -17,8 +17,12 @@ when the connection was never made).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
 import pyarrow.flight as fl
@@ -30,8 +34,9 @@ from adamserve_client import errors
 from adamserve_client.transports import _codec
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
+from adamserve_proto import codec, rpc
 from adamserve_proto import flight as layout
-from adamserve_proto import rpc
+from adamserve_proto.flight import Row
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
 __all__ = ["FlightTransport", "FlightWire"]
@@ -39,6 +44,8 @@ __all__ = ["FlightTransport", "FlightWire"]
 T = TypeVar("T")
 
 DEFAULT_FLIGHT_PORT = 8815
+# The most streams one step may be split over (the server's bound too).
+MAX_STREAMS = 16
 _DOMAIN = "adamserve"
 # Steps whose gradients fit in this many bytes go as one StepUnary action.
 _UNARY_BYTES = 1 << 20
@@ -55,14 +62,27 @@ _NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed
                "name resolution", "no route to host")
 
 
-def parse_flight_url(url: str) -> _codec.ServerAddress:
-    """``flight://host:port`` (port 8815 when not given)."""
-    scheme, sep, rest = url.partition("://")
-    if scheme.lower() != "flight" or not sep:
-        raise ValueError(f"FlightTransport needs a flight:// URL, got {url!r}")
-    address = _codec.parse_url("grpc://" + rest)
-    port = address.port if ":" in rest.rsplit("]", 1)[-1] else DEFAULT_FLIGHT_PORT
-    return _codec.ServerAddress("flight", address.host, port)
+def parse_flight_url(url: str) -> tuple[_codec.ServerAddress, int]:
+    """``flight://host:port[?streams=N]``: the address (port 8815 when not given) and the
+    number of streams a large step is split over (1 when not given)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "flight" or not parts.hostname:
+        raise ValueError(f"FlightTransport needs a flight://host:port URL, got {url!r}")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"server URL {url!r}: a flight:// URL has no path")
+    try:
+        port = parts.port or DEFAULT_FLIGHT_PORT
+    except ValueError as exc:
+        raise ValueError(f"server URL {url!r}: {exc}") from None
+    query = parse_qs(parts.query, strict_parsing=bool(parts.query))
+    unknown = set(query) - {"streams"}
+    if unknown:
+        raise ValueError(f"server URL {url!r}: unknown option {sorted(unknown)[0]!r}; "
+                         "expected streams")
+    raw = query.get("streams", ["1"])[-1]
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_STREAMS:
+        raise ValueError(f"server URL {url!r}: streams={raw}: expected 1 to {MAX_STREAMS}")
+    return _codec.ServerAddress("flight", parts.hostname, port), int(raw)
 
 
 def _status(exc: fl.FlightError) -> status_pb2.Status | None:
@@ -88,13 +108,57 @@ def _never_sent(exc: BaseException) -> bool:
     return _unavailable(exc) and any(m in str(exc).lower() for m in _NEVER_SENT)
 
 
-def _tensors(payload: Sequence[WireTensor]) -> tuple[str, Iterator[pa.RecordBatch]]:
-    """The payload's datatype and its record batches (one datatype per stream)."""
+@dataclass(frozen=True)
+class Part:
+    """A contiguous piece of one tensor: ``data`` holds elements ``offset`` onwards."""
+
+    name: str
+    shape: tuple[int, ...]
+    datatype: str
+    data: memoryview
+    offset: int
+
+
+def _split(payload: Sequence[WireTensor], streams: int) -> list[list[Part]]:
+    """The tensors cut into ``streams`` parts of about equal bytes, contiguous in flat
+    order (fewer parts when the payload is too small to be worth them)."""
     kinds = {t.datatype for t in payload}
     if len(kinds) > 1:
         raise ValueError(f"one Flight stream carries one datatype; got {sorted(kinds)}")
-    datatype = kinds.pop() if kinds else "FP32"
-    return datatype, layout.batches(((t.name, t.shape, t.data, 0) for t in payload), datatype)
+    views = [(t, memoryview(t.data).cast("B")) for t in payload]
+    total = sum(v.nbytes for _, v in views)
+    streams = max(1, min(streams, total // layout.BATCH_BYTES))
+    if streams == 1:
+        return [[Part(t.name, t.shape, t.datatype, v, 0) for t, v in views]]
+    item = codec.itemsize(kinds.pop())
+    per = -(-total // (streams * item)) * item  # bytes per part: whole elements
+    parts: list[list[Part]] = [[] for _ in range(streams)]
+    flat = 0  # bytes of the tensors before this one
+    for t, v in views:
+        lo, n = 0, v.nbytes
+        while lo < n or (n == 0 and lo == 0):
+            k = min(streams - 1, (flat + lo) // per)
+            end = n if k == streams - 1 else min(n, (k + 1) * per - flat)
+            parts[k].append(Part(t.name, t.shape, t.datatype, v[lo:end], lo // item))
+            if n == 0:
+                break
+            lo = end
+        flat += n
+    return [p for p in parts if p]
+
+
+def _batches(part: Sequence[Part], datatype: str) -> Iterator[pa.RecordBatch]:
+    return layout.batches(((p.name, p.shape, p.data, p.offset) for p in part), datatype)
+
+
+def _assemble(replies: Sequence[tuple[str, Sequence[Row]]]) -> list[WireTensor]:
+    """Whole tensors from the rows of one or more reply streams (in stream order)."""
+    tensors = _codec.ChunkAssembler()
+    for datatype, rows in replies:
+        for r in rows:
+            # a view of the batch's buffer: the assembler keeps it or copies it once
+            tensors.add(r.name, r.shape, datatype, r.offset, cast(bytes, r.data))
+    return tensors.tensors()
 
 
 class FlightWire(Wire):
@@ -102,7 +166,7 @@ class FlightWire(Wire):
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
                  retries: int = 3, backoff: float = 0.05) -> None:
-        address = parse_flight_url(url)
+        address, self.streams = parse_flight_url(url)
         self.url = url
         self.timeout = timeout
         self.retries = retries
@@ -138,6 +202,9 @@ class FlightWire(Wire):
             small = self._step_unary(request, payload, idempotent)
             if small is not None:
                 return small
+            parts = _split(payload, self.streams)
+            if len(parts) > 1:
+                return self._call(lambda: self._parallel(cmd, parts), idempotent)
             return self._call(lambda: self._exchange(command, payload), idempotent)
         if method == "Pull":
             return self._call(lambda: self._get(command), idempotent)
@@ -194,33 +261,52 @@ class FlightWire(Wire):
                 head = msg
         return Reply(head, tensors.tensors(), bytearray().join(blob))
 
-    def _exchange(self, command: bytes, payload: Sequence[WireTensor]) -> Reply:
-        """DoExchange: the gradients out, then the status and the parameters back. The
-        server reads the whole request before it answers (the client sends no
-        apply_as_received), so writing first and reading after cannot deadlock."""
+    def _parallel(self, cmd: pb.FlightCommand, parts: list[list[Part]]) -> Reply:
+        """One step over ``len(parts)`` DoExchange streams at once (``?streams=N``)."""
+        token = os.urandom(12).hex()
+        commands = []
+        for i in range(len(parts)):
+            c = pb.FlightCommand()
+            c.CopyFrom(cmd)
+            c.streams.CopyFrom(pb.FlightStreams(id=token, count=len(parts), index=i))
+            commands.append(c.SerializeToString())
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="adamserve-flight") as pool:
+            replies = list(pool.map(self._exchange_part, commands, parts))
+        return Reply(replies[0][0], _assemble([(dt, rows) for _, dt, rows in replies]))
+
+    def _exchange_part(self, command: bytes, part: list[Part]
+                       ) -> tuple[Message | None, str, list[Row]]:
         writer, reader = self._client.do_exchange(fl.FlightDescriptor.for_command(command),
                                                   self._options)
-        datatype, batches = _tensors(payload)
+        datatype = part[0].datatype if part else "FP32"
         try:
             try:
                 writer.begin(layout.schema(datatype))
-                for batch in batches:
+                for batch in _batches(part, datatype):
                     writer.write_batch(batch)
                 writer.done_writing()
             except fl.FlightError:
                 pass  # the server refused early: its answer below says why
-            return self._gather(reader, pb.StepResponse)
+            return self._read(reader, pb.StepResponse)
         finally:
             writer.close()
+
+    def _exchange(self, command: bytes, payload: Sequence[WireTensor]) -> Reply:
+        """DoExchange: the gradients out, then the status and the parameters back. The
+        server reads the whole request before it answers (the client sends no
+        apply_as_received), so writing first and reading after cannot deadlock."""
+        head, datatype, rows = self._exchange_part(command, _split(payload, 1)[0])
+        return Reply(head, _assemble([(datatype, rows)]))
 
     def _put(self, command: bytes, payload: Sequence[WireTensor],
              response_type: type[Message]) -> Reply:
         """DoPut: the tensors out, the one PutResult (the response message) back."""
-        datatype, batches = _tensors(payload)
+        (part,) = _split(payload, 1)
+        datatype = part[0].datatype if part else "FP32"
         writer, meta = self._client.do_put(fl.FlightDescriptor.for_command(command),
                                            layout.schema(datatype), self._options)
         try:
-            for batch in batches:
+            for batch in _batches(part, datatype):
                 writer.write_batch(batch)
             writer.done_writing()
             answer = meta.read()
@@ -236,8 +322,15 @@ class FlightWire(Wire):
 
     def _gather(self, reader: Any, status_type: type[Message] | None) -> Reply:
         """A stream of metadata (the status) and record batches (whole tensors)."""
+        head, datatype, rows = self._read(reader, status_type)
+        return Reply(head, _assemble([(datatype, rows)]))
+
+    def _read(self, reader: Any, status_type: type[Message] | None
+              ) -> tuple[Message | None, str, list[Row]]:
+        """The status (the last metadata message), the datatype and the rows of a
+        reply stream."""
         head: Message | None = None
-        tensors = _codec.ChunkAssembler()
+        rows: list[Row] = []
         datatype = ""
         while True:
             try:
@@ -253,10 +346,8 @@ class FlightWire(Wire):
                     datatype = layout.datatype_of(chunk.data.schema)
                 except ValueError as exc:
                     raise _codec.bad_response(str(exc), self.url) from None
-            for row in layout.rows(chunk.data, datatype):
-                # a view of the batch's buffer: the assembler keeps it or copies it once
-                tensors.add(row.name, row.shape, datatype, row.offset, cast(bytes, row.data))
-        return Reply(head, tensors.tensors())
+            rows.extend(layout.rows(chunk.data, datatype))
+        return head, datatype or "FP32", rows
 
     # -- plumbing ---------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from google.rpc.status_pb2 import Status
 from adamserve import errors, metrics
 from adamserve.service import OptimizerService, StepResult, TensorChunk
 from adamserve.transports import convert
+from adamserve.transports.flight import streams
 from adamserve.transports.grpc.servicer import (
     ERROR_DOMAIN,
     INTERNAL_MESSAGE,
@@ -121,15 +122,15 @@ def _parse(cls: type[Message], data: bytes, what: str) -> Any:
         ) from None
 
 
-def _command(data: bytes, what: str, *kinds: str) -> tuple[str, Any]:
-    """The FlightCommand in ``data``: its kind (one of ``kinds``) and request."""
+def _command(data: bytes, what: str, *kinds: str) -> tuple[str, Any, pb.FlightCommand]:
+    """The FlightCommand in ``data``: its kind (one of ``kinds``), request, and itself."""
     cmd = _parse(pb.FlightCommand, data, what)
     kind = cmd.WhichOneof("kind")
     if kind not in kinds:
         raise errors.InvalidArgument(
             f"{what}: the FlightCommand carries {f'`{kind}`' if kind else 'nothing'}; "
             f"expected {' or '.join(f'`{k}`' for k in kinds)}")
-    return kind, getattr(cmd, kind)
+    return kind, getattr(cmd, kind), cmd
 
 
 def _header(first: Any, what: str) -> pb.StepHeader:
@@ -224,11 +225,12 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
     picks a free one: see :attr:`port`)."""
 
     def __init__(self, service: OptimizerService, location: str,
-                 token: str | None = None) -> None:
+                 token: str | None = None, stream_wait: float = streams.STREAM_WAIT) -> None:
         middleware = {"auth": BearerToken(token)} if token else {}
         super().__init__(location, middleware=middleware)
         self.service = service
         self.servicer = OptimizerServicer(service)
+        self.gathers = streams.Gathers(stream_wait)
 
     # -- the guard --------------------------------------------------------------
 
@@ -257,18 +259,52 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
     def do_exchange(self, context: Any, descriptor: fl.FlightDescriptor, reader: Any,
                     writer: Any) -> None:
         with self._guard("Step"):
-            _, first = _command(descriptor.command or b"", "DoExchange", "step")
+            _, first, cmd = _command(descriptor.command or b"", "DoExchange", "step")
             header = _header(first, "Step")
             grads = _chunks(reader, "Step")
             if header.apply_as_received:
+                if cmd.HasField("streams"):
+                    raise errors.InvalidArgument("apply_as_received: a full-duplex step goes "
+                                                 "over one stream, not several")
                 self._duplex(header, grads, writer)
                 return
-            result = convert.run_step(self.service, header, grads, push=False, wait=None)
+            if cmd.HasField("streams"):
+                result, params = self._parallel(header, cmd.streams, grads)
+            else:
+                result = convert.run_step(self.service, header, grads, push=False, wait=None)
+                params = result.params
             writer.write_metadata(_buffer(pb.StepResponse(status=convert.step_status(result))))
-            if result.params:
+            if params:
                 datatype = header.return_datatype or "FP32"
                 writer.begin(layout.schema(datatype))
-                _write_params(writer, result.params, datatype)
+                _write_params(writer, params, datatype)
+
+    def _parallel(self, header: pb.StepHeader, spec: pb.FlightStreams,
+                  grads: Iterator[TensorChunk]) -> tuple[StepResult, list[TensorChunk]]:
+        """One stream of a step sent over several (:mod:`.streams`): the step's result
+        and the parameters of this stream's rows."""
+        session_id = convert.session_id(header.session_id, "header.session_id")
+        g = self.gathers.join(session_id, spec.id, spec.count, spec.index)
+        rows: list[streams.Row] = []
+        if spec.index > 0:
+            streams.hand_over(g, spec.index, grads, rows)
+            result = g.outcome()
+            return result, streams.share(result.params, rows)
+
+        def merged() -> Iterator[TensorChunk]:
+            yield from streams.recorded(grads, rows)
+            for i in range(1, g.count):
+                yield from g.rows_of(i)
+
+        try:
+            result = convert.run_step(self.service, header, merged(), push=False, wait=None)
+        except BaseException as exc:
+            g.finish(None, exc)
+            raise
+        finally:
+            self.gathers.close(session_id, spec.id)
+        g.finish(result, None)
+        return result, streams.share(result.params, rows)
 
     def _duplex(self, header: pb.StepHeader, grads: Iterator[TensorChunk], writer: Any) -> None:
         call = convert.step_call(header, push=False)
@@ -288,7 +324,7 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
     def do_put(self, context: Any, descriptor: fl.FlightDescriptor, reader: Any,
                writer: Any) -> None:
         with self._guard("DoPut") as label:
-            kind, first = _command(descriptor.command or b"", "DoPut", "push",
+            kind, first, _ = _command(descriptor.command or b"", "DoPut", "push",
                                    "create_session", "add_tensors", "set_parameters")
             label.method = COMMANDS[kind]
             response = self._put(kind, first, _chunks(reader, label.method))
@@ -320,7 +356,7 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
 
     def do_get(self, context: Any, ticket: fl.Ticket) -> fl.GeneratorStream:
         with self._guard("Pull"):
-            _, request = _command(ticket.ticket or b"", "DoGet", "pull")
+            _, request, _ = _command(ticket.ticket or b"", "DoGet", "pull")
             datatype = convert.datatype(request.datatype, "datatype")
             timeout = (convert.seconds(request.timeout, "timeout")
                        if request.HasField("timeout") else None)
@@ -361,13 +397,14 @@ class FlightServerThread:
     """A :class:`FlightService` served by a thread; ``stop`` shuts it down."""
 
     def __init__(self, service: OptimizerService, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, stream_wait: float = streams.STREAM_WAIT) -> None:
         if token is not None and not token:
             raise ValueError("token: expected a non-empty string, or None for no "
                              "authentication")
         bracketed = f"[{host}]" if ":" in host else host
         try:
-            self.server = FlightService(service, f"grpc://{bracketed}:{port}", token)
+            self.server = FlightService(service, f"grpc://{bracketed}:{port}", token,
+                                        stream_wait)
         except pa.ArrowException as exc:
             raise OSError(f"Flight: cannot listen on {bracketed}:{port} "
                           f"({_first_line(exc)})") from None
