@@ -18,7 +18,7 @@ import threading
 from collections.abc import Collection
 from typing import Any
 
-from adamserve import __version__, ray_shards
+from adamserve import __version__, malloc, ray_shards
 from adamserve.app import Server, Settings, default_state_cap
 
 __all__ = ["Server", "Settings", "default_state_cap", "load_settings", "main"]
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = _serve_settings(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    malloc.keep_large_blocks()
     server = Server(settings)
     server.start()
     done = threading.Event()

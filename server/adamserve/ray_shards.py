@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
+from adamserve import malloc
 from adamserve.app import Server, Settings
 
 __all__ = ["NAMESPACE", "SHARD_SETTINGS", "Shard", "ShardAddress", "addresses", "down", "up"]
@@ -99,6 +100,7 @@ class Shard:
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.index = config.index
+        malloc.keep_large_blocks()  # the actor's process is the server's
         self.server = Server(settings)
         self.server.start()
         # a wildcard bind is reachable at the node's address; advertise that
