@@ -20,7 +20,7 @@ libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
 
 def mapped_blocks(size):
-    """How many mmapped blocks one allocation of ``size`` bytes adds."""
+    # how many mmapped blocks one allocation of ``size`` bytes adds
     before = libc.mallinfo2().hblks
     block = bytearray(size)
     n = libc.mallinfo2().hblks - before
