@@ -6,7 +6,9 @@ adamserve server. NumPy arrays work as parameters too, with or without torch.
 
 The pieces: :mod:`adamserve_client.optim` (the optimizers),
 :mod:`adamserve_client.transports` (``connect(url)``: gRPC or HTTP, the same
-methods), :mod:`adamserve_client.errors` (exceptions carrying the server's message).
+methods), :mod:`adamserve_client.errors` (exceptions carrying the server's message),
+:mod:`adamserve_client.shared_memory` (``shared_memory=True``: steps through a region
+on the server's host instead of the socket).
 """
 
 from adamserve_client import errors

@@ -7,7 +7,9 @@ parameters), chooses the master and wire dtypes, sends the hyperparameters chang
 in ``param_groups`` since the last call, grows the session with a new parameter
 group, and sends each step with this worker's name and sequence number and the
 step its parameters are from (``base_step``), so the server applies each once and
-the transport may resend a step whose answer was lost.
+the transport may resend a step whose answer was lost. With ``shared_memory`` a step
+goes through a region on this host instead (:mod:`adamserve_client.shared_memory`),
+and over the wire, after one warning, when the server cannot use one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import dataclasses
 import os
 import uuid
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 from adamserve_client import errors, tensors
 from adamserve_client._params import LocalParams
 from adamserve_client._torch import is_float64
+from adamserve_client.shared_memory import SHM_DIR, StepRegion, refusal, wanted
 from adamserve_client.transports import (
     SessionInfo,
     SessionSpec,
@@ -40,6 +44,11 @@ __all__ = ["DEFAULT_SERVER", "Server", "Session", "connect_server", "find_algori
            "master_datatype"]
 
 DEFAULT_SERVER = "grpc://127.0.0.1:50051"
+# A step through shared memory refused for one of these reasons changed nothing: it goes
+# over the wire instead (the server cannot use the region, or a sharded session's
+# commits carry its parameters).
+_WIRE_INSTEAD = frozenset({"SHARED_MEMORY_DISABLED", "SHARED_MEMORY_FORBIDDEN",
+                           "SHARED_MEMORY_OUT_OF_RANGE", "SESSION_SHARDED"})
 # A server URL, several (one sharded session across them, in shard order), or a transport.
 Server = str | Sequence[str] | Transport | None
 
@@ -91,13 +100,14 @@ class Session:
     session's tensors); the ``groups`` each method takes are its ``param_groups``.
 
     ``wire_dtype`` / ``master_dtype``: the optimizer's arguments (None: follow the
-    parameters, see :meth:`choose_dtypes`); ``workers`` and ``worker_id`` likewise.
+    parameters, see :meth:`choose_dtypes`); ``workers``, ``worker_id`` and
+    ``shared_memory`` likewise.
     """
 
     def __init__(self, transport: Transport, owns_transport: bool, algo: AlgorithmDef,
                  params: LocalParams, *, wire_dtype: str | None, master_dtype: str | None,
                  schedule: Mapping[str, Any] | None, workers: int | Workers | None,
-                 worker_id: str | None) -> None:
+                 worker_id: str | None, shared_memory: bool | None = None) -> None:
         self.transport = transport
         self.owns_transport = owns_transport
         self.algo = algo
@@ -124,6 +134,10 @@ class Session:
         # worker goes on where the session is (a count from 1 would repeat old numbers,
         # which the server would take for resent pushes and drop)
         self.coordinated = self.workers is not None or worker_id is not None
+        # same-host shared memory: wanted until a server refuses it; the region is made
+        # at the first step (and again after the session grows)
+        self.shared = wanted(shared_memory)
+        self.region: StepRegion | None = None
 
     @property
     def id(self) -> str:
@@ -260,6 +274,7 @@ class Session:
                 raise
         self.sent[group] = hyper
         self.params.mark_synced(added)
+        self._drop_region()  # laid out for the tensors before: the next step makes one
 
     def _grown(self, new: Sequence[TensorSpec], group: int) -> bool:
         """Whether the session ends with exactly ``new`` and has ``group + 1`` groups."""
@@ -283,14 +298,16 @@ class Session:
                 self.sent[g] = {**self.sent[g], **diff}
 
     def step(self, wire: list[WireTensor]) -> StepResult:
-        """Send one step's gradients under the next sequence number; the server's answer."""
+        """Send one step's gradients under the next sequence number; the server's answer
+        (its ``params`` views of the shared-memory region, when the step went through
+        one: valid until the next step)."""
         self.sequence = self.base_step + 1 if self.coordinated else self.sequence + 1
+        region = self._region_for(wire)
+        if region is not None:
+            region.write_gradients(wire)
         while True:
             try:
-                result = self.transport.step(
-                    self.id, wire, return_datatype=self.wire,
-                    sender=Sender(self.worker, self.sequence),
-                    base_step=self.base_step if self.coordinated else None)
+                result = self._send(wire, region)
                 break
             except errors.DeadlineExceeded:
                 # no timeout of ours: the server ended a long wait for the other workers;
@@ -299,6 +316,69 @@ class Session:
                     raise
         self.base_step = result.step
         return result
+
+    def _send(self, wire: list[WireTensor], region: StepRegion | None) -> StepResult:
+        """The step, through ``region`` if given (registering it again once if the
+        server forgot it), else, or if the server cannot use it, over the wire: a
+        refusal of these reasons changed nothing, so the same step may go again."""
+        kw: dict[str, Any] = {"return_datatype": self.wire,
+                              "sender": Sender(self.worker, self.sequence),
+                              "base_step": self.base_step if self.coordinated else None}
+        if region is None:
+            return self.transport.step(self.id, wire, **kw)
+        try:
+            return self._through(region, kw)
+        except errors.AdamserveError as exc:
+            if exc.reason not in _WIRE_INSTEAD | {"SHARED_MEMORY_NOT_FOUND"}:
+                raise
+            refused = exc
+        if refused.reason == "SHARED_MEMORY_NOT_FOUND":
+            try:  # the server dropped the region (unused for a while) or restarted
+                region.register(self.transport)
+                return self._through(region, kw)
+            except errors.AdamserveError as exc:
+                if exc.reason not in _WIRE_INSTEAD | {"SHARED_MEMORY_NOT_FOUND"}:
+                    raise
+                refused = exc
+        self._fall_back(refusal(refused, self.transport.url))
+        return self.transport.step(self.id, wire, **kw)
+
+    def _through(self, region: StepRegion, kw: dict[str, Any]) -> StepResult:
+        result = self.transport.step(self.id, (), gradients_region=region.gradients,
+                                     gradients_datatype=self.wire,
+                                     params_region=region.params, **kw)
+        return dataclasses.replace(result, params=region.parameters())
+
+    def _region_for(self, wire: list[WireTensor]) -> StepRegion | None:
+        """The region this step goes through (made and registered at the first one), or
+        None: over the wire (shared memory off, or not every tensor has a gradient)."""
+        if not self.shared or not wire:
+            return None
+        if self.region is None:
+            try:
+                self.region = StepRegion(self.transport,
+                                         [(p.name, p.shape) for p in self.params], self.wire)
+            except OSError as exc:
+                self._fall_back(f"this host has no usable {SHM_DIR} ({exc})")
+                return None
+            except (errors.Unavailable, errors.DeadlineExceeded):
+                raise  # not an answer: the next step asks again
+            except errors.AdamserveError as exc:  # the server's answer: it cannot use one
+                self._fall_back(refusal(exc, self.transport.url))
+                return None
+        return self.region if self.region.covers(wire) else None
+
+    def _fall_back(self, why: str) -> None:
+        """Stop using shared memory, with one warning saying why."""
+        self.shared = False
+        self._drop_region()
+        warnings.warn(f"adamserve: shared memory is not used, the steps go over the wire: "
+                      f"{why}", RuntimeWarning, stacklevel=2)
+
+    def _drop_region(self) -> None:
+        region, self.region = self.region, None
+        if region is not None:
+            region.close(self.transport)
 
     def pull(self) -> None:
         """Overwrite the local parameters with the server's master weights."""
@@ -325,6 +405,7 @@ class Session:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
+        self._drop_region()
         if self._id is not None and (anonymous if delete is None else delete):
             with contextlib.suppress(errors.NotFound):
                 self.transport.delete_session(self._id)

@@ -118,6 +118,12 @@ class RemoteOptimizer(_Base):
     list of URLs for ``server`` spreads the session over those shard servers.
     ``worker_id``: this worker's stable name (default: random per optimizer); with
     it, a restarted worker's resent steps are recognised as already applied.
+    ``shared_memory``: steps go through a POSIX shared-memory region on this host
+    (gradients written into it, parameters read from it; no tensor bytes on the
+    socket), on any transport, when the server runs here with
+    ``--allow-shared-memory``; else they go over the wire after one warning saying
+    why. A step where some parameter has no gradient goes over the wire. Default
+    ``$ADAMSERVE_SHARED_MEMORY`` (``1`` to turn it on).
     """
 
     def __init__(self, params: Iterable[Any], algorithm: str, *,
@@ -126,7 +132,7 @@ class RemoteOptimizer(_Base):
                  master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None, timeout: float | None = None,
                  workers: int | Workers | None = None, worker_id: str | None = None,
-                 **hyperparameters: Any) -> None:
+                 shared_memory: bool | None = None, **hyperparameters: Any) -> None:
         algo = find_algorithm(algorithm)
         unknown = sorted(set(hyperparameters) - algo.keys - TORCH_SWITCHES)
         if unknown:
@@ -150,7 +156,8 @@ class RemoteOptimizer(_Base):
         # wire and master dtypes follow the parameters unless given (Session.choose_dtypes)
         self._session = Session(transport, owns, algo, self._params, wire_dtype=wire_dtype,
                                 master_dtype=master_dtype, schedule=schedule,
-                                workers=workers, worker_id=worker_id)
+                                workers=workers, worker_id=worker_id,
+                                shared_memory=shared_memory)
         try:
             super().__init__(params, defaults)
             # torch's defaultdict(dict), read from the server instead
@@ -404,11 +411,11 @@ class Adam(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "adam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
@@ -429,11 +436,11 @@ class AdamW(RemoteOptimizer):
                  master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "adamw", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
@@ -455,11 +462,11 @@ class NAdam(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "nadam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
@@ -480,11 +487,11 @@ class RAdam(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "radam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          decoupled_weight_decay=decoupled_weight_decay,
@@ -505,11 +512,11 @@ class Adamax(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "adamax", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          foreach=foreach, maximize=maximize, differentiable=differentiable,
                          capturable=capturable)
@@ -530,11 +537,11 @@ class Adagrad(RemoteOptimizer):
                  master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "adagrad", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value,
                          foreach=foreach, maximize=maximize, differentiable=differentiable,
@@ -555,11 +562,11 @@ class RMSprop(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "rmsprop", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                          weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                          maximize=maximize, differentiable=differentiable)
@@ -581,10 +588,10 @@ class LAMB(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
         super().__init__(params, "lamb", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
-                         workers=workers, worker_id=worker_id,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, bias_correction=bias_correction)

@@ -108,12 +108,17 @@ class Server:
         threading.Thread(target=self._rounds_loop, daemon=True, name="rounds").start()
 
     def _rounds_loop(self) -> None:
-        """Straggler timeouts, also of rounds no worker waits on."""
+        """Straggler timeouts, also of rounds no worker waits on; shared-memory regions
+        whose clients went away."""
         while not self._stop.wait(0.2):
             try:
                 self.service.expire_rounds()
             except Exception:
                 log.exception("ending rounds past their straggler timeout failed")
+            try:
+                self.service.sweep_shared_memory()  # regions of clients that went away
+            except Exception:
+                log.exception("sweeping shared-memory regions failed")
 
     def _checkpoint_loop(self, period: float) -> None:
         """The policy's timer: sessions due for a periodic checkpoint, every ``period`` s."""
@@ -130,6 +135,7 @@ class Server:
         self.http.stop()
         if self.flight is not None:
             self.flight.stop()
+        self.service.shared_memory.close()
         n = self.service.checkpoint_all()
         log.info("stopped; checkpointed %d sessions", n)
 

@@ -41,6 +41,14 @@ REASONS: dict[str, str] = {
     "UNAUTHENTICATED": "a missing or wrong bearer token",
     "SHARED_MEMORY_DISABLED": "a shared-memory request to a server started without "
                               "--allow-shared-memory",
+    "SHARED_MEMORY_NOT_FOUND": "no shared-memory region of that name is registered (by this "
+                               "tenant), or, registering, no such object on the server's "
+                               "host",
+    "SHARED_MEMORY_EXISTS": "a shared-memory region of that name is registered already",
+    "SHARED_MEMORY_OUT_OF_RANGE": "a place that does not lie within its shared-memory "
+                                  "region, or an object smaller than the region",
+    "SHARED_MEMORY_FORBIDDEN": "an object the server will not map: not a regular file of the "
+                               "server's user (a symbolic link, a FIFO, another user's)",
 }
 
 

@@ -22,7 +22,7 @@ CLASSES = {"Adam": "adam", "AdamW": "adamw", "NAdam": "nadam", "RAdam": "radam",
            "Adamax": "adamax", "Adagrad": "adagrad", "RMSprop": "rmsprop", "LAMB": "lamb"}
 # what the classes add to torch's arguments, all keyword-only and None by default
 OPTIONS = ("server", "session", "token", "wire_dtype", "master_dtype", "schedule", "timeout",
-           "workers", "worker_id")
+           "workers", "worker_id", "shared_memory")
 
 
 def _arguments(cls: type) -> list[tuple[str, Any, Any, type]]:

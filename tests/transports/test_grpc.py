@@ -244,13 +244,16 @@ def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
 
 # The reasons each status code may carry (the table at the top of optimizer.proto).
 REASONS_BY_CODE: dict[grpc.StatusCode, set[str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: {"INVALID_ARGUMENT", "UNARY_TOO_LARGE"},
-    grpc.StatusCode.NOT_FOUND: {"SESSION_NOT_FOUND", "CHECKPOINT_NOT_FOUND"},
-    grpc.StatusCode.ALREADY_EXISTS: {"SESSION_EXISTS"},
+    grpc.StatusCode.INVALID_ARGUMENT: {"INVALID_ARGUMENT", "UNARY_TOO_LARGE",
+                                       "SHARED_MEMORY_OUT_OF_RANGE"},
+    grpc.StatusCode.NOT_FOUND: {"SESSION_NOT_FOUND", "CHECKPOINT_NOT_FOUND",
+                                "SHARED_MEMORY_NOT_FOUND"},
+    grpc.StatusCode.ALREADY_EXISTS: {"SESSION_EXISTS", "SHARED_MEMORY_EXISTS"},
     grpc.StatusCode.FAILED_PRECONDITION: {
         "STALE_PUSH", "PUSH_AHEAD", "ROUND_OPEN", "STEP_STAGED", "NO_STAGED_STEP",
         "COMMIT_OUT_OF_ORDER", "NOT_STREAMABLE", "DUPLICATE_WORKER_PUSH", "LAYOUT_CHANGED",
-        "CHECKPOINTS_DISABLED", "SHARED_MEMORY_DISABLED", "FAILED_PRECONDITION"},
+        "CHECKPOINTS_DISABLED", "SHARED_MEMORY_DISABLED", "SHARED_MEMORY_FORBIDDEN",
+        "FAILED_PRECONDITION"},
     grpc.StatusCode.RESOURCE_EXHAUSTED: {"QUOTA_EXCEEDED", "DEVICE_OUT_OF_MEMORY"},
     grpc.StatusCode.ABORTED: {"ROUND_ABORTED"},
     grpc.StatusCode.DEADLINE_EXCEEDED: {"WAIT_TIMEOUT"},

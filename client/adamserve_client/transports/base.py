@@ -19,6 +19,11 @@ Protocol datatype (``FP32``, ``FP16``, ``BF16``, ``FP64``) and raw little-endian
 bytes. Turning arrays into those bytes is the caller's business
 (:mod:`adamserve_client.tensors`), so a transport never copies more than it must.
 
+Same-host shared memory: a transport registers a region (:class:`RegionInfo`: a
+POSIX shared-memory object the server maps) and a step names places in it
+(:class:`RegionRef`) for its gradients and its returned parameters instead of
+sending them (docs/shared-memory.md).
+
 Errors are :mod:`adamserve_client.errors` exceptions carrying the server's message
 and reason.
 """
@@ -42,6 +47,8 @@ __all__ = [
     "ExchangeSums",
     "HyperValue",
     "Hyperparameters",
+    "RegionInfo",
+    "RegionRef",
     "Reply",
     "RoundInfo",
     "Sender",
@@ -213,6 +220,26 @@ class Sender:
 
 
 @dataclass(frozen=True)
+class RegionInfo:
+    """A shared-memory region as registered: its ``name`` (what steps call it), the
+    object's ``key`` (its name under /dev/shm) and the bytes the server maps."""
+
+    name: str
+    key: str
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class RegionRef:
+    """A place in a registered region: ``byte_size`` bytes from ``offset``, holding a
+    session's tensors packed in its order."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     session_id: str
     step: int
@@ -311,20 +338,45 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False,
-             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
+             sender: Sender | None = None, base_step: int | None = None,
+             gradients_region: RegionRef | None = None, gradients_datatype: str = "FP32",
+             params_region: RegionRef | None = None) -> StepResult:
         """One optimizer step; the result carries every tensor's parameters.
 
         ``base_step``: the step whose parameters the gradients were computed from (a
         synchronous session refuses a push for a step already applied; an async one
         bounds the staleness). In a synchronous session of several workers the call
-        waits for the round and returns the parameters of that step."""
+        waits for the round and returns the parameters of that step.
+
+        Shared memory: ``gradients_region`` holds every tensor's gradient, packed in
+        the session's order, as ``gradients_datatype`` (``gradients`` then empty);
+        ``params_region`` receives the parameters the same way, as
+        ``return_datatype``, and the result carries none."""
 
     @abc.abstractmethod
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
              require_all: bool = False, sender: Sender | None = None,
-             base_step: int | None = None) -> StepResult:
+             base_step: int | None = None, gradients_region: RegionRef | None = None,
+             gradients_datatype: str = "FP32") -> StepResult:
         """One optimizer step with no parameters sent back (in a synchronous session
-        of several workers: returns at once, ``pending`` until the round is applied)."""
+        of several workers: returns at once, ``pending`` until the round is applied);
+        ``gradients_region`` as for :meth:`step`."""
+
+    @abc.abstractmethod
+    def register_shared_memory(self, name: str, key: str, byte_size: int) -> RegionInfo:
+        """Have the server map ``byte_size`` bytes of the POSIX shared-memory object
+        ``key`` (on the server's host: the same as this one) as the region ``name``.
+        Registering the same again returns it; the server must allow shared memory
+        (else FailedPrecondition, reason SHARED_MEMORY_DISABLED) and find the object
+        (else NotFound, SHARED_MEMORY_NOT_FOUND: it runs on another host)."""
+
+    @abc.abstractmethod
+    def unregister_shared_memory(self, name: str) -> None:
+        """Drop a region; a step using it finishes first."""
+
+    @abc.abstractmethod
+    def list_shared_memory(self) -> list[RegionInfo]:
+        """The regions registered, ordered by name."""
 
     @abc.abstractmethod
     def pull(self, session_id: str, names: Sequence[str] | None = None,

@@ -23,6 +23,8 @@ from adamserve_client.transports.base import (
     Blob,
     CheckpointInfo,
     HyperValue,
+    RegionInfo,
+    RegionRef,
     Reply,
     Sender,
     SessionInfo,
@@ -106,19 +108,29 @@ class Client(Transport):
 
     @staticmethod
     def _header(session_id: str, return_datatype: str, require_all: bool,
-                sender: Sender | None, base_step: int | None) -> pb.StepHeader:
+                sender: Sender | None, base_step: int | None,
+                gradients_region: RegionRef | None = None, gradients_datatype: str = "FP32",
+                params_region: RegionRef | None = None) -> pb.StepHeader:
         header = pb.StepHeader(session_id=session_id, return_datatype=return_datatype,
                                require_all=require_all)
         if sender is not None:
             header.worker_id, header.sequence = sender.worker, sender.sequence
         if base_step is not None:
             header.base_step = base_step
+        if gradients_region is not None:
+            header.gradients_region.CopyFrom(m.region_ref_message(gradients_region))
+            header.gradients_datatype = gradients_datatype
+        if params_region is not None:
+            header.params_region.CopyFrom(m.region_ref_message(params_region))
         return header
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False,
-             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
-        header = self._header(session_id, return_datatype, require_all, sender, base_step)
+             sender: Sender | None = None, base_step: int | None = None,
+             gradients_region: RegionRef | None = None, gradients_datatype: str = "FP32",
+             params_region: RegionRef | None = None) -> StepResult:
+        header = self._header(session_id, return_datatype, require_all, sender, base_step,
+                              gradients_region, gradients_datatype, params_region)
         # a sender's step is applied once however often it is sent: safe to retry
         reply = self.wire.stream("Step", pb.StepRequest(header=header), gradients,
                                  idempotent=sender is not None)
@@ -126,8 +138,10 @@ class Client(Transport):
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
              require_all: bool = False, sender: Sender | None = None,
-             base_step: int | None = None) -> StepResult:
-        header = self._header(session_id, "", require_all, sender, base_step)
+             base_step: int | None = None, gradients_region: RegionRef | None = None,
+             gradients_datatype: str = "FP32") -> StepResult:
+        header = self._header(session_id, "", require_all, sender, base_step,
+                              gradients_region, gradients_datatype)
         reply = self.wire.stream("Push", pb.PushRequest(header=header), gradients,
                                  idempotent=sender is not None)
         return self._status(reply, "Push")
@@ -198,6 +212,21 @@ class Client(Transport):
     def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
         return _session(self.wire.unary("RestoreCheckpoint", pb.RestoreCheckpointRequest(
             session_id=session_id, step=step)))
+
+    # -- same-host shared memory -------------------------------------------------
+
+    def register_shared_memory(self, name: str, key: str, byte_size: int) -> RegionInfo:
+        # registering the same again is answered with the region: safe to retry
+        response = self.wire.unary("RegisterSharedMemory", pb.RegisterSharedMemoryRequest(
+            region=m.region_message(RegionInfo(name, key, byte_size))))
+        return m.region_info(m.field_of(response, "region"))
+
+    def unregister_shared_memory(self, name: str) -> None:
+        self.wire.unary("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=name))
+
+    def list_shared_memory(self) -> list[RegionInfo]:
+        response = self.wire.unary("ListSharedMemory", pb.ListSharedMemoryRequest())
+        return [m.region_info(r) for r in m.field_of(response, "regions")]
 
     def close(self) -> None:
         self.wire.close()

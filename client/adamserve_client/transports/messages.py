@@ -25,6 +25,8 @@ from adamserve_client.transports import _codec
 from adamserve_client.transports.base import (
     CheckpointInfo,
     ExchangeSums,
+    RegionInfo,
+    RegionRef,
     RoundInfo,
     SessionInfo,
     SessionSpec,
@@ -41,6 +43,9 @@ __all__ = [
     "duration",
     "field_of",
     "group_message",
+    "region_info",
+    "region_message",
+    "region_ref_message",
     "schedule_message",
     "session_info",
     "session_spec",
@@ -130,6 +135,22 @@ def step_result(status: pb.StepStatus, params: Sequence[WireTensor] = ()) -> Ste
 
 def checkpoint_info(msg: pb.CheckpointInfo) -> CheckpointInfo:
     return CheckpointInfo(msg.session_id, int(msg.step), msg.path, int(msg.size_bytes))
+
+
+# ---------------------------------------------------------------------------
+# Same-host shared memory
+
+
+def region_message(info: RegionInfo) -> pb.SharedMemoryRegion:
+    return pb.SharedMemoryRegion(name=info.name, key=info.key, byte_size=info.byte_size)
+
+
+def region_info(msg: pb.SharedMemoryRegion) -> RegionInfo:
+    return RegionInfo(msg.name, msg.key, int(msg.byte_size))
+
+
+def region_ref_message(ref: RegionRef) -> pb.SharedMemoryRef:
+    return pb.SharedMemoryRef(region=ref.region, offset=ref.offset, byte_size=ref.byte_size)
 
 
 def field_of(message: Message, name: str) -> Any:

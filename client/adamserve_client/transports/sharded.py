@@ -19,6 +19,13 @@ its part at once, in parallel. Otherwise the shard sessions are created with
 squares, the client adds them up and commits them, and each shard decides
 exactly as one server would.
 
+**Shared memory.** A region (on this host, as every shard server must be) is
+registered on every shard, under one name. The shards' pieces, in shard order,
+are the model's tensors in order, so the model's packed gradients (or parameters)
+in a region are the shards' packed pieces back to back: each shard's step names
+its slice of the one place (:func:`shard_places`). Sessions whose step exchanges
+sums (see above) take no regions yet: their commits carry the parameters.
+
 **Checkpoints.** Shards checkpoint on their own (every N steps, at the same
 steps, or on :meth:`checkpoint`); a sharded checkpoint of step t is complete when
 every shard holds one of step t. :meth:`list_checkpoints` returns those steps and
@@ -38,10 +45,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from adamserve_client import errors
+from adamserve_client import errors, tensors
 from adamserve_client.transports.base import (
     CheckpointInfo,
     HyperValue,
+    RegionInfo,
+    RegionRef,
     RoundInfo,
     Sender,
     SessionInfo,
@@ -64,7 +73,7 @@ from adamserve_client.transports.layout import (
 )
 from adamserve_proto.state_blob import SCALAR_SLOTS
 
-__all__ = ["Piece", "ShardPlan", "ShardedTransport", "plan_shards"]
+__all__ = ["Piece", "ShardPlan", "ShardedTransport", "plan_shards", "shard_places"]
 
 T = TypeVar("T")
 
@@ -86,8 +95,42 @@ class _Session:
         return min(self.steps)
 
 
+@dataclass(frozen=True)
+class _Places:
+    """A step's shared-memory places, as its caller gave them (the whole model's)."""
+
+    gradients: RegionRef | None
+    datatype: str
+    params: RegionRef | None
+
+
 def _needs_exchange(algorithm: str, max_grad_norm: float | None, skip_nonfinite: bool) -> bool:
     return algorithm.strip().lower() == "lamb" or max_grad_norm is not None or skip_nonfinite
+
+
+def shard_places(plan: ShardPlan, place: RegionRef, datatype: str) -> list[RegionRef]:
+    """Per shard, its slice of ``place`` (the model's tensors packed in order, as
+    ``datatype``): the shards' pieces, in shard order, are the model's flat order."""
+    size = tensors.itemsize(datatype)
+    starts = [0]
+    for j in range(len(plan.tensors)):
+        starts.append(starts[-1] + plan.numel(j))
+    if place.byte_size != starts[-1] * size:
+        raise errors.InvalidArgument(
+            f"region {place.region!r}: {place.byte_size} bytes for the session's "
+            f"{starts[-1]} elements as {datatype} ({starts[-1] * size} bytes)",
+            reason="INVALID_ARGUMENT")
+    out = []
+    at = 0  # the next flat element, in model order
+    for shard in plan.shards:
+        first = at
+        for p in shard:
+            if starts[p.parent] + p.start != at:
+                raise ValueError(f"the shard plan is not in the model's flat order at "
+                                 f"{p.spec.name!r}")
+            at += p.end - p.start
+        out.append(RegionRef(place.region, place.offset + first * size, (at - first) * size))
+    return out
 
 
 class ShardedTransport(Transport):
@@ -274,17 +317,22 @@ class ShardedTransport(Transport):
 
     def step(self, session_id: str, gradients: Sequence[WireTensor], *,
              return_datatype: str = "FP32", require_all: bool = False,
-             sender: Sender | None = None, base_step: int | None = None) -> StepResult:
-        return self._step(session_id, gradients, return_datatype, sender, base_step)
+             sender: Sender | None = None, base_step: int | None = None,
+             gradients_region: RegionRef | None = None, gradients_datatype: str = "FP32",
+             params_region: RegionRef | None = None) -> StepResult:
+        return self._step(session_id, gradients, return_datatype, sender, base_step,
+                          _Places(gradients_region, gradients_datatype, params_region))
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
              require_all: bool = False, sender: Sender | None = None,
-             base_step: int | None = None) -> StepResult:
-        return self._step(session_id, gradients, None, sender, base_step)
+             base_step: int | None = None, gradients_region: RegionRef | None = None,
+             gradients_datatype: str = "FP32") -> StepResult:
+        return self._step(session_id, gradients, None, sender, base_step,
+                          _Places(gradients_region, gradients_datatype, None))
 
     def _step(self, session_id: str, gradients: Sequence[WireTensor],
               return_datatype: str | None, sender: Sender | None,
-              base_step: int | None) -> StepResult:
+              base_step: int | None, places: _Places) -> StepResult:
         s = self._session(session_id)
         plan = s.plan
         if len(set(s.steps)) > 1:  # as last described: a commit may have landed since
@@ -296,21 +344,37 @@ class ShardedTransport(Transport):
             base_step = s.step  # a shard at another step refuses the push: nothing applied
         given = {w.name for w in gradients}
         absent = [t.name for t in plan.tensors if t.name not in given]
-        if absent:  # checked before any shard is pushed: all or none take the step
+        if absent and places.gradients is None:
+            # checked before any shard is pushed: all or none take the step
             raise ValueError(
                 "a sharded session steps every tensor at once (each shard takes every step): "
                 f"no gradient for {', '.join(absent[:8])} (frozen or unused parameters: give "
                 "the optimizer only those that train, "
                 "[p for p in model.parameters() if p.requires_grad])")
         grads = split(plan, gradients)
+        if (places.gradients or places.params) and s.exchange:
+            raise errors.FailedPrecondition(
+                f"session {session_id!r} is sharded with whole-model checks (skip_nonfinite, "
+                "max_grad_norm or LAMB): its shards exchange sums and commit, and a commit "
+                "takes no shared-memory region; send the step over the wire",
+                reason="SESSION_SHARDED", metadata={"session_id": session_id})
+        g_refs: list[RegionRef | None] = [None] * len(self.shards)
+        p_refs: list[RegionRef | None] = [None] * len(self.shards)
+        if places.gradients is not None:
+            g_refs = list(shard_places(plan, places.gradients, places.datatype))
+        if places.params is not None and return_datatype is not None:
+            p_refs = list(shard_places(plan, places.params, return_datatype))
         if not s.exchange:
             if return_datatype is None:
                 results = self.each(lambda i, t: t.push(
-                    session_id, grads[i], require_all=True, sender=sender, base_step=base_step))
+                    session_id, grads[i], require_all=True, sender=sender, base_step=base_step,
+                    gradients_region=g_refs[i], gradients_datatype=places.datatype))
             else:
+                rtype = return_datatype
                 results = self.each(lambda i, t: t.step(
-                    session_id, grads[i], return_datatype=return_datatype, require_all=True,
-                    sender=sender, base_step=base_step))
+                    session_id, grads[i], return_datatype=rtype, require_all=True,
+                    sender=sender, base_step=base_step, gradients_region=g_refs[i],
+                    gradients_datatype=places.datatype, params_region=p_refs[i]))
             return self.merge(session_id, plan, results)
         return exchange_step(self, session_id, plan, grads, sender=sender,
                              base_step=base_step, return_datatype=return_datatype,
@@ -388,6 +452,38 @@ class ShardedTransport(Transport):
                     t.set_workers(session_id, old.workers.count)
             raise failure
         return self._merge_info(session_id, infos)
+
+    # -- same-host shared memory ---------------------------------------------------
+
+    def register_shared_memory(self, name: str, key: str, byte_size: int) -> RegionInfo:
+        """The region on every shard, or on none: the shards that registered it drop
+        it again when another refuses."""
+        futures = [self._pool.submit(t.register_shared_memory, name, key, byte_size)
+                   for t in self.shards]
+        infos: list[RegionInfo] = []
+        made: list[Transport] = []
+        failure: BaseException | None = None
+        for t, f in zip(self.shards, futures, strict=True):
+            try:
+                infos.append(f.result())
+                made.append(t)
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            for t in made:
+                with contextlib.suppress(errors.AdamserveError):
+                    t.unregister_shared_memory(name)
+            raise failure
+        return infos[0]
+
+    def unregister_shared_memory(self, name: str) -> None:
+        self.each(lambda i, t: t.unregister_shared_memory(name))
+
+    def list_shared_memory(self) -> list[RegionInfo]:
+        """The regions every shard holds."""
+        per_shard = self.each(lambda i, t: t.list_shared_memory())
+        common = set(per_shard[0]).intersection(*per_shard[1:])
+        return [r for r in per_shard[0] if r in common]
 
     @property
     def timeout(self) -> float | None:

@@ -35,15 +35,21 @@ was expected, and in the status details (grpc-status-details-bin, a
 google.rpc.Status) one google.rpc.ErrorInfo with domain "adamserve", a
 stable `reason` and string metadata (such as "session_id" and "step"):
   INVALID_ARGUMENT     INVALID_ARGUMENT, UNARY_TOO_LARGE (a StepUnary reply
-                       would not fit one message: use the Step stream)
-  NOT_FOUND            SESSION_NOT_FOUND, CHECKPOINT_NOT_FOUND
-  ALREADY_EXISTS       SESSION_EXISTS
+                       would not fit one message: use the Step stream),
+                       SHARED_MEMORY_OUT_OF_RANGE (a place outside its
+                       region, or an object smaller than the region)
+  NOT_FOUND            SESSION_NOT_FOUND, CHECKPOINT_NOT_FOUND,
+                       SHARED_MEMORY_NOT_FOUND (no such region; registering:
+                       no such object on the server's host)
+  ALREADY_EXISTS       SESSION_EXISTS, SHARED_MEMORY_EXISTS
   FAILED_PRECONDITION  STALE_PUSH, PUSH_AHEAD, ROUND_OPEN, STEP_STAGED,
                        NO_STAGED_STEP (a Commit for a step not staged),
                        COMMIT_OUT_OF_ORDER (LAMB's second Commit first),
                        NOT_STREAMABLE (apply_as_received refused),
                        DUPLICATE_WORKER_PUSH, LAYOUT_CHANGED,
                        CHECKPOINTS_DISABLED, SHARED_MEMORY_DISABLED,
+                       SHARED_MEMORY_FORBIDDEN (an object that is not a
+                       regular file of the server's user),
                        FAILED_PRECONDITION
   RESOURCE_EXHAUSTED   QUOTA_EXCEEDED, DEVICE_OUT_OF_MEMORY
   ABORTED              ROUND_ABORTED (a synchronous round failed: nothing
@@ -1430,16 +1436,21 @@ class StepHeader(_message.Message):
     def gradients_region(self) -> Global___SharedMemoryRef:
         """Same-host shared memory (RegisterSharedMemory): the gradients of every
         tensor of the session, packed in the session's tensor order, as
-        `gradients_datatype`, at this place of a registered region; the stream then
-        carries no chunks. byte_size must be the session's element count times the
-        datatype's size.
+        `gradients_datatype`, at this place of a registered region; the request
+        then carries no chunks (else INVALID_ARGUMENT). byte_size must be the
+        session's element count times the datatype's size (else INVALID_ARGUMENT);
+        the place must lie within the region (else SHARED_MEMORY_OUT_OF_RANGE, as
+        when the object was truncated below it). The server copies the gradients
+        out before the step. Not with apply_as_received (INVALID_ARGUMENT).
         """
 
     @_builtins.property
     def params_region(self) -> Global___SharedMemoryRef:
         """Same-host shared memory: write the updated parameters of every tensor,
         packed in the session's tensor order, as `return_datatype`, at this place
-        of a registered region instead of sending them. Ignored by Push.
+        of a registered region instead of sending them: the reply carries the
+        status and no parameters. Checked as gradients_region, before the step.
+        Ignored by Push.
         """
 
     def __init__(
@@ -2476,9 +2487,9 @@ class SharedMemoryRef(_message.Message):
     region: _builtins.str
     """The region's name, as registered."""
     offset: _builtins.int
-    """Where the bytes start, from the start of the region."""
+    """Where the bytes start, from the start of the region (>= 0)."""
     byte_size: _builtins.int
-    """How many bytes: offset + byte_size must lie within the region."""
+    """How many bytes (>= 0): offset + byte_size must lie within the region."""
     def __init__(
         self,
         *,
@@ -2504,10 +2515,13 @@ class SharedMemoryRegion(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     BYTE_SIZE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The name requests use for it (1-128 letters, digits, '_', '-', '.')."""
+    """The name requests use for it (1-128 letters, digits, '_', '-', '.'; not
+    starting with '.').
+    """
     key: _builtins.str
     """The POSIX shared-memory object (what shm_open takes, without the leading
-    '/'; no other '/'): letters, digits, '_', '-', '.'.
+    '/'; no other '/'): 1-128 letters, digits, '_', '-', '.', not starting
+    with '.'.
     """
     byte_size: _builtins.int
     """The bytes of the object the server maps, from its start."""
@@ -2675,6 +2689,7 @@ class FlightCommand(_message.Message):
     CREATE_SESSION_FIELD_NUMBER: _builtins.int
     ADD_TENSORS_FIELD_NUMBER: _builtins.int
     SET_PARAMETERS_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def step(self) -> Global___StepRequest:
         """DoExchange: one step; the first message the Step stream would send."""
@@ -2699,6 +2714,10 @@ class FlightCommand(_message.Message):
     def set_parameters(self) -> Global___SetParametersRequest:
         """DoPut: parameter values to overwrite."""
 
+    @_builtins.property
+    def streams(self) -> Global___FlightStreams:
+        """DoExchange: this stream is one of several that carry one step."""
+
     def __init__(
         self,
         *,
@@ -2708,13 +2727,50 @@ class FlightCommand(_message.Message):
         create_session: Global___CreateSessionRequest | None = ...,
         add_tensors: Global___AddTensorsRequest | None = ...,
         set_parameters: Global___SetParametersRequest | None = ...,
+        streams: Global___FlightStreams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step", "streams", b"streams"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["step", "push", "pull", "create_session", "add_tensors", "set_parameters"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___FlightCommand: _TypeAlias = FlightCommand  # noqa: Y015
+
+@_typing.final
+class FlightStreams(_message.Message):
+    """A step split over several DoExchange streams, to fill a fast link. Each
+    stream's command carries the same `step` and `streams.id`, its own
+    `streams.index`, and a contiguous part of the gradients in flat order (the
+    rows of stream i come before those of stream i + 1). The server applies the
+    step once every stream has arrived; each stream answers the status and the
+    parameters of the rows it sent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Names the step's streams: the same on each (a random token of the client)."""
+    count: _builtins.int
+    """How many streams carry the step: 2 to 16."""
+    index: _builtins.int
+    """This stream's place, 0 to count - 1."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        count: _builtins.int = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "id", b"id", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlightStreams: _TypeAlias = FlightStreams  # noqa: Y015

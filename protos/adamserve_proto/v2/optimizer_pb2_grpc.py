@@ -332,7 +332,17 @@ class OptimizerServiceServicer:
         SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
         size for its gradients and its returned parameters instead of sending them
         (StepHeader.gradients_region, StepHeader.params_region), and no tensor
-        bytes cross the socket. See docs/data-plane.md.
+        bytes cross the socket. The object is opened under /dev/shm without
+        following a symbolic link; it must be a regular file of the server's user
+        (else FAILED_PRECONDITION, SHARED_MEMORY_FORBIDDEN) of at least byte_size
+        bytes (else INVALID_ARGUMENT, SHARED_MEMORY_OUT_OF_RANGE); none there:
+        NOT_FOUND, SHARED_MEMORY_NOT_FOUND (the client is on another host). The
+        same registration again returns the region (a retry); another one under a
+        name taken: ALREADY_EXISTS, SHARED_MEMORY_EXISTS. The server bounds the
+        regions and their bytes (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED) and drops a
+        region whose object was unlinked or that no step used for a while (a client
+        that gets SHARED_MEMORY_NOT_FOUND on a step registers it again). See
+        docs/shared-memory.md.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,7 +350,7 @@ class OptimizerServiceServicer:
 
     def UnregisterSharedMemory(self, request, context):
         """Unregister a region. A step using it finishes first; later steps naming it
-        get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+        get NOT_FOUND (SHARED_MEMORY_NOT_FOUND), as does a name not registered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,15 +35,21 @@ was expected, and in the status details (grpc-status-details-bin, a
 google.rpc.Status) one google.rpc.ErrorInfo with domain "adamserve", a
 stable `reason` and string metadata (such as "session_id" and "step"):
   INVALID_ARGUMENT     INVALID_ARGUMENT, UNARY_TOO_LARGE (a StepUnary reply
-                       would not fit one message: use the Step stream)
-  NOT_FOUND            SESSION_NOT_FOUND, CHECKPOINT_NOT_FOUND
-  ALREADY_EXISTS       SESSION_EXISTS
+                       would not fit one message: use the Step stream),
+                       SHARED_MEMORY_OUT_OF_RANGE (a place outside its
+                       region, or an object smaller than the region)
+  NOT_FOUND            SESSION_NOT_FOUND, CHECKPOINT_NOT_FOUND,
+                       SHARED_MEMORY_NOT_FOUND (no such region; registering:
+                       no such object on the server's host)
+  ALREADY_EXISTS       SESSION_EXISTS, SHARED_MEMORY_EXISTS
   FAILED_PRECONDITION  STALE_PUSH, PUSH_AHEAD, ROUND_OPEN, STEP_STAGED,
                        NO_STAGED_STEP (a Commit for a step not staged),
                        COMMIT_OUT_OF_ORDER (LAMB's second Commit first),
                        NOT_STREAMABLE (apply_as_received refused),
                        DUPLICATE_WORKER_PUSH, LAYOUT_CHANGED,
                        CHECKPOINTS_DISABLED, SHARED_MEMORY_DISABLED,
+                       SHARED_MEMORY_FORBIDDEN (an object that is not a
+                       regular file of the server's user),
                        FAILED_PRECONDITION
   RESOURCE_EXHAUSTED   QUOTA_EXCEEDED, DEVICE_OUT_OF_MEMORY
   ABORTED              ROUND_ABORTED (a synchronous round failed: nothing
@@ -184,11 +190,21 @@ class OptimizerServiceStub:
     SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
     size for its gradients and its returned parameters instead of sending them
     (StepHeader.gradients_region, StepHeader.params_region), and no tensor
-    bytes cross the socket. See docs/data-plane.md.
+    bytes cross the socket. The object is opened under /dev/shm without
+    following a symbolic link; it must be a regular file of the server's user
+    (else FAILED_PRECONDITION, SHARED_MEMORY_FORBIDDEN) of at least byte_size
+    bytes (else INVALID_ARGUMENT, SHARED_MEMORY_OUT_OF_RANGE); none there:
+    NOT_FOUND, SHARED_MEMORY_NOT_FOUND (the client is on another host). The
+    same registration again returns the region (a retry); another one under a
+    name taken: ALREADY_EXISTS, SHARED_MEMORY_EXISTS. The server bounds the
+    regions and their bytes (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED) and drops a
+    region whose object was unlinked or that no step used for a while (a client
+    that gets SHARED_MEMORY_NOT_FOUND on a step registers it again). See
+    docs/shared-memory.md.
     """
     UnregisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.UnregisterSharedMemoryRequest, _optimizer_pb2.UnregisterSharedMemoryResponse]
     """Unregister a region. A step using it finishes first; later steps naming it
-    get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+    get NOT_FOUND (SHARED_MEMORY_NOT_FOUND), as does a name not registered.
     """
     ListSharedMemory: _grpc.UnaryUnaryMultiCallable[_optimizer_pb2.ListSharedMemoryRequest, _optimizer_pb2.ListSharedMemoryResponse]
     """The regions registered (by this caller's tenant), ordered by name."""
@@ -297,11 +313,21 @@ class OptimizerServiceAsyncStub(OptimizerServiceStub):
     SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
     size for its gradients and its returned parameters instead of sending them
     (StepHeader.gradients_region, StepHeader.params_region), and no tensor
-    bytes cross the socket. See docs/data-plane.md.
+    bytes cross the socket. The object is opened under /dev/shm without
+    following a symbolic link; it must be a regular file of the server's user
+    (else FAILED_PRECONDITION, SHARED_MEMORY_FORBIDDEN) of at least byte_size
+    bytes (else INVALID_ARGUMENT, SHARED_MEMORY_OUT_OF_RANGE); none there:
+    NOT_FOUND, SHARED_MEMORY_NOT_FOUND (the client is on another host). The
+    same registration again returns the region (a retry); another one under a
+    name taken: ALREADY_EXISTS, SHARED_MEMORY_EXISTS. The server bounds the
+    regions and their bytes (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED) and drops a
+    region whose object was unlinked or that no step used for a while (a client
+    that gets SHARED_MEMORY_NOT_FOUND on a step registers it again). See
+    docs/shared-memory.md.
     """
     UnregisterSharedMemory: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.UnregisterSharedMemoryRequest, _optimizer_pb2.UnregisterSharedMemoryResponse]  # type: ignore[assignment]
     """Unregister a region. A step using it finishes first; later steps naming it
-    get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+    get NOT_FOUND (SHARED_MEMORY_NOT_FOUND), as does a name not registered.
     """
     ListSharedMemory: _aio.UnaryUnaryMultiCallable[_optimizer_pb2.ListSharedMemoryRequest, _optimizer_pb2.ListSharedMemoryResponse]  # type: ignore[assignment]
     """The regions registered (by this caller's tenant), ordered by name."""
@@ -527,7 +553,17 @@ class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
         SHARED_MEMORY_DISABLED). A step then names the region, an offset and a byte
         size for its gradients and its returned parameters instead of sending them
         (StepHeader.gradients_region, StepHeader.params_region), and no tensor
-        bytes cross the socket. See docs/data-plane.md.
+        bytes cross the socket. The object is opened under /dev/shm without
+        following a symbolic link; it must be a regular file of the server's user
+        (else FAILED_PRECONDITION, SHARED_MEMORY_FORBIDDEN) of at least byte_size
+        bytes (else INVALID_ARGUMENT, SHARED_MEMORY_OUT_OF_RANGE); none there:
+        NOT_FOUND, SHARED_MEMORY_NOT_FOUND (the client is on another host). The
+        same registration again returns the region (a retry); another one under a
+        name taken: ALREADY_EXISTS, SHARED_MEMORY_EXISTS. The server bounds the
+        regions and their bytes (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED) and drops a
+        region whose object was unlinked or that no step used for a while (a client
+        that gets SHARED_MEMORY_NOT_FOUND on a step registers it again). See
+        docs/shared-memory.md.
         """
 
     @_abc_1.abstractmethod
@@ -537,7 +573,7 @@ class OptimizerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_optimizer_pb2.UnregisterSharedMemoryResponse, _abc.Awaitable[_optimizer_pb2.UnregisterSharedMemoryResponse]]:
         """Unregister a region. A step using it finishes first; later steps naming it
-        get NOT_FOUND (SHARED_MEMORY_NOT_FOUND).
+        get NOT_FOUND (SHARED_MEMORY_NOT_FOUND), as does a name not registered.
         """
 
     @_abc_1.abstractmethod

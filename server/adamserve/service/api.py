@@ -10,6 +10,10 @@ the one way to change one is ``session.changing()``), its
 workers, and :class:`~adamserve.sessions.checkpoint_policy.CheckpointPolicy` decides
 when checkpoints are written. Errors are :mod:`adamserve.errors` exceptions whose
 messages name the tensor and what was expected, each with a stable reason.
+
+Same-host shared memory (``allow_shared_memory``): the regions clients register are
+:mod:`adamserve.service.shared_memory`'s; a step that names them reads its gradients
+from one and writes its parameters into another, through the same checks.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import numpy.typing as npt
 
 from adamserve import metrics
 from adamserve.engine import schedules, statedict
-from adamserve.engine.dtypes import encode
-from adamserve.engine.optimizer import Layout, StepReport, TensorSpec
+from adamserve.engine.dtypes import WIRE_DTYPES, encode, itemsize
+from adamserve.engine.optimizer import FlatOptimizer, Layout, StepReport, TensorSpec
 from adamserve.errors import (
     Aborted,
     FailedPrecondition,
@@ -38,6 +42,13 @@ from adamserve.errors import (
     ResourceExhausted,
 )
 from adamserve.service import answers
+from adamserve.service.shared_memory import (
+    Held,
+    RegionInfo,
+    RegionRef,
+    SharedMemoryRegistry,
+    write_values,
+)
 from adamserve.service.tensors import (
     Assembler,
     check_datatype,
@@ -62,9 +73,12 @@ log = logging.getLogger("adamserve.service")
 class OptimizerService:
     def __init__(self, store: SessionStore, *, checkpoint_every_steps: int = 0,
                  checkpoint_every_seconds: float = 0.0,
-                 allow_shared_memory: bool = False) -> None:
+                 allow_shared_memory: bool = False,
+                 shared_memory: SharedMemoryRegistry | None = None) -> None:
         self.store = store
         self.allow_shared_memory = allow_shared_memory
+        # the registered regions (a registry of its own: other limits, another directory)
+        self.shared_memory = shared_memory or SharedMemoryRegistry()
         self.checkpoints: CheckpointStore | None = store.checkpoints
         self.policy = CheckpointPolicy(store.checkpoints, every_steps=checkpoint_every_steps,
                                        every_seconds=checkpoint_every_seconds)
@@ -125,7 +139,9 @@ class OptimizerService:
     def step(self, session_id: str, grads: Iterable[TensorChunk], *,
              return_datatype: str | None = "FP32", require_all: bool = False,
              push_id: PushId | None = None, base_step: int | None = None,
-             wait: float | None = None) -> StepResult:
+             wait: float | None = None, gradients_region: RegionRef | None = None,
+             gradients_datatype: str = "FP32", params_region: RegionRef | None = None,
+             tenant: str = "") -> StepResult:
         """Apply one update from ``grads``; tensors not sent are left as they are.
 
         ``return_datatype`` None returns no parameters (a push). ``push_id``: a push
@@ -139,12 +155,52 @@ class OptimizerService:
         seconds, and never more than ``MAX_WAIT``). A shard of an exchange session
         waits for the round to close and returns its sums of squares (``pending``);
         :meth:`commit` applies it.
+
+        Shared memory (regions of ``tenant``): ``gradients_region`` holds the gradients
+        of every tensor, packed in the session's order, as ``gradients_datatype`` (then
+        ``grads`` must be empty); ``params_region`` receives the parameters after the
+        step the same way, as ``return_datatype``, and the result carries none (a push
+        ignores it). Both are held for the whole step.
         """
         check_datatype(return_datatype, "return datatype")
+        check_datatype(gradients_datatype, "gradients datatype")
         if push_id is not None:
             push_id.check()
         if base_step is not None and base_step < 0:
             raise InvalidArgument(f"base_step {base_step}: expected an integer >= 0")
+        if return_datatype is None:
+            params_region = None  # a push returns no parameters
+        if gradients_region is None and params_region is None:
+            return self._step(session_id, grads, return_datatype, require_all, push_id,
+                              base_step, wait)
+        registry = self._regions()
+        numel = self.store.get(session_id).opt.layout.size
+        with contextlib.ExitStack() as regions:
+            source = out = None
+            if gradients_region is not None:
+                if next(iter(grads), None) is not None:
+                    raise InvalidArgument(
+                        "the step names a gradients region and carries gradient chunks too: "
+                        "send the gradients one way")
+                source = regions.enter_context(registry.use(
+                    gradients_region, numel * itemsize(gradients_datatype), tenant,
+                    "gradients_region", f"the session's {numel} elements as "
+                    f"{gradients_datatype}"))
+            if params_region is not None:
+                assert return_datatype is not None
+                out = regions.enter_context(registry.use(
+                    params_region, numel * itemsize(return_datatype), tenant,
+                    "params_region", f"the session's {numel} elements as {return_datatype}"))
+            source_grads = grads if source is None else _RegionGradients(source,
+                                                                         gradients_datatype)
+            return self._step(session_id, source_grads, return_datatype, require_all,
+                              push_id, base_step, wait, out)
+
+    def _step(self, session_id: str, grads: Iterable[TensorChunk] | _RegionGradients,
+              return_datatype: str | None, require_all: bool, push_id: PushId | None,
+              base_step: int | None, wait: float | None,
+              out: Held | None = None) -> StepResult:
+        """:meth:`step`, its arguments checked; ``out``: where the parameters go."""
         t0 = time.perf_counter()
         session = self.store.get(session_id)
         rounds = session.rounds
@@ -159,27 +215,51 @@ class OptimizerService:
         opt = session.opt
         with contextlib.nullcontext() if multi else session.intake:
             own = multi or opt.backend.name != "cpu"
-            host = np.empty(opt.layout.size, opt.dtype) if own else opt.grad
+            region = grads if isinstance(grads, _RegionGradients) else None
+            # one worker, gradients in a region in the state's dtype: the engine reads
+            # them there (no copy); the sums of squares are then the engine's
+            in_place = region.in_place(opt) if region is not None and not multi else None
+            host = (in_place if in_place is not None
+                    else np.empty(opt.layout.size, opt.dtype) if own else opt.grad)
             asm = Assembler(opt.layout, host)
-            for chunk in grads:
-                asm.add(chunk)
-            active = asm.finish(require_all)
+            sumsq: npt.NDArray[np.float64] | None = asm.sumsq
+            if in_place is not None:
+                active, sumsq = np.ones(len(asm.layout), dtype=np.bool_), None
+            else:
+                if isinstance(grads, _RegionGradients):
+                    grads.feed(asm)
+                else:
+                    for chunk in grads:
+                        asm.add(chunk)
+                active = asm.finish(require_all)
             with self.store.locked(session_id, session):
                 self._same_layout(session, asm.layout, "this push arrived: push again")
                 duplicate = session.seen(push_id, base_step)
                 staleness = rounds.admit(push_id, base_step)
+                # the params place, checked again before the step: a refusal changes nothing
+                if out is not None and return_datatype:
+                    _check_out(out, session, asm.layout.size * itemsize(return_datatype))
                 if duplicate:
                     report = StepReport(opt.step_count, False, None)
-                elif rounds.in_rounds():
-                    waiting = rounds.arrive(host, active, push_id, return_datatype)
+                elif rounds.in_rounds():  # a round keeps its push's gradients: a copy
+                    waiting = rounds.arrive(host if in_place is None else host.copy(), active,
+                                            push_id, return_datatype)
                 else:
-                    report = self._apply(session, host, active, asm.sumsq, push_id,
-                                         rounds.lr_scale(staleness), intake=not multi)
+                    report = self._apply(session, host, active, sumsq, push_id,
+                                         rounds.lr_scale(staleness),
+                                         intake=not multi and in_place is None)
                 if waiting is None:
-                    params = (encode_params(opt, None, return_datatype) if return_datatype
-                              else [])
+                    params: list[TensorChunk] = []
+                    if out is not None and return_datatype:
+                        write_values(out.view, opt.backend.to_host(opt.param), return_datatype)
+                    elif return_datatype:
+                        params = encode_params(opt, None, return_datatype)
         if waiting is not None:
-            return self._round_result(session, waiting, return_datatype, wait)
+            result = self._round_result(session, waiting, return_datatype, wait)
+            if out is not None and result.params:
+                _write_chunks(out, result.params)
+                result = replace(result, params=[])
+            return result
         if not duplicate:
             metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
@@ -321,6 +401,36 @@ class OptimizerService:
             with session.lock:
                 n += session.rounds.expire()
         return n
+
+    # -- same-host shared memory ---------------------------------------------------------
+
+    def _regions(self) -> SharedMemoryRegistry:
+        if not self.allow_shared_memory:
+            raise FailedPrecondition(
+                "this server does not take shared-memory regions (start it with "
+                "--allow-shared-memory)", reason="SHARED_MEMORY_DISABLED")
+        return self.shared_memory
+
+    def register_shared_memory(self, name: str, key: str, byte_size: int,
+                               tenant: str = "") -> RegionInfo:
+        """Map ``byte_size`` bytes of the POSIX shared-memory object ``key`` (under
+        /dev/shm on this host) as the region ``name`` of ``tenant``; the same
+        registration again returns it (a retry)."""
+        return self._regions().register(name, key, byte_size, tenant)
+
+    def unregister_shared_memory(self, name: str, tenant: str = "") -> None:
+        """Drop a region; a step using it finishes first, later ones are refused."""
+        self._regions().unregister(name, tenant)
+
+    def list_shared_memory(self, tenant: str = "") -> builtins.list[RegionInfo]:
+        """The regions of ``tenant``, ordered by name."""
+        return self._regions().list(tenant)
+
+    def sweep_shared_memory(self) -> int:
+        """Drop the regions whose object is gone (the client unlinked it, or exited) or
+        that no step used for a while; returns how many. Run every fraction of a second
+        by the server, beside :meth:`expire_rounds`."""
+        return self.shared_memory.sweep() if self.allow_shared_memory else 0
 
     def step_stream(self, session_id: str, grads: Iterable[TensorChunk], *,
                     return_datatype: str | None = "FP32", push_id: PushId | None = None
@@ -599,3 +709,63 @@ class OptimizerService:
     def checkpoint_all(self) -> int:
         """Checkpoint every session with unsaved steps (graceful shutdown)."""
         return self.policy.on_stop(self.store.all())
+
+
+class _RegionGradients:
+    """The gradients in a held region, fed to an :class:`Assembler` as one chunk per
+    tensor of its layout (so every check and the sums of squares are the chunks')."""
+
+    def __init__(self, held: Held, datatype: str) -> None:
+        self.held = held
+        self.datatype = datatype
+
+    def _fits(self, layout: Layout) -> memoryview:
+        size = itemsize(self.datatype)
+        view = self.held.view
+        if len(view) != layout.size * size:  # add_tensors ran since the sizes were checked
+            raise FailedPrecondition(
+                f"the tensors of the session changed while this push arrived: its gradients "
+                f"are {layout.size * size} bytes now, not {len(view)}; push again",
+                reason="LAYOUT_CHANGED")
+        return view
+
+    def in_place(self, opt: FlatOptimizer) -> npt.NDArray[Any] | None:
+        """The gradients as an array over the region, where the engine may read them
+        there: the CPU backend, the state's own dtype, and an algorithm that only reads
+        its gradient (LAMB writes its update over it). None: decode them (:meth:`feed`)."""
+        if (opt.backend.name != "cpu" or WIRE_DTYPES[self.datatype] != opt.dtype
+                or opt.algorithm.value == "lamb"):
+            return None
+        return np.frombuffer(self._fits(opt.layout), dtype=opt.dtype)
+
+    def feed(self, asm: Assembler) -> None:
+        layout = asm.layout
+        size = itemsize(self.datatype)
+        view = self._fits(layout)
+        offsets = layout.offsets
+        for i, t in enumerate(layout.tensors):
+            lo, hi = int(offsets[i]) * size, int(offsets[i + 1]) * size
+            asm.add(TensorChunk(t.name, t.shape, self.datatype, view[lo:hi]))
+
+
+def _check_out(out: Held, session: Session, nbytes: int) -> None:
+    """The params place still fits the session (add_tensors may have run since it was
+    checked) and its object was not truncated below it."""
+    if len(out.view) != nbytes:
+        raise FailedPrecondition(
+            f"the tensors of session {session.id!r} changed while this step arrived: its "
+            f"parameters are {nbytes} bytes now, not {len(out.view)}; step again",
+            reason="LAYOUT_CHANGED", metadata=meta(session.id))
+    out.check("params_region")
+
+
+def _write_chunks(out: Held, chunks: Sequence[TensorChunk]) -> None:
+    """Whole tensors' encoded parameters, in session order, into the region ``out``
+    (their sizes are the session's, checked before the step)."""
+    out.check("params_region")
+    pos = 0
+    view = out.view
+    for c in chunks:
+        data = memoryview(c.data).cast("B")
+        view[pos:pos + data.nbytes] = data
+        pos += data.nbytes

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from adamserve import errors
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
-from adamserve.service import OptimizerService, PushId, SessionInfo, StepResult, TensorChunk
+from adamserve.service import (
+    OptimizerService,
+    PushId,
+    RegionInfo,
+    RegionRef,
+    SessionInfo,
+    StepResult,
+    TensorChunk,
+)
 from adamserve.sessions.checkpoints import CheckpointInfo
 from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK, SessionConfig
@@ -72,28 +80,59 @@ class StepCall:
     push_id: PushId | None
     base_step: int | None
     apply_as_received: bool
+    gradients_region: RegionRef | None = None
+    gradients_datatype: str = "FP32"
+    params_region: RegionRef | None = None  # never for a push
+
+
+def region_ref(msg: pb.SharedMemoryRef) -> RegionRef:
+    """A place in a shared-memory region (checked against the region by the service)."""
+    return RegionRef(msg.region, int(msg.offset), int(msg.byte_size))
+
+
+def region_info(msg: pb.SharedMemoryRegion) -> RegionInfo:
+    return RegionInfo(msg.name, msg.key, int(msg.byte_size))
+
+
+def region_message(info: RegionInfo) -> pb.SharedMemoryRegion:
+    return pb.SharedMemoryRegion(name=info.name, key=info.key, byte_size=info.byte_size)
 
 
 def step_call(header: pb.StepHeader, push: bool) -> StepCall:
     """The step (or, with ``push``, the push) a header asks for; every transport's."""
     push_id = (PushId(header.worker_id, int(header.sequence))
                if header.sequence or header.worker_id else None)
+    gradients = (region_ref(header.gradients_region)
+                 if header.HasField("gradients_region") else None)
+    params = (region_ref(header.params_region)
+              if header.HasField("params_region") and not push else None)
+    apply_as_received = header.apply_as_received and not push
+    if apply_as_received and (gradients is not None or params is not None):
+        raise errors.InvalidArgument(
+            "header.apply_as_received streams chunks both ways; a step naming "
+            "shared-memory regions sends none: set one or the other")
     return StepCall(
         session_id=session_id(header.session_id, "header.session_id"),
         return_datatype=None if push else datatype(header.return_datatype,
                                                    "header.return_datatype"),
         require_all=header.require_all, push_id=push_id,
         base_step=int(header.base_step) if header.HasField("base_step") else None,
-        apply_as_received=header.apply_as_received and not push)
+        apply_as_received=apply_as_received, gradients_region=gradients,
+        gradients_datatype=datatype(header.gradients_datatype, "header.gradients_datatype"),
+        params_region=params)
 
 
 def run_step(service: OptimizerService, header: pb.StepHeader, grads: Iterable[TensorChunk],
-             *, push: bool, wait: float | None) -> StepResult:
-    """The step (or push) ``header`` asks for, with the gradients ``grads``."""
+             *, push: bool, wait: float | None, tenant: str = "") -> StepResult:
+    """The step (or push) ``header`` asks for, with the gradients ``grads`` (none when
+    the header names a gradients region)."""
     call = step_call(header, push)
     return service.step(call.session_id, grads, return_datatype=call.return_datatype,
                         require_all=call.require_all, push_id=call.push_id,
-                        base_step=call.base_step, wait=wait)
+                        base_step=call.base_step, wait=wait,
+                        gradients_region=call.gradients_region,
+                        gradients_datatype=call.gradients_datatype,
+                        params_region=call.params_region, tenant=tenant)
 
 
 def check_shape(shape: Iterable[int], what: str) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""The shared-memory RPCs of the gRPC servicer (RegisterSharedMemory, ...)."""
+"""The shared-memory RPCs of the gRPC servicer (RegisterSharedMemory, ...): each the
+service's call of that name (docs/shared-memory.md), for the one tenant there is."""
 
 from __future__ import annotations
 
@@ -6,13 +7,8 @@ import grpc
 
 from adamserve import errors
 from adamserve.service import OptimizerService
+from adamserve.transports import convert
 from adamserve_proto.v2 import optimizer_pb2 as pb
-
-
-def _disabled() -> errors.FailedPrecondition:
-    return errors.FailedPrecondition(
-        "this server does not take shared-memory regions (start it with "
-        "--allow-shared-memory)", reason="SHARED_MEMORY_DISABLED")
 
 
 class SharedMemoryMethods:
@@ -23,13 +19,19 @@ class SharedMemoryMethods:
     def RegisterSharedMemory(self, request: pb.RegisterSharedMemoryRequest,
                              context: grpc.ServicerContext
                              ) -> pb.RegisterSharedMemoryResponse:
-        raise _disabled()
+        if not request.HasField("region"):
+            raise errors.InvalidArgument("RegisterSharedMemory: the request names no region")
+        r = convert.region_info(request.region)
+        info = self.service.register_shared_memory(r.name, r.key, r.byte_size)
+        return pb.RegisterSharedMemoryResponse(region=convert.region_message(info))
 
     def UnregisterSharedMemory(self, request: pb.UnregisterSharedMemoryRequest,
                                context: grpc.ServicerContext
                                ) -> pb.UnregisterSharedMemoryResponse:
-        raise _disabled()
+        self.service.unregister_shared_memory(request.name)
+        return pb.UnregisterSharedMemoryResponse()
 
     def ListSharedMemory(self, request: pb.ListSharedMemoryRequest,
                          context: grpc.ServicerContext) -> pb.ListSharedMemoryResponse:
-        raise _disabled()
+        return pb.ListSharedMemoryResponse(
+            regions=[convert.region_message(i) for i in self.service.list_shared_memory()])
