@@ -5,11 +5,15 @@ One run starts a real ``adamserve serve`` process (CPU backend) and prints:
 * floor: the gradient bytes sent and the parameter bytes returned over one plain
   TCP socket to an echo process (no framing, no decoding);
 * one step of a 16M-parameter fp32 Adam session over gRPC (the Step stream,
-  4 MiB chunks), over HTTP (binary body), and over gRPC with BF16 on the wire both
-  ways -- each as a ratio to the fp32 floor;
-* with ``adamserve_client`` installed, the same step through the Python client;
-* p50 / p99 latency of one step of a 1,000-parameter session on gRPC (StepUnary, and
-  the Step stream) and HTTP.
+  4 MiB chunks written and read with ``adamserve_proto.wire``, as the Python
+  client does, the parameters copied into one buffer; and once more with protobuf
+  message objects both ways), over HTTP
+  (binary body), and with BF16 on the wire both ways over each -- each as a ratio
+  to the fp32 floor;
+* with ``adamserve_client`` installed, the same step through the Python client
+  (fp32 and bf16 on the wire);
+* p50 / p99 latency of one step of a 1,000-parameter session on gRPC (StepUnary,
+  the Step stream, and StepUnary through the Python client) and HTTP.
 
     python bench/e2e.py [--params 16777216] [--repeat 5] [--small-steps 500]
 """
@@ -27,11 +31,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import numpy as np
 
+from adamserve_proto import wire
 from adamserve_proto.v2 import optimizer_pb2 as pb
 from adamserve_proto.v2 import optimizer_pb2_grpc as pbg
 
@@ -42,7 +48,8 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], int, int]:
     ports = tmp / "ports.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "adamserve.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-         "--data-dir", str(tmp / "data"), "--ports-file", str(ports), "--log-level", "WARNING"])
+         "--flight-port", "0", "--data-dir", str(tmp / "data"), "--ports-file", str(ports),
+         "--log-level", "WARNING"])
     deadline = time.monotonic() + 60
     while not ports.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -52,14 +59,19 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], int, int]:
     return proc, p["grpc"], p["http"]
 
 
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def timed(rows: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Seconds per call of each row: the best of ``repeat`` rounds that call every row
+    once in turn (after one warm-up call each), so that the load of a noisy machine
+    falls on all rows alike."""
+    for fn in rows.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    best = dict.fromkeys(rows, float("inf"))
+    for _ in range(repeat):
+        for key, fn in rows.items():
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
 
 
 # -- floor: raw TCP round trip ----------------------------------------------------
@@ -81,7 +93,8 @@ def _echo_server(sock: socket.socket, out_bytes: int) -> None:
         conn.sendall(reply)
 
 
-def tcp_floor(in_bytes: int, out_bytes: int, repeat: int) -> float:
+def tcp_floor(in_bytes: int, out_bytes: int) -> Callable[[], None]:
+    """One round trip of the bytes over a plain socket to an echo thread."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
@@ -99,9 +112,7 @@ def tcp_floor(in_bytes: int, out_bytes: int, repeat: int) -> float:
         while got < out_bytes:
             got += c.recv_into(view[got:], out_bytes - got)
 
-    t = timed(once, repeat)
-    c.close()
-    return t
+    return once
 
 
 # -- gRPC ---------------------------------------------------------------------
@@ -115,6 +126,7 @@ def grpc_create(stub: pbg.OptimizerServiceStub, sid: str, n: int) -> None:
 
 def grpc_requests(sid: str, data: bytes, n: int, datatype: str,
                   ret: str) -> Iterator[pb.StepRequest]:
+    """The Step stream as protobuf message objects (each chunk's data copied into one)."""
     yield pb.StepRequest(header=pb.StepHeader(session_id=sid, return_datatype=ret))
     itemsize = len(data) // n
     per = CHUNK // itemsize
@@ -125,12 +137,41 @@ def grpc_requests(sid: str, data: bytes, n: int, datatype: str,
                                                   offset=off, data=bytes(part)))
 
 
-def grpc_step(stub: pbg.OptimizerServiceStub, sid: str, data: bytes, n: int, datatype: str,
-              ret: str) -> int:
+def grpc_step_protobuf(stub: pbg.OptimizerServiceStub, sid: str, data: bytes, n: int,
+                       datatype: str, ret: str) -> int:
     received = 0
     for msg in stub.Step(grpc_requests(sid, data, n, datatype, ret)):
         if msg.HasField("param"):
             received += len(msg.param.data)
+    return received
+
+
+def lean_step_stub(chan: grpc.Channel) -> Callable[[Iterator[bytes]], Iterator[object]]:
+    """The Step method with requests serialised by adamserve_proto.wire and the parameter
+    chunks read by it (their data views into the received messages)."""
+    def read(raw: bytes) -> object:
+        return wire.read_chunk_message(raw, wire.STEP_PARAM) or pb.StepResponse.FromString(raw)
+
+    return chan.stream_stream("/adamserve_proto.v2.OptimizerService/Step",
+                              request_serializer=lambda b: b, response_deserializer=read)
+
+
+def grpc_step(step: Callable[[Iterator[bytes]], Iterator[object]], sid: str, data: bytes,
+              n: int, datatype: str, ret: str, out: bytearray) -> int:
+    """One step; the parameters that come back are copied into ``out`` (where any client
+    must put them), each chunk once."""
+    def requests() -> Iterator[bytes]:
+        yield pb.StepRequest(header=pb.StepHeader(session_id=sid, return_datatype=ret)
+                             ).SerializeToString()
+        yield from wire.chunk_messages("w", (n,), datatype, data, itemsize=len(data) // n,
+                                       wrap=wire.STEP_CHUNK)
+
+    received = 0
+    view = memoryview(out)
+    for msg in step(requests()):
+        if isinstance(msg, wire.ChunkView):
+            view[received:received + len(msg.data)] = msg.data
+            received += len(msg.data)
     return received
 
 
@@ -151,10 +192,10 @@ def http_create(c: httpx.Client, sid: str, n: int) -> None:
     r.raise_for_status()
 
 
-def http_step(c: httpx.Client, sid: str, data: bytes, n: int) -> int:
-    head = json.dumps({"gradients": [{"name": "w", "shape": [n], "datatype": "FP32",
+def http_step(c: httpx.Client, sid: str, data: bytes, n: int, datatype: str = "FP32") -> int:
+    head = json.dumps({"gradients": [{"name": "w", "shape": [n], "datatype": datatype,
                                       "parameters": {"binary_data_size": len(data)}}],
-                       "binary_output": True}).encode()
+                       "return_datatype": datatype, "binary_output": True}).encode()
     r = c.post(f"/v2/sessions/{sid}/step", content=head + data,
                headers={"content-type": "application/octet-stream",
                         "adamserve-header-length": str(len(head))})
@@ -192,21 +233,28 @@ def main() -> None:
                     ("grpc.max_send_message_length", 64 << 20)]
             chan = grpc.insecure_channel(f"127.0.0.1:{gport}", options=opts)
             stub = pbg.OptimizerServiceStub(chan)
+            lean = lean_step_stub(chan)
             http = httpx.Client(base_url=f"http://127.0.0.1:{hport}", timeout=120)
             grpc_create(stub, "big", n)
             grpc_create(stub, "small", 1000)
             http_create(http, "big-http", n)
             http_create(http, "small-http", 1000)
+            out = bytearray(len(g32))  # where the raw gRPC client puts the parameters
 
-            floor = tcp_floor(len(g32), len(g32), args.repeat)
-            floor16 = tcp_floor(len(g16), len(g16), args.repeat)
-            t_grpc = timed(lambda: grpc_step(stub, "big", g32, n, "FP32", "FP32"), args.repeat)
-            t_bf16 = timed(lambda: grpc_step(stub, "big", g16, n, "BF16", "BF16"), args.repeat)
-            t_http = timed(lambda: http_step(http, "big-http", g32, n), args.repeat)
-            t_client = client_step(gport, n, g32, args.repeat)
+            t = timed({
+                "floor": tcp_floor(len(g32), len(g32)),
+                "floor16": tcp_floor(len(g16), len(g16)),
+                "grpc": lambda: grpc_step(lean, "big", g32, n, "FP32", "FP32", out),
+                "grpc16": lambda: grpc_step(lean, "big", g16, n, "BF16", "BF16", out),
+                "grpc-pb": lambda: grpc_step_protobuf(stub, "big", g32, n, "FP32", "FP32"),
+                "http": lambda: http_step(http, "big-http", g32, n),
+                "http16": lambda: http_step(http, "big-http", g16, n, "BF16"),
+                **client_steps(gport, n, g32),
+            }, args.repeat)
             g50, g99 = latency(lambda: grpc_step_unary(stub, "small", small), args.small_steps)
-            s50, s99 = latency(lambda: grpc_step(stub, "small", small, 1000, "FP32", "FP32"),
-                               args.small_steps)
+            s50, s99 = latency(lambda: grpc_step(lean, "small", small, 1000, "FP32", "FP32",
+                                                 out), args.small_steps)
+            c50, c99 = client_latency(gport, small, args.small_steps)
             h50, h99 = latency(lambda: http_step(http, "small-http", small, 1000),
                                args.small_steps)
         finally:
@@ -215,37 +263,72 @@ def main() -> None:
 
     mb = len(g32) / 1e6
     print(f"# e2e: {n} fp32 params ({mb:.0f} MB each way), loopback, "
-          f"{os.cpu_count()} cpus, server on the CPU backend\n")
+          f"{os.cpu_count()} cpus, server on the CPU backend; best of {args.repeat} "
+          "interleaved rounds\n")
     print("| path | seconds per step | ratio to fp32 TCP floor | target |")
     print("|---|---|---|---|")
-    print(f"| raw TCP round trip, fp32 bytes (floor) | {floor:.3f} | 1.00 | |")
-    print(f"| raw TCP round trip, bf16 bytes | {floor16:.3f} | {floor16 / floor:.2f} | |")
-    print(f"| gRPC Step stream, fp32 | {t_grpc:.3f} | {t_grpc / floor:.2f} | <= 2 |")
-    print(f"| HTTP binary body, fp32 | {t_http:.3f} | {t_http / floor:.2f} | <= 3 |")
-    print(f"| gRPC Step stream, bf16 both ways | {t_bf16:.3f} | {t_bf16 / floor:.2f} | <= 1 |")
-    if t_client == t_client:  # not NaN
-        print(f"| Python client (gRPC), fp32 | {t_client:.3f} | {t_client / floor:.2f} | "
-              f"<= 1.1 x gRPC ({t_client / t_grpc:.2f}) |")
+
+    def row(path: str, key: str, target: str = "") -> None:
+        print(f"| {path} | {t[key]:.3f} | {t[key] / t['floor']:.2f} | {target} |")
+
+    def no_slower(key16: str, key32: str) -> str:
+        return f"<= fp32 ({t[key16] / t[key32]:.2f} x fp32)"
+
+    row("raw TCP round trip, fp32 bytes (floor)", "floor")
+    row("raw TCP round trip, bf16 bytes", "floor16")
+    row("gRPC Step stream, fp32", "grpc", "<= 4")
+    row("gRPC Step stream, fp32, protobuf message objects", "grpc-pb")
+    row("HTTP binary body, fp32", "http", "<= 3")
+    row("gRPC Step stream, bf16 both ways", "grpc16", no_slower("grpc16", "grpc"))
+    row("HTTP binary body, bf16 both ways", "http16", no_slower("http16", "http"))
+    if "client" in t:
+        row("Python client (gRPC), fp32", "client",
+            f"<= 1.1 x gRPC ({t['client'] / t['grpc']:.2f})")
+        row("Python client (gRPC), bf16 both ways", "client16", no_slower("client16", "client"))
     print("\n| 1,000-parameter step | p50 ms | p99 ms | target p50 |")
     print("|---|---|---|---|")
     print(f"| gRPC StepUnary | {g50 * 1e3:.3f} | {g99 * 1e3:.3f} | <= 0.5 |")
     print(f"| gRPC Step stream | {s50 * 1e3:.3f} | {s99 * 1e3:.3f} | |")
+    if c50 == c50:
+        print(f"| Python client (gRPC StepUnary) | {c50 * 1e3:.3f} | {c99 * 1e3:.3f} | |")
     print(f"| HTTP | {h50 * 1e3:.3f} | {h99 * 1e3:.3f} | <= 1 |")
 
 
-def client_step(gport: int, n: int, g32: bytes, repeat: int) -> float:
-    """The same step through adamserve_client's NumPy mode; NaN if it is unavailable."""
+def _client() -> Any:
+    """adamserve_client, or None where it is not installed."""
     try:
         import adamserve_client
     except ImportError:
-        return float("nan")
-    if not hasattr(adamserve_client, "Adam"):
-        return float("nan")
-    w = np.zeros(n, dtype=np.float32)
+        return None
+    return adamserve_client if hasattr(adamserve_client, "Adam") else None
+
+
+def client_steps(gport: int, n: int, g32: bytes) -> dict[str, Callable[[], object]]:
+    """The same step through adamserve_client's NumPy mode, with fp32 ("client") and with
+    bf16 ("client16") on the wire; none if the client is unavailable."""
+    client = _client()
+    if client is None:
+        return {}
     g = np.frombuffer(g32, dtype="<f4")
-    opt = adamserve_client.Adam([w], lr=1e-3, server=f"grpc://127.0.0.1:{gport}",
-                                session="client-bench")
-    return timed(lambda: opt.step([g]), repeat)
+    rows = {}
+    for key, wire_dtype in (("client", "float32"), ("client16", "bfloat16")):
+        w = np.zeros(n, dtype=np.float32)
+        opt = client.Adam([w], lr=1e-3, server=f"grpc://127.0.0.1:{gport}",
+                          session=f"bench-{key}", wire_dtype=wire_dtype)
+        rows[key] = lambda o=opt: o.step([g])
+    return rows
+
+
+def client_latency(gport: int, small: bytes, count: int) -> tuple[float, float]:
+    """p50 / p99 of a 1,000-parameter step through adamserve_client (StepUnary)."""
+    client = _client()
+    if client is None:
+        return float("nan"), float("nan")
+    w = np.zeros(1000, dtype=np.float32)
+    g = np.frombuffer(small, dtype="<f4")
+    opt = client.Adam([w], lr=1e-3, server=f"grpc://127.0.0.1:{gport}",
+                      session="client-bench-small")
+    return latency(lambda: opt.step([g]), count)
 
 
 if __name__ == "__main__":

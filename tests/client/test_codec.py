@@ -86,3 +86,25 @@ def test_the_server_encodes_and_decodes_the_same(datatype: str) -> None:
     finite = out[np.isfinite(out)]
     assert dtypes.decode_into(finite.copy(), tensors.encode(finite, "FP32"), "FP32") == (
         pytest.approx(float(np.sum(finite.astype(np.float64) ** 2)), rel=1e-12))
+
+
+@pytest.mark.parametrize("n", [0, 1, 16383, 16384, 16385, 100_003])  # around codec's blocks
+def test_blocked_bf16_conversions_cover_every_element(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = np.resize(np.concatenate([SPECIAL, LOW_NANS,
+                                  rng.standard_normal(max(n, 1)).astype(np.float32)]), n)
+    got = tensors.bf16_bits(x.reshape(-1, 1) if n else x)
+    assert got.shape == ((n, 1) if n else (0,))
+    want = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy()
+    nan = np.isnan(x)
+    assert np.array_equal(got.reshape(-1)[~nan], want.view(np.uint16)[~nan])
+    assert np.isnan(tensors.bf16_widen(got.reshape(-1)[nan])).all()
+    data = got.tobytes()
+    for dtype in (np.float32, np.float64):
+        out = np.full(n, 7.0, dtype=dtype)
+        tensors.decode_into(out, data, "BF16")
+        assert np.array_equal(out, tensors.bf16_widen(got.reshape(-1)).astype(dtype),
+                              equal_nan=True)
+        strided = np.full((n, 2), 7.0, dtype=dtype)[:, 0]  # not contiguous: written in place
+        tensors.decode_into(strided, data, "BF16")
+        assert np.array_equal(strided, out, equal_nan=True)

@@ -135,3 +135,131 @@ def test_rpc_table_is_the_service_descriptor() -> None:
     # the generated stub agrees with the table, method by method
     assert set(rpc.RPCS) == {n for n in dir(pb_grpc.OptimizerServiceServicer)
                              if not n.startswith("_")}
+
+
+# ---------------------------------------------------------------------------
+# the reading side: what protobuf's parser reads, or None
+
+
+def _fields(c: pb.TensorChunk | wire.ChunkView) -> tuple[object, ...]:
+    return (c.name, tuple(c.shape), c.datatype, c.offset, bytes(c.data))
+
+
+@pytest.mark.parametrize("wrap", CHUNK_FIELDS, ids=lambda f: f.full_name)
+def test_read_chunk_message_reads_what_chunk_messages_writes(wrap: FieldDescriptor) -> None:
+    data = np.arange(300, dtype=np.float64).tobytes()
+    msgs = list(wire.chunk_messages("layer.ü", (3, 100), "FP64", data, itemsize=8, offset=0,
+                                    wrap=wrap, max_bytes=700))
+    assert len(msgs) > 1
+    for raw in msgs:
+        view = wire.read_chunk_message(raw, wrap)
+        assert view is not None
+        assert _fields(view) == _fields(getattr(_wrapper(wrap).FromString(raw), wrap.name))
+        assert view.data.obj is raw  # a view into the message, not a copy
+    # defaults left out: a scalar, no datatype, negative numbers as int64 reads them
+    raw = pb.StepRequest(chunk=pb.TensorChunk(name="s", shape=[-2, 2**40], offset=-(2**63))
+                         ).SerializeToString()
+    view = wire.read_chunk_message(raw, wire.STEP_CHUNK)
+    assert view is not None and _fields(view) == ("s", (-2, 2**40), "", -(2**63), b"")
+    empty = wire.read_chunk_message(pb.StepRequest(chunk=pb.TensorChunk()).SerializeToString(),
+                                    wire.STEP_CHUNK)
+    assert empty is not None and _fields(empty) == ("", (), "", 0, b"")
+
+
+def _chunk_bytes(**fields: object) -> bytes:
+    return pb.TensorChunk(**fields).SerializeToString()  # type: ignore[arg-type]
+
+
+def _wrapped(payload: bytes, number: int = wire.STEP_CHUNK.number) -> bytes:
+    return wire.length_delimited(number, payload)
+
+
+# Messages protobuf reads (or refuses) that the hand reader leaves to it.
+LEFT_TO_PROTOBUF = {
+    "another field": pb.StepRequest(header=pb.StepHeader(session_id="s")).SerializeToString(),
+    "empty message": b"",
+    "two chunks (protobuf merges them)": _wrapped(_chunk_bytes(name="a")) * 2,
+    "a field after the chunk": _wrapped(_chunk_bytes(name="a")) + wire.length_delimited(
+        1, pb.StepHeader(session_id="s").SerializeToString()),
+    "unpacked shape": _wrapped(wire.key(2, 0) + wire.varint(3) + wire.key(2, 0) + wire.varint(4)),
+    "a repeated name (the last wins)": _wrapped(wire.length_delimited(1, b"a")
+                                                + wire.length_delimited(1, b"b")),
+    "an unknown field": _wrapped(_chunk_bytes(name="a") + wire.key(9, 0) + wire.varint(1)),
+    "offset as bytes": _wrapped(wire.length_delimited(4, b"\x01")),
+    "data as a varint": _wrapped(wire.key(5, 0) + wire.varint(7)),
+    "name not UTF-8": _wrapped(wire.length_delimited(1, b"\xff\xfe")),
+    "truncated data": _wrapped(_chunk_bytes(name="a", data=b"12345678"))[:-3],
+    "a length past the end": _wrapped(wire.key(5) + wire.varint(100) + b"123"),
+    "an overlong varint": _wrapped(wire.key(4, 0) + b"\xff" * 10 + b"\x01"),
+    "garbage": b"\xff\xff\xff\xff",
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_TO_PROTOBUF))
+def test_read_chunk_message_leaves_the_rest_to_protobuf(case: str) -> None:
+    assert wire.read_chunk_message(LEFT_TO_PROTOBUF[case], wire.STEP_CHUNK) is None
+
+
+def test_read_chunk_message_agrees_with_protobuf_on_mangled_bytes() -> None:
+    # every message the hand reader accepts, protobuf reads with the same fields
+    rng = np.random.default_rng(5)
+    good = [m for wrap in (wire.STEP_CHUNK, wire.STEP_PARAM) for m in wire.chunk_messages(
+        "w.é", (4, 6), "BF16", bytes(range(48)), itemsize=2, wrap=wrap, max_bytes=80)]
+    accepted = 0
+    for _ in range(3000):
+        raw = bytearray(good[rng.integers(len(good))])
+        for _ in range(rng.integers(1, 4)):
+            what = rng.integers(3)
+            pos = int(rng.integers(len(raw) + 1))
+            if what == 0 and pos < len(raw):
+                raw[pos] = int(rng.integers(256))
+            elif what == 1:
+                del raw[pos:]
+            else:
+                raw.insert(pos, int(rng.integers(256)))
+        blob = bytes(raw)
+        view = wire.read_chunk_message(blob, wire.STEP_CHUNK)
+        if view is None:
+            continue
+        accepted += 1
+        parsed = pb.StepRequest.FromString(blob)  # raises if the hand reader was too lenient
+        assert parsed.WhichOneof("kind") == "chunk"
+        assert _fields(view) == _fields(parsed.chunk)
+    assert accepted > 100
+
+
+def test_read_chunks_splits_out_a_repeated_field() -> None:
+    header = pb.StepHeader(session_id="s", return_datatype="BF16", sequence=3)
+    chunks = [pb.TensorChunk(name=f"t{i}", shape=[i, 2], datatype="FP32",
+                             data=bytes(8 * i)) for i in range(3)]
+    whole = pb.StepUnaryRequest(header=header, gradients=chunks).SerializeToString()
+    # the same message with the header last, as protobuf may read it too
+    late = b"".join(wire.length_delimited(2, c.SerializeToString()) for c in chunks) + (
+        wire.length_delimited(1, header.SerializeToString()))
+    for raw in (whole, late):
+        split = wire.read_chunks(raw, wire.STEP_UNARY_GRADIENTS)
+        assert split is not None
+        rest, views = split
+        assert pb.StepUnaryRequest.FromString(rest).header == header
+        assert [_fields(v) for v in views] == [_fields(c) for c in chunks]
+    assert wire.read_chunks(b"", wire.STEP_UNARY_GRADIENTS) == (b"", [])
+    assert wire.read_chunks(wire.key(7, 5) + bytes(4), wire.STEP_UNARY_GRADIENTS) is None
+    assert wire.read_chunks(whole[:-1], wire.STEP_UNARY_GRADIENTS) is None
+    with pytest.raises(TypeError, match="repeated TensorChunk"):
+        wire.read_chunks(whole, wire.STEP_CHUNK)
+
+
+def test_one_message_per_tensor_for_a_repeated_field() -> None:
+    # StepUnary's replies: each tensor whole, however large, as protobuf writes the entry
+    data = np.arange(2 * wire.MiB, dtype=np.float32).tobytes()  # 8 MiB: past any max_bytes
+    (entry,) = wire.chunk_messages("w", (2 * wire.MiB,), "FP32", data, itemsize=4,
+                                   wrap=wire.STEP_UNARY_PARAMS, max_bytes=None)
+    status = pb.StepUnaryResponse(status=pb.StepStatus(step=4)).SerializeToString()
+    want = pb.StepUnaryResponse(status=pb.StepStatus(step=4), params=[pb.TensorChunk(
+        name="w", shape=[2 * wire.MiB], datatype="FP32", data=data)])
+    assert status + entry == want.SerializeToString()
+    (empty,) = wire.chunk_messages("e", (0,), "FP32", b"", itemsize=4,
+                                   wrap=wire.STEP_UNARY_PARAMS, max_bytes=None)
+    assert empty == pb.StepUnaryResponse(params=[pb.TensorChunk(name="e", shape=[0],
+                                                                datatype="FP32")]
+                                         ).SerializeToString()

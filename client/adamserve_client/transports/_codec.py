@@ -84,49 +84,59 @@ def group_from_json(group: Mapping[str, Any]) -> Hyperparameters:
 
 
 class ChunkAssembler:
-    """Collects the chunks of named tensors (in order, per tensor) into whole tensors."""
+    """Collects the chunks of named tensors (in order, per tensor) into whole tensors,
+    copying each chunk's data once, into its tensor's buffer, as it arrives (so the
+    message it came in can be freed); a tensor that came in one chunk keeps that
+    chunk's data as it is."""
 
     def __init__(self) -> None:
         self._order: list[str] = []
-        self._parts: dict[str, tuple[tuple[int, ...], str, list[tuple[int, bytes]]]] = {}
+        # name -> shape, datatype, the data, bytes filled
+        self._parts: dict[str, tuple[tuple[int, ...], str, Buffer, int]] = {}
 
     def add(self, name: str, shape: Sequence[int], datatype: str, offset: int,
-            data: bytes) -> None:
+            data: Buffer) -> None:
         if datatype not in DATATYPES:
             raise bad_response(f"server sent tensor {name!r} as unknown datatype "
                                f"{datatype!r}")
+        piece = memoryview(data).cast("B")
         entry = self._parts.get(name)
         if entry is None:
-            entry = (tuple(int(d) for d in shape), datatype, [])
-            self._parts[name] = entry
+            dims = tuple(int(d) for d in shape)
+            total = math.prod(dims) * DATATYPES[datatype].itemsize
+            if offset == 0 and len(piece) == total:  # the whole tensor: kept, not copied
+                self._parts[name] = (dims, datatype, data, total)
+                self._order.append(name)
+                return
+            if offset < 0:
+                raise bad_response(f"server sent tensor {name!r} from element {offset}")
+            # uninitialised: the chunks must fill it in order (or the tensor is refused)
+            entry = (dims, datatype, np.empty(total, dtype=np.uint8).data, 0)
             self._order.append(name)
-        entry[2].append((int(offset), data))
+        dims, kind, buf, filled = entry
+        if kind != datatype or not isinstance(buf, memoryview) or len(buf) == filled:
+            raise bad_response(f"server sent tensor {name!r} in chunks that disagree")
+        lo = int(offset) * DATATYPES[datatype].itemsize
+        if lo != filled:  # in order, each byte once: nothing is left unwritten
+            raise bad_response(f"server sent tensor {name!r} from byte {lo}, expected "
+                               f"{filled}")
+        if lo + len(piece) > len(buf):
+            raise bad_response(f"server sent tensor {name!r} past its end")
+        buf[lo:lo + len(piece)] = piece
+        self._parts[name] = (dims, datatype, buf, filled + len(piece))
 
     def add_chunk(self, chunk: Any) -> None:
-        """Add a ``TensorChunk`` message."""
+        """Add a ``TensorChunk`` message (or an ``adamserve_proto.wire.ChunkView``)."""
         self.add(chunk.name, chunk.shape, chunk.datatype or "FP32", chunk.offset, chunk.data)
 
     def tensors(self) -> list[WireTensor]:
         out = []
         for name in self._order:
-            shape, datatype, parts = self._parts[name]
-            item = DATATYPES[datatype].itemsize
-            total = math.prod(shape) * item
-            if len(parts) == 1 and parts[0][0] == 0 and len(parts[0][1]) == total:
-                data: Buffer = parts[0][1]
-            else:
-                buf = bytearray(total)
-                filled = 0
-                for offset, piece in parts:
-                    lo = offset * item
-                    if lo + len(piece) > total:
-                        raise bad_response(f"server sent tensor {name!r} past its end")
-                    buf[lo:lo + len(piece)] = piece
-                    filled += len(piece)
-                if filled != total:
-                    raise bad_response(f"server sent {filled} of tensor {name!r}'s "
-                                       f"{total} bytes")
-                data = buf
+            shape, datatype, data, filled = self._parts[name]
+            total = math.prod(shape) * DATATYPES[datatype].itemsize
+            if filled != total:
+                raise bad_response(f"server sent {filled} of tensor {name!r}'s "
+                                   f"{total} bytes")
             out.append(WireTensor(name, shape, datatype, data))
         return out
 

@@ -5,9 +5,12 @@ is its first message, then the payload: each tensor as ``TensorChunk`` messages
 of at most 4 MiB in the first message's chunk field, serialised by
 :mod:`adamserve_proto.wire` so the tensor bytes are copied once (or the state
 blob's pieces in its bytes field). A response stream is gathered back into its
-one status message and whole tensors (or the blob). A ``Step`` whose gradients
-are small goes as one ``StepUnary`` message instead (the lowest latency), and
-over the stream when the server says the session is too large for one reply.
+one status message and whole tensors (or the blob); the messages that carry a
+chunk are read by hand (:func:`adamserve_proto.wire.read_chunk_message`), so each
+chunk's data is copied once, into its tensor's buffer. A ``Step`` whose gradients
+are small goes as one ``StepUnary`` message instead (the lowest latency; written
+and read the same way), and over the stream when the server says the session is
+too large for one reply.
 
 Errors: the status code picks the :mod:`adamserve_client.errors` class, the
 google.rpc.ErrorInfo in the status details (``grpc-status-details-bin``) gives
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -64,9 +68,47 @@ _SENDS = {name: _payload_field(r.request_type.DESCRIPTOR) for name, r in rpc.RPC
           if r.request_streaming}
 
 
+def _response_parser(r: rpc.Rpc) -> Callable[[bytes], Any]:
+    """An RPC's response deserializer: a large message that carries one chunk is read by
+    hand (a :class:`adamserve_proto.wire.ChunkView`), a large StepUnary reply split into
+    its status and views of its tensors; anything else is parsed by protobuf (faster for
+    small messages: :data:`adamserve_proto.wire.BY_HAND_BYTES`)."""
+    parse = r.response_type.FromString
+    if r.name == "StepUnary":
+        def unary(data: bytes) -> Any:
+            large = len(data) >= wire.BY_HAND_BYTES
+            split = wire.read_chunks(data, wire.STEP_UNARY_PARAMS) if large else None
+            if split is None:
+                return parse(data)
+            rest, chunks = split
+            return _UnaryReply(pb.StepUnaryResponse.FromString(rest).status, chunks)
+
+        return unary
+    field = _payload_field(r.response_type.DESCRIPTOR)
+    if field is None or field.message_type is not pb.TensorChunk.DESCRIPTOR:
+        return parse
+    chunk_field = field
+
+    def chunks(data: bytes) -> Any:
+        large = len(data) >= wire.BY_HAND_BYTES
+        view = wire.read_chunk_message(data, chunk_field) if large else None
+        return parse(data) if view is None else view
+
+    return chunks
+
+
+@dataclass(frozen=True)
+class _UnaryReply:
+    """A StepUnaryResponse read by hand: its status, and its tensors as views."""
+
+    status: pb.StepStatus
+    params: list[wire.ChunkView]
+
+
 def tensor_messages(t: WireTensor, wrap: FieldDescriptor | None = None,
-                    max_bytes: int = wire.MAX_MESSAGE_BYTES) -> Iterator[bytes]:
-    """Serialised ``TensorChunk`` messages (each wrapped in ``wrap``) covering ``t``."""
+                    max_bytes: int | None = wire.MAX_MESSAGE_BYTES) -> Iterator[bytes]:
+    """Serialised ``TensorChunk`` messages (each wrapped in ``wrap``) covering ``t`` (None:
+    one message, however large)."""
     item = DATATYPES[t.datatype].itemsize
     size, expected = memoryview(t.data).nbytes, math.prod(t.shape) * item
     if size != expected:
@@ -144,7 +186,7 @@ class GrpcWire(Wire):
         ])
         self._stubs = {name: getattr(self._channel, r.kind)(
             r.path, request_serializer=_serialize,
-            response_deserializer=r.response_type.FromString) for name, r in rpc.RPCS.items()}
+            response_deserializer=_response_parser(r)) for name, r in rpc.RPCS.items()}
         # sessions too large for StepUnary (or a server without it): use the stream
         self.stream_only: set[str] = set()
 
@@ -211,13 +253,16 @@ class GrpcWire(Wire):
         for t in payload:
             yield from tensor_messages(t, field)
 
-    def _gather(self, responses: Iterator[Message]) -> Reply:
+    def _gather(self, responses: Iterator[Message | wire.ChunkView]) -> Reply:
         """A response stream as its one message that is not a chunk, the tensors of
         its chunks and the bytes of its blob pieces."""
         head: Message | None = None
         tensors = _codec.ChunkAssembler()
         blob: list[bytes] = []
         for resp in responses:
+            if isinstance(resp, wire.ChunkView):
+                tensors.add_chunk(resp)
+                continue
             for f, value in resp.ListFields():
                 if f.message_type is pb.TensorChunk.DESCRIPTOR:
                     tensors.add_chunk(value)
@@ -235,14 +280,21 @@ class GrpcWire(Wire):
         touching it, so falling back to the stream is safe.
         """
         header = cast(pb.StepRequest, request).header
-        if (header.session_id in self.stream_only
-                or sum(memoryview(t.data).nbytes for t in gradients) > _UNARY_BYTES):
+        size = sum(memoryview(t.data).nbytes for t in gradients)
+        if header.session_id in self.stream_only or size > _UNARY_BYTES:
             return None
-        req = pb.StepUnaryRequest(header=header, gradients=[
-            pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
-                           data=bytes(t.data)) for t in gradients])
+        raw: Message | bytes
+        if size < wire.BY_HAND_BYTES:
+            raw = pb.StepUnaryRequest(header=header, gradients=[
+                pb.TensorChunk(name=t.name, shape=t.shape, datatype=t.datatype,
+                               data=bytes(t.data)) for t in gradients])
+        else:  # serialised here: the header, then each gradient whole (a `gradients` entry)
+            raw = b"".join([pb.StepUnaryRequest(header=header).SerializeToString(),
+                            *(m for t in gradients
+                              for m in tensor_messages(t, wire.STEP_UNARY_GRADIENTS, None))])
+        stub = self._stubs["StepUnary"]
         try:
-            resp: Any = self.unary("StepUnary", req, idempotent=idempotent)
+            resp: Any = self._call(lambda: stub(raw, **self._kw()), idempotent)
         except (errors.InvalidArgument, errors.ServerError) as exc:
             # refused before anything changed: a server without StepUnary, or a session
             # whose parameters do not fit one reply

@@ -12,6 +12,15 @@ The arithmetic mirrors torch.optim's single-tensor code operation by operation
 Coefficient matrices arrive in the state dtype, so float32 state is computed in
 float32 like torch does.
 
+Below :data:`SERIAL_BELOW` elements a call runs the kernel's serial twin (the same
+code compiled without ``parallel``): waking the thread pool, or even entering it
+with one thread, costs more than a small step.
+
+The wire's BF16 is converted here too, in one pass each way: widening the bits
+into the gradient buffer while summing squares, and rounding parameters to
+bfloat16 bits (nearest even, NaN kept quiet) exactly as
+:func:`adamserve_proto.codec.bf16_bits` does with NumPy.
+
 numba's default ``workqueue`` threading layer aborts when two threads call a
 parallel kernel at once (sessions step concurrently), so a thread-safe layer
 (TBB or OpenMP) is required before the first kernel runs.
@@ -21,23 +30,25 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import types
+from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
 import numpy.typing as npt
 from numba import njit, prange
+from numba.core import types as nbtypes
+from numba.extending import intrinsic
 
 from adamserve.engine.backend import F64, Array, Blocks
 
 numba.config.THREADING_LAYER = "threadsafe"
 
 BLOCK = 1 << 15  # elements per block: large enough to amortise scheduling, small enough to balance
-# Below this many elements a kernel runs on the calling thread alone: waking the thread
-# pool costs more (100+ us) than a small step. numba's thread count is per calling thread,
-# so concurrent sessions don't disturb each other.
+# Below this many elements a kernel runs serially on the calling thread: waking the thread
+# pool costs more (100+ us) than a small step, and entering it with one thread still
+# costs ~10 us a call.
 SERIAL_BELOW = 1 << 17
 
 _JIT = {"parallel": True, "cache": True, "nogil": True, "boundscheck": False}
@@ -96,8 +107,88 @@ def _copy_sumsq(dst, src, block):  # type: ignore[no-untyped-def]
 
 def copy_sumsq(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> float:
     """``dst[:] = src`` and the sum of squares of ``src`` (float64), in one pass."""
-    with _threads_for(src.shape[0]):
-        return float(_copy_sumsq(dst, src, BLOCK))
+    return float(_sized(_copy_sumsq, src.shape[0])(dst, src, BLOCK))
+
+
+# -- bfloat16: the upper half of a float32's bits ---------------------------------------
+
+
+@intrinsic
+def _f32_bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """A float32's bits as a uint32 (a bitcast, not a conversion)."""
+    if x != nbtypes.float32:
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], context.get_value_type(sig.return_type))
+
+    return nbtypes.uint32(nbtypes.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, x):  # type: ignore[no-untyped-def]
+    """The float32 whose bits are the low 32 bits of the integer ``x`` (numba widens
+    arithmetic on uint32 to 64 bits)."""
+    if not isinstance(x, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        low = args[0]
+        if low.type.width > 32:
+            low = builder.trunc(low, context.get_value_type(nbtypes.uint32))
+        return builder.bitcast(low, context.get_value_type(sig.return_type))
+
+    return nbtypes.float32(x), codegen
+
+
+@njit(**_JIT_SUM)
+def _bf16_widen_sumsq(dst, bits, block):  # type: ignore[no-untyped-def]
+    n = bits.shape[0]
+    nb = (n + block - 1) // block
+    partial = np.zeros(nb, dtype=np.float64)
+    for b in prange(nb):
+        lo = b * block
+        hi = min(lo + block, n)
+        d = dst[lo:hi]
+        s = bits[lo:hi]
+        acc = 0.0
+        for i in range(hi - lo):
+            x = _bits_f32(np.uint32(s[i]) << 16)  # exact: bf16 is a float32 prefix
+            d[i] = x
+            acc += np.float64(x) * np.float64(x)
+        partial[b] = acc
+    return partial.sum()
+
+
+@njit(**_JIT)
+def _bf16_bits(dst, src, block):  # type: ignore[no-untyped-def]
+    n = src.shape[0]
+    nb = (n + block - 1) // block
+    half = np.uint32(16)
+    for b in prange(nb):
+        lo = b * block
+        hi = min(lo + block, n)
+        d = dst[lo:hi]
+        s = src[lo:hi]
+        for i in range(hi - lo):
+            u = _f32_bits(np.float32(s[i]))  # float64 rounds to float32 first, as NumPy's cast
+            # round to nearest even: add just under half an ulp, plus the kept lowest bit
+            r = (u + np.uint32(0x7FFF) + ((u >> half) & np.uint32(1))) >> half
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                r = (u >> half) | np.uint32(0x40)  # a NaN stays a NaN (quiet), never Inf
+            d[i] = np.uint16(r)
+
+
+def bf16_widen_sumsq(dst: npt.NDArray[Any], bits: npt.NDArray[np.uint16]) -> float:
+    """``dst[:]`` = the float values of the bfloat16 ``bits`` (exact), and their sum of
+    squares (float64), in one pass; ``dst`` is float32 or float64."""
+    return float(_sized(_bf16_widen_sumsq, bits.shape[0])(dst, bits, BLOCK))
+
+
+def bf16_bits_into(dst: npt.NDArray[np.uint16], src: npt.NDArray[Any]) -> None:
+    """``dst[:]`` = ``src`` (float32 or float64) rounded to bfloat16 bits, in one pass;
+    the same bits as :func:`adamserve_proto.codec.bf16_bits`."""
+    _sized(_bf16_bits, src.shape[0])(dst, src, BLOCK)
 
 
 @njit(**_JIT)
@@ -303,17 +394,31 @@ def scaled_sub(p, r, bstart, bend, bseg, scale):  # type: ignore[no-untyped-def]
             p_[i] = p_[i] + neg * r_[i]
 
 
-@contextmanager
-def _threads_for(size: int) -> Iterator[None]:
-    if size >= SERIAL_BELOW:
-        yield
-        return
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
+# -- serial twins -------------------------------------------------------------------------
+
+Kernel = Callable[..., Any]
+
+
+def _twin(kernel: Any, options: dict[str, Any]) -> Kernel:
+    """``kernel`` compiled without ``parallel`` (``prange`` is ``range`` there), under a
+    name of its own so that the two never share an on-disk cache entry."""
+    fn = kernel.py_func
+    serial = types.FunctionType(fn.__code__, fn.__globals__, f"{fn.__name__}_serial",
+                                fn.__defaults__, fn.__closure__)
+    serial.__qualname__ = f"{fn.__qualname__}_serial"
+    return njit(**{**options, "parallel": False})(serial)  # type: ignore[no-any-return]
+
+
+_SERIAL: dict[Kernel, Kernel] = {
+    k: _twin(k, options) for k, options in (
+        (segment_sumsq, _JIT_SUM), (_copy_sumsq, _JIT_SUM), (_bf16_widen_sumsq, _JIT_SUM),
+        (_bf16_bits, _JIT), (adam, _JIT), (nadam, _JIT), (radam, _JIT), (adamax, _JIT),
+        (adagrad, _JIT), (rmsprop, _JIT), (lamb_moments, _JIT_SUM), (scaled_sub, _JIT))}
+
+
+def _sized(kernel: Kernel, size: int) -> Kernel:
+    """The kernel to run over ``size`` elements: the parallel one, or its serial twin."""
+    return kernel if size >= SERIAL_BELOW else _SERIAL[kernel]
 
 
 class CpuBackend:
@@ -336,32 +441,28 @@ class CpuBackend:
         return np.asarray(x)
 
     def segment_sumsq(self, x: Array, blocks: Blocks, nseg: int) -> F64:
-        with _threads_for(blocks.size):
-            return np.asarray(segment_sumsq(x, blocks.start, blocks.end, blocks.seg, nseg))
+        kernel = _sized(segment_sumsq, blocks.size)
+        return np.asarray(kernel(x, blocks.start, blocks.end, blocks.seg, nseg))
 
     def run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
             blocks: Blocks, coef: Array) -> None:
-        with _threads_for(blocks.size):
-            self._run(algorithm, slots, param, grad, blocks, coef)
-
-    def _run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
-             blocks: Blocks, coef: Array) -> None:
         a, s, b = algorithm, slots, (blocks.start, blocks.end, blocks.seg)
         empty = _EMPTY[param.dtype.char]
+        n = blocks.size
         if a in ("adam", "adamw"):
-            adam(param, grad, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", empty), *b,
-                 coef)
+            _sized(adam, n)(param, grad, s["exp_avg"], s["exp_avg_sq"],
+                            s.get("max_exp_avg_sq", empty), *b, coef)
         elif a == "nadam":
-            nadam(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
+            _sized(nadam, n)(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
         elif a == "radam":
-            radam(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
+            _sized(radam, n)(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
         elif a == "adamax":
-            adamax(param, grad, s["exp_avg"], s["exp_inf"], *b, coef)
+            _sized(adamax, n)(param, grad, s["exp_avg"], s["exp_inf"], *b, coef)
         elif a == "adagrad":
-            adagrad(param, grad, s["sum"], *b, coef)
+            _sized(adagrad, n)(param, grad, s["sum"], *b, coef)
         elif a == "rmsprop":
-            rmsprop(param, grad, s["square_avg"], s.get("momentum_buffer", empty),
-                    s.get("grad_avg", empty), *b, coef)
+            _sized(rmsprop, n)(param, grad, s["square_avg"], s.get("momentum_buffer", empty),
+                               s.get("grad_avg", empty), *b, coef)
         else:
             raise ValueError(f"no CPU kernel for {a!r}")
 
@@ -370,14 +471,13 @@ class CpuBackend:
         nb = blocks.start.shape[0]
         psq = np.empty(nb, dtype=np.float64)
         rsq = np.empty(nb, dtype=np.float64)
-        with _threads_for(blocks.size):
-            lamb_moments(param, grad, slots["exp_avg"], slots["exp_avg_sq"], blocks.start,
-                         blocks.end, blocks.seg, coef, psq, rsq)
+        _sized(lamb_moments, blocks.size)(param, grad, slots["exp_avg"], slots["exp_avg_sq"],
+                                          blocks.start, blocks.end, blocks.seg, coef, psq, rsq)
         return psq, rsq
 
     def scaled_sub(self, param: Array, update: Array, blocks: Blocks, scale: Array) -> None:
-        with _threads_for(blocks.size):
-            scaled_sub(param, update, blocks.start, blocks.end, blocks.seg, scale)
+        _sized(scaled_sub, blocks.size)(param, update, blocks.start, blocks.end, blocks.seg,
+                                        scale)
 
 
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}

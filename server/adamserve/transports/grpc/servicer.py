@@ -15,10 +15,15 @@ What lives here and nowhere else:
   memoryview slices, so a tensor's bytes are copied once (into the message).
 
 Messages <-> domain types is :mod:`adamserve.transports.convert`'s, shared with
-HTTP. Gradients go in without a detour: each incoming chunk's ``bytes`` is handed
-to the service as it arrives, and the service decodes it straight into the
-session's gradient buffer (``Step`` feeds ``service.step`` a generator over the
-request stream).
+HTTP. Gradients go in without a detour: the request deserializer reads a message
+that carries a chunk by hand (:func:`adamserve_proto.wire.read_chunk_message`), so
+each chunk's data reaches the service as a memoryview into the bytes gRPC
+delivered, as it arrives, and the service decodes it straight into the session's
+gradient buffer (``Step`` feeds ``service.step`` a generator over the request
+stream). StepUnary's large requests and replies are read and written by hand too.
+Small messages (under :data:`adamserve_proto.wire.BY_HAND_BYTES`, where protobuf's C
+code is the faster), the other messages, and any the hand reader leaves alone, go
+through protobuf.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ MAX_SEND_BYTES = wire.MAX_MESSAGE_BYTES
 MAX_RECEIVE_BYTES = 64 * MiB
 # An imported state blob may be this much larger than the session's state.
 _IMPORT_SLACK_BYTES = 64 * MiB
+
+_BYTES_IN = metrics.BYTES_IN.labels(TRANSPORT)
+_BYTES_OUT = metrics.BYTES_OUT.labels(TRANSPORT)
 
 # The one table from domain errors to gRPC status codes.
 STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
@@ -129,24 +137,28 @@ def _fail(context: Context, method: str, exc: Exception) -> NoReturn:
 
 
 def _guard_unary(method: str, fn: UnaryBehavior) -> UnaryBehavior:
+    ok = metrics.REQUESTS.labels(TRANSPORT, method, "OK")  # looked up once, not per call
+
     def run(request: Any, context: Context) -> Response:
         try:
             out = fn(request, context)
         except Exception as exc:
             _fail(context, method, exc)
-        metrics.REQUESTS.labels(TRANSPORT, method, "OK").inc()
+        ok.inc()
         return out
 
     return run
 
 
 def _guard_stream(method: str, fn: StreamBehavior) -> StreamBehavior:
+    ok = metrics.REQUESTS.labels(TRANSPORT, method, "OK")
+
     def run(request: Any, context: Context) -> Iterator[Response]:
         try:
             yield from fn(request, context)
         except Exception as exc:
             _fail(context, method, exc)
-        metrics.REQUESTS.labels(TRANSPORT, method, "OK").inc()
+        ok.inc()
 
     return run
 
@@ -167,7 +179,10 @@ class Malformed:
 
 
 M = TypeVar("M", bound=Message)
-Incoming = Iterator[M | Malformed]
+# A client stream: messages, chunks read by hand (the stream's chunk field), or bytes
+# that did not parse.
+Incoming = Iterator[M | wire.ChunkView | Malformed]
+Parse = Callable[[bytes], Any]
 
 
 def _parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
@@ -182,13 +197,64 @@ def _parser(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
     return parse
 
 
+def _chunk_parser(cls: type[Message], field: FieldDescriptor) -> Parse:
+    """A client stream's messages: a large one carrying a chunk in ``field`` is read by
+    hand (its data a view), any other by protobuf."""
+    parse = _parser(cls)
+
+    def run(data: bytes) -> Message | wire.ChunkView | Malformed:
+        large = len(data) >= wire.BY_HAND_BYTES
+        chunk = wire.read_chunk_message(data, field) if large else None
+        return parse(data) if chunk is None else chunk
+
+    return run
+
+
+@dataclass(frozen=True)
+class UnaryStep:
+    """A StepUnaryRequest read by hand: the header by protobuf, the gradients as views."""
+
+    header: pb.StepHeader
+    gradients: list[wire.ChunkView]
+
+
+def _step_unary_parser() -> Parse:
+    """StepUnary's requests: a large one split by hand (the header left to protobuf), a
+    small one parsed by protobuf."""
+    parse = _parser(pb.StepUnaryRequest)
+
+    def run(data: bytes) -> Message | UnaryStep | Malformed:
+        large = len(data) >= wire.BY_HAND_BYTES
+        split = wire.read_chunks(data, wire.STEP_UNARY_GRADIENTS) if large else None
+        if split is None:
+            return parse(data)
+        rest, chunks = split
+        head = parse(rest)
+        if isinstance(head, Malformed):
+            return head
+        return UnaryStep(cast(pb.StepUnaryRequest, head).header, chunks)
+
+    return run
+
+
+def _request_parser(row: rpc.Rpc) -> Parse:
+    """The request deserializer of an RPC: by hand where its requests carry chunks."""
+    if row.name == "StepUnary":
+        return _step_unary_parser()
+    chunk_fields = [f for f in row.request_type.DESCRIPTOR.fields
+                    if f.message_type is pb.TensorChunk.DESCRIPTOR and not f.is_repeated]
+    if row.request_streaming and chunk_fields:
+        return _chunk_parser(row.request_type, chunk_fields[0])
+    return _parser(row.request_type)
+
+
 def _ok(msg: M | Malformed) -> M:
     if isinstance(msg, Malformed):
         raise errors.InvalidArgument(f"malformed {msg.message} message: {msg.reason}")
     return msg
 
 
-def _messages(requests: Incoming[M]) -> Iterator[M]:
+def _messages(requests: Iterator[M | Malformed]) -> Iterator[M]:
     for msg in requests:
         yield _ok(msg)
 
@@ -197,15 +263,16 @@ _datatype = convert.datatype
 _session_id = convert.session_id
 
 
-def _chunk(msg: pb.TensorChunk) -> TensorChunk:
-    """A wire chunk as the service's TensorChunk; ``data`` is passed on as is."""
+def _chunk(msg: pb.TensorChunk | wire.ChunkView) -> TensorChunk:
+    """A wire chunk as the service's TensorChunk; ``data`` is passed on as is (a view
+    into the received message where it was read by hand)."""
     what = f"tensor {msg.name!r}"
     _datatype(msg.datatype or "FP32", what)
     if msg.offset < 0:
         raise errors.InvalidArgument(f"{what}: negative chunk offset {msg.offset}")
     shape = convert.check_shape(msg.shape, what)
     data = msg.data
-    metrics.BYTES_IN.labels(TRANSPORT).inc(len(data))
+    _BYTES_IN.inc(len(data))
     return TensorChunk(msg.name, shape, msg.datatype or "FP32", data, msg.offset)
 
 
@@ -214,8 +281,11 @@ C = TypeVar("C", bound=Message)
 
 def _chunks(requests: Incoming[C], field: str, what: str) -> Iterator[TensorChunk]:
     """The tensor chunks of a stream whose first message has been read already."""
-    for msg in _messages(requests):
-        kind = msg.WhichOneof("kind")
+    for msg in requests:
+        if isinstance(msg, wire.ChunkView):
+            yield _chunk(msg)
+            continue
+        kind = _ok(msg).WhichOneof("kind")
         if kind == field:
             yield _chunk(getattr(msg, field))
         elif kind is None:
@@ -226,19 +296,20 @@ def _chunks(requests: Incoming[C], field: str, what: str) -> Iterator[TensorChun
                 f"`{field}` chunks")
 
 
-def _first(requests: Incoming[C], field: str, what: str) -> C:
-    """The first message of a client stream, which must carry ``field``."""
+def _split(requests: Incoming[C], first: str, chunks: str,
+           what: str) -> tuple[C, Iterator[TensorChunk]]:
+    """A client stream as its first message, which must carry ``first``, and the chunks
+    (in ``chunks``) of the messages after it."""
     msg = next(requests, None)
     if msg is None:
         raise errors.InvalidArgument(f"{what}: empty stream; the first message must carry "
-                                     f"`{field}`")
-    first = _ok(msg)
-    kind = first.WhichOneof("kind")
-    if kind != field:
+                                     f"`{first}`")
+    kind = chunks if isinstance(msg, wire.ChunkView) else _ok(msg).WhichOneof("kind")
+    if kind != first:
         raise errors.InvalidArgument(
-            f"{what}: the first message must carry `{field}`, got "
+            f"{what}: the first message must carry `{first}`, got "
             f"{'an empty message' if kind is None else f'`{kind}`'}")
-    return first
+    return cast(C, msg), _chunks(requests, chunks, what)
 
 
 def _remaining(context: Context) -> float | None:
@@ -252,10 +323,11 @@ def _remaining(context: Context) -> float | None:
 
 
 def chunk_messages(chunk: TensorChunk, wrap: FieldDescriptor,
-                   max_bytes: int = MAX_SEND_BYTES) -> Iterator[bytes]:
+                   max_bytes: int | None = MAX_SEND_BYTES) -> Iterator[bytes]:
     """``chunk`` as serialised messages of at most ``max_bytes`` that carry it in the
-    TensorChunk field ``wrap`` (:data:`adamserve_proto.wire.STEP_PARAM`, ...)."""
-    metrics.BYTES_OUT.labels(TRANSPORT).inc(len(chunk.data))
+    TensorChunk field ``wrap`` (:data:`adamserve_proto.wire.STEP_PARAM`, ...); None:
+    one message, whatever its size."""
+    _BYTES_OUT.inc(len(chunk.data))
     return wire.chunk_messages(chunk.name, chunk.shape, chunk.datatype, chunk.data,
                                itemsize=itemsize(chunk.datatype), offset=chunk.offset,
                                wrap=wrap, max_bytes=max_bytes)
@@ -288,21 +360,21 @@ class OptimizerServicer(SharedMemoryMethods):
 
     def CreateSession(self, requests: Incoming[pb.CreateSessionRequest],
                       context: Context) -> pb.CreateSessionResponse:
-        spec = _first(requests, "spec", "CreateSession").spec
+        first, initial = _split(requests, "spec", "initial", "CreateSession")
+        spec = first.spec
         config = convert.session_config(spec)
-        initial = _chunks(requests, "initial", "CreateSession")
         info = self.service.create(_session_id(spec.session_id, "spec.session_id"), config,
                                    initial)
         return pb.CreateSessionResponse(session=convert.session_message(info))
 
     def AddTensors(self, requests: Incoming[pb.AddTensorsRequest],
                    context: Context) -> pb.AddTensorsResponse:
-        spec = _first(requests, "spec", "AddTensors").spec
+        first, initial = _split(requests, "spec", "initial", "AddTensors")
+        spec = first.spec
         session_id = _session_id(spec.session_id, "spec.session_id")
         tensors = convert.tensor_specs(spec.tensors)
         group = (convert.group_dict(spec.new_group, "new_group")
                  if spec.HasField("new_group") else None)
-        initial = _chunks(requests, "initial", "AddTensors")
         info = self.service.add_tensors(session_id, tensors, group, initial)
         return pb.AddTensorsResponse(session=convert.session_message(info))
 
@@ -332,8 +404,8 @@ class OptimizerServicer(SharedMemoryMethods):
 
     def Step(self, requests: Incoming[pb.StepRequest],
              context: Context) -> Iterator[Response]:
-        header = _first(requests, "header", "Step").header
-        grads = _chunks(requests, "chunk", "Step")
+        first, grads = _split(requests, "header", "chunk", "Step")
+        header = first.header
         if header.apply_as_received:
             call = convert.step_call(header, push=False)
             for item in self.service.step_stream(call.session_id, grads,
@@ -348,14 +420,14 @@ class OptimizerServicer(SharedMemoryMethods):
         yield pb.StepResponse(status=convert.step_status(result))
         yield from _params(result, wire.STEP_PARAM)
 
-    def StepUnary(self, request: pb.StepUnaryRequest,
-                  context: Context) -> pb.StepUnaryResponse:
+    def StepUnary(self, request: pb.StepUnaryRequest | UnaryStep,
+                  context: Context) -> Response:
         header = request.header
         session_id = _session_id(header.session_id, "header.session_id")
         rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
         info = self.service.describe(session_id)
         # the reply's exact size bound: data plus each TensorChunk's framing
-        out_bytes = 64 + sum(t.numel * itemsize(rtype) + len(t.name.encode())
+        out_bytes = 64 + sum(math.prod(t.shape) * itemsize(rtype) + len(t.name.encode())
                              + 11 * len(t.shape) + 48 for t in info.tensors)
         if out_bytes > MAX_SEND_BYTES:
             raise errors.InvalidArgument(
@@ -364,16 +436,21 @@ class OptimizerServicer(SharedMemoryMethods):
                 reason="UNARY_TOO_LARGE", metadata={"session_id": session_id})
         result = self._step(header, (_chunk(c) for c in request.gradients), push=False,
                             context=context)
-        return pb.StepUnaryResponse(
-            status=convert.step_status(result),
-            params=[pb.TensorChunk(name=c.name, shape=list(c.shape), datatype=c.datatype,
-                                   offset=c.offset, data=bytes(c.data))
-                    for c in result.params])
+        status = convert.step_status(result)
+        size = sum(len(c.data) for c in result.params)
+        if size < wire.BY_HAND_BYTES:
+            _BYTES_OUT.inc(size)
+            return pb.StepUnaryResponse(status=status, params=[
+                pb.TensorChunk(name=c.name, shape=c.shape, datatype=c.datatype,
+                               offset=c.offset, data=bytes(c.data)) for c in result.params])
+        # serialised here: each tensor whole, one entry of the repeated `params`
+        return b"".join([pb.StepUnaryResponse(status=status).SerializeToString(),
+                         *(m for c in result.params
+                           for m in chunk_messages(c, wire.STEP_UNARY_PARAMS, None))])
 
     def Push(self, requests: Incoming[pb.PushRequest], context: Context) -> pb.PushResponse:
-        header = _first(requests, "header", "Push").header
-        result = self._step(header, _chunks(requests, "chunk", "Push"), push=True,
-                            context=context)
+        first, grads = _split(requests, "header", "chunk", "Push")
+        result = self._step(first.header, grads, push=True, context=context)
         return pb.PushResponse(status=convert.step_status(result))
 
     def Pull(self, request: pb.PullRequest, context: Context) -> Iterator[Response]:
@@ -407,8 +484,8 @@ class OptimizerServicer(SharedMemoryMethods):
 
     def SetParameters(self, requests: Incoming[pb.SetParametersRequest],
                       context: Context) -> pb.SetParametersResponse:
-        session_id = _session_id(_first(requests, "session_id", "SetParameters").session_id)
-        values = _chunks(requests, "value", "SetParameters")
+        first, values = _split(requests, "session_id", "value", "SetParameters")
+        session_id = _session_id(first.session_id)
         info = self.service.set_parameters(session_id, values)
         return pb.SetParametersResponse(session=convert.session_message(info))
 
@@ -432,10 +509,10 @@ class OptimizerServicer(SharedMemoryMethods):
                     context: Context) -> Iterator[Response]:
         state = self.service.export_state(_session_id(request.session_id))
         blob = encode_state(state)
-        metrics.BYTES_OUT.labels(TRANSPORT).inc(len(blob))
+        _BYTES_OUT.inc(len(blob))
         yield from wire.blob_messages(blob, wire.EXPORT_DATA)
 
-    def ImportState(self, requests: Incoming[pb.ImportStateRequest],
+    def ImportState(self, requests: Iterator[pb.ImportStateRequest | Malformed],
                     context: Context) -> pb.ImportStateResponse:
         first = next(requests, None)
         if first is None:
@@ -459,7 +536,7 @@ class OptimizerServicer(SharedMemoryMethods):
                     f"ImportState: the state blob exceeds {limit} bytes, more than any "
                     f"state_dict of session {session_id!r} needs")
             parts.append(msg.data)
-        metrics.BYTES_IN.labels(TRANSPORT).inc(total)
+        _BYTES_IN.inc(total)
         try:
             state = decode_state(b"".join(parts))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -521,7 +598,7 @@ def method_handlers(service: OptimizerService | OptimizerServicer
             fn = _unary_request(fn)
         behavior = _guard_stream(name, fn) if row.response_streaming else _guard_unary(name, fn)
         handlers[name] = METHOD_KINDS[row.kind](
-            behavior, request_deserializer=_parser(row.request_type),
+            behavior, request_deserializer=_request_parser(row),
             response_serializer=_serialize)
     return handlers
 
