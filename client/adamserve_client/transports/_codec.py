@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -161,7 +161,8 @@ def encode_state(sd: Mapping[str, Any]) -> bytes:
         arr = np.asarray(value)
         if arr.dtype.newbyteorder("<") not in _ST_NAMES:
             arr = arr.astype(np.float32)
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        # np.require keeps a 0-d array 0-d (np.ascontiguousarray makes it 1-d)
+        arr = np.require(arr, dtype=arr.dtype.newbyteorder("<"), requirements="C")
         header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
@@ -218,6 +219,17 @@ def with_retries(call: Callable[[], T], retryable: Callable[[BaseException], boo
 
 # ---------------------------------------------------------------------------
 # The client's own errors, worded alike on every wire
+
+
+def check_sizes(payload: Iterable[WireTensor]) -> None:
+    """ValueError, before anything is sent, for a tensor whose bytes do not fill its
+    shape (every wire checks this first: the same message whatever the wire)."""
+    for t in payload:
+        size = memoryview(t.data).nbytes
+        expected = math.prod(t.shape) * DATATYPES[t.datatype].itemsize
+        if size != expected:
+            raise ValueError(f"tensor {t.name!r}: {size} bytes of data, shape "
+                             f"{list(t.shape)} of {t.datatype} needs {expected}")
 
 
 def bad_response(message: str, url: str | None = None) -> errors.ServerError:

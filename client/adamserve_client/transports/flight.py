@@ -187,6 +187,8 @@ class FlightWire(Wire):
 
     def stream(self, method: str, request: Message, payload: Payload = (), *,
                idempotent: bool = True) -> Reply:
+        if not isinstance(payload, Blob):
+            _codec.check_sizes(payload)
         if isinstance(payload, Blob):  # ImportState: the whole blob in one message
             blob_request: Any = type(request)()
             blob_request.CopyFrom(request)

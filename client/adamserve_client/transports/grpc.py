@@ -21,7 +21,6 @@ when the connection was never made.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -110,10 +109,7 @@ def tensor_messages(t: WireTensor, wrap: FieldDescriptor | None = None,
     """Serialised ``TensorChunk`` messages (each wrapped in ``wrap``) covering ``t`` (None:
     one message, however large)."""
     item = DATATYPES[t.datatype].itemsize
-    size, expected = memoryview(t.data).nbytes, math.prod(t.shape) * item
-    if size != expected:
-        raise ValueError(f"tensor {t.name!r}: {size} bytes of data, shape {list(t.shape)} "
-                         f"of {t.datatype} needs {expected}")
+    _codec.check_sizes([t])
     return wire.chunk_messages(t.name, t.shape, t.datatype, t.data, itemsize=item, wrap=wrap,
                                max_bytes=max_bytes)
 
@@ -199,6 +195,8 @@ class GrpcWire(Wire):
 
     def stream(self, method: str, request: Message, payload: Payload = (), *,
                idempotent: bool = True) -> Reply:
+        if not isinstance(payload, Blob):
+            _codec.check_sizes(payload)  # here, not inside gRPC's request iterator
         if method == "Step" and not isinstance(payload, Blob):
             reply = self._try_step_unary(request, payload, idempotent)
             if reply is not None:

@@ -18,7 +18,7 @@ from adamserve.engine.kernels_cpu import bf16_bits_into, bf16_widen_sumsq, copy_
 from adamserve_proto import codec
 from adamserve_proto.codec import itemsize
 
-__all__ = ["WIRE_DTYPES", "decode_into", "encode", "encode_buffer", "itemsize"]
+__all__ = ["WIRE_DTYPES", "decode_into", "encode", "encode_buffer", "encode_into", "itemsize"]
 
 WIRE_DTYPES = codec.DATATYPES
 
@@ -44,19 +44,25 @@ def decode_into(out: npt.NDArray[Any], data: bytes | memoryview, datatype: str) 
     return copy_sumsq(out, out)
 
 
-def encode_buffer(values: npt.NDArray[Any], datatype: str) -> memoryview:
-    """``values`` as a new buffer of little-endian ``datatype`` bytes (byte-format), owned
-    by the caller: a copy even where the dtype already matches, so it keeps the values
-    of now. Unlike ``bytes``, a large one is allocated as NumPy allocates (huge pages
-    where the system offers them), which is much cheaper to fill."""
+def encode_into(out: npt.NDArray[Any], values: npt.NDArray[Any], datatype: str) -> None:
+    """Write ``values`` as ``datatype`` into ``out`` (an array of that datatype's NumPy
+    dtype, as many elements): one pass, BF16 rounded by the fused kernel."""
     flat = values.reshape(-1)
-    out = np.empty(flat.size, dtype=WIRE_DTYPES[datatype])
     if datatype == "BF16" and flat.dtype in _STATE:
         bf16_bits_into(out, flat)
     elif datatype == "BF16":
         out[...] = codec.bf16_bits(flat)
     else:
         np.copyto(out, flat, casting="unsafe")
+
+
+def encode_buffer(values: npt.NDArray[Any], datatype: str) -> memoryview:
+    """``values`` as a new buffer of little-endian ``datatype`` bytes (byte-format), owned
+    by the caller: a copy even where the dtype already matches, so it keeps the values
+    of now. Unlike ``bytes``, a large one is allocated as NumPy allocates (huge pages
+    where the system offers them), which is much cheaper to fill."""
+    out = np.empty(values.size, dtype=WIRE_DTYPES[datatype])
+    encode_into(out, values, datatype)
     return out.data.cast("B")
 
 

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from adamserve import metrics
 from adamserve.engine import schedules, statedict
-from adamserve.engine.dtypes import WIRE_DTYPES, encode, itemsize
+from adamserve.engine.dtypes import WIRE_DTYPES, encode_buffer, itemsize
 from adamserve.engine.optimizer import FlatOptimizer, Layout, StepReport, TensorSpec
 from adamserve.errors import (
     Aborted,
@@ -485,7 +485,7 @@ class OptimizerService:
                     if return_datatype is not None:
                         values = opt.backend.to_host(opt.param[lo:hi])
                         yield TensorChunk(chunk.name, chunk.shape, return_datatype,
-                                          encode(values, return_datatype), chunk.offset)
+                                          encode_buffer(values, return_datatype), chunk.offset)
             finally:
                 report = stream.finish()
                 if stream.touched.any():  # applied, even if only in part: never again

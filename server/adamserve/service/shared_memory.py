@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adamserve.engine.kernels_cpu import copy_sumsq
+from adamserve.engine.dtypes import encode_into
 from adamserve.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -402,11 +402,6 @@ def write_values(out: memoryview, values: npt.NDArray[Any], datatype: str) -> No
     try:
         if dst.size != values.size:
             raise ValueError(f"{values.size} values for {dst.size} {datatype} elements")
-        if datatype == "BF16":
-            dst[...] = codec.bf16_bits(values)
-        elif dst.dtype == values.dtype and values.flags.c_contiguous:
-            copy_sumsq(dst, values)  # the engine's threaded copy (its sum unused)
-        else:
-            dst[...] = values
+        encode_into(dst, values, datatype)
     finally:
         del dst  # no export of ``out`` outlives the call: the region can be unmapped

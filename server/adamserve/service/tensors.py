@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode
+from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode_buffer
 from adamserve.engine.optimizer import FlatOptimizer, Layout
 from adamserve.errors import InvalidArgument
 from adamserve.service.types import TensorChunk
@@ -138,6 +138,7 @@ def encode_params(opt: FlatOptimizer, names: Sequence[str] | None,
     out = []
     for i in idx:
         t = layout.tensors[i]
-        out.append(TensorChunk(t.name, t.shape, datatype, encode(host[layout.span(i)],
-                                                                 datatype)))
+        # a buffer of its own: the values of now, however the session changes later
+        out.append(TensorChunk(t.name, t.shape, datatype,
+                               encode_buffer(host[layout.span(i)], datatype)))
     return out
