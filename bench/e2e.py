@@ -10,10 +10,16 @@ One run starts a real ``adamserve serve`` process (CPU backend) and prints:
   message objects both ways), over HTTP
   (binary body), and with BF16 on the wire both ways over each -- each as a ratio
   to the fp32 floor;
+* the same step over Arrow Flight (one DoExchange: record batches of
+  ``adamserve_proto.flight``'s layout each way, the parameters copied into one
+  buffer), fp32 and bf16;
 * with ``adamserve_client`` installed, the same step through the Python client
-  (fp32 and bf16 on the wire);
+  (gRPC fp32 and bf16; Flight fp32 on one stream and on four; gRPC with
+  ``shared_memory=True``, against the engine's own step of the same session in
+  this process);
 * p50 / p99 latency of one step of a 1,000-parameter session on gRPC (StepUnary,
-  the Step stream, and StepUnary through the Python client) and HTTP.
+  the Step stream, and StepUnary through the Python client), Flight (DoExchange,
+  and the Python client) and HTTP.
 
     python bench/e2e.py [--params 16777216] [--repeat 5] [--small-steps 500]
 """
@@ -36,7 +42,9 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
+import pyarrow.flight as fl
 
+from adamserve_proto import flight as layout
 from adamserve_proto import wire
 from adamserve_proto.v2 import optimizer_pb2 as pb
 from adamserve_proto.v2 import optimizer_pb2_grpc as pbg
@@ -44,11 +52,18 @@ from adamserve_proto.v2 import optimizer_pb2_grpc as pbg
 CHUNK = 4 << 20
 
 
-def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     ports = tmp / "ports.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "adamserve.cli", "serve", "--grpc-port", "0", "--http-port", "0",
-         "--flight-port", "0", "--data-dir", str(tmp / "data"), "--ports-file", str(ports),
+         "--flight-port", str(_free_port()), "--allow-shared-memory",
+         "--data-dir", str(tmp / "data"), "--ports-file", str(ports),
          "--log-level", "WARNING"])
     deadline = time.monotonic() + 60
     while not ports.exists():
@@ -56,7 +71,7 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], int, int]:
             raise RuntimeError("server did not start")
         time.sleep(0.05)
     p = json.loads(ports.read_text())
-    return proc, p["grpc"], p["http"]
+    return proc, {k: int(p[k]) for k in ("grpc", "http", "flight")}
 
 
 def timed(rows: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -203,6 +218,37 @@ def http_step(c: httpx.Client, sid: str, data: bytes, n: int, datatype: str = "F
     return len(r.content)
 
 
+# -- Arrow Flight -------------------------------------------------------------------
+
+
+def flight_step(client: fl.FlightClient, sid: str, data: bytes, n: int, datatype: str,
+                out: bytearray) -> int:
+    """One DoExchange step; the parameters copied into ``out`` (as any client must)."""
+    header = pb.StepHeader(session_id=sid, return_datatype=datatype)
+    command = pb.FlightCommand(step=pb.StepRequest(header=header)).SerializeToString()
+    writer, reader = client.do_exchange(fl.FlightDescriptor.for_command(command))
+    writer.begin(layout.schema(datatype))
+    for batch in layout.batches([("w", (n,), data, 0)], datatype):
+        writer.write_batch(batch)
+    writer.done_writing()
+    view = memoryview(out)
+    item = len(data) // n
+    got = 0
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            break
+        if chunk.data is None:
+            continue
+        for row in layout.rows(chunk.data, datatype):
+            lo = row.offset * item
+            view[lo:lo + row.data.nbytes] = row.data
+            got += row.data.nbytes
+    writer.close()
+    return got
+
+
 def latency(fn: Callable[[], object], count: int) -> tuple[float, float]:
     for _ in range(20):
         fn()
@@ -227,7 +273,8 @@ def main() -> None:
     small = (rng.standard_normal(1000, dtype=np.float32) * 1e-3).tobytes()
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, gport, hport = start_server(Path(tmp))
+        proc, ports = start_server(Path(tmp))
+        gport, hport, fport = ports["grpc"], ports["http"], ports["flight"]
         try:
             opts = [("grpc.max_receive_message_length", 64 << 20),
                     ("grpc.max_send_message_length", 64 << 20)]
@@ -239,7 +286,10 @@ def main() -> None:
             grpc_create(stub, "small", 1000)
             http_create(http, "big-http", n)
             http_create(http, "small-http", 1000)
-            out = bytearray(len(g32))  # where the raw gRPC client puts the parameters
+            grpc_create(stub, "big-flight", n)
+            grpc_create(stub, "small-flight", 1000)
+            flight = fl.connect(f"grpc://127.0.0.1:{fport}")
+            out = bytearray(len(g32))  # where the raw clients put the parameters
 
             t = timed({
                 "floor": tcp_floor(len(g32), len(g32)),
@@ -249,7 +299,10 @@ def main() -> None:
                 "grpc-pb": lambda: grpc_step_protobuf(stub, "big", g32, n, "FP32", "FP32"),
                 "http": lambda: http_step(http, "big-http", g32, n),
                 "http16": lambda: http_step(http, "big-http", g16, n, "BF16"),
-                **client_steps(gport, n, g32),
+                "flight": lambda: flight_step(flight, "big-flight", g32, n, "FP32", out),
+                "flight16": lambda: flight_step(flight, "big-flight", g16, n, "BF16", out),
+                **client_steps(ports, n, g32),
+                **engine_step(n, g32),
             }, args.repeat)
             g50, g99 = latency(lambda: grpc_step_unary(stub, "small", small), args.small_steps)
             s50, s99 = latency(lambda: grpc_step(lean, "small", small, 1000, "FP32", "FP32",
@@ -257,6 +310,9 @@ def main() -> None:
             c50, c99 = client_latency(gport, small, args.small_steps)
             h50, h99 = latency(lambda: http_step(http, "small-http", small, 1000),
                                args.small_steps)
+            f50, f99 = latency(lambda: flight_step(flight, "small-flight", small, 1000, "FP32",
+                                                   out), args.small_steps)
+            cf50, cf99 = client_latency(fport, small, args.small_steps, "flight")
         finally:
             proc.terminate()
             proc.wait(60)
@@ -285,6 +341,17 @@ def main() -> None:
         row("Python client (gRPC), fp32", "client",
             f"<= 1.1 x gRPC ({t['client'] / t['grpc']:.2f})")
         row("Python client (gRPC), bf16 both ways", "client16", no_slower("client16", "client"))
+    row("Arrow Flight DoExchange, fp32", "flight", "<= 2 (stretch 1.5)")
+    row("Arrow Flight DoExchange, bf16 both ways", "flight16",
+        f"<= 1.2, {no_slower('flight16', 'flight')}")
+    if "clientf" in t:
+        row("Python client (Flight), fp32", "clientf",
+            f"<= 1.1 x Flight ({t['clientf'] / t['flight']:.2f})")
+        row("Python client (Flight, 4 streams), fp32", "clientf4",
+            f"({t['clientf4'] / t['clientf']:.2f} x one stream)")
+        row("engine step in this process (FlatOptimizer.step)", "engine")
+        row("Python client (gRPC), shared_memory=True, fp32", "shm",
+            f"<= 1.5 x engine ({t['shm'] / t['engine']:.2f}), < floor")
     print("\n| 1,000-parameter step | p50 ms | p99 ms | target p50 |")
     print("|---|---|---|---|")
     print(f"| gRPC StepUnary | {g50 * 1e3:.3f} | {g99 * 1e3:.3f} | <= 0.5 |")
@@ -292,6 +359,10 @@ def main() -> None:
     if c50 == c50:
         print(f"| Python client (gRPC StepUnary) | {c50 * 1e3:.3f} | {c99 * 1e3:.3f} | |")
     print(f"| HTTP | {h50 * 1e3:.3f} | {h99 * 1e3:.3f} | <= 1 |")
+    print(f"| Arrow Flight DoExchange | {f50 * 1e3:.3f} | {f99 * 1e3:.3f} | |")
+    if cf50 == cf50:
+        print(f"| Python client (Flight: StepUnary action) | {cf50 * 1e3:.3f} | "
+              f"{cf99 * 1e3:.3f} | <= 1 |")
 
 
 def _client() -> Any:
@@ -303,31 +374,57 @@ def _client() -> Any:
     return adamserve_client if hasattr(adamserve_client, "Adam") else None
 
 
-def client_steps(gport: int, n: int, g32: bytes) -> dict[str, Callable[[], object]]:
-    """The same step through adamserve_client's NumPy mode, with fp32 ("client") and with
-    bf16 ("client16") on the wire; none if the client is unavailable."""
+def client_steps(ports: dict[str, int], n: int, g32: bytes
+                 ) -> dict[str, Callable[[], object]]:
+    """The same step through adamserve_client's NumPy mode: gRPC with fp32 ("client")
+    and bf16 ("client16") on the wire, Flight on one stream ("clientf") and on four
+    ("clientf4"), gRPC with shared memory ("shm"); none if the client is unavailable."""
     client = _client()
     if client is None:
         return {}
     g = np.frombuffer(g32, dtype="<f4")
+    grpc_url = f"grpc://127.0.0.1:{ports['grpc']}"
+    flight_url = f"flight://127.0.0.1:{ports['flight']}"
     rows = {}
-    for key, wire_dtype in (("client", "float32"), ("client16", "bfloat16")):
+    for key, url, kw in (("client", grpc_url, {}),
+                         ("client16", grpc_url, {"wire_dtype": "bfloat16"}),
+                         ("clientf", flight_url, {}),
+                         ("clientf4", flight_url + "?streams=4", {}),
+                         ("shm", grpc_url, {"shared_memory": True})):
         w = np.zeros(n, dtype=np.float32)
-        opt = client.Adam([w], lr=1e-3, server=f"grpc://127.0.0.1:{gport}",
-                          session=f"bench-{key}", wire_dtype=wire_dtype)
+        opt = client.Adam([w], lr=1e-3, server=url, session=f"bench-{key}", **kw)
         rows[key] = lambda o=opt: o.step([g])
     return rows
 
 
-def client_latency(gport: int, small: bytes, count: int) -> tuple[float, float]:
+def engine_step(n: int, g32: bytes) -> dict[str, Callable[[], object]]:
+    """The engine's own step of the same session (Adam, the non-finite check on, as the
+    client's), in this process: what shared memory is measured against."""
+    try:
+        from adamserve.engine.kernels_cpu import CpuBackend
+        from adamserve.engine.optimizer import TensorSpec
+        from adamserve.service import OptimizerService
+        from adamserve.sessions.session import SessionConfig
+        from adamserve.sessions.store import Limits, SessionStore
+    except ImportError:
+        return {}
+    store = SessionStore(CpuBackend(), None, Limits())
+    OptimizerService(store).create("engine", SessionConfig("adam", (TensorSpec("w", (n,)),)))
+    opt = store.get("engine").opt
+    opt.grad[...] = np.frombuffer(g32, dtype="<f4")
+    return {"engine": lambda: opt.step(None)}
+
+
+def client_latency(port: int, small: bytes, count: int,
+                   scheme: str = "grpc") -> tuple[float, float]:
     """p50 / p99 of a 1,000-parameter step through adamserve_client (StepUnary)."""
     client = _client()
     if client is None:
         return float("nan"), float("nan")
     w = np.zeros(1000, dtype=np.float32)
     g = np.frombuffer(small, dtype="<f4")
-    opt = client.Adam([w], lr=1e-3, server=f"grpc://127.0.0.1:{gport}",
-                      session="client-bench-small")
+    opt = client.Adam([w], lr=1e-3, server=f"{scheme}://127.0.0.1:{port}",
+                      session=f"client-bench-small-{scheme}")
     return latency(lambda: opt.step([g]), count)
 
 

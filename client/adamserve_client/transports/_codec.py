@@ -8,6 +8,7 @@ in their modules and call these (the message conversions are in
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -83,6 +84,29 @@ def group_from_json(group: Mapping[str, Any]) -> Hyperparameters:
 # Tensors the server sent in chunks
 
 
+_POOL_BYTES = 1 << 20  # buffers from this size up come from Arrow's pool, when it is there
+
+
+@functools.cache
+def _arrow() -> Any:
+    try:
+        import pyarrow
+    except ImportError:
+        return None
+    return pyarrow
+
+
+def new_buffer(size: int) -> memoryview:
+    """A writable, uninitialised buffer of ``size`` bytes. Large ones come from Arrow's
+    memory pool when pyarrow is installed: it keeps freed pages mapped, and filling
+    pages the system maps afresh (what a large NumPy or bytes allocation gets) costs
+    several times the copy itself."""
+    pa = _arrow() if size >= _POOL_BYTES else None
+    if pa is not None:
+        return memoryview(pa.allocate_buffer(size)).cast("B")
+    return np.empty(size, dtype=np.uint8).data
+
+
 class ChunkAssembler:
     """Collects the chunks of named tensors (in order, per tensor) into whole tensors,
     copying each chunk's data once, into its tensor's buffer, as it arrives (so the
@@ -111,7 +135,7 @@ class ChunkAssembler:
             if offset < 0:
                 raise bad_response(f"server sent tensor {name!r} from element {offset}")
             # uninitialised: the chunks must fill it in order (or the tensor is refused)
-            entry = (dims, datatype, np.empty(total, dtype=np.uint8).data, 0)
+            entry = (dims, datatype, new_buffer(total), 0)
             self._order.append(name)
         dims, kind, buf, filled = entry
         if kind != datatype or not isinstance(buf, memoryview) or len(buf) == filled:
