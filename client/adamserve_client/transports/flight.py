@@ -3,7 +3,8 @@
 A step is one ``DoExchange`` (the descriptor's command a ``FlightCommand`` with the
 Step stream's first message; the gradients as record batches in
 :mod:`adamserve_proto.flight`'s layout, built over the tensors' own memory), or,
-when its gradients are small, one ``StepUnary`` action (the lowest latency); a push,
+when its gradients are small, one ``StepUnary`` action (the lowest latency); a shard's
+commit is a ``DoExchange`` too (no batches out, the parameters back); a push,
 a create or add-tensors with initial values and a SetParameters are ``DoPut``; a
 pull is ``DoGet``; every other RPC is ``DoAction`` with the RPC's name and the
 serialised request (its results are the response messages the gRPC service would
@@ -51,7 +52,8 @@ _DOMAIN = "adamserve"
 _UNARY_BYTES = 1 << 20
 # The RPCs that travel as Flight streams, and the FlightCommand field of each.
 _COMMANDS = {"Step": "step", "Push": "push", "Pull": "pull", "CreateSession": "create_session",
-             "AddTensors": "add_tensors", "SetParameters": "set_parameters"}
+             "AddTensors": "add_tensors", "SetParameters": "set_parameters",
+             "Commit": "commit"}
 # google.rpc.Code numbers -> the status names adamserve_client.errors maps
 _CODE_NAMES = dict(enumerate((
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -210,6 +212,8 @@ class FlightWire(Wire):
             return self._call(lambda: self._exchange(command, payload), idempotent)
         if method == "Pull":
             return self._call(lambda: self._get(command), idempotent)
+        if method == "Commit":
+            return self._call(lambda: self._exchange(command, ()), idempotent)
         response_type = rpc.RPCS[method].response_type
         return self._call(lambda: self._put(command, payload, response_type), idempotent)
 
@@ -287,8 +291,8 @@ class FlightWire(Wire):
                 for batch in _batches(part, datatype):
                     writer.write_batch(batch)
                 writer.done_writing()
-            except fl.FlightError:
-                pass  # the server refused early: its answer below says why
+            except (fl.FlightError, OSError):  # Arrow raises OSError for a closed call
+                pass  # the server answered early (a refusal): its answer below says why
             return self._read(reader, pb.StepResponse)
         finally:
             writer.close()

@@ -2689,6 +2689,7 @@ class FlightCommand(_message.Message):
     CREATE_SESSION_FIELD_NUMBER: _builtins.int
     ADD_TENSORS_FIELD_NUMBER: _builtins.int
     SET_PARAMETERS_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     STREAMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def step(self) -> Global___StepRequest:
@@ -2715,6 +2716,12 @@ class FlightCommand(_message.Message):
         """DoPut: parameter values to overwrite."""
 
     @_builtins.property
+    def commit(self) -> Global___CommitRequest:
+        """DoExchange with no batches from the client: a shard's commit; the answer
+        is a Step's (the status as metadata, then the parameters as batches).
+        """
+
+    @_builtins.property
     def streams(self) -> Global___FlightStreams:
         """DoExchange: this stream is one of several that carry one step."""
 
@@ -2727,13 +2734,14 @@ class FlightCommand(_message.Message):
         create_session: Global___CreateSessionRequest | None = ...,
         add_tensors: Global___AddTensorsRequest | None = ...,
         set_parameters: Global___SetParametersRequest | None = ...,
+        commit: Global___CommitRequest | None = ...,
         streams: Global___FlightStreams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step", "streams", b"streams"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "commit", b"commit", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step", "streams", b"streams"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step", "streams", b"streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_tensors", b"add_tensors", "commit", b"commit", "create_session", b"create_session", "kind", b"kind", "pull", b"pull", "push", b"push", "set_parameters", b"set_parameters", "step", b"step", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["step", "push", "pull", "create_session", "add_tensors", "set_parameters"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["step", "push", "pull", "create_session", "add_tensors", "set_parameters", "commit"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

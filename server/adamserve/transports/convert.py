@@ -122,6 +122,17 @@ def step_call(header: pb.StepHeader, push: bool) -> StepCall:
         params_region=params)
 
 
+def run_commit(service: OptimizerService, request: pb.CommitRequest) -> StepResult:
+    """The commit ``request`` asks for (every transport's)."""
+    rtype = None if request.skip_params else datatype(request.return_datatype,
+                                                      "return_datatype")
+    return service.commit(
+        session_id(request.session_id), request.step, list(request.tensor_sumsq),
+        request.total_sumsq, param_sumsq=list(request.param_sumsq),
+        update_sumsq=list(request.update_sumsq), round_id=request.round_id,
+        return_datatype=rtype)
+
+
 def run_step(service: OptimizerService, header: pb.StepHeader, grads: Iterable[TensorChunk],
              *, push: bool, wait: float | None, tenant: str = "") -> StepResult:
     """The step (or push) ``header`` asks for, with the gradients ``grads`` (none when

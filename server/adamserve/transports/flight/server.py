@@ -12,6 +12,8 @@ The contract is the v2 one, carried by Flight's four verbs:
   initial values, or parameter values (``set_parameters``): the batches carry the
   tensors; the one ``PutResult`` is the serialised response message of that RPC.
 * ``DoGet``: a pull; the ticket is a ``FlightCommand`` with ``pull``.
+* ``DoExchange`` with ``FlightCommand.commit``: a shard's commit (no batches in;
+  answered as a step).
 * ``DoAction``: every other operation (and any RPC whose request is one message),
   its type the RPC's name and its body the serialised request message; each
   result is one serialised response message, as the gRPC service would stream them. These go through the gRPC servicer's own
@@ -72,7 +74,7 @@ TRANSPORT = "flight"
 ACTIONS = frozenset(rpc.RPCS)
 # FlightCommand kind -> the RPC it stands for.
 COMMANDS = {"step": "Step", "push": "Push", "pull": "Pull", "create_session": "CreateSession",
-            "add_tensors": "AddTensors", "set_parameters": "SetParameters"}
+            "add_tensors": "AddTensors", "set_parameters": "SetParameters", "commit": "Commit"}
 
 _FLIGHT_ERRORS: dict[grpc.StatusCode, type[fl.FlightError]] = {
     grpc.StatusCode.UNAUTHENTICATED: fl.FlightUnauthenticatedError,
@@ -258,8 +260,16 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
 
     def do_exchange(self, context: Any, descriptor: fl.FlightDescriptor, reader: Any,
                     writer: Any) -> None:
-        with self._guard("Step"):
-            _, first, cmd = _command(descriptor.command or b"", "DoExchange", "step")
+        with self._guard("Step") as label:
+            kind, first, cmd = _command(descriptor.command or b"", "DoExchange", "step",
+                                        "commit")
+            if kind == "commit":
+                label.method = "Commit"
+                for _ in _chunks(reader, "Commit"):  # read to the end: nothing is expected
+                    raise errors.InvalidArgument("Commit: the stream carries no tensors")
+                result = convert.run_commit(self.service, first)
+                self._answer(writer, result, result.params, first.return_datatype)
+                return
             header = _header(first, "Step")
             grads = _chunks(reader, "Step")
             if header.apply_as_received:
@@ -273,11 +283,16 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             else:
                 result = convert.run_step(self.service, header, grads, push=False, wait=None)
                 params = result.params
-            writer.write_metadata(_buffer(pb.StepResponse(status=convert.step_status(result))))
-            if params:
-                datatype = header.return_datatype or "FP32"
-                writer.begin(layout.schema(datatype))
-                _write_params(writer, params, datatype)
+            self._answer(writer, result, params, header.return_datatype)
+
+    @staticmethod
+    def _answer(writer: Any, result: StepResult, params: list[TensorChunk],
+                datatype: str) -> None:
+        """A step's (or commit's) answer: the status as metadata, then the parameters."""
+        writer.write_metadata(_buffer(pb.StepResponse(status=convert.step_status(result))))
+        if params:
+            writer.begin(layout.schema(datatype or "FP32"))
+            _write_params(writer, params, datatype or "FP32")
 
     def _parallel(self, header: pb.StepHeader, spec: pb.FlightStreams,
                   grads: Iterator[TensorChunk]) -> tuple[StepResult, list[TensorChunk]]:

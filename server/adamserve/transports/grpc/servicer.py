@@ -465,13 +465,7 @@ class OptimizerServicer(SharedMemoryMethods):
             yield from chunk_messages(chunk, wire.PULL_CHUNK)
 
     def Commit(self, request: pb.CommitRequest, context: Context) -> Iterator[Response]:
-        rtype = (None if request.skip_params
-                 else _datatype(request.return_datatype or "FP32", "return_datatype"))
-        result = self.service.commit(
-            _session_id(request.session_id), request.step, list(request.tensor_sumsq),
-            request.total_sumsq, param_sumsq=list(request.param_sumsq),
-            update_sumsq=list(request.update_sumsq), round_id=request.round_id,
-            return_datatype=rtype)
+        result = convert.run_commit(self.service, request)
         yield pb.CommitResponse(status=convert.step_status(result))
         yield from _params(result, wire.COMMIT_PARAM)
 
