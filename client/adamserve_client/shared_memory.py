@@ -63,7 +63,8 @@ class SharedRegion:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            os.ftruncate(fd, byte_size)
+            # pages allocated now: ENOSPC here (and the wire instead), not SIGBUS later
+            os.posix_fallocate(fd, 0, byte_size)
             self.map = mmap.mmap(fd, byte_size)
         except BaseException:
             os.unlink(path)

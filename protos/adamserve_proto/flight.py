@@ -87,9 +87,15 @@ class Row:
 
 
 def rows(batch: pa.RecordBatch, datatype: str) -> Iterator[Row]:
-    """The chunks a batch (of :func:`schema` ``datatype``) carries; ValueError for nulls."""
+    """The chunks a batch (of :func:`schema` ``datatype``) carries; ValueError for nulls
+    and for buffers and offsets that do not hold together (a batch from the wire is
+    checked in full before any offset in it is read)."""
+    try:
+        batch.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"record batch: {str(exc).splitlines()[0]}") from None
     for col in batch.columns:
-        if col.null_count:
+        if col.null_count or (isinstance(col, pa.ListArray) and col.values.null_count):
             raise ValueError("record batch: null values; no column holds nulls")
     names = batch.column(0).to_pylist()
     shapes = batch.column(1)

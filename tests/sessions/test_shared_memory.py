@@ -74,7 +74,7 @@ def shm() -> Iterator[Callable[[int], Obj]]:
         key = f"adamserve-test-{uuid.uuid4().hex}"
         fd = os.open(f"{SHM_DIR}/{key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         made.append(key)
-        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)  # pages allocated, as the client makes them
         mapped = mmap.mmap(fd, size)
         os.close(fd)
         return Obj(key, mapped)
@@ -377,8 +377,39 @@ def test_a_truncated_object_is_refused_not_a_crash(shm: Callable[[int], Obj]) ->
     _refused(lambda: svc.step("s", (), gradients_region=RegionRef("g", 0, size)),
              InvalidArgument, "SHARED_MEMORY_OUT_OF_RANGE", "truncated to 0 bytes")
     assert svc.store.get("s").fingerprint() == before
-    os.truncate(grads_obj.path, size)  # grown back: usable again (zeros)
+    os.truncate(grads_obj.path, size)  # grown back, but sparse: still refused
+    _refused(lambda: svc.step("s", (), gradients_region=RegionRef("g", 0, size)),
+             InvalidArgument, "SHARED_MEMORY_OUT_OF_RANGE", "truncated to 0 bytes")
+    fd = os.open(grads_obj.path, os.O_RDWR)
+    os.posix_fallocate(fd, 0, size)  # its pages allocated: usable again (zeros)
+    os.close(fd)
     assert svc.step("s", (), gradients_region=RegionRef("g", 0, size)).step == 1
+
+
+def test_a_sparse_object_is_refused_at_registration() -> None:
+    """A full /dev/shm turns the server's first write to a page the object lacks into
+    SIGBUS: an object must have all its pages (the client fallocates them)."""
+    svc = _service()
+    key = f"adamserve-test-{uuid.uuid4().hex}"
+    fd = os.open(f"{SHM_DIR}/{key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        _refused(lambda: svc.register_shared_memory("sparse", key, 1 << 20),
+                 FailedPrecondition, "SHARED_MEMORY_FORBIDDEN", "a sparse object")
+        assert svc.list_shared_memory() == []
+    finally:
+        os.close(fd)
+        os.unlink(f"{SHM_DIR}/{key}")
+
+
+def test_a_retried_registration_keeps_no_descriptor(shm: Callable[[int], Obj]) -> None:
+    svc = _service()
+    obj = shm(4096)
+    svc.register_shared_memory("r", obj.key, 4096)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        svc.register_shared_memory("r", obj.key, 4096)
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_unregistering_during_a_step_lets_the_step_finish(shm: Callable[[int], Obj]) -> None:
@@ -426,7 +457,7 @@ _CLIENT = textwrap.dedent("""
     key = sys.argv[1]
     path = "/dev/shm/" + key
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    os.ftruncate(fd, 4096)
+    os.posix_fallocate(fd, 0, 4096)
     region = mmap.mmap(fd, 4096)
     print("ready", flush=True)
     if sys.stdin.readline().strip() == "exit":

@@ -219,6 +219,28 @@ def _batch(name: str, shape: tuple[int, ...], values: Any, datatype: str = "FP32
 INVALID = 3  # google.rpc.Code.INVALID_ARGUMENT
 
 
+def _past_the_buffers(good: pa.RecordBatch) -> pa.RecordBatch:
+    """``good`` with the tensor names' end offset patched to 1 << 30: a batch that
+    reads (Arrow checks little on reading) but whose offsets point past its buffers."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, good.schema) as writer:
+        writer.write_batch(good)
+    data = sink.getvalue().to_pybytes()
+    start = np.array([0, 1], np.int32).tobytes()
+    for i in (i for i in range(len(data)) if data.startswith(start, i)):
+        patched = bytearray(data)
+        patched[i + 4:i + 8] = np.array([1 << 30], np.int32).tobytes()
+        try:
+            bad = pa.ipc.open_stream(pa.py_buffer(bytes(patched))).read_next_batch()
+            bad.validate(full=True)
+        except pa.ArrowInvalid as exc:
+            if "column 0" in str(exc):
+                return bad
+        except (pa.ArrowException, OSError):
+            continue
+    raise AssertionError("no string offsets found to patch")
+
+
 def _bad_inputs() -> dict[str, tuple[Any, str]]:
     w = np.ones(20, np.float32)
     wrong_schema = pa.record_batch([pa.array(w)], names=["g"])
@@ -229,7 +251,13 @@ def _bad_inputs() -> dict[str, tuple[Any, str]]:
                              pa.array([None], pa.int64()),
                              pa.array([list(w)], pa.list_(pa.float32()))],
                             schema=layout.schema("FP32"))
+    good = _batch("w", (4, 5), w)
+    inner_nulls = pa.record_batch(
+        [*good.columns[:3], pa.array([[1.0, None, *([1.0] * 18)]], pa.list_(pa.float32()))],
+        schema=layout.schema("FP32"))
     return {
+        "offsets past the buffers": ([_past_the_buffers(good)], "record batch: "),
+        "nulls inside a list": ([inner_nulls], "null values"),
         "garbage descriptor": (b"\xff\xfe garbage", "not a adamserve_proto.v2.FlightCommand"),
         "a pull in DoExchange": (pb.FlightCommand(pull=pb.PullRequest(session_id="bad"))
                                  .SerializeToString(), "expected `step`"),

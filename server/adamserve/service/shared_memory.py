@@ -121,6 +121,12 @@ def _out_of_range(name: str, why: str) -> InvalidArgument:
     return InvalidArgument(why, reason="SHARED_MEMORY_OUT_OF_RANGE", metadata=_meta(name))
 
 
+def backed_bytes(st: os.stat_result) -> int:
+    """The bytes of an object that have pages (tmpfs allocates them on first write, or
+    on posix_fallocate): a write to one without a page on a full /dev/shm is SIGBUS."""
+    return min(st.st_size, st.st_blocks * 512)
+
+
 class _Region:
     """One mapping: the object's descriptor (kept for the size checks) and its map."""
 
@@ -136,7 +142,7 @@ class _Region:
         self.last_used = time.monotonic()
 
     def size_now(self) -> int:
-        return os.fstat(self.fd).st_size
+        return backed_bytes(os.fstat(self.fd))
 
     def unmap(self) -> None:
         mapped, self.map = self.map, None
@@ -213,6 +219,7 @@ class SharedMemoryRegistry:
                 taken = self._regions.get((tenant, name))
                 if taken is not None:
                     if taken.info == info and taken.inode == inode:
+                        os.close(fd)  # mapped already, by the first registration
                         return info  # a retry of this registration
                     raise AlreadyExists(
                         f"a shared-memory region named {name!r} is registered already (object "
@@ -274,6 +281,11 @@ class SharedMemoryRegistry:
                 raise _out_of_range(name, f"region {name!r}: shared-memory object {key!r} "
                                           f"holds {st.st_size} bytes, fewer than the "
                                           f"{byte_size} to register")
+            if backed_bytes(st) < byte_size:
+                raise self._forbidden(name, key, (
+                    f"only {backed_bytes(st)} of its {byte_size} bytes have pages (a sparse "
+                    "object: on a full /dev/shm the server's first write to a missing page "
+                    "would crash it); allocate them first (posix_fallocate)"))
         except BaseException:
             os.close(fd)
             raise
