@@ -10,6 +10,8 @@ google.rpc.Status of the Flight error, and changes nothing.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -399,8 +401,41 @@ def test_streams_that_do_not_meet_fail_the_step_and_change_nothing() -> None:
                 with pytest.raises(fl.FlightServerError) as e:
                     _step(raw, bad, half)
                 assert message in _status(e.value)[1]
+            assert server.server.gathers._open == {}  # lone streams leave nothing behind
+            # streams of one step with different headers (another return datatype)
+            other = pb.FlightCommand(
+                step=pb.StepRequest(header=pb.StepHeader(session_id="meet",
+                                                         return_datatype="BF16")),
+                streams=pb.FlightStreams(id="mixed", count=2, index=1)).SerializeToString()
+            def lone_first() -> None:  # refused too: its second stream never comes
+                with pytest.raises(fl.FlightServerError):
+                    _step(raw, command(0, token="mixed"), half)
+
+            first = threading.Thread(target=lone_first)
+            first.start()
+            time.sleep(0.1)  # stream 0 first: the header stream 1 must match
+            with pytest.raises(fl.FlightServerError) as e:
+                _step(raw, other, half)
+            assert "its step header differs" in _status(e.value)[1]
+            first.join()
             assert t.describe("meet").step == 0
             assert not np.any(decode(t.pull("meet")[0].data, "FP32"))
     finally:
         raw.close()
         server.stop()
+
+
+def test_stop_does_not_wait_for_a_client_that_holds_a_call_open() -> None:
+    service = OptimizerService(SessionStore(CpuBackend(), None, Limits(1 << 30)))
+    service.start()
+    server = FlightServerThread(service)
+    server.start()
+    raw = fl.connect(server.url.replace("flight://", "grpc://"))
+    with connect(server.url) as t:
+        t.create_session(SessionSpec("idle", "adam", (TensorSpec("w", (8,)),)))
+    writer, _ = raw.do_exchange(fl.FlightDescriptor.for_command(_cmd("idle")))
+    writer.begin(layout.schema("FP32"))  # and never done_writing
+    began = time.monotonic()
+    server.stop(grace=0.5)
+    assert time.monotonic() - began < 5
+    raw.close()

@@ -299,11 +299,18 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
         """One stream of a step sent over several (:mod:`.streams`): the step's result
         and the parameters of this stream's rows."""
         session_id = convert.session_id(header.session_id, "header.session_id")
-        g = self.gathers.join(session_id, spec.id, spec.count, spec.index)
+        info = self.service.describe(session_id)
+        limit = info.numel * 8  # no datatype is wider than FP64
+        g = self.gathers.join(session_id, spec.id, spec.count, spec.index,
+                              header.SerializeToString(deterministic=True), limit)
         rows: list[streams.Row] = []
         if spec.index > 0:
-            streams.hand_over(g, spec.index, grads, rows)
-            result = g.outcome()
+            try:
+                streams.hand_over(g, spec.index, grads, rows)
+                result = g.outcome()
+            except BaseException:
+                self.gathers.close(session_id, spec.id)  # stream 0 may never come
+                raise
             return result, streams.share(result.params, rows)
 
         def merged() -> Iterator[TensorChunk]:
@@ -433,6 +440,16 @@ class FlightServerThread:
         log.info("Flight listening on %s", self.url)
         return self.port
 
-    def stop(self) -> None:
-        self.server.shutdown()
-        self._thread.join(10)
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking calls; wait ``grace`` seconds for those under way (Flight's
+        shutdown waits for every open call, and a client may hold one open forever:
+        the server's own shutdown, its checkpoints, must not wait on it)."""
+        done = threading.Thread(target=self.server.shutdown, name="adamserve-flight-stop",
+                                daemon=True)
+        done.start()
+        done.join(grace)
+        if done.is_alive():
+            log.warning("Flight: calls still open %.0f s after shutdown began; not waiting "
+                        "for them", grace)
+            return
+        self._thread.join(grace)

@@ -27,6 +27,8 @@ from adamserve.service import StepResult, TensorChunk
 from adamserve.service.waits import MAX_WAIT
 
 MAX_STREAMS = 16
+# Steps whose streams may be meeting at once, on one server.
+MAX_GATHERS = 64
 # Seconds the streams of one step wait for each other (to arrive, to hand over rows).
 STREAM_WAIT = 30.0
 _ID = 128  # the longest streams.id
@@ -49,7 +51,10 @@ class Gather:
     """The streams of one step meeting: rows handed to stream 0, and the outcome."""
 
     count: int
+    header: bytes  # the step's header, serialised: every stream must carry the same
+    limit: int  # the most gradient bytes all streams together may hand over
     wait: float = STREAM_WAIT
+    handed: int = 0  # bytes handed over by streams 1..
     parts: list[queue.SimpleQueue[object]] = field(default_factory=list)
     arrived: set[int] = field(default_factory=set)
     leader: threading.Event = field(default_factory=threading.Event)  # stream 0 came
@@ -104,7 +109,11 @@ class Gathers:
         self._lock = threading.Lock()
         self._open: dict[tuple[str, str], Gather] = {}
 
-    def join(self, session_id: str, streams_id: str, count: int, index: int) -> Gather:
+    def join(self, session_id: str, streams_id: str, count: int, index: int, header: bytes,
+             limit: int) -> Gather:
+        """The meeting of the step ``streams_id`` of ``session_id``, for stream ``index``
+        (whose header, serialised, is ``header``); ``limit``: the session's bytes, the
+        most its streams may hand over."""
         if not 0 < len(streams_id) <= _ID:
             raise errors.InvalidArgument(f"streams.id: expected 1 to {_ID} characters")
         if not 2 <= count <= MAX_STREAMS:
@@ -117,7 +126,15 @@ class Gathers:
         with self._lock:
             g = self._open.get(key)
             if g is None:
-                g = self._open[key] = Gather(count, self.wait)
+                if len(self._open) >= MAX_GATHERS:
+                    raise errors.ResourceExhausted(
+                        f"{MAX_GATHERS} steps sent over several Flight streams are meeting "
+                        "on this server already: send this one later, or over one stream")
+                g = self._open[key] = Gather(count, header, limit, self.wait)
+            if g.header != header:
+                raise errors.InvalidArgument(
+                    f"streams.index {index}: its step header differs from another stream's "
+                    "of this step (every stream carries the same header)")
             if g.count != count:
                 raise errors.InvalidArgument(
                     f"streams.count {count}: another stream of this step said {g.count}")
@@ -135,9 +152,16 @@ class Gathers:
 
 
 def hand_over(g: Gather, index: int, chunks: Iterable[TensorChunk], rows: list[Row]) -> None:
-    """Stream ``index`` (> 0): pass its rows to stream 0, recording where they lie."""
+    """Stream ``index`` (> 0): pass its rows to stream 0, recording where they lie. The
+    rows wait in memory until stream 0 reads them: all streams together may hand over
+    no more than the session's bytes."""
     try:
         for chunk in chunks:
+            g.handed += len(chunk.data)  # one thread per stream; a race only loosens it
+            if g.handed > g.limit:
+                raise errors.InvalidArgument(
+                    f"the streams of this step carry more than the session's {g.limit} "
+                    "bytes of gradients")
             rows.append(Row(chunk.name, chunk.offset,
                             len(chunk.data) // itemsize(chunk.datatype)))
             g.parts[index].put(chunk)
