@@ -507,3 +507,17 @@ def test_a_region_in_use_is_not_swept(shm: Callable[[int], Obj]) -> None:
         os.unlink(obj.path)
         assert registry.sweep(now=time.monotonic() + 1) == 0
     assert registry.sweep(now=time.monotonic() + 1) == 1 and registry._mapped == []
+
+
+def test_a_shards_session_refuses_regions(shm: Callable[[int], Obj]) -> None:
+    """A shard's step is staged for its commit, which takes no region: refused before
+    anything is read (the Python client steps a sharded session over the wire)."""
+    svc = _service()
+    size = NUMEL * 4
+    obj = shm(2 * size)
+    svc.register_shared_memory("r", obj.key, 2 * size)
+    svc.create("s", replace(CONFIG, workers=WorkersConfig(exchange=True)))
+    _refused(lambda: svc.step("s", (), gradients_region=RegionRef("r", 0, size),
+                              params_region=RegionRef("r", size, size)),
+             FailedPrecondition, "SHARED_MEMORY_FORBIDDEN", "one shard of a sharded session")
+    assert svc.describe("s").step == 0

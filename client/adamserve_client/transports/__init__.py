@@ -63,8 +63,9 @@ def connect(url: str, token: str | None = None, timeout: float | None = None, *,
     except ModuleNotFoundError as exc:
         if exc.name not in _WIRE_LIBRARIES:
             raise
+        extra = "client,flight" if scheme == "flight" else "client"
         raise ImportError(f"adamserve_client: {scheme}:// URLs need the {exc.name} package, "
-                          "which is not installed: pip install 'adamserve[client]'") from None
+                          f"which is not installed: pip install 'adamserve[{extra}]'") from None
     return HttpTransport(url, token, timeout, retries=retries)
 
 

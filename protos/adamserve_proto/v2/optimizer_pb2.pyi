@@ -1440,8 +1440,11 @@ class StepHeader(_message.Message):
         then carries no chunks (else INVALID_ARGUMENT). byte_size must be the
         session's element count times the datatype's size (else INVALID_ARGUMENT);
         the place must lie within the region (else SHARED_MEMORY_OUT_OF_RANGE, as
-        when the object was truncated below it). The server copies the gradients
-        out before the step. Not with apply_as_received (INVALID_ARGUMENT).
+        when the object was truncated below it). The server may read the
+        gradients from the region while the step runs: do not write them until the
+        step has answered. Not with apply_as_received (INVALID_ARGUMENT), nor in a
+        shard's session (FAILED_PRECONDITION, SHARED_MEMORY_FORBIDDEN: a shard's
+        step is staged for its commit).
         """
 
     @_builtins.property
@@ -2520,8 +2523,8 @@ class SharedMemoryRegion(_message.Message):
     """
     key: _builtins.str
     """The POSIX shared-memory object (what shm_open takes, without the leading
-    '/'; no other '/'): 1-128 letters, digits, '_', '-', '.', not starting
-    with '.'.
+    '/'; no other '/'): 1-128 letters, digits, '_', '-', '.', starting with
+    "adamserve" (the server maps no other objects of its user).
     """
     byte_size: _builtins.int
     """The bytes of the object the server maps, from its start."""

@@ -174,7 +174,15 @@ class OptimizerService:
             return self._step(session_id, grads, return_datatype, require_all, push_id,
                               base_step, wait)
         registry = self._regions()
-        numel = self.store.get(session_id).opt.layout.size
+        session = self.store.get(session_id)
+        if session.workers.exchange:
+            # a shard's step is staged: its parameters come with the commit, which
+            # takes no region
+            raise FailedPrecondition(
+                f"session {session_id!r} is one shard of a sharded session: its steps are "
+                "staged for a commit, which takes no shared-memory region; step it over the "
+                "wire", reason="SHARED_MEMORY_FORBIDDEN", metadata=meta(session_id))
+        numel = session.opt.layout.size
         with contextlib.ExitStack() as regions:
             source = out = None
             if gradients_region is not None:

@@ -100,6 +100,10 @@ class RegionInfo:
     byte_size: int
 
 
+# Every region's object is named so: the Python client's are adamserve_<pid>_<random>.
+KEY_PREFIX = "adamserve"
+
+
 def check_name(value: str, what: str) -> str:
     """A region name or object key: 1-128 of ``[A-Za-z0-9_.-]``, not starting with '.'."""
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value.startswith("."):
@@ -207,6 +211,12 @@ class SharedMemoryRegistry:
         """
         check_name(name, "region name")
         check_name(key, "shared-memory key")
+        if not key.startswith(KEY_PREFIX):
+            # the server's user owns other objects too (torch's, an object store's): a
+            # caller may name only those made to be regions
+            raise InvalidArgument(
+                f"shared-memory key {key!r}: a region's object is named {KEY_PREFIX}... (the "
+                "server maps no other objects of its user)", metadata=_meta(name))
         if isinstance(byte_size, bool) or not isinstance(byte_size, int) or byte_size <= 0:
             raise InvalidArgument(f"region {name!r}: byte_size {byte_size!r}: expected a "
                                   "positive number of bytes")

@@ -187,10 +187,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _tensor_batches(params: Iterable[TensorChunk], datatype: str) -> Iterator[pa.RecordBatch]:
-    """Parameters as record batches, each row a view of the chunk's bytes."""
-    for c in params:
-        metrics.BYTES_OUT.labels(TRANSPORT).inc(len(c.data))
-        yield from layout.batches([(c.name, c.shape, c.data, c.offset)], datatype)
+    """Parameters as record batches, each row a view of the chunk's bytes. A DoGet's
+    stream runs after its handler returned: a failure here is answered INTERNAL, never
+    with Python's traceback."""
+    try:
+        for c in params:
+            metrics.BYTES_OUT.labels(TRANSPORT).inc(len(c.data))
+            yield from layout.batches([(c.name, c.shape, c.data, c.offset)], datatype)
+    except Exception as exc:
+        log.error("sending parameters failed", exc_info=exc)
+        raise flight_error(exc) from None
 
 
 def _write_params(writer: Any, params: Iterable[TensorChunk], datatype: str) -> None:
