@@ -19,6 +19,8 @@ from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
 from adamserve.transports import convert
 from adamserve.transports.http import HttpServerThread, create_app, schemas
+from adamserve_client.transports.http import ROUTES
+from adamserve_proto import rpc
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
 URL = "/v2/sessions"
@@ -160,6 +162,9 @@ def test_request_models_have_the_protos_fields() -> None:
         (schemas.ListSessionsResponse, pb.ListSessionsResponse, set(), set()),
         (schemas.CheckpointInfo, pb.CheckpointInfo, set(), set()),
         (schemas.ListCheckpointsResponse, pb.ListCheckpointsResponse, set(), set()),
+        (schemas.SharedMemoryRef, pb.SharedMemoryRef, set(), set()),
+        (schemas.SharedMemoryRegion, pb.SharedMemoryRegion, set(), set()),
+        (schemas.ListSharedMemoryResponse, pb.ListSharedMemoryResponse, set(), set()),
     ]
     for model, message, path_only, http_only in pairs:
         proto = {f.name for f in message.DESCRIPTOR.fields}
@@ -167,6 +172,16 @@ def test_request_models_have_the_protos_fields() -> None:
     for kind in pb.Schedule.DESCRIPTOR.fields:
         piece = getattr(schemas, kind.message_type.name)
         assert set(piece.model_fields) == {f.name for f in kind.message_type.fields}, kind.name
+
+
+def test_every_rpc_has_a_route_on_both_sides(live: tuple[httpx.Client, SessionStore]) -> None:
+    """The client's HTTP wire maps every RPC of the service to a route the server has
+    (but StepUnary: an HTTP step is one request and one answer already)."""
+    c, _ = live
+    paths = c.get("/openapi.json").json()["paths"]
+    assert set(ROUTES) == set(rpc.RPCS) - {"StepUnary"}
+    for name, route in ROUTES.items():
+        assert route.verb.lower() in paths.get(route.path, {}), (name, route)
 
 
 # ---------------------------------------------------------------------------

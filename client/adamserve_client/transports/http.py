@@ -1,13 +1,17 @@
-"""The HTTP wire: the server's ``/v2/sessions`` API over one httpx connection pool.
+"""The HTTP wire: the server's ``/v2`` API over one httpx connection pool.
 
 Each RPC is one route (:data:`ROUTES`); its request message travels as the
 proto's JSON (field names, enums by name, Durations as ``"30s"``, 64-bit integers
-as numbers), less the session id, which is in the path. Tensors travel in the
-binary layout (the Triton / Open Inference Protocol binary-data extension): a
+as numbers), less the fields the path carries (the session id). Tensors travel in
+the binary layout (the Triton / Open Inference Protocol binary-data extension): a
 JSON header whose length is in ``Adamserve-Header-Length``, its tensor entries
 giving ``parameters.binary_data_size``, then the raw tensor bytes back to back;
 steps, commits and pulls ask for binary output the same way. The state blob is
 the body itself. Answers are read back into the RPC's response message.
+
+A binary body is never joined: it goes out as the JSON header and views of the
+tensors' own buffers, :data:`PART` bytes each, under its Content-Length. The
+tensors of an answer are views of its body.
 
 Errors: the body ``{"error", "code", "reason", "metadata"}`` becomes its
 :mod:`adamserve_client.errors` exception with the server's message and reason.
@@ -16,8 +20,9 @@ Requests that could not connect (or got 503) are retried a bounded number of tim
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -37,9 +42,12 @@ from adamserve_proto.v2 import optimizer_pb2 as pb
 
 __all__ = ["ROUTES", "HttpTransport", "HttpWire", "Route"]
 
-PREFIX = "/v2/sessions"
 HEADER_LENGTH = "Adamserve-Header-Length"
 OCTET_STREAM = "application/octet-stream"
+# Bytes per part of a request body: httpcore copies each part once (and what a socket
+# send leaves of it again), so parts this size keep both copies small.
+PART = 1 << 20
+SMALL_BODY = 64 << 10  # a body this small goes out as one part
 # Statuses when the error body carries no code.
 _STATUS_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied",
                  404: "not_found", 408: "deadline_exceeded", 409: "failed_precondition",
@@ -49,43 +57,60 @@ _STATUS_CODES = {400: "invalid_argument", 401: "unauthenticated", 403: "permissi
 
 @dataclass(frozen=True)
 class Route:
-    """Where an RPC goes: ``verb PREFIX[/{session_id}]path``; ``tensors``: the body's key
-    for the request's tensors; ``binary_output``: the route returns tensors;
-    ``defaults``: the body writes fields at their default values too (a step's header
-    leaves them out: there "" and 0 mean "not given", which the JSON says by absence)."""
+    """Where an RPC goes: ``verb path``, the path's ``{field}``s filled from the request
+    (and left out of its body); ``tensors``: the body's key for the request's tensors;
+    ``binary_output``: the route returns tensors; ``defaults``: the body writes fields
+    at their default values too (a step's header leaves them out: there "" and 0 mean
+    "not given", which the JSON says by absence); ``body``: the request's field whose
+    message is the body (else the request, or the member of its ``kind``)."""
 
     verb: str
-    path: str = ""
+    path: str
     tensors: str = ""
     binary_output: bool = False
-    in_path: bool = True  # the session id is in the path (not the body)
     defaults: bool = True
+    body: str = ""
+
+    @functools.cached_property
+    def fields(self) -> tuple[str, ...]:
+        """The request fields the path carries."""
+        return tuple(part[1:-1] for part in self.path.split("/") if part.startswith("{"))
 
 
+_S = "/v2/sessions/{session_id}"
+_SHM = "/v2/shared-memory"
 ROUTES: Mapping[str, Route] = {
-    "CreateSession": Route("POST", tensors="initial", in_path=False),
-    "AddTensors": Route("POST", "/tensors", tensors="initial"),
-    "ListSessions": Route("GET", in_path=False),
-    "GetSession": Route("GET"),
-    "DeleteSession": Route("DELETE"),
-    "Step": Route("POST", "/step", tensors="gradients", binary_output=True, defaults=False),
-    "Push": Route("POST", "/push", tensors="gradients", defaults=False),
-    "Commit": Route("POST", "/commit", binary_output=True),
-    "Pull": Route("POST", "/pull", binary_output=True),
-    "SetParameters": Route("PUT", "/params", tensors="values"),
-    "SetHyperparameters": Route("PATCH", "/hyperparameters"),
-    "SetSchedule": Route("PUT", "/schedule"),
-    "SetWorkers": Route("PUT", "/workers"),
-    "ExportState": Route("GET", "/state"),
-    "ImportState": Route("PUT", "/state"),
-    "Checkpoint": Route("POST", "/checkpoint"),
-    "ListCheckpoints": Route("GET", "/checkpoints"),
-    "RestoreCheckpoint": Route("POST", "/restore"),
+    "CreateSession": Route("POST", "/v2/sessions", tensors="initial"),
+    "AddTensors": Route("POST", _S + "/tensors", tensors="initial"),
+    "ListSessions": Route("GET", "/v2/sessions"),
+    "GetSession": Route("GET", _S),
+    "DeleteSession": Route("DELETE", _S),
+    "Step": Route("POST", _S + "/step", tensors="gradients", binary_output=True,
+                  defaults=False),
+    "Push": Route("POST", _S + "/push", tensors="gradients", defaults=False),
+    "Commit": Route("POST", _S + "/commit", binary_output=True),
+    "Pull": Route("POST", _S + "/pull", binary_output=True),
+    "SetParameters": Route("PUT", _S + "/params", tensors="values"),
+    "SetHyperparameters": Route("PATCH", _S + "/hyperparameters"),
+    "SetSchedule": Route("PUT", _S + "/schedule"),
+    "SetWorkers": Route("PUT", _S + "/workers"),
+    "ExportState": Route("GET", _S + "/state"),
+    "ImportState": Route("PUT", _S + "/state"),
+    "Checkpoint": Route("POST", _S + "/checkpoint"),
+    "ListCheckpoints": Route("GET", _S + "/checkpoints"),
+    "RestoreCheckpoint": Route("POST", _S + "/restore"),
+    "RegisterSharedMemory": Route("POST", _SHM, body="region"),
+    "UnregisterSharedMemory": Route("DELETE", _SHM + "/{name}"),
+    "ListSharedMemory": Route("GET", _SHM),
 }
 
-def _body_of(request: Message) -> Message | None:
-    """The message a route's JSON body holds: a stream's first message's member (the
-    spec or header it carries), else the request itself; None for a bare session id."""
+def _body_of(request: Message, route: Route) -> Message | None:
+    """The message a route's JSON body holds: the route's ``body`` field, a stream's
+    first message's member (the spec or header it carries), else the request itself;
+    None for a bare session id."""
+    if route.body:
+        value: Any = getattr(request, route.body)
+        return value if isinstance(value, Message) else None
     oneof = request.DESCRIPTOR.oneofs_by_name.get("kind")
     if oneof is None:
         return request
@@ -94,11 +119,12 @@ def _body_of(request: Message) -> Message | None:
     return value if isinstance(value, Message) else None
 
 
-def _wrapped(response: type[Message]) -> str | None:
-    """The field the route's JSON answer fills when the RPC wraps it (``session`` of a
-    GetSessionResponse, ``status`` of a StepResponse); None when the answer is the
-    response itself."""
-    fields = [f for f in response.DESCRIPTOR.fields
+@functools.cache
+def _wrapped(method: str) -> str | None:
+    """The field of the RPC's response the route's JSON answer fills when the RPC wraps
+    it (``session`` of a GetSessionResponse, ``status`` of a StepResponse); None when
+    the answer is the response itself."""
+    fields = [f for f in rpc.RPCS[method].response_type.DESCRIPTOR.fields
               if f.message_type is not pb.TensorChunk.DESCRIPTOR
               and f.type != FieldDescriptor.TYPE_BYTES]
     if len(fields) == 1 and fields[0].message_type is not None and not fields[0].is_repeated:
@@ -109,6 +135,17 @@ def _wrapped(response: type[Message]) -> str | None:
 def _entry(t: WireTensor) -> dict[str, Any]:
     return {"name": t.name, "shape": list(t.shape), "datatype": t.datatype,
             "parameters": {"binary_data_size": memoryview(t.data).nbytes}}
+
+
+def _parts(text: bytes, tensors: Sequence[WireTensor]) -> list[bytes | memoryview]:
+    """A binary body: the JSON header, then views of the tensors' bytes, PART at most."""
+    parts: list[bytes | memoryview] = [text]
+    for t in tensors:
+        view = memoryview(t.data).cast("B")
+        parts.extend(view[i:i + PART] for i in range(0, len(view), PART))
+    if sum(len(p) for p in parts) <= SMALL_BODY:
+        return [b"".join(parts)]
+    return parts
 
 
 def _tensors_out(response: httpx.Response) -> tuple[dict[str, Any], list[WireTensor]]:
@@ -196,13 +233,14 @@ class HttpWire(Wire):
     def _http_request(route: Route, request: Message, payload: Payload
                       ) -> tuple[str, dict[str, Any]]:
         """The path and httpx arguments of ``request`` on ``route``."""
-        body_msg = _body_of(request)
+        body_msg = _body_of(request, route)
         body = (convert.message_json(body_msg, defaults=route.defaults)
                 if body_msg is not None else {})
-        session_id = str(body.pop("session_id", "")) if route.in_path else ""
-        if not session_id and route.in_path:
-            session_id = str(getattr(request, "session_id", ""))
-        path = PREFIX + (f"/{quote(session_id, safe='')}" if route.in_path else "") + route.path
+        values = {}
+        for field in route.fields:
+            value = body.pop(field, None) or getattr(request, field, "")
+            values[field] = quote(str(value), safe="")
+        path = route.path.format(**values)
         kwargs: dict[str, Any] = {}
         if isinstance(payload, Blob):
             kwargs = {"content": payload.data, "headers": {"content-type": OCTET_STREAM}}
@@ -217,9 +255,10 @@ class HttpWire(Wire):
             # goes as the literal NaN / Infinity, which the server's parser accepts
             text = json.dumps(body, separators=(",", ":")).encode()
             if route.tensors:
-                kwargs = {"content": b"".join([text, *(memoryview(t.data).cast("B")
-                                                       for t in payload)]),
+                parts = _parts(text, payload)
+                kwargs = {"content": parts[0] if len(parts) == 1 else parts,
                           "headers": {"content-type": OCTET_STREAM,
+                                      "content-length": str(sum(len(p) for p in parts)),
                                       HEADER_LENGTH: str(len(text))}}
             else:
                 kwargs = {"content": text, "headers": {"content-type": "application/json"}}
@@ -232,7 +271,7 @@ class HttpWire(Wire):
         body, tensors = _tensors_out(r)
         if method == "Pull":
             return Reply(None, tensors)
-        wrap = _wrapped(response_type)
+        wrap = _wrapped(method)
         out = response_type()
         try:
             convert.parse_json(body, getattr(out, wrap) if wrap else out,

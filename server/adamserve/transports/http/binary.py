@@ -15,23 +15,28 @@ up to the body length minus N. Binary responses (``"binary_output": true`` or
 ``Accept: application/octet-stream``) use the same layout and send the header
 length back in ``Adamserve-Header-Length`` (and ``Inference-Header-Content-Length``).
 
-Tensor bytes are handed to the service as memoryview slices of the request body:
-the body is read once and never copied again.
+Everything about a body is checked from its JSON part before its tensor bytes are
+read (:func:`plan`); the bytes are then handed to the service as they arrive
+(:func:`chunks`, reading a :class:`Source`: see :mod:`.body`), in chunks of at most
+:data:`PIECE` bytes, so a body is never held whole. Responses are the JSON header
+and the result's own buffers, sent one after the other (:class:`BinaryResponse`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES, encode
-from adamserve.errors import InvalidArgument, ResourceExhausted
+from adamserve.errors import InvalidArgument
 from adamserve.service import TensorChunk
 from adamserve.transports.http.errors import describe_validation
 from adamserve.transports.http.schemas import MAX_DIM, TensorIn
@@ -40,6 +45,9 @@ HEADER_LENGTH = "Adamserve-Header-Length"
 TRITON_HEADER_LENGTH = "Inference-Header-Content-Length"
 OCTET_STREAM = "application/octet-stream"
 MAX_ELEMENTS = MAX_DIM  # per tensor: far beyond any device, well inside int64
+# Most bytes of one chunk handed to the service, and about what is received ahead of it
+# (a batch: see .body); a multiple of every itemsize.
+PIECE = 4 << 20
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -79,42 +87,13 @@ def wants_binary(headers: Mapping[str, str], binary_output: bool) -> bool:
     return any(part.split(";")[0].strip().lower() == OCTET_STREAM for part in accept.split(","))
 
 
-def parse_body(model: type[M], headers: Mapping[str, str], body: bytes,
-               max_json_bytes: int) -> tuple[M, memoryview | None]:
-    """Split a JSON or binary request body into its model and its binary part.
-
-    Returns ``(request, payload)``; ``payload`` is None for a JSON request and a
-    view of the bytes after the header for a binary one.
-    """
-    n = header_length(headers)
-    view = memoryview(body)
-    if n is None:
-        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == OCTET_STREAM:
-            raise InvalidArgument(
-                f"a binary (application/octet-stream) request needs a {HEADER_LENGTH} header "
-                "giving the length of its JSON part")
-        text, payload = view, None
-    else:
-        if n > len(body):
-            raise InvalidArgument(
-                f"{HEADER_LENGTH} is {n} bytes, beyond the body's {len(body)} bytes")
-        text, payload = view[:n], view[n:]
-    if len(text) > max_json_bytes:
-        raise ResourceExhausted(
-            f"the JSON part of the request is {len(text)} bytes; the limit is {max_json_bytes} "
-            "(send large tensors in the binary form)")
-    raw = bytes(text)
+def parse_json(model: type[M], raw: bytes | memoryview) -> M:
+    """The JSON part of a body as ``model`` (an empty one: the model's defaults)."""
+    text = bytes(raw)
     try:
-        request = model.model_validate_json(raw if raw.strip() else b"{}")
+        return model.model_validate_json(text if text.strip() else b"{}")
     except ValidationError as exc:
         raise InvalidArgument(describe_validation(exc.errors(include_url=False))) from None
-    return request, payload
-
-
-def numel(shape: Sequence[int]) -> int:
-    """Elements of ``shape``, as a Python int (no int64 overflow)."""
-    return math.prod(shape)
 
 
 def _numel(t: TensorIn) -> int:
@@ -133,9 +112,39 @@ def _from_numbers(t: TensorIn, data: Sequence[float]) -> bytes:
         return values.astype(WIRE_DTYPES[t.datatype]).tobytes()
 
 
-def tensor_chunks(tensors: Sequence[TensorIn], payload: memoryview | None) -> list[TensorChunk]:
-    """Check each tensor entry against its data and build the service's chunks."""
-    chunks: list[TensorChunk] = []
+@dataclass(frozen=True)
+class Entry:
+    """A checked tensor entry: ``size`` bytes after the JSON part, or (None) numbers."""
+
+    tensor: TensorIn
+    size: int | None
+
+
+class Source(Protocol):
+    """The bytes after the JSON part, read in order (:class:`~.body.Payload`)."""
+
+    @property
+    def length(self) -> int | None:
+        """How many there are; None when that is known only at the end."""
+
+    @property
+    def received(self) -> int:
+        """How many have arrived so far."""
+
+    def expect(self, total: int) -> None:
+        """The tensors declare ``total`` bytes: nothing past them is asked for."""
+
+    def read(self, n: int, unit: int) -> memoryview:
+        """``unit`` to ``n`` bytes, a whole number of ``unit``s; empty at the end."""
+
+    def at_end(self) -> bool:
+        """Nothing follows what was read."""
+
+
+def plan(tensors: Sequence[TensorIn], binary: bool, length: int | None) -> list[Entry]:
+    """Check every tensor entry, and the binary sizes against ``length`` (the bytes after
+    the JSON part, when known), before any tensor data is read."""
+    entries: list[Entry] = []
     seen: set[str] = set()
     pos = 0
     for t in tensors:
@@ -152,7 +161,7 @@ def tensor_chunks(tensors: Sequence[TensorIn], payload: memoryview | None) -> li
             raise InvalidArgument(
                 f"tensor {t.name!r}: give either 'data' or parameters.binary_data_size, not both")
         if size is not None:
-            if payload is None:
+            if not binary:
                 raise InvalidArgument(
                     f"tensor {t.name!r}: binary_data_size needs a binary request "
                     f"(Content-Type {OCTET_STREAM} and a {HEADER_LENGTH} header)")
@@ -161,28 +170,64 @@ def tensor_chunks(tensors: Sequence[TensorIn], payload: memoryview | None) -> li
                 raise InvalidArgument(
                     f"tensor {t.name!r}: binary_data_size is {size} bytes; shape {t.shape} of "
                     f"{t.datatype} needs {expected}")
-            if pos + size > len(payload):
-                raise InvalidArgument(
-                    f"tensor {t.name!r}: binary data ends at byte {pos + size} but the body "
-                    f"holds {len(payload)} bytes after the JSON header")
-            chunks.append(TensorChunk(t.name, tuple(t.shape), t.datatype,
-                                      payload[pos:pos + size]))
+            if length is not None and pos + size > length:
+                raise _past_end(t.name, pos + size, length)
             pos += size
         elif t.data is not None:
             if len(t.data) != numel:
                 raise InvalidArgument(
                     f"tensor {t.name!r}: data has {len(t.data)} values; shape {t.shape} "
                     f"needs {numel}")
-            chunks.append(TensorChunk(t.name, tuple(t.shape), t.datatype,
-                                      _from_numbers(t, t.data)))
         else:
             raise InvalidArgument(
                 f"tensor {t.name!r}: needs 'data' or parameters.binary_data_size")
-    if payload is not None and pos != len(payload):
-        raise InvalidArgument(
-            f"binary data: the tensors' binary_data_size add up to {pos} bytes but the body "
-            f"holds {len(payload)} bytes after the JSON header")
-    return chunks
+        entries.append(Entry(t, size))
+    if binary and length is not None and pos != length:
+        raise _beyond(pos, str(length))
+    return entries
+
+
+def _past_end(name: str, end: int, held: int) -> InvalidArgument:
+    return InvalidArgument(f"tensor {name!r}: binary data ends at byte {end} but the body "
+                           f"holds {held} bytes after the JSON header")
+
+
+def _beyond(total: int, held: str) -> InvalidArgument:
+    return InvalidArgument(f"binary data: the tensors' binary_data_size add up to {total} "
+                           f"bytes but the body holds {held} bytes after the JSON header")
+
+
+def chunks(entries: Sequence[Entry], source: Source) -> Iterator[TensorChunk]:
+    """The service's chunks of the checked ``entries``: numbers converted, binary data
+    read from ``source`` only as the service asks for it, at most :data:`PIECE` bytes
+    a chunk. A body that ends early or holds more than its tensors is refused after
+    the last chunk, before the service applies anything."""
+    total = sum(e.size or 0 for e in entries)
+    source.expect(total)
+    pos = numbers = 0
+    for e in entries:
+        t = e.tensor
+        shape = tuple(t.shape)
+        if e.size is None:
+            assert t.data is not None
+            data = _from_numbers(t, t.data)
+            numbers += len(data)
+            yield TensorChunk(t.name, shape, t.datatype, data)
+            continue
+        if e.size == 0:  # sent, and empty: the service counts it as sent
+            yield TensorChunk(t.name, shape, t.datatype, b"")
+        unit = WIRE_DTYPES[t.datatype].itemsize
+        done = 0
+        while done < e.size:
+            view = source.read(min(PIECE, e.size - done), unit)
+            if not view:
+                raise _past_end(t.name, pos + e.size, source.received)
+            yield TensorChunk(t.name, shape, t.datatype, view, done // unit)
+            done += len(view)
+        pos += e.size
+    if not source.at_end():
+        raise _beyond(total, "more")
+    metrics.BYTES_IN.labels("http").inc(total + numbers)
 
 
 def to_numbers(chunk: TensorChunk) -> list[float]:
@@ -201,28 +246,32 @@ def tensors_json(chunks: Sequence[TensorChunk], binary: bool) -> list[dict[str, 
     binary_data_size, the bytes following the JSON header."""
     if binary:
         return [{"name": c.name, "shape": list(c.shape), "datatype": c.datatype,
-                 "parameters": {"binary_data_size": len(c.data)}} for c in chunks]
+                 "parameters": {"binary_data_size": memoryview(c.data).nbytes}}
+                for c in chunks]
     return [{"name": c.name, "shape": list(c.shape), "datatype": c.datatype,
              "data": to_numbers(c)} for c in chunks]
 
 
 class BinaryResponse(Response):
-    """A JSON header followed by raw tensor bytes, sent without joining them."""
+    """A JSON header followed by raw tensor bytes: the parts are sent one after the
+    other as they are (bytes or views of the result), never joined or copied."""
 
     media_type = OCTET_STREAM
 
     def __init__(self, header: bytes, parts: Sequence[bytes | memoryview]) -> None:
-        self.parts: list[bytes] = [header, *(bytes(p) if isinstance(p, memoryview) else p
-                                             for p in parts)]
-        super().__init__(content=None, status_code=200, headers={
-            HEADER_LENGTH: str(len(header)),
-            TRITON_HEADER_LENGTH: str(len(header)),
-        })
-        self.headers["content-length"] = str(sum(len(p) for p in self.parts))
+        self.parts = [header, *(memoryview(p).cast("B") if isinstance(p, memoryview) else p
+                                for p in parts)]
+        super().__init__(status_code=200)
+        n = str(len(header)).encode()
+        self.raw_headers = [(b"content-type", OCTET_STREAM.encode()),
+                            (b"content-length", str(sum(len(p) for p in self.parts)).encode()),
+                            (HEADER_LENGTH.lower().encode(), n),
+                            (TRITON_HEADER_LENGTH.lower().encode(), n)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        last = len(self.parts) - 1
-        for i, part in enumerate(self.parts):
+        parts = [p for p in self.parts if len(p)] or [b""]
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
             await send({"type": "http.response.body", "body": part, "more_body": i < last})

@@ -12,7 +12,7 @@ QUOTA_EXCEEDED, UNAUTHENTICATED, INTERNAL). Validation errors are 400 (not FastA
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -144,9 +144,24 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal error", "internal")
 
 
+_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
+    ServiceError: _service_error,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+    ClientDisconnect: _disconnect,
+    Exception: _internal,
+}
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(ClientDisconnect, _disconnect)
-    app.add_exception_handler(Exception, _internal)
+    for cls, handler in _HANDLERS.items():
+        app.add_exception_handler(cls, handler)
+
+
+async def handle(request: Request, exc: Exception) -> JSONResponse:
+    """The answer the app's handlers give ``exc``, for routes the gate serves itself."""
+    for cls in type(exc).__mro__:
+        handler = _HANDLERS.get(cls)
+        if handler is not None:
+            return await handler(request, exc)
+    return await _internal(request, exc)

@@ -1,14 +1,16 @@
 """Routes: thin async handlers over :class:`~adamserve.service.OptimizerService`.
 
-Each handler parses its body (here or in :mod:`.binary`), runs the service call in
-the thread pool (the service blocks: session locks and kernels) and converts the
-domain result to a wire model. Errors are raised, never returned; :mod:`.errors`
-maps them.
+Each handler makes one trip to the thread pool (the service blocks: session locks and
+kernels; a trip costs ~0.1 ms) where it parses its body, calls the service and
+converts the domain result to a wire model. A body with tensors is read on the
+event loop only up to its JSON part (:mod:`.body`); the service reads the tensors'
+bytes as it decodes them (:mod:`.binary`), after it has looked the session up.
+Errors are raised, never returned; :mod:`.errors` maps them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -22,9 +24,10 @@ from starlette.responses import JSONResponse
 from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.errors import InvalidArgument
-from adamserve.service import OptimizerService, PushId, SessionInfo, StepResult, TensorChunk
+from adamserve.service import OptimizerService, SessionInfo, StepResult, TensorChunk
 from adamserve.transports import convert
 from adamserve.transports.http import binary
+from adamserve.transports.http.body import Body, open_body
 from adamserve.transports.http.errors import describe_validation
 from adamserve.transports.http.schemas import (
     AddTensorsRequest,
@@ -35,6 +38,7 @@ from adamserve.transports.http.schemas import (
     Health,
     ListCheckpointsResponse,
     ListSessionsResponse,
+    ListSharedMemoryResponse,
     ParametersRequest,
     PullRequest,
     PullResponse,
@@ -44,17 +48,20 @@ from adamserve.transports.http.schemas import (
     SetHyperparametersRequest,
     SetScheduleRequest,
     SetWorkersRequest,
+    SharedMemoryRef,
+    SharedMemoryRegion,
     StepRequest,
     StepResponse,
+    TensorIn,
 )
 from adamserve.transports.state_codec import decode_state, encode_state
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
 P = TypeVar("P", bound=Message)
 
 PREFIX = "/v2/sessions"
+SHM_PREFIX = "/v2/shared-memory"
 
 # Models only referenced from openapi_extra; the app adds them to the components.
 RAW_BODY_MODELS: tuple[type[BaseModel], ...] = (
@@ -65,7 +72,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "Invalid argument: the message names the field or tensor and what was expected"),
         (401, "Missing or wrong bearer token"),
-        (404, "No such session (or checkpoint)"),
+        (404, "No such session, checkpoint or shared-memory region"),
         (408, "A pull that waited for a step ran out of time"),
         (409, "Already exists / failed precondition / a synchronous round failed (aborted): "
               "the body's reason says which"),
@@ -103,6 +110,11 @@ def _binary_ok(model: type[BaseModel], text: str) -> dict[int | str, dict[str, A
     }}
 
 
+# Endpoints the app's gate calls itself, bypassing FastAPI's routing and dependency
+# solving (see app._Gate): the small-step hot path. Each takes its path parameters,
+# ``request`` and ``service`` by name.
+DIRECT = frozenset({"step", "push"})
+
 router = APIRouter()  # /v2: guarded by the token when there is one
 open_router = APIRouter()  # health probes, never guarded
 
@@ -120,11 +132,16 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-async def _read(request: Request, model: type[M]) -> tuple[M, memoryview | None]:
-    """The request's model and binary payload (see :func:`binary.parse_body`)."""
-    raw = await request.body()
-    limit = cast(int, request.app.state.max_json_bytes)
-    return await _call(binary.parse_body, model, request.headers, raw, limit)
+async def _body(request: Request) -> Body:
+    """The request's JSON part, the rest unread (see :mod:`.body`)."""
+    state = request.app.state
+    return await open_body(request, cast(int, state.max_json_bytes),
+                           cast(float, state.body_idle_timeout))
+
+
+def _tensors(body: Body, tensors: Sequence[TensorIn]) -> Iterator[TensorChunk]:
+    """The request's tensors, checked now, their bytes read as the service asks."""
+    return binary.chunks(binary.plan(tensors, body.binary, body.payload.length), body.payload)
 
 
 def _message(body: BaseModel, message: P, *, exclude: set[str] | None = None, **fields: Any
@@ -150,23 +167,9 @@ def _session(info: SessionInfo, status: int = 200) -> Response:
     return _proto_json(convert.session_message(info), status)
 
 
-def _gradients(tensors: list[Any], payload: memoryview | None) -> list[TensorChunk]:
-    chunks = binary.tensor_chunks(tensors, payload)
-    if not chunks:
-        # checked here too: the service counts a zero-size tensor as always present,
-        # so it would take a step for a request that sends nothing
-        raise InvalidArgument("the step request carries no gradient tensors")
-    _count_in(chunks)
-    return chunks
-
-
-def _count_in(chunks: list[TensorChunk]) -> None:
-    metrics.BYTES_IN.labels("http").inc(sum(len(c.data) for c in chunks))
-
-
 def _tensors_response(request: Request, result: dict[str, Any], chunks: list[TensorChunk],
                       binary_output: bool) -> Response:
-    metrics.BYTES_OUT.labels("http").inc(sum(len(c.data) for c in chunks))
+    metrics.BYTES_OUT.labels("http").inc(sum(memoryview(c.data).nbytes for c in chunks))
     if binary.wants_binary(request.headers, binary_output):
         result["params"] = binary.tensors_json(chunks, binary=True)
         return binary.BinaryResponse(to_json(result, inf_nan_mode="constants"),
@@ -185,12 +188,17 @@ def _step_out(r: StepResult) -> dict[str, Any]:
 @router.post(PREFIX, status_code=201, response_model=Session, responses=_ERRORS,
              openapi_extra=_tensor_body(CreateSessionRequest), summary="Create a session")
 async def create_session(request: Request, service: Service) -> Response:
-    body, payload = await _read(request, CreateSessionRequest)
-    chunks = await _call(binary.tensor_chunks, body.initial, payload)
-    spec = _message(body, pb.SessionSpec(), exclude={"initial"})
-    config = convert.session_config(spec)
-    _count_in(chunks)
-    info = await _call(service.create, body.session_id, config, chunks)
+    return await _call(_create, service, await _body(request))
+
+
+def _create(service: OptimizerService, body: Body) -> Response:
+    try:
+        req = binary.parse_json(CreateSessionRequest, body.json)
+        initial = _tensors(body, req.initial)
+        config = convert.session_config(_message(req, pb.SessionSpec(), exclude={"initial"}))
+        info = service.create(req.session_id, config, initial)
+    finally:
+        body.payload.close()
     return _session(info, status=201)
 
 
@@ -201,14 +209,20 @@ async def add_tensors(session_id: str, request: Request, service: Service) -> Re
     """Grow a live session, as torch.optim's add_param_group: the new tensors' step
     counts start at 0; the other tensors, their state and the session's checkpoints
     are kept. A refused request changes nothing."""
-    body, payload = await _read(request, AddTensorsRequest)
-    chunks = await _call(binary.tensor_chunks, body.initial, payload)
-    spec = _message(body, pb.AddTensorsSpec(), exclude={"initial"}, session_id=session_id)
-    tensors = convert.tensor_specs(spec.tensors)
-    group = (convert.group_dict(spec.new_group, "new_group")
-             if spec.HasField("new_group") else None)
-    _count_in(chunks)
-    info = await _call(service.add_tensors, session_id, tensors, group, chunks)
+    return await _call(_add_tensors, service, session_id, await _body(request))
+
+
+def _add_tensors(service: OptimizerService, session_id: str, body: Body) -> Response:
+    try:
+        req = binary.parse_json(AddTensorsRequest, body.json)
+        initial = _tensors(body, req.initial)
+        spec = _message(req, pb.AddTensorsSpec(), exclude={"initial"}, session_id=session_id)
+        tensors = convert.tensor_specs(spec.tensors)
+        group = (convert.group_dict(spec.new_group, "new_group")
+                 if spec.HasField("new_group") else None)
+        info = service.add_tensors(session_id, tensors, group, initial)
+    finally:
+        body.payload.close()
     return _session(info)
 
 
@@ -247,39 +261,59 @@ async def delete_session(session_id: str, service: Service) -> Response:
              responses=_binary_ok(StepResponse, "The step's outcome and updated parameters."),
              openapi_extra=_tensor_body(StepRequest), summary="Apply one step, return params")
 async def step(session_id: str, request: Request, service: Service) -> Response:
-    raw = await request.body()
     # one trip to the thread pool for the whole step: each trip costs ~0.1-0.2 ms
-    return await _call(_step, service, session_id, request, raw, push=False)
-
-
-def _step(service: OptimizerService, session_id: str, request: Request, raw: bytes,
-          push: bool) -> Response:
-    limit = cast(int, request.app.state.max_json_bytes)
-    body: StepRequest | PushRequest
-    rtype: str | None = None
-    if push:
-        body, payload = binary.parse_body(PushRequest, request.headers, raw, limit)
-    else:
-        step_body, payload = binary.parse_body(StepRequest, request.headers, raw, limit)
-        body, rtype = step_body, step_body.return_datatype
-        if rtype not in WIRE_DTYPES:
-            raise InvalidArgument(f"return_datatype {rtype!r}: expected one of "
-                                  f"{', '.join(WIRE_DTYPES)}")
-    chunks = _gradients(body.gradients, payload)
-    r = service.step(session_id, chunks, return_datatype=rtype, require_all=body.require_all,
-                     push_id=_push_id(body), base_step=body.base_step)
-    out = _step_out(r)
-    if isinstance(body, PushRequest):
-        return _json(out)
-    return _tensors_response(request, out, r.params, body.binary_output)
+    return await _call(_step, service, session_id, request, await _body(request), push=False)
 
 
 @router.post(PREFIX + "/{session_id}/push", response_model=StepResponse, responses=_ERRORS,
              openapi_extra=_tensor_body(PushRequest),
              summary="Apply one step, return no params")
 async def push(session_id: str, request: Request, service: Service) -> Response:
-    raw = await request.body()
-    return await _call(_step, service, session_id, request, raw, push=True)
+    return await _call(_step, service, session_id, request, await _body(request), push=True)
+
+
+def _step(service: OptimizerService, session_id: str, request: Request, body: Body,
+          push: bool) -> Response:
+    try:
+        req: StepRequest | PushRequest = (binary.parse_json(PushRequest, body.json) if push
+                                          else binary.parse_json(StepRequest, body.json))
+        header = _step_header(req, session_id)
+        if not req.gradients and req.gradients_region is None:
+            # the service counts a zero-size tensor as always present, so it would take
+            # a step for a request that sends nothing
+            raise InvalidArgument("the step request carries no gradient tensors")
+        grads = _tensors(body, req.gradients)
+        r = convert.run_step(service, header, grads, push=push, wait=None)
+    finally:
+        body.payload.close()
+    out = _step_out(r)
+    if isinstance(req, PushRequest):
+        return _json(out)
+    return _tensors_response(request, out, r.params, req.binary_output)
+
+
+def _step_header(req: StepRequest | PushRequest, session_id: str) -> pb.StepHeader:
+    """The body as the proto's StepHeader, which every transport's step goes through."""
+    if (req.worker_id is None) != (req.sequence is None):
+        raise InvalidArgument("worker_id and sequence go together: send both or neither")
+    header = pb.StepHeader(session_id=session_id, require_all=req.require_all,
+                           worker_id=req.worker_id or "", sequence=req.sequence or 0,
+                           gradients_datatype=req.gradients_datatype)
+    if isinstance(req, StepRequest):
+        if req.return_datatype not in WIRE_DTYPES:
+            raise InvalidArgument(f"return_datatype {req.return_datatype!r}: expected one of "
+                                  f"{', '.join(WIRE_DTYPES)}")
+        header.return_datatype = req.return_datatype
+        _region(header.params_region, req.params_region)
+    if req.base_step is not None:
+        header.base_step = req.base_step
+    _region(header.gradients_region, req.gradients_region)
+    return header
+
+
+def _region(msg: pb.SharedMemoryRef, ref: SharedMemoryRef | None) -> None:
+    if ref is not None:
+        msg.region, msg.offset, msg.byte_size = ref.region, ref.offset, ref.byte_size
 
 
 @router.post(PREFIX + "/{session_id}/commit", response_model=StepResponse,
@@ -293,10 +327,15 @@ async def commit(session_id: str, body: CommitRequest, request: Request,
     if rtype is not None and rtype not in WIRE_DTYPES:
         raise InvalidArgument(f"return_datatype {rtype!r}: expected one of "
                               f"{', '.join(WIRE_DTYPES)}")
-    r = await _call(service.commit, session_id, body.step, body.tensor_sumsq, body.total_sumsq,
-                    param_sumsq=body.param_sumsq, update_sumsq=body.update_sumsq,
-                    round_id=body.round_id, return_datatype=rtype)
-    return await _call(_tensors_response, request, _step_out(r), r.params, body.binary_output)
+    return await _call(_commit, service, session_id, request, body, rtype)
+
+
+def _commit(service: OptimizerService, session_id: str, request: Request, body: CommitRequest,
+            rtype: str | None) -> Response:
+    r = service.commit(session_id, body.step, body.tensor_sumsq, body.total_sumsq,
+                       param_sumsq=body.param_sumsq, update_sumsq=body.update_sumsq,
+                       round_id=body.round_id, return_datatype=rtype)
+    return _tensors_response(request, _step_out(r), r.params, body.binary_output)
 
 
 @router.put(PREFIX + "/{session_id}/workers", response_model=Session, responses=_ERRORS,
@@ -319,25 +358,22 @@ async def restore_checkpoint(session_id: str, body: RestoreCheckpointRequest,
     return _session(await _call(service.restore_checkpoint, session_id, body.step))
 
 
-def _push_id(body: StepRequest | PushRequest) -> PushId | None:
-    if body.worker_id is None and body.sequence is None:
-        return None
-    if body.worker_id is None or body.sequence is None:
-        raise InvalidArgument("worker_id and sequence go together: send both or neither")
-    return PushId(body.worker_id, body.sequence)
-
-
 @router.post(PREFIX + "/{session_id}/pull", response_model=PullResponse,
              responses=_binary_ok(PullResponse, "The session's current parameters."),
              openapi_extra=_tensor_body(PullRequest, required=False),
              summary="Read parameters")
 async def pull(session_id: str, request: Request, service: Service) -> Response:
-    body, _ = await _read(request, PullRequest)
-    msg = _message(body, pb.PullRequest(), exclude={"binary_output"}, session_id=session_id)
+    return await _call(_pull, service, session_id, request, await _body(request))
+
+
+def _pull(service: OptimizerService, session_id: str, request: Request, body: Body
+          ) -> Response:
+    req = binary.parse_json(PullRequest, body.json)
+    msg = _message(req, pb.PullRequest(), exclude={"binary_output"}, session_id=session_id)
     timeout = convert.seconds(msg.timeout, "timeout") if msg.HasField("timeout") else None
-    chunks = await _call(service.pull, session_id, list(msg.names) or None, body.datatype,
-                         min_step=msg.min_step, timeout=timeout)
-    return await _call(_tensors_response, request, {}, chunks, body.binary_output)
+    chunks = service.pull(session_id, list(msg.names) or None, req.datatype,
+                          min_step=msg.min_step, timeout=timeout)
+    return _tensors_response(request, {}, chunks, req.binary_output)
 
 
 @router.put(PREFIX + "/{session_id}/params", response_model=Session, responses=_ERRORS,
@@ -347,10 +383,16 @@ async def set_parameters(session_id: str, request: Request, service: Service) ->
     between steps (loading weights, clamping): the optimizer state and step count are
     kept. While a round of pushes is open, values equal to the session's are accepted
     and change nothing; others get 409. A refused request changes nothing."""
-    body, payload = await _read(request, ParametersRequest)
-    chunks = await _call(binary.tensor_chunks, body.values, payload)
-    _count_in(chunks)
-    return _session(await _call(service.set_parameters, session_id, chunks))
+    return await _call(_set_parameters, service, session_id, await _body(request))
+
+
+def _set_parameters(service: OptimizerService, session_id: str, body: Body) -> Response:
+    try:
+        req = binary.parse_json(ParametersRequest, body.json)
+        info = service.set_parameters(session_id, _tensors(body, req.values))
+    finally:
+        body.payload.close()
+    return _session(info)
 
 
 # -- hyperparameters, schedule, state -----------------------------------------
@@ -433,9 +475,9 @@ def _decode_state(blob: bytes) -> dict[str, Any]:
                                            "content": {binary.OCTET_STREAM: {"schema": {
                                                "type": "string", "format": "binary"}}}}})
 async def import_state(session_id: str, request: Request, service: Service) -> Response:
+    await _call(service.describe, session_id)  # 404 before reading a large blob
     blob = await request.body()
     metrics.BYTES_IN.labels("http").inc(len(blob))
-    await _call(service.describe, session_id)  # 404 before parsing a large blob
     state = await _call(_decode_state, blob)
     return _session(await _call(service.import_state, session_id, state))
 
@@ -445,6 +487,40 @@ async def import_state(session_id: str, request: Request, service: Service) -> R
 async def checkpoint(session_id: str, service: Service) -> Response:
     info = await _call(service.checkpoint, session_id)
     return _proto_json(convert.checkpoint_message(info))
+
+
+# -- same-host shared memory ----------------------------------------------------------
+# Each the service's call of that name, for the one tenant there is (as over gRPC); a
+# server started without --allow-shared-memory answers 409 (SHARED_MEMORY_DISABLED).
+
+
+@router.post(SHM_PREFIX, status_code=201, response_model=SharedMemoryRegion,
+             responses=_ERRORS, summary="Register a shared-memory region")
+async def register_shared_memory(body: SharedMemoryRegion, service: Service) -> Response:
+    """Map ``byte_size`` bytes of the POSIX shared-memory object ``key`` (under /dev/shm on
+    the server's host: a regular file of the server's user) as the region ``name``, for
+    steps to name in ``gradients_region`` and ``params_region``. The same registration
+    again returns the region; another one under a taken name is 409
+    (SHARED_MEMORY_EXISTS)."""
+    info = await _call(service.register_shared_memory, body.name, body.key, body.byte_size)
+    return _proto_json(convert.region_message(info), status=201)
+
+
+@router.delete(SHM_PREFIX + "/{name}", status_code=204, responses=_ERRORS,
+               summary="Unregister a shared-memory region")
+async def unregister_shared_memory(name: str, service: Service) -> Response:
+    """A step using the region finishes first; later steps naming it get 404
+    (SHARED_MEMORY_NOT_FOUND)."""
+    await _call(service.unregister_shared_memory, name)
+    return Response(status_code=204)
+
+
+@router.get(SHM_PREFIX, response_model=ListSharedMemoryResponse, responses=_ERRORS,
+            summary="The registered shared-memory regions, ordered by name")
+async def list_shared_memory(service: Service) -> Response:
+    infos = await _call(service.list_shared_memory)
+    return _proto_json(pb.ListSharedMemoryResponse(
+        regions=[convert.region_message(i) for i in infos]))
 
 
 # -- operations ----------------------------------------------------------------

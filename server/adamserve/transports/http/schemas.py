@@ -303,10 +303,25 @@ class AddTensorsRequest(_Request):
         default_factory=list, description="Initial values of new tensors; others start at zero")
 
 
+class SharedMemoryRef(_Request):
+    """A place in a registered shared-memory region (proto SharedMemoryRef)."""
+
+    region: Name = Field(description="The region's name, as registered")
+    offset: int = Field(default=0, ge=0, le=2**63 - 1,
+                        description="Where the bytes start, from the start of the region")
+    byte_size: int = Field(default=0, ge=0, le=2**63 - 1,
+                           description="How many bytes: offset + byte_size lie within the region")
+
+
+_GRADIENTS_REGION = ("Same-host shared memory: the gradients of every tensor of the session, "
+                     "packed in the session's tensor order, as gradients_datatype, at this place "
+                     "of a registered region; 'gradients' is then empty")
+
+
 class StepRequest(_Request):
     """The proto's StepHeader (the session is the path's) and the gradients."""
 
-    gradients: list[TensorIn]
+    gradients: list[TensorIn] = Field(description="The gradients; empty with gradients_region")
     return_datatype: Datatype = Field(
         default="FP32", description="Wire datatype of the updated parameters returned")
     binary_output: bool = Field(
@@ -326,10 +341,18 @@ class StepRequest(_Request):
         default=None, ge=0, le=2**63 - 1,
         description="The step whose parameters the gradient was computed from: sync sessions "
         "refuse a push for a step already applied (409), async ones use it for staleness")
+    gradients_region: SharedMemoryRef | None = Field(default=None,
+                                                     description=_GRADIENTS_REGION)
+    gradients_datatype: Datatype = Field(default="FP32",
+                                         description="Datatype of the gradients_region")
+    params_region: SharedMemoryRef | None = Field(
+        default=None, description="Same-host shared memory: write the updated parameters of "
+        "every tensor, packed in the session's tensor order, as return_datatype, at this place "
+        "of a registered region; the response then carries none")
 
 
 class PushRequest(_Request):
-    gradients: list[TensorIn]
+    gradients: list[TensorIn] = Field(description="The gradients; empty with gradients_region")
     require_all: bool = False
     worker_id: str | None = Field(default=None, min_length=1, max_length=128,
                                   description="As in a step request")
@@ -337,6 +360,12 @@ class PushRequest(_Request):
                                  description="As in a step request")
     base_step: int | None = Field(default=None, ge=0, le=2**63 - 1,
                                   description="As in a step request")
+    gradients_region: SharedMemoryRef | None = Field(default=None,
+                                                     description=_GRADIENTS_REGION)
+    gradients_datatype: Datatype = Field(default="FP32",
+                                         description="Datatype of the gradients_region")
+    params_region: SharedMemoryRef | None = Field(default=None,
+                                                  description="Ignored: a push returns nothing")
 
 
 class ParametersRequest(_Request):
@@ -460,6 +489,22 @@ class CheckpointInfo(_Response):
 
 class ListCheckpointsResponse(_Response):
     steps: list[int] = Field(description="Steps of the complete checkpoints, oldest first")
+
+
+class SharedMemoryRegion(_Request):
+    """A shared-memory region (proto SharedMemoryRegion): the body of a registration,
+    and what the server answers about one."""
+
+    name: Name = Field(description="The name requests use for it: 1-128 letters, digits, "
+                       "'_', '-', '.'")
+    key: Name = Field(description="The POSIX shared-memory object (what shm_open takes, "
+                      "without the leading '/')")
+    byte_size: int = Field(ge=0, le=2**63 - 1,
+                           description="The bytes of the object the server maps, from its start")
+
+
+class ListSharedMemoryResponse(_Response):
+    regions: list[SharedMemoryRegion] = Field(description="Ordered by name")
 
 
 class ErrorBody(BaseModel):
