@@ -521,3 +521,19 @@ def test_a_shards_session_refuses_regions(shm: Callable[[int], Obj]) -> None:
                               params_region=RegionRef("r", size, size)),
              FailedPrecondition, "SHARED_MEMORY_FORBIDDEN", "one shard of a sharded session")
     assert svc.describe("s").step == 0
+
+
+def test_only_objects_named_as_regions_are_mapped() -> None:
+    """The server's user owns other objects under /dev/shm (torch's, an object
+    store's): a caller may name only those made to be regions (adamserve...)."""
+    svc = _service()
+    key = f"torch_{uuid.uuid4().hex}"
+    fd = os.open(f"{SHM_DIR}/{key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 4096)
+        _refused(lambda: svc.register_shared_memory("r", key, 4096), InvalidArgument,
+                 "INVALID_ARGUMENT", "a region's object is named adamserve")
+        assert svc.list_shared_memory() == []
+    finally:
+        os.close(fd)
+        os.unlink(f"{SHM_DIR}/{key}")

@@ -117,7 +117,7 @@ def test_registration_refusals(live: tuple[httpx.Client, OptimizerService],
                                shm: Callable[[int], Obj]) -> None:
     c, service = live
     obj = shm(4096)
-    _refused(c.post(SHM, json={"name": "r", "key": f"no-such-{uuid.uuid4().hex}",
+    _refused(c.post(SHM, json={"name": "r", "key": f"adamserve-no-such-{uuid.uuid4().hex}",
                                "byte_size": 64}), 404, "SHARED_MEMORY_NOT_FOUND",
              "no shared-memory object")
     _refused(c.post(SHM, json={"name": "r", "key": obj.key, "byte_size": 1 << 20}), 400,
