@@ -502,7 +502,7 @@ def test_grpc_small_steps_go_unary_and_large_sessions_fall_back_to_the_stream(
         opt.step([None, g])  # 40 bytes of gradient: tries StepUnary first
         ref.step([None, g])
     assert isinstance(opt.transport, Client) and isinstance(opt.transport.wire, GrpcWire)
-    assert sid in opt.transport.wire.stream_only
+    assert sid in opt.transport.wire.small.stream_only
     np.testing.assert_array_equal(small, ref_small)
     np.testing.assert_array_equal(big, ref_big)
     assert live.service.describe(sid).step == 3

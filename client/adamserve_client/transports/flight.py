@@ -35,6 +35,7 @@ from adamserve_client import errors
 from adamserve_client.transports import _codec
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
+from adamserve_client.transports.small_steps import SmallSteps
 from adamserve_proto import codec, rpc
 from adamserve_proto import flight as layout
 from adamserve_proto.flight import Row
@@ -48,8 +49,6 @@ DEFAULT_FLIGHT_PORT = 8815
 # The most streams one step may be split over (the server's bound too).
 MAX_STREAMS = 16
 _DOMAIN = "adamserve"
-# Steps whose gradients fit in this many bytes go as one StepUnary action.
-_UNARY_BYTES = 1 << 20
 # The RPCs that travel as Flight streams, and the FlightCommand field of each.
 _COMMANDS = {"Step": "step", "Push": "push", "Pull": "pull", "CreateSession": "create_session",
              "AddTensors": "add_tensors", "SetParameters": "set_parameters",
@@ -176,8 +175,7 @@ class FlightWire(Wire):
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = fl.FlightCallOptions(timeout=timeout, headers=headers)
         self._client = fl.FlightClient(f"grpc://{address.hostport}")
-        # sessions too large for StepUnary: their steps go as DoExchange
-        self.stream_only: set[str] = set()
+        self.small = SmallSteps()  # which sessions' steps go as a StepUnary action
 
     # -- the seam ---------------------------------------------------------------
 
@@ -224,26 +222,15 @@ class FlightWire(Wire):
 
     def _step_unary(self, request: Message, gradients: Sequence[WireTensor],
                     idempotent: bool) -> Reply | None:
-        """A small step as one StepUnary action (one message each way: the lowest
-        latency); None where the session needs the stream (its parameters do not fit
-        one message: refused before anything changed)."""
-        header = cast(pb.StepRequest, request).header
-        if (header.session_id in self.stream_only
-                or sum(memoryview(t.data).nbytes for t in gradients) > _UNARY_BYTES):
+        """A small step as one StepUnary action; None where it goes as DoExchange."""
+        header = self.small.header(request, gradients)
+        if header is None:
             return None
         unary = pb.StepUnaryRequest(header=header, gradients=[
             pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
                            data=bytes(t.data)) for t in gradients])
-        try:
-            resp: Any = self.unary("StepUnary", unary, idempotent=idempotent)
-        except errors.InvalidArgument as exc:
-            if exc.reason == "UNARY_TOO_LARGE":
-                self.stream_only.add(header.session_id)
-                return None
-            raise
-        params = [WireTensor(p.name, tuple(p.shape), p.datatype or "FP32", p.data)
-                  for p in resp.params]
-        return Reply(pb.StepResponse(status=resp.status), params)
+        return self.small.send(header, lambda: self.unary("StepUnary", unary,
+                                                          idempotent=idempotent))
 
     def _action(self, method: str, request: Message) -> Reply:
         """DoAction: the response messages, gathered as the gRPC wire gathers a stream."""

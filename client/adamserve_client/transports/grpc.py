@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -36,6 +36,7 @@ from adamserve_client.tensors import DATATYPES
 from adamserve_client.transports import _codec
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
+from adamserve_client.transports.small_steps import SmallSteps
 from adamserve_proto import rpc, wire
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
@@ -45,8 +46,6 @@ T = TypeVar("T")
 
 # The server accepts messages up to 64 MiB and sends at most 4 MiB.
 _MAX_MESSAGE = 64 * wire.MiB
-# Steps whose gradients fit in this many bytes go as one StepUnary message.
-_UNARY_BYTES = 1 * wire.MiB
 _DOMAIN = "adamserve"
 
 
@@ -183,8 +182,7 @@ class GrpcWire(Wire):
         self._stubs = {name: getattr(self._channel, r.kind)(
             r.path, request_serializer=_serialize,
             response_deserializer=_response_parser(r)) for name, r in rpc.RPCS.items()}
-        # sessions too large for StepUnary (or a server without it): use the stream
-        self.stream_only: set[str] = set()
+        self.small = SmallSteps()  # which sessions' steps go as StepUnary
 
     # -- the seam ---------------------------------------------------------------
 
@@ -272,17 +270,12 @@ class GrpcWire(Wire):
 
     def _try_step_unary(self, request: Message, gradients: Any,
                         idempotent: bool) -> Reply | None:
-        """A Step as one StepUnary message; None where the session needs the stream.
-
-        The server refuses a session whose parameters do not fit one message before
-        touching it, so falling back to the stream is safe.
-        """
-        header = cast(pb.StepRequest, request).header
-        size = sum(memoryview(t.data).nbytes for t in gradients)
-        if header.session_id in self.stream_only or size > _UNARY_BYTES:
+        """A Step as one StepUnary message; None where the session needs the stream."""
+        header = self.small.header(request, gradients)
+        if header is None:
             return None
         raw: Message | bytes
-        if size < wire.BY_HAND_BYTES:
+        if sum(memoryview(t.data).nbytes for t in gradients) < wire.BY_HAND_BYTES:
             raw = pb.StepUnaryRequest(header=header, gradients=[
                 pb.TensorChunk(name=t.name, shape=t.shape, datatype=t.datatype,
                                data=bytes(t.data)) for t in gradients])
@@ -291,18 +284,8 @@ class GrpcWire(Wire):
                             *(m for t in gradients
                               for m in tensor_messages(t, wire.STEP_UNARY_GRADIENTS, None))])
         stub = self._stubs["StepUnary"]
-        try:
-            resp: Any = self._call(lambda: stub(raw, **self._kw()), idempotent)
-        except (errors.InvalidArgument, errors.ServerError) as exc:
-            # refused before anything changed: a server without StepUnary, or a session
-            # whose parameters do not fit one reply
-            if exc.code == "unimplemented" or exc.reason == "UNARY_TOO_LARGE":
-                self.stream_only.add(header.session_id)
-                return None
-            raise
-        params = [WireTensor(p.name, tuple(p.shape), p.datatype or "FP32", p.data)
-                  for p in resp.params]
-        return Reply(pb.StepResponse(status=resp.status), params)
+        return self.small.send(header, lambda: self._call(lambda: stub(raw, **self._kw()),
+                                                          idempotent))
 
     def __repr__(self) -> str:
         return f"GrpcWire({self.url!r})"
