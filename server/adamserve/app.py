@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535)
     flight_port: int = Field(8815, ge=0, le=65535,
                              description="Arrow Flight port (0: no Flight service)")
+    http_body_timeout: float = Field(
+        60.0, gt=0, description="seconds an HTTP request body may send nothing before it "
+                                "is refused (400)")
     allow_shared_memory: bool = Field(
         False, description="let clients on this host register shared-memory regions for "
                            "their steps (docs/data-plane.md)")
@@ -87,7 +90,9 @@ class Server:
         if restored:
             log.info("restored %d sessions from %s", len(restored), s.data_dir)
         self.grpc, self.grpc_port = build_grpc_server(self.service, s.host, s.grpc_port, s.token)
-        self.http = HttpServerThread(create_app(self.service, s.token), s.host, s.http_port)
+        self.http = HttpServerThread(
+            create_app(self.service, s.token, body_idle_timeout=s.http_body_timeout),
+            s.host, s.http_port)
         self.http_port = self.http.start()
         if s.flight_port:
             self.flight = FlightServerThread(self.service, s.host, s.flight_port, s.token)
