@@ -209,7 +209,7 @@ def test_ports_are_the_ports_the_server_binds(
     container = _container(sts)
     s = _settings(monkeypatch, dockerfile, container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": s.grpc_port, "http": s.http_port}
+    assert ports == {"grpc": s.grpc_port, "http": s.http_port, "flight": s.flight_port}
     assert s.host == "0.0.0.0", "other pods cannot reach a server bound to " + s.host
     for p in svc["spec"]["ports"]:
         target = p.get("targetPort", p["port"])
