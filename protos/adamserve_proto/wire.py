@@ -60,6 +60,8 @@ __all__ = [
     "length_delimited",
     "read_chunk_message",
     "read_chunks",
+    "read_if_large",
+    "split_if_large",
     "varint",
 ]
 
@@ -375,3 +377,15 @@ def read_chunks(buf: bytes, wrap: FieldDescriptor) -> tuple[bytes, list[ChunkVie
     except (ValueError, IndexError):
         return None
     return b"".join(rest), chunks
+
+
+def read_if_large(buf: bytes, wrap: FieldDescriptor) -> ChunkView | None:
+    """:func:`read_chunk_message` for a message of at least :data:`BY_HAND_BYTES` (below
+    that protobuf's parser is faster: None, as for a message it must decide on)."""
+    return read_chunk_message(buf, wrap) if len(buf) >= BY_HAND_BYTES else None
+
+
+def split_if_large(buf: bytes, wrap: FieldDescriptor
+                   ) -> tuple[bytes, list[ChunkView]] | None:
+    """:func:`read_chunks` for a message of at least :data:`BY_HAND_BYTES` (else None)."""
+    return read_chunks(buf, wrap) if len(buf) >= BY_HAND_BYTES else None

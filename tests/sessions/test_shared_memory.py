@@ -6,7 +6,6 @@ error, changes nothing and never crashes the server."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import subprocess
@@ -15,8 +14,8 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -41,48 +40,11 @@ from adamserve_proto import codec
 from tests.concurrency import in_threads
 from tests.sessions.support import SHAPES
 from tests.sessions.support import gradients as _grads
+from tests.shm_objects import Obj
 
 CONFIG = SessionConfig("adamw", tuple(TensorSpec(k, s) for k, s in SHAPES.items()),
                        groups=({"lr": 0.01, "weight_decay": 0.1},))
 NUMEL = sum(int(np.prod(s)) for s in SHAPES.values())
-
-
-@dataclass
-class Obj:
-    """A shared-memory object this test created, and its mapping."""
-
-    key: str
-    map: mmap.mmap
-
-    @property
-    def path(self) -> str:
-        return f"{SHM_DIR}/{self.key}"
-
-    def put(self, offset: int, data: bytes) -> None:
-        self.map[offset:offset + len(data)] = data
-
-    def get(self, offset: int, size: int) -> bytes:
-        return self.map[offset:offset + size]
-
-
-@pytest.fixture
-def shm() -> Iterator[Callable[[int], Obj]]:
-    """Makes objects under /dev/shm; unlinks them after the test."""
-    made: list[str] = []
-
-    def make(size: int) -> Obj:
-        key = f"adamserve-test-{uuid.uuid4().hex}"
-        fd = os.open(f"{SHM_DIR}/{key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        made.append(key)
-        os.posix_fallocate(fd, 0, size)  # pages allocated, as the client makes them
-        mapped = mmap.mmap(fd, size)
-        os.close(fd)
-        return Obj(key, mapped)
-
-    yield make
-    for key in made:
-        if os.path.lexists(f"{SHM_DIR}/{key}"):
-            os.unlink(f"{SHM_DIR}/{key}")
 
 
 def _service(allow: bool = True, registry: SharedMemoryRegistry | None = None

@@ -5,11 +5,8 @@ HTTP wire carrying the same calls."""
 
 from __future__ import annotations
 
-import mmap
-import os
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,43 +17,17 @@ import torch
 
 from adamserve.engine.kernels_cpu import CpuBackend
 from adamserve.service import OptimizerService
-from adamserve.service.shared_memory import SHM_DIR
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
 from adamserve.transports.http import HttpServerThread, create_app
 from adamserve_client import errors
 from adamserve_client.transports.base import RegionInfo, RegionRef
 from adamserve_client.transports.http import HttpTransport
+from tests.shm_objects import Obj
 
 SHM = "/v2/shared-memory"
 SHAPES = {"w": (4, 3), "b": (5,)}
 NUMEL = sum(int(np.prod(s)) for s in SHAPES.values())
-
-
-@dataclass
-class Obj:
-    key: str
-    map: mmap.mmap
-
-
-@pytest.fixture
-def shm() -> Iterator[Callable[[int], Obj]]:
-    """Makes objects under /dev/shm; unlinks them after the test."""
-    made: list[str] = []
-
-    def make(size: int) -> Obj:
-        key = f"adamserve-http-test-{uuid.uuid4().hex}"
-        fd = os.open(f"{SHM_DIR}/{key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        made.append(key)
-        os.posix_fallocate(fd, 0, size)  # its pages allocated, as the client makes them
-        mapped = mmap.mmap(fd, size)
-        os.close(fd)
-        return Obj(key, mapped)
-
-    yield make
-    for key in made:
-        if os.path.lexists(f"{SHM_DIR}/{key}"):
-            os.unlink(f"{SHM_DIR}/{key}")
 
 
 def _server(tmp_path: Path, allow: bool) -> tuple[HttpServerThread, OptimizerService]:

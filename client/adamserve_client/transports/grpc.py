@@ -74,8 +74,7 @@ def _response_parser(r: rpc.Rpc) -> Callable[[bytes], Any]:
     parse = r.response_type.FromString
     if r.name == "StepUnary":
         def unary(data: bytes) -> Any:
-            large = len(data) >= wire.BY_HAND_BYTES
-            split = wire.read_chunks(data, wire.STEP_UNARY_PARAMS) if large else None
+            split = wire.split_if_large(data, wire.STEP_UNARY_PARAMS)
             if split is None:
                 return parse(data)
             rest, chunks = split
@@ -88,8 +87,7 @@ def _response_parser(r: rpc.Rpc) -> Callable[[bytes], Any]:
     chunk_field = field
 
     def chunks(data: bytes) -> Any:
-        large = len(data) >= wire.BY_HAND_BYTES
-        view = wire.read_chunk_message(data, chunk_field) if large else None
+        view = wire.read_if_large(data, chunk_field)
         return parse(data) if view is None else view
 
     return chunks

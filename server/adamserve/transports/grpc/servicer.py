@@ -203,8 +203,7 @@ def _chunk_parser(cls: type[Message], field: FieldDescriptor) -> Parse:
     parse = _parser(cls)
 
     def run(data: bytes) -> Message | wire.ChunkView | Malformed:
-        large = len(data) >= wire.BY_HAND_BYTES
-        chunk = wire.read_chunk_message(data, field) if large else None
+        chunk = wire.read_if_large(data, field)
         return parse(data) if chunk is None else chunk
 
     return run
@@ -224,8 +223,7 @@ def _step_unary_parser() -> Parse:
     parse = _parser(pb.StepUnaryRequest)
 
     def run(data: bytes) -> Message | UnaryStep | Malformed:
-        large = len(data) >= wire.BY_HAND_BYTES
-        split = wire.read_chunks(data, wire.STEP_UNARY_GRADIENTS) if large else None
+        split = wire.split_if_large(data, wire.STEP_UNARY_GRADIENTS)
         if split is None:
             return parse(data)
         rest, chunks = split
