@@ -29,7 +29,10 @@ RESOURCE_EXHAUSTED      :class:`ResourceExhausted` (a server limit; deliberately
   / 413, 429                                      ``MemoryError``, which means *this*
                                                   process ran out of memory)
 UNAUTHENTICATED / 401   :class:`Unauthenticated`  ``PermissionError``
-UNAVAILABLE, no server  :class:`Unavailable`      ``ConnectionError`` (names the URL)
+PERMISSION_DENIED       :class:`PermissionDenied` :class:`Unauthenticated` (a known key
+  / 403                                           whose role does not allow the request)
+UNAVAILABLE / 503, no   :class:`Unavailable`      ``ConnectionError`` (names the URL)
+  server
 DEADLINE_EXCEEDED       :class:`DeadlineExceeded` ``TimeoutError``
   / 408
 ABORTED / 409           :class:`Aborted`          ``RuntimeError`` (a synchronous round
@@ -58,6 +61,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "ServerError",
     "Unauthenticated",
@@ -151,6 +155,14 @@ class Unauthenticated(AdamserveError, PermissionError):
     default_reason = "UNAUTHENTICATED"
 
 
+class PermissionDenied(Unauthenticated):
+    """The key is known, but its role does not allow the request (a read-only key
+    changing a session, a tenant's key acting server-wide)."""
+
+    code = "permission_denied"
+    default_reason = "PERMISSION_DENIED"
+
+
 class Unavailable(AdamserveError, ConnectionError):
     """The server could not be reached (after the client's bounded retries)."""
 
@@ -188,7 +200,7 @@ BY_CODE: dict[str, type[AdamserveError]] = {
     "failed_precondition": FailedPrecondition,
     "resource_exhausted": ResourceExhausted,
     "unauthenticated": Unauthenticated,
-    "permission_denied": Unauthenticated,
+    "permission_denied": PermissionDenied,
     "unavailable": Unavailable,
     "deadline_exceeded": DeadlineExceeded,
     "aborted": Aborted,

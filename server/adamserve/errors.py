@@ -38,7 +38,15 @@ REASONS: dict[str, str] = {
     "DEVICE_OUT_OF_MEMORY": "the device could not allocate what the request needs",
     "ROUND_ABORTED": "a synchronous round failed: nothing was applied; push again",
     "WAIT_TIMEOUT": "a wait for a step ran out of time; nothing changed",
-    "UNAUTHENTICATED": "a missing or wrong bearer token",
+    "UNAUTHENTICATED": "a missing or wrong bearer token (API key)",
+    "PERMISSION_DENIED": "the caller's role does not allow the request (read-only keys "
+                         "cannot change sessions; only admin keys may act server-wide)",
+    "RATE_LIMITED": "the tenant's requests-per-second quota is spent: retry after the "
+                    "hint (RetryInfo / Retry-After)",
+    "TOO_MANY_STREAMS": "the tenant (or the server) has as many calls open as it may: "
+                        "retry after the hint once one ends",
+    "DATA_DIR_UNAVAILABLE": "the data directory cannot be written or read (permissions, a "
+                            "full or failing disk); nothing changed",
     "SHARED_MEMORY_DISABLED": "a shared-memory request to a server started without "
                               "--allow-shared-memory",
     "SHARED_MEMORY_NOT_FOUND": "no shared-memory region of that name is registered (by this "
@@ -59,12 +67,15 @@ class ServiceError(Exception):
     default_reason = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason or self.default_reason
         if self.reason not in REASONS:
             raise ValueError(f"unknown error reason {self.reason!r}")
         self.metadata = dict(metadata or {})
+        # seconds after which the same request may succeed (gRPC RetryInfo, HTTP Retry-After)
+        self.retry_after = retry_after
 
 
 class InvalidArgument(ServiceError):
@@ -92,9 +103,31 @@ class ResourceExhausted(ServiceError):
     default_reason = "QUOTA_EXCEEDED"
 
 
+class TooManyRequests(ResourceExhausted):
+    """A per-tenant rate or concurrency quota: the same request succeeds later
+    (``retry_after`` says when; HTTP answers 429 with Retry-After)."""
+
+    default_reason = "RATE_LIMITED"
+
+
 class Unauthenticated(ServiceError):
     code = "unauthenticated"
     default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known, but its role does not allow the request."""
+
+    code = "permission_denied"
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unavailable(ServiceError):
+    """The server cannot do the request now through no fault of it (the data directory
+    is not writable); nothing changed, and it may succeed later."""
+
+    code = "unavailable"
+    default_reason = "DATA_DIR_UNAVAILABLE"
 
 
 class Aborted(ServiceError):

@@ -25,10 +25,13 @@ Hyperparameters travel as a Group (see there): numbers in `values`, switches
 in `flags`, under torch.optim's names with `betas` split into "beta1" and
 "beta2".
 
-Authentication (when the server has a token): call metadata
-`authorization: Bearer <token>` on every OptimizerService RPC; a missing or
-wrong token gets UNAUTHENTICATED. The standard health (grpc.health.v1) and
-reflection (grpc.reflection.v1 and v1alpha) services need no token.
+Authentication (when the server has keys): call metadata
+`authorization: Bearer <key>` on every OptimizerService RPC; a missing or
+wrong key gets UNAUTHENTICATED. Each key names a tenant and a role
+(docs/security.md): another tenant's session answers NOT_FOUND exactly as a
+session that does not exist; a role that does not allow the call gets
+PERMISSION_DENIED. The standard health service (grpc.health.v1) needs no key;
+reflection needs one when the server has keys.
 
 Errors: the gRPC status code, a message naming the tensor or field and what
 was expected, and in the status details (grpc-status-details-bin, a
@@ -51,11 +54,16 @@ stable `reason` and string metadata (such as "session_id" and "step"):
                        SHARED_MEMORY_FORBIDDEN (an object that is not a
                        regular file of the server's user),
                        FAILED_PRECONDITION
-  RESOURCE_EXHAUSTED   QUOTA_EXCEEDED, DEVICE_OUT_OF_MEMORY
+  RESOURCE_EXHAUSTED   QUOTA_EXCEEDED, DEVICE_OUT_OF_MEMORY, RATE_LIMITED
+                       and TOO_MANY_STREAMS (a tenant's quota: the details
+                       add a google.rpc.RetryInfo saying when to retry)
   ABORTED              ROUND_ABORTED (a synchronous round failed: nothing
                        applied; push again)
   DEADLINE_EXCEEDED    WAIT_TIMEOUT (a wait for a step ran out of time)
   UNAUTHENTICATED      UNAUTHENTICATED
+  PERMISSION_DENIED    PERMISSION_DENIED (the key's role)
+  UNAVAILABLE          DATA_DIR_UNAVAILABLE (the data directory cannot be
+                       written or read; nothing changed)
   INTERNAL             INTERNAL
 Clients branch on the reason, never on the message. A refused request
 changes nothing.

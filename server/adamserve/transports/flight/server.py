@@ -46,19 +46,15 @@ from typing import Any, cast
 import grpc
 import pyarrow as pa
 import pyarrow.flight as fl
-from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
-from google.rpc.error_details_pb2 import ErrorInfo
-from google.rpc.status_pb2 import Status
 
 from adamserve import errors, metrics
 from adamserve.service import OptimizerService, StepResult, TensorChunk
 from adamserve.transports import convert
 from adamserve.transports.flight import streams
 from adamserve.transports.grpc.servicer import (
-    ERROR_DOMAIN,
-    INTERNAL_MESSAGE,
     OptimizerServicer,
+    error_message,
     status_of,
 )
 from adamserve_proto import flight as layout
@@ -78,25 +74,23 @@ COMMANDS = {"step": "Step", "push": "Push", "pull": "Pull", "create_session": "C
 
 _FLIGHT_ERRORS: dict[grpc.StatusCode, type[fl.FlightError]] = {
     grpc.StatusCode.UNAUTHENTICATED: fl.FlightUnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: fl.FlightUnauthorizedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: fl.FlightTimedOutError,
     grpc.StatusCode.UNAVAILABLE: fl.FlightUnavailableError,
     grpc.StatusCode.INTERNAL: fl.FlightInternalError,
 }
 
 
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
 def flight_error(exc: BaseException) -> fl.FlightError:
-    """The Flight error a request that raised ``exc`` answers with."""
-    code, message = status_of(exc)
-    if isinstance(exc, errors.ServiceError) and code is not grpc.StatusCode.INTERNAL:
-        reason, metadata = exc.reason, exc.metadata
-    else:
-        code, message, reason, metadata = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE,
-                                           "INTERNAL", {})
-    info = any_pb2.Any()
-    info.Pack(ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {}))
-    status = Status(code=code.value[0], message=message, details=[info])
-    cls = _FLIGHT_ERRORS.get(code, fl.FlightServerError)
-    return cls(message, extra_info=status.SerializeToString())
+    """The Flight error a request that raised ``exc`` answers with: the gRPC wire's
+    google.rpc.Status in ``extra_info``."""
+    status = error_message(exc)
+    cls = _FLIGHT_ERRORS.get(_CODES.get(status.code, grpc.StatusCode.UNKNOWN),
+                             fl.FlightServerError)
+    return cls(status.message, extra_info=status.SerializeToString())
 
 
 @dataclass

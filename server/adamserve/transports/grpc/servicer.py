@@ -38,7 +38,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
-from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
 
@@ -77,6 +77,8 @@ STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Aborted: grpc.StatusCode.ABORTED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -91,23 +93,42 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
+def status_message(code: grpc.StatusCode, message: str, reason: str,
+                   metadata: dict[str, str] | None = None,
+                   retry_after: float | None = None) -> Status:
+    """The google.rpc.Status every wire sends: one ErrorInfo, and a RetryInfo when the
+    same request may succeed after ``retry_after`` seconds."""
+    info = any_pb2.Any()
+    info.Pack(ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {}))
+    details = [info]
+    if retry_after is not None:
+        retry = RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(max(retry_after, 0.0) * 1e9))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    return Status(code=code.value[0], message=message, details=details)
+
+
+def error_message(exc: BaseException) -> Status:
+    """The google.rpc.Status an exception raised by a request answers with (generic
+    for anything that is not a domain error)."""
+    code, message = status_of(exc)
+    if isinstance(exc, errors.ServiceError) and code is not grpc.StatusCode.INTERNAL:
+        return status_message(code, message, exc.reason, exc.metadata, exc.retry_after)
+    return status_message(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "INTERNAL")
+
+
 def rich_status(code: grpc.StatusCode, message: str, reason: str,
                 metadata: dict[str, str] | None = None) -> grpc.Status:
     """A status whose details (grpc-status-details-bin) hold one ErrorInfo."""
-    info = any_pb2.Any()
-    info.Pack(ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
-                                          metadata=metadata or {}))
-    status: grpc.Status = rpc_status.to_status(Status(
-        code=code.value[0], message=message, details=[info]))
+    status: grpc.Status = rpc_status.to_status(status_message(code, message, reason, metadata))
     return status
 
 
 def error_status(exc: BaseException) -> grpc.Status:
     """The status an exception raised by a request answers with."""
-    code, message = status_of(exc)
-    if isinstance(exc, errors.ServiceError) and code is not grpc.StatusCode.INTERNAL:
-        return rich_status(code, message, exc.reason, exc.metadata)
-    return rich_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "INTERNAL")
+    status: grpc.Status = rpc_status.to_status(error_message(exc))
+    return status
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ QUOTA_EXCEEDED, UNAUTHENTICATED, INTERNAL). Validation errors are 400 (not FastA
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,9 +29,12 @@ from adamserve.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ServiceError,
+    TooManyRequests,
     Unauthenticated,
+    Unavailable,
 )
 
 log = logging.getLogger("adamserve.http")
@@ -41,7 +45,10 @@ STATUS: dict[type[ServiceError], int] = {
     AlreadyExists: 409,
     FailedPrecondition: 409,
     ResourceExhausted: 413,
+    TooManyRequests: 429,
     Unauthenticated: 401,
+    PermissionDenied: 403,
+    Unavailable: 503,
     Aborted: 409,
     DeadlineExceeded: 408,
 }
@@ -50,12 +57,14 @@ STATUS: dict[type[ServiceError], int] = {
 _CODES: dict[int, str] = {
     400: "invalid_argument",
     401: "unauthenticated",
+    403: "permission_denied",
     404: "not_found",
     405: "method_not_allowed",
     408: "deadline_exceeded",
     409: "failed_precondition",
     413: "resource_exhausted",
     415: "unsupported_media_type",
+    429: "resource_exhausted",
     503: "unavailable",
 }
 
@@ -119,7 +128,9 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 500:
         log.error("unmapped service error on %s %s: %r", request.method, request.url.path, exc)
         return error_response(500, "internal error", "internal")
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if exc.retry_after is not None:  # whole seconds, at least 1 (RFC 9110's delay-seconds)
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return error_response(status, str(exc), exc.code, headers, reason=exc.reason,
                           metadata=exc.metadata)
 
