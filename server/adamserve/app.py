@@ -13,17 +13,18 @@ import os
 import threading
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adamserve import __version__
 from adamserve.engine.backend import Backend, select_backend
-from adamserve.service import OptimizerService
+from adamserve.service import Access, OptimizerService
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
 from adamserve.transports.flight import FlightServerThread
 from adamserve.transports.grpc.server import build_grpc_server
 from adamserve.transports.http.app import HttpServerThread, create_app
+from adamserve.transports.tls import load as load_tls
 
 __all__ = ["Server", "Settings", "default_state_cap"]
 
@@ -51,9 +52,38 @@ class Settings(BaseSettings):
     keep_checkpoints: int = Field(3, ge=1)
     max_state_bytes: int | None = Field(None, ge=0)
     max_session_bytes: int | None = Field(None, ge=0)
-    token: str | None = None
+    token: str | None = Field(
+        None, description="one key for the default tenant, admin role (env ADAMSERVE_TOKEN "
+                          "only: a command line is visible to every user of the host)")
+    auth_file: Path | None = Field(
+        None, description="TOML file of hashed API keys, each naming a tenant, a role and "
+                          "the tenant's quotas (docs/security.md)")
+    max_streams_per_tenant: int = Field(
+        256, ge=1, description="calls in flight a tenant may hold at once, all transports "
+                               "together, unless the auth file says otherwise")
     ports_file: Path | None = None
     log_level: str = "INFO"
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain: every port (gRPC, HTTP, Flight) serves "
+                          "TLS only (with --tls-key)")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert (unencrypted)")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA certificates: mutual TLS, every client must present a "
+                          "certificate they signed (with --tls-cert and --tls-key)")
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # an empty ADAMSERVE_TLS_* means unset
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both (TLS on every "
+                             "port) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return self
 
 
 def default_state_cap(backend: Backend) -> int:
@@ -66,6 +96,14 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # read once, before anything starts: a bad file stops the server with one line
+        self.tls = (load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                    if settings.tls_cert is not None and settings.tls_key is not None else None)
+        # read once, before anything starts: a bad file stops the server with one line
+        self.access = (Access.from_file(settings.auth_file, settings.token,
+                                        settings.max_streams_per_tenant)
+                       if settings.auth_file is not None
+                       else Access.single(settings.token, settings.max_streams_per_tenant))
         backend = select_backend(settings.device)
         checkpoints = (CheckpointStore(settings.data_dir, keep=settings.keep_checkpoints)
                        if settings.data_dir is not None else None)
@@ -73,7 +111,8 @@ class Server:
         if cap is None:
             cap = default_state_cap(backend)
             log.info("max state bytes: %d (80%% of memory; set --max-state-bytes to change)", cap)
-        store = SessionStore(backend, checkpoints, Limits(cap, settings.max_session_bytes))
+        store = SessionStore(backend, checkpoints, Limits(cap, settings.max_session_bytes),
+                             self.access.tenant_limits())
         self.service = OptimizerService(
             store, checkpoint_every_steps=settings.checkpoint_every,
             checkpoint_every_seconds=settings.checkpoint_interval,
@@ -89,17 +128,20 @@ class Server:
         restored = self.service.start()
         if restored:
             log.info("restored %d sessions from %s", len(restored), s.data_dir)
-        self.grpc, self.grpc_port = build_grpc_server(self.service, s.host, s.grpc_port, s.token)
+        self.grpc, self.grpc_port = build_grpc_server(self.service, s.host, s.grpc_port,
+                                                      tls=self.tls, access=self.access)
         self.http = HttpServerThread(
-            create_app(self.service, s.token, body_idle_timeout=s.http_body_timeout),
-            s.host, s.http_port)
+            create_app(self.service, body_idle_timeout=s.http_body_timeout,
+                       access=self.access),
+            s.host, s.http_port, tls=self.tls)
         self.http_port = self.http.start()
         if s.flight_port:
-            self.flight = FlightServerThread(self.service, s.host, s.flight_port, s.token)
+            self.flight = FlightServerThread(self.service, s.host, s.flight_port,
+                                             tls=self.tls, access=self.access)
             self.flight_port = self.flight.start()
-        log.info("adamserve %s listening: grpc %s:%d, http http://%s:%d, flight %s "
-                 "(backend %s, data %s)", __version__, s.host, self.grpc_port, s.host,
-                 self.http_port, self.flight.url if self.flight else "off",
+        log.info("adamserve %s listening: grpc %s://%s:%d, http %s, flight %s "
+                 "(backend %s, data %s)", __version__, "grpcs" if self.tls else "grpc", s.host,
+                 self.grpc_port, self.http.url, self.flight.url if self.flight else "off",
                  self.service.store.backend.name, s.data_dir or "none: checkpoints off")
         if s.ports_file is not None:
             tmp = s.ports_file.with_suffix(".tmp")
@@ -141,8 +183,13 @@ class Server:
         if self.flight is not None:
             self.flight.stop()
         self.service.shared_memory.close()
-        n = self.service.checkpoint_all()
-        log.info("stopped; checkpointed %d sessions", n)
+        done = self.service.checkpoint_all()
+        if done.failed:  # each failure was logged with its reason
+            log.error("stopped; checkpointed %d sessions; could not save %d (their unsaved "
+                      "changes are lost): %s", len(done.saved), len(done.failed),
+                      ", ".join(sorted(done.failed)))
+        else:
+            log.info("stopped; checkpointed %d sessions", len(done.saved))
 
     def wait(self) -> None:
         self._stop.wait()

@@ -11,15 +11,21 @@ Every flag can also be set as an environment variable ``ADAMSERVE_<NAME>``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import secrets
 import signal
 import sys
 import threading
 from collections.abc import Collection
 from typing import Any
 
+from pydantic import ValidationError
+
 from adamserve import __version__, malloc, ray_shards
 from adamserve.app import Server, Settings, default_state_cap
+from adamserve.service.access import Role, hash_key
+from adamserve.sessions import names
 
 __all__ = ["Server", "Settings", "default_state_cap", "load_settings", "main"]
 
@@ -31,6 +37,11 @@ def _settings_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = froz
     for name, field in Settings.model_fields.items():
         if name in skip:
             continue
+        if name in ENVIRONMENT_ONLY:
+            parser.add_argument("--" + name.replace("_", "-"), action=_EnvironmentOnly,
+                                help=f"not a flag: set ADAMSERVE_{name.upper()} (a command "
+                                     "line is visible to every user of the host)")
+            continue
         flag = "--" + name.replace("_", "-")
         # a shard reads the environment of its own node, not of this process
         env = f"env ADAMSERVE_{name.upper()}" + (" on the shards' nodes" if passed_on else "")
@@ -40,6 +51,20 @@ def _settings_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = froz
                                 const="true", help=helptext)
         else:
             parser.add_argument(flag, dest=name, default=None, help=helptext)
+
+
+# Secrets: read from the environment (or a file), never from argv, which every user of
+# the host can read in /proc/<pid>/cmdline.
+ENVIRONMENT_ONLY = frozenset({"token"})
+
+
+class _EnvironmentOnly(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        name = self.dest
+        parser.error(f"{option_string}: a secret on the command line is visible to every user "
+                     f"of this host (/proc/<pid>/cmdline); set ADAMSERVE_{name.upper()} in the "
+                     "environment instead, or give keys in an --auth-file")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--flight-port", type=int, default=0,
                     help="shard i serves Arrow Flight on this port + i (default 0: no Flight)")
     _settings_flags(up, skip=ray_shards.SHARD_SETTINGS, passed_on=True)
+    keys = sub.add_parser("keys", help="make API keys for an --auth-file (docs/security.md)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="print a new random key and the [[keys]] entry "
+                                          "that stores its hash")
+    new.add_argument("--tenant", default="", help="the tenant the key acts for (default: the "
+                                                  "default tenant)")
+    new.add_argument("--role", required=True, choices=[r.value for r in Role])
+    new.add_argument("--name", required=True, help="names the key in audit lines")
     ray_sub.add_parser("addresses", parents=[common], help="print the running shards' addresses")
     ray_sub.add_parser("down", parents=[common],
                        help="checkpoint and stop the shards (their data directories stay)")
@@ -131,16 +164,46 @@ def _ray_command(args: argparse.Namespace) -> None:
         print(f"stopped {len(stopped)} shards" + (f": {stopped}" if stopped else ""))
 
 
+def _new_key(args: argparse.Namespace) -> int:
+    """A random 256-bit key, printed once; the auth file keeps only its SHA-256."""
+    try:
+        names.check_tenant(args.tenant)
+    except ValueError as exc:
+        print(f"adamserve keys new: {exc}", file=sys.stderr)
+        return 2
+    key = secrets.token_urlsafe(32)
+    print(f"# the key (give it to its user; it is not stored anywhere): {key}")
+    print("[[keys]]")
+    print(f"name = {json.dumps(args.name)}")
+    print(f"tenant = {json.dumps(args.tenant)}")
+    print(f"role = {json.dumps(args.role)}")
+    print(f"sha256 = \"{hash_key(key)}\"")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "ray":
         return _ray(args)
-    settings = _serve_settings(args)
+    if args.command == "keys":
+        return _new_key(args)
+    try:
+        settings = _serve_settings(args)
+    except ValidationError as exc:  # one line per bad setting, not a traceback
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            print(f"adamserve serve: {where + ': ' if where else ''}{err['msg']}",
+                  file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     malloc.keep_large_blocks()
-    server = Server(settings)
-    server.start()
+    try:
+        server = Server(settings)
+        server.start()
+    except (ValueError, OSError) as exc:  # a bad file or a busy port: say which, in one line
+        print(f"adamserve serve: {exc}", file=sys.stderr)
+        return 1
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

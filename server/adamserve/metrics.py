@@ -17,7 +17,11 @@ REQUESTS = Counter("adamserve_requests_total", "Requests by transport, method an
 SESSIONS = Gauge("adamserve_sessions", "Live sessions")
 STATE_BYTES = Gauge("adamserve_state_bytes", "Bytes of optimizer state held by all sessions")
 CHECKPOINT_FAILURES = Counter("adamserve_checkpoint_failures_total",
-                              "Automatic or periodic checkpoints that failed (logged)")
+                              "Checkpoints that failed, of any trigger (logged once per "
+                              "session until one succeeds)")
+CHECKPOINT_FAILING_SESSIONS = Gauge("adamserve_checkpoint_failing_sessions",
+                                    "Sessions whose last checkpoint failed (the data "
+                                    "directory refused it)")
 DUPLICATE_PUSHES = Counter("adamserve_duplicate_pushes_total",
                            "Pushes acknowledged without being applied: seen before")
 CHECKPOINTS = Counter("adamserve_checkpoints_total", "Durable checkpoints written")

@@ -48,9 +48,9 @@ log = logging.getLogger("adamserve.ray")
 
 class ShardAddress(TypedDict):
     shard: int
-    grpc: str  # grpc://host:port
-    http: str  # http://host:port
-    flight: str  # flight://host:port; "" without Flight (flight_port 0)
+    grpc: str  # grpc://host:port (grpcs:// with TLS)
+    http: str  # http://host:port (https://)
+    flight: str  # flight://host:port (flight+tls://); "" without Flight (flight_port 0)
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,12 @@ class Shard:
         log.info("shard %d (pid %d) serving %s", self.index, os.getpid(), self.address())
 
     def address(self) -> ShardAddress:
+        tls = self.server.tls is not None  # the client's TLS schemes
         return {"shard": self.index,
-                "grpc": _url("grpc", self.host, self.server.grpc_port),
-                "http": _url("http", self.host, self.server.http_port),
-                "flight": (_url("flight", self.host, self.server.flight_port)
-                           if self.server.flight_port else "")}
+                "grpc": _url("grpcs" if tls else "grpc", self.host, self.server.grpc_port),
+                "http": _url("https" if tls else "http", self.host, self.server.http_port),
+                "flight": (_url("flight+tls" if tls else "flight", self.host,
+                                self.server.flight_port) if self.server.flight_port else "")}
 
     def pid(self) -> int:
         """The actor's process id on its node (for operators: profilers, kill -9 drills)."""

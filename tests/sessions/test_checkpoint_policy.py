@@ -52,10 +52,11 @@ def test_every_s_seconds_checkpoints_what_changed_since(tmp_path: Path) -> None:
 
 def test_on_stop_checkpoints_every_session_with_unsaved_changes(tmp_path: Path) -> None:
     svc = _service(tmp_path)
-    assert svc.checkpoint_all() == 1  # created, never saved
-    assert svc.checkpoint_all() == 0
+    assert svc.checkpoint_all().saved == ("s",)  # created, never saved
+    assert svc.checkpoint_all().saved == ()
     svc.step("s", GRAD)
-    assert svc.checkpoint_all() == 1 and svc.list_checkpoints("s") == [0, 1]
+    done = svc.checkpoint_all()
+    assert done.saved == ("s",) and not done.failed and svc.list_checkpoints("s") == [0, 1]
 
 
 def test_without_a_data_directory_only_a_request_is_refused(tmp_path: Path) -> None:
@@ -63,7 +64,7 @@ def test_without_a_data_directory_only_a_request_is_refused(tmp_path: Path) -> N
     policy = svc.policy
     assert policy.period is None
     svc.step("s", GRAD)  # the every-N trigger stays quiet
-    assert svc.checkpoint_due() == 0 and svc.checkpoint_all() == 0
+    assert svc.checkpoint_due() == 0 and svc.checkpoint_all().saved == ()
     with pytest.raises(FailedPrecondition, match="checkpoints are disabled") as info:
         svc.checkpoint("s")
     assert info.value.reason == "CHECKPOINTS_DISABLED"

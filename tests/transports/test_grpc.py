@@ -254,10 +254,13 @@ REASONS_BY_CODE: dict[grpc.StatusCode, set[str]] = {
         "COMMIT_OUT_OF_ORDER", "NOT_STREAMABLE", "DUPLICATE_WORKER_PUSH", "LAYOUT_CHANGED",
         "CHECKPOINTS_DISABLED", "SHARED_MEMORY_DISABLED", "SHARED_MEMORY_FORBIDDEN",
         "FAILED_PRECONDITION"},
-    grpc.StatusCode.RESOURCE_EXHAUSTED: {"QUOTA_EXCEEDED", "DEVICE_OUT_OF_MEMORY"},
+    grpc.StatusCode.RESOURCE_EXHAUSTED: {"QUOTA_EXCEEDED", "DEVICE_OUT_OF_MEMORY", "RATE_LIMITED",
+                                         "TOO_MANY_STREAMS"},
     grpc.StatusCode.ABORTED: {"ROUND_ABORTED"},
     grpc.StatusCode.DEADLINE_EXCEEDED: {"WAIT_TIMEOUT"},
     grpc.StatusCode.UNAUTHENTICATED: {"UNAUTHENTICATED"},
+    grpc.StatusCode.PERMISSION_DENIED: {"PERMISSION_DENIED"},
+    grpc.StatusCode.UNAVAILABLE: {"DATA_DIR_UNAVAILABLE"},
     grpc.StatusCode.INTERNAL: {"INTERNAL"},
 }
 
@@ -554,7 +557,7 @@ def test_checkpoint_list_describe_delete(srv: Server) -> None:
 
 
 def reflect(channel: grpc.Channel, version: str,
-            request: reflection_pb2.ServerReflectionRequest
+            request: reflection_pb2.ServerReflectionRequest, metadata: Any = None
             ) -> reflection_pb2.ServerReflectionResponse:
     """One reflection request over grpc.reflection.<version> (v1 and v1alpha have the same
     messages, field for field, so v1alpha's classes serialise both)."""
@@ -562,7 +565,7 @@ def reflect(channel: grpc.Channel, version: str,
         f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
-    (reply,) = list(call(iter([request])))
+    (reply,) = list(call(iter([request]), metadata=metadata))
     return reply  # type: ignore[no-any-return]
 
 
@@ -637,13 +640,15 @@ def test_token(tmp_path: Path) -> None:
         assert s.store.get("t").opt.step_count == 0
         out = list(stub.Step(iter(step_requests("t", grads)), metadata=ok))
         assert out[0].status.step == 1
-        # health and reflection stay open
+        # health stays open; reflection needs the token (its streams would otherwise let
+        # anyone hold the server's threads)
         health = health_pb2_grpc.HealthStub(s.channel)
         assert health.Check(health_pb2.HealthCheckRequest()).status == (
             health_pb2.HealthCheckResponse.SERVING)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
         for version in ("v1", "v1alpha"):
-            assert reflect(s.channel, version, reflection_pb2.ServerReflectionRequest(
-                list_services="")).list_services_response.service
+            expect(lambda: reflect(s.channel, version, listing), grpc.StatusCode.UNAUTHENTICATED)
+            assert reflect(s.channel, version, listing, ok).list_services_response.service
     finally:
         s.close()
 

@@ -491,7 +491,7 @@ def test_bearer_token(tmp_path: Path) -> None:
         for headers in wrong:
             r = c.get("/v2/sessions", headers=headers)
             assert r.status_code == 401, headers
-            assert r.json()["code"] == "unauthenticated" and "bearer token" in r.json()["error"]
+            assert r.json()["code"] == "unauthenticated" and "Bearer <key>" in r.json()["error"]
             assert r.json()["reason"] == "UNAUTHENTICATED"
             assert r.headers["www-authenticate"] == "Bearer"
         r = c.post("/v2/sessions", json=create_body("tok"))

@@ -22,6 +22,7 @@ import numpy as np
 
 from adamserve_client import errors
 from adamserve_client.tensors import DATATYPES
+from adamserve_client.transports import _tls
 from adamserve_client.transports.base import (
     Buffer,
     Hyperparameters,
@@ -41,7 +42,7 @@ DEFAULT_GRPC_PORT = 50051
 
 @dataclass(frozen=True)
 class ServerAddress:
-    scheme: str  # "grpc", "http" or "https"
+    scheme: str  # "grpc", "grpcs", "http" or "https" (or "flight", "flight+tls")
     host: str
     port: int
 
@@ -52,22 +53,23 @@ class ServerAddress:
 
 
 def parse_url(url: str) -> ServerAddress:
-    """Split ``grpc://host:port`` / ``http(s)://host:port``; ValueError for anything else."""
+    """Split ``grpc(s)://host:port`` / ``http(s)://host:port``; ValueError for anything else."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("grpc", "http", "https"):
-        raise ValueError(f"server URL {url!r}: expected grpc://host:port, http://host:port or "
-                         "https://host:port")
+    if scheme not in ("grpc", "grpcs", "http", "https"):
+        raise ValueError(f"server URL {url!r}: expected grpc://host:port, grpcs://host:port, "
+                         "http://host:port or https://host:port")
     if not parts.hostname:
         raise ValueError(f"server URL {url!r}: no host")
-    if scheme == "grpc" and parts.path not in ("", "/"):
-        raise ValueError(f"server URL {url!r}: a grpc:// URL has no path")
+    if scheme in ("grpc", "grpcs") and parts.path not in ("", "/"):
+        raise ValueError(f"server URL {url!r}: a {scheme}:// URL has no path")
     try:
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"server URL {url!r}: {exc}") from None
     if port is None:
-        port = {"grpc": DEFAULT_GRPC_PORT, "http": 80, "https": 443}[scheme]
+        port = {"grpc": DEFAULT_GRPC_PORT, "grpcs": DEFAULT_GRPC_PORT, "http": 80,
+                "https": 443}[scheme]
     return ServerAddress(scheme, parts.hostname, port)
 
 
@@ -264,7 +266,8 @@ def bad_response(message: str, url: str | None = None) -> errors.ServerError:
 
 def unreachable(url: str, attempts: int, detail: str) -> errors.Unavailable:
     return errors.Unavailable(f"cannot reach the adamserve server at {url} ({attempts} "
-                              f"attempts): {detail}", url=url, reason="UNAVAILABLE")
+                              f"attempts): {detail}{_tls.hint(url, detail)}", url=url,
+                              reason="UNAVAILABLE")
 
 
 def timed_out(url: str, timeout: float | None, detail: str = "") -> errors.DeadlineExceeded:

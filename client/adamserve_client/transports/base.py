@@ -153,6 +153,7 @@ class SessionInfo:
     backend: str
     workers: Workers = field(default_factory=Workers)
     labels: Mapping[str, str] = field(default_factory=dict)
+    tenant: str = ""  # the owner ("" the default tenant); an admin sees every tenant's
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from adamserve_client import errors
 from adamserve_client.transports import _codec
+from adamserve_client.transports._tls import TlsOptions, check_scheme
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
 from adamserve_client.transports.small_steps import SmallSteps
@@ -64,13 +65,16 @@ _NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed
 
 
 def parse_flight_url(url: str) -> tuple[_codec.ServerAddress, int]:
-    """``flight://host:port[?streams=N]``: the address (port 8815 when not given) and the
-    number of streams a large step is split over (1 when not given)."""
+    """``flight://host:port[?streams=N]`` (``flight+tls://``: over TLS): the address (port
+    8815 when not given) and the number of streams a large step is split over (1 when
+    not given)."""
     parts = urlsplit(url)
-    if parts.scheme.lower() != "flight" or not parts.hostname:
-        raise ValueError(f"FlightTransport needs a flight://host:port URL, got {url!r}")
+    scheme = parts.scheme.lower()
+    if scheme not in ("flight", "flight+tls") or not parts.hostname:
+        raise ValueError(f"FlightTransport needs a flight://host:port or flight+tls://host:port "
+                         f"URL, got {url!r}")
     if parts.path not in ("", "/"):
-        raise ValueError(f"server URL {url!r}: a flight:// URL has no path")
+        raise ValueError(f"server URL {url!r}: a {scheme}:// URL has no path")
     try:
         port = parts.port or DEFAULT_FLIGHT_PORT
     except ValueError as exc:
@@ -83,7 +87,7 @@ def parse_flight_url(url: str) -> tuple[_codec.ServerAddress, int]:
     raw = query.get("streams", ["1"])[-1]
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_STREAMS:
         raise ValueError(f"server URL {url!r}: streams={raw}: expected 1 to {MAX_STREAMS}")
-    return _codec.ServerAddress("flight", parts.hostname, port), int(raw)
+    return _codec.ServerAddress(scheme, parts.hostname, port), int(raw)
 
 
 def _status(exc: fl.FlightError) -> status_pb2.Status | None:
@@ -163,18 +167,22 @@ def _assemble(replies: Sequence[tuple[str, Sequence[Row]]]) -> list[WireTensor]:
 
 
 class FlightWire(Wire):
-    """The wire to ``flight://host:port``; arguments as :class:`GrpcWire`'s."""
+    """The wire to ``flight://host:port`` (``flight+tls://``: over TLS); arguments as
+    :class:`GrpcWire`'s."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
-                 retries: int = 3, backoff: float = 0.05) -> None:
+                 retries: int = 3, backoff: float = 0.05, tls: TlsOptions | None = None) -> None:
         address, self.streams = parse_flight_url(url)
+        tls = check_scheme(url, address.scheme, tls)
         self.url = url
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = fl.FlightCallOptions(timeout=timeout, headers=headers)
-        self._client = fl.FlightClient(f"grpc://{address.hostport}")
+        self._client = (fl.FlightClient(f"grpc://{address.hostport}") if tls is None else
+                        fl.FlightClient(f"grpc+tls://{address.hostport}", tls_root_certs=tls.ca,
+                                        cert_chain=tls.cert, private_key=tls.key))
         self.small = SmallSteps()  # which sessions' steps go as a StepUnary action
 
     # -- the seam ---------------------------------------------------------------
@@ -387,9 +395,10 @@ def _parse(cls: type[Message], data: bytes, url: str) -> Message:
 
 
 class FlightTransport(Client):
-    """The session operations on ``flight://host:port`` (a :class:`Client` over a
-    :class:`FlightWire`)."""
+    """The session operations on ``flight://host:port`` or ``flight+tls://`` (a
+    :class:`Client` over a :class:`FlightWire`)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
-                 retries: int = 3, backoff: float = 0.05) -> None:
-        super().__init__(FlightWire(url, token, timeout, retries=retries, backoff=backoff))
+                 retries: int = 3, backoff: float = 0.05, tls: TlsOptions | None = None) -> None:
+        super().__init__(FlightWire(url, token, timeout, retries=retries, backoff=backoff,
+                                    tls=tls))

@@ -34,6 +34,7 @@ from grpc_status import rpc_status
 from adamserve_client import errors
 from adamserve_client.tensors import DATATYPES
 from adamserve_client.transports import _codec
+from adamserve_client.transports._tls import TlsOptions, check_scheme
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
 from adamserve_client.transports.small_steps import SmallSteps
@@ -156,27 +157,33 @@ def error_info(exc: Any) -> tuple[str | None, dict[str, str]]:
 
 
 class GrpcWire(Wire):
-    """The wire to ``grpc://host:port``.
+    """The wire to ``grpc://host:port`` (``grpcs://``: over TLS).
 
     ``token``: sent as ``authorization: Bearer <token>`` on every call. ``timeout``:
     seconds allowed for each call (None: no deadline). ``retries``: calls made in
-    all when the server is UNAVAILABLE (1 disables retrying).
+    all when the server is UNAVAILABLE (1 disables retrying). ``tls``: the CA and
+    client certificate of a ``grpcs://`` URL (None: the environment's,
+    :class:`~adamserve_client.transports._tls.TlsOptions`).
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
-                 retries: int = 3, backoff: float = 0.05) -> None:
+                 retries: int = 3, backoff: float = 0.05, tls: TlsOptions | None = None) -> None:
         address = _codec.parse_url(url)
-        if address.scheme != "grpc":
-            raise ValueError(f"GrpcTransport needs a grpc:// URL, got {url!r}")
+        if address.scheme not in ("grpc", "grpcs"):
+            raise ValueError(f"GrpcTransport needs a grpc:// or grpcs:// URL, got {url!r}")
+        tls = check_scheme(url, address.scheme, tls)
         self.url = url
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.insecure_channel(address.hostport, options=[
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.max_send_message_length", _MAX_MESSAGE),
-        ])
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE)]
+        if tls is None:
+            self._channel = grpc.insecure_channel(address.hostport, options)
+        else:
+            credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+            self._channel = grpc.secure_channel(address.hostport, credentials, options)
         self._stubs = {name: getattr(self._channel, r.kind)(
             r.path, request_serializer=_serialize,
             response_deserializer=_response_parser(r)) for name, r in rpc.RPCS.items()}
@@ -290,10 +297,11 @@ class GrpcWire(Wire):
 
 
 class GrpcTransport(Client):
-    """The session operations on ``grpc://host:port`` (a :class:`Client` over a
-    :class:`GrpcWire`; the arguments are the wire's)."""
+    """The session operations on ``grpc://host:port`` or ``grpcs://`` (a :class:`Client`
+    over a :class:`GrpcWire`; the arguments are the wire's)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
-                 retries: int = 3, backoff: float = 0.05) -> None:
-        super().__init__(GrpcWire(url, token, timeout, retries=retries, backoff=backoff))
+                 retries: int = 3, backoff: float = 0.05, tls: TlsOptions | None = None) -> None:
+        super().__init__(GrpcWire(url, token, timeout, retries=retries, backoff=backoff,
+                                  tls=tls))
 

@@ -35,6 +35,7 @@ from google.protobuf.message import Message
 from adamserve_client import errors
 from adamserve_client.tensors import encode
 from adamserve_client.transports import _codec
+from adamserve_client.transports._tls import TlsOptions, check_scheme
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
 from adamserve_proto import convert, rpc
@@ -193,14 +194,17 @@ class HttpWire(Wire):
 
     ``token``: sent as ``Authorization: Bearer <token>``. ``timeout``: seconds
     allowed for each request (None: none, but connecting gives up after 10 s).
-    ``retries``: requests made in all while the server cannot be reached.
+    ``retries``: requests made in all while the server cannot be reached. ``tls``: the
+    CA and client certificate of an ``https://`` URL (None: the environment's,
+    :class:`~adamserve_client.transports._tls.TlsOptions`).
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
-                 retries: int = 3, backoff: float = 0.05) -> None:
+                 retries: int = 3, backoff: float = 0.05, tls: TlsOptions | None = None) -> None:
         address = _codec.parse_url(url)
         if address.scheme not in ("http", "https"):
             raise ValueError(f"HttpTransport needs an http:// or https:// URL, got {url!r}")
+        tls = check_scheme(url, address.scheme, tls)
         self.url = url
         self.timeout = timeout
         self.retries = retries
@@ -208,7 +212,8 @@ class HttpWire(Wire):
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
             base_url=url.rstrip("/"), headers=headers,
-            timeout=httpx.Timeout(timeout, connect=timeout if timeout is not None else 10.0))
+            timeout=httpx.Timeout(timeout, connect=timeout if timeout is not None else 10.0),
+            verify=tls.ssl_context() if tls is not None else True)
 
     # -- the seam ---------------------------------------------------------------
 
@@ -334,5 +339,6 @@ class HttpTransport(Client):
     :class:`HttpWire`; the arguments are the wire's)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float | None = None, *,
-                 retries: int = 3, backoff: float = 0.05) -> None:
-        super().__init__(HttpWire(url, token, timeout, retries=retries, backoff=backoff))
+                 retries: int = 3, backoff: float = 0.05, tls: TlsOptions | None = None) -> None:
+        super().__init__(HttpWire(url, token, timeout, retries=retries, backoff=backoff,
+                                  tls=tls))

@@ -117,6 +117,7 @@ def session_info(msg: pb.Session) -> SessionInfo:
         workers=Workers(**convert.workers_fields(msg.workers)) if msg.HasField("workers")
         else Workers(),
         labels=dict(msg.labels),
+        tenant=msg.tenant,
     )
 
 

@@ -1010,6 +1010,7 @@ class Session(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     algorithm: Global___Algorithm.ValueType
@@ -1030,6 +1031,11 @@ class Session(_message.Message):
     """Step of the last durable checkpoint; absent when there is none."""
     backend: Global___Backend.ValueType
     """Where the kernels run."""
+    tenant: _builtins.str
+    """The tenant the session belongs to ("" the default tenant). A tenant's keys see
+    only its own sessions; an admin key sees every tenant's and names another
+    tenant's session as "<tenant>~<session_id>".
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """The tensors, in order."""
@@ -1073,10 +1079,11 @@ class Session(_message.Message):
         backend: Global___Backend.ValueType = ...,
         workers: Global___Workers | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step", "_max_grad_norm", b"_max_grad_norm", "checkpointed_step", b"checkpointed_step", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step", "_max_grad_norm", b"_max_grad_norm", "algorithm", b"algorithm", "backend", b"backend", "checkpointed_step", b"checkpointed_step", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "lr", b"lr", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "state_bytes", b"state_bytes", "step", b"step", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step", "_max_grad_norm", b"_max_grad_norm", "algorithm", b"algorithm", "backend", b"backend", "checkpointed_step", b"checkpointed_step", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "lr", b"lr", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "state_bytes", b"state_bytes", "step", b"step", "tenant", b"tenant", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpointed_step: _TypeAlias = _typing.Literal["checkpointed_step"]  # noqa: Y015
     _WhichOneofArgType__checkpointed_step: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step"]  # noqa: Y015

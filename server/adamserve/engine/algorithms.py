@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from adamserve.errors import shown
 from adamserve_proto import algorithms as table
 
 F64 = npt.NDArray[np.float64]
@@ -119,8 +120,15 @@ ALIASES: dict[str, tuple[Algorithm, Hyperparameters]] = {
     for row in table.ALGORITHMS.values() if row.name != row.runs
 }
 
-# Hyperparameters that must lie in [0, 1).
+# Hyperparameters that must lie in [0, 1); every other number in [0, MAX_VALUE].
 _UNIT_INTERVAL = ("beta1", "beta2", "alpha")
+
+# The largest hyperparameter (lr, eps, weight_decay, momentum, ...), max_grad_norm and
+# schedule factor a session takes: far past any training's, and small enough that no
+# coefficient a step computes from them (lr · factor / div_factor / final_div_factor,
+# lr / (1 - beta1^t), 1 - lr · weight_decay) leaves float32's range, so nothing a
+# client sets can overflow into an Inf that no answer could carry.
+MAX_VALUE = 1e6
 
 
 def parse_algorithm(name: str) -> tuple[Algorithm, Hyperparameters]:
@@ -134,7 +142,7 @@ def parse_algorithm(name: str) -> tuple[Algorithm, Hyperparameters]:
     except ValueError:
         known = sorted([a.value for a in Algorithm] + list(ALIASES))
         raise HyperparameterError(
-            f"unknown algorithm {name!r}; expected one of {', '.join(known)}"
+            f"unknown algorithm {shown(name)}; expected one of {', '.join(known)}"
         ) from None
 
 
@@ -143,8 +151,9 @@ def resolve_hyperparameters(
 ) -> Hyperparameters:
     """Validate ``given`` over ``base`` (default: the algorithm's defaults).
 
-    Accepts torch's ``betas=(b1, b2)`` as well as ``beta1``/``beta2``. Raises
-    :class:`HyperparameterError` naming the offending key and what was expected.
+    Accepts torch's ``betas=(b1, b2)`` as well as ``beta1``/``beta2``. Numbers are
+    finite: ``beta1``, ``beta2``, ``alpha`` in [0, 1), the others in [0, MAX_VALUE].
+    Raises :class:`HyperparameterError` naming the offending key and what was expected.
     """
     spec = SPECS[algorithm]
     out: Hyperparameters = dict(base if base is not None else spec.defaults)
@@ -152,32 +161,36 @@ def resolve_hyperparameters(
     if "betas" in items:
         betas = items.pop("betas")
         if not isinstance(betas, list | tuple) or len(betas) != 2:
-            raise HyperparameterError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+            raise HyperparameterError(f"betas: expected a pair (beta1, beta2), got "
+                                      f"{shown(betas)}")
         items.setdefault("beta1", betas[0])
         items.setdefault("beta2", betas[1])
     for key, value in items.items():
         if key not in spec.defaults:
             raise HyperparameterError(
-                f"unknown hyperparameter {key!r} for {algorithm.value}; expected one of "
+                f"unknown hyperparameter {shown(key)} for {algorithm.value}; expected one of "
                 f"{', '.join(sorted(spec.defaults))}"
             )
         if key in spec.bools:
             if not isinstance(value, bool | np.bool_):
-                raise HyperparameterError(f"{key}: expected true or false, got {value!r}")
+                raise HyperparameterError(f"{key}: expected true or false, got {shown(value)}")
             out[key] = bool(value)
             continue
         if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-            raise HyperparameterError(f"{key}: expected a number, got {value!r}")
+            raise HyperparameterError(f"{key}: expected a number, got {shown(value)}")
         try:
             number = float(value)
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise HyperparameterError(f"{key}: expected a finite number, got {value!r}")
+            raise HyperparameterError(f"{key}: expected a finite number, got {shown(value)}")
         if key in _UNIT_INTERVAL and not 0.0 <= number < 1.0:
             raise HyperparameterError(f"{key}: expected a value in [0, 1), got {number!r}")
         if key not in _UNIT_INTERVAL and number < 0.0:
             raise HyperparameterError(f"{key}: expected a value >= 0, got {number!r}")
+        if key not in _UNIT_INTERVAL and number > MAX_VALUE:
+            raise HyperparameterError(
+                f"{key}: expected a value in [0, {MAX_VALUE:g}], got {number!r}")
         out[key] = number
     return out
 

@@ -9,7 +9,9 @@ It knows nothing of sessions, wires or files; ``adamserve.sessions`` wraps it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from adamserve.engine import algorithms as alg
 from adamserve.engine.algorithms import Algorithm, Hyperparameters
 from adamserve.engine.backend import Array, Backend, Blocks, make_blocks, select_backend
 from adamserve.engine.schedules import Schedule
+from adamserve.errors import shown
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -37,25 +40,39 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # a Python int: no int64 wrap, and fast for small shapes
+
+
+def repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, sorted (O(n): sessions may have 64k tensors)."""
+    return sorted(n for n, count in Counter(names).items() if count > 1)
+
+
+def listed(names: Sequence[str], most: int = 8) -> str:
+    """Tensor names for an error message: the first ``most``, a long one shortened."""
+    shown_names = [n if len(n) <= 64 else shown(n) for n in names[:most]]
+    return ", ".join(shown_names) + (", ..." if len(names) > most else "")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each named tensor lives in the flat buffers."""
+    """Where each named tensor lives in the flat buffers, and which index each name has
+    (a dict: a step over many small tensors looks up every one)."""
 
     tensors: tuple[TensorSpec, ...]
     offsets: I64 = field(init=False)
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         sizes = np.array([t.numel for t in self.tensors], dtype=np.int64)
         offsets = np.zeros(len(self.tensors) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
         object.__setattr__(self, "offsets", offsets)
-        names = [t.name for t in self.tensors]
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"tensor names must be unique; repeated: {', '.join(dup)}")
+        index = {t.name: i for i, t in enumerate(self.tensors)}
+        if len(index) != len(self.tensors):
+            dup = repeated(t.name for t in self.tensors)
+            raise ValueError(f"tensor names must be unique; repeated: {listed(dup)}")
+        object.__setattr__(self, "_index", index)
 
     @property
     def size(self) -> int:
@@ -65,10 +82,8 @@ class Layout:
         return len(self.tensors)
 
     def index(self, name: str) -> int:
-        for i, t in enumerate(self.tensors):
-            if t.name == name:
-                return i
-        raise KeyError(name)
+        """The index of tensor ``name``; KeyError if the layout has none."""
+        return self._index[name]
 
     def span(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
@@ -119,7 +134,7 @@ class FlatOptimizer:
         for t in layout.tensors:
             if not 0 <= t.group < len(groups):
                 raise ValueError(
-                    f"tensor {t.name!r}: group {t.group} does not exist "
+                    f"tensor {shown(t.name)}: group {t.group} does not exist "
                     f"(there are {len(groups)} groups)")
         self.groups: list[Hyperparameters] = [
             alg.resolve_hyperparameters(algorithm, g) for g in groups]
@@ -163,7 +178,7 @@ class FlatOptimizer:
         new_layout = Layout((*self.layout.tensors, *tensors))  # checks unique names
         for t in tensors:
             if not 0 <= t.group < len(groups):
-                raise ValueError(f"tensor {t.name!r}: group {t.group} does not exist "
+                raise ValueError(f"tensor {shown(t.name)}: group {t.group} does not exist "
                                  f"(there are {len(groups)} groups)")
         added = new_layout.size - self.layout.size
         if np.asarray(params).size != added:

@@ -24,6 +24,12 @@ Kinds (``T``: total_steps, ``t``: step, ``base``: the group's base lr):
 * ``join``          piece i for milestones[i-1] <= t < milestones[i]          (SequentialLR)
 
 A warmup is a join: ``warmup(W, then)`` = ``Join((Linear(0, 1, W), then), (W,))``.
+
+Bounds, so that no schedule's arithmetic can overflow (a float of a huge int, a product
+past float32's range) for any step a session can reach: step counts (``total_steps``,
+``warmup_steps``, ``step_size``, milestones) are integers in [1, :data:`MAX_STEPS`];
+every other number is finite and at most :data:`~adamserve.engine.algorithms.MAX_VALUE`
+(1e6), divisors (``div_factor``, ``final_div_factor``) at least its inverse.
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, Protocol
 
+from adamserve.engine.algorithms import MAX_VALUE
+from adamserve.errors import shown
+
 __all__ = [
+    "MAX_STEPS",
     "Constant",
     "Cosine",
     "Exponential",
@@ -73,19 +83,19 @@ class ScheduleError(ValueError):
 
 _ROOT = "schedule"
 
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+MAX_STEPS = 10**12  # the longest schedule (and latest milestone): exact in a float64
+_MIN_DIVISOR = 1 / MAX_VALUE
 
 
 def _bad(name: str, expected: str, value: object) -> ScheduleError:
-    return ScheduleError(f"{_ROOT}.{name}", f"expected {expected}, got {_show(value)}")
+    return ScheduleError(f"{_ROOT}.{name}", f"expected {expected}, got {shown(value)}")
 
 
 def _int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise _bad(name, f"an integer >= {minimum}", value)
+    if int(value) > MAX_STEPS:
+        raise _bad(name, f"an integer in [{minimum}, {MAX_STEPS}]", value)
     return int(value)
 
 
@@ -95,15 +105,15 @@ def _num(
     *,
     lo: float | None = None,
     lo_open: bool = False,
-    hi: float | None = None,
+    hi: float = MAX_VALUE,
     hi_open: bool = False,
 ) -> float:
-    """A finite real number (bools refused) within the given bounds, as a float."""
+    """A finite real number (bools refused) within the given bounds (at most
+    ``MAX_VALUE`` unless told), as a float."""
     parts = []
     if lo is not None:
         parts.append(f"{'>' if lo_open else '>='} {lo:g}")
-    if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    parts.append(f"{'<' if hi_open else '<='} {hi:g}")
     expected = "a finite number" + (" " + " and ".join(parts) if parts else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _bad(name, expected, value)
@@ -111,7 +121,7 @@ def _num(
     ok = math.isfinite(x)
     if ok and lo is not None:
         ok = x > lo if lo_open else x >= lo
-    if ok and hi is not None:
+    if ok:
         ok = x < hi if hi_open else x <= hi
     if not ok:
         raise _bad(name, expected, value)
@@ -130,7 +140,7 @@ def _set(obj: object, name: str, value: object) -> None:
 
 def _check_step(step: int) -> None:
     if step < 0:
-        raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+        raise ValueError(f"step: expected an integer >= 0, got {shown(step)}")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -348,12 +358,9 @@ class OneCycle:
         _set(self, "pct_start", pct)
         if self.anneal_strategy not in ("cos", "linear"):
             raise _bad("anneal_strategy", "one of 'cos', 'linear'", self.anneal_strategy)
-        _set(self, "div_factor", _num("div_factor", self.div_factor, lo=0.0, lo_open=True))
-        _set(
-            self,
-            "final_div_factor",
-            _num("final_div_factor", self.final_div_factor, lo=0.0, lo_open=True),
-        )
+        # divisors of max_lr: bounded below too, so max_lr / div / final stays finite
+        for name in ("div_factor", "final_div_factor"):
+            _set(self, name, _num(name, getattr(self, name), lo=_MIN_DIVISOR))
         _set(self, "three_phase", _bool("three_phase", self.three_phase))
         _set(self, "cycle_momentum", _bool("cycle_momentum", self.cycle_momentum))
         for name in ("base_momentum", "max_momentum"):
@@ -474,6 +481,8 @@ class Join:
                     else "an integer >= 1"
                 )
                 raise _bad(f"milestones[{i}]", expected, mark)
+            if mark > MAX_STEPS:
+                raise _bad(f"milestones[{i}]", f"an integer <= {MAX_STEPS}", mark)
             previous = int(mark)
         _set(self, "milestones", tuple(int(m) for m in marks))
 
@@ -533,20 +542,22 @@ def _rebase(error: ScheduleError, path: str) -> ScheduleError:
 
 def _from_dict(d: object, path: str) -> Schedule:
     if not isinstance(d, Mapping):
-        raise ScheduleError(path, f"expected a mapping with a 'kind', got {_show(d)}")
+        raise ScheduleError(path, f"expected a mapping with a 'kind', got {shown(d)}")
     kinds = ", ".join(repr(k) for k in _KINDS)
     if "kind" not in d:
         raise ScheduleError(f"{path}.kind", f"missing; expected one of {kinds}")
     kind = d["kind"]
     if not isinstance(kind, str) or kind not in _KINDS:
-        raise ScheduleError(f"{path}.kind", f"expected one of {kinds}, got {_show(kind)}")
+        raise ScheduleError(f"{path}.kind", f"expected one of {kinds}, got {shown(kind)}")
     cls = _KINDS[kind]
     spec = {f.name: f for f in fields(cls)}
     for key in d:
         if key != "kind" and key not in spec:
             allowed = ", ".join(repr(k) for k in spec)
+            short = isinstance(key, str) and len(key) <= 64
             raise ScheduleError(
-                f"{path}.{key}", f"unknown key for kind {kind!r}; allowed: {allowed}"
+                f"{path}.{key}" if short else f"{path}[{shown(key)}]",
+                f"unknown key for kind {kind!r}; allowed: {allowed}",
             )
     kwargs: dict[str, Any] = {}
     for name, f in spec.items():
@@ -558,7 +569,7 @@ def _from_dict(d: object, path: str) -> Schedule:
         pieces = kwargs["schedules"]
         if isinstance(pieces, (str, bytes, Mapping)) or not isinstance(pieces, Sequence):
             raise ScheduleError(
-                f"{path}.schedules", f"expected a list of schedules, got {_show(pieces)}"
+                f"{path}.schedules", f"expected a list of schedules, got {shown(pieces)}"
             )
         kwargs["schedules"] = tuple(
             _from_dict(piece, f"{path}.schedules[{i}]") for i, piece in enumerate(pieces)

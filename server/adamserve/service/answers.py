@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from adamserve.errors import Aborted
 from adamserve.service.tensors import encode_params
-from adamserve.service.types import StepResult
+from adamserve.service.types import StepResult, TensorChunk
 from adamserve.sessions import meta
 from adamserve.sessions.coordinator import Round
 from adamserve.sessions.rounds import Outcome
@@ -28,9 +28,16 @@ def answer(session: Session, r: Round | Outcome, return_datatype: str | None) ->
             r.grad_sumsq is not None else (),
             param_sumsq=tuple(float(x) for x in lamb.param_sumsq) if lamb else (),
             update_sumsq=tuple(float(x) for x in lamb.update_sumsq) if lamb else ())
-    kept = r.kept.get(return_datatype) if isinstance(r, Round) and return_datatype else None
-    params = (kept if kept is not None else
-              encode_params(session.opt, None, return_datatype) if return_datatype else [])
+    params: list[TensorChunk] = []
+    if return_datatype and isinstance(r, Round) and r.owed.get(return_datatype):
+        # its waiting workers share one encoding of the step's parameters (kept until
+        # the last has collected it), not one copy each
+        kept = r.kept.get(return_datatype)
+        if kept is None:
+            kept = r.kept[return_datatype] = encode_params(session.opt, None, return_datatype)
+        params = kept
+    elif return_datatype:
+        params = encode_params(session.opt, None, return_datatype)
     return StepResult(o.step if not o.skipped else o.step - 1, o.skipped, o.grad_norm,
                       o.nonfinite, params, contributors=o.contributors, missing=o.missing,
                       round=o.round)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from adamserve.errors import (
     ResourceExhausted,
 )
 from adamserve.service import answers
+from adamserve.service.access import LOCAL, Caller, audited
 from adamserve.service.shared_memory import (
     Held,
     RegionInfo,
@@ -58,8 +60,8 @@ from adamserve.service.tensors import (
 )
 from adamserve.service.types import SessionInfo, StepResult, TensorChunk, session_info
 from adamserve.service.waits import Waits, bounded
-from adamserve.sessions import meta
-from adamserve.sessions.checkpoint_policy import CheckpointPolicy
+from adamserve.sessions import meta, names
+from adamserve.sessions.checkpoint_policy import CheckpointPolicy, Saved
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
 from adamserve.sessions.coordinator import Round, RoundState
 from adamserve.sessions.pushlog import PushId, PushLog, as_pushes
@@ -100,9 +102,13 @@ class OptimizerService:
 
     # -- sessions ------------------------------------------------------------
 
+    @audited("CreateSession")
     def create(self, session_id: str, config: SessionConfig,
-               initial: Iterable[TensorChunk] = ()) -> SessionInfo:
+               initial: Iterable[TensorChunk] = (), *, caller: Caller = LOCAL) -> SessionInfo:
         """Create a session; tensors without initial values start at zero."""
+        caller.require_write("CreateSession", session_id)
+        session_id = caller.resolve(session_id)
+        config = replace(config, tenant=names.split(session_id)[0])
         session = self.store.create(session_id, config)  # returned locked
         opt = session.opt
         try:
@@ -120,18 +126,36 @@ class OptimizerService:
                  config.algorithm, len(config.tensors), opt.layout.size)
         return session_info(session)
 
-    def describe(self, session_id: str) -> SessionInfo:
+    def describe(self, session_id: str, *, caller: Caller = LOCAL) -> SessionInfo:
+        session_id = caller.resolve(session_id)
         return session_info(self.store.get(session_id))
 
-    def list(self) -> builtins.list[SessionInfo]:
-        return [session_info(s) for s in self.store.all()]
+    def list(self, *, caller: Caller = LOCAL) -> builtins.list[SessionInfo]:
+        """The caller's tenant's sessions; an admin's: every tenant's. A session whose
+        description fails is left out (and logged), never failing the whole listing."""
+        out = []
+        for s in self.store.all(None if caller.admin else caller.tenant):
+            try:
+                out.append(session_info(s))
+            except Exception:
+                log.exception("session %s could not be described; left out of the listing",
+                              s.id)
+        return out
 
-    def delete(self, session_id: str) -> None:
+    @audited("DeleteSession")
+    def delete(self, session_id: str, *, caller: Caller = LOCAL) -> None:
+        caller.require_write("DeleteSession", session_id)
+        session_id = caller.resolve(session_id)
         with self.store.locked(session_id) as session:
+            # disk first: if the disk refuses, the session stays (Unavailable says why);
+            # once its files are set aside no restart brings it back
+            aside = (self.checkpoints.set_aside(session_id)
+                     if self.checkpoints is not None else None)
             session.end()
             self.store.remove(session)
-            if self.checkpoints is not None:
-                self.checkpoints.delete(session_id)
+        self.policy.forget(session_id)
+        if aside is not None and self.checkpoints is not None:
+            self.checkpoints.remove_aside(aside)
         self._gauge()
 
     # -- steps ---------------------------------------------------------------
@@ -140,8 +164,7 @@ class OptimizerService:
              return_datatype: str | None = "FP32", require_all: bool = False,
              push_id: PushId | None = None, base_step: int | None = None,
              wait: float | None = None, gradients_region: RegionRef | None = None,
-             gradients_datatype: str = "FP32", params_region: RegionRef | None = None,
-             tenant: str = "") -> StepResult:
+             gradients_datatype: str = "FP32", params_region: RegionRef | None = None, caller: Caller = LOCAL) -> StepResult:
         """Apply one update from ``grads``; tensors not sent are left as they are.
 
         ``return_datatype`` None returns no parameters (a push). ``push_id``: a push
@@ -156,12 +179,14 @@ class OptimizerService:
         waits for the round to close and returns its sums of squares (``pending``);
         :meth:`commit` applies it.
 
-        Shared memory (regions of ``tenant``): ``gradients_region`` holds the gradients
+        Shared memory (regions of the caller's tenant): ``gradients_region`` holds the gradients
         of every tensor, packed in the session's order, as ``gradients_datatype`` (then
         ``grads`` must be empty); ``params_region`` receives the parameters after the
         step the same way, as ``return_datatype``, and the result carries none (a push
         ignores it). Both are held for the whole step.
         """
+        caller.require_write("Step", session_id)
+        session_id = caller.resolve(session_id)
         check_datatype(return_datatype, "return datatype")
         check_datatype(gradients_datatype, "gradients datatype")
         if push_id is not None:
@@ -191,13 +216,13 @@ class OptimizerService:
                         "the step names a gradients region and carries gradient chunks too: "
                         "send the gradients one way")
                 source = regions.enter_context(registry.use(
-                    gradients_region, numel * itemsize(gradients_datatype), tenant,
+                    gradients_region, numel * itemsize(gradients_datatype), caller.tenant,
                     "gradients_region", f"the session's {numel} elements as "
                     f"{gradients_datatype}"))
             if params_region is not None:
                 assert return_datatype is not None
                 out = regions.enter_context(registry.use(
-                    params_region, numel * itemsize(return_datatype), tenant,
+                    params_region, numel * itemsize(return_datatype), caller.tenant,
                     "params_region", f"the session's {numel} elements as {return_datatype}"))
             source_grads = grads if source is None else _RegionGradients(source,
                                                                          gradients_datatype)
@@ -221,47 +246,57 @@ class OptimizerService:
         # upload stalls holds up no other worker (nor the straggler timeout).
         waiting: Round | None = None
         opt = session.opt
+        reserve = functools.partial(self.store.reserved, session_id)
         with contextlib.nullcontext() if multi else session.intake:
-            own = multi or opt.backend.name != "cpu"
+            on_cpu = opt.backend.name == "cpu"
             region = grads if isinstance(grads, _RegionGradients) else None
             # one worker, gradients in a region in the state's dtype: the engine reads
             # them there (no copy); the sums of squares are then the engine's
             in_place = region.in_place(opt) if region is not None and not multi else None
-            host = (in_place if in_place is not None
-                    else np.empty(opt.layout.size, opt.dtype) if own else opt.grad)
-            asm = Assembler(opt.layout, host)
-            sumsq: npt.NDArray[np.float64] | None = asm.sumsq
-            if in_place is not None:
-                active, sumsq = np.ones(len(asm.layout), dtype=np.bool_), None
-            else:
-                if isinstance(grads, _RegionGradients):
-                    grads.feed(asm)
+            own = in_place is None and (multi or not on_cpu)
+            # a buffer of its own (and, on a device, the copy of it there) is counted
+            # against the caps before it is allocated, and only until the push is in:
+            # a worker waiting for its round holds none (the round's sum has it)
+            nbytes = opt.layout.size * opt.dtype.itemsize * (1 if on_cpu else 2) if own else 0
+            with reserve(nbytes):
+                host = (in_place if in_place is not None
+                        else np.empty(opt.layout.size, opt.dtype) if own else opt.grad)
+                asm = Assembler(opt.layout, host)
+                sumsq: npt.NDArray[np.float64] | None = asm.sumsq
+                if in_place is not None:
+                    active, sumsq = np.ones(len(asm.layout), dtype=np.bool_), None
                 else:
-                    for chunk in grads:
-                        asm.add(chunk)
-                active = asm.finish(require_all)
-            with self.store.locked(session_id, session):
-                self._same_layout(session, asm.layout, "this push arrived: push again")
-                duplicate = session.seen(push_id, base_step)
-                staleness = rounds.admit(push_id, base_step)
-                # the params place, checked again before the step: a refusal changes nothing
-                if out is not None and return_datatype:
-                    _check_out(out, session, asm.layout.size * itemsize(return_datatype))
-                if duplicate:
-                    report = StepReport(opt.step_count, False, None)
-                elif rounds.in_rounds():  # a round keeps its push's gradients: a copy
-                    waiting = rounds.arrive(host if in_place is None else host.copy(), active,
-                                            push_id, return_datatype)
-                else:
-                    report = self._apply(session, host, active, sumsq, push_id,
-                                         rounds.lr_scale(staleness),
-                                         intake=not multi and in_place is None)
-                if waiting is None:
-                    params: list[TensorChunk] = []
+                    if isinstance(grads, _RegionGradients):
+                        grads.feed(asm)
+                    else:
+                        for chunk in grads:
+                            asm.add(chunk)
+                    active = asm.finish(require_all)
+                with self.store.locked(session_id, session):
+                    self._same_layout(session, asm.layout, "this push arrived: push again")
+                    duplicate = session.seen(push_id, base_step)
+                    staleness = rounds.admit(push_id, base_step)
+                    # the params place, checked again before the step: a refusal changes
+                    # nothing
                     if out is not None and return_datatype:
-                        write_values(out.view, opt.backend.to_host(opt.param), return_datatype)
-                    elif return_datatype:
-                        params = encode_params(opt, None, return_datatype)
+                        _check_out(out, session, asm.layout.size * itemsize(return_datatype))
+                    if duplicate:
+                        report = StepReport(opt.step_count, False, None)
+                    elif rounds.in_rounds():  # added to the round's sum, not kept
+                        waiting = rounds.arrive(host, active, push_id, return_datatype,
+                                                reserve)
+                    else:
+                        report = self._apply(session, host, active, sumsq, push_id,
+                                             rounds.lr_scale(staleness),
+                                             intake=not multi and in_place is None)
+                    if waiting is None:
+                        params: list[TensorChunk] = []
+                        if out is not None and return_datatype:
+                            write_values(out.view, opt.backend.to_host(opt.param),
+                                         return_datatype)
+                        elif return_datatype:
+                            params = encode_params(opt, None, return_datatype)
+            del host, asm  # given back: what follows may wait
         if waiting is not None:
             result = self._round_result(session, waiting, return_datatype, wait)
             if out is not None and result.params:
@@ -331,7 +366,7 @@ class OptimizerService:
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),
                update_sumsq: Sequence[float] = (), round_id: int = 0,
-               return_datatype: str | None = "FP32") -> StepResult:
+               return_datatype: str | None = "FP32", caller: Caller = LOCAL) -> StepResult:
         """Apply the staged step ``step`` of an exchange session (one shard of a model)
         with sums of squares over the whole model (see ``docs/exchange.md``).
 
@@ -343,6 +378,8 @@ class OptimizerService:
         named (0: whichever is staged for ``step``). A commit repeated (by another
         worker, or a retry) after the step was applied returns its outcome again.
         """
+        caller.require_write("Commit", session_id)
+        session_id = caller.resolve(session_id)
         check_datatype(return_datatype, "return datatype")
         if not (total_sumsq >= 0 or math.isnan(total_sumsq)):
             raise InvalidArgument(f"total_sumsq {total_sumsq}: a sum of squares is >= 0")
@@ -373,10 +410,12 @@ class OptimizerService:
                 session.rounds.commit(r, tensor_sums, float(total_sumsq))
             return answers.answer(session, r, return_datatype)
 
-    def set_workers(self, session_id: str, count: int) -> SessionInfo:
+    def set_workers(self, session_id: str, count: int, *, caller: Caller = LOCAL) -> SessionInfo:
         """Change the number of workers of a live session (workers joined or left).
 
         A round that already has ``count`` pushes closes at once."""
+        caller.require_write("SetWorkers", session_id)
+        session_id = caller.resolve(session_id)
         session = self.store.get(session_id)
         with self.store.locked(session_id, session):
             r = session.round
@@ -419,20 +458,21 @@ class OptimizerService:
                 "--allow-shared-memory)", reason="SHARED_MEMORY_DISABLED")
         return self.shared_memory
 
-    def register_shared_memory(self, name: str, key: str, byte_size: int,
-                               tenant: str = "") -> RegionInfo:
+    def register_shared_memory(self, name: str, key: str, byte_size: int, *, caller: Caller = LOCAL) -> RegionInfo:
         """Map ``byte_size`` bytes of the POSIX shared-memory object ``key`` (under
-        /dev/shm on this host) as the region ``name`` of ``tenant``; the same
+        /dev/shm on this host) as the region ``name`` of the caller's tenant; the same
         registration again returns it (a retry)."""
-        return self._regions().register(name, key, byte_size, tenant)
+        caller.require_write("RegisterSharedMemory", name)
+        return self._regions().register(name, key, byte_size, caller.tenant)
 
-    def unregister_shared_memory(self, name: str, tenant: str = "") -> None:
+    def unregister_shared_memory(self, name: str, *, caller: Caller = LOCAL) -> None:
         """Drop a region; a step using it finishes first, later ones are refused."""
-        self._regions().unregister(name, tenant)
+        caller.require_write("UnregisterSharedMemory", name)
+        self._regions().unregister(name, caller.tenant)
 
-    def list_shared_memory(self, tenant: str = "") -> builtins.list[RegionInfo]:
-        """The regions of ``tenant``, ordered by name."""
-        return self._regions().list(tenant)
+    def list_shared_memory(self, *, caller: Caller = LOCAL) -> builtins.list[RegionInfo]:
+        """The regions of the caller's tenant, ordered by name."""
+        return self._regions().list(caller.tenant)
 
     def sweep_shared_memory(self) -> int:
         """Drop the regions whose object is gone (the client unlinked it, or exited) or
@@ -441,8 +481,7 @@ class OptimizerService:
         return self.shared_memory.sweep() if self.allow_shared_memory else 0
 
     def step_stream(self, session_id: str, grads: Iterable[TensorChunk], *,
-                    return_datatype: str | None = "FP32", push_id: PushId | None = None
-                    ) -> Iterator[TensorChunk | StepResult]:
+                    return_datatype: str | None = "FP32", push_id: PushId | None = None, caller: Caller = LOCAL) -> Iterator[TensorChunk | StepResult]:
         """Full duplex: apply each gradient chunk as it arrives and yield its updated
         parameters at once; the :class:`StepResult` comes last.
 
@@ -454,13 +493,19 @@ class OptimizerService:
         push seen before (``push_id``) is read, checked and acknowledged with no
         parameters back.
         """
+        caller.require_write("Step", session_id)
+        session_id = caller.resolve(session_id)
         check_datatype(return_datatype, "return datatype")
         if push_id is not None:
             push_id.check()
         t0 = time.perf_counter()
         # duplex changes state chunk by chunk, so it holds the state lock while it reads
         claimed = self.store.get(session_id)
-        with claimed.intake, self.store.locked(session_id, claimed) as session:
+        # on a device, a host buffer of the session's size, counted before it is allocated
+        nbytes = (0 if claimed.opt.backend.name == "cpu"
+                  else claimed.opt.layout.size * claimed.opt.dtype.itemsize)
+        with claimed.intake, self.store.reserved(session_id, nbytes), \
+                self.store.locked(session_id, claimed) as session:
             opt = session.opt
             if session.rounds.in_rounds():
                 raise FailedPrecondition(
@@ -504,9 +549,10 @@ class OptimizerService:
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
-             timeout: float | None = None) -> builtins.list[TensorChunk]:
+             timeout: float | None = None, caller: Caller = LOCAL) -> builtins.list[TensorChunk]:
         """Parameter values; with ``min_step``, once the session has reached that step
         (waiting up to ``timeout`` seconds; Aborted if that step's round failed)."""
+        session_id = caller.resolve(session_id)
         check_datatype(datatype, "datatype")
         timeout = bounded(timeout)
         if min_step < 0:
@@ -529,13 +575,15 @@ class OptimizerService:
 
     def add_tensors(self, session_id: str, tensors: Sequence[TensorSpec],
                     group: Mapping[str, Any] | None = None,
-                    initial: Iterable[TensorChunk] = ()) -> SessionInfo:
+                    initial: Iterable[TensorChunk] = (), *, caller: Caller = LOCAL) -> SessionInfo:
         """Add tensors to a live session, as torch's ``add_param_group``.
 
         ``group``: hyperparameters of a new group for them (their ``group`` index must
         be the new group's, i.e. the current number of groups); None: they join
         existing groups. Their step counts start at 0; values not sent start at zero.
         """
+        caller.require_write("AddTensors", session_id)
+        session_id = caller.resolve(session_id)
         session = self.store.get(session_id)
         # intake: the layout cannot change under us; the state stays unlocked while the
         # request (its initial values) is read and checked
@@ -553,37 +601,42 @@ class OptimizerService:
                 raise InvalidArgument(str(exc)) from None
             # the existing slots grow by the new tensors; a slot the new group turns on
             # (say amsgrad) spans the whole grown session
-            extra = (slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize)
+            extra = (slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize, len(added))
                      + len(new_slots) * (opt.layout.size + added.size) * opt.dtype.itemsize)
-            self.store.check_room(extra, session)  # before allocating anything
-            host = initial_values(added, initial, opt.dtype,
-                                  scope="among the tensors being added")
-            with self.store.locked(session_id, session):
-                r = session.round
-                if r is not None:
-                    raise FailedPrecondition(
-                        f"session {session_id!r} has a round of pushes for step "
-                        f"{r.step} open: add tensors between steps",
-                        reason="ROUND_OPEN", metadata=meta(session_id, step=r.step))
-                self.store.check_room(extra, session)  # again: others may have grown
-                with session.changing():
-                    try:
-                        opt.add_tensors(tensors, host, group)
-                    except ValueError as exc:
-                        raise InvalidArgument(str(exc)) from None
-                    except MemoryError:
-                        raise ResourceExhausted(
-                            f"session {session_id!r}: the device could not allocate {extra} "
-                            "more bytes", reason="DEVICE_OUT_OF_MEMORY",
-                            metadata=meta(session_id)) from None
-                    session.config = replace(session.config, tensors=opt.layout.tensors,
-                                             groups=tuple(dict(g) for g in opt.groups))
-                    session.rounds.layout_changed()
-                info = session_info(session)
+            self.store.check_room(extra, session)  # the per-session cap
+            # What it allocates, counted before anything is (checked and counted at once,
+            # so of two requests that would each fit alone the second is refused): the
+            # initial values and the grown buffers, built beside the old ones until
+            # they replace them.
+            grown = session.state_bytes + extra + added.size * opt.dtype.itemsize
+            with self.store.reserved(session_id, grown):
+                host = initial_values(added, initial, opt.dtype,
+                                      scope="among the tensors being added")
+                with self.store.locked(session_id, session):
+                    r = session.round
+                    if r is not None:
+                        raise FailedPrecondition(
+                            f"session {session_id!r} has a round of pushes for step "
+                            f"{r.step} open: add tensors between steps",
+                            reason="ROUND_OPEN", metadata=meta(session_id, step=r.step))
+                    with session.changing():
+                        try:
+                            opt.add_tensors(tensors, host, group)
+                        except ValueError as exc:
+                            raise InvalidArgument(str(exc)) from None
+                        except MemoryError:
+                            raise ResourceExhausted(
+                                f"session {session_id!r}: the device could not allocate "
+                                f"{extra} more bytes", reason="DEVICE_OUT_OF_MEMORY",
+                                metadata=meta(session_id)) from None
+                        session.config = replace(session.config, tensors=opt.layout.tensors,
+                                                 groups=tuple(dict(g) for g in opt.groups))
+                        session.rounds.layout_changed()
+                    info = session_info(session)
         self._gauge()
         return info
 
-    def set_parameters(self, session_id: str, values: Iterable[TensorChunk]) -> SessionInfo:
+    def set_parameters(self, session_id: str, values: Iterable[TensorChunk], *, caller: Caller = LOCAL) -> SessionInfo:
         """Overwrite the master weights of the tensors sent (whole tensors; others keep
         theirs); the optimizer state is kept, as when torch's parameters are changed in
         place between steps.
@@ -593,13 +646,25 @@ class OptimizerService:
         it loaded), and other values are refused: a round's gradients were computed
         from the parameters it started with.
         """
+        caller.require_write("SetParameters", session_id)
+        session_id = caller.resolve(session_id)
         session = self.store.get(session_id)
         opt = session.opt
         layout = opt.layout
         # decoded into a buffer of its own, outside the lock: a slow upload holds up
-        # no step; a refused request changes nothing. np.empty only reserves address
-        # space: the pages of the tensors not sent are never touched
-        host = np.empty(layout.size, opt.dtype)
+        # no step; a refused request changes nothing. It is counted against the caps
+        # whole before it is allocated (which tensors come is known only as they do)
+        with self.store.reserved(session_id, layout.size * opt.dtype.itemsize):
+            host = np.empty(layout.size, opt.dtype)
+            return self._set_values(session, host, values)
+
+    def _set_values(self, session: Session, host: npt.NDArray[Any],
+                    values: Iterable[TensorChunk]) -> SessionInfo:
+        """:meth:`set_parameters` with its buffer counted: ``values`` decoded into
+        ``host``, then written into the session."""
+        session_id = session.id
+        opt = session.opt
+        layout = opt.layout
         asm = Assembler(layout, host)
         for chunk in values:
             asm.add(chunk)
@@ -633,7 +698,9 @@ class OptimizerService:
     # -- hyperparameters and state -------------------------------------------
 
     def set_hyperparameters(self, session_id: str, group: int,
-                            changes: Mapping[str, Any]) -> SessionInfo:
+                            changes: Mapping[str, Any], *, caller: Caller = LOCAL) -> SessionInfo:
+        caller.require_write("SetHyperparameters", session_id)
+        session_id = caller.resolve(session_id)
         with self.store.locked(session_id) as session:
             session.rounds.refuse_if_staged("change hyperparameters")
             opt = session.opt
@@ -649,7 +716,9 @@ class OptimizerService:
             self._gauge()
             return session_info(session)
 
-    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None) -> SessionInfo:
+    def set_schedule(self, session_id: str, schedule: Mapping[str, Any] | None, *, caller: Caller = LOCAL) -> SessionInfo:
+        caller.require_write("SetSchedule", session_id)
+        session_id = caller.resolve(session_id)
         try:
             parsed = schedules.schedule_from_dict(schedule) if schedule else None
         except ValueError as exc:
@@ -659,11 +728,15 @@ class OptimizerService:
             session.opt.schedule = parsed
             return session_info(session)
 
-    def export_state(self, session_id: str) -> statedict.StateDict:
+    def export_state(self, session_id: str, *, caller: Caller = LOCAL) -> statedict.StateDict:
+        session_id = caller.resolve(session_id)
         with self.store.locked(session_id) as session:
             return statedict.export_state(session.opt)
 
-    def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:
+    @audited("ImportState")
+    def import_state(self, session_id: str, state: Mapping[str, Any], *, caller: Caller = LOCAL) -> SessionInfo:
+        caller.require_write("ImportState", session_id)
+        session_id = caller.resolve(session_id)
         with self.store.locked(session_id) as session, session.changing():
             session.rounds.refuse_if_staged("import a state_dict")
             try:
@@ -681,19 +754,25 @@ class OptimizerService:
 
     # -- checkpoints (when: self.policy) -----------------------------------------
 
-    def checkpoint(self, session_id: str) -> CheckpointInfo:
+    def checkpoint(self, session_id: str, *, caller: Caller = LOCAL) -> CheckpointInfo:
+        caller.require_write("Checkpoint", session_id)
+        session_id = caller.resolve(session_id)
         self.policy.require()
         with self.store.locked(session_id) as session:
             return self.policy.write(session)
 
-    def list_checkpoints(self, session_id: str) -> builtins.list[int]:
+    def list_checkpoints(self, session_id: str, *, caller: Caller = LOCAL) -> builtins.list[int]:
         """Steps of the session's complete checkpoints on this server, oldest first."""
+        session_id = caller.resolve(session_id)
         self.store.get(session_id)
         return [] if self.checkpoints is None else self.checkpoints.steps(session_id)
 
-    def restore_checkpoint(self, session_id: str, step: int) -> SessionInfo:
+    @audited("RestoreCheckpoint")
+    def restore_checkpoint(self, session_id: str, step: int, *, caller: Caller = LOCAL) -> SessionInfo:
         """Roll the live session back to its checkpoint of ``step`` (for a sharded
         session: the newest step every shard holds); later checkpoints are removed."""
+        caller.require_write("RestoreCheckpoint", session_id)
+        session_id = caller.resolve(session_id)
         checkpoints = self.policy.require()
         old = self.store.get(session_id)
         with old.intake, self.store.locked(session_id, old):
@@ -714,8 +793,9 @@ class OptimizerService:
         """Checkpoint sessions whose last checkpoint is older than the time interval."""
         return self.policy.due(self.store.all())
 
-    def checkpoint_all(self) -> int:
-        """Checkpoint every session with unsaved steps (graceful shutdown)."""
+    def checkpoint_all(self) -> Saved:
+        """Checkpoint every session with unsaved steps (graceful shutdown): each is
+        tried; the result names those saved and those the disk refused."""
         return self.policy.on_stop(self.store.all())
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode_buffer
-from adamserve.engine.optimizer import FlatOptimizer, Layout
-from adamserve.errors import InvalidArgument
+from adamserve.engine.optimizer import FlatOptimizer, Layout, listed
+from adamserve.errors import InvalidArgument, shown
 from adamserve.service.types import TensorChunk
 
 
@@ -33,7 +33,8 @@ def sums(what: str, values: Sequence[float], n: int,
 
 def check_datatype(datatype: str | None, what: str) -> None:
     if datatype is not None and datatype not in WIRE_DTYPES:
-        raise InvalidArgument(f"{what} {datatype!r}: expected one of {', '.join(WIRE_DTYPES)}")
+        raise InvalidArgument(f"{what} {shown(datatype)}: expected one of "
+                              f"{', '.join(WIRE_DTYPES)}")
 
 
 class Assembler:
@@ -55,33 +56,33 @@ class Assembler:
             i = self.layout.index(chunk.name)
         except KeyError:
             names = [t.name for t in self.layout.tensors]
-            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise InvalidArgument(
-                f"tensor {chunk.name!r} is not {self.scope}; expected one of {shown}"
-            ) from None
+                f"tensor {shown(chunk.name)} is not {self.scope}; expected one of "
+                f"{listed(names)}") from None
         t = self.layout.tensors[i]
         if chunk.datatype not in WIRE_DTYPES:
             raise InvalidArgument(
-                f"tensor {chunk.name!r}: unknown datatype {chunk.datatype!r}; expected one of "
-                f"{', '.join(WIRE_DTYPES)}")
+                f"tensor {shown(chunk.name)}: unknown datatype {shown(chunk.datatype)}; expected "
+                f"one of {', '.join(WIRE_DTYPES)}")
         if tuple(chunk.shape) != t.shape:
             raise InvalidArgument(
-                f"tensor {chunk.name!r}: expected shape {list(t.shape)}, got {list(chunk.shape)}")
+                f"tensor {shown(chunk.name)}: expected shape {list(t.shape)}, got "
+                f"{shown(list(chunk.shape))}")
         itemsize = WIRE_DTYPES[chunk.datatype].itemsize
         nbytes = len(chunk.data)
         if nbytes % itemsize:
             raise InvalidArgument(
-                f"tensor {chunk.name!r}: {nbytes} bytes is not a whole number of "
+                f"tensor {shown(chunk.name)}: {nbytes} bytes is not a whole number of "
                 f"{chunk.datatype} elements ({itemsize} bytes each)")
         count = nbytes // itemsize
         done = int(self.received[i])
         if chunk.offset != done:
             raise InvalidArgument(
-                f"tensor {chunk.name!r}: chunk starts at element {chunk.offset}, expected "
+                f"tensor {shown(chunk.name)}: chunk starts at element {chunk.offset}, expected "
                 f"{done} (chunks of a tensor arrive in order, each exactly once)")
         if done + count > t.numel:
             raise InvalidArgument(
-                f"tensor {chunk.name!r}: {done + count} elements sent, expected {t.numel} "
+                f"tensor {shown(chunk.name)}: {done + count} elements sent, expected {t.numel} "
                 f"(shape {list(t.shape)})")
         lo = int(self.layout.offsets[i]) + done
         self.sumsq[i] += decode_into(self.out[lo:lo + count], chunk.data, chunk.datatype)
@@ -101,11 +102,10 @@ class Assembler:
         for i in np.flatnonzero(incomplete):
             t = self.layout.tensors[int(i)]
             raise InvalidArgument(
-                f"tensor {t.name!r}: received {int(self.received[i])} of {t.numel} elements")
+                f"tensor {shown(t.name)}: received {int(self.received[i])} of {t.numel} elements")
         if missing.any():
             names = [self.layout.tensors[int(i)].name for i in np.flatnonzero(missing)]
-            raise InvalidArgument(f"missing tensors: {', '.join(names[:8])}"
-                                  + (", ..." if len(names) > 8 else ""))
+            raise InvalidArgument(f"missing tensors: {listed(names)}")
         return np.asarray(sent | (numel == 0), dtype=np.bool_)
 
 
@@ -131,7 +131,7 @@ def encode_params(opt: FlatOptimizer, names: Sequence[str] | None,
             try:
                 idx.append(layout.index(n))
             except KeyError:
-                raise InvalidArgument(f"tensor {n!r} is not in this session") from None
+                raise InvalidArgument(f"tensor {shown(n)} is not in this session") from None
     else:
         idx = list(range(len(layout)))
     host = opt.backend.to_host(opt.param)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from adamserve.engine import statedict
+from adamserve.engine import schedules, statedict
 from adamserve.engine.optimizer import TensorSpec
+from adamserve.sessions import names
 from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import Session
 
@@ -44,6 +47,7 @@ class SessionInfo:
     backend: str
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     labels: dict[str, str] = field(default_factory=dict)
+    tenant: str = ""  # the owner; "" the default tenant (an admin addresses tenant~id)
 
     @property
     def numel(self) -> int:
@@ -71,15 +75,18 @@ class StepResult:
 
 def session_info(s: Session) -> SessionInfo:
     opt = s.opt
+    tenant, bare = names.split(s.id)
+    lr, schedule = _scheduled(s)
     return SessionInfo(
-        id=s.id,
+        id=bare,
+        tenant=tenant,
         algorithm=s.config.algorithm,
         dtype=s.config.dtype,
         step=opt.step_count,
         tensors=opt.layout.tensors,
         groups=tuple(statedict.torch_group(h) for h in opt.groups),
-        lr=tuple(opt.current_lr(g) for g in range(len(opt.groups))),
-        schedule=opt.schedule.to_dict() if opt.schedule is not None else None,
+        lr=lr,
+        schedule=schedule,
         max_grad_norm=opt.clip.max_norm,
         clip_per_tensor=opt.clip.per_tensor,
         skip_nonfinite=opt.skip_nonfinite,
@@ -89,3 +96,30 @@ def session_info(s: Session) -> SessionInfo:
         workers=s.config.workers,
         labels=dict(s.config.labels),
     )
+
+
+log = logging.getLogger("adamserve.service")
+_faulty: set[str] = set()  # sessions described from what is safe, logged once each
+
+
+def _scheduled(s: Session) -> tuple[tuple[float, ...], dict[str, Any] | None]:
+    """The lr each group's next step uses, and the schedule. A schedule this server's
+    bounds refuse (kept from an older server) or that cannot compute its lr is
+    described as none, with the groups' base lrs, and logged once: one session's
+    schedule never fails a listing of every session."""
+    opt = s.opt
+    try:
+        schedule = opt.schedule.to_dict() if opt.schedule is not None else None
+        if schedule is not None:
+            schedules.schedule_from_dict(schedule)  # what every wire can carry
+        lrs = tuple(opt.current_lr(g) for g in range(len(opt.groups)))
+        if not all(math.isfinite(x) for x in lrs):
+            raise ValueError(f"a non-finite lr {lrs}")
+        return lrs, schedule
+    except Exception:
+        if s.id not in _faulty:
+            _faulty.add(s.id)
+            log.exception("session %s: its schedule fails this server's checks or cannot "
+                          "compute the lr of step %d; described without it", s.id,
+                          opt.step_count)
+        return tuple(float(h["lr"]) for h in opt.groups), None

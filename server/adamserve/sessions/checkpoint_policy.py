@@ -7,24 +7,38 @@
   the server's timer), for sessions with unsaved changes,
 * on stop (:meth:`CheckpointPolicy.on_stop`: every session with unsaved changes).
 
-The automatic triggers never fail a request: a failed write is logged and counted.
-The files themselves are :mod:`adamserve.sessions.checkpoints`'.
+The automatic triggers never fail a request: the step stands (in memory) and a failed
+write is counted (``adamserve_checkpoint_failures_total``) and logged once per session
+until one of its checkpoints succeeds again, not once per step; the sessions failing now
+are the ``adamserve_checkpoint_failing_sessions`` gauge. On stop every session is tried,
+whatever failed before it, and the result names those that could not be saved. The files
+themselves are :mod:`adamserve.sessions.checkpoints`'.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from adamserve import metrics
 from adamserve.engine.optimizer import StepReport
-from adamserve.errors import FailedPrecondition, NotFound
+from adamserve.errors import FailedPrecondition, NotFound, ServiceError
 from adamserve.sessions import meta
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
 from adamserve.sessions.session import Session
 
 log = logging.getLogger("adamserve.checkpoints")
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a checkpoint of every session with unsaved changes did (on stop)."""
+
+    saved: tuple[str, ...] = ()
+    failed: Mapping[str, str] = field(default_factory=dict)  # session id -> why
 
 
 class CheckpointPolicy:
@@ -33,6 +47,9 @@ class CheckpointPolicy:
         self.checkpoints = checkpoints
         self.every_steps = every_steps
         self.every_seconds = every_seconds
+        # sessions whose last checkpoint failed: logged once until one succeeds
+        self._failing: set[str] = set()
+        self._failing_lock = threading.Lock()  # writes of different sessions run at once
 
     @property
     def period(self) -> float | None:
@@ -48,16 +65,22 @@ class CheckpointPolicy:
                                      reason="CHECKPOINTS_DISABLED")
         return self.checkpoints
 
-    def write(self, session: Session) -> CheckpointInfo:
-        """Checkpoint ``session`` now (its lock held); durable on return."""
+    def write(self, session: Session, kind: str = "requested") -> CheckpointInfo:
+        """Checkpoint ``session`` now (its lock held); durable on return. A failure
+        (Unavailable: the disk refused) changes nothing in memory."""
         store = self.require()
         if session.deleted:  # deleted or replaced by a restore: its files are not ours
             raise NotFound(f"session {session.id!r} does not exist", reason="SESSION_NOT_FOUND",
                            metadata=meta(session.id))
         version = session.version
-        info = store.write(session)
+        try:
+            info = store.write(session)
+        except Exception as exc:
+            self._failed(session.id, kind, exc, always=kind == "on-stop")
+            raise
         session.checkpointed(info.step, version)
         metrics.CHECKPOINTS.inc()
+        self._succeeded(session.id)
         return info
 
     def after_step(self, session: Session, report: StepReport) -> None:
@@ -87,23 +110,62 @@ class CheckpointPolicy:
                 session.lock.release()
         return n
 
-    def on_stop(self, sessions: Iterable[Session]) -> int:
-        """Graceful shutdown: every session with unsaved changes (a failure raises)."""
+    def on_stop(self, sessions: Iterable[Session]) -> Saved:
+        """Graceful shutdown: every session with unsaved changes, each tried whatever
+        happened to the others; each failure is logged."""
         if self.checkpoints is None:
-            return 0
-        n = 0
+            return Saved()
+        saved: list[str] = []
+        failed: dict[str, str] = {}
         for session in sessions:
             with session.lock:
-                if session.dirty and not session.deleted:
-                    self.write(session)
-                    n += 1
-        return n
+                if not session.dirty or session.deleted:
+                    continue
+                try:
+                    self.write(session, "on-stop")
+                except Exception as exc:
+                    failed[session.id] = str(exc) if isinstance(exc, ServiceError) else repr(exc)
+                    continue
+                saved.append(session.id)
+        return Saved(tuple(saved), failed)
+
+    def forget(self, session_id: str) -> None:
+        """A deleted session fails no more."""
+        with self._failing_lock:
+            self._failing.discard(session_id)
+            metrics.CHECKPOINT_FAILING_SESSIONS.set(len(self._failing))
+
+    def failing(self) -> list[str]:
+        """The sessions whose last checkpoint failed."""
+        with self._failing_lock:
+            return sorted(self._failing)
 
     def _quietly(self, session: Session, kind: str) -> bool:
         try:
-            self.write(session)
-        except Exception:
-            log.exception("%s checkpoint of session %s failed", kind, session.id)
-            metrics.CHECKPOINT_FAILURES.inc()
+            self.write(session, kind)
+        except Exception:  # logged and counted by write
             return False
         return True
+
+    def _failed(self, session_id: str, kind: str, exc: Exception, *, always: bool) -> None:
+        metrics.CHECKPOINT_FAILURES.inc()
+        with self._failing_lock:
+            first = session_id not in self._failing
+            self._failing.add(session_id)
+            metrics.CHECKPOINT_FAILING_SESSIONS.set(len(self._failing))
+        if not (first or always):
+            return
+        more = "" if always else "; not logged again until one of its checkpoints succeeds"
+        if isinstance(exc, ServiceError):  # the disk refused: its message says all
+            log.error("%s checkpoint of session %s failed: %s%s", kind, session_id, exc, more)
+        else:
+            log.error("%s checkpoint of session %s failed%s", kind, session_id, more,
+                      exc_info=exc)
+
+    def _succeeded(self, session_id: str) -> None:
+        with self._failing_lock:
+            if session_id not in self._failing:
+                return
+            self._failing.discard(session_id)
+            metrics.CHECKPOINT_FAILING_SESSIONS.set(len(self._failing))
+        log.info("checkpoints of session %s succeed again", session_id)

@@ -13,8 +13,12 @@ its outcome for late pushes, pulls and repeated commits. Any other transition is
 and raises :class:`IllegalTransition`.
 
 The coordinator owns the rounds' buffers (the float64 sum of the pushes and their mean
-in the session's precision), the current round, the members of the last applied one
-and the admission of pushes (staleness, one push per worker per step). Every method
+in the session's precision: :attr:`RoundCoordinator.buffer_bytes`, counted with the
+session's state; their allocation is counted against the caps before it happens, by
+the ``reserve`` a push hands :meth:`RoundCoordinator.arrive`), the current round, the
+members of the last applied one and the admission of pushes (staleness, one push per
+worker per step). A push's own gradient is added to the sum on arrival and not kept:
+a waiting worker holds no buffer. Every method
 runs with the session's lock held; an applied step is handed to the session
 (:meth:`RoundHost.record_step`), which keeps the push log, the version and the
 checkpoint trigger. ``docs/exchange.md`` walks through the two-phase exchange.
@@ -28,7 +32,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +51,13 @@ log = logging.getLogger("adamserve.rounds")
 
 BoolArray = npt.NDArray[np.bool_]
 F64 = npt.NDArray[np.float64]
+# Counts bytes about to be allocated against the server's caps while its block runs
+# (SessionStore.reserved for this session); refuses (ResourceExhausted) when they do not fit.
+Reserve = Callable[[int], AbstractContextManager[object]]
+
+
+def _unreserved(nbytes: int) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 class RoundState(enum.Enum):
@@ -150,7 +161,8 @@ class RoundCoordinator:
         self.ended: Round | None = None  # the latest round that ended
         self.last: Outcome | None = None  # how the latest round ended
         self.members: frozenset[str] = frozenset()  # the workers of the latest applied round
-        self._sum: Any = None  # the pushes' sum (float64), allocated on first use
+        # allocated (both) when the first round opens, kept for the next ones
+        self._sum: Any = None  # the pushes' sum (float64)
         self._mean: Any = None  # a closed round's mean, in the session's precision
         self._anonymous = 0  # numbers the pushes that carry no worker id
         self._ids = secrets.randbits(40)  # round ids from before a restart are not reused
@@ -216,11 +228,24 @@ class RoundCoordinator:
 
     # -- transitions ------------------------------------------------------------
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the rounds' buffers held now (the sum and the mean)."""
+        return sum(int(b.nbytes) for b in (self._sum, self._mean) if b is not None)
+
+    def round_bytes(self) -> int:
+        """Bytes the rounds' buffers take once allocated: the float64 sum and the mean."""
+        opt = self._host.opt
+        return opt.layout.size * (8 + opt.dtype.itemsize)
+
     def arrive(self, grad: npt.NDArray[Any], active: BoolArray, push: PushId | None,
-               answer: str | None = None) -> Round:
+               answer: str | None = None, reserve: Reserve = _unreserved) -> Round:
         """Add a decoded push (host memory) to the current round, opening one if there
         is none (once its gradient is in); the round closes when it is full.
-        ``answer``: the datatype of the parameters the pusher waits for (None: none)."""
+        ``answer``: the datatype of the parameters the pusher waits for (None: none).
+        ``reserve``: counts the rounds' buffers against the caps before they are
+        allocated (the first round, or the first after the tensors changed); refused,
+        nothing changes."""
         host = self._host
         opt = host.opt
         r = self.current
@@ -229,17 +254,10 @@ class RoundCoordinator:
             if answer is not None:
                 r.owed[answer] += 1
             return r  # the same push again: it waits on the round like the first
+        if r is None and self._sum is None:
+            self._allocate(reserve)
         src = opt.backend.to_device(grad)
         if r is None:
-            if self._sum is None:
-                try:
-                    # float64: the sum of a round's pushes does not depend on the order
-                    # they arrived in (float32 additions would round differently)
-                    self._sum = opt.backend.zeros(opt.layout.size, np.dtype(np.float64))
-                except MemoryError:
-                    raise ResourceExhausted(
-                        f"session {host.id!r}: no memory for the round accumulator",
-                        reason="DEVICE_OUT_OF_MEMORY", metadata=meta(host.id)) from None
             self._sum[...] = src
             self._ids += 1
             r = self.current = Round(step=opt.step_count + 1, id=self._ids, active=active)
@@ -258,6 +276,24 @@ class RoundCoordinator:
             self.close(r)
         return r
 
+    def _allocate(self, reserve: Reserve) -> None:
+        """The rounds' buffers, counted (``reserve``) before they are allocated; once
+        allocated they count with the session's state (:attr:`buffer_bytes`)."""
+        host = self._host
+        opt = host.opt
+        with reserve(self.round_bytes()):
+            try:
+                # float64: the sum of a round's pushes does not depend on the order
+                # they arrived in (float32 additions would round differently)
+                self._sum = opt.backend.zeros(opt.layout.size, np.dtype(np.float64))
+                self._mean = opt.backend.zeros(opt.layout.size, opt.dtype)
+            except MemoryError:
+                self._sum = self._mean = None
+                raise ResourceExhausted(
+                    f"session {host.id!r}: no memory for the round's buffers "
+                    f"({self.round_bytes()} bytes)",
+                    reason="DEVICE_OUT_OF_MEMORY", metadata=meta(host.id)) from None
+
     def close(self, r: Round) -> None:
         """End OPEN round ``r`` with the mean of what arrived: apply it, or (exchange)
         stage it for the commit. If that raises (the device ran out of memory, say),
@@ -268,8 +304,6 @@ class RoundCoordinator:
         report = None
         with self._or_fail(r):
             self._sum /= r.arrived
-            if self._mean is None:
-                self._mean = opt.backend.zeros(opt.layout.size, opt.dtype)
             self._mean[...] = self._sum  # the mean in the session's precision
             outcome = Outcome(r.step, r.id, contributors=r.arrived, missing=missing)
             if host.workers.exchange:

@@ -3,6 +3,7 @@ and the invariants every change keeps (see :class:`Session`)."""
 
 from __future__ import annotations
 
+import numbers
 import re
 import threading
 import time
@@ -18,18 +19,19 @@ from adamserve.engine import algorithms as alg
 from adamserve.engine import schedules
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, StepReport, TensorSpec
-from adamserve.errors import InvalidArgument
+from adamserve.errors import InvalidArgument, shown
 from adamserve.sessions.coordinator import Round, RoundCoordinator
 from adamserve.sessions.pushlog import PushId, PushLog
 from adamserve.sessions.rounds import WorkersConfig
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_session_id(session_id: str) -> None:
-    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+    # fullmatch: with match and ``$`` an id ending in a newline would pass
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         raise ValueError(
-            f"session id {session_id!r}: expected 1-128 characters of letters, digits, "
+            f"session id {shown(session_id)}: expected 1-128 characters of letters, digits, "
             "'.', '_' or '-', starting with a letter or digit")
 
 
@@ -47,6 +49,7 @@ class SessionConfig:
     skip_nonfinite: bool = True
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     labels: dict[str, str] = field(default_factory=dict)
+    tenant: str = ""  # the owner (sessions.names); "" the default tenant
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,33 +73,46 @@ class SessionConfig:
             skip_nonfinite=bool(d.get("skip_nonfinite", True)),
             workers=WorkersConfig.from_json(d.get("workers")),
             labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
+            tenant=str(d.get("tenant", "")),
         )
 
 
-# Bounds on declared shapes, shared by both transports: far beyond any device and far
+# Bounds on declared shapes, shared by every transport: far beyond any device and far
 # from int64 overflow in the layout's offsets and byte counts.
 MAX_ELEMENTS = 1 << 40  # per session (and so per tensor and per dimension)
 MAX_RANK = 32
+MAX_TENSORS = 65536  # per session: every step's bookkeeping is per tensor
+MAX_NAME = 1024  # characters of a tensor name (as the HTTP schema's)
+# Bytes counted per tensor besides its elements (its name, spec, offsets, step count,
+# index entry and a step's per-tensor arrays), so that empty tensors are not free.
+TENSOR_OVERHEAD = 256
 
 
 def check_tensors(config: SessionConfig) -> None:
-    """Names, shapes and the total size, checked without computing huge products."""
+    """Count, names, shapes and the total size, checked without computing huge products
+    (repeated names: :class:`Layout`, O(n))."""
     if not config.tensors:
         raise ValueError("a session needs at least one tensor")
+    if len(config.tensors) > MAX_TENSORS:
+        raise ValueError(f"{len(config.tensors)} tensors: a session holds at most "
+                         f"{MAX_TENSORS} (MAX_TENSORS)")
     total = 0
     for t in config.tensors:
         if not isinstance(t.name, str) or not t.name:
             raise ValueError("tensor names must be non-empty strings")
+        if len(t.name) > MAX_NAME:
+            raise ValueError(f"tensor {shown(t.name)}: a name has at most {MAX_NAME} "
+                             "characters")
         n = 1
         for d in t.shape:
             if d < 0:
-                raise ValueError(f"tensor {t.name!r}: shape {list(t.shape)} has a negative "
-                                 "dimension")
+                raise ValueError(f"tensor {shown(t.name)}: shape {shown(list(t.shape))} has a "
+                                 "negative dimension")
             n = min(n * d, MAX_ELEMENTS + 1)
         total += n
         if total > MAX_ELEMENTS:
-            raise ValueError(f"tensor {t.name!r}: the session would exceed {MAX_ELEMENTS} "
-                             "elements")
+            raise ValueError(f"tensor {shown(t.name)}: the session would exceed "
+                             f"{MAX_ELEMENTS} elements")
 
 
 MAX_LABELS = 64
@@ -107,25 +123,28 @@ def check_labels(labels: Mapping[str, str]) -> None:
         raise ValueError(f"labels: {len(labels)} given; at most {MAX_LABELS}")
     for k, v in labels.items():
         if not 1 <= len(k) <= 128 or len(v) > 1024:
-            raise ValueError(f"label {k[:40]!r}: expected a key of 1-128 characters and a "
+            raise ValueError(f"label {shown(k)}: expected a key of 1-128 characters and a "
                              "value of at most 1024")
 
 
 def state_bytes(config: SessionConfig) -> int:
-    """Bytes of device memory a session with this config holds (param, grad and slots)."""
+    """Bytes a session with this config holds (param, grad, slots, per-tensor overhead);
+    it checks the tensors, repeated names too, before anything is allocated or locked."""
     check_tensors(config)
+    layout = Layout(config.tensors)
     algo, extra = alg.parse_algorithm(config.algorithm)
     spec = alg.SPECS[algo]
     slots: set[str] = set()
     for g in config.groups:
         slots.update(spec.slots(alg.resolve_hyperparameters(algo, {**extra, **g})))
-    n = sum(t.numel for t in config.tensors)
-    return slot_bytes(n, len(slots), 8 if config.dtype == "float64" else 4)
+    return slot_bytes(layout.size, len(slots), 8 if config.dtype == "float64" else 4,
+                      len(layout))
 
 
-def slot_bytes(elements: int, slots: int, itemsize: int) -> int:
-    """Bytes of param + grad + ``slots`` moment buffers of ``elements`` each."""
-    return (2 + slots) * elements * itemsize
+def slot_bytes(elements: int, slots: int, itemsize: int, tensors: int = 0) -> int:
+    """Bytes of param + grad + ``slots`` moment buffers of ``elements`` each, and the
+    fixed overhead of ``tensors`` tensors."""
+    return (2 + slots) * elements * itemsize + tensors * TENSOR_OVERHEAD
 
 
 def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
@@ -133,8 +152,11 @@ def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
     check_tensors(config)
     config.workers.check()
     check_labels(config.labels)
-    if config.max_grad_norm is not None and not config.max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm: expected a number > 0, got {config.max_grad_norm!r}")
+    norm = config.max_grad_norm
+    if norm is not None and (isinstance(norm, bool) or not isinstance(norm, numbers.Real)
+                             or not 0 < norm <= alg.MAX_VALUE):
+        raise ValueError(f"max_grad_norm: expected a number in (0, {alg.MAX_VALUE:g}], got "
+                         f"{shown(norm)}")
     schedule = schedules.schedule_from_dict(config.schedule) if config.schedule else None
     return FlatOptimizer(
         config.algorithm,
@@ -254,7 +276,9 @@ class Session:
 
     @property
     def state_bytes(self) -> int:
-        return slot_bytes(self.opt.layout.size, len(self.opt.slots), self.opt.dtype.itemsize)
+        layout = self.opt.layout
+        return slot_bytes(layout.size, len(self.opt.slots), self.opt.dtype.itemsize,
+                          len(layout))
 
     @property
     def dirty(self) -> bool:

@@ -27,6 +27,8 @@ from adamserve import errors
 from adamserve.engine.dtypes import WIRE_DTYPES
 from adamserve.engine.optimizer import TensorSpec
 from adamserve.service import (
+    LOCAL,
+    Caller,
     OptimizerService,
     PushId,
     RegionInfo,
@@ -122,7 +124,8 @@ def step_call(header: pb.StepHeader, push: bool) -> StepCall:
         params_region=params)
 
 
-def run_commit(service: OptimizerService, request: pb.CommitRequest) -> StepResult:
+def run_commit(service: OptimizerService, request: pb.CommitRequest, *,
+               caller: Caller = LOCAL) -> StepResult:
     """The commit ``request`` asks for (every transport's)."""
     rtype = None if request.skip_params else datatype(request.return_datatype,
                                                       "return_datatype")
@@ -130,11 +133,11 @@ def run_commit(service: OptimizerService, request: pb.CommitRequest) -> StepResu
         session_id(request.session_id), request.step, list(request.tensor_sumsq),
         request.total_sumsq, param_sumsq=list(request.param_sumsq),
         update_sumsq=list(request.update_sumsq), round_id=request.round_id,
-        return_datatype=rtype)
+        return_datatype=rtype, caller=caller)
 
 
 def run_step(service: OptimizerService, header: pb.StepHeader, grads: Iterable[TensorChunk],
-             *, push: bool, wait: float | None, tenant: str = "") -> StepResult:
+             *, push: bool, wait: float | None, caller: Caller = LOCAL) -> StepResult:
     """The step (or push) ``header`` asks for, with the gradients ``grads`` (none when
     the header names a gradients region)."""
     call = step_call(header, push)
@@ -143,7 +146,7 @@ def run_step(service: OptimizerService, header: pb.StepHeader, grads: Iterable[T
                         base_step=call.base_step, wait=wait,
                         gradients_region=call.gradients_region,
                         gradients_datatype=call.gradients_datatype,
-                        params_region=call.params_region, tenant=tenant)
+                        params_region=call.params_region, caller=caller)
 
 
 def check_shape(shape: Iterable[int], what: str) -> tuple[int, ...]:
@@ -220,6 +223,7 @@ def session_message(info: SessionInfo) -> pb.Session:
         backend=proto.BACKEND.number(info.backend, "backend"),
         workers=proto.workers_message(info.workers),
         labels=info.labels,
+        tenant=info.tenant,
     )
     if info.schedule is not None:
         msg.schedule.CopyFrom(proto.schedule_message(info.schedule))

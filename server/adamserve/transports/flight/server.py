@@ -36,7 +36,6 @@ INTERNAL); every other code is a ``FlightServerError``.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +48,7 @@ import pyarrow.flight as fl
 from google.protobuf.message import DecodeError, Message
 
 from adamserve import errors, metrics
-from adamserve.service import OptimizerService, StepResult, TensorChunk
+from adamserve.service import Access, Caller, OptimizerService, StepResult, TensorChunk
 from adamserve.transports import convert
 from adamserve.transports.flight import streams
 from adamserve.transports.grpc.servicer import (
@@ -57,6 +56,7 @@ from adamserve.transports.grpc.servicer import (
     error_message,
     status_of,
 )
+from adamserve.transports.tls import TlsFiles, flight_options
 from adamserve_proto import flight as layout
 from adamserve_proto import rpc
 from adamserve_proto.v2 import optimizer_pb2 as pb
@@ -100,7 +100,11 @@ class _Label:
 
 class _Call:
     """The part of a gRPC ServicerContext the servicer's methods read: Flight gives a
-    handler no deadline, so waits are bounded by the service's own limits."""
+    handler no deadline, so waits are bounded by the service's own limits; the caller
+    is the one the call's middleware admitted."""
+
+    def __init__(self, caller: Caller) -> None:
+        self.caller = caller
 
     def time_remaining(self) -> float | None:
         return None
@@ -202,36 +206,55 @@ def _buffer(msg: Message | bytes) -> pa.Buffer:
     return pa.py_buffer(msg if isinstance(msg, bytes) else msg.SerializeToString())
 
 
-class BearerToken(fl.ServerMiddlewareFactory):  # type: ignore[misc]
-    """Refuse calls without header ``authorization: Bearer <token>`` (UNAUTHENTICATED),
-    compared in constant time, as the gRPC and HTTP services do."""
+class _Admitted(fl.ServerMiddleware):  # type: ignore[misc]
+    """A call's caller, counted in flight until the call completes."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, access: Access, caller: Caller) -> None:
         super().__init__()
-        self._expected = token.encode()
+        self.access = access
+        self.caller = caller
 
-    def start_call(self, info: Any, headers: dict[str, list[str | bytes]]) -> None:
-        for value in headers.get("authorization", ()):
-            raw = value.encode() if isinstance(value, str) else bytes(value)
-            scheme, _, credential = raw.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(),
-                                                                   self._expected):
-                return
-        metrics.REQUESTS.labels(TRANSPORT, str(info.method), "UNAUTHENTICATED").inc()
-        raise flight_error(errors.Unauthenticated(
-            "missing or wrong token: send header 'authorization: Bearer <token>'"))
+    def call_completed(self, exception: BaseException | None) -> None:
+        self.access.leave(self.caller)
+
+
+class Admission(fl.ServerMiddlewareFactory):  # type: ignore[misc]
+    """Every call's caller from its header ``authorization: Bearer <key>`` (as the gRPC
+    and HTTP services read it), before its handler runs: UNAUTHENTICATED without a
+    known key, RATE_LIMITED / TOO_MANY_STREAMS past the tenant's quotas."""
+
+    def __init__(self, access: Access) -> None:
+        super().__init__()
+        self.access = access
+
+    def start_call(self, info: Any, headers: dict[str, list[str | bytes]]) -> _Admitted:
+        values = headers.get("authorization") or ()
+        try:
+            caller = self.access.authenticate(next(iter(values), None))
+            if caller is None:
+                raise errors.Unauthenticated(
+                    "missing or wrong key: send header 'authorization: Bearer <key>'")
+            self.access.admit(caller)
+            self.access.enter(caller)
+        except errors.ServiceError as exc:
+            metrics.REQUESTS.labels(TRANSPORT, str(info.method),
+                                    status_of(exc)[0].name).inc()
+            raise flight_error(exc) from None
+        return _Admitted(self.access, caller)
 
 
 class FlightService(fl.FlightServerBase):  # type: ignore[misc]
-    """``service`` over Arrow Flight at ``location`` (``grpc://host:port``; port 0
-    picks a free one: see :attr:`port`)."""
+    """``service`` over Arrow Flight at ``location`` (``grpc://host:port``, or
+    ``grpc+tls://host:port`` with ``tls``; port 0 picks a free one: see :attr:`port`)."""
 
     def __init__(self, service: OptimizerService, location: str,
-                 token: str | None = None, stream_wait: float = streams.STREAM_WAIT) -> None:
-        middleware = {"auth": BearerToken(token)} if token else {}
-        super().__init__(location, middleware=middleware)
+                 token: str | None = None, stream_wait: float = streams.STREAM_WAIT, *,
+                 tls: TlsFiles | None = None, access: Access | None = None) -> None:
+        self.access = access or Access.single(token)
+        super().__init__(location, middleware={"access": Admission(self.access)},
+                         **(flight_options(tls) if tls is not None else {}))
         self.service = service
-        self.servicer = OptimizerServicer(service)
+        self.servicer = OptimizerServicer(service, self.access)
         self.gathers = streams.Gathers(stream_wait)
 
     # -- the guard --------------------------------------------------------------
@@ -256,18 +279,25 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             raise failure from None
         metrics.REQUESTS.labels(TRANSPORT, label.method, "OK").inc()
 
+    @staticmethod
+    def _caller(context: Any) -> Caller:
+        admitted = context.get_middleware("access")
+        assert isinstance(admitted, _Admitted)  # every call passes Admission first
+        return admitted.caller
+
     # -- the four verbs -----------------------------------------------------------
 
     def do_exchange(self, context: Any, descriptor: fl.FlightDescriptor, reader: Any,
                     writer: Any) -> None:
         with self._guard("Step") as label:
+            caller = self._caller(context)
             kind, first, cmd = _command(descriptor.command or b"", "DoExchange", "step",
                                         "commit")
             if kind == "commit":
                 label.method = "Commit"
                 for _ in _chunks(reader, "Commit"):  # read to the end: nothing is expected
                     raise errors.InvalidArgument("Commit: the stream carries no tensors")
-                result = convert.run_commit(self.service, first)
+                result = convert.run_commit(self.service, first, caller=caller)
                 self._answer(writer, result, result.params, first.return_datatype)
                 return
             header = _header(first, "Step")
@@ -276,12 +306,12 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
                 if cmd.HasField("streams"):
                     raise errors.InvalidArgument("apply_as_received: a full-duplex step goes "
                                                  "over one stream, not several")
-                self._duplex(header, grads, writer)
+                self._duplex(header, grads, writer, caller)
                 return
             if cmd.HasField("streams"):
-                result, params = self._parallel(header, cmd.streams, grads)
+                result, params = self._parallel(header, cmd.streams, grads, caller)
             else:
-                result = convert.run_step(self.service, header, grads, push=False, wait=None)
+                result = convert.run_step(self.service, header, grads, push=False, wait=None, caller=caller)
                 params = result.params
             self._answer(writer, result, params, header.return_datatype)
 
@@ -295,12 +325,14 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             _write_params(writer, params, datatype or "FP32")
 
     def _parallel(self, header: pb.StepHeader, spec: pb.FlightStreams,
-                  grads: Iterator[TensorChunk]) -> tuple[StepResult, list[TensorChunk]]:
+                  grads: Iterator[TensorChunk], caller: Caller
+                  ) -> tuple[StepResult, list[TensorChunk]]:
         """One stream of a step sent over several (:mod:`.streams`): the step's result
         and the parameters of this stream's rows."""
         session_id = convert.session_id(header.session_id, "header.session_id")
-        info = self.service.describe(session_id)
+        info = self.service.describe(session_id, caller=caller)
         limit = info.numel * 8  # no datatype is wider than FP64
+        session_id = caller.resolve(session_id)  # one tenant's streams never meet another's
         g = self.gathers.join(session_id, spec.id, spec.count, spec.index,
                               header.SerializeToString(deterministic=True), limit)
         rows: list[streams.Row] = []
@@ -319,7 +351,7 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
                 yield from g.rows_of(i)
 
         try:
-            result = convert.run_step(self.service, header, merged(), push=False, wait=None)
+            result = convert.run_step(self.service, header, merged(), push=False, wait=None, caller=caller)
         except BaseException as exc:
             g.finish(None, exc)
             raise
@@ -328,12 +360,13 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
         g.finish(result, None)
         return result, streams.share(result.params, rows)
 
-    def _duplex(self, header: pb.StepHeader, grads: Iterator[TensorChunk], writer: Any) -> None:
+    def _duplex(self, header: pb.StepHeader, grads: Iterator[TensorChunk], writer: Any,
+                caller: Caller) -> None:
         call = convert.step_call(header, push=False)
         datatype = call.return_datatype or "FP32"
         begun = False
         for item in self.service.step_stream(call.session_id, grads, return_datatype=datatype,
-                                             push_id=call.push_id):
+                                             push_id=call.push_id, caller=caller):
             if isinstance(item, StepResult):
                 writer.write_metadata(_buffer(pb.StepResponse(
                     status=convert.step_status(item))))
@@ -349,42 +382,45 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             kind, first, _ = _command(descriptor.command or b"", "DoPut", "push",
                                    "create_session", "add_tensors", "set_parameters")
             label.method = COMMANDS[kind]
-            response = self._put(kind, first, _chunks(reader, label.method))
+            response = self._put(kind, first, _chunks(reader, label.method),
+                                 self._caller(context))
             writer.write(_buffer(response))
 
-    def _put(self, kind: str, first: Any, chunks: Iterator[TensorChunk]) -> Message:
+    def _put(self, kind: str, first: Any, chunks: Iterator[TensorChunk],
+             caller: Caller) -> Message:
         service = self.service
         if kind == "push":
             result = convert.run_step(service, _header(first, "Push"), chunks, push=True,
-                                      wait=None)
+                                      wait=None, caller=caller)
             return pb.PushResponse(status=convert.step_status(result))
         if kind == "create_session":
             spec = _spec(first, "CreateSession")
             info = service.create(convert.session_id(spec.session_id, "spec.session_id"),
-                                  convert.session_config(spec), chunks)
+                                  convert.session_config(spec), chunks, caller=caller)
             return pb.CreateSessionResponse(session=convert.session_message(info))
         if kind == "add_tensors":
             spec = _spec(first, "AddTensors")
             group = (convert.group_dict(spec.new_group, "new_group")
                      if spec.HasField("new_group") else None)
             info = service.add_tensors(convert.session_id(spec.session_id, "spec.session_id"),
-                                       convert.tensor_specs(spec.tensors), group, chunks)
+                                       convert.tensor_specs(spec.tensors), group, chunks, caller=caller)
             return pb.AddTensorsResponse(session=convert.session_message(info))
         if first.WhichOneof("kind") != "session_id":
             raise errors.InvalidArgument("SetParameters: the command's request must carry "
                                          "`session_id`")
-        info = service.set_parameters(convert.session_id(first.session_id), chunks)
+        info = service.set_parameters(convert.session_id(first.session_id), chunks, caller=caller)
         return pb.SetParametersResponse(session=convert.session_message(info))
 
     def do_get(self, context: Any, ticket: fl.Ticket) -> fl.GeneratorStream:
         with self._guard("Pull"):
+            caller = self._caller(context)
             _, request, _ = _command(ticket.ticket or b"", "DoGet", "pull")
             datatype = convert.datatype(request.datatype, "datatype")
             timeout = (convert.seconds(request.timeout, "timeout")
                        if request.HasField("timeout") else None)
             params = self.service.pull(convert.session_id(request.session_id),
                                        list(request.names) or None, datatype,
-                                       min_step=request.min_step, timeout=timeout)
+                                       min_step=request.min_step, timeout=timeout, caller=caller)
             return fl.GeneratorStream(layout.schema(datatype), _tensor_batches(params, datatype))
 
     def do_action(self, context: Any, action: fl.Action) -> Iterator[fl.Result]:
@@ -398,7 +434,8 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             body = action.body.to_pybytes() if action.body is not None else b""
             request = _parse(row.request_type, body, method)
             fn: Callable[[Any, Any], Any] = getattr(self.servicer, method)
-            answer = fn(iter([request]) if row.request_streaming else request, _Call())
+            answer = fn(iter([request]) if row.request_streaming else request,
+                        _Call(self._caller(context)))
             # run the whole operation here, under the guard, before the first result
             results = list(answer) if row.response_streaming else [answer]
         return iter([fl.Result(_buffer(r)) for r in results])
@@ -419,19 +456,19 @@ class FlightServerThread:
     """A :class:`FlightService` served by a thread; ``stop`` shuts it down."""
 
     def __init__(self, service: OptimizerService, host: str = "127.0.0.1", port: int = 0,
-                 token: str | None = None, stream_wait: float = streams.STREAM_WAIT) -> None:
-        if token is not None and not token:
-            raise ValueError("token: expected a non-empty string, or None for no "
-                             "authentication")
+                 token: str | None = None, stream_wait: float = streams.STREAM_WAIT, *,
+                 tls: TlsFiles | None = None, access: Access | None = None) -> None:
+        access = access or Access.single(token)
         bracketed = f"[{host}]" if ":" in host else host
+        scheme = "grpc+tls" if tls is not None else "grpc"
         try:
-            self.server = FlightService(service, f"grpc://{bracketed}:{port}", token,
-                                        stream_wait)
+            self.server = FlightService(service, f"{scheme}://{bracketed}:{port}", None,
+                                        stream_wait, tls=tls, access=access)
         except pa.ArrowException as exc:
             raise OSError(f"Flight: cannot listen on {bracketed}:{port} "
                           f"({_first_line(exc)})") from None
         self.port: int = self.server.port
-        self.url = f"flight://{bracketed}:{self.port}"
+        self.url = f"{'flight+tls' if tls else 'flight'}://{bracketed}:{self.port}"
         self._thread = threading.Thread(target=self.server.serve, name="adamserve-flight",
                                         daemon=True)
 

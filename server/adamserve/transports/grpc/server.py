@@ -1,31 +1,26 @@
-"""Build the gRPC server: the OptimizerService, health, reflection and the bearer token."""
+"""Build the gRPC server: the OptimizerService, health, reflection, and admission (keys,
+tenants' quotas: :mod:`.admission`), with bounded threads, streams and connections."""
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from adamserve import errors, metrics
-from adamserve.service import OptimizerService
+from adamserve.service import Access, OptimizerService
+from adamserve.transports.grpc.admission import AdmissionInterceptor
 from adamserve.transports.grpc.servicer import (
     MAX_RECEIVE_BYTES,
-    METHOD_KINDS,
     SERVICE_NAME,
-    TRANSPORT,
     add_to_server,
-    error_status,
 )
-from adamserve_proto import rpc
+from adamserve.transports.tls import TlsFiles, grpc_credentials
 
 log = logging.getLogger("adamserve.transports.grpc")
 
@@ -35,8 +30,6 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 # protocol was promoted as it was); grpcio-reflection serves v1alpha only.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 REFLECTION_V1ALPHA = reflection.SERVICE_NAME
-# Services that answer without a token: load balancers and grpcurl need them.
-OPEN_SERVICES = (health.SERVICE_NAME, REFLECTION_V1ALPHA, REFLECTION_V1)
 
 
 def _add_reflection_v1_descriptor() -> None:
@@ -78,48 +71,11 @@ def _enable_reflection(server: grpc.Server, names: tuple[str, ...]) -> None:
         for name in (REFLECTION_V1ALPHA, REFLECTION_V1)))
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuse calls without metadata ``authorization: Bearer <token>`` (UNAUTHENTICATED).
-
-    The token is compared in constant time. Health and reflection stay open.
-    """
-
-    def __init__(self, token: str) -> None:
-        self._expected = token.encode()
-
-    def _authorized(self, metadata: Metadata | None) -> bool:
-        for key, value in metadata or ():
-            if key != "authorization":
-                continue
-            raw = value.encode() if isinstance(value, str) else bytes(value)
-            scheme, _, credential = raw.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(),
-                                                                   self._expected):
-                return True
-        return False
-
-    def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails],
-                                         grpc.RpcMethodHandler[Any, Any] | None],
-            handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
-        service = method.lstrip("/").partition("/")[0]
-        if service in OPEN_SERVICES or self._authorized(handler_call_details.invocation_metadata):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None  # UNIMPLEMENTED, as without a token
-        name = method.rpartition("/")[2]
-
-        def deny(request: object, context: grpc.ServicerContext) -> None:
-            metrics.REQUESTS.labels(TRANSPORT, name, "UNAUTHENTICATED").inc()
-            context.abort_with_status(error_status(errors.Unauthenticated(
-                "missing or wrong token: send metadata 'authorization: Bearer <token>'")))
-
-        factory = METHOD_KINDS[rpc.kind(handler.request_streaming, handler.response_streaming)]
-        return factory(deny, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+# Bounds on what one peer may hold (docs/security.md).
+MAX_STREAMS_PER_CONNECTION = 128
+IDLE_CONNECTION_MS = 5 * 60_000
+KEEPALIVE_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
 
 
 def _address(host: str, port: int) -> str:
@@ -155,28 +111,41 @@ def _serve_when_ready(service: OptimizerService, server: grpc.Server,
 
 
 def build_grpc_server(service: OptimizerService, host: str = "127.0.0.1", port: int = 0,
-                      token: str | None = None, max_workers: int = 1024) -> tuple[grpc.Server, int]:
+                      token: str | None = None, max_workers: int = 1024,
+                      tls: TlsFiles | None = None,
+                      access: Access | None = None) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``service``; return it (started) and the port it bound.
 
-    ``port`` 0 picks a free port. With ``token``, every Optimizer call must carry
-    ``authorization: Bearer <token>``; the health service (NOT_SERVING until
-    ``service.ready``, then SERVING, for "" and "adamserve_proto.v2.OptimizerService")
-    and server reflection (v1 and v1alpha) need none. Messages up to 64 MiB are accepted; the server
-    sends at most 4 MiB per message. Stop it with ``server.stop(grace)``.
+    ``port`` 0 picks a free port. ``access``: the keys and tenants (``token`` alone: one
+    key for the default tenant; neither: no authentication). With keys, every call but
+    the health service's (NOT_SERVING until ``service.ready``, then SERVING, for "" and
+    "adamserve_proto.v2.OptimizerService") must carry ``authorization: Bearer <key>``,
+    server reflection (v1 and v1alpha) included. Messages up to 64 MiB are accepted; the server
+    sends at most 4 MiB per message. With ``tls`` the port speaks only TLS (mutual TLS
+    when it has a client CA). Stop it with ``server.stop(grace)``.
     """
-    if token is not None and not token:
-        raise ValueError("token: expected a non-empty string, or None for no authentication")
-    interceptors: list[grpc.ServerInterceptor] = [BearerTokenInterceptor(token)] if token else []
+    access = access or Access.single(token)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="adamserve-grpc"),
-        interceptors=interceptors,
+        interceptors=[AdmissionInterceptor(access)],
+        # past the pool's threads a call is refused (RESOURCE_EXHAUSTED), not queued
+        maximum_concurrent_rpcs=max_workers,
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_RECEIVE_BYTES),
             ("grpc.so_reuseport", 0),
+            # one connection may hold this many calls at once (HTTP/2 streams)
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # connections with no call for this long are closed; silent peers are found
+            # by keepalive pings and dropped
+            ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    add_to_server(service, server)
+    add_to_server(service, server, access)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -184,13 +153,15 @@ def build_grpc_server(service: OptimizerService, host: str = "127.0.0.1", port: 
     _enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, grpc_credentials(tls)) if tls is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise OSError(f"gRPC: cannot listen on {address} ({exc})") from None
     if not bound:
         raise OSError(f"gRPC: cannot listen on {address}")
     server.start()
     _serve_when_ready(service, server, health_servicer)
-    log.info("gRPC listening on %s%s", _address(host, bound),
-             " (bearer token required)" if token else "")
+    log.info("gRPC listening on %s%s%s", _address(host, bound),
+             "" if tls is None else " (mutual TLS)" if tls.mutual else " (TLS)",
+             " (keys required)" if access.required else "")
     return server, int(bound)

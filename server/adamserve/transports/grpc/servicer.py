@@ -44,8 +44,9 @@ from grpc_status import rpc_status
 
 from adamserve import errors, metrics
 from adamserve.engine.dtypes import itemsize
-from adamserve.service import OptimizerService, StepResult, TensorChunk
+from adamserve.service import Access, Caller, OptimizerService, StepResult, TensorChunk
 from adamserve.transports import convert
+from adamserve.transports.grpc.identity import caller_of
 from adamserve.transports.grpc.shared_memory import SharedMemoryMethods
 from adamserve.transports.state_codec import decode_state, encode_state
 from adamserve_proto import rpc, wire
@@ -372,8 +373,17 @@ class OptimizerServicer(SharedMemoryMethods):
     One method per RPC of :data:`adamserve_proto.rpc.RPCS`, under its name.
     """
 
-    def __init__(self, service: OptimizerService) -> None:
+    def __init__(self, service: OptimizerService, access: Access | None = None) -> None:
         self.service = service
+        self.access = access or Access.open()
+
+    def caller(self, context: Context) -> Caller:
+        """Who the call runs as: the Flight server's calls carry the caller it
+        authenticated; a gRPC call's key (or certificate) says it."""
+        bound = getattr(context, "caller", None)
+        if isinstance(bound, Caller):
+            return bound
+        return caller_of(self.access, context)
 
     # -- sessions ------------------------------------------------------------
 
@@ -383,7 +393,7 @@ class OptimizerServicer(SharedMemoryMethods):
         spec = first.spec
         config = convert.session_config(spec)
         info = self.service.create(_session_id(spec.session_id, "spec.session_id"), config,
-                                   initial)
+                                   initial, caller=self.caller(context))
         return pb.CreateSessionResponse(session=convert.session_message(info))
 
     def AddTensors(self, requests: Incoming[pb.AddTensorsRequest],
@@ -394,24 +404,24 @@ class OptimizerServicer(SharedMemoryMethods):
         tensors = convert.tensor_specs(spec.tensors)
         group = (convert.group_dict(spec.new_group, "new_group")
                  if spec.HasField("new_group") else None)
-        info = self.service.add_tensors(session_id, tensors, group, initial)
+        info = self.service.add_tensors(session_id, tensors, group, initial, caller=self.caller(context))
         return pb.AddTensorsResponse(session=convert.session_message(info))
 
     def ListSessions(self, request: pb.ListSessionsRequest,
                      context: Context) -> pb.ListSessionsResponse:
-        infos, token = convert.page(self.service.list(), request.page_size,
+        infos, token = convert.page(self.service.list(caller=self.caller(context)), request.page_size,
                                     request.page_token)
         return pb.ListSessionsResponse(sessions=[convert.session_message(i) for i in infos],
                                        next_page_token=token)
 
     def GetSession(self, request: pb.GetSessionRequest,
                    context: Context) -> pb.GetSessionResponse:
-        info = self.service.describe(_session_id(request.session_id))
+        info = self.service.describe(_session_id(request.session_id), caller=self.caller(context))
         return pb.GetSessionResponse(session=convert.session_message(info))
 
     def DeleteSession(self, request: pb.DeleteSessionRequest,
                       context: Context) -> pb.DeleteSessionResponse:
-        self.service.delete(_session_id(request.session_id))
+        self.service.delete(_session_id(request.session_id), caller=self.caller(context))
         return pb.DeleteSessionResponse()
 
     # -- steps ---------------------------------------------------------------
@@ -419,7 +429,7 @@ class OptimizerServicer(SharedMemoryMethods):
     def _step(self, header: pb.StepHeader, grads: Iterator[TensorChunk], push: bool,
               context: Context) -> StepResult:
         return convert.run_step(self.service, header, grads, push=push,
-                                wait=_remaining(context))
+                                wait=_remaining(context), caller=self.caller(context))
 
     def Step(self, requests: Incoming[pb.StepRequest],
              context: Context) -> Iterator[Response]:
@@ -429,7 +439,7 @@ class OptimizerServicer(SharedMemoryMethods):
             call = convert.step_call(header, push=False)
             for item in self.service.step_stream(call.session_id, grads,
                                                  return_datatype=call.return_datatype,
-                                                 push_id=call.push_id):
+                                                 push_id=call.push_id, caller=self.caller(context)):
                 if isinstance(item, StepResult):
                     yield pb.StepResponse(status=convert.step_status(item))
                 else:
@@ -444,7 +454,7 @@ class OptimizerServicer(SharedMemoryMethods):
         header = request.header
         session_id = _session_id(header.session_id, "header.session_id")
         rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
-        info = self.service.describe(session_id)
+        info = self.service.describe(session_id, caller=self.caller(context))
         # the reply's exact size bound: data plus each TensorChunk's framing
         out_bytes = 64 + sum(math.prod(t.shape) * itemsize(rtype) + len(t.name.encode())
                              + 11 * len(t.shape) + 48 for t in info.tensors)
@@ -479,18 +489,18 @@ class OptimizerServicer(SharedMemoryMethods):
         # cast: OptimizerService.list shadows the builtin in its class body's annotations.
         chunks = cast(Iterable[TensorChunk], self.service.pull(
             _session_id(request.session_id), list(request.names) or None, datatype,
-            min_step=request.min_step, timeout=timeout))
+            min_step=request.min_step, timeout=timeout, caller=self.caller(context)))
         for chunk in chunks:
             yield from chunk_messages(chunk, wire.PULL_CHUNK)
 
     def Commit(self, request: pb.CommitRequest, context: Context) -> Iterator[Response]:
-        result = convert.run_commit(self.service, request)
+        result = convert.run_commit(self.service, request, caller=self.caller(context))
         yield pb.CommitResponse(status=convert.step_status(result))
         yield from _params(result, wire.COMMIT_PARAM)
 
     def SetWorkers(self, request: pb.SetWorkersRequest,
                    context: Context) -> pb.SetWorkersResponse:
-        info = self.service.set_workers(_session_id(request.session_id), request.count)
+        info = self.service.set_workers(_session_id(request.session_id), request.count, caller=self.caller(context))
         return pb.SetWorkersResponse(session=convert.session_message(info))
 
     # -- parameters, hyperparameters, schedule -------------------------------
@@ -499,28 +509,28 @@ class OptimizerServicer(SharedMemoryMethods):
                       context: Context) -> pb.SetParametersResponse:
         first, values = _split(requests, "session_id", "value", "SetParameters")
         session_id = _session_id(first.session_id)
-        info = self.service.set_parameters(session_id, values)
+        info = self.service.set_parameters(session_id, values, caller=self.caller(context))
         return pb.SetParametersResponse(session=convert.session_message(info))
 
     def SetHyperparameters(self, request: pb.SetHyperparametersRequest,
                            context: Context) -> pb.SetHyperparametersResponse:
         changes = convert.group_dict(request.changes, "changes")
         info = self.service.set_hyperparameters(_session_id(request.session_id),
-                                                request.group, changes)
+                                                request.group, changes, caller=self.caller(context))
         return pb.SetHyperparametersResponse(session=convert.session_message(info))
 
     def SetSchedule(self, request: pb.SetScheduleRequest,
                     context: Context) -> pb.SetScheduleResponse:
         schedule = (convert.schedule_dict(request.schedule)
                     if request.HasField("schedule") else None)
-        info = self.service.set_schedule(_session_id(request.session_id), schedule)
+        info = self.service.set_schedule(_session_id(request.session_id), schedule, caller=self.caller(context))
         return pb.SetScheduleResponse(session=convert.session_message(info))
 
     # -- state and checkpoints -----------------------------------------------
 
     def ExportState(self, request: pb.ExportStateRequest,
                     context: Context) -> Iterator[Response]:
-        state = self.service.export_state(_session_id(request.session_id))
+        state = self.service.export_state(_session_id(request.session_id), caller=self.caller(context))
         blob = encode_state(state)
         _BYTES_OUT.inc(len(blob))
         yield from wire.blob_messages(blob, wire.EXPORT_DATA)
@@ -535,7 +545,7 @@ class OptimizerServicer(SharedMemoryMethods):
         session_id = _session_id(head.session_id)
         # A state_dict holds the slots only; allow float64 slots for a float32 session
         # and generous metadata, and refuse to buffer more than that.
-        limit = 2 * self.service.describe(session_id).state_bytes + _IMPORT_SLACK_BYTES
+        limit = 2 * self.service.describe(session_id, caller=self.caller(context)).state_bytes + _IMPORT_SLACK_BYTES
         parts = [head.data]
         total = len(head.data)
         for msg in _messages(requests):
@@ -555,22 +565,22 @@ class OptimizerServicer(SharedMemoryMethods):
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # decode_state raises ValueError; the others come from odd but valid JSON.
             raise errors.InvalidArgument(f"ImportState: {exc}") from None
-        info = self.service.import_state(session_id, state)
+        info = self.service.import_state(session_id, state, caller=self.caller(context))
         return pb.ImportStateResponse(session=convert.session_message(info))
 
     def Checkpoint(self, request: pb.CheckpointRequest,
                    context: Context) -> pb.CheckpointResponse:
-        info = self.service.checkpoint(_session_id(request.session_id))
+        info = self.service.checkpoint(_session_id(request.session_id), caller=self.caller(context))
         return pb.CheckpointResponse(checkpoint=convert.checkpoint_message(info))
 
     def ListCheckpoints(self, request: pb.ListCheckpointsRequest,
                         context: Context) -> pb.ListCheckpointsResponse:
         return pb.ListCheckpointsResponse(
-            steps=self.service.list_checkpoints(_session_id(request.session_id)))
+            steps=self.service.list_checkpoints(_session_id(request.session_id), caller=self.caller(context)))
 
     def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest,
                           context: Context) -> pb.RestoreCheckpointResponse:
-        info = self.service.restore_checkpoint(_session_id(request.session_id), request.step)
+        info = self.service.restore_checkpoint(_session_id(request.session_id), request.step, caller=self.caller(context))
         return pb.RestoreCheckpointResponse(session=convert.session_message(info))
 
 
@@ -616,9 +626,11 @@ def method_handlers(service: OptimizerService | OptimizerServicer
     return handlers
 
 
-def add_to_server(service: OptimizerService, server: grpc.Server) -> None:
-    """Register the OptimizerService on ``server``."""
-    handlers = method_handlers(service)
+def add_to_server(service: OptimizerService, server: grpc.Server,
+                  access: Access | None = None) -> None:
+    """Register the OptimizerService on ``server``; its calls run as the caller
+    ``access`` names (None: no authentication)."""
+    handlers = method_handlers(OptimizerServicer(service, access))
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

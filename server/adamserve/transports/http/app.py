@@ -4,7 +4,6 @@ direct dispatch) and uvicorn runners."""
 from __future__ import annotations
 
 import functools
-import hmac
 import importlib.util
 import logging
 import socket
@@ -26,9 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import adamserve
 from adamserve import metrics
-from adamserve.service import OptimizerService
+from adamserve.errors import ServiceError
+from adamserve.service import Access, Caller, OptimizerService
 from adamserve.transports.http import body, errors, routes
 from adamserve.transports.http.binary import HEADER_LENGTH, OCTET_STREAM, TRITON_HEADER_LENGTH
+from adamserve.transports.tls import TlsFiles, uvicorn_options
 
 log = logging.getLogger("adamserve.http")
 
@@ -58,10 +59,10 @@ class _Gate:
     documents them and answers whatever does not match them (another method, say).
     """
 
-    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int,
+    def __init__(self, app: ASGIApp, access: Access, max_body_bytes: int,
                  max_json_bytes: int, direct: tuple[APIRoute, ...] = ()) -> None:
         self.app = app
-        self.token = token.encode() if token is not None else None
+        self.access = access
         self.max_body_bytes = max_body_bytes
         self.max_json_bytes = max_json_bytes
         self.direct = direct
@@ -86,6 +87,7 @@ class _Gate:
 
         try:
             response = await route.endpoint(request=request, service=scope["app"].state.service,
+                                            caller=scope["state"]["caller"],
                                             **scope["path_params"])
         except Exception as exc:
             response = await errors.handle(request, exc)
@@ -97,15 +99,12 @@ class _Gate:
             await (await errors.handle(request, exc))(scope, receive, send)
         return True
 
-    def _authorized(self, scope: Scope) -> bool:
-        if self.token is None or scope["path"] in OPEN_PATHS:
-            return True
+    def _caller(self, scope: Scope) -> Caller | None:
+        """The caller the request's ``Authorization`` names (None: no known key)."""
         for key, value in scope["headers"]:
             if key == b"authorization":
-                scheme, _, credential = bytes(value).partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(
-                    credential.strip(), self.token)
-        return False
+                return self.access.authenticate(bytes(value))
+        return self.access.authenticate(None)
 
     def _limit(self, scope: Scope) -> tuple[int, int | None]:
         """The body cap for this request and its declared Content-Length.
@@ -144,11 +143,23 @@ class _Gate:
             status, replied = code, True
             await errors.error_response(code, message, None, headers)(scope, receive, send)
 
+        admitted: Caller | None = None
         try:
-            if not self._authorized(scope):
-                await reply(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                            {"WWW-Authenticate": "Bearer"})
-                return
+            if scope["path"] not in OPEN_PATHS:
+                caller = self._caller(scope)
+                if caller is None:
+                    await reply(401, "missing or wrong key (Authorization: Bearer <key>)",
+                                {"WWW-Authenticate": "Bearer"})
+                    return
+                try:
+                    self.access.admit(caller)
+                    self.access.enter(caller)
+                except ServiceError as exc:
+                    status, replied = 429, True
+                    await errors.answer(exc)(scope, receive, send)
+                    return
+                admitted = caller
+                scope.setdefault("state", {})["caller"] = caller
             cap, length = self._limit(scope)
             if length is not None and length > cap:
                 await reply(413, _too_large(length, cap))
@@ -180,6 +191,8 @@ class _Gate:
                 raise
             log.debug("request cut off by the gate", exc_info=True)
         finally:
+            if admitted is not None:
+                self.access.leave(admitted)
             route = scope.get("route")
             name = getattr(route, "name", None) or "unmatched"
             metrics.REQUESTS.labels("http", name, str(status)).inc()
@@ -228,11 +241,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(service: OptimizerService, token: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
-               body_idle_timeout: float = body.IDLE_TIMEOUT) -> FastAPI:
+               body_idle_timeout: float = body.IDLE_TIMEOUT,
+               access: Access | None = None) -> FastAPI:
     """The HTTP API over ``service``.
 
-    ``token``: when set, every route but /healthz, /readyz and the API docs needs
-    ``Authorization: Bearer <token>``. ``max_body_bytes`` caps binary
+    ``access``: the keys and tenants (``token`` alone: one key for the default
+    tenant; neither: no authentication). With keys, every route but /healthz, /readyz
+    and the API docs needs ``Authorization: Bearer <key>``. ``max_body_bytes`` caps binary
     (application/octet-stream) bodies, ``max_json_bytes`` every other body and the
     JSON part of binary ones; over either is a 413. A body that sends nothing for
     ``body_idle_timeout`` seconds is refused (400).
@@ -251,12 +266,13 @@ def create_app(service: OptimizerService, token: str | None = None, *,
     app.state.max_json_bytes = max_json_bytes
     app.state.body_idle_timeout = body_idle_timeout
     errors.install(app)
-    guard = [Security(HTTPBearer(auto_error=False))] if token is not None else []
+    access = access or Access.single(token)
+    guard = [Security(HTTPBearer(auto_error=False))] if access.required else []
     app.include_router(routes.router, dependencies=guard)  # documents the scheme
     app.include_router(routes.open_router)
     direct = tuple(r for r in routes.router.routes
                    if isinstance(r, APIRoute) and r.name in routes.DIRECT)
-    app.gate = functools.partial(_Gate, token=token, max_body_bytes=max_body_bytes,
+    app.gate = functools.partial(_Gate, access=access, max_body_bytes=max_body_bytes,
                                  max_json_bytes=max_json_bytes, direct=direct)
     return app
 
@@ -306,14 +322,18 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpServerThread:
     """uvicorn in a background thread: ``start()`` returns the bound port (port 0 works).
 
-    Usable as a context manager. Signals stay with the main thread.
+    With ``tls`` it serves HTTPS only (asking for a client certificate when ``tls`` has a
+    client CA). Usable as a context manager. Signals stay with the main thread.
     """
 
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0,
-                 **config: Any) -> None:
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *,
+                 tls: TlsFiles | None = None, **config: Any) -> None:
         self.host = host
+        self.tls = tls
         self._sock = _bind(host, port)
         self.port: int = self._sock.getsockname()[1]
+        if tls is not None:
+            config = {**uvicorn_options(tls), **config}
         self.server = build_http_server(app, host, self.port, **config)
         self._thread = threading.Thread(target=self._run, name=f"http:{self.port}", daemon=True)
         self._error: BaseException | None = None
@@ -321,7 +341,7 @@ class HttpServerThread:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def _run(self) -> None:
         try:

@@ -124,9 +124,15 @@ def describe_validation(errors: Iterable[Any]) -> str:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
+    return answer(exc, request)
+
+
+def answer(exc: ServiceError, request: Request | None = None) -> JSONResponse:
+    """The response a domain error gets (the gate's own refusals included)."""
     status = status_of(exc)
     if status == 500:
-        log.error("unmapped service error on %s %s: %r", request.method, request.url.path, exc)
+        where = f" on {request.method} {request.url.path}" if request is not None else ""
+        log.error("unmapped service error%s: %r", where, exc)
         return error_response(500, "internal error", "internal")
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if exc.retry_after is not None:  # whole seconds, at least 1 (RFC 9110's delay-seconds)

@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse
 
 from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
-from adamserve.errors import InvalidArgument
-from adamserve.service import OptimizerService, SessionInfo, StepResult, TensorChunk
+from adamserve.errors import InvalidArgument, Unauthenticated
+from adamserve.service import Caller, OptimizerService, SessionInfo, StepResult, TensorChunk
 from adamserve.transports import convert
 from adamserve.transports.http import binary
 from adamserve.transports.http.body import Body, open_body
@@ -127,6 +127,17 @@ async def get_service(request: Request) -> OptimizerService:
 Service = Annotated[OptimizerService, Depends(get_service)]
 
 
+async def get_caller(request: Request) -> Caller:
+    """The caller the gate admitted (it authenticates every /v2 request first)."""
+    caller = request.scope.get("state", {}).get("caller")
+    if not isinstance(caller, Caller):  # a route the gate did not see: refuse, never guess
+        raise Unauthenticated("missing or wrong key (Authorization: Bearer <key>)")
+    return caller
+
+
+CallerOf = Annotated[Caller, Depends(get_caller)]
+
+
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking work (service calls, big JSON parsing) off the event loop."""
     return await run_in_threadpool(fn, *args, **kwargs)
@@ -187,16 +198,16 @@ def _step_out(r: StepResult) -> dict[str, Any]:
 
 @router.post(PREFIX, status_code=201, response_model=Session, responses=_ERRORS,
              openapi_extra=_tensor_body(CreateSessionRequest), summary="Create a session")
-async def create_session(request: Request, service: Service) -> Response:
-    return await _call(_create, service, await _body(request))
+async def create_session(request: Request, service: Service, caller: CallerOf) -> Response:
+    return await _call(_create, service, await _body(request), caller=caller)
 
 
-def _create(service: OptimizerService, body: Body) -> Response:
+def _create(service: OptimizerService, body: Body, *, caller: Caller) -> Response:
     try:
         req = binary.parse_json(CreateSessionRequest, body.json)
         initial = _tensors(body, req.initial)
         config = convert.session_config(_message(req, pb.SessionSpec(), exclude={"initial"}))
-        info = service.create(req.session_id, config, initial)
+        info = service.create(req.session_id, config, initial, caller=caller)
     finally:
         body.payload.close()
     return _session(info, status=201)
@@ -205,14 +216,14 @@ def _create(service: OptimizerService, body: Body) -> Response:
 @router.post(PREFIX + "/{session_id}/tensors", response_model=Session,
              responses=_ERRORS, openapi_extra=_tensor_body(AddTensorsRequest),
              summary="Add tensors (optionally a new parameter group) to a session")
-async def add_tensors(session_id: str, request: Request, service: Service) -> Response:
+async def add_tensors(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
     """Grow a live session, as torch.optim's add_param_group: the new tensors' step
     counts start at 0; the other tensors, their state and the session's checkpoints
     are kept. A refused request changes nothing."""
-    return await _call(_add_tensors, service, session_id, await _body(request))
+    return await _call(_add_tensors, service, session_id, await _body(request), caller=caller)
 
 
-def _add_tensors(service: OptimizerService, session_id: str, body: Body) -> Response:
+def _add_tensors(service: OptimizerService, session_id: str, body: Body, *, caller: Caller) -> Response:
     try:
         req = binary.parse_json(AddTensorsRequest, body.json)
         initial = _tensors(body, req.initial)
@@ -220,7 +231,7 @@ def _add_tensors(service: OptimizerService, session_id: str, body: Body) -> Resp
         tensors = convert.tensor_specs(spec.tensors)
         group = (convert.group_dict(spec.new_group, "new_group")
                  if spec.HasField("new_group") else None)
-        info = service.add_tensors(session_id, tensors, group, initial)
+        info = service.add_tensors(session_id, tensors, group, initial, caller=caller)
     finally:
         body.payload.close()
     return _session(info)
@@ -229,28 +240,28 @@ def _add_tensors(service: OptimizerService, session_id: str, body: Body) -> Resp
 @router.get(PREFIX, response_model=ListSessionsResponse, responses=_ERRORS,
             summary="List sessions, ordered by id, a page at a time")
 async def list_sessions(
-        service: Service,
+        service: Service, caller: CallerOf,
         page_size: Annotated[int, Query(ge=0, le=2**31 - 1, description=(
             f"Sessions per page, at most {convert.MAX_PAGE_SIZE}; 0: "
             f"{convert.DEFAULT_PAGE_SIZE}"))] = 0,
         page_token: Annotated[str, Query(max_length=1024, description=(
             "The previous page's next_page_token; empty for the first page"))] = "",
 ) -> Response:
-    infos, token = convert.page(await _call(service.list), page_size, page_token)
+    infos, token = convert.page(await _call(service.list, caller=caller), page_size, page_token)
     return _proto_json(pb.ListSessionsResponse(
         sessions=[convert.session_message(i) for i in infos], next_page_token=token))
 
 
 @router.get(PREFIX + "/{session_id}", response_model=Session, responses=_ERRORS,
             summary="Describe a session")
-async def get_session(session_id: str, service: Service) -> Response:
-    return _session(await _call(service.describe, session_id))
+async def get_session(session_id: str, service: Service, caller: CallerOf) -> Response:
+    return _session(await _call(service.describe, session_id, caller=caller))
 
 
 @router.delete(PREFIX + "/{session_id}", status_code=204, responses=_ERRORS,
                summary="Delete a session and its checkpoints")
-async def delete_session(session_id: str, service: Service) -> Response:
-    await _call(service.delete, session_id)
+async def delete_session(session_id: str, service: Service, caller: CallerOf) -> Response:
+    await _call(service.delete, session_id, caller=caller)
     return Response(status_code=204)
 
 
@@ -260,20 +271,20 @@ async def delete_session(session_id: str, service: Service) -> Response:
 @router.post(PREFIX + "/{session_id}/step", response_model=StepResponse,
              responses=_binary_ok(StepResponse, "The step's outcome and updated parameters."),
              openapi_extra=_tensor_body(StepRequest), summary="Apply one step, return params")
-async def step(session_id: str, request: Request, service: Service) -> Response:
+async def step(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
     # one trip to the thread pool for the whole step: each trip costs ~0.1-0.2 ms
-    return await _call(_step, service, session_id, request, await _body(request), push=False)
+    return await _call(_step, service, session_id, request, await _body(request), push=False, caller=caller)
 
 
 @router.post(PREFIX + "/{session_id}/push", response_model=StepResponse, responses=_ERRORS,
              openapi_extra=_tensor_body(PushRequest),
              summary="Apply one step, return no params")
-async def push(session_id: str, request: Request, service: Service) -> Response:
-    return await _call(_step, service, session_id, request, await _body(request), push=True)
+async def push(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
+    return await _call(_step, service, session_id, request, await _body(request), push=True, caller=caller)
 
 
 def _step(service: OptimizerService, session_id: str, request: Request, body: Body,
-          push: bool) -> Response:
+          push: bool, *, caller: Caller) -> Response:
     try:
         req: StepRequest | PushRequest = (binary.parse_json(PushRequest, body.json) if push
                                           else binary.parse_json(StepRequest, body.json))
@@ -283,7 +294,7 @@ def _step(service: OptimizerService, session_id: str, request: Request, body: Bo
             # a step for a request that sends nothing
             raise InvalidArgument("the step request carries no gradient tensors")
         grads = _tensors(body, req.gradients)
-        r = convert.run_step(service, header, grads, push=push, wait=None)
+        r = convert.run_step(service, header, grads, push=push, wait=None, caller=caller)
     finally:
         body.payload.close()
     out = _step_out(r)
@@ -320,76 +331,75 @@ def _region(msg: pb.SharedMemoryRef, ref: SharedMemoryRef | None) -> None:
              responses=_binary_ok(StepResponse, "The step's outcome and updated parameters."),
              summary="Apply a shard's staged step with sums over every shard")
 async def commit(session_id: str, body: CommitRequest, request: Request,
-                 service: Service) -> Response:
+                 service: Service, caller: CallerOf) -> Response:
     """The second phase of a sharded step (sessions created with workers.exchange): see
     the proto's Commit."""
     rtype = None if body.skip_params else body.return_datatype
     if rtype is not None and rtype not in WIRE_DTYPES:
         raise InvalidArgument(f"return_datatype {rtype!r}: expected one of "
                               f"{', '.join(WIRE_DTYPES)}")
-    return await _call(_commit, service, session_id, request, body, rtype)
+    return await _call(_commit, service, session_id, request, body, rtype, caller=caller)
 
 
 def _commit(service: OptimizerService, session_id: str, request: Request, body: CommitRequest,
-            rtype: str | None) -> Response:
+            rtype: str | None, *, caller: Caller) -> Response:
     r = service.commit(session_id, body.step, body.tensor_sumsq, body.total_sumsq,
                        param_sumsq=body.param_sumsq, update_sumsq=body.update_sumsq,
-                       round_id=body.round_id, return_datatype=rtype)
+                       round_id=body.round_id, return_datatype=rtype, caller=caller)
     return _tensors_response(request, _step_out(r), r.params, body.binary_output)
 
 
 @router.put(PREFIX + "/{session_id}/workers", response_model=Session, responses=_ERRORS,
             summary="Change the number of workers of a live session")
-async def set_workers(session_id: str, body: SetWorkersRequest, service: Service) -> Response:
-    return _session(await _call(service.set_workers, session_id, body.count))
+async def set_workers(session_id: str, body: SetWorkersRequest, service: Service, caller: CallerOf) -> Response:
+    return _session(await _call(service.set_workers, session_id, body.count, caller=caller))
 
 
 @router.get(PREFIX + "/{session_id}/checkpoints", response_model=ListCheckpointsResponse,
             responses=_ERRORS, summary="Steps of the session's complete checkpoints")
-async def list_checkpoints(session_id: str, service: Service) -> Response:
-    steps = await _call(service.list_checkpoints, session_id)
+async def list_checkpoints(session_id: str, service: Service, caller: CallerOf) -> Response:
+    steps = await _call(service.list_checkpoints, session_id, caller=caller)
     return _proto_json(pb.ListCheckpointsResponse(steps=steps))
 
 
 @router.post(PREFIX + "/{session_id}/restore", response_model=Session, responses=_ERRORS,
              summary="Roll the session back to its checkpoint of a step")
 async def restore_checkpoint(session_id: str, body: RestoreCheckpointRequest,
-                             service: Service) -> Response:
-    return _session(await _call(service.restore_checkpoint, session_id, body.step))
+                             service: Service, caller: CallerOf) -> Response:
+    return _session(await _call(service.restore_checkpoint, session_id, body.step, caller=caller))
 
 
 @router.post(PREFIX + "/{session_id}/pull", response_model=PullResponse,
              responses=_binary_ok(PullResponse, "The session's current parameters."),
              openapi_extra=_tensor_body(PullRequest, required=False),
              summary="Read parameters")
-async def pull(session_id: str, request: Request, service: Service) -> Response:
-    return await _call(_pull, service, session_id, request, await _body(request))
+async def pull(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
+    return await _call(_pull, service, session_id, request, await _body(request), caller=caller)
 
 
-def _pull(service: OptimizerService, session_id: str, request: Request, body: Body
-          ) -> Response:
+def _pull(service: OptimizerService, session_id: str, request: Request, body: Body, *, caller: Caller) -> Response:
     req = binary.parse_json(PullRequest, body.json)
     msg = _message(req, pb.PullRequest(), exclude={"binary_output"}, session_id=session_id)
     timeout = convert.seconds(msg.timeout, "timeout") if msg.HasField("timeout") else None
     chunks = service.pull(session_id, list(msg.names) or None, req.datatype,
-                          min_step=msg.min_step, timeout=timeout)
+                          min_step=msg.min_step, timeout=timeout, caller=caller)
     return _tensors_response(request, {}, chunks, req.binary_output)
 
 
 @router.put(PREFIX + "/{session_id}/params", response_model=Session, responses=_ERRORS,
             openapi_extra=_tensor_body(ParametersRequest), summary="Overwrite parameters")
-async def set_parameters(session_id: str, request: Request, service: Service) -> Response:
+async def set_parameters(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
     """Overwrite the values of some tensors, as torch's in-place changes of parameters
     between steps (loading weights, clamping): the optimizer state and step count are
     kept. While a round of pushes is open, values equal to the session's are accepted
     and change nothing; others get 409. A refused request changes nothing."""
-    return await _call(_set_parameters, service, session_id, await _body(request))
+    return await _call(_set_parameters, service, session_id, await _body(request), caller=caller)
 
 
-def _set_parameters(service: OptimizerService, session_id: str, body: Body) -> Response:
+def _set_parameters(service: OptimizerService, session_id: str, body: Body, *, caller: Caller) -> Response:
     try:
         req = binary.parse_json(ParametersRequest, body.json)
-        info = service.set_parameters(session_id, _tensors(body, req.values))
+        info = service.set_parameters(session_id, _tensors(body, req.values), caller=caller)
     finally:
         body.payload.close()
     return _session(info)
@@ -401,18 +411,18 @@ def _set_parameters(service: OptimizerService, session_id: str, body: Body) -> R
 @router.patch(PREFIX + "/{session_id}/hyperparameters", response_model=Session,
               responses=_ERRORS, summary="Change one group's hyperparameters")
 async def set_hyperparameters(session_id: str, body: SetHyperparametersRequest,
-                              service: Service) -> Response:
+                              service: Service, caller: CallerOf) -> Response:
     msg = _message(body, pb.SetHyperparametersRequest(), session_id=session_id)
     changes = convert.group_dict(msg.changes, "changes")
-    return _session(await _call(service.set_hyperparameters, session_id, msg.group, changes))
+    return _session(await _call(service.set_hyperparameters, session_id, msg.group, changes, caller=caller))
 
 
 @router.put(PREFIX + "/{session_id}/schedule", response_model=Session,
             responses=_ERRORS, summary="Set or remove the learning-rate schedule")
-async def set_schedule(session_id: str, body: SetScheduleRequest, service: Service) -> Response:
+async def set_schedule(session_id: str, body: SetScheduleRequest, service: Service, caller: CallerOf) -> Response:
     msg = _message(body, pb.SetScheduleRequest(), session_id=session_id)
     schedule = convert.schedule_dict(msg.schedule) if msg.HasField("schedule") else None
-    return _session(await _call(service.set_schedule, session_id, schedule))
+    return _session(await _call(service.set_schedule, session_id, schedule, caller=caller))
 
 
 _STATE_DOC = ("The torch-format state_dict as one safetensors file: tensors "
@@ -423,8 +433,8 @@ _STATE_DOC = ("The torch-format state_dict as one safetensors file: tensors "
 @router.get(PREFIX + "/{session_id}/state", response_class=Response, summary="Export state",
             responses={**_ERRORS, 200: {"description": _STATE_DOC, "content": {
                 binary.OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
-async def export_state(session_id: str, service: Service) -> Response:
-    sd = await _call(service.export_state, session_id)
+async def export_state(session_id: str, service: Service, caller: CallerOf) -> Response:
+    sd = await _call(service.export_state, session_id, caller=caller)
     blob = await _call(encode_state, sd)
     metrics.BYTES_OUT.labels("http").inc(len(blob))
     return Response(blob, media_type=binary.OCTET_STREAM)
@@ -474,18 +484,18 @@ def _decode_state(blob: bytes) -> dict[str, Any]:
             openapi_extra={"requestBody": {"required": True, "description": _STATE_DOC,
                                            "content": {binary.OCTET_STREAM: {"schema": {
                                                "type": "string", "format": "binary"}}}}})
-async def import_state(session_id: str, request: Request, service: Service) -> Response:
-    await _call(service.describe, session_id)  # 404 before reading a large blob
+async def import_state(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
+    await _call(service.describe, session_id, caller=caller)  # 404 before reading a large blob
     blob = await request.body()
     metrics.BYTES_IN.labels("http").inc(len(blob))
     state = await _call(_decode_state, blob)
-    return _session(await _call(service.import_state, session_id, state))
+    return _session(await _call(service.import_state, session_id, state, caller=caller))
 
 
 @router.post(PREFIX + "/{session_id}/checkpoint", response_model=CheckpointInfo,
              responses=_ERRORS, summary="Write a durable checkpoint now")
-async def checkpoint(session_id: str, service: Service) -> Response:
-    info = await _call(service.checkpoint, session_id)
+async def checkpoint(session_id: str, service: Service, caller: CallerOf) -> Response:
+    info = await _call(service.checkpoint, session_id, caller=caller)
     return _proto_json(convert.checkpoint_message(info))
 
 
@@ -496,29 +506,29 @@ async def checkpoint(session_id: str, service: Service) -> Response:
 
 @router.post(SHM_PREFIX, status_code=201, response_model=SharedMemoryRegion,
              responses=_ERRORS, summary="Register a shared-memory region")
-async def register_shared_memory(body: SharedMemoryRegion, service: Service) -> Response:
+async def register_shared_memory(body: SharedMemoryRegion, service: Service, caller: CallerOf) -> Response:
     """Map ``byte_size`` bytes of the POSIX shared-memory object ``key`` (under /dev/shm on
     the server's host: a regular file of the server's user) as the region ``name``, for
     steps to name in ``gradients_region`` and ``params_region``. The same registration
     again returns the region; another one under a taken name is 409
     (SHARED_MEMORY_EXISTS)."""
-    info = await _call(service.register_shared_memory, body.name, body.key, body.byte_size)
+    info = await _call(service.register_shared_memory, body.name, body.key, body.byte_size, caller=caller)
     return _proto_json(convert.region_message(info), status=201)
 
 
 @router.delete(SHM_PREFIX + "/{name}", status_code=204, responses=_ERRORS,
                summary="Unregister a shared-memory region")
-async def unregister_shared_memory(name: str, service: Service) -> Response:
+async def unregister_shared_memory(name: str, service: Service, caller: CallerOf) -> Response:
     """A step using the region finishes first; later steps naming it get 404
     (SHARED_MEMORY_NOT_FOUND)."""
-    await _call(service.unregister_shared_memory, name)
+    await _call(service.unregister_shared_memory, name, caller=caller)
     return Response(status_code=204)
 
 
 @router.get(SHM_PREFIX, response_model=ListSharedMemoryResponse, responses=_ERRORS,
             summary="The registered shared-memory regions, ordered by name")
-async def list_shared_memory(service: Service) -> Response:
-    infos = await _call(service.list_shared_memory)
+async def list_shared_memory(service: Service, caller: CallerOf) -> Response:
+    infos = await _call(service.list_shared_memory, caller=caller)
     return _proto_json(pb.ListSharedMemoryResponse(
         regions=[convert.region_message(i) for i in infos]))
 

@@ -440,6 +440,8 @@ class Session(_Response):
     backend: Backend
     workers: Workers
     labels: dict[str, str]
+    tenant: str = Field(default="", description="The owner; \"\" the default tenant. An admin "
+                        "names another tenant's session as <tenant>~<session_id>")
 
 
 class RoundStatus(_Response):
