@@ -446,3 +446,51 @@ def test_shared_memory_regions_belong_to_their_tenant(tmp_path: Path, shm: Any) 
         b.close()
     finally:
         http.stop()
+
+
+def test_a_client_certificate_names_its_tenant_over_grpc(tmp_path: Path) -> None:
+    """Mutual TLS with ``[[certificates]]``: the verified certificate's common name is
+    the caller (no key needed); an unlisted common name is refused; keys still work."""
+    import trustme
+
+    from adamserve.transports.tls import load as load_tls
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    files = {}
+    for name, leaf in (("server", ca.issue_cert("127.0.0.1", "localhost")),
+                       ("trainer", ca.issue_cert("trainer.clients", common_name="trainer-a")),
+                       ("nobody", ca.issue_cert("nobody.clients", common_name="nobody"))):
+        crt, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        crt.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        files[name] = (crt, key)
+    access = Access.from_mapping({
+        "keys": [{"name": "bob", "tenant": "b", "role": "read-write",
+                  "sha256": hash_key(KEYS["b"])}],
+        "certificates": [{"common_name": "trainer-a", "tenant": "a", "role": "read-write"}]})
+    service = OptimizerService(SessionStore(CpuBackend(), None, Limits()))
+    service.start()
+    tls = load_tls(*files["server"], tmp_path / "ca.pem")
+    server, port = build_grpc_server(service, tls=tls, access=access)
+    url = f"grpcs://127.0.0.1:{port}"
+    try:
+        trainer = ac.connect(url, tls_ca=str(tmp_path / "ca.pem"), tls_cert=str(files["trainer"][0]),
+                             tls_key=str(files["trainer"][1]), retries=1)
+        trainer.create_session(_spec("run"))
+        assert trainer.describe("run").tenant == "a"
+        nobody = ac.connect(url, tls_ca=str(tmp_path / "ca.pem"), tls_cert=str(files["nobody"][0]),
+                            tls_key=str(files["nobody"][1]), retries=1)
+        with pytest.raises(ac.Unauthenticated):
+            nobody.list_sessions()
+        # a key over the same mutual-TLS connection names its own tenant
+        bob = ac.connect(url, token=KEYS["b"], tls_ca=str(tmp_path / "ca.pem"),
+                         tls_cert=str(files["nobody"][0]), tls_key=str(files["nobody"][1]),
+                         retries=1)
+        with pytest.raises(ac.NotFound):
+            bob.describe("run")
+        assert [s.tenant for s in bob.list_sessions()] == []
+        for c in (trainer, nobody, bob):
+            c.close()
+    finally:
+        server.stop(None)

@@ -275,8 +275,8 @@ class CheckpointStore:
         return aside
 
     def delete(self, session_id: str) -> None:
-        """Remove the session's checkpoints: :meth:`set_aside`, then :meth:`remove_aside`
-        (the service drops the session from memory between the two)."""
+        """Remove the session's checkpoints at once: :meth:`set_aside`, then
+        :meth:`remove_aside` (the service drops the session from memory between them)."""
         aside = self.set_aside(session_id)
         if aside is not None:
             self.remove_aside(aside)
