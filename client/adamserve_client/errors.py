@@ -92,15 +92,19 @@ class AdamserveError(Exception):
     reach); ``code`` the status name in lower case (``"invalid_argument"``);
     ``url`` the server's address; ``reason`` the stable UPPER_SNAKE_CASE reason
     (the server's ErrorInfo reason, else the class's default); ``metadata`` the
-    ErrorInfo's string metadata (``session_id``, ``step``...), empty when none.
+    ErrorInfo's string metadata (``session_id``, ``step``...), empty when none;
+    ``retry_after`` the seconds the server asks to wait before the same request may
+    succeed (a tenant's rate or calls-in-flight quota), None when it gave no hint.
     """
 
     code = "unknown"
     default_reason = "INTERNAL"
 
     def __init__(self, message: str, *, code: str | None = None, url: str | None = None,
-                 reason: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
+                 reason: str | None = None, metadata: Mapping[str, str] | None = None,
+                 retry_after: float | None = None) -> None:
         self.message = message
+        self.retry_after = retry_after
         if code is not None:
             self.code = code
         self.url = url
@@ -208,9 +212,11 @@ BY_CODE: dict[str, type[AdamserveError]] = {
 
 
 def error_for(code: str, message: str, url: str | None = None, *, reason: str | None = None,
-              metadata: Mapping[str, str] | None = None) -> AdamserveError:
+              metadata: Mapping[str, str] | None = None,
+              retry_after: float | None = None) -> AdamserveError:
     """The exception for a status ``code`` (a gRPC status name or the HTTP body's code),
     with the server's ``reason`` and ``metadata`` (None: the class's default reason)."""
     key = code.lower()
     cls = BY_CODE.get(key, ServerError)
-    return cls(message, code=key, url=url, reason=reason, metadata=metadata)
+    return cls(message, code=key, url=url, reason=reason, metadata=metadata,
+               retry_after=retry_after)

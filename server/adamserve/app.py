@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from adamserve import __version__
 from adamserve.engine.backend import Backend, select_backend
 from adamserve.service import Access, OptimizerService
+from adamserve.sessions.checkpoint_policy import Saved
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.store import Limits, SessionStore
 from adamserve.transports.flight import FlightServerThread
@@ -175,7 +176,9 @@ class Server:
             except Exception:
                 log.exception("periodic checkpoint failed")
 
-    def stop(self) -> None:
+    def stop(self) -> Saved:
+        """Stop serving, then checkpoint every session with unsaved changes; what was
+        saved and what could not be."""
         self._stop.set()
         self.service.ready = False
         self.grpc.stop(grace=5).wait()
@@ -190,6 +193,7 @@ class Server:
                       ", ".join(sorted(done.failed)))
         else:
             log.info("stopped; checkpointed %d sessions", len(done.saved))
+        return done
 
     def wait(self) -> None:
         self._stop.wait()

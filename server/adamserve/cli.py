@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     done.wait()
-    server.stop()
-    return 0
+    # not 0 when a session's unsaved changes could not be saved: supervisors should know
+    return 1 if server.stop().failed else 0
 
 
 if __name__ == "__main__":

@@ -285,7 +285,8 @@ def test_steps_are_retried_only_when_they_never_reached_a_server() -> None:
     could apply it twice. Only a connection that was never made is retried."""
     import grpc
 
-    from adamserve_client.transports.grpc import _never_sent, _unavailable, error_info
+    from adamserve_client.transports._status import Details
+    from adamserve_client.transports.grpc import _never_sent, _unavailable, error_details
 
     class Err(grpc.RpcError):
         def __init__(self, code: grpc.StatusCode, details: str) -> None:
@@ -303,7 +304,7 @@ def test_steps_are_retried_only_when_they_never_reached_a_server() -> None:
     assert _never_sent(refused) and _unavailable(refused)
     assert not _never_sent(midway) and _unavailable(midway)
     assert not _never_sent(Err(grpc.StatusCode.INVALID_ARGUMENT, "failed to connect"))
-    assert error_info(midway) == (None, {})  # no status details: the class's reason
+    assert error_details(midway) == Details()  # no status details: the class's reason
 
 
 def test_http_retries_a_503_only_for_calls_that_may_run_twice() -> None:

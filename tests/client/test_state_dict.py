@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -264,13 +263,13 @@ def test_add_param_group_keeps_the_session_and_its_checkpoint(url: str, sid: str
         train(reference, ref_opt, 3, seed=11)
         train(remote_model, remote, 3, seed=11)
         ck = remote.checkpoint()
-        assert ck.step == 3 and Path(ck.path).exists()
+        assert ck.step == 3 and (live.data_dir / ck.path).is_dir()  # relative to it
         ref_opt.add_param_group({"params": frozen, "lr": 1e-3, "betas": (0.8, 0.9)})
         remote.add_param_group({"params": list(remote_model[0].parameters()), "lr": 1e-3,
                                 "betas": (0.8, 0.9)})
         info = remote.describe()
         assert info.checkpointed_step == 3 and info.step == 3
-        assert Path(ck.path).exists() and (live.data_dir / "sessions" / sid).is_dir()
+        assert (live.data_dir / ck.path).is_dir() and (live.data_dir / "sessions" / sid).is_dir()
         assert info.groups[1]["betas"] == (0.8, 0.9) and len(info.tensors) == 4
         train(reference, ref_opt, 3, seed=12)
         train(remote_model, remote, 3, seed=12)

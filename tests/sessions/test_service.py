@@ -109,9 +109,9 @@ def test_shutdown_saves_changes_that_took_no_step(tmp_path: Path) -> None:
     svc.create("s", CONFIG)
     svc.step("s", _grads())
     svc.checkpoint("s")
-    assert svc.checkpoint_all() == 0  # nothing new
+    assert svc.checkpoint_all().saved == ()  # nothing new
     svc.set_hyperparameters("s", 0, {"lr": 0.25})
-    assert svc.checkpoint_all() == 1
+    assert svc.checkpoint_all().saved == ("s",)
     restored = _service(tmp_path)
     assert restored.describe("s").groups[0]["lr"] == 0.25
 
@@ -121,18 +121,18 @@ def test_checkpoints_of_the_same_step_keep_the_older_one_until_pruned(tmp_path: 
     svc.start()
     svc.create("s", CONFIG)
     svc.step("s", _grads())
-    a = svc.checkpoint("s")
+    a = tmp_path / svc.checkpoint("s").path  # replies name it relative to the data dir
     svc.set_hyperparameters("s", 0, {"lr": 0.5})
-    b = svc.checkpoint("s")
-    assert a.step == b.step and a.path != b.path and Path(a.path).exists()
+    b = tmp_path / svc.checkpoint("s").path
+    assert a.name[:17] == b.name[:17] and a != b and a.exists()  # same step, both kept
     sdir = tmp_path / "sessions" / "s"
-    assert (sdir / "LATEST").read_text() == Path(b.path).name
+    assert (sdir / "LATEST").read_text() == b.name
     # damage the newest: the server falls back to the older complete one
-    (Path(b.path) / "manifest.json").write_text("[1, 2]")
+    (b / "manifest.json").write_text("[1, 2]")
     restored = OptimizerService(SessionStore(CpuBackend(), CheckpointStore(tmp_path)))
     restored.start()
     assert restored.describe("s").groups[0]["lr"] == 1e-3
-    (Path(a.path) / "tensors.safetensors").write_bytes(b"torn")
+    (a / "tensors.safetensors").write_bytes(b"torn")
     empty = OptimizerService(SessionStore(CpuBackend(), CheckpointStore(tmp_path)))
     assert empty.start() == []  # no complete checkpoint left: not restored, no crash
 

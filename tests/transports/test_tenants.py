@@ -274,7 +274,18 @@ def test_rate_quota_answers_with_a_retry_hint(live: Live) -> None:
     with pytest.raises(ac.ResourceExhausted) as limited:
         c.list_sessions()
     assert limited.value.reason == "RATE_LIMITED"
+    assert limited.value.retry_after is not None and 0 < limited.value.retry_after <= 0.5
     c.close()
+    time.sleep(1.1)
+    for wire in ("grpc", "http"):  # the client reads the hint on every wire
+        c = _client(live, wire, "slow")
+        c.list_sessions()
+        c.list_sessions()
+        with pytest.raises(ac.ResourceExhausted) as limited:
+            c.list_sessions()
+        assert limited.value.retry_after is not None and limited.value.retry_after > 0
+        c.close()
+        time.sleep(1.1)
 
 
 @pytest.mark.parametrize("wire", WIRES)
@@ -494,3 +505,14 @@ def test_a_client_certificate_names_its_tenant_over_grpc(tmp_path: Path) -> None
             c.close()
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("wire", ("grpc", "http"))
+def test_a_tenants_checkpoint_names_its_session_as_the_tenant_does(live: Live, wire: str) -> None:
+    sid = _sid()
+    a = _client(live, wire, "a")
+    a.create_session(_spec(sid))
+    info = a.checkpoint(sid)
+    assert info.session_id == sid and not Path(info.path).is_absolute()
+    a.delete_session(sid)
+    a.close()

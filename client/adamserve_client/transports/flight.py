@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.flight as fl
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 
 from adamserve_client import errors
-from adamserve_client.transports import _codec
+from adamserve_client.transports import _codec, _status
 from adamserve_client.transports._tls import TlsOptions, check_scheme
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
@@ -49,7 +49,6 @@ T = TypeVar("T")
 DEFAULT_FLIGHT_PORT = 8815
 # The most streams one step may be split over (the server's bound too).
 MAX_STREAMS = 16
-_DOMAIN = "adamserve"
 # The RPCs that travel as Flight streams, and the FlightCommand field of each.
 _COMMANDS = {"Step": "step", "Push": "push", "Pull": "pull", "CreateSession": "create_session",
              "AddTensors": "add_tensors", "SetParameters": "set_parameters",
@@ -90,7 +89,7 @@ def parse_flight_url(url: str) -> tuple[_codec.ServerAddress, int]:
     return _codec.ServerAddress(scheme, parts.hostname, port), int(raw)
 
 
-def _status(exc: fl.FlightError) -> status_pb2.Status | None:
+def _status_of(exc: fl.FlightError) -> status_pb2.Status | None:
     info = getattr(exc, "extra_info", None)
     if not info:
         return None
@@ -363,7 +362,7 @@ class FlightWire(Wire):
                                       self.url) from None
 
     def _error(self, exc: fl.FlightError) -> errors.AdamserveError:
-        status = _status(exc)
+        status = _status_of(exc)
         if status is None:
             if isinstance(exc, fl.FlightUnavailableError):
                 return _codec.unreachable(self.url, self.retries, _message(exc))
@@ -372,15 +371,10 @@ class FlightWire(Wire):
             if isinstance(exc, fl.FlightUnauthenticatedError):
                 return errors.error_for("UNAUTHENTICATED", _message(exc), self.url)
             return errors.error_for("UNKNOWN", _message(exc), self.url)
-        reason: str | None = None
-        metadata: dict[str, str] = {}
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info) and (info.domain == _DOMAIN or reason is None):
-                reason, metadata = info.reason or None, dict(info.metadata)
+        found = _status.details(status)
         code = _CODE_NAMES.get(status.code, "UNKNOWN")
-        return errors.error_for(code, status.message, self.url, reason=reason,
-                                metadata=metadata)
+        return errors.error_for(code, status.message, self.url, reason=found.reason,
+                                metadata=found.metadata, retry_after=found.retry_after)
 
     def __repr__(self) -> str:
         return f"FlightWire({self.url!r})"

@@ -28,12 +28,11 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from adamserve_client import errors
 from adamserve_client.tensors import DATATYPES
-from adamserve_client.transports import _codec
+from adamserve_client.transports import _codec, _status
 from adamserve_client.transports._tls import TlsOptions, check_scheme
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
@@ -47,7 +46,6 @@ T = TypeVar("T")
 
 # The server accepts messages up to 64 MiB and sends at most 4 MiB.
 _MAX_MESSAGE = 64 * wire.MiB
-_DOMAIN = "adamserve"
 
 
 def _payload_field(message: Any) -> FieldDescriptor | None:
@@ -138,22 +136,13 @@ def _never_sent(exc: BaseException) -> bool:
     return any(marker in details for marker in _NEVER_SENT)
 
 
-def error_info(exc: Any) -> tuple[str | None, dict[str, str]]:
-    """The reason and metadata of the google.rpc.ErrorInfo in a failed call's status
-    details; (None, {}) when there is none."""
+def error_details(exc: Any) -> _status.Details:
+    """The ErrorInfo and RetryInfo in a failed call's status details (none: empty)."""
     try:
         status = rpc_status.from_call(exc)
     except (AttributeError, ValueError, TypeError):  # not a call, or details that disagree
-        return None, {}
-    found: tuple[str | None, dict[str, str]] = (None, {})
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            found = (info.reason or None, dict(info.metadata))
-            if info.domain == _DOMAIN:
-                break
-    return found
+        return _status.Details()
+    return _status.details(status)
 
 
 class GrpcWire(Wire):
@@ -234,13 +223,14 @@ class GrpcWire(Wire):
     def _error(self, exc: Any) -> errors.AdamserveError:
         code = exc.code()
         details = exc.details() or code.name
-        reason, metadata = error_info(exc)
-        if code == grpc.StatusCode.UNAVAILABLE and reason is None:
+        found = error_details(exc)
+        if code == grpc.StatusCode.UNAVAILABLE and found.reason is None:
             return _codec.unreachable(self.url, self.retries, details)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and reason is None:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and found.reason is None:
             # our own deadline passed (a server-side wait that timed out says WAIT_TIMEOUT)
             return _codec.timed_out(self.url, self.timeout)
-        return errors.error_for(code.name, details, self.url, reason=reason, metadata=metadata)
+        return errors.error_for(code.name, details, self.url, reason=found.reason,
+                                metadata=found.metadata, retry_after=found.retry_after)
 
     @staticmethod
     def _requests(method: str, first: Message, payload: Payload) -> Iterator[Any]:

@@ -328,7 +328,9 @@ class HttpWire(Wire):
                 metadata = {str(k): str(v) for k, v in body["metadata"].items()}
         if code == "unavailable":
             message = f"adamserve server at {self.url} is unavailable: {message}"
-        return errors.error_for(code, message, self.url, reason=reason, metadata=metadata)
+        after = r.headers.get("retry-after", "")
+        return errors.error_for(code, message, self.url, reason=reason, metadata=metadata,
+                                retry_after=float(after) if after.isdigit() else None)
 
     def __repr__(self) -> str:
         return f"HttpWire({self.url!r})"

@@ -759,7 +759,8 @@ class OptimizerService:
         session_id = caller.resolve(session_id)
         self.policy.require()
         with self.store.locked(session_id) as session:
-            return self.policy.write(session)
+            info = self.policy.write(session)
+        return replace(info, session_id=names.shown(info.session_id, caller.tenant))
 
     def list_checkpoints(self, session_id: str, *, caller: Caller = LOCAL) -> builtins.list[int]:
         """Steps of the session's complete checkpoints on this server, oldest first."""

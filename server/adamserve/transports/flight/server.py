@@ -233,7 +233,8 @@ class Admission(fl.ServerMiddlewareFactory):  # type: ignore[misc]
             caller = self.access.authenticate(next(iter(values), None))
             if caller is None:
                 raise errors.Unauthenticated(
-                    "missing or wrong key: send header 'authorization: Bearer <key>'")
+                    "missing or wrong API key (token): send header 'authorization: "
+                    "Bearer <key>'")
             self.access.admit(caller)
             self.access.enter(caller)
         except errors.ServiceError as exc:

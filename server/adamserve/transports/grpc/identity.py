@@ -11,7 +11,7 @@ from adamserve.transports.tls import peer_common_name
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
-NO_KEY = ("missing or wrong key: send metadata 'authorization: Bearer <key>'")
+NO_KEY = "missing or wrong API key (token): send metadata 'authorization: Bearer <key>'"
 
 
 def authorization(metadata: Metadata | None) -> str | bytes | None:

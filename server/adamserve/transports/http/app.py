@@ -148,7 +148,8 @@ class _Gate:
             if scope["path"] not in OPEN_PATHS:
                 caller = self._caller(scope)
                 if caller is None:
-                    await reply(401, "missing or wrong key (Authorization: Bearer <key>)",
+                    await reply(401, "missing or wrong API key (token): send "
+                                     "Authorization: Bearer <key>",
                                 {"WWW-Authenticate": "Bearer"})
                     return
                 try:

@@ -131,7 +131,8 @@ async def get_caller(request: Request) -> Caller:
     """The caller the gate admitted (it authenticates every /v2 request first)."""
     caller = request.scope.get("state", {}).get("caller")
     if not isinstance(caller, Caller):  # a route the gate did not see: refuse, never guess
-        raise Unauthenticated("missing or wrong key (Authorization: Bearer <key>)")
+        raise Unauthenticated("missing or wrong API key (token): send Authorization: "
+                              "Bearer <key>")
     return caller
 
 
