@@ -486,7 +486,8 @@ def test_a_client_certificate_names_its_tenant_over_grpc(tmp_path: Path) -> None
     server, port = build_grpc_server(service, tls=tls, access=access)
     url = f"grpcs://127.0.0.1:{port}"
     try:
-        trainer = ac.connect(url, tls_ca=str(tmp_path / "ca.pem"), tls_cert=str(files["trainer"][0]),
+        trainer = ac.connect(url, tls_ca=str(tmp_path / "ca.pem"),
+                             tls_cert=str(files["trainer"][0]),
                              tls_key=str(files["trainer"][1]), retries=1)
         trainer.create_session(_spec("run"))
         assert trainer.describe("run").tenant == "a"

@@ -312,7 +312,8 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             if cmd.HasField("streams"):
                 result, params = self._parallel(header, cmd.streams, grads, caller)
             else:
-                result = convert.run_step(self.service, header, grads, push=False, wait=None, caller=caller)
+                result = convert.run_step(self.service, header, grads, push=False, wait=None,
+                                          caller=caller)
                 params = result.params
             self._answer(writer, result, params, header.return_datatype)
 
@@ -352,7 +353,8 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
                 yield from g.rows_of(i)
 
         try:
-            result = convert.run_step(self.service, header, merged(), push=False, wait=None, caller=caller)
+            result = convert.run_step(self.service, header, merged(), push=False, wait=None,
+                                      caller=caller)
         except BaseException as exc:
             g.finish(None, exc)
             raise
@@ -404,7 +406,8 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             group = (convert.group_dict(spec.new_group, "new_group")
                      if spec.HasField("new_group") else None)
             info = service.add_tensors(convert.session_id(spec.session_id, "spec.session_id"),
-                                       convert.tensor_specs(spec.tensors), group, chunks, caller=caller)
+                                       convert.tensor_specs(spec.tensors), group, chunks,
+                                       caller=caller)
             return pb.AddTensorsResponse(session=convert.session_message(info))
         if first.WhichOneof("kind") != "session_id":
             raise errors.InvalidArgument("SetParameters: the command's request must carry "

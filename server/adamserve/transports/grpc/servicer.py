@@ -404,13 +404,14 @@ class OptimizerServicer(SharedMemoryMethods):
         tensors = convert.tensor_specs(spec.tensors)
         group = (convert.group_dict(spec.new_group, "new_group")
                  if spec.HasField("new_group") else None)
-        info = self.service.add_tensors(session_id, tensors, group, initial, caller=self.caller(context))
+        info = self.service.add_tensors(session_id, tensors, group, initial,
+                                        caller=self.caller(context))
         return pb.AddTensorsResponse(session=convert.session_message(info))
 
     def ListSessions(self, request: pb.ListSessionsRequest,
                      context: Context) -> pb.ListSessionsResponse:
-        infos, token = convert.page(self.service.list(caller=self.caller(context)), request.page_size,
-                                    request.page_token)
+        infos, token = convert.page(self.service.list(caller=self.caller(context)),
+                                    request.page_size, request.page_token)
         return pb.ListSessionsResponse(sessions=[convert.session_message(i) for i in infos],
                                        next_page_token=token)
 
@@ -500,7 +501,8 @@ class OptimizerServicer(SharedMemoryMethods):
 
     def SetWorkers(self, request: pb.SetWorkersRequest,
                    context: Context) -> pb.SetWorkersResponse:
-        info = self.service.set_workers(_session_id(request.session_id), request.count, caller=self.caller(context))
+        info = self.service.set_workers(_session_id(request.session_id), request.count,
+                                        caller=self.caller(context))
         return pb.SetWorkersResponse(session=convert.session_message(info))
 
     # -- parameters, hyperparameters, schedule -------------------------------
@@ -523,14 +525,16 @@ class OptimizerServicer(SharedMemoryMethods):
                     context: Context) -> pb.SetScheduleResponse:
         schedule = (convert.schedule_dict(request.schedule)
                     if request.HasField("schedule") else None)
-        info = self.service.set_schedule(_session_id(request.session_id), schedule, caller=self.caller(context))
+        info = self.service.set_schedule(_session_id(request.session_id), schedule,
+                                         caller=self.caller(context))
         return pb.SetScheduleResponse(session=convert.session_message(info))
 
     # -- state and checkpoints -----------------------------------------------
 
     def ExportState(self, request: pb.ExportStateRequest,
                     context: Context) -> Iterator[Response]:
-        state = self.service.export_state(_session_id(request.session_id), caller=self.caller(context))
+        state = self.service.export_state(_session_id(request.session_id),
+                                          caller=self.caller(context))
         blob = encode_state(state)
         _BYTES_OUT.inc(len(blob))
         yield from wire.blob_messages(blob, wire.EXPORT_DATA)
@@ -545,7 +549,10 @@ class OptimizerServicer(SharedMemoryMethods):
         session_id = _session_id(head.session_id)
         # A state_dict holds the slots only; allow float64 slots for a float32 session
         # and generous metadata, and refuse to buffer more than that.
-        limit = 2 * self.service.describe(session_id, caller=self.caller(context)).state_bytes + _IMPORT_SLACK_BYTES
+        caller = self.caller(context)
+        caller.require_write("ImportState", session_id)  # before buffering the blob
+        limit = 2 * self.service.describe(session_id, caller=caller).state_bytes + (
+            _IMPORT_SLACK_BYTES)
         parts = [head.data]
         total = len(head.data)
         for msg in _messages(requests):
@@ -576,11 +583,13 @@ class OptimizerServicer(SharedMemoryMethods):
     def ListCheckpoints(self, request: pb.ListCheckpointsRequest,
                         context: Context) -> pb.ListCheckpointsResponse:
         return pb.ListCheckpointsResponse(
-            steps=self.service.list_checkpoints(_session_id(request.session_id), caller=self.caller(context)))
+            steps=self.service.list_checkpoints(_session_id(request.session_id),
+                                                caller=self.caller(context)))
 
     def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest,
                           context: Context) -> pb.RestoreCheckpointResponse:
-        info = self.service.restore_checkpoint(_session_id(request.session_id), request.step, caller=self.caller(context))
+        info = self.service.restore_checkpoint(_session_id(request.session_id), request.step,
+                                               caller=self.caller(context))
         return pb.RestoreCheckpointResponse(session=convert.session_message(info))
 
 

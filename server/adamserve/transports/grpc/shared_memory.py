@@ -25,7 +25,8 @@ class SharedMemoryMethods:
         if not request.HasField("region"):
             raise errors.InvalidArgument("RegisterSharedMemory: the request names no region")
         r = convert.region_info(request.region)
-        info = self.service.register_shared_memory(r.name, r.key, r.byte_size, caller=self.caller(context))
+        info = self.service.register_shared_memory(r.name, r.key, r.byte_size,
+                                                   caller=self.caller(context))
         return pb.RegisterSharedMemoryResponse(region=convert.region_message(info))
 
     def UnregisterSharedMemory(self, request: pb.UnregisterSharedMemoryRequest,
@@ -36,5 +37,5 @@ class SharedMemoryMethods:
 
     def ListSharedMemory(self, request: pb.ListSharedMemoryRequest,
                          context: grpc.ServicerContext) -> pb.ListSharedMemoryResponse:
-        return pb.ListSharedMemoryResponse(
-            regions=[convert.region_message(i) for i in self.service.list_shared_memory(caller=self.caller(context))])
+        regions = self.service.list_shared_memory(caller=self.caller(context))
+        return pb.ListSharedMemoryResponse(regions=[convert.region_message(i) for i in regions])

@@ -486,7 +486,8 @@ def _decode_state(blob: bytes) -> dict[str, Any]:
                                            "content": {binary.OCTET_STREAM: {"schema": {
                                                "type": "string", "format": "binary"}}}}})
 async def import_state(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
-    await _call(service.describe, session_id, caller=caller)  # 404 before reading a large blob
+    caller.require_write("ImportState", session_id)  # 403 and 404 before reading a blob
+    await _call(service.describe, session_id, caller=caller)
     blob = await request.body()
     metrics.BYTES_IN.labels("http").inc(len(blob))
     state = await _call(_decode_state, blob)
