@@ -39,6 +39,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from adamserve_proto.algorithms import join_betas, split_betas
+from adamserve_proto.text import shown
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class EnumMap(Generic[V]):
             return self.enum.Value(name)
         if key == self.unspecified:
             return self.enum.Value(self.descriptor.values[0].name)
-        raise ValueError(f"{field}: unknown {self.noun} {short!r}; expected one of "
+        raise ValueError(f"{field}: unknown {self.noun} {shown(short)}; expected one of "
                          f"{', '.join(self.shorts)}")
 
 
@@ -191,7 +192,7 @@ def duration(s: float, field: str = "duration") -> Duration:
     """Seconds as a Duration, to the nanosecond (a negative one too: the receiver refuses
     it); ValueError for a number that is not finite."""
     if not math.isfinite(s):
-        raise ValueError(f"{field}: expected a finite number of seconds, got {s!r}")
+        raise ValueError(f"{field}: expected a finite number of seconds, got {shown(s)}")
     d = Duration()
     d.FromNanoseconds(round(s * 1e9))
     return d
@@ -281,12 +282,12 @@ def schedule_message(d: Mapping[str, Any], field: str = "schedule") -> pb.Schedu
     ValueError naming the key for what the proto cannot carry (an unknown kind or key,
     a value of the wrong type)."""
     if not isinstance(d, Mapping):
-        raise ValueError(f"{field}: expected a mapping with a 'kind', got {d!r}")
+        raise ValueError(f"{field}: expected a mapping with a 'kind', got {shown(d)}")
     kinds = tuple(f.name for f in _KIND.fields)
     kind = d.get("kind")
     if kind not in kinds:
         raise ValueError(f"{field}.kind: expected one of {', '.join(map(repr, kinds))}, "
-                         f"got {kind!r}")
+                         f"got {shown(kind)}")
     msg = pb.Schedule()
     piece: Message = getattr(msg, str(kind))
     piece.SetInParent()
@@ -297,11 +298,11 @@ def schedule_message(d: Mapping[str, Any], field: str = "schedule") -> pb.Schedu
         path = f"{field}.{key}"
         f = fields.get(key)
         if f is None:
-            raise ValueError(f"{path}: unknown key for kind {kind!r}; allowed: "
+            raise ValueError(f"{path}: unknown key for kind {shown(kind)}; allowed: "
                              f"{', '.join(map(repr, fields))}")
         if f.message_type is pb.Schedule.DESCRIPTOR:  # join's pieces
             if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
-                raise ValueError(f"{path}: expected a list of schedules, got {value!r}")
+                raise ValueError(f"{path}: expected a list of schedules, got {shown(value)}")
             getattr(piece, key).extend(schedule_message(s, f"{path}[{i}]")
                                        for i, s in enumerate(value))
         elif f.enum_type is not None:
@@ -313,7 +314,7 @@ def schedule_message(d: Mapping[str, Any], field: str = "schedule") -> pb.Schedu
                 else:
                     setattr(piece, key, value)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"{path}: {value!r} is not a valid value ({exc})") from None
+                raise ValueError(f"{path}: {shown(value)} is not a valid value ({exc})") from None
     return msg
 
 

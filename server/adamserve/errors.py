@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from adamserve_proto.text import shown as shown  # the one way messages echo input
+
 # Every reason the server gives, and what it means. Stable: clients match on them.
 REASONS: dict[str, str] = {
     "INTERNAL": "an unexpected server error (the message is generic)",
@@ -59,21 +61,6 @@ REASONS: dict[str, str] = {
                                "server's user (a symbolic link, a FIFO, another user's)",
 }
 
-
-def shown(value: object, limit: int = 64) -> str:
-    """``value`` as an error message shows what a client sent: its repr, cut to about
-    ``limit`` characters with an ellipsis and the whole length, so that a 10 kB name
-    (or a 400-digit number) echoed back stays a line."""
-    if isinstance(value, str | bytes):
-        if len(value) <= limit:
-            return repr(value)
-        unit = "characters" if isinstance(value, str) else "bytes"
-        return f"{value[:limit]!r}... ({len(value)} {unit})"
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's str() digit limit
-        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else "<?>"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ServiceError(Exception):

@@ -25,7 +25,7 @@ from adamserve.errors import (
 )
 from adamserve.service import PushId, TensorChunk
 from adamserve.sessions.rounds import WorkersConfig
-from adamserve.sessions.session import SessionConfig
+from adamserve.sessions.session import TENSOR_OVERHEAD, SessionConfig
 from adamserve.sessions.store import Limits
 from tests.concurrency import in_threads
 from tests.sessions.support import SHAPES
@@ -115,7 +115,8 @@ def test_checkpoints_disabled_and_not_found(tmp_path: Path) -> None:
 
 
 def test_the_memory_cap(tmp_path: Path) -> None:
-    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * NUMEL))  # param, grad, m, v
+    # param, grad, m, v and each tensor's own bytes
+    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * NUMEL + len(SHAPES) * TENSOR_OVERHEAD))
     svc.create("s", BASE)
     _refusal(lambda: svc.create("t", BASE), ResourceExhausted, "QUOTA_EXCEEDED",
              session_id="t", limit="max_state_bytes")

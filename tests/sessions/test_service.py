@@ -17,7 +17,7 @@ from adamserve.engine.optimizer import TensorSpec
 from adamserve.errors import InvalidArgument, NotFound, ResourceExhausted
 from adamserve.service import OptimizerService, TensorChunk
 from adamserve.sessions.checkpoints import CheckpointInfo, CheckpointStore
-from adamserve.sessions.session import Session, SessionConfig
+from adamserve.sessions.session import TENSOR_OVERHEAD, Session, SessionConfig
 from adamserve.sessions.store import Limits, SessionStore
 from tests.sessions.support import SHAPES
 from tests.sessions.support import gradients as _grads
@@ -52,7 +52,8 @@ def test_refused_imports_change_nothing(tmp_path: Path) -> None:
 
 def test_growing_state_past_the_cap_is_refused(tmp_path: Path) -> None:
     n = sum(int(np.prod(s)) for s in SHAPES.values())
-    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * n))  # param, grad, m, v
+    # param, grad, m, v and each tensor's own bytes
+    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * n + len(SHAPES) * TENSOR_OVERHEAD))
     svc.create("s", CONFIG)
     before = svc.store.get("s").fingerprint()
     with pytest.raises(ResourceExhausted, match="more bytes of state"):
@@ -195,16 +196,19 @@ def test_add_tensors_to_a_live_session_survives_a_restart(tmp_path: Path) -> Non
 
 def test_a_new_group_that_turns_on_a_slot_is_counted_against_the_cap(tmp_path: Path) -> None:
     n = sum(int(np.prod(s)) for s in SHAPES.values())
-    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * (n + 4) + 4 * 2))
+    svc = _service(tmp_path, Limits(max_state_bytes=4 * 4 * (n + 4) + 4 * 2
+                                    + (len(SHAPES) + 1) * TENSOR_OVERHEAD))
     svc.create("s", CONFIG)
     before = svc.store.get("s").fingerprint()
     with pytest.raises(ResourceExhausted):  # amsgrad's buffer would span the whole session
         svc.add_tensors("s", [TensorSpec("new", (2,), 1)], {"amsgrad": True})
     assert svc.store.get("s").fingerprint() == before
     svc.add_tensors("s", [TensorSpec("new", (2,), 1)], {"lr": 0.1})  # fits without it
+    roomy = _service(tmp_path / "roomy")
+    roomy.create("s", CONFIG)
     with pytest.raises(InvalidArgument, match="is not among the tensors being added"):
-        svc.add_tensors("s", [TensorSpec("newer", (2,), 0)], None,
-                        [TensorChunk("w", (4, 3), "FP32", bytes(48))])
+        roomy.add_tensors("s", [TensorSpec("newer", (2,), 0)], None,
+                          [TensorChunk("w", (4, 3), "FP32", bytes(48))])
 
 
 def test_duplicated_and_reordered_pushes_apply_exactly_once_across_a_restart(

@@ -31,7 +31,15 @@ from adamserve.errors import (
     ResourceExhausted,
     ServiceError,
 )
-from adamserve.service import OptimizerService, PushId, RegionInfo, RegionRef, TensorChunk
+from adamserve.service import (
+    Caller,
+    OptimizerService,
+    PushId,
+    RegionInfo,
+    RegionRef,
+    Role,
+    TensorChunk,
+)
 from adamserve.service.shared_memory import SHM_DIR, SharedMemoryRegistry
 from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import SessionConfig
@@ -297,29 +305,35 @@ def test_places_outside_the_region_or_of_the_wrong_size_change_nothing(
     assert svc.store.get("s").fingerprint() == before
 
 
+ALICE = Caller("alice", Role.READ_WRITE, "alice")
+BOB = Caller("bob", Role.READ_WRITE, "bob")
+
+
 def test_unregistered_and_foreign_regions_are_not_found(shm: Callable[[int], Obj]) -> None:
     svc = _service()
     size = NUMEL * 4
     obj = shm(size)
-    svc.create("s", CONFIG)
-    before = svc.store.get("s").fingerprint()
-    _refused(lambda: svc.step("s", (), gradients_region=RegionRef("nope", 0, size)), NotFound,
+    svc.create("s", CONFIG, caller=ALICE)
+    svc.create("s", CONFIG, caller=BOB)  # bob's own session of that name
+    before = {t: svc.store.get(f"{t}~s").fingerprint() for t in ("alice", "bob")}
+    _refused(lambda: svc.step("s", (), gradients_region=RegionRef("nope", 0, size),
+                              caller=ALICE), NotFound,
              "SHARED_MEMORY_NOT_FOUND", "no shared-memory region named 'nope'")
-    svc.register_shared_memory("r", obj.key, size, tenant="alice")
-    assert svc.list_shared_memory(tenant="alice") == [RegionInfo("r", obj.key, size)]
+    svc.register_shared_memory("r", obj.key, size, caller=ALICE)
+    assert svc.list_shared_memory(caller=ALICE) == [RegionInfo("r", obj.key, size)]
     # another tenant sees nothing of it: not in its list, not usable, not removable, and
     # the object cannot be registered again under another name
-    assert svc.list_shared_memory() == [] and svc.list_shared_memory(tenant="bob") == []
+    assert svc.list_shared_memory() == [] and svc.list_shared_memory(caller=BOB) == []
     for call in (lambda: svc.step("s", (), gradients_region=RegionRef("r", 0, size),
-                                  tenant="bob"),
+                                  caller=BOB),
                  lambda: svc.step("s", _grads(), params_region=RegionRef("r", 0, size),
-                                  tenant="bob"),
-                 lambda: svc.unregister_shared_memory("r", tenant="bob"),
-                 lambda: svc.register_shared_memory("mine", obj.key, size, tenant="bob")):
+                                  caller=BOB),
+                 lambda: svc.unregister_shared_memory("r", caller=BOB),
+                 lambda: svc.register_shared_memory("mine", obj.key, size, caller=BOB)):
         _refused(call, NotFound, "SHARED_MEMORY_NOT_FOUND")
-    assert svc.store.get("s").fingerprint() == before
+    assert {t: svc.store.get(f"{t}~s").fingerprint() for t in ("alice", "bob")} == before
     obj.put(0, _packed(_grads()))
-    assert svc.step("s", (), gradients_region=RegionRef("r", 0, size), tenant="alice").step == 1
+    assert svc.step("s", (), gradients_region=RegionRef("r", 0, size), caller=ALICE).step == 1
 
 
 def test_a_truncated_object_is_refused_not_a_crash(shm: Callable[[int], Obj]) -> None:

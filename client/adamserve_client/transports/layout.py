@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_SPLIT_ELEMENTS", "Piece", "ShardPlan", "join", "plan_from_se
            "plan_shards", "split"]
 
 DEFAULT_SPLIT_ELEMENTS = 1 << 20
-_PIECE = re.compile(r"^(?P<name>.+)#(?P<start>\d+):(?P<end>\d+):(?P<shape>[\d,]*)$")
+_PIECE = re.compile(r"(?P<name>.+)#(?P<start>\d+):(?P<end>\d+):(?P<shape>[\d,]*)")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def plan_shards(specs: Sequence[TensorSpec], shards: int,
     if shards < 1:
         raise ValueError(f"shards: expected at least 1, got {shards}")
     for t in specs:
-        if _PIECE.match(t.name):
+        if _PIECE.fullmatch(t.name):
             raise ValueError(f"tensor {t.name!r}: names of the form <name>#<start>:<end>:"
                              "<shape> are reserved for the pieces of split tensors")
     total = sum(math.prod(t.shape) for t in specs)
@@ -115,7 +115,7 @@ def plan_from_sessions(infos: Sequence[SessionInfo]) -> ShardPlan:
     for info in infos:
         pieces = []
         for t in info.tensors:
-            m = _PIECE.match(t.name)
+            m = _PIECE.fullmatch(t.name)
             if m is None:
                 name, shape, start, end = t.name, t.shape, 0, math.prod(t.shape)
             else:

@@ -114,7 +114,7 @@ def _num(
     if lo is not None:
         parts.append(f"{'>' if lo_open else '>='} {lo:g}")
     parts.append(f"{'<' if hi_open else '<='} {hi:g}")
-    expected = "a finite number" + (" " + " and ".join(parts) if parts else "")
+    expected = "a finite number " + " and ".join(parts)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _bad(name, expected, value)
     x = float(value)

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from adamserve.engine import algorithms as alg
-from adamserve.engine.optimizer import FlatOptimizer
+from adamserve.engine.optimizer import FlatOptimizer, listed
+from adamserve.errors import shown
 from adamserve_proto import algorithms as table
 
 # Group keys that are not hyperparameters: torch.optim's implementation switches (they
@@ -77,7 +78,7 @@ def _match_indices(opt: FlatOptimizer, groups: Sequence[Mapping[str, Any]]) -> d
     if len(theirs) != len(ours):
         raise ValueError(
             f"state_dict holds {len(theirs)} parameters in {len(groups)} groups; the session "
-            f"has {len(ours)}: {', '.join(t.name for t in ours)}")
+            f"has {len(ours)}: {listed([t.name for t in ours])}")
     mapping: dict[int, int] = {}
     if all(name is not None for _, name, _ in theirs):
         for idx, name, _ in theirs:
@@ -85,7 +86,7 @@ def _match_indices(opt: FlatOptimizer, groups: Sequence[Mapping[str, Any]]) -> d
                 mine = opt.layout.index(str(name))
             except KeyError:
                 raise ValueError(
-                    f"state_dict parameter {name!r} is not a tensor of this session") from None
+                    f"state_dict parameter {shown(name)} is not a tensor of this session") from None
             mapping[idx] = mine
     else:
         for pos, (idx, _, _) in enumerate(theirs):
@@ -93,7 +94,7 @@ def _match_indices(opt: FlatOptimizer, groups: Sequence[Mapping[str, Any]]) -> d
     for idx, _, g in theirs:
         if ours[mapping[idx]].group != g:
             raise ValueError(
-                f"parameter {ours[mapping[idx]].name!r} is in group {g} of the state_dict "
+                f"parameter {shown(ours[mapping[idx]].name)} is in group {g} of the state_dict "
                 f"but in group {ours[mapping[idx]].group} of the session")
     return mapping
 
@@ -107,7 +108,7 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
     if step_count is not None and (isinstance(step_count, bool) or not isinstance(
             step_count, int | float) or not 0 <= float(step_count) < MAX_STEP
             or float(step_count) != int(step_count)):
-        raise ValueError(f"step_count {step_count!r}: expected a whole number in [0, 2**62)")
+        raise ValueError(f"step_count {shown(step_count)}: expected a whole number in [0, 2**62)")
     if len(groups) != len(opt.groups):
         raise ValueError(f"state_dict has {len(groups)} param_groups; the session has "
                          f"{len(opt.groups)}")
@@ -131,25 +132,25 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
         row: dict[str, Any] = {"step": entry.get("step")}
         for slot in need:
             if slot not in entry:
-                raise ValueError(f"state of {t.name!r}: missing {slot!r}; expected {need}")
+                raise ValueError(f"state of {shown(t.name)}: missing {slot!r}; expected {need}")
             arr = np.asarray(entry[slot])
             if tuple(arr.shape) != t.shape:
-                raise ValueError(f"state of {t.name!r}: {slot} has shape {list(arr.shape)}, "
+                raise ValueError(f"state of {shown(t.name)}: {slot} has shape {list(arr.shape)}, "
                                  f"expected {list(t.shape)}")
             if not np.issubdtype(arr.dtype, np.floating):
-                raise ValueError(f"state of {t.name!r}: {slot} has dtype {arr.dtype}, "
+                raise ValueError(f"state of {shown(t.name)}: {slot} has dtype {arr.dtype}, "
                                  "expected a floating type")
             row[slot] = arr
         step = np.asarray(row["step"]).item() if row["step"] is not None else None
         if (step is None or not isinstance(step, int | float) or not float(step).is_integer()
                 or not 0 <= float(step) < MAX_STEP):
-            raise ValueError(f"state of {t.name!r}: step must be a whole number in "
-                             f"[0, 2**62), got {step!r}")
+            raise ValueError(f"state of {shown(t.name)}: step must be a whole number in "
+                             f"[0, 2**62), got {shown(step)}")
         row["step"] = int(step)
         if opt.algorithm is alg.Algorithm.NADAM:
             mu = np.asarray(entry.get("mu_product", 1.0))
             if mu.size != 1 or not np.isfinite(mu.astype(np.float64)).all():
-                raise ValueError(f"state of {t.name!r}: mu_product must be one finite number")
+                raise ValueError(f"state of {shown(t.name)}: mu_product must be one finite number")
             row["mu_product"] = float(mu.item())
         staged[mine] = row
     # validated: now change state

@@ -266,11 +266,7 @@ class OptimizerService:
                 if in_place is not None:
                     active, sumsq = np.ones(len(asm.layout), dtype=np.bool_), None
                 else:
-                    if isinstance(grads, _RegionGradients):
-                        grads.feed(asm)
-                    else:
-                        for chunk in grads:
-                            asm.add(chunk)
+                    _decode(asm, grads)
                     active = asm.finish(require_all)
                 with self.store.locked(session_id, session):
                     self._same_layout(session, asm.layout, "this push arrived: push again")
@@ -604,12 +600,10 @@ class OptimizerService:
             extra = (slot_bytes(added.size, len(opt.slots), opt.dtype.itemsize, len(added))
                      + len(new_slots) * (opt.layout.size + added.size) * opt.dtype.itemsize)
             self.store.check_room(extra, session)  # the per-session cap
-            # What it allocates, counted before anything is (checked and counted at once,
-            # so of two requests that would each fit alone the second is refused): the
-            # initial values and the grown buffers, built beside the old ones until
-            # they replace them.
-            grown = session.state_bytes + extra + added.size * opt.dtype.itemsize
-            with self.store.reserved(session_id, grown):
+            # the growth and the initial values' buffer, counted before either is
+            # allocated: checked and counted at once, so of two requests that would each
+            # fit alone the second is refused
+            with self.store.reserved(session_id, extra + added.size * opt.dtype.itemsize):
                 host = initial_values(added, initial, opt.dtype,
                                       scope="among the tensors being added")
                 with self.store.locked(session_id, session):
@@ -835,6 +829,16 @@ class _RegionGradients:
         for i, t in enumerate(layout.tensors):
             lo, hi = int(offsets[i]) * size, int(offsets[i + 1]) * size
             asm.add(TensorChunk(t.name, t.shape, self.datatype, view[lo:hi]))
+
+
+def _decode(asm: Assembler, grads: Iterable[TensorChunk] | _RegionGradients) -> None:
+    """Every chunk of ``grads`` into ``asm``, in a frame of its own: no chunk (nor the
+    received message it is a view of) outlives it while the step goes on to wait."""
+    if isinstance(grads, _RegionGradients):
+        grads.feed(asm)
+        return
+    for chunk in grads:
+        asm.add(chunk)
 
 
 def _check_out(out: Held, session: Session, nbytes: int) -> None:

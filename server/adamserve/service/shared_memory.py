@@ -65,6 +65,7 @@ from adamserve.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    shown,
 )
 from adamserve_proto import codec
 
@@ -108,7 +109,7 @@ def check_name(value: str, what: str) -> str:
     """A region name or object key: 1-128 of ``[A-Za-z0-9_.-]``, not starting with '.'."""
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value.startswith("."):
         raise InvalidArgument(
-            f"{what} {value!r}: expected 1-128 letters, digits, '_', '-' or '.', not starting "
+            f"{what} {shown(value)}: expected 1-128 letters, digits, '_', '-' or '.', not starting "
             "with '.' (a name under /dev/shm, without '/')")
     return value
 
@@ -215,10 +216,10 @@ class SharedMemoryRegistry:
             # the server's user owns other objects too (torch's, an object store's): a
             # caller may name only those made to be regions
             raise InvalidArgument(
-                f"shared-memory key {key!r}: a region's object is named {KEY_PREFIX}... (the "
+                f"shared-memory key {shown(key)}: a region's object is named {KEY_PREFIX}... (the "
                 "server maps no other objects of its user)", metadata=_meta(name))
         if isinstance(byte_size, bool) or not isinstance(byte_size, int) or byte_size <= 0:
-            raise InvalidArgument(f"region {name!r}: byte_size {byte_size!r}: expected a "
+            raise InvalidArgument(f"region {name!r}: byte_size {shown(byte_size)}: expected a "
                                   "positive number of bytes")
         info = RegionInfo(name, key, byte_size)
         with self._lock:

@@ -53,7 +53,8 @@ from safetensors.numpy import save as st_save
 
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import FlatOptimizer
-from adamserve.errors import Unavailable
+from adamserve.engine.schedules import MAX_STEPS
+from adamserve.errors import Unavailable, shown
 from adamserve.sessions import meta
 from adamserve.sessions.pushlog import PushLog
 from adamserve.sessions.session import Session, SessionConfig, build_optimizer
@@ -418,13 +419,23 @@ class CheckpointStore:
                 if name not in opt.slots:
                     opt.slots[name] = backend.zeros(opt.layout.size, opt.dtype)
                 opt.slots[name][...] = backend.to_device(arr)
-        opt.step_count = int(manifest["step_count"])
-        opt.seg_step[:] = np.array(manifest["seg_step"], dtype=np.int64)
+        opt.step_count = _step(manifest["step_count"], "step_count")
+        opt.seg_step[:] = np.array([_step(x, "seg_step") for x in manifest["seg_step"]],
+                                   dtype=np.int64)
         opt.mu_product[:] = np.array(manifest["mu_product"], dtype=np.float64)
         session = Session(session_id, config, opt)
         session.pushes = PushLog.from_json(manifest.get("pushes", {}))
         session.checkpointed_step = opt.step_count
         return session
+
+
+def _step(value: object, field: str) -> int:
+    """A step count from a manifest, within what every wire carries (int64) and what
+    the schedules are bounded to."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEPS:
+        raise ValueError(f"manifest {field} {shown(value)}: expected an integer in "
+                         f"[0, {MAX_STEPS}]")
+    return value
 
 
 def _reason(exc: Exception) -> str:

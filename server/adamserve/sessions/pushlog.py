@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adamserve.errors import InvalidArgument
+from adamserve.errors import InvalidArgument, shown
 
 WINDOW = 1024  # how far out of order a worker's pushes may arrive
 MAX_WORKERS = 4096  # the least recently seen worker's record is dropped beyond this
@@ -31,7 +31,7 @@ class PushId:
 
     def check(self) -> None:
         if not self.worker or len(self.worker) > 128:
-            raise InvalidArgument(f"worker_id {self.worker!r}: expected 1-128 characters")
+            raise InvalidArgument(f"worker_id {shown(self.worker)}: expected 1-128 characters")
         if self.sequence < 1:
             raise InvalidArgument(f"sequence {self.sequence}: expected an integer >= 1")
 

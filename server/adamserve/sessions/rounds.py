@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from adamserve.errors import shown
+
 MODES = ("sync", "async")
 POLICIES = ("fail", "apply")
 # Each worker waiting for its round holds a server thread (the transports have 1024).
@@ -52,13 +54,13 @@ class WorkersConfig:
         if not 1 <= self.count <= MAX_WORKERS:
             raise ValueError(f"workers: expected 1 to {MAX_WORKERS}, got {self.count}")
         if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {shown(self.mode)}")
         if self.straggler_policy not in POLICIES:
             raise ValueError(f"straggler_policy: expected one of {', '.join(POLICIES)}, got "
-                             f"{self.straggler_policy!r}")
+                             f"{shown(self.straggler_policy)}")
         if not (self.straggler_timeout >= 0 and np.isfinite(self.straggler_timeout)):
             raise ValueError(f"straggler_timeout: expected seconds >= 0, got "
-                             f"{self.straggler_timeout!r}")
+                             f"{shown(self.straggler_timeout)}")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ValueError(f"max_staleness: expected an integer >= 0, got "
                              f"{self.max_staleness}")

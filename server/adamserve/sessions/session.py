@@ -82,7 +82,7 @@ class SessionConfig:
 MAX_ELEMENTS = 1 << 40  # per session (and so per tensor and per dimension)
 MAX_RANK = 32
 MAX_TENSORS = 65536  # per session: every step's bookkeeping is per tensor
-MAX_NAME = 1024  # characters of a tensor name (as the HTTP schema's)
+MAX_NAME = 1024  # characters of a tensor name (the HTTP schema reads it too)
 # Bytes counted per tensor besides its elements (its name, spec, offsets, step count,
 # index entry and a step's per-tensor arrays; measured ~300 for a short name), so that
 # empty tensors are not free.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import StepReport
-from adamserve.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from adamserve.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, shown
 from adamserve.sessions import meta, names
 from adamserve.sessions.checkpoints import CheckpointStore
 from adamserve.sessions.session import (
@@ -121,7 +121,8 @@ class SessionStore:
             raise InvalidArgument(str(exc)) from None
         with self._lock:
             if session_id in self._sessions or session_id in self._creating:
-                raise AlreadyExists(f"session {bare!r} already exists", metadata=meta(bare))
+                raise AlreadyExists(f"session {shown(bare)} already exists",
+                                    metadata=meta(bare[:128]))
             self._check_room(session_id, need, need, new_session=True)
             self._creating.add(session_id)
             self._held[tenant] = self._held.get(tenant, 0) + need
@@ -204,31 +205,31 @@ class SessionStore:
             scopes.append((f"tenant {tenant or '(default)'!r}", own,
                            lambda: self._tenant_sessions(tenant),
                            lambda: self.tenant_bytes(tenant)))
-        shown = names.split(session_id)[1]
+        bare = names.split(session_id)[1]
         for scope, limits, sessions, used_bytes in scopes:
             cap = limits.max_session_bytes
             if session_cap and cap is not None and session_bytes > cap:
                 raise ResourceExhausted(
-                    f"session {shown!r} would need {session_bytes} bytes of state; the "
+                    f"session {bare!r} would need {session_bytes} bytes of state; the "
                     f"per-session limit ({scope}) is {cap}", reason="QUOTA_EXCEEDED",
-                    metadata=meta(shown, limit="max_session_bytes", bytes=session_bytes))
+                    metadata=meta(bare, limit="max_session_bytes", bytes=session_bytes))
             cap = limits.max_sessions
             pending = sum(1 for c in self._creating if scope == "server"
                           or names.split(c)[0] == tenant)
             if new_session and cap is not None and len(sessions()) + pending >= cap:
                 raise ResourceExhausted(
-                    f"session {shown!r}: {scope} has {cap} sessions, the most allowed; "
+                    f"session {bare!r}: {scope} has {cap} sessions, the most allowed; "
                     "delete one first", reason="QUOTA_EXCEEDED",
-                    metadata=meta(shown, limit="max_sessions", sessions=cap))
+                    metadata=meta(bare, limit="max_sessions", sessions=cap))
             cap = limits.max_state_bytes
             if cap is not None:
                 used = used_bytes()
                 if used + extra_bytes > cap:
                     raise ResourceExhausted(
-                        f"session {shown!r} needs {extra_bytes} more bytes of state; "
+                        f"session {bare!r} needs {extra_bytes} more bytes of state; "
                         f"{max(0, cap - used)} of {cap} are free ({scope})",
                         reason="QUOTA_EXCEEDED",
-                        metadata=meta(shown, limit="max_state_bytes", bytes=extra_bytes))
+                        metadata=meta(bare, limit="max_state_bytes", bytes=extra_bytes))
 
     def all(self, tenant: str | None = None) -> list[Session]:
         """Every session (``tenant`` None), or one tenant's, ordered by qualified id."""
@@ -244,11 +245,11 @@ def _held_by(session: Session) -> int:
 def _gone(session_id: str) -> NotFound:
     # the id as its tenant sent it: the same answer as for an id no tenant has
     bare = names.split(session_id)[1]
-    return NotFound(f"session {bare!r} does not exist", reason="SESSION_NOT_FOUND",
-                    metadata=meta(bare))
+    return NotFound(f"session {shown(bare)} does not exist", reason="SESSION_NOT_FOUND",
+                    metadata=meta(bare[:128]))
 
 
 def _replaced(session_id: str) -> NotFound:
     bare = names.split(session_id)[1]
-    return NotFound(f"session {bare!r} was replaced during the request",
-                    reason="SESSION_NOT_FOUND", metadata=meta(bare))
+    return NotFound(f"session {shown(bare)} was replaced during the request",
+                    reason="SESSION_NOT_FOUND", metadata=meta(bare[:128]))

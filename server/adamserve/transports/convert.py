@@ -62,7 +62,8 @@ def datatype(value: str, field: str) -> str:
     value = value or "FP32"
     if value not in WIRE_DTYPES:
         raise errors.InvalidArgument(
-            f"{field}: unknown datatype {value!r}; expected one of {', '.join(WIRE_DTYPES)}")
+            f"{field}: unknown datatype {errors.shown(value)}; expected one of "
+            f"{', '.join(WIRE_DTYPES)}")
     return value
 
 
@@ -169,7 +170,7 @@ def tensor_specs(msgs: Iterable[pb.TensorSpec], field: str = "tensors"
     tensors = []
     total = 0
     for i, t in enumerate(msgs):
-        what = f"tensor {t.name!r}" if t.name else f"{field}[{i}]"
+        what = f"tensor {errors.shown(t.name)}" if t.name else f"{field}[{i}]"
         shape = check_shape(t.shape, what)
         total += math.prod(shape)
         tensors.append(TensorSpec(t.name, shape, int(t.group)))
@@ -281,7 +282,7 @@ def _after(token: str) -> str:
         return body.decode()
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise errors.InvalidArgument(
-            f"page_token {token[:80]!r} is not a token this server gave: pass a previous "
+            f"page_token {errors.shown(token)} is not a token this server gave: pass a previous "
             "response's next_page_token, or none for the first page") from None
 
 

@@ -151,7 +151,7 @@ def _chunks(reader: Any, what: str) -> Iterator[TensorChunk]:
                 raise errors.InvalidArgument(f"{what}: {exc}") from None
         try:
             for row in layout.rows(batch, datatype):
-                shape = convert.check_shape(row.shape, f"tensor {row.name!r}")
+                shape = convert.check_shape(row.shape, f"tensor {errors.shown(row.name)}")
                 if row.offset < 0:
                     raise errors.InvalidArgument(
                         f"tensor {row.name!r}: negative chunk offset {row.offset}")
@@ -432,7 +432,7 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
         with self._guard(method if method in rpc.RPCS else "DoAction"):
             if method not in ACTIONS:
                 raise errors.InvalidArgument(
-                    f"DoAction: unknown action {method!r}; expected one of "
+                    f"DoAction: unknown action {errors.shown(method)}; expected one of "
                     f"{', '.join(sorted(ACTIONS))}")
             row = rpc.RPCS[method]
             body = action.body.to_pybytes() if action.body is not None else b""

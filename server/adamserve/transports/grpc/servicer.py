@@ -286,7 +286,7 @@ _session_id = convert.session_id
 def _chunk(msg: pb.TensorChunk | wire.ChunkView) -> TensorChunk:
     """A wire chunk as the service's TensorChunk; ``data`` is passed on as is (a view
     into the received message where it was read by hand)."""
-    what = f"tensor {msg.name!r}"
+    what = f"tensor {errors.shown(msg.name)}"
     _datatype(msg.datatype or "FP32", what)
     if msg.offset < 0:
         raise errors.InvalidArgument(f"{what}: negative chunk offset {msg.offset}")
@@ -558,13 +558,13 @@ class OptimizerServicer(SharedMemoryMethods):
         for msg in _messages(requests):
             if msg.session_id and msg.session_id != session_id:
                 raise errors.InvalidArgument(
-                    f"ImportState: session_id {msg.session_id!r} differs from the first "
-                    f"message's {session_id!r}")
+                    f"ImportState: session_id {errors.shown(msg.session_id)} differs from the "
+                    f"first message's {errors.shown(session_id)}")
             total += len(msg.data)
             if total > limit:
                 raise errors.ResourceExhausted(
                     f"ImportState: the state blob exceeds {limit} bytes, more than any "
-                    f"state_dict of session {session_id!r} needs")
+                    f"state_dict of session {errors.shown(session_id)} needs")
             parts.append(msg.data)
         _BYTES_IN.inc(total)
         try:

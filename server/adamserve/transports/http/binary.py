@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES, encode
-from adamserve.errors import InvalidArgument
+from adamserve.errors import InvalidArgument, shown
 from adamserve.service import TensorChunk
 from adamserve.transports.http.errors import describe_validation
 from adamserve.transports.http.schemas import MAX_DIM, TensorIn
@@ -76,7 +76,8 @@ def header_length(headers: Mapping[str, str]) -> int | None:
         return None
     text = raw.strip()
     if not text.isdigit() or not text.isascii() or len(text) > 19:
-        raise InvalidArgument(f"{HEADER_LENGTH}: expected a whole number of bytes, got {raw!r}")
+        raise InvalidArgument(f"{HEADER_LENGTH}: expected a whole number of bytes, got "
+                              f"{shown(raw)}")
     return int(text)
 
 
@@ -100,7 +101,7 @@ def _numel(t: TensorIn) -> int:
     numel = math.prod(t.shape)
     if numel > MAX_ELEMENTS:
         raise InvalidArgument(
-            f"tensor {t.name!r}: shape {t.shape} has {numel} elements; at most {MAX_ELEMENTS}")
+            f"tensor {shown(t.name)}: shape {t.shape} has {numel} elements; at most {MAX_ELEMENTS}")
     return numel
 
 
@@ -149,26 +150,27 @@ def plan(tensors: Sequence[TensorIn], binary: bool, length: int | None) -> list[
     pos = 0
     for t in tensors:
         if t.name in seen:
-            raise InvalidArgument(f"tensor {t.name!r} appears more than once in the request")
+            raise InvalidArgument(f"tensor {shown(t.name)} appears more than once in the request")
         seen.add(t.name)
         if t.datatype not in WIRE_DTYPES:
             raise InvalidArgument(
-                f"tensor {t.name!r}: unknown datatype {t.datatype!r}; expected one of "
+                f"tensor {shown(t.name)}: unknown datatype {shown(t.datatype)}; expected one of "
                 f"{', '.join(WIRE_DTYPES)}")
         numel = _numel(t)
         size = t.parameters.binary_data_size if t.parameters is not None else None
         if size is not None and t.data is not None:
             raise InvalidArgument(
-                f"tensor {t.name!r}: give either 'data' or parameters.binary_data_size, not both")
+                f"tensor {shown(t.name)}: give either 'data' or parameters.binary_data_size, "
+                "not both")
         if size is not None:
             if not binary:
                 raise InvalidArgument(
-                    f"tensor {t.name!r}: binary_data_size needs a binary request "
+                    f"tensor {shown(t.name)}: binary_data_size needs a binary request "
                     f"(Content-Type {OCTET_STREAM} and a {HEADER_LENGTH} header)")
             expected = numel * WIRE_DTYPES[t.datatype].itemsize
             if size != expected:
                 raise InvalidArgument(
-                    f"tensor {t.name!r}: binary_data_size is {size} bytes; shape {t.shape} of "
+                    f"tensor {shown(t.name)}: binary_data_size is {size} bytes; shape {t.shape} of "
                     f"{t.datatype} needs {expected}")
             if length is not None and pos + size > length:
                 raise _past_end(t.name, pos + size, length)
@@ -176,11 +178,11 @@ def plan(tensors: Sequence[TensorIn], binary: bool, length: int | None) -> list[
         elif t.data is not None:
             if len(t.data) != numel:
                 raise InvalidArgument(
-                    f"tensor {t.name!r}: data has {len(t.data)} values; shape {t.shape} "
+                    f"tensor {shown(t.name)}: data has {len(t.data)} values; shape {t.shape} "
                     f"needs {numel}")
         else:
             raise InvalidArgument(
-                f"tensor {t.name!r}: needs 'data' or parameters.binary_data_size")
+                f"tensor {shown(t.name)}: needs 'data' or parameters.binary_data_size")
         entries.append(Entry(t, size))
     if binary and length is not None and pos != length:
         raise _beyond(pos, str(length))
@@ -188,7 +190,7 @@ def plan(tensors: Sequence[TensorIn], binary: bool, length: int | None) -> list[
 
 
 def _past_end(name: str, end: int, held: int) -> InvalidArgument:
-    return InvalidArgument(f"tensor {name!r}: binary data ends at byte {end} but the body "
+    return InvalidArgument(f"tensor {shown(name)}: binary data ends at byte {end} but the body "
                            f"holds {held} bytes after the JSON header")
 
 

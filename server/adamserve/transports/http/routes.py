@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 
 from adamserve import metrics
 from adamserve.engine.dtypes import WIRE_DTYPES
-from adamserve.errors import InvalidArgument, Unauthenticated
+from adamserve.errors import InvalidArgument, Unauthenticated, shown
 from adamserve.service import Caller, OptimizerService, SessionInfo, StepResult, TensorChunk
 from adamserve.transports import convert
 from adamserve.transports.http import binary
@@ -313,7 +313,7 @@ def _step_header(req: StepRequest | PushRequest, session_id: str) -> pb.StepHead
                            gradients_datatype=req.gradients_datatype)
     if isinstance(req, StepRequest):
         if req.return_datatype not in WIRE_DTYPES:
-            raise InvalidArgument(f"return_datatype {req.return_datatype!r}: expected one of "
+            raise InvalidArgument(f"return_datatype {shown(req.return_datatype)}: expected one of "
                                   f"{', '.join(WIRE_DTYPES)}")
         header.return_datatype = req.return_datatype
         _region(header.params_region, req.params_region)
@@ -337,7 +337,7 @@ async def commit(session_id: str, body: CommitRequest, request: Request,
     the proto's Commit."""
     rtype = None if body.skip_params else body.return_datatype
     if rtype is not None and rtype not in WIRE_DTYPES:
-        raise InvalidArgument(f"return_datatype {rtype!r}: expected one of "
+        raise InvalidArgument(f"return_datatype {shown(rtype)}: expected one of "
                               f"{', '.join(WIRE_DTYPES)}")
     return await _call(_commit, service, session_id, request, body, rtype, caller=caller)
 

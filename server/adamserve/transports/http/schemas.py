@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
-from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK
+from adamserve.sessions.session import MAX_ELEMENTS, MAX_NAME, MAX_RANK
 from adamserve_proto import convert
 
 # Wire datatypes, as in adamserve.engine.dtypes.WIRE_DTYPES. Kept a plain string in
@@ -51,7 +51,7 @@ Datatype = Annotated[str, Field(json_schema_extra={"enum": list(DATATYPES)},
                                 description="FP32, FP64, FP16 or BF16 (little-endian)")]
 Dim = Annotated[int, Field(ge=0, le=MAX_DIM)]
 Shape = Annotated[list[Dim], Field(max_length=MAX_RANK)]
-Name = Annotated[str, Field(min_length=1, max_length=1024)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 
 
 def _number(v: Any) -> float:

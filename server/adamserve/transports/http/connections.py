@@ -1,0 +1,124 @@
+"""Connections that cannot be held open for free: a deadline on every request's headers.
+
+uvicorn times a connection out only after a response (``timeout_keep_alive``): a
+connection that sends nothing, or half a header line, or a header byte a minute, is
+kept forever, and httptools puts no bound on the size of the headers either. So the
+server's protocol is uvicorn's wrapped in :class:`Guarded`: from the moment a
+connection opens, and again from the first byte of each next request, its headers
+must be complete within ``header_timeout`` seconds and :data:`MAX_HEADER_BYTES`;
+else the connection is answered 408 (or 431) and closed. Bodies have their own idle
+timeout (:mod:`.body`), idle keep-alive connections uvicorn's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+if TYPE_CHECKING:  # httptools is optional (h11 otherwise): imported when chosen
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("adamserve.http")
+
+HEADER_TIMEOUT = 20.0  # seconds from a request's first byte (or the connection) to its headers
+MAX_HEADER_BYTES = 64 << 10  # request line and headers (h11's own limit is 16 KiB)
+
+_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+              b"connection: close\r\n\r\n")
+
+
+class Guarded(asyncio.Protocol):
+    """uvicorn's HTTP protocol (``inner``) with a deadline on each request's headers."""
+
+    inner_class: ClassVar[type[HttpToolsProtocol] | type[H11Protocol]]
+    header_timeout: ClassVar[float]
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.inner = self.inner_class(config=config, server_state=server_state,
+                                      app_state=app_state, _loop=_loop)
+        self.loop = self.inner.loop
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending = 0  # bytes received since the last request's headers were complete
+
+    def _waiting(self) -> bool:
+        """Whether the connection is between requests (its next headers not complete)."""
+        cycle = self.inner.cycle
+        return cycle is None or cycle.response_complete
+
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _refuse(self, answer: bytes, why: str) -> None:
+        self._disarm()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._pending:  # a request began: say why it ends (an idle one just closes)
+            transport.write(answer)
+        log.debug("closing an HTTP connection from %s: %s", self.inner.client, why)
+        transport.close()
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._waiting():
+            self._refuse(_TIMED_OUT, f"no complete request headers within "
+                                     f"{self.header_timeout:g} s")
+
+    # -- asyncio.Protocol, forwarded ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.inner.connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        before = self.inner.cycle
+        waiting = self._waiting()
+        self.inner.data_received(data)
+        if self.inner.cycle is not before:  # a request's headers are complete
+            self._pending = 0
+            self._disarm()
+        elif waiting:
+            # the next request's first bytes (uvicorn has stopped its keep-alive timer)
+            self._pending += len(data)
+            self._arm()
+            if self._pending > MAX_HEADER_BYTES:
+                self._refuse(_TOO_LARGE, f"request headers over {MAX_HEADER_BYTES} bytes")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def guarded(http: str, header_timeout: float = HEADER_TIMEOUT) -> type[Guarded]:
+    """The protocol class uvicorn serves with: ``http`` ("httptools" or "h11") guarded."""
+    module, name = (("httptools_impl", "HttpToolsProtocol") if http == "httptools"
+                    else ("h11_impl", "H11Protocol"))
+    inner = getattr(importlib.import_module(f"uvicorn.protocols.http.{module}"), name)
+    return type(f"Guarded{inner.__name__}", (Guarded,),
+                {"inner_class": inner, "header_timeout": header_timeout})
