@@ -7,6 +7,8 @@ One run prints a markdown table, for every algorithm on N fp32 elements (default
   check on), and the bare kernel (``skip_nonfinite=False``);
 * torch's fastest CPU implementation of the same algorithm (``fused=True`` where
   torch has a fused CPU kernel, else ``foreach=True``) on one tensor of N elements;
+  for the schedule-free pair, which torch lacks, schedulefree's (its default,
+  foreach);
 * ratio = adamserve step / torch;
 * floor = bytes the algorithm must move per element / memory-copy rate measured in
   this run (the faster of ``np.copyto`` and a threaded copy of a buffer much larger
@@ -36,6 +38,7 @@ from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
 BYTES = {
     "adam": 28, "adamw": 28, "adam+amsgrad": 36, "nadam": 28, "radam": 28, "adamax": 28,
     "adagrad": 20, "rmsprop": 20, "lamb": 40,
+    "adamw_schedule_free": 28, "radam_schedule_free": 28,  # y and z r+w, g r, v r+w
 }
 TORCH = {
     "adam": ("Adam", {}, True), "adamw": ("AdamW", {}, True),
@@ -43,6 +46,9 @@ TORCH = {
     "radam": ("RAdam", {}, False), "adamax": ("Adamax", {}, False),
     "adagrad": ("Adagrad", {}, True), "rmsprop": ("RMSprop", {}, False),
 }
+# schedulefree's classes (the oracle of the schedule-free pair); they step in train mode
+SCHEDULE_FREE = {"adamw_schedule_free": "AdamWScheduleFree",
+                 "radam_schedule_free": "RAdamScheduleFree"}
 
 
 def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -80,6 +86,8 @@ def copy_rate(n: int, repeat: int) -> float:
 
 def ours(name: str, n: int, check: bool) -> Callable[[], object]:
     algo, opts = ("adam", {"amsgrad": True}) if name == "adam+amsgrad" else (name, {})
+    if name in SCHEDULE_FREE:
+        opts = {"train_mode": True}
     layout = Layout((TensorSpec("w", (n,)),))
     rng = np.random.default_rng(1)
     opt = FlatOptimizer(algo, layout, [opts], params=rng.standard_normal(n, dtype=np.float32),
@@ -93,6 +101,16 @@ def theirs(name: str, n: int) -> tuple[Callable[[], object] | None, str]:
         import torch
     except ImportError:
         return None, "n/a"
+    if name in SCHEDULE_FREE:
+        try:
+            import schedulefree
+        except ImportError:
+            return None, "n/a"
+        q = torch.nn.Parameter(torch.randn(n))
+        q.grad = torch.randn(n) * 1e-3
+        sf = getattr(schedulefree, SCHEDULE_FREE[name])([q])
+        sf.train()
+        return sf.step, "schedulefree"
     if name not in TORCH:
         return None, "none"
     cls_name, opts, has_fused = TORCH[name]

@@ -7,7 +7,9 @@ the keys in the order torch creates them. :func:`server_state` turns the first i
 the second; :func:`match` and :func:`import_rows` turn a loaded torch state_dict
 (from this client or from ``torch.optim``) into what the server imports, matching
 its parameters to ours by name when both sides have names, else by order, as torch
-does.
+does. The schedule-free pair keeps state in its groups too (schedulefree's ``k``,
+``train_mode``, ...): :func:`group_state` reads it from the server's export or a
+loaded state_dict.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from adamserve_client import tensors
 from adamserve_client._params import LocalParams, Param
 from adamserve_client._torch import is_tensor, shape, torch
 from adamserve_client.transports.base import Hyperparameters, StateDict
+from adamserve_proto.algorithms import AlgorithmDef, wire_value
 from adamserve_proto.state_blob import SCALAR_SLOTS
 
-__all__ = ["import_rows", "match", "merged_groups", "packed_groups", "server_state",
-           "with_params"]
+__all__ = ["group_state", "import_rows", "match", "merged_groups", "packed_groups",
+           "server_state", "with_params"]
 
-# The order torch.optim creates state entries in (state_dicts compare equal regardless).
+# The order torch.optim (and schedulefree) create state entries in (state_dicts compare
+# equal regardless).
 _SLOT_ORDER = {k: i for i, k in enumerate((
-    "step", "mu_product", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "sum",
+    "step", "mu_product", "z", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "sum",
     "square_avg", "momentum_buffer", "grad_avg"))}
 
 
@@ -95,6 +99,20 @@ def server_state(params: LocalParams, groups: Sequence[Mapping[str, Any]],
                 state[i] = _local_entry(p, {"step": 0.0, "sum": np.full(
                     p.shape, init, dtype=tensors.DATATYPES[master])}, numpy)
     return dict(sorted(state.items()))
+
+
+def _state_value(algo: AlgorithmDef, key: str, value: Any) -> Any:
+    """A per-group state value as the oracle keeps it (``k`` an int, ``train_mode`` a bool)."""
+    v = wire_value(key, value)
+    return int(v) if key in algo.integers and isinstance(v, float) else v
+
+
+def group_state(groups: Sequence[Mapping[str, Any]], algo: AlgorithmDef) -> list[dict[str, Any]]:
+    """The per-group state (the table's ``group_state`` keys) each of ``groups`` holds (the
+    server's export, or a loaded state_dict), in group order; empty dicts for an
+    algorithm that keeps none."""
+    return [{k: _state_value(algo, k, g[k]) for k in algo.group_state if k in g}
+            for g in groups]
 
 
 def packed_groups(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

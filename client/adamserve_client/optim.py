@@ -51,6 +51,7 @@ from adamserve_client._session import (
     find_algorithm,
 )
 from adamserve_client._state_dict import (
+    group_state,
     import_rows,
     match,
     merged_groups,
@@ -73,7 +74,8 @@ else:
         from adamserve_client._optimizer_base import OptimizerBase as _Base
 
 __all__ = ["ALGORITHMS", "DEFAULT_SERVER", "HAVE_TORCH", "LAMB", "Adagrad", "Adam", "AdamW",
-           "Adamax", "NAdam", "RAdam", "RMSprop", "RemoteOptimizer"]
+           "AdamWScheduleFree", "Adamax", "NAdam", "RAdam", "RAdamScheduleFree", "RMSprop",
+           "RemoteOptimizer"]
 
 # The algorithms and their defaults: the table both sides share.
 ALGORITHMS = table.ALGORITHMS
@@ -88,8 +90,9 @@ class RemoteOptimizer(_Base):
     ``params``: tensors or NumPy float arrays, ``(name, tensor)`` pairs (as from
     ``model.named_parameters()``: the names then name the session's tensors and
     are matched on ``load_state_dict``), or parameter-group dicts, as for torch.optim.
-    ``algorithm``: adam, adamw, amsgrad, nadam, radam, adamax, adagrad, rmsprop or
-    lamb. ``hyperparameters``: the algorithm's, under torch.optim's names.
+    ``algorithm``: adam, adamw, amsgrad, nadam, radam, adamax, adagrad, rmsprop,
+    lamb, adamw_schedule_free or radam_schedule_free. ``hyperparameters``: the
+    algorithm's, under torch.optim's names (schedulefree's for the last two).
 
     Keyword-only:
 
@@ -142,6 +145,10 @@ class RemoteOptimizer(_Base):
         for key, value in algo.wire_defaults(extras=False).items():
             defaults.setdefault(key, value)
         validation.check_constructor(algo.name, defaults)
+        # schedulefree's groups hold its switches (it reads foreach) and start with its state
+        for key, value in algo.switch_defaults.items():
+            defaults.setdefault(key, value)
+        defaults.update(algo.group_state)
         # after the hyperparameters, as torch checks them
         if is_tensor(params):
             raise TypeError("params argument given to the optimizer should be an iterable of "
@@ -243,6 +250,7 @@ class RemoteOptimizer(_Base):
         parameters: pass the gradients, ``opt.step(grads)`` with one array (or None)
         per parameter in order, or a dict by name.
         """
+        validation.check_mode(self.algorithm, self.param_groups)
         if closure is not None and not callable(closure):
             closure, grads = None, closure
         loss = None
@@ -291,17 +299,29 @@ class RemoteOptimizer(_Base):
 
     # -- state_dict --------------------------------------------------------------------
 
-    def _server_state(self) -> dict[int, dict[str, Any]]:
-        """Every parameter's state, by index, in torch's layout, fetched from the server."""
-        return server_state(self._params, self.param_groups,
-                            self.transport.export_state(self.session_id),
+    def _server_state(self, exported: StateDict | None = None) -> dict[int, dict[str, Any]]:
+        """Every parameter's state, by index, in torch's layout, fetched from the server
+        (or read from its ``exported`` state)."""
+        if exported is None:
+            exported = self.transport.export_state(self.session_id)
+        return server_state(self._params, self.param_groups, exported,
                             self._session.algo.runs, self._session.master)
 
+    def _adopt_group_state(self, groups: Iterable[Mapping[str, Any]]) -> None:
+        """The server's per-group state (schedulefree's ``k``, ``train_mode``, ...) into
+        ``param_groups``; nothing for the algorithms that keep none."""
+        for local, state in zip(self.param_groups, group_state(list(groups),
+                                                               self._session.algo), strict=False):
+            local.update(state)
+
     def state_dict(self) -> StateDict:
-        """The optimizer state in torch.optim's format, fetched from the server."""
+        """The optimizer state in torch.optim's format, fetched from the server (with the
+        server's per-group state, which ``param_groups`` then holds too)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        sd: StateDict = {"state": self._server_state(),
+        exported = self.transport.export_state(self.session_id)
+        self._adopt_group_state(exported["param_groups"])
+        sd: StateDict = {"state": self._server_state(exported),
                          "param_groups": packed_groups(self.param_groups)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -321,8 +341,10 @@ class RemoteOptimizer(_Base):
         id_map = match(self._params, self.param_groups, saved_groups)
         state = import_rows(self._params, sd["state"], id_map)
         hyper = [self._session.group_hyper(g) for g in saved_groups]
+        kept = group_state(saved_groups, self._session.algo)  # schedulefree's k, train_mode...
         info = self.transport.import_state(self.session_id, {
-            "state": state, "param_groups": with_params(self._params, hyper)})
+            "state": state, "param_groups": with_params(
+                self._params, [{**h, **st} for h, st in zip(hyper, kept, strict=True)])})
         # the loaded state's step: the next push is for the next
         self._session.base_step = info.step
         self.param_groups = merged_groups(self.param_groups, saved_groups)
@@ -343,7 +365,9 @@ class RemoteOptimizer(_Base):
         the hyperparameters changed locally since the last step (by hand or by an LR
         scheduler) sent first, as the next step would."""
         self._session.sync_hyperparameters(self.param_groups)
-        return self.transport.describe(self.session_id)
+        info = self.transport.describe(self.session_id)
+        self._adopt_group_state(info.groups)
+        return info
 
     def checkpoint(self) -> Any:
         """Write a durable checkpoint of the session on the server now, with the
@@ -595,3 +619,111 @@ class LAMB(RemoteOptimizer):
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, bias_correction=bias_correction)
+
+
+# ---------------------------------------------------------------------------
+# facebookresearch's schedulefree (1.4.1), with its exact arguments; every default is
+# the table's
+
+_ADAMW_SF_ROW, _RADAM_SF_ROW = ALGORITHMS["adamw_schedule_free"], ALGORITHMS["radam_schedule_free"]
+_ADAMW_SF, _RADAM_SF = _ADAMW_SF_ROW.defaults, _RADAM_SF_ROW.defaults
+
+
+class _ScheduleFree(RemoteOptimizer):
+    """schedulefree's ``train()`` and ``eval()``, on the server.
+
+    The server keeps the package's per-group state (``k``, ``train_mode``,
+    ``weight_sum``, ``lr_max``, ``scheduled_lr``); ``param_groups`` holds the server's
+    values as of the last ``train()``, ``eval()``, ``state_dict()`` or ``describe()``
+    (and of attaching to a named session). Like the package, the optimizer starts in
+    eval mode (``train_mode`` false): call ``train()`` before the first step, ``eval()``
+    before evaluating or saving the model. On a session shared by several workers the
+    mode is the session's: one worker's ``train()`` switches it for all.
+    A server-side ``schedule`` multiplies the lr before the warmup (AdamW) or
+    rectification (RAdam), and its momentum cycling does not apply; leave it unset to
+    match the package.
+    """
+
+    def __init__(self, params: Params, algorithm: str, *, session: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(params, algorithm, session=session, **kwargs)
+        if session is not None:  # attached to a live session: its mode and step count
+            self._adopt_group_state(self.transport.describe(self.session_id).groups)
+
+    def train(self) -> None:
+        """Switch to train mode: the parameters become the package's y (where the
+        gradients are taken), for every group in eval mode."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """Switch to eval mode: the parameters become the package's x (the average to
+        evaluate and save), for every group in train mode."""
+        self._switch(False)
+
+    def _switch(self, train: bool) -> None:
+        changing = [g for g, group in enumerate(self.param_groups)
+                    if bool(group["train_mode"]) != train]
+        if not changing:
+            return
+        # the swap starts from what the user's tensors and groups hold, as the package's
+        self._session.sync_hyperparameters(self.param_groups)
+        self._send_changed()
+        info = None
+        try:
+            for g in changing:
+                info = self.transport.set_hyperparameters(self.session_id, g,
+                                                          {"train_mode": train})
+                self.param_groups[g]["train_mode"] = train
+        finally:
+            if info is not None:
+                self._adopt_group_state(info.groups)
+                if info.step:  # before any step no tensor has a z: nothing moved
+                    self.pull()
+
+
+class AdamWScheduleFree(_ScheduleFree):
+    """``schedulefree.AdamWScheduleFree`` on an adamserve server (see :class:`RemoteOptimizer`
+    and ``_ScheduleFree``: ``train()``, ``eval()``)."""
+
+    def __init__(self, params: Params, lr: float | Any = _ADAMW_SF["lr"],
+                 betas: _Betas = _ADAMW_SF["betas"], eps: float = _ADAMW_SF["eps"],
+                 weight_decay: float = _ADAMW_SF["weight_decay"],
+                 warmup_steps: int = _ADAMW_SF["warmup_steps"], r: float = _ADAMW_SF["r"],
+                 weight_lr_power: float = _ADAMW_SF["weight_lr_power"],
+                 foreach: bool | None = _ADAMW_SF_ROW.switch_default("foreach"), *,
+                 server: Server = None, session: str | None = None, token: str | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+        super().__init__(params, "adamw_schedule_free", server=server, session=session,
+                         token=token, wire_dtype=wire_dtype, master_dtype=master_dtype,
+                         schedule=schedule, timeout=timeout, workers=workers,
+                         worker_id=worker_id, shared_memory=shared_memory,
+                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                         foreach=foreach)
+
+
+class RAdamScheduleFree(_ScheduleFree):
+    """``schedulefree.RAdamScheduleFree`` on an adamserve server (see :class:`RemoteOptimizer`
+    and ``_ScheduleFree``: ``train()``, ``eval()``)."""
+
+    def __init__(self, params: Params, lr: float | Any = _RADAM_SF["lr"],
+                 betas: _Betas = _RADAM_SF["betas"], eps: float = _RADAM_SF["eps"],
+                 weight_decay: float = _RADAM_SF["weight_decay"], r: float = _RADAM_SF["r"],
+                 weight_lr_power: float = _RADAM_SF["weight_lr_power"],
+                 foreach: bool | None = _RADAM_SF_ROW.switch_default("foreach"),
+                 silent_sgd_phase: bool = _RADAM_SF["silent_sgd_phase"], *,
+                 server: Server = None, session: str | None = None, token: str | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+        super().__init__(params, "radam_schedule_free", server=server, session=session,
+                         token=token, wire_dtype=wire_dtype, master_dtype=master_dtype,
+                         schedule=schedule, timeout=timeout, workers=workers,
+                         worker_id=worker_id, shared_memory=shared_memory,
+                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r,
+                         weight_lr_power=weight_lr_power, foreach=foreach,
+                         silent_sgd_phase=silent_sgd_phase)

@@ -13,6 +13,10 @@ parameter group (``fused`` → ``foreach`` → the single-tensor loop, ``foreach
 defaulting as ``_default_to_fused_or_foreach`` does) and raises the first error that
 implementation raises, group by group, parameter by parameter.
 
+The schedule-free pair follows facebookresearch's schedulefree instead, whose
+constructors check nothing (the server refuses what it cannot run, naming the key):
+:func:`check_mode` raises the package's ``Exception`` for a step outside train mode.
+
 Two approximations, both for groups that override a switch of the defaults: torch
 turns autograd on during ``step()`` from ``defaults["differentiable"]`` (the groups are
 all check_step sees, so each group's own flag stands for it), and Adagrad checks the
@@ -28,10 +32,13 @@ from typing import Any
 from adamserve_client._torch import is_tensor, torch
 from adamserve_proto.algorithms import ALGORITHMS, SWITCHES
 
-__all__ = ["check_constructor", "check_step"]
+__all__ = ["check_constructor", "check_mode", "check_step"]
 
-# the client's key -> torch.optim's class name (for TypeError messages); LAMB has none
-_CLASS = {row.name: row.torch_class for row in ALGORITHMS.values() if row.torch_class}
+# the client's key -> the class name it follows, torch.optim's or the oracle's (for
+# TypeError messages); LAMB has none
+_CLASS = {row.name: row.class_name for row in ALGORITHMS.values() if row.class_name}
+# the rows whose steps follow torch.optim's implementations (check_step)
+_TORCH = frozenset(row.name for row in ALGORITHMS.values() if row.torch_class)
 # implementation switches of torch.optim that a torch class does not take: passing one
 # (possible through the generic RemoteOptimizer) is torch's TypeError
 _NOT_ACCEPTED = {name: tuple(k for k in SWITCHES if k not in ALGORITHMS[name].switches)
@@ -40,6 +47,9 @@ _NOT_ACCEPTED = {name: tuple(k for k in SWITCHES if k not in ALGORITHMS[name].sw
 _LEAF_IN_PLACE = "a leaf Variable that requires grad is being used in an in-place operation."
 _FOREACH_AUTOGRAD = "_foreach ops don't support autograd"
 _TENSOR_LR_FOREACH = "lr as a Tensor is not supported for capturable=False and foreach=True"
+# schedulefree's step() outside train mode (it raises a bare Exception)
+_NOT_TRAINING = ("Optimizer was not in train mode when step is called. Please insert .train() "
+                 "and .eval() calls on the optimizer. See documentation for details.")
 
 
 # -- construction ------------------------------------------------------------------------
@@ -168,6 +178,13 @@ def _rmsprop(hyper: Mapping[str, Any]) -> None:
 
 
 # -- step --------------------------------------------------------------------------------
+
+
+def check_mode(algorithm: str, groups: Sequence[Mapping[str, Any]]) -> None:
+    """What schedulefree's ``step()`` raises first: the bare ``Exception`` when param group
+    0 is not in train mode (no-op for the algorithms without a train mode)."""
+    if "train_mode" in ALGORITHMS[algorithm].group_state and not groups[0]["train_mode"]:
+        raise Exception(_NOT_TRAINING)
 
 
 def _capturable_devices(supports_xla: bool) -> list[str]:
@@ -330,7 +347,7 @@ def check_step(algorithm: str, groups: Sequence[Mapping[str, Any]], params: Sequ
     its ``.grad`` is set, as in torch; a NumPy array always does. A group whose switches
     are all off (and whose lr and betas are not Tensors) costs one look.
     """
-    if algorithm not in _CLASS:  # LAMB: no torch implementation to follow
+    if algorithm not in _TORCH:  # LAMB, schedule-free: no torch implementation to follow
         return
     for group in groups:
         if not _needs_check(group):

@@ -8,7 +8,15 @@ writes ``0``), in the order the server lists them; LAMB, which torch lacks, take
 optax.lamb's (the paper's). ``extras``: what the server accepts beyond torch's class
 (Adam's ``bias_correction``), with the server's default; torch's param groups do not
 carry them. ``torch_class``: torch.optim's class of that algorithm, and ``switches``:
-which of torch's implementation switches (:data:`SWITCHES`) that class takes.
+which of torch's implementation switches (:data:`SWITCHES`) that class takes. A row
+that follows a class outside torch.optim names it in ``oracle`` (the schedule-free
+pair: ``schedulefree.AdamWScheduleFree``), with its switches' defaults where they
+differ from torch's (``switch_defaults``: schedulefree's ``foreach=True``).
+``group_state``: what such a class keeps per parameter group beside the
+hyperparameters (schedulefree's step count ``k``, ``train_mode``, ...), with its
+initial values: exported and imported with the groups, never a constructor argument
+nor sent as a hyperparameter. ``integers``: the keys whose values are whole numbers
+(exported as ints, as the oracle keeps them).
 
 Also how a hyperparameter and a group travel: :func:`wire_value` (true/false, a
 float, betas a pair) and :func:`split_betas` / :func:`join_betas` (torch's ``betas``
@@ -28,8 +36,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["ALGORITHMS", "SWITCHES", "AlgorithmDef", "WireValue", "join_betas", "split_betas",
-           "wire_value"]
+__all__ = ["ALGORITHMS", "INTEGER_KEYS", "SWITCHES", "AlgorithmDef", "WireValue", "join_betas",
+           "split_betas", "wire_value"]
 
 # A hyperparameter as the wire carries it: true/false, a number, or betas as a pair.
 WireValue = bool | float | tuple[float, ...]
@@ -101,10 +109,24 @@ class AlgorithmDef:
     options: Mapping[str, Any] = field(default_factory=dict)
     torch_class: str | None = None  # torch.optim's class of that name (LAMB: none)
     switches: frozenset[str] = _ALL_SWITCHES  # the switches (SWITCHES) that class takes
+    oracle: str | None = None  # "package.Class" outside torch.optim the row follows
+    switch_defaults: Mapping[str, Any] = field(default_factory=dict)  # where not SWITCHES'
+    group_state: Mapping[str, Any] = field(default_factory=dict)  # per-group state, initial
+    integers: frozenset[str] = frozenset()  # whole-number keys (hyperparameters or state)
 
     def __post_init__(self) -> None:
-        for name in ("defaults", "extras", "options"):  # read-only: both sides share them
+        for name in ("defaults", "extras", "options", "switch_defaults", "group_state"):
+            # read-only: both sides share them
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def class_name(self) -> str | None:
+        """The name of the class the row follows (torch.optim's, or the oracle's)."""
+        return self.torch_class or (self.oracle.rpartition(".")[2] if self.oracle else None)
+
+    def switch_default(self, name: str) -> Any:
+        """The default of switch ``name`` in the class the row follows."""
+        return self.switch_defaults.get(name, SWITCHES[name])
 
     @property
     def keys(self) -> frozenset[str]:
@@ -119,7 +141,8 @@ class AlgorithmDef:
     def alias(self, name: str, **options: Any) -> AlgorithmDef:
         """Another name for this algorithm with ``options`` set."""
         return AlgorithmDef(name, self.runs, {**self.defaults, **options}, self.extras,
-                            options, self.torch_class, self.switches)
+                            options, self.torch_class, self.switches, self.oracle,
+                            self.switch_defaults, self.group_state, self.integers)
 
 
 _ADAM_FAMILY: dict[str, Any] = {
@@ -156,7 +179,29 @@ LAMB = AlgorithmDef("lamb", "lamb", {
     "bias_correction": True,
 })
 
+# facebookresearch's schedulefree 1.4.1, whose constructors write these defaults (and
+# check nothing); its param groups carry the per-group state below.
+_SCHEDULE_FREE: dict[str, Any] = {
+    "lr": 0.0025, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
+}
+_SCHEDULE_FREE_STATE = {
+    "k": 0, "train_mode": False, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0,
+}
+_FOREACH_ONLY = frozenset({"foreach"})
+ADAMW_SCHEDULE_FREE = AlgorithmDef("adamw_schedule_free", "adamw_schedule_free", {
+    **_SCHEDULE_FREE, "warmup_steps": 0, "r": 0.0, "weight_lr_power": 2.0,
+}, oracle="schedulefree.AdamWScheduleFree", switches=_FOREACH_ONLY,
+    switch_defaults={"foreach": True}, group_state=_SCHEDULE_FREE_STATE,
+    integers=frozenset({"warmup_steps", "k"}))
+RADAM_SCHEDULE_FREE = AlgorithmDef("radam_schedule_free", "radam_schedule_free", {
+    **_SCHEDULE_FREE, "r": 0.0, "weight_lr_power": 2.0, "silent_sgd_phase": True,
+}, oracle="schedulefree.RAdamScheduleFree", switches=_FOREACH_ONLY,
+    switch_defaults={"foreach": True}, group_state=_SCHEDULE_FREE_STATE,
+    integers=frozenset({"k"}))
+
 ALGORITHMS: Mapping[str, AlgorithmDef] = MappingProxyType({a.name: a for a in (
     ADAM, ADAM.alias("amsgrad", amsgrad=True), ADAMW, NADAM, RADAM, ADAMAX, ADAGRAD,
-    RMSPROP, LAMB,
+    RMSPROP, LAMB, ADAMW_SCHEDULE_FREE, RADAM_SCHEDULE_FREE,
 )})
+# The keys any row holds as whole numbers (a group exported or described writes them as ints).
+INTEGER_KEYS = frozenset().union(*(a.integers for a in ALGORITHMS.values()))

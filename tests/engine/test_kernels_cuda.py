@@ -64,6 +64,10 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
      {"centered": False, "momentum": 0.5}),
     ("lamb", "lamb", {}, {}),
     ("lamb-wd", "lamb", {"weight_decay": 0.1}, {}),
+    ("adamw-schedule-free", "adamw_schedule_free",
+     {"train_mode": True, "warmup_steps": 5, "weight_decay": 0.1, "r": 0.5}, {}),
+    ("radam-schedule-free", "radam_schedule_free", {"train_mode": True, "r": 1.0},
+     {"silent_sgd_phase": False}),
 ]
 
 
@@ -201,6 +205,24 @@ def test_active_subsets_match_cpu(algorithm: str, dtype: str) -> None:
     for i, g in enumerate(_gradients(4, 12)):
         _step_both(gpu, cpu, g, masks[i % len(masks)])
     _assert_same(gpu, cpu, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("algorithm", ["adamw_schedule_free", "radam_schedule_free"])
+def test_schedule_free_swap_matches_cpu(algorithm: str, dtype: str) -> None:
+    """eval() and train(): torch's lerp with the weights 1 - 1/b1 (-1 for group 0's
+    beta1 = 0.5, its other form) and 1 - b1, on the tensors that have a z."""
+    gpu, cpu = _pair(algorithm, {"train_mode": True, "betas": (0.5, 0.99)},
+                     {"betas": (0.9, 0.999)}, dtype)
+    masks = [np.array([True, False, True, True, True, False]), np.ones(len(LAYOUT), dtype=bool)]
+    for i, g in enumerate(_gradients(7, 6)):
+        _step_both(gpu, cpu, g, masks[int(i >= 3)])
+    for train in (False, True):
+        for opt in (gpu, cpu):
+            for group in (0, 1):
+                opt.set_hyperparameters(group, {"train_mode": train})
+        _assert_same(gpu, cpu, TOL[dtype], when=f"train_mode {train}: ")
+        assert gpu.groups == cpu.groups
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

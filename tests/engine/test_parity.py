@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import schedulefree
 import torch
 
 from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, TensorSpec
@@ -71,6 +72,19 @@ CASES = [
     Case("rmsprop", torch.optim.RMSprop, {"centered": True, "momentum": 0.9,
                                           "weight_decay": 0.1, "maximize": True},
          {"centered": False}),
+    # schedulefree's (its foreach path, the default, and its per-tensor loop)
+    Case("adamw_schedule_free", schedulefree.AdamWScheduleFree, {}, {"lr": 1e-2}),
+    Case("adamw_schedule_free", schedulefree.AdamWScheduleFree,
+         {"lr": 1e-2, "warmup_steps": 10, "weight_decay": 0.1, "r": 0.5},
+         {"betas": (0.5, 0.99), "weight_lr_power": 0.0}),
+    Case("adamw_schedule_free", schedulefree.AdamWScheduleFree,
+         {"foreach": False, "warmup_steps": 3, "eps": 1e-6}, {"weight_decay": 0.05}),
+    Case("radam_schedule_free", schedulefree.RAdamScheduleFree, {}, {"lr": 1e-2}),
+    Case("radam_schedule_free", schedulefree.RAdamScheduleFree,
+         {"lr": 1e-2, "weight_decay": 0.1, "r": 1.0, "betas": (0.9, 0.99)},
+         {"silent_sgd_phase": False}),
+    Case("radam_schedule_free", schedulefree.RAdamScheduleFree,
+         {"foreach": False, "silent_sgd_phase": False}, {"weight_decay": 0.01}),
 ]
 
 
@@ -104,6 +118,8 @@ def test_matches_torch(case: Case, two_groups: bool, dtype: str) -> None:
         p0 = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
         tparams = [torch.tensor(p, requires_grad=True) for p in p0]
         layout = _layout(two_groups)
+        # schedulefree's optimizers start in eval mode; foreach picks its implementation
+        mode = {"train_mode": True} if hasattr(case.torch_cls, "train") else {}
         if two_groups:
             groups = [dict(case.options), {**case.options, **case.group2}]
             # options also as constructor defaults: torch's Adagrad reads
@@ -115,7 +131,11 @@ def test_matches_torch(case: Case, two_groups: bool, dtype: str) -> None:
         else:
             groups = [dict(case.options)]
             topt = case.torch_cls(tparams, **case.options)
-        ours = FlatOptimizer(case.algorithm, layout, groups, dtype=dtype, params=_flat(p0))
+        if mode:
+            topt.train()
+        ours = FlatOptimizer(case.algorithm, layout,
+                             [{k: v for k, v in {**g, **mode}.items() if k != "foreach"}
+                              for g in groups], dtype=dtype, params=_flat(p0))
         for _ in range(STEPS):
             grads = _grads(rng, dtype)
             for t, g in zip(tparams, grads, strict=True):
@@ -134,7 +154,13 @@ def test_matches_torch(case: Case, two_groups: bool, dtype: str) -> None:
         for slot in ours.group_slots(layout.tensors[i].group):
             _compare(ours.tensor(ours.slots[slot], i), st[slot].numpy(), TOL[dtype],
                      f"{slot} of t{i}")
-        assert ours.seg_step[i] == int(st["step"])
+        if not mode:
+            assert ours.seg_step[i] == int(st["step"])
+    if mode:  # schedulefree counts steps per group, beside its other per-group state
+        for h, theirs in zip(ours.groups, topt.param_groups, strict=True):
+            assert h["k"] == theirs["k"] == STEPS
+            for key in ("weight_sum", "lr_max", "scheduled_lr"):
+                assert h[key] == pytest.approx(theirs[key], rel=1e-15), key
 
 
 def test_global_clipping_matches_clip_grad_norm() -> None:

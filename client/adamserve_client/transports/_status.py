@@ -24,13 +24,11 @@ def details(status: status_pb2.Status | None) -> Details:
     retry_after: float | None = None
     ours = False
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and not ours:
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, metadata = info.reason or None, dict(info.metadata)
-            ours = info.domain == DOMAIN
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
+        info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+        if detail.Unpack(info):  # False: another message type
+            if not ours:
+                reason, metadata = info.reason or None, dict(info.metadata)
+                ours = info.domain == DOMAIN
+        elif detail.Unpack(retry):
             retry_after = retry.retry_delay.ToTimedelta().total_seconds()
     return Details(reason, metadata, retry_after)

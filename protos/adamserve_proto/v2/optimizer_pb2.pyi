@@ -112,6 +112,21 @@ class _AlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Algorithm.V
     """torch.optim.RMSprop."""
     ALGORITHM_LAMB: _Algorithm.ValueType  # 9
     """LAMB (You et al. 2019; optax.lamb): Adam with a per-tensor trust ratio."""
+    ALGORITHM_ADAMW_SCHEDULE_FREE: _Algorithm.ValueType  # 13
+    """10-12: reserved for Adafactor, SparseAdam and Muon.
+    schedulefree.AdamWScheduleFree (facebookresearch's schedulefree 1.4.1):
+    values lr [0.0025], beta1 [0.9], beta2 [0.999], eps [1e-8],
+    weight_decay [0], warmup_steps [0], r [0], weight_lr_power [2]. Each
+    group also holds the package's state (k, weight_sum, lr_max,
+    scheduled_lr, and the flag train_mode [false]): a step is
+    FAILED_PRECONDITION while group 0's train_mode is false, and
+    SetHyperparameters with the flag train_mode moves the group's parameters
+    between the package's y (true, train()) and x (false, eval()).
+    """
+    ALGORITHM_RADAM_SCHEDULE_FREE: _Algorithm.ValueType  # 14
+    """schedulefree.RAdamScheduleFree: as ALGORITHM_ADAMW_SCHEDULE_FREE without
+    warmup_steps, with the flag silent_sgd_phase [true].
+    """
 
 class Algorithm(_Algorithm, metaclass=_AlgorithmEnumTypeWrapper):
     """---------------------------------------------------------------------------
@@ -142,6 +157,21 @@ ALGORITHM_RMSPROP: Algorithm.ValueType  # 8
 """torch.optim.RMSprop."""
 ALGORITHM_LAMB: Algorithm.ValueType  # 9
 """LAMB (You et al. 2019; optax.lamb): Adam with a per-tensor trust ratio."""
+ALGORITHM_ADAMW_SCHEDULE_FREE: Algorithm.ValueType  # 13
+"""10-12: reserved for Adafactor, SparseAdam and Muon.
+schedulefree.AdamWScheduleFree (facebookresearch's schedulefree 1.4.1):
+values lr [0.0025], beta1 [0.9], beta2 [0.999], eps [1e-8],
+weight_decay [0], warmup_steps [0], r [0], weight_lr_power [2]. Each
+group also holds the package's state (k, weight_sum, lr_max,
+scheduled_lr, and the flag train_mode [false]): a step is
+FAILED_PRECONDITION while group 0's train_mode is false, and
+SetHyperparameters with the flag train_mode moves the group's parameters
+between the package's y (true, train()) and x (false, eval()).
+"""
+ALGORITHM_RADAM_SCHEDULE_FREE: Algorithm.ValueType  # 14
+"""schedulefree.RAdamScheduleFree: as ALGORITHM_ADAMW_SCHEDULE_FREE without
+warmup_steps, with the flag silent_sgd_phase [true].
+"""
 Global___Algorithm: _TypeAlias = Algorithm  # noqa: Y015
 
 class _StateDtype:

@@ -29,12 +29,22 @@ t: the tensor's step count starting at 1):
                   d = sqrt(a')+eps; momentum: b = μ b + g/d, p -= lr b; else p -= lr g/d
 * lamb:           optax.lamb: r = m̂/(sqrt(v̂)+eps) + wd·p;
                   p -= lr · φ · r, φ = ||p||/||r|| per tensor (1 if either norm is 0)
+* adamw_schedule_free / radam_schedule_free (facebookresearch's schedulefree 1.4.1):
+                  p holds y; per group and step (k: the group's steps before):
+                  lr' = lr·min(1, (k+1)/warmup_steps) (AdamW) or lr·rect (RAdam, 0 or 1
+                  before rho_t > 4, silent_sgd_phase), lr_max = max(lr', lr_max),
+                  w = (k+1)^r · lr_max^weight_lr_power, c = w / Σw;
+                  v = b2 v + (1-b2) g²; u = g/(sqrt(v/(1-b2^(k+1)))+eps) [RAdam: only
+                  when rho_t > 4] + wd·y; y = lerp(y, z, c) + lr'(b1(1-c)-1) u; z -= lr' u.
+                  z starts as the tensor's y. train()/eval() swap p between y and
+                  x = lerp(y, z, 1-1/b1) (:func:`swap_weight`); k, train_mode,
+                  weight_sum, lr_max and scheduled_lr are the group's state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -42,7 +52,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adamserve.errors import shown
+from adamserve.errors import FailedPrecondition, shown
 from adamserve_proto import algorithms as table
 
 F64 = npt.NDArray[np.float64]
@@ -61,6 +71,12 @@ class Algorithm(StrEnum):
     ADAGRAD = "adagrad"
     RMSPROP = "rmsprop"
     LAMB = "lamb"
+    ADAMW_SCHEDULE_FREE = "adamw_schedule_free"
+    RADAM_SCHEDULE_FREE = "radam_schedule_free"
+
+
+# The schedule-free pair: one kernel, per-group state, the train()/eval() swap.
+SCHEDULE_FREE = frozenset({Algorithm.ADAMW_SCHEDULE_FREE, Algorithm.RADAM_SCHEDULE_FREE})
 
 
 class HyperparameterError(ValueError):
@@ -74,16 +90,27 @@ class AlgorithmSpec:
     ``defaults`` are the shared table's (:mod:`adamserve_proto.algorithms`: torch.optim's,
     LAMB optax.lamb's, with the server's extras), numbers as floats and ``betas``
     flattened to ``beta1``/``beta2``, so every value is a plain float or bool.
-    ``bools``: the keys whose values are true/false.
+    ``bools``: the keys whose values are true/false. ``state``: the per-group state
+    (the table's ``group_state``) with its initial values, kept in each group beside
+    the hyperparameters; ``integers``: keys whose values are whole numbers.
     """
 
     algorithm: Algorithm
     defaults: Mapping[str, HyperValue]
     bools: frozenset[str] = field(default_factory=frozenset)
+    state: Mapping[str, HyperValue] = field(default_factory=dict)
+    integers: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every key a group holds: the hyperparameters and the per-group state."""
+        return frozenset(self.defaults) | frozenset(self.state)
 
     def slots(self, h: Mapping[str, HyperValue]) -> tuple[str, ...]:
         """The per-element state buffers for one group, in torch's state_dict names."""
         a = self.algorithm
+        if a in SCHEDULE_FREE:
+            return ("z", "exp_avg_sq")
         if a in (Algorithm.ADAM, Algorithm.ADAMW):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if h["amsgrad"] else (
                 "exp_avg", "exp_avg_sq")
@@ -103,8 +130,10 @@ class AlgorithmSpec:
 
 def _spec(row: table.AlgorithmDef) -> AlgorithmSpec:
     defaults: Hyperparameters = table.split_betas(row.wire_defaults())
-    bools = frozenset(k for k, v in defaults.items() if isinstance(v, bool))
-    return AlgorithmSpec(Algorithm(row.runs), defaults, bools)
+    state: Hyperparameters = {k: v if isinstance(v, bool) else float(v)
+                              for k, v in row.group_state.items()}
+    bools = frozenset(k for k, v in {**defaults, **state}.items() if isinstance(v, bool))
+    return AlgorithmSpec(Algorithm(row.runs), defaults, bools, state, row.integers)
 
 
 SPECS: dict[Algorithm, AlgorithmSpec] = {
@@ -130,6 +159,15 @@ _UNIT_INTERVAL = ("beta1", "beta2", "alpha")
 # client sets can overflow into an Inf that no answer could carry.
 MAX_VALUE = 1e6
 
+# The per-group state of the schedule-free pair: the group's step count (exact in a
+# float64), the running sum of averaging weights (unbounded: it grows with the steps),
+# the largest lr used (-1 before the first step) and the last one, for logging.
+MAX_GROUP_STEPS = 2**53
+_STATE_RANGE: dict[str, tuple[float, float]] = {
+    "k": (0.0, float(MAX_GROUP_STEPS)), "weight_sum": (0.0, math.inf),
+    "lr_max": (-1.0, math.inf), "scheduled_lr": (0.0, math.inf),
+}
+
 
 def parse_algorithm(name: str) -> tuple[Algorithm, Hyperparameters]:
     """Resolve a wire name (case-insensitive, aliases allowed) to an algorithm."""
@@ -149,14 +187,17 @@ def parse_algorithm(name: str) -> tuple[Algorithm, Hyperparameters]:
 def resolve_hyperparameters(
     algorithm: Algorithm, given: Mapping[str, Any], base: Mapping[str, HyperValue] | None = None
 ) -> Hyperparameters:
-    """Validate ``given`` over ``base`` (default: the algorithm's defaults).
+    """Validate ``given`` over ``base`` (default: the algorithm's defaults and initial
+    per-group state).
 
     Accepts torch's ``betas=(b1, b2)`` as well as ``beta1``/``beta2``. Numbers are
-    finite: ``beta1``, ``beta2``, ``alpha`` in [0, 1), the others in [0, MAX_VALUE].
-    Raises :class:`HyperparameterError` naming the offending key and what was expected.
+    finite: ``beta1``, ``beta2``, ``alpha`` in [0, 1), the per-group state in its
+    range (:data:`_STATE_RANGE`), the others in [0, MAX_VALUE]; the table's integer
+    keys whole. Raises :class:`HyperparameterError` naming the offending key and what
+    was expected.
     """
     spec = SPECS[algorithm]
-    out: Hyperparameters = dict(base if base is not None else spec.defaults)
+    out: Hyperparameters = dict(base if base is not None else {**spec.defaults, **spec.state})
     items = dict(given)
     if "betas" in items:
         betas = items.pop("betas")
@@ -166,7 +207,7 @@ def resolve_hyperparameters(
         items.setdefault("beta1", betas[0])
         items.setdefault("beta2", betas[1])
     for key, value in items.items():
-        if key not in spec.defaults:
+        if key not in spec.keys:
             raise HyperparameterError(
                 f"unknown hyperparameter {shown(key)} for {algorithm.value}; expected one of "
                 f"{', '.join(sorted(spec.defaults))}"
@@ -184,15 +225,32 @@ def resolve_hyperparameters(
             number = math.inf
         if not math.isfinite(number):
             raise HyperparameterError(f"{key}: expected a finite number, got {shown(value)}")
-        if key in _UNIT_INTERVAL and not 0.0 <= number < 1.0:
+        whole = key in spec.integers
+        if whole and not number.is_integer():
+            raise HyperparameterError(f"{key}: expected a whole number, got {number!r}")
+        lo, hi = (0.0, 1.0) if key in _UNIT_INTERVAL else _STATE_RANGE.get(key, (0.0, MAX_VALUE))
+        if key in _UNIT_INTERVAL and not lo <= number < hi:
             raise HyperparameterError(f"{key}: expected a value in [0, 1), got {number!r}")
-        if key not in _UNIT_INTERVAL and number < 0.0:
-            raise HyperparameterError(f"{key}: expected a value >= 0, got {number!r}")
-        if key not in _UNIT_INTERVAL and number > MAX_VALUE:
+        if number < lo and lo == 0.0:
+            raise HyperparameterError(f"{key}: expected a {'whole number' if whole else 'value'} "
+                                      f">= 0, got {number!r}")
+        if not lo <= number <= hi:
             raise HyperparameterError(
-                f"{key}: expected a value in [0, {MAX_VALUE:g}], got {number!r}")
+                f"{key}: expected a {'whole number' if whole else 'value'} in "
+                f"[{lo:g}, {hi:g}], got {number!r}")
         out[key] = number
     return out
+
+
+def state_changes(algorithm: Algorithm, changes: Mapping[str, Any]) -> None:
+    """Refuse a change (SetHyperparameters) of the per-group state the steps keep, which
+    only a state_dict (ImportState) sets; ``train_mode`` is the one that may change."""
+    fixed = sorted(set(changes) & set(SPECS[algorithm].state) - {"train_mode"})
+    if fixed:
+        raise HyperparameterError(
+            f"{', '.join(fixed)}: the per-group state of {algorithm.value}, kept by its steps, "
+            "not a hyperparameter (load a state_dict to set it); of that state only "
+            "train_mode may change (the client's train() and eval())")
 
 
 # ---------------------------------------------------------------------------
@@ -213,6 +271,8 @@ class SegmentHyper:
     values: dict[str, F64]
     step: I64  # the step count each segment is about to take (>= 1)
     mu_product: F64  # NAdam's running product; ones elsewhere
+    # the schedule-free pair: every group's state after this step (None elsewhere)
+    group_state: Sequence[Hyperparameters] | None = None
 
     def __getitem__(self, key: str) -> F64:
         return self.values[key]
@@ -330,6 +390,86 @@ COEFFICIENTS = {
     Algorithm.RMSPROP: _rmsprop,
     Algorithm.LAMB: _lamb,
 }
+
+
+# The schedule-free kernel's columns after the common three (gscale, unused, unused),
+# then one saying whether the segment takes its first step (z starts as y).
+SCHEDULE_FREE_COLUMNS = ("beta2", "omb2", "bc2", "eps", "adapt", "weight_decay", "ckp1", "cy",
+                         "lr")
+
+
+def schedule_free_group(algorithm: Algorithm, h: Mapping[str, HyperValue], lr: float,
+                        group: int = 0) -> tuple[dict[str, float], Hyperparameters]:
+    """One group's scalars for its next step, and its state after that step.
+
+    In Python floats and in schedulefree's order, so that float64 agrees to the last
+    bit; ``lr`` is the group's lr for this step (after a server schedule). Raises
+    FailedPrecondition when the averaging weight overflows (the package raises
+    OverflowError there).
+    """
+    k = float(h["k"])
+    b2 = float(h["beta2"])
+    step = k + 1
+    if algorithm is Algorithm.ADAMW_SCHEDULE_FREE:
+        warmup = float(h["warmup_steps"])
+        lr = lr * ((step / warmup) if k < warmup else 1.0)
+        bc2 = 1 - b2**step
+        adapt = True
+    else:
+        beta2_t = b2**step
+        bc2 = 1 - beta2_t
+        rho_inf = 2 / (1 - b2) - 1
+        rho_t = rho_inf - 2 * step * beta2_t / bc2
+        adapt = rho_t > 4.0
+        rect = (((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+                ** 0.5 if adapt else float(not h["silent_sgd_phase"]))
+        lr = lr * rect
+    lr_max = max(lr, float(h["lr_max"]))
+    try:
+        weight = (step ** float(h["r"])) * (lr_max ** float(h["weight_lr_power"]))
+    except OverflowError:
+        weight = math.inf
+    weight_sum = float(h["weight_sum"]) + weight
+    if not math.isfinite(weight_sum):
+        raise FailedPrecondition(
+            f"group {group}: the schedule-free averaging weight (k+1)**r * "
+            f"lr_max**weight_lr_power = {step:g}**{float(h['r']):g} * "
+            f"{lr_max:g}**{float(h['weight_lr_power']):g} overflows at step {step:g}: lower r "
+            "or weight_lr_power; nothing was applied")
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0  # schedulefree's ZeroDivisionError
+    b1 = float(h["beta1"])
+    scalars = {"beta2": b2, "omb2": 1 - b2, "bc2": bc2, "eps": float(h["eps"]),
+               "adapt": float(adapt), "weight_decay": float(h["weight_decay"]), "ckp1": ckp1,
+               "cy": lr * (b1 * (1 - ckp1) - 1), "lr": lr}
+    after: Hyperparameters = {"k": step, "weight_sum": weight_sum, "lr_max": lr_max,
+                              "scheduled_lr": lr}
+    return scalars, after
+
+
+def schedule_free_coefficients(scalars: Sequence[Mapping[str, float]], seg_group: I64,
+                               gscale: F64, first: npt.NDArray[np.bool_]) -> F64:
+    """The kernel's rows for segments of groups ``seg_group`` (one row of ``scalars``
+    per group), their gradient scales and whether each takes its first step."""
+    table_ = np.array([[row[c] for c in SCHEDULE_FREE_COLUMNS] for row in scalars],
+                      dtype=np.float64).reshape(len(scalars), len(SCHEDULE_FREE_COLUMNS))
+    n = len(seg_group)
+    return np.hstack([_cols(gscale, np.zeros(n), np.ones(n)), table_[seg_group],
+                      first.astype(np.float64)[:, None]])
+
+
+def swap_weight(h: Mapping[str, HyperValue], train: bool, group: int = 0) -> float:
+    """The lerp weight toward z that turns a group's parameters from x into y (``train``:
+    1 - b1) or from y into x (1 - 1/b1), as schedulefree's train() and eval() do;
+    HyperparameterError for eval with beta1 = 0 (x is then not recoverable)."""
+    b1 = float(h["beta1"])
+    if train:
+        return 1 - b1
+    if b1 == 0:
+        raise HyperparameterError(
+            f"train_mode false (eval) for group {group}: with beta1 = 0 the parameters y "
+            "equal z and the average x cannot be recovered from them (schedulefree divides "
+            "by beta1); set beta1 > 0 first")
+    return 1 - 1 / b1
 
 
 def coefficients(algorithm: Algorithm, h: SegmentHyper, lr: F64, gscale: F64) -> F64:

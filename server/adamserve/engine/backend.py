@@ -80,6 +80,10 @@ class Backend(Protocol):
 
     def scaled_sub(self, param: Array, update: Array, blocks: Blocks, scale: Array) -> None: ...
 
+    def lerp_into(self, param: Array, end: Array, blocks: Blocks, coef: Array) -> None:
+        """param = torch.lerp(param, end, w) with w = coef[segment, 0] (coef[:, 1] = 1)."""
+        ...
+
 
 def make_blocks(backend: Backend, offsets: I64,
                 active: npt.NDArray[np.bool_] | None = None) -> Blocks:

@@ -394,6 +394,57 @@ def scaled_sub(p, r, bstart, bend, bseg, scale):  # type: ignore[no-untyped-def]
             p_[i] = p_[i] + neg * r_[i]
 
 
+@njit(**_JIT)
+def schedule_free(p, g, v, z, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """Schedule-free AdamW and RAdam (schedulefree's step; p holds y), one pass.
+
+    ``adapt`` off (RAdam before rho_t > 4) leaves the gradient unnormalised; ``init``
+    (a tensor's first step) starts z as y and the second moment at 0.
+    """
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, b2, omb2, bc2, eps, adapt, wd, ckp1, cy, lr, init = (
+            c[0], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12])
+        omc = c[c.shape[0] - 1] - ckp1
+        zero = omc - omc
+        lo, hi = bstart[b], bend[b]
+        p_ = p[lo:hi]
+        g_ = g[lo:hi]
+        v_ = v[lo:hi]
+        z_ = z[lo:hi]
+        for i in range(hi - lo):
+            yi = p_[i]
+            gi = g_[i] * gs
+            zi = yi if init != 0 else z_[i]
+            vi = (zero if init != 0 else v_[i]) * b2 + omb2 * gi * gi
+            v_[i] = vi
+            if adapt != 0:
+                gi = gi / (math.sqrt(vi / bc2) + eps)
+            if wd != 0:
+                gi = gi + wd * yi
+            yi = _lerp(yi, zi, ckp1, omc)
+            p_[i] = yi + cy * gi
+            z_[i] = zi - lr * gi
+
+
+@njit(**_JIT)
+def lerp_into(p, e, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """p = torch.lerp(p, e, w), w = coef[segment, 0]: the schedule-free train()/eval()
+    swap. Its weights may be negative, so the form is chosen on |w| as torch does."""
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        w = c[0]
+        omw = c[1] - w
+        small = abs(w) < 0.5
+        lo, hi = bstart[b], bend[b]
+        p_ = p[lo:hi]
+        e_ = e[lo:hi]
+        for i in range(hi - lo):
+            a = p_[i]
+            d = e_[i] - a
+            p_[i] = a + w * d if small else e_[i] - d * omw
+
+
 # -- serial twins -------------------------------------------------------------------------
 
 Kernel = Callable[..., Any]
@@ -413,7 +464,8 @@ _SERIAL: dict[Kernel, Kernel] = {
     k: _twin(k, options) for k, options in (
         (segment_sumsq, _JIT_SUM), (_copy_sumsq, _JIT_SUM), (_bf16_widen_sumsq, _JIT_SUM),
         (_bf16_bits, _JIT), (adam, _JIT), (nadam, _JIT), (radam, _JIT), (adamax, _JIT),
-        (adagrad, _JIT), (rmsprop, _JIT), (lamb_moments, _JIT_SUM), (scaled_sub, _JIT))}
+        (adagrad, _JIT), (rmsprop, _JIT), (lamb_moments, _JIT_SUM), (scaled_sub, _JIT),
+        (schedule_free, _JIT), (lerp_into, _JIT))}
 
 
 def _sized(kernel: Kernel, size: int) -> Kernel:
@@ -463,6 +515,8 @@ class CpuBackend:
         elif a == "rmsprop":
             _sized(rmsprop, n)(param, grad, s["square_avg"], s.get("momentum_buffer", empty),
                                s.get("grad_avg", empty), *b, coef)
+        elif a in ("adamw_schedule_free", "radam_schedule_free"):
+            _sized(schedule_free, n)(param, grad, s["exp_avg_sq"], s["z"], *b, coef)
         else:
             raise ValueError(f"no CPU kernel for {a!r}")
 
@@ -478,6 +532,9 @@ class CpuBackend:
     def scaled_sub(self, param: Array, update: Array, blocks: Blocks, scale: Array) -> None:
         _sized(scaled_sub, blocks.size)(param, update, blocks.start, blocks.end, blocks.seg,
                                         scale)
+
+    def lerp_into(self, param: Array, end: Array, blocks: Blocks, coef: Array) -> None:
+        _sized(lerp_into, blocks.size)(param, end, blocks.start, blocks.end, blocks.seg, coef)
 
 
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}

@@ -49,7 +49,7 @@ _CTYPES = {"f": "float", "d": "double"}
 
 # Coefficient columns each kernel reads (the widest index + 1), see algorithms.py.
 _COLUMNS = {"adam": 10, "adamw": 10, "nadam": 10, "radam": 12, "adamax": 7, "adagrad": 5,
-            "rmsprop": 9, "lamb": 11}
+            "rmsprop": 9, "lamb": 11, "adamw_schedule_free": 13, "radam_schedule_free": 13}
 
 _SOURCE = r"""
 #define THREADS @THREADS@
@@ -303,6 +303,58 @@ __global__ void __launch_bounds__(THREADS) adamserve_lamb_moments(
     }
 }
 
+// Schedule-free AdamW and RAdam (schedulefree's step; p holds y), one pass. adapt off
+// (RAdam before rho_t > 4) leaves the gradient unnormalised; init (a tensor's first
+// step) starts z as y and the second moment at 0.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_schedule_free(
+        T* __restrict__ p, const T* __restrict__ g, T* __restrict__ v, T* __restrict__ z,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], b2 = c[3], omb2 = c[4], bc2 = c[5], eps = c[6], adapt = c[7];
+    const T wd = c[8], ckp1 = c[9], cy = c[10], lr = c[11], init = c[12];
+    const bool first = init != T(0);
+    const bool adaptive = adapt != T(0);
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        T yi = p[i];
+        T gi = g[i] * gs;
+        const T zi = first ? yi : z[i];
+        const T vi = (first ? T(0) : v[i]) * b2 + omb2 * gi * gi;
+        v[i] = vi;
+        if (adaptive) {
+            gi = gi / (root(vi / bc2) + eps);
+        }
+        if (wd != T(0)) {
+            gi = gi + wd * yi;
+        }
+        yi = lerp_t(yi, zi, ckp1);
+        p[i] = yi + cy * gi;
+        z[i] = zi - lr * gi;
+    }
+}
+
+// p = torch.lerp(p, e, w), w = coef[segment * ldc]: the schedule-free train()/eval()
+// swap. Its weights may be negative, so the form is chosen on |w| as torch does.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_lerp_into(
+        T* __restrict__ p, const T* __restrict__ e,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T w = coef[bseg[b] * ldc];
+    const T omw = T(1) - w;
+    const bool small = absval(w) < T(0.5);
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T a = p[i];
+        const T d = e[i] - a;
+        p[i] = small ? a + w * d : e[i] - d * omw;
+    }
+}
+
 // p -= scale[segment] * r: LAMB's second pass.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) adamserve_scaled_sub(
@@ -319,7 +371,7 @@ __global__ void __launch_bounds__(THREADS) adamserve_scaled_sub(
 """.replace("@THREADS@", str(THREADS))
 
 _KERNELS = ("sumsq", "adam", "nadam", "radam", "adamax", "adagrad", "rmsprop",
-            "lamb_moments", "scaled_sub")
+            "lamb_moments", "scaled_sub", "schedule_free", "lerp_into")
 
 # NVRTC options: IEEE division and sqrt are NVRTC's defaults; the one that must be
 # changed is fmad, which would otherwise fuse ``a*b + c`` and change the rounding.
@@ -485,6 +537,9 @@ class CudaBackend:
                 param, grad, s["exp_avg"], s["exp_inf"], *b))
         elif a == "adagrad":
             _kernel("adagrad", dtype)(grid, threads, (param, grad, s["sum"], *b))
+        elif a in ("adamw_schedule_free", "radam_schedule_free"):
+            _kernel("schedule_free", dtype)(grid, threads, (
+                param, grad, s["exp_avg_sq"], s["z"], *b))
         else:  # rmsprop
             buf = s.get("momentum_buffer")
             gavg = s.get("grad_avg")
@@ -518,3 +573,12 @@ class CudaBackend:
             return
         _kernel("scaled_sub", dtype)((nb,), (THREADS,), (
             param, update, blocks.start, blocks.end, blocks.seg, sc))
+
+    def lerp_into(self, param: Array, end: Array, blocks: Blocks, coef: Array) -> None:
+        nb = int(blocks.start.shape[0])
+        dtype = self._check(param, end)
+        c, ldc = self._coef(coef, dtype, 2)
+        if nb == 0:
+            return
+        _kernel("lerp_into", dtype)((nb,), (THREADS,), (
+            param, end, blocks.start, blocks.end, blocks.seg, c, ldc))

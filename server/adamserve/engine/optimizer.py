@@ -5,6 +5,14 @@ the layout that names the tensors inside them, the per-tensor step counts and th
 schedule clock. A step is: optional segmented reduction over the gradient
 (non-finite check, clipping norms), coefficients on the host, one fused kernel.
 It knows nothing of sessions, wires or files; ``adamserve.sessions`` wraps it.
+
+The schedule-free pair keeps state per parameter group too (schedulefree's ``k``,
+``train_mode``, ``weight_sum``, ``lr_max``, ``scheduled_lr``), and keeps it where the
+package does: in the groups, beside the hyperparameters. So everything that carries
+the groups (checkpoints, state hashes, describe, the torch-format state_dict) carries
+it; only :meth:`FlatOptimizer.set_hyperparameters` tells the two apart (the steps
+advance that state; of it only ``train_mode`` may be set, which swaps the parameters
+between schedulefree's y and x).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from adamserve.engine import algorithms as alg
 from adamserve.engine.algorithms import Algorithm, Hyperparameters
 from adamserve.engine.backend import Array, Backend, Blocks, make_blocks, select_backend
 from adamserve.engine.schedules import Schedule
-from adamserve.errors import shown
+from adamserve.errors import FailedPrecondition, shown
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -241,9 +249,7 @@ class FlatOptimizer:
 
     def slots_after(self, group: int, changes: Mapping[str, Any]) -> tuple[str, ...]:
         """The slots the optimizer would hold after ``set_hyperparameters`` (validates)."""
-        if not 0 <= group < len(self.groups):
-            raise ValueError(f"group {group} does not exist (there are {len(self.groups)})")
-        new = alg.resolve_hyperparameters(self.algorithm, changes, base=self.groups[group])
+        new, _ = self._changed(group, changes)
         spec = alg.SPECS[self.algorithm]
         names = list(self.slots)
         for h in [*self.groups[:group], new, *self.groups[group + 1:]]:
@@ -260,12 +266,43 @@ class FlatOptimizer:
         return tuple(names)
 
     def set_hyperparameters(self, group: int, changes: Mapping[str, Any]) -> None:
-        """Change hyperparameters of one group; takes effect at the next step."""
+        """Change hyperparameters of one group; takes effect at the next step.
+
+        Schedule-free: ``train_mode`` switches the group's parameters (of the tensors
+        that have a z) between y (true: ``train()``) and x (false: ``eval()``) at once,
+        with the group's beta1 after the other changes of the same call.
+        """
+        new, weight = self._changed(group, changes)
+        if weight is not None:
+            self.swap(group, weight)
+        self.groups[group] = new
+        self._ensure_slots()
+
+    def _changed(self, group: int, changes: Mapping[str, Any]) -> tuple[
+            Hyperparameters, float | None]:
+        """Group ``group`` after ``changes`` (validated), and the lerp weight of the
+        train()/eval() swap they call for (None: none)."""
         if not 0 <= group < len(self.groups):
             raise ValueError(f"group {group} does not exist (there are {len(self.groups)})")
-        self.groups[group] = alg.resolve_hyperparameters(
-            self.algorithm, changes, base=self.groups[group])
-        self._ensure_slots()
+        alg.state_changes(self.algorithm, changes)
+        old = self.groups[group]
+        new = alg.resolve_hyperparameters(self.algorithm, changes, base=old)
+        if self.algorithm not in alg.SCHEDULE_FREE or new["train_mode"] == old["train_mode"]:
+            return new, None
+        if not (self.seg_step[self._seg_group == group] > 0).any():
+            return new, None  # no tensor has a z yet: only the flag changes, as in schedulefree
+        return new, alg.swap_weight(new, bool(new["train_mode"]), group)
+
+    def swap(self, group: int, weight: float) -> None:
+        """p = lerp(p, z, weight) for the tensors of ``group`` that have a z (torch's lerp)."""
+        mask = (self._seg_group == group) & (self.seg_step > 0)
+        if not mask.any():
+            return
+        blocks = make_blocks(self.backend, self.layout.offsets, mask)
+        coef = np.zeros((len(self.layout), 2))
+        coef[:, 0], coef[:, 1] = weight, 1.0
+        self.backend.lerp_into(self.param, self.slots["z"], blocks,
+                               self.backend.to_device(coef.astype(self.dtype)))
 
     # -- step ----------------------------------------------------------------
 
@@ -336,6 +373,7 @@ class FlatOptimizer:
     def _prepare(self, active: BoolArray | None, grad_sumsq: F64 | None, lr_scale: float,
                  total_sumsq: float | None, grad: Array | None) -> _Prepared | StepReport:
         """The non-finite check, clipping and this step's coefficients."""
+        self._require_train_mode()
         g = self.grad if grad is None else grad
         nseg = len(self.layout)
         if active is None:
@@ -367,6 +405,8 @@ class FlatOptimizer:
     def _coefficients(self, active: BoolArray | None, idx: I64, gscale: F64,
                       lr_scale: float = 1.0) -> tuple[alg.SegmentHyper, F64]:
         """This step's hyperparameters of the active segments, and the full coefficient matrix."""
+        if self.algorithm in alg.SCHEDULE_FREE:
+            return self._schedule_free_coefficients(idx, gscale, lr_scale)
         values = self._segment_values(active)
         self._scheduled(values)
         if lr_scale != 1.0:
@@ -377,9 +417,37 @@ class FlatOptimizer:
         coef64[idx] = coef_rows
         return h, coef64
 
+    def _schedule_free_coefficients(self, idx: I64, gscale: F64, lr_scale: float) -> tuple[
+            alg.SegmentHyper, F64]:
+        """The schedule-free step: every group's scalars (each group steps, with or
+        without gradients, as in schedulefree) spread over the active segments; z starts
+        as y in a segment's first step."""
+        per_group = [alg.schedule_free_group(self.algorithm, h, self.current_lr(g) * lr_scale, g)
+                     for g, h in enumerate(self.groups)]
+        step = self.seg_step[idx] + 1
+        rows = alg.schedule_free_coefficients([s for s, _ in per_group], self._seg_group[idx],
+                                              gscale, step == 1)
+        coef64 = np.zeros((len(self.layout), rows.shape[1] + 1), dtype=np.float64)
+        coef64[:, -1] = 1.0  # the kernels' one in the state dtype
+        coef64[idx, :-1] = rows
+        h = alg.SegmentHyper({}, step, self.mu_product[idx], [a for _, a in per_group])
+        return h, coef64
+
+    def _require_train_mode(self) -> None:
+        """schedulefree refuses a step unless group 0 is in train mode; so do we."""
+        if self.algorithm in alg.SCHEDULE_FREE and not self.groups[0]["train_mode"]:
+            raise FailedPrecondition(
+                "Optimizer was not in train mode when step is called (param group 0 has "
+                "train_mode false): switch it to train mode (the client's train(), or "
+                "SetHyperparameters with the flag train_mode true) before stepping, and to "
+                "eval mode (eval()) before evaluating; nothing was applied")
+
     def _advance(self, h: alg.SegmentHyper, idx: I64) -> None:
         if self.algorithm is Algorithm.NADAM:
             self.mu_product[idx] *= alg.nadam_mu(h)
+        if h.group_state is not None:
+            for g, after in enumerate(h.group_state[:len(self.groups)]):
+                self.groups[g] = {**self.groups[g], **after}
         self.seg_step[idx] += 1
         self.step_count += 1
 
@@ -396,6 +464,7 @@ class FlatOptimizer:
             raise ValueError(
                 "this step needs whole-gradient quantities (LAMB's trust ratio, clipping norms "
                 "or the non-finite check) and cannot be applied as gradients arrive")
+        self._require_train_mode()
         return StreamStep(self)
 
     # -- views ---------------------------------------------------------------
@@ -498,6 +567,6 @@ class StreamStep:
         if not sel.any():
             return StepReport(self.opt.step_count, False, None)
         h = alg.SegmentHyper({k: v[sel] for k, v in self.h.values.items()}, self.h.step[sel],
-                             self.h.mu_product[sel])
+                             self.h.mu_product[sel], self.h.group_state)
         self.opt._advance(h, self.idx[sel])
         return StepReport(self.opt.step_count, False, None)

@@ -5,6 +5,11 @@ The format is torch.optim's: ``{"state": {index: {"step": float, slot: array}},
 with NumPy arrays for tensors. Hyperparameters use torch's names (``betas`` as a
 pair); torch's implementation switches (foreach, fused, ...) are accepted and
 ignored on import.
+
+The schedule-free pair writes schedulefree's format: ``z`` and ``exp_avg_sq`` per
+parameter and no ``step``; the groups carry ``k``, ``train_mode``, ``weight_sum``,
+``lr_max`` and ``scheduled_lr``, and import sets them as torch's ``load_state_dict``
+does, without moving the parameters between y and x.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ MAX_STEP = 2**62  # an int64 step counter with room to count on
 
 
 def torch_group(h: Mapping[str, alg.HyperValue]) -> dict[str, Any]:
-    """A group's hyperparameters under torch's names (``betas`` a pair)."""
-    return table.join_betas(h)
+    """A group's hyperparameters under torch's names (``betas`` a pair, whole-number keys
+    such as schedulefree's ``k`` as ints)."""
+    return {k: int(v) if k in table.INTEGER_KEYS and not isinstance(v, bool) else v
+            for k, v in table.join_betas(h).items()}
 
 
 def export_state(opt: FlatOptimizer) -> StateDict:
@@ -38,10 +45,11 @@ def export_state(opt: FlatOptimizer) -> StateDict:
     layout = opt.layout
     host = {name: opt.backend.to_host(buf) for name, buf in opt.slots.items()}
     state: dict[int, dict[str, Any]] = {}
+    counted = opt.algorithm not in alg.SCHEDULE_FREE  # schedulefree keeps no per-param step
     for i, t in enumerate(layout.tensors):
         if opt.seg_step[i] == 0:
             continue  # torch keeps no state for a parameter that never stepped
-        entry: dict[str, Any] = {"step": float(opt.seg_step[i])}
+        entry: dict[str, Any] = {"step": float(opt.seg_step[i])} if counted else {}
         for slot in opt.group_slots(t.group):
             entry[slot] = np.array(host[slot][layout.span(i)]).reshape(t.shape)
         if opt.algorithm is alg.Algorithm.NADAM:
@@ -121,6 +129,7 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
             raise ValueError(f"param_groups[{g}]: {exc}") from None
     mapping = _match_indices(opt, groups)
     spec = alg.SPECS[opt.algorithm]
+    counted = opt.algorithm not in alg.SCHEDULE_FREE
     staged: dict[int, dict[str, Any]] = {}
     for key, entry in dict(sd["state"]).items():
         idx = int(key)
@@ -141,6 +150,10 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
                 raise ValueError(f"state of {shown(t.name)}: {slot} has dtype {arr.dtype}, "
                                  "expected a floating type")
             row[slot] = arr
+        if not counted:  # a parameter with a z: it has stepped, as often as its group
+            row["step"] = max(1, int(new_hyper[t.group]["k"]))
+            staged[mine] = row
+            continue
         step = np.asarray(row["step"]).item() if row["step"] is not None else None
         if (step is None or not isinstance(step, int | float) or not float(step).is_integer()
                 or not 0 <= float(step) < MAX_STEP):
@@ -174,5 +187,7 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
     for name, buf in host.items():
         opt.slots[name][...] = opt.backend.to_device(buf)
     opt.step_count = int(opt.seg_step.max()) if len(opt.seg_step) else 0
+    if not counted:  # the groups' step counts (a group steps without gradients too)
+        opt.step_count = max([opt.step_count, *(int(h["k"]) for h in opt.groups)])
     if step_count is not None:
         opt.step_count = max(opt.step_count, int(step_count))

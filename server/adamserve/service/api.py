@@ -705,6 +705,15 @@ class OptimizerService:
             grow = len(set(new_slots) - set(opt.slots))
             if grow:
                 self.store.check_room(grow * opt.layout.size * opt.dtype.itemsize, session)
+            if "train_mode" in changes:  # schedule-free: moves the parameters (y <-> x)
+                r = session.round
+                if r is not None:
+                    raise FailedPrecondition(
+                        f"session {session_id!r} has a round of pushes for step {r.step} "
+                        "open: switch train_mode between steps, not while the round's "
+                        "gradients are computed from the parameters",
+                        reason="ROUND_OPEN", metadata=meta(session_id, step=r.step))
+                session.rounds.keep_answers(lambda datatype: encode_params(opt, None, datatype))
             with session.changing():
                 opt.set_hyperparameters(group, changes)
             self._gauge()
