@@ -179,8 +179,12 @@ def test_an_admin_sees_every_tenant_and_names_theirs_qualified(live: Live, wire:
     assert a.describe(sid).step == 1
     with pytest.raises(ac.NotFound):  # an admin's bare id is its own tenant's
         admin.describe(sid)
-    with pytest.raises(ac.NotFound):  # a tenant cannot use the qualified form
+    # for a tenant the qualified form is no id at all ('~' is not in the alphabet),
+    # whether or not the session exists
+    with pytest.raises(ac.InvalidArgument, match="session id"):
         _client(live, wire, "b").describe(f"a~{sid}")
+    with pytest.raises(ac.InvalidArgument, match="session id"):
+        _client(live, wire, "b").describe("a~no-such-session")
     a.close()
     admin.close()
 
@@ -517,3 +521,69 @@ def test_a_tenants_checkpoint_names_its_session_as_the_tenant_does(live: Live, w
     assert info.session_id == sid and not Path(info.path).is_absolute()
     a.delete_session(sid)
     a.close()
+
+
+@pytest.mark.parametrize("wire", WIRES)
+def test_a_default_tenant_key_cannot_reach_a_tenant_by_its_qualified_id(
+        tmp_path: Path, wire: str) -> None:
+    """A non-admin key of the default tenant ("") naming ``a~x`` must not reach tenant
+    a's session ``x``: a bare id never holds the separator."""
+    access = Access.from_mapping({"keys": [
+        {"name": "alice", "tenant": "a", "role": "read-write", "sha256": hash_key(KEYS["a"])},
+        {"name": "dee", "role": "read-write", "sha256": hash_key(KEYS["b"])}]})
+    service = OptimizerService(SessionStore(CpuBackend(), None, Limits()))
+    service.start()
+    grpc_server, port = build_grpc_server(service, access=access)
+    http = HttpServerThread(create_app(service, access=access))
+    http.start()
+    flight = FlightServerThread(service, access=access)
+    flight.start()
+    urls = {"grpc": f"grpc://127.0.0.1:{port}", "http": http.url, "flight": flight.url}
+    try:
+        a = ac.connect(urls[wire], token=KEYS["a"], retries=1)
+        dee = ac.connect(urls[wire], token=KEYS["b"], retries=1)
+        a.create_session(_spec("x"))
+        before = str(service.store.get("a~x").fingerprint())
+        for attack in (lambda: dee.describe("a~x"), lambda: dee.step("a~x", _grad()),
+                       lambda: dee.delete_session("a~x"),
+                       lambda: dee.create_session(_spec("a~planted"))):
+            with pytest.raises(ac.InvalidArgument, match="session id"):
+                attack()
+        assert [s.session_id for s in a.list_sessions()] == ["x"]
+        assert str(service.store.get("a~x").fingerprint()) == before
+        a.close()
+        dee.close()
+    finally:
+        flight.stop()
+        http.stop()
+        grpc_server.stop(None)
+
+
+def test_an_admins_pages_hold_every_tenants_sessions_of_one_name(live: Live) -> None:
+    sid = _sid()
+    a, b, admin = (_client(live, "grpc", w) for w in ("a", "b", "admin"))
+    a.create_session(_spec(sid))
+    b.create_session(_spec(sid))
+    channel = grpc.insecure_channel(live.urls["grpc"].removeprefix("grpc://"))
+    stub = pb_grpc.OptimizerServiceStub(channel)
+    md = (("authorization", f"Bearer {KEYS['admin']}"),)
+    seen, token = [], ""
+    while True:
+        page = stub.ListSessions(pb.ListSessionsRequest(page_size=1, page_token=token),
+                                 metadata=md)
+        seen += [(s.tenant, s.session_id) for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert ("a", sid) in seen and ("b", sid) in seen and len(seen) == len(set(seen))
+    assert len(seen) == len(admin.list_sessions())
+    channel.close()
+    for c in (a, b, admin):
+        c.close()
+
+
+def test_metrics_need_an_admin_key(live: Live) -> None:
+    url = live.urls["http"] + "/metrics"
+    assert httpx.get(url, headers={"authorization": f"Bearer {KEYS['a']}"}).status_code == 403
+    r = httpx.get(url, headers={"authorization": f"Bearer {KEYS['admin']}"})
+    assert r.status_code == 200 and "adamserve_sessions" in r.text

@@ -98,14 +98,14 @@ class Caller:
     def resolve(self, session_id: str) -> str:
         """The qualified id of the session this caller means by ``session_id``: its own
         tenant's; an admin may also name another tenant's as ``<tenant>~<id>``."""
-        if self.admin and names.SEPARATOR in session_id:
-            tenant, bare = names.split(session_id)
-            try:
+        try:
+            if self.admin and names.SEPARATOR in session_id:
+                tenant, bare = names.split(session_id)
                 names.check_tenant(tenant)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-            return names.qualified(tenant, bare)
-        return names.qualified(self.tenant, session_id)
+                return names.qualified(tenant, bare)
+            return names.qualified(self.tenant, session_id)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
 
 
 # Calls made inside the server process and every call to a server without keys.

@@ -33,6 +33,10 @@ from adamserve.sessions.session import Session
 log = logging.getLogger("adamserve.checkpoints")
 
 
+# How long the on-stop checkpoint waits for a session a request is holding.
+STOP_LOCK_WAIT = 10.0
+
+
 @dataclass(frozen=True)
 class Saved:
     """What a checkpoint of every session with unsaved changes did (on stop)."""
@@ -118,7 +122,15 @@ class CheckpointPolicy:
         saved: list[str] = []
         failed: dict[str, str] = {}
         for session in sessions:
-            with session.lock:
+            # a request may hold the lock while its client sends nothing: never let one
+            # stall the shutdown of every other session
+            if not session.lock.acquire(timeout=STOP_LOCK_WAIT):
+                failed[session.id] = (f"a request held the session for over {STOP_LOCK_WAIT:g} "
+                                      "s; not saved")
+                log.error("on-stop checkpoint of session %s skipped: %s", session.id,
+                          failed[session.id])
+                continue
+            try:
                 if not session.dirty or session.deleted:
                     continue
                 try:
@@ -127,6 +139,8 @@ class CheckpointPolicy:
                     failed[session.id] = str(exc) if isinstance(exc, ServiceError) else repr(exc)
                     continue
                 saved.append(session.id)
+            finally:
+                session.lock.release()
         return Saved(tuple(saved), failed)
 
     def forget(self, session_id: str) -> None:

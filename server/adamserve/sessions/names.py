@@ -25,7 +25,11 @@ def check_tenant(tenant: str) -> None:
 
 
 def qualified(tenant: str, session_id: str) -> str:
-    """The server-wide id of ``tenant``'s session ``session_id``."""
+    """The server-wide id of ``tenant``'s session ``session_id``. A bare id never holds
+    the separator: else ``("", "a~x")`` would name tenant a's session."""
+    if SEPARATOR in session_id:
+        raise ValueError(f"session id {session_id[:80]!r}: expected 1-128 characters of "
+                         "letters, digits, '.', '_' or '-', starting with a letter or digit")
     return f"{tenant}{SEPARATOR}{session_id}" if tenant else session_id
 
 

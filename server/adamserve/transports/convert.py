@@ -37,6 +37,7 @@ from adamserve.service import (
     StepResult,
     TensorChunk,
 )
+from adamserve.sessions import names
 from adamserve.sessions.checkpoints import CheckpointInfo
 from adamserve.sessions.rounds import WorkersConfig
 from adamserve.sessions.session import MAX_ELEMENTS, MAX_RANK, SessionConfig
@@ -299,6 +300,10 @@ def page(infos: Iterable[SessionInfo], page_size: int, page_token: str
                                      f"{page_size}")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     after = _after(page_token) if page_token else None
-    ordered = sorted((i for i in infos if after is None or i.id > after), key=lambda i: i.id)
+
+    def key(i: SessionInfo) -> str:  # an admin's listing holds several tenants' ids
+        return names.qualified(i.tenant, i.id)
+
+    ordered = sorted((i for i in infos if after is None or key(i) > after), key=key)
     out = ordered[:size]
-    return out, _page_token(out[-1].id) if len(ordered) > size else ""
+    return out, _page_token(key(out[-1])) if len(ordered) > size else ""

@@ -36,6 +36,7 @@ INTERNAL); every other code is a ``FlightServerError``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +53,7 @@ from adamserve.service import Access, Caller, OptimizerService, StepResult, Tens
 from adamserve.transports import convert
 from adamserve.transports.flight import streams
 from adamserve.transports.grpc.servicer import (
+    MAX_RECEIVE_BYTES,
     OptimizerServicer,
     error_message,
     status_of,
@@ -334,9 +336,11 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
         session_id = convert.session_id(header.session_id, "header.session_id")
         info = self.service.describe(session_id, caller=caller)
         limit = info.numel * 8  # no datatype is wider than FP64
+        caller.require_write("Step", session_id)  # every stream, not only stream 0
         session_id = caller.resolve(session_id)  # one tenant's streams never meet another's
         g = self.gathers.join(session_id, spec.id, spec.count, spec.index,
-                              header.SerializeToString(deterministic=True), limit)
+                              header.SerializeToString(deterministic=True), limit,
+                              functools.partial(self.service.store.reserved, session_id))
         rows: list[streams.Row] = []
         if spec.index > 0:
             try:
@@ -435,6 +439,11 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
                     f"DoAction: unknown action {errors.shown(method)}; expected one of "
                     f"{', '.join(sorted(ACTIONS))}")
             row = rpc.RPCS[method]
+            size = action.body.size if action.body is not None else 0
+            if size > MAX_RECEIVE_BYTES:  # refused before it is copied out of Arrow's buffer
+                raise errors.ResourceExhausted(
+                    f"{method}: a {size}-byte action body; at most {MAX_RECEIVE_BYTES} (send "
+                    "tensors as record batches: DoPut, DoExchange)")
             body = action.body.to_pybytes() if action.body is not None else b""
             request = _parse(row.request_type, body, method)
             fn: Callable[[Any, Any], Any] = getattr(self.servicer, method)

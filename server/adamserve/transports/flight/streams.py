@@ -15,20 +15,23 @@ gets the error. Parts wait at most :data:`STREAM_WAIT` seconds for each other.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from adamserve import errors
 from adamserve.engine.dtypes import itemsize
 from adamserve.service import StepResult, TensorChunk
 from adamserve.service.waits import MAX_WAIT
+from adamserve.sessions import names
 
 MAX_STREAMS = 16
-# Steps whose streams may be meeting at once, on one server.
+# Steps whose streams may be meeting at once, on one server, and of one tenant.
 MAX_GATHERS = 64
+MAX_GATHERS_PER_TENANT = 16
 # Seconds the streams of one step wait for each other (to arrive, to hand over rows).
 STREAM_WAIT = 30.0
 _ID = 128  # the longest streams.id
@@ -61,6 +64,9 @@ class Gather:
     done: threading.Event = field(default_factory=threading.Event)
     result: StepResult | None = None
     error: BaseException | None = None
+    # the session's memory counts what the meeting may hold (handed-over rows) until
+    # it closes: the store's reserved() block, entered here and left in close()
+    held: contextlib.AbstractContextManager[None] | None = None
 
     def __post_init__(self) -> None:
         self.parts = [queue.SimpleQueue() for _ in range(self.count)]
@@ -110,10 +116,13 @@ class Gathers:
         self._open: dict[tuple[str, str], Gather] = {}
 
     def join(self, session_id: str, streams_id: str, count: int, index: int, header: bytes,
-             limit: int) -> Gather:
-        """The meeting of the step ``streams_id`` of ``session_id``, for stream ``index``
-        (whose header, serialised, is ``header``); ``limit``: the session's bytes, the
-        most its streams may hand over."""
+             limit: int,
+             hold: Callable[[int], contextlib.AbstractContextManager[None]] | None = None
+             ) -> Gather:
+        """The meeting of the step ``streams_id`` of ``session_id`` (qualified: tenants'
+        meetings never mix), for stream ``index`` (whose header, serialised, is
+        ``header``); ``limit``: the session's bytes, the most its streams may hand over;
+        ``hold(limit)``: counts those bytes against the memory caps while it meets."""
         if not 0 < len(streams_id) <= _ID:
             raise errors.InvalidArgument(f"streams.id: expected 1 to {_ID} characters")
         if not 2 <= count <= MAX_STREAMS:
@@ -126,11 +135,22 @@ class Gathers:
         with self._lock:
             g = self._open.get(key)
             if g is None:
+                tenant = names.split(session_id)[0]
+                if sum(names.split(k[0])[0] == tenant for k in self._open) >= (
+                        MAX_GATHERS_PER_TENANT):
+                    raise errors.TooManyRequests(
+                        f"{MAX_GATHERS_PER_TENANT} of this tenant's steps sent over several "
+                        "Flight streams are meeting already: send this one later, or over "
+                        "one stream", reason="TOO_MANY_STREAMS", retry_after=1.0)
                 if len(self._open) >= MAX_GATHERS:
                     raise errors.ResourceExhausted(
                         f"{MAX_GATHERS} steps sent over several Flight streams are meeting "
                         "on this server already: send this one later, or over one stream")
-                g = self._open[key] = Gather(count, header, limit, self.wait)
+                g = Gather(count, header, limit, self.wait)
+                if hold is not None:
+                    g.held = hold(limit)
+                    g.held.__enter__()  # QUOTA_EXCEEDED before the meeting opens
+                self._open[key] = g
             if g.header != header:
                 raise errors.InvalidArgument(
                     f"streams.index {index}: its step header differs from another stream's "
@@ -148,7 +168,9 @@ class Gathers:
 
     def close(self, session_id: str, streams_id: str) -> None:
         with self._lock:
-            self._open.pop((session_id, streams_id), None)
+            g = self._open.pop((session_id, streams_id), None)
+        if g is not None and g.held is not None:
+            g.held.__exit__(None, None, None)
 
 
 def hand_over(g: Gather, index: int, chunks: Iterable[TensorChunk], rows: list[Row]) -> None:

@@ -5,8 +5,10 @@ is given a pool thread: :class:`AdmissionInterceptor` refuses a call without a
 known key there (UNAUTHENTICATED), spends the tenant's request rate (RATE_LIMITED),
 and wraps the handler so that it counts as one of its tenant's calls in flight
 while it runs (TOO_MANY_STREAMS past the quota). The health service stays open
-(load balancers probe it without a key), its calls counted together under a small
-cap; server reflection needs a key when the server has keys.
+(load balancers probe it without a key): Check is answered at once and counted
+nowhere, so probes always get through; Watch streams, which hold a thread, are
+counted together under a small cap. Server reflection needs a key when the server
+has keys.
 
 Under mutual TLS with ``[[certificates]]`` in the auth file, a call may come with no
 key: its certificate (verified in the handshake, so only certificate holders get
@@ -45,6 +47,8 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None  # UNIMPLEMENTED, with or without a key
         service = details.method.lstrip("/").partition("/")[0]
+        if service == HEALTH and not handler.response_streaming:
+            return handler  # Check: answered at once, holds nothing; probes must get through
         if service == HEALTH or (service in REFLECTION and not self.access.required):
             return self._counted(handler, details, None, open_call=True)
         caller = self.access.authenticate(authorization(details.invocation_metadata))

@@ -41,6 +41,9 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/
                         "/redoc"})
 
 
+# Server-wide numbers (every tenant's sessions and bytes): for admin keys only.
+ADMIN_PATH = "/metrics"
+
 _BINARY_HEADERS = frozenset({HEADER_LENGTH.lower().encode(), TRITON_HEADER_LENGTH.lower().encode()})
 
 
@@ -161,6 +164,11 @@ class _Gate:
                     return
                 admitted = caller
                 scope.setdefault("state", {})["caller"] = caller
+                if scope["path"] == ADMIN_PATH and not caller.admin:
+                    # server-wide numbers: every tenant's sessions and bytes
+                    await reply(403, f"{ADMIN_PATH} needs an admin key: its numbers are "
+                                     "every tenant's")
+                    return
             cap, length = self._limit(scope)
             if length is not None and length > cap:
                 await reply(413, _too_large(length, cap))

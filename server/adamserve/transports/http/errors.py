@@ -69,7 +69,8 @@ _CODES: dict[int, str] = {
 }
 
 # Reasons of the errors the HTTP layer finds itself, by status (else INVALID_ARGUMENT).
-_REASONS: dict[int, str] = {401: "UNAUTHENTICATED", 413: "QUOTA_EXCEEDED", 500: "INTERNAL",
+_REASONS: dict[int, str] = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                            413: "QUOTA_EXCEEDED", 500: "INTERNAL",
                             503: "INTERNAL"}
 
 _MAX_ERRORS_SHOWN = 5
