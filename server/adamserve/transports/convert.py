@@ -287,6 +287,17 @@ def _after(token: str) -> str:
             "response's next_page_token, or none for the first page") from None
 
 
+# An imported state blob may be this much larger than the session's state.
+IMPORT_SLACK_BYTES = 64 << 20
+
+
+def import_limit(state_bytes: int) -> int:
+    """The most bytes an ImportState blob of a session with ``state_bytes`` may have: a
+    state_dict holds the slots only; float64 slots for a float32 session and generous
+    metadata fit, anything more is refused rather than buffered."""
+    return 2 * state_bytes + IMPORT_SLACK_BYTES
+
+
 def page(infos: Iterable[SessionInfo], page_size: int, page_token: str
          ) -> tuple[list[SessionInfo], str]:
     """One page of sessions ordered by id and the next page's token ("" on the last).

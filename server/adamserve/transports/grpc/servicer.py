@@ -28,6 +28,7 @@ through protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -64,8 +65,6 @@ MiB = 1 << 20
 MAX_SEND_BYTES = wire.MAX_MESSAGE_BYTES
 # The largest message the server accepts (clients are asked to send a few MiB).
 MAX_RECEIVE_BYTES = 64 * MiB
-# An imported state blob may be this much larger than the session's state.
-_IMPORT_SLACK_BYTES = 64 * MiB
 
 _BYTES_IN = metrics.BYTES_IN.labels(TRANSPORT)
 _BYTES_OUT = metrics.BYTES_OUT.labels(TRANSPORT)
@@ -547,32 +546,35 @@ class OptimizerServicer(SharedMemoryMethods):
                                          "carry session_id")
         head = _ok(first)
         session_id = _session_id(head.session_id)
-        # A state_dict holds the slots only; allow float64 slots for a float32 session
-        # and generous metadata, and refuse to buffer more than that.
         caller = self.caller(context)
         caller.require_write("ImportState", session_id)  # before buffering the blob
-        limit = 2 * self.service.describe(session_id, caller=caller).state_bytes + (
-            _IMPORT_SLACK_BYTES)
-        parts = [head.data]
-        total = len(head.data)
-        for msg in _messages(requests):
-            if msg.session_id and msg.session_id != session_id:
-                raise errors.InvalidArgument(
-                    f"ImportState: session_id {errors.shown(msg.session_id)} differs from the "
-                    f"first message's {errors.shown(session_id)}")
-            total += len(msg.data)
-            if total > limit:
-                raise errors.ResourceExhausted(
-                    f"ImportState: the state blob exceeds {limit} bytes, more than any "
-                    f"state_dict of session {errors.shown(session_id)} needs")
-            parts.append(msg.data)
-        _BYTES_IN.inc(total)
-        try:
-            state = decode_state(b"".join(parts))
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            # decode_state raises ValueError; the others come from odd but valid JSON.
-            raise errors.InvalidArgument(f"ImportState: {exc}") from None
-        info = self.service.import_state(session_id, state, caller=self.caller(context))
+        limit = convert.import_limit(
+            self.service.describe(session_id, caller=caller).state_bytes)
+        with contextlib.ExitStack() as held:  # the blob's bytes count against the caps
+            held.enter_context(self.service.holding(session_id, len(head.data), caller=caller))
+            parts = [head.data]
+            total = len(head.data)
+            for msg in _messages(requests):
+                if msg.session_id and msg.session_id != session_id:
+                    raise errors.InvalidArgument(
+                        f"ImportState: session_id {errors.shown(msg.session_id)} differs from "
+                        f"the first message's {session_id!r}")
+                total += len(msg.data)
+                if total > limit:
+                    raise errors.ResourceExhausted(
+                        f"ImportState: the state blob exceeds {limit} bytes, more than any "
+                        f"state_dict of session {session_id!r} needs")
+                held.enter_context(self.service.holding(session_id, len(msg.data),
+                                                        caller=caller))
+                parts.append(msg.data)
+            _BYTES_IN.inc(total)
+            try:
+                state = decode_state(b"".join(parts))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # decode_state raises ValueError; the others come from odd but valid JSON.
+                raise errors.InvalidArgument(f"ImportState: {exc}") from None
+            del parts
+            info = self.service.import_state(session_id, state, caller=caller)
         return pb.ImportStateResponse(session=convert.session_message(info))
 
     def Checkpoint(self, request: pb.CheckpointRequest,

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect, Request
@@ -202,3 +204,31 @@ class Payload:
         if self._next is not None:
             self._next.cancel()
             self._next = None
+
+
+async def read_blob(request: Request, limit: int, idle_timeout: float,
+                    hold: Callable[[int], contextlib.AbstractContextManager[None]],
+                    held: contextlib.ExitStack) -> bytes:
+    """A whole body of at most ``limit`` bytes (an imported state blob), each part
+    counted with ``hold`` (into ``held``, which the caller closes when done with it)
+    before it is kept; a part that does not come within ``idle_timeout`` seconds, or a
+    body past ``limit``, is refused."""
+    length = _content_length(request)
+    if length is not None and length > limit:
+        raise ResourceExhausted(f"the body is {length} bytes; at most {limit} for this session")
+    parts: list[bytes] = []
+    total = 0
+    more = True
+    while more:
+        try:
+            data, more = await asyncio.wait_for(_message(request.receive), idle_timeout)
+        except TimeoutError:
+            raise InvalidArgument(f"the body sent nothing for {idle_timeout:g} s") from None
+        total += len(data)
+        if total > limit:
+            raise ResourceExhausted(f"the body is over {limit} bytes, more than any state of "
+                                    "this session needs")
+        if data:
+            held.enter_context(hold(len(data)))
+            parts.append(data)
+    return b"".join(parts)

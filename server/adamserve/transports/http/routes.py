@@ -10,6 +10,8 @@ Errors are raised, never returned; :mod:`.errors` maps them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, TypeVar, cast
 
@@ -27,7 +29,7 @@ from adamserve.errors import InvalidArgument, Unauthenticated, shown
 from adamserve.service import Caller, OptimizerService, SessionInfo, StepResult, TensorChunk
 from adamserve.transports import convert
 from adamserve.transports.http import binary
-from adamserve.transports.http.body import Body, open_body
+from adamserve.transports.http.body import Body, open_body, read_blob
 from adamserve.transports.http.errors import describe_validation
 from adamserve.transports.http.schemas import (
     AddTensorsRequest,
@@ -487,11 +489,15 @@ def _decode_state(blob: bytes) -> dict[str, Any]:
                                                "type": "string", "format": "binary"}}}}})
 async def import_state(session_id: str, request: Request, service: Service, caller: CallerOf) -> Response:
     caller.require_write("ImportState", session_id)  # 403 and 404 before reading a blob
-    await _call(service.describe, session_id, caller=caller)
-    blob = await request.body()
-    metrics.BYTES_IN.labels("http").inc(len(blob))
-    state = await _call(_decode_state, blob)
-    return _session(await _call(service.import_state, session_id, state, caller=caller))
+    info = await _call(service.describe, session_id, caller=caller)
+    with contextlib.ExitStack() as held:  # the blob's bytes count against the caps
+        blob = await read_blob(
+            request, convert.import_limit(info.state_bytes), request.app.state.body_idle_timeout,
+            functools.partial(service.holding, session_id, caller=caller), held)
+        metrics.BYTES_IN.labels("http").inc(len(blob))
+        state = await _call(_decode_state, blob)
+        del blob
+        return _session(await _call(service.import_state, session_id, state, caller=caller))
 
 
 @router.post(PREFIX + "/{session_id}/checkpoint", response_model=CheckpointInfo,
