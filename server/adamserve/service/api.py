@@ -793,6 +793,13 @@ class OptimizerService:
         self._gauge()
         return session_info(new)
 
+    def holding(self, session_id: str, nbytes: int, *, caller: Caller = LOCAL
+                ) -> contextlib.AbstractContextManager[None]:
+        """Count ``nbytes`` a transport buffers for a request on ``session_id`` (an
+        imported blob) against the memory caps while the block runs
+        (ResourceExhausted, before it is kept, when they do not fit)."""
+        return self.store.reserved(caller.resolve(session_id), nbytes)
+
     def checkpoint_due(self) -> int:
         """Checkpoint sessions whose last checkpoint is older than the time interval."""
         return self.policy.due(self.store.all())
