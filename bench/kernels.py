@@ -8,7 +8,10 @@ One run prints a markdown table, for every algorithm on N fp32 elements (default
 * torch's fastest CPU implementation of the same algorithm (``fused=True`` where
   torch has a fused CPU kernel, else ``foreach=True``) on one tensor of N elements;
   for the schedule-free pair, which torch lacks, schedulefree's (its default,
-  foreach);
+  foreach); Muon runs on one ``--muon-shape`` matrix instead (torch's Muon: one
+  implementation, its Newton-Schulz iteration in bfloat16; ours in fp32 GEMMs, so
+  Muon's floor counts only its elementwise passes); Adafactor runs on one matrix of
+  ``--adafactor-rows`` rows (its factored statistics), against torch's foreach path;
 * ratio = adamserve step / torch;
 * floor = bytes the algorithm must move per element / memory-copy rate measured in
   this run (the faster of ``np.copyto`` and a threaded copy of a buffer much larger
@@ -17,7 +20,7 @@ One run prints a markdown table, for every algorithm on N fp32 elements (default
 
 Each figure is the best of ``--repeat`` interleaved rounds (see ``best_of``).
 
-    python bench/kernels.py [--elements 16777216] [--repeat 10]
+    python bench/kernels.py [--elements 16777216] [--repeat 10] [--muon-shape 1024x1024]
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ BYTES = {
     "adam": 28, "adamw": 28, "adam+amsgrad": 36, "nadam": 28, "radam": 28, "adamax": 28,
     "adagrad": 20, "rmsprop": 20, "lamb": 40,
     "adamw_schedule_free": 28, "radam_schedule_free": 28,  # y and z r+w, g r, v r+w
+    "muon": 28,  # momentum (g, buf r+w), apply (p r+w, u r); the GEMMs are compute-bound
+    # ||p|| (p r), row and column sums (g r twice), ||U|| (g r), apply (g r, p r+w); the
+    # factored statistics are O(rows + cols)
+    "adafactor": 28,
 }
 TORCH = {
     "adam": ("Adam", {}, True), "adamw": ("AdamW", {}, True),
@@ -84,11 +91,12 @@ def copy_rate(n: int, repeat: int) -> float:
     return 2 * src.nbytes / min(t.values())
 
 
-def ours(name: str, n: int, check: bool) -> Callable[[], object]:
+def ours(name: str, shape: tuple[int, ...], check: bool) -> Callable[[], object]:
     algo, opts = ("adam", {"amsgrad": True}) if name == "adam+amsgrad" else (name, {})
     if name in SCHEDULE_FREE:
         opts = {"train_mode": True}
-    layout = Layout((TensorSpec("w", (n,)),))
+    n = int(np.prod(shape))
+    layout = Layout((TensorSpec("w", shape),))
     rng = np.random.default_rng(1)
     opt = FlatOptimizer(algo, layout, [opts], params=rng.standard_normal(n, dtype=np.float32),
                         skip_nonfinite=check)
@@ -96,11 +104,20 @@ def ours(name: str, n: int, check: bool) -> Callable[[], object]:
     return opt.step
 
 
-def theirs(name: str, n: int) -> tuple[Callable[[], object] | None, str]:
+def theirs(name: str, shape: tuple[int, ...]) -> tuple[Callable[[], object] | None, str]:
     try:
         import torch
     except ImportError:
         return None, "n/a"
+    n = int(np.prod(shape))
+    if name == "adafactor":  # torch's multi-tensor path (its default is the per-tensor loop)
+        a = torch.nn.Parameter(torch.randn(shape))
+        a.grad = torch.randn(shape) * 1e-3
+        return torch.optim.Adafactor([a], foreach=True).step, "foreach"
+    if name == "muon":  # torch's only implementation
+        w = torch.nn.Parameter(torch.randn(shape))
+        w.grad = torch.randn(shape) * 1e-3
+        return torch.optim.Muon([w]).step, "bf16 NS"
     if name in SCHEDULE_FREE:
         try:
             import schedulefree
@@ -132,8 +149,12 @@ def main() -> None:
     ap.add_argument("--elements", type=int, default=1 << 24)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--muon-shape", default="1024x1024", help="Muon's matrix, ROWSxCOLS")
+    ap.add_argument("--adafactor-rows", type=int, default=4096,
+                    help="Adafactor's matrix: this many rows of --elements / rows columns")
     args = ap.parse_args()
     n = args.elements
+    muon_shape = tuple(int(d) for d in args.muon_shape.split("x"))
     names = args.only or list(BYTES)
     rate = copy_rate(n * 4, args.repeat)
     try:
@@ -151,8 +172,12 @@ def main() -> None:
           "| kernel % of floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
-        fns = {"step": ours(name, n, check=True), "kernel": ours(name, n, check=False)}
-        torch_step, impl = theirs(name, n)
+        shape = (muon_shape if name == "muon" else
+                 (args.adafactor_rows, args.elements // args.adafactor_rows)
+                 if name == "adafactor" else (args.elements,))
+        n = int(np.prod(shape))
+        fns = {"step": ours(name, shape, check=True), "kernel": ours(name, shape, check=False)}
+        torch_step, impl = theirs(name, shape)
         if torch_step is not None:
             fns["torch"] = torch_step
         t = best_of(fns, args.repeat)

@@ -28,11 +28,13 @@ from adamserve_client.errors import (
 )
 from adamserve_client.optim import (
     LAMB,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
     AdamW,
     AdamWScheduleFree,
+    Muon,
     NAdam,
     RAdam,
     RAdamScheduleFree,
@@ -46,6 +48,7 @@ from adamserve_client.transports.sharded import ShardedTransport
 __all__ = [
     "LAMB",
     "Aborted",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -56,6 +59,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
+    "Muon",
     "NAdam",
     "NotFound",
     "PermissionDenied",

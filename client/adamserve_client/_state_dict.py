@@ -34,7 +34,7 @@ __all__ = ["group_state", "import_rows", "match", "merged_groups", "packed_group
 # equal regardless).
 _SLOT_ORDER = {k: i for i, k in enumerate((
     "step", "mu_product", "z", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "sum",
-    "square_avg", "momentum_buffer", "grad_avg"))}
+    "square_avg", "momentum_buffer", "grad_avg", "row_var", "col_var", "variance"))}
 
 
 def _scalar(value: Any) -> float:
@@ -173,10 +173,19 @@ def match(params: LocalParams, groups: Sequence[Mapping[str, Any]],
     return id_map
 
 
+def _slots_of(algo: AlgorithmDef | None, shape: tuple[int, ...]) -> str:
+    """The slots of ``algo`` a parameter of ``shape`` keeps (Adafactor's by its dims)."""
+    names = ("row_var", "col_var", "variance")
+    return ", ".join(n for n in names
+                     if algo is not None and algo.slot_shape(n, shape) is not None)
+
+
 def import_rows(params: LocalParams, saved_state: Mapping[Any, Mapping[str, Any]],
-                id_map: Mapping[Any, int]) -> dict[int, dict[str, Any]]:
+                id_map: Mapping[Any, int],
+                algo: AlgorithmDef | None = None) -> dict[int, dict[str, Any]]:
     """The loaded state entries by our index, as the server imports them (scalars as
-    floats, tensors as host NumPy arrays, shapes checked); entries of parameters
+    floats, tensors as host NumPy arrays, shapes checked: the parameter's, or the shape
+    ``algo`` keeps that slot in, Adafactor's factored statistics); entries of parameters
     ``id_map`` does not know are left out."""
     state: dict[int, dict[str, Any]] = {}
     for pid, entry in saved_state.items():
@@ -190,9 +199,15 @@ def import_rows(params: LocalParams, saved_state: Mapping[Any, Mapping[str, Any]
                 row[key] = _scalar(value)
                 continue
             arr = _to_numpy(value)
-            if shape(arr) != p.shape:
+            expected = p.shape if algo is None else algo.slot_shape(key, p.shape)
+            if expected is None:
+                raise ValueError(f"state of {p.name!r}: a parameter of shape {list(p.shape)} "
+                                 f"keeps no {key} (its state: {_slots_of(algo, p.shape)})")
+            if shape(arr) != expected:
+                what = ("the parameter has shape" if expected == p.shape else
+                        f"expected {key} of a parameter of shape {list(p.shape)} to have")
                 raise ValueError(f"state of {p.name!r}: {key} has shape {list(arr.shape)}, "
-                                 f"the parameter has shape {list(p.shape)}")
+                                 f"{what} {list(expected)}")
             row[key] = arr
         state[i] = row
     return state

@@ -73,9 +73,10 @@ else:
     except ImportError:  # NumPy mode only
         from adamserve_client._optimizer_base import OptimizerBase as _Base
 
-__all__ = ["ALGORITHMS", "DEFAULT_SERVER", "HAVE_TORCH", "LAMB", "Adagrad", "Adam", "AdamW",
-           "AdamWScheduleFree", "Adamax", "NAdam", "RAdam", "RAdamScheduleFree", "RMSprop",
-           "RemoteOptimizer"]
+__all__ = ["ALGORITHMS", "DEFAULT_SERVER", "HAVE_TORCH", "LAMB", "Adafactor", "Adagrad", "Adam",
+           "AdamW",
+           "AdamWScheduleFree", "Adamax", "Muon", "NAdam", "RAdam", "RAdamScheduleFree",
+           "RMSprop", "RemoteOptimizer"]
 
 # The algorithms and their defaults: the table both sides share.
 ALGORITHMS = table.ALGORITHMS
@@ -91,8 +92,8 @@ class RemoteOptimizer(_Base):
     ``model.named_parameters()``: the names then name the session's tensors and
     are matched on ``load_state_dict``), or parameter-group dicts, as for torch.optim.
     ``algorithm``: adam, adamw, amsgrad, nadam, radam, adamax, adagrad, rmsprop,
-    lamb, adamw_schedule_free or radam_schedule_free. ``hyperparameters``: the
-    algorithm's, under torch.optim's names (schedulefree's for the last two).
+    lamb, adafactor, muon, adamw_schedule_free or radam_schedule_free. ``hyperparameters``:
+    the algorithm's, under torch.optim's names (schedulefree's for the last two).
 
     Keyword-only:
 
@@ -167,6 +168,7 @@ class RemoteOptimizer(_Base):
                                 shared_memory=shared_memory)
         try:
             super().__init__(params, defaults)
+            validation.check_params(algo.name, [p.value for p in self._params])
             # torch's defaultdict(dict), read from the server instead
             self.state = ParamState(  # type: ignore[assignment]
                 lambda: [p.value for p in self._params], self._server_state)
@@ -339,7 +341,7 @@ class RemoteOptimizer(_Base):
                 sd = result
         saved_groups = deepcopy(list(sd["param_groups"]))
         id_map = match(self._params, self.param_groups, saved_groups)
-        state = import_rows(self._params, sd["state"], id_map)
+        state = import_rows(self._params, sd["state"], id_map, self._session.algo)
         hyper = [self._session.group_hyper(g) for g in saved_groups]
         kept = group_state(saved_groups, self._session.algo)  # schedulefree's k, train_mode...
         info = self.transport.import_state(self.session_id, {
@@ -619,6 +621,72 @@ class LAMB(RemoteOptimizer):
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, bias_correction=bias_correction)
+
+
+_MUON = ALGORITHMS["muon"].defaults
+
+
+class Muon(RemoteOptimizer):
+    """``torch.optim.Muon`` on an adamserve server (see :class:`RemoteOptimizer`).
+
+    For 2-D parameters only, as torch's: give biases, norms and embeddings to a second
+    optimizer (``AdamW``, on the same server), as torch's documentation does. The
+    Newton-Schulz iteration runs in the master dtype (torch's in bfloat16, so the two
+    differ by that rounding, about 3e-4 relative after 30 steps). ``ns_steps`` of 100
+    or more is refused here, at construction (torch refuses it at the first step).
+    """
+
+    def __init__(self, params: Params, lr: float = _MUON["lr"],
+                 weight_decay: float = _MUON["weight_decay"],
+                 momentum: float = _MUON["momentum"], nesterov: bool = _MUON["nesterov"],
+                 ns_coefficients: tuple[float, float, float] = _MUON["ns_coefficients"],
+                 eps: float = _MUON["eps"], ns_steps: int = _MUON["ns_steps"],
+                 adjust_lr_fn: str | None = _MUON["adjust_lr_fn"], *,
+                 server: Server = None, session: str | None = None, token: str | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+        super().__init__(params, "muon", server=server, session=session, token=token,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         lr=lr, weight_decay=weight_decay, momentum=momentum,
+                         nesterov=nesterov, ns_coefficients=ns_coefficients, eps=eps,
+                         ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+
+
+_ADAFACTOR = ALGORITHMS["adafactor"].defaults
+
+
+class Adafactor(RemoteOptimizer):
+    """``torch.optim.Adafactor`` on an adamserve server (see :class:`RemoteOptimizer`).
+
+    A parameter of two dims or more keeps its second moment factored over its last two
+    dims (``row_var`` and ``col_var``, torch's shapes: O(rows + cols) on the server);
+    one of fewer keeps ``variance``. ``eps=(None, ...)``: eps1 is the machine epsilon of
+    the master dtype (torch's: of the parameter's, the same unless ``master_dtype``
+    differs from the model's). A sharded session keeps each parameter whole on one
+    server (alpha and the update clipping are norms over the whole tensor).
+    """
+
+    def __init__(self, params: Params, lr: float | Any = _ADAFACTOR["lr"],
+                 beta2_decay: float = _ADAFACTOR["beta2_decay"],
+                 eps: tuple[float | None, float] = _ADAFACTOR["eps"],
+                 d: float = _ADAFACTOR["d"], weight_decay: float = _ADAFACTOR["weight_decay"],
+                 *, foreach: bool | None = _SW["foreach"],
+                 maximize: bool = _ADAFACTOR["maximize"], server: Server = None,
+                 session: str | None = None, token: str | None = None,
+                 wire_dtype: str | None = None, master_dtype: str | None = None,
+                 schedule: Mapping[str, Any] | None = None,
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+        super().__init__(params, "adafactor", server=server, session=session, token=token,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                         weight_decay=weight_decay, foreach=foreach, maximize=maximize)
 
 
 # ---------------------------------------------------------------------------

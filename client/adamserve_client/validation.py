@@ -32,7 +32,7 @@ from typing import Any
 from adamserve_client._torch import is_tensor, torch
 from adamserve_proto.algorithms import ALGORITHMS, SWITCHES
 
-__all__ = ["check_constructor", "check_mode", "check_step"]
+__all__ = ["check_constructor", "check_mode", "check_params", "check_step"]
 
 # the client's key -> the class name it follows, torch.optim's or the oracle's (for
 # TypeError messages); LAMB has none
@@ -77,6 +77,10 @@ def check_constructor(algorithm: str, hyper: Mapping[str, Any]) -> None:
         _adagrad(hyper)
     elif algorithm == "rmsprop":
         _rmsprop(hyper)
+    elif algorithm == "muon":
+        _muon(hyper)
+    elif algorithm == "adafactor":
+        _adafactor(hyper)
 
 
 def _nonnegative(x: Any) -> bool:
@@ -175,6 +179,55 @@ def _rmsprop(hyper: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay value: {hyper['weight_decay']}")
     if not _nonnegative(hyper["alpha"]):
         raise ValueError(f"Invalid alpha value: {hyper['alpha']}")
+
+
+def _adafactor(hyper: Mapping[str, Any]) -> None:
+    """torch/optim/_adafactor.py, Adafactor.__init__."""
+    lr, eps, d = hyper["lr"], hyper["eps"], hyper["d"]
+    _tensor_lr(lr)
+    if not _nonnegative(lr):
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+    if not bool(0.0 >= hyper["beta2_decay"]):  # noqa: SIM300 - torch's operand order
+        raise ValueError(f"beta2_decay should be <= 0 but is: {hyper['beta2_decay']}")
+    if eps[0] is not None and not _nonnegative(eps[0]):
+        raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+    if not _nonnegative(eps[1]):
+        raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+    if not bool(1.0 <= d):  # noqa: SIM300
+        raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
+    if not _nonnegative(hyper["weight_decay"]):
+        raise ValueError(f"weight_decay should be >= 0 but is: {hyper['weight_decay']}")
+
+
+def _muon(hyper: Mapping[str, Any]) -> None:
+    """torch/optim/_muon.py, Muon.__init__; and, earlier than torch (which raises it at the
+    first step), its refusal of 100 Newton-Schulz steps or more: the server holds no
+    session it could not step."""
+    lr = hyper["lr"]
+    _tensor_lr(lr)
+    if not _nonnegative(lr):
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+    if not _nonnegative(hyper["momentum"]):
+        raise ValueError(f"momentum should be >= 0 but is: {hyper['momentum']}")
+    if not _nonnegative(hyper["weight_decay"]):
+        raise ValueError(f"weight decay should be >= 0 but is: {hyper['weight_decay']}")
+    fn = hyper["adjust_lr_fn"]
+    if fn is not None and fn not in ["original", "match_rms_adamw"]:
+        raise ValueError(f"Adjust learning rate function {fn} is not supported")
+    if hyper["ns_steps"] >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+
+
+def check_params(algorithm: str, params: Sequence[Any]) -> None:
+    """What torch's constructor raises for its parameters once the groups are built:
+    Muon's refusal of a parameter that is not 2-D (no-op for the other algorithms)."""
+    if algorithm != "muon":
+        return
+    for p in params:
+        if p.ndim != 2:
+            size = p.size() if is_tensor(p) else p.shape
+            raise ValueError("Muon only supports 2D parameters whereas we found a parameter "
+                             f"with size: {size}")
 
 
 # -- step --------------------------------------------------------------------------------
@@ -347,8 +400,8 @@ def check_step(algorithm: str, groups: Sequence[Mapping[str, Any]], params: Sequ
     its ``.grad`` is set, as in torch; a NumPy array always does. A group whose switches
     are all off (and whose lr and betas are not Tensors) costs one look.
     """
-    if algorithm not in _TORCH:  # LAMB, schedule-free: no torch implementation to follow
-        return
+    if algorithm not in _TORCH or not ALGORITHMS[algorithm].switches:
+        return  # LAMB, schedule-free: no torch implementation to follow; Muon: no switches
     for group in groups:
         if not _needs_check(group):
             continue

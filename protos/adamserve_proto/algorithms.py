@@ -19,8 +19,12 @@ nor sent as a hyperparameter. ``integers``: the keys whose values are whole numb
 (exported as ints, as the oracle keeps them).
 
 Also how a hyperparameter and a group travel: :func:`wire_value` (true/false, a
-float, betas a pair) and :func:`split_betas` / :func:`join_betas` (torch's ``betas``
-pair <-> the wire's ``beta1`` and ``beta2``).
+float, betas a pair, a choice's name or None) and :func:`split_betas` /
+:func:`join_betas` (torch's tuples <-> their members, :data:`TUPLES`: ``betas`` <->
+the wire's ``beta1`` and ``beta2``, Muon's ``ns_coefficients`` <-> ``ns_a``, ``ns_b``,
+``ns_c``). A key of :data:`CHOICES` (Muon's ``adjust_lr_fn``) names one of a few
+strings, or is None: the wire's Group carries the name in ``names`` and None in
+``unset``.
 
 Plain Python, importable by both sides, so that each default is written once: the
 server's engine (``adamserve.engine.algorithms``) derives its specs from it, and the
@@ -31,45 +35,65 @@ its torch-signature classes and the switches each refuses
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["ALGORITHMS", "INTEGER_KEYS", "SWITCHES", "AlgorithmDef", "WireValue", "join_betas",
-           "split_betas", "wire_value"]
+__all__ = ["ALGORITHMS", "CHOICES", "INTEGER_KEYS", "NULLABLE", "SWITCHES", "TUPLES",
+           "AlgorithmDef", "WireValue", "join_betas", "split_betas", "wire_value"]
 
-# A hyperparameter as the wire carries it: true/false, a number, or betas as a pair.
-WireValue = bool | float | tuple[float, ...]
+# A hyperparameter as the wire carries it: true/false, a number, betas as a pair, or a
+# choice's name or None (CHOICES).
+WireValue = bool | float | str | None | tuple[float | None, ...]
+
+# torch's hyperparameters that are tuples, and the keys their members travel under.
+TUPLES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "betas": ("beta1", "beta2"), "ns_coefficients": ("ns_a", "ns_b", "ns_c"),
+    "eps": ("eps1", "eps2")})  # a pair for Adafactor only (a number elsewhere)
+# Numbers that may be None (on the wire: in Group.unset), as torch's default for
+# Adafactor's eps1 is (the engine keeps None as NaN).
+NULLABLE = frozenset({"eps1"})
+# Hyperparameters that name one of a few choices, torch's None among them (the engine
+# keeps the choice's index in this tuple).
+CHOICES: Mapping[str, tuple[str | None, ...]] = MappingProxyType({
+    "adjust_lr_fn": (None, "original", "match_rms_adamw")})
 
 
 def wire_value(key: str, value: Any) -> WireValue:
     """A hyperparameter as the wire carries it: true/false (Python's or NumPy's bool), a
     number (an int, a float, a one-element tensor) as a float, betas (a pair, list or
-    tuple) as a tuple of floats; ValueError naming ``key`` for anything else."""
+    tuple) as a tuple of floats (None kept), a string or None for a key of
+    :data:`CHOICES` (the server checks the name); ValueError naming ``key`` for anything
+    else."""
     try:
+        if key in CHOICES and (value is None or isinstance(value, str)):
+            return value
         if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b":
             return bool(value)
         if isinstance(value, list | tuple):
-            return tuple(float(v) for v in value)
+            return tuple(None if v is None else float(v) for v in value)
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"hyperparameter {key!r}: expected a number, true/false or a pair of "
                          f"numbers, got {value!r}") from None
 
 
-def split_betas(group: Mapping[str, Any]) -> dict[str, bool | float]:
-    """A group under torch's names (``betas`` a pair) under the wire's: ``beta1`` and
-    ``beta2`` where ``betas`` stood, numbers as floats, true/false kept; ValueError for
-    another pair."""
-    out: dict[str, bool | float] = {}
+def split_betas(group: Mapping[str, Any]) -> dict[str, bool | float | str | None]:
+    """A group under torch's names (its :data:`TUPLES`, ``betas`` a pair) under the
+    wire's: ``beta1`` and ``beta2`` where ``betas`` stood (``ns_a``, ``ns_b``, ``ns_c``
+    for ``ns_coefficients``), numbers as floats, true/false, strings and None kept;
+    ValueError for another tuple."""
+    out: dict[str, bool | float | str | None] = {}
     for key, value in group.items():
         if isinstance(value, tuple | list):
-            if key != "betas" or len(value) != 2:
-                raise ValueError(f"hyperparameter {key!r}: only betas may be a pair, "
-                                 f"got {value!r}")
-            out["beta1"], out["beta2"] = float(value[0]), float(value[1])
-        elif isinstance(value, bool):
+            members = TUPLES.get(key, ())
+            if len(value) != len(members) or not members:
+                raise ValueError(f"hyperparameter {key!r}: only betas and eps (Adafactor's) "
+                                 f"may be a pair and ns_coefficients a triple, got {value!r}")
+            for member, v in zip(members, value, strict=True):
+                out[member] = None if v is None else float(v)
+        elif isinstance(value, bool | str) or value is None:
             out[key] = value
         else:
             out[key] = float(value)
@@ -78,13 +102,17 @@ def split_betas(group: Mapping[str, Any]) -> dict[str, bool | float]:
 
 def join_betas(group: Mapping[str, Any]) -> dict[str, Any]:
     """The wire's names back under torch's: ``beta1`` and ``beta2`` as the pair ``betas``
-    (where ``beta1`` stood; one without the other is kept as it is), the rest unchanged."""
-    both = "beta1" in group and "beta2" in group
+    (where ``beta1`` stood; one without the other is kept as it is), each of
+    :data:`TUPLES` alike, the rest unchanged."""
+    joined = {members[0]: (name, members) for name, members in TUPLES.items()
+              if all(m in group for m in members)}
+    inside = {m for _, members in joined.values() for m in members}
     out: dict[str, Any] = {}
     for key, value in group.items():
-        if both and key == "beta1":
-            out["betas"] = (float(value), float(group["beta2"]))
-        elif not (both and key == "beta2"):
+        if key in joined:
+            name, members = joined[key]
+            out[name] = tuple(None if group[m] is None else float(group[m]) for m in members)
+        elif key not in inside:
             out[key] = value
     return out
 
@@ -113,6 +141,8 @@ class AlgorithmDef:
     switch_defaults: Mapping[str, Any] = field(default_factory=dict)  # where not SWITCHES'
     group_state: Mapping[str, Any] = field(default_factory=dict)  # per-group state, initial
     integers: frozenset[str] = frozenset()  # whole-number keys (hyperparameters or state)
+    # the shape of a slot for a tensor's shape (None: no such slot); None: the tensor's own
+    slot_shapes: Callable[[str, tuple[int, ...]], tuple[int, ...] | None] | None = None
 
     def __post_init__(self) -> None:
         for name in ("defaults", "extras", "options", "switch_defaults", "group_state"):
@@ -128,6 +158,12 @@ class AlgorithmDef:
         """The default of switch ``name`` in the class the row follows."""
         return self.switch_defaults.get(name, SWITCHES[name])
 
+    def slot_shape(self, slot: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The shape of state ``slot`` of a tensor of ``shape`` (None: it keeps no such
+        slot): the tensor's own, but for Adafactor's factored statistics."""
+        shape = tuple(shape)
+        return shape if self.slot_shapes is None else self.slot_shapes(slot, shape)
+
     @property
     def keys(self) -> frozenset[str]:
         """Every hyperparameter the server accepts for it, under torch's names."""
@@ -142,7 +178,8 @@ class AlgorithmDef:
         """Another name for this algorithm with ``options`` set."""
         return AlgorithmDef(name, self.runs, {**self.defaults, **options}, self.extras,
                             options, self.torch_class, self.switches, self.oracle,
-                            self.switch_defaults, self.group_state, self.integers)
+                            self.switch_defaults, self.group_state, self.integers,
+                            self.slot_shapes)
 
 
 _ADAM_FAMILY: dict[str, Any] = {
@@ -199,9 +236,35 @@ RADAM_SCHEDULE_FREE = AlgorithmDef("radam_schedule_free", "radam_schedule_free",
     switch_defaults={"foreach": True}, group_state=_SCHEDULE_FREE_STATE,
     integers=frozenset({"k"}))
 
+
+
+def _adafactor_slot_shape(slot: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """torch.optim.Adafactor's state: a tensor of two dims or more keeps the row and
+    column means of g² over its last two dims (the leading ones are a batch), one of
+    fewer the elementwise ``variance``."""
+    if len(shape) >= 2:
+        return {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, shape[-1])}.get(slot)
+    return shape if slot == "variance" else None
+
+
+# torch.optim.Adafactor (torch 2.13): eps is the pair (eps1, eps2), eps1 None standing for
+# the dtype's machine epsilon; its only switch is foreach.
+ADAFACTOR = AlgorithmDef("adafactor", "adafactor", {
+    "lr": 1e-2, "beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0, "weight_decay": 0.0,
+    "maximize": False,
+}, torch_class="Adafactor", switches=frozenset({"foreach"}),
+    slot_shapes=_adafactor_slot_shape)
+
+# torch.optim.Muon (torch 2.13), for 2-D parameters: it takes none of torch's switches.
+MUON = AlgorithmDef("muon", "muon", {
+    "lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
+    "ns_coefficients": (3.4445, -4.7750, 2.0315), "eps": 1e-7, "ns_steps": 5,
+    "adjust_lr_fn": None,
+}, torch_class="Muon", switches=frozenset(), integers=frozenset({"ns_steps"}))
+
 ALGORITHMS: Mapping[str, AlgorithmDef] = MappingProxyType({a.name: a for a in (
     ADAM, ADAM.alias("amsgrad", amsgrad=True), ADAMW, NADAM, RADAM, ADAMAX, ADAGRAD,
-    RMSPROP, LAMB, ADAMW_SCHEDULE_FREE, RADAM_SCHEDULE_FREE,
+    RMSPROP, LAMB, ADAMW_SCHEDULE_FREE, RADAM_SCHEDULE_FREE, ADAFACTOR, MUON,
 )})
 # The keys any row holds as whole numbers (a group exported or described writes them as ints).
 INTEGER_KEYS = frozenset().union(*(a.integers for a in ALGORITHMS.values()))

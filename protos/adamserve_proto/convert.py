@@ -202,15 +202,23 @@ def duration(s: float, field: str = "duration") -> Duration:
 # Hyperparameter groups: numbers in `values`, switches in `flags`, betas split
 
 
-def group_dict(msg: pb.Group, field: str) -> dict[str, float | bool]:
+def group_dict(msg: pb.Group, field: str) -> dict[str, float | bool | str | None]:
     """A Group as one dict as it travels (``beta1``/``beta2`` apart; numbers sorted by
-    name, then the switches); ValueError for a key that is both a value and a flag."""
+    name, then the switches, the names, the keys set to None); ValueError for a key
+    given in more than one of them."""
     values = {str(k): float(v) for k, v in sorted(msg.values.items())}
     flags = {str(k): bool(v) for k, v in sorted(msg.flags.items())}
+    names = {str(k): str(v) for k, v in sorted(msg.names.items())}
+    unset = dict.fromkeys(sorted(str(k) for k in msg.unset))
     both = sorted(set(values) & set(flags))
     if both:
         raise ValueError(f"{field}: {', '.join(both)} given both as a value and as a flag")
-    return {**values, **flags}
+    again = sorted((set(values) | set(flags)) & (set(names) | set(unset))
+                   | set(names) & set(unset))
+    if again:
+        raise ValueError(f"{field}: {', '.join(again)} given twice (in names or unset, and "
+                         "elsewhere): give each key once")
+    return {**values, **flags, **names, **unset}
 
 
 def torch_group(msg: pb.Group, field: str) -> dict[str, Any]:
@@ -225,6 +233,10 @@ def group_message(group: Mapping[str, Any]) -> pb.Group:
     for key, value in split_betas(group).items():
         if isinstance(value, bool):
             msg.flags[key] = value
+        elif isinstance(value, str):
+            msg.names[key] = value
+        elif value is None:
+            msg.unset.append(key)
         else:
             msg.values[key] = value
     return msg

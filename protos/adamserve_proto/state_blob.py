@@ -20,6 +20,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from adamserve_proto.algorithms import TUPLES
+
 __all__ = ["SCALAR_SLOTS", "TAG", "read_header", "state_dict", "state_parts"]
 
 TAG = "state_dict/1"
@@ -67,7 +69,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> tuple[dict[str, Any], i
 
 def state_dict(tensors: Mapping[str, Any], metadata: object) -> dict[str, Any]:
     """The state_dict of a blob's tensors (by name) and metadata, state by index
-    (betas a tuple again); ValueError saying what is wrong."""
+    (betas and torch's other tuples tuples again); ValueError saying what is wrong."""
     if not isinstance(metadata, Mapping) or metadata.get("adamserve") != TAG:
         raise ValueError(f"state blob: metadata 'adamserve' must be {TAG!r}")
     try:
@@ -88,9 +90,10 @@ def state_dict(tensors: Mapping[str, Any], metadata: object) -> dict[str, Any]:
         if not str(idx).isdigit() or not isinstance(entry, dict):
             raise ValueError(f"state blob: bad scalars entry {idx!r}")
         state.setdefault(int(idx), {}).update(entry)
-    for g in groups:
-        if isinstance(g, dict) and isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
+    for g in groups:  # torch's tuples (betas, Adafactor's eps, ...) again
+        for key in TUPLES:
+            if isinstance(g, dict) and isinstance(g.get(key), list):
+                g[key] = tuple(g[key])
     out: dict[str, Any] = {"state": dict(sorted(state.items())), "param_groups": groups}
     if "step_count" in body:  # the session's step, when no tensor's state says it
         out["step_count"] = body["step_count"]

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 import adamserve_client as ac
-from adamserve_proto.algorithms import ALGORITHMS, SWITCHES
+from adamserve_proto.algorithms import ALGORITHMS, CHOICES, SWITCHES, TUPLES
 
 torch = pytest.importorskip("torch")
 
 CLASSES = {"Adam": "adam", "AdamW": "adamw", "NAdam": "nadam", "RAdam": "radam",
-           "Adamax": "adamax", "Adagrad": "adagrad", "RMSprop": "rmsprop", "LAMB": "lamb"}
+           "Adamax": "adamax", "Adagrad": "adagrad", "RMSprop": "rmsprop", "LAMB": "lamb",
+           "Muon": "muon", "Adafactor": "adafactor"}
 # what the classes add to torch's arguments, all keyword-only and None by default
 OPTIONS = ("server", "session", "token", "wire_dtype", "master_dtype", "schedule", "timeout",
            "workers", "worker_id", "shared_memory")
@@ -87,9 +88,13 @@ def test_the_engine_reads_the_same_table() -> None:
             continue
         spec = alg.SPECS[alg.Algorithm(row.name)]
         flat = dict(spec.defaults)
-        beta1, beta2 = flat.pop("beta1", None), flat.pop("beta2", None)
         wire = row.wire_defaults()
-        if "betas" in wire:
-            assert wire.pop("betas") == (beta1, beta2)
+        for name, members in TUPLES.items():  # the engine keeps a tuple's members
+            if isinstance(wire.get(name), tuple):
+                kept = tuple(flat.pop(m) for m in members)  # None as NaN (Adafactor's eps1)
+                assert [None if v != v else v for v in kept] == list(wire.pop(name)), name
+        for key, choices in CHOICES.items():  # and a choice's index (Muon's adjust_lr_fn)
+            if key in wire:
+                assert choices[int(flat.pop(key))] == wire.pop(key), key
         assert flat == wire, row.name
         assert all(type(flat[k]) is type(v) for k, v in wire.items()), row.name

@@ -38,6 +38,8 @@ ALGORITHMS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("adagrad", {"lr": 0.05, "lr_decay": 0.01}, {"eps": 1e-6}),
     ("rmsprop", {"lr": 1e-3, "momentum": 0.9, "centered": True}, {"alpha": 0.9}),
     ("lamb", {"lr": 1e-2, "weight_decay": 0.01}, {"beta1": 0.8}),
+    # every tensor whole on one shard (its norms), the exchange's clipping and checks
+    ("adafactor", {"lr": 5e-2, "weight_decay": 0.1}, {"beta2_decay": -0.5, "d": 1.5}),
 ]
 OPTIONS: dict[str, dict[str, Any]] = {
     "skip-nonfinite": {},

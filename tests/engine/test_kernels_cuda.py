@@ -68,6 +68,11 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
      {"train_mode": True, "warmup_steps": 5, "weight_decay": 0.1, "r": 0.5}, {}),
     ("radam-schedule-free", "radam_schedule_free", {"train_mode": True, "r": 1.0},
      {"silent_sgd_phase": False}),
+    # factored statistics (w0, w1, w2, the empty matrix), variance (b0, s)
+    ("adafactor", "adafactor", {}, {}),
+    ("adafactor-wd-maximize-eps-d", "adafactor",
+     {"weight_decay": 0.1, "maximize": True, "eps": (1e-30, 1e-3), "d": 2.0},
+     {"beta2_decay": -0.5}),
 ]
 
 
@@ -157,7 +162,7 @@ def test_matches_cpu_kernels(algorithm: str, opts: dict[str, Any], group1: dict[
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["global", "per-tensor"])
-@pytest.mark.parametrize("algorithm", ["adam", "lamb", "rmsprop"])
+@pytest.mark.parametrize("algorithm", ["adam", "lamb", "rmsprop", "adafactor"])
 def test_clipping_matches_cpu(algorithm: str, per_tensor: bool, dtype: str) -> None:
     clip = ClipConfig(max_norm=0.1, per_tensor=per_tensor)
     gpu, cpu = _pair(algorithm, {}, {}, dtype, clip=clip)
@@ -193,7 +198,7 @@ def test_nonfinite_gradient_skips_the_step(bad: float, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("algorithm", ["adam", "nadam", "lamb"])
+@pytest.mark.parametrize("algorithm", ["adam", "nadam", "lamb", "adafactor"])
 def test_active_subsets_match_cpu(algorithm: str, dtype: str) -> None:
     gpu, cpu = _pair(algorithm, {}, {}, dtype)
     masks = [
@@ -223,6 +228,29 @@ def test_schedule_free_swap_matches_cpu(algorithm: str, dtype: str) -> None:
                 opt.set_hyperparameters(group, {"train_mode": train})
         _assert_same(gpu, cpu, TOL[dtype], when=f"train_mode {train}: ")
         assert gpu.groups == cpu.groups
+
+
+# Muon's matrices (it takes no other shape): wide, tall, empty, over several blocks
+MUON_LAYOUT = Layout((
+    TensorSpec("w0", (100, 100), 0), TensorSpec("tall", (300, 20), 1),
+    TensorSpec("empty", (0, 4), 1), TensorSpec("wide", (9, 5000), 0),
+))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opts", [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"}],
+                         ids=["defaults", "plain-rms"])
+def test_muon_matches_cpu(opts: dict[str, Any], dtype: str) -> None:
+    """The momentum and apply kernels, and the Newton-Schulz iteration in cuBLAS GEMMs."""
+    groups = [{**opts, "lr": 2e-2}, {**opts, "lr": 5e-3, "momentum": 0.9}]
+    init = np.random.default_rng(5).standard_normal(MUON_LAYOUT.size)
+    gpu, cpu = (FlatOptimizer("muon", MUON_LAYOUT, groups, backend=b, dtype=dtype, params=init)
+                for b in (CudaBackend(), CpuBackend()))
+    rng = np.random.default_rng(6)
+    mask = np.array([True, False, True, True])
+    for i in range(STEPS):
+        _step_both(gpu, cpu, rng.standard_normal(MUON_LAYOUT.size), None if i % 3 else mask)
+    _assert_same(gpu, cpu, TOL[dtype], when=f"after {STEPS} steps: ")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -12,6 +12,8 @@ of 24 workers waiting, 16 MiB gradients each, the server's peak RSS grew by 58 M
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import multiprocessing.connection
 import threading
@@ -52,7 +54,9 @@ def _status(field: str) -> int:
 
 
 def _reset_peak() -> None:
-    """Start VmHWM (the peak RSS) again from the current RSS."""
+    """Hand freed heap pages back (else the next allocations reuse them unseen), then
+    start VmHWM (the peak RSS) again from the current RSS."""
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)  # glibc's
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -170,11 +174,9 @@ def test_waiting_workers_hold_no_gradient_and_the_push_past_the_cap_is_refused()
                 push(w, 1)
             assert sorted(conn.recv() for _ in range(workers)) == [
                 (w, 1, 1) for w in range(workers)]
-            assert store.total_bytes() == state + rounds  # the round's buffers counted
-
+            _reset_peak()
             base = _status("VmRSS")
             counted = store.total_bytes()
-            _reset_peak()
             for w in range(workers - 1):  # round 2: all but the last wait for it
                 push(w, 2)
             assert arrived() == workers - 1 and not conn.poll()
@@ -182,7 +184,8 @@ def test_waiting_workers_hold_no_gradient_and_the_push_past_the_cap_is_refused()
             assert peak <= cap - counted + OVERHEAD, (
                 f"{workers - 1} waiting workers grew the RSS by {peak / MiB:.0f} MiB; "
                 f"the cap leaves {(cap - counted) / MiB:.0f} MiB (+{OVERHEAD / MiB:.0f})")
-            assert store.total_bytes() == counted  # a waiting worker holds nothing counted
+            # the round's buffers are counted; a waiting worker holds nothing
+            assert store.total_bytes() == counted == state + rounds
 
             # a filler session takes the room the last push needs: that push is refused
             # before its buffer is allocated, and the round keeps its 23 pushes
@@ -203,28 +206,31 @@ def test_waiting_workers_hold_no_gradient_and_the_push_past_the_cap_is_refused()
 def test_the_refusal_names_the_bytes_and_the_cap() -> None:
     numel = 1 << 20
     state = 4 * numel * 4 + (1 << 10)  # and the per-tensor overhead
-    cap = state + numel * 12 + numel  # the round's buffers fit; a 4 MiB push does not
+    cap = state + numel * 3  # a 4 MiB push does not fit
     with _server(cap) as (store, stub, _):
         _create(stub, "s", numel, workers=2)
         state = store.get("s").state_bytes
         before = store.get("s").fingerprint()
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.Step(_step_messages("s", numel, 0, 1)))
+            list(stub.Step(_step_messages("s", numel, 0, 1), timeout=30))
         err = info.value
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert _refusal(err).reason == "QUOTA_EXCEEDED"
         assert f"needs {numel * 4} more bytes" in (err.details() or "")
-        assert f"of {cap} are free" in (err.details() or "")
+        assert f"{cap - state} of {cap} are free" in (err.details() or "")
         assert store.get("s").fingerprint() == before and store.get("s").round is None
         assert store.total_bytes() == state  # nothing held once refused
 
 
 def test_two_concurrent_add_tensors_at_the_cap_exactly_one_wins() -> None:
-    """Both requests start (their initial values held back), then both finish at once:
-    the growth each would need fits the cap once, not twice."""
-    numel, grow = 1 << 16, 1 << 20
-    state = 4 * numel * 4
-    added = 4 * grow * 4 + 256 + grow * 4  # adam's buffers of the new tensor, its values
+    """Both requests start (the end of their streams held back), then both go on at once:
+    the growth each needs fits the cap once, not twice. (Before the fix both checked the
+    cap before either had allocated, and both grew: 128 MiB past it.)"""
+    numel, grow = 1 << 16, 8 << 20
+    with _server(1 << 40) as (probe, stub, _):  # what a session and its growth take
+        _create(stub, "p", numel)
+        state = probe.get("p").state_bytes
+    added = 4 * grow * 4 + grow * 4 + 2048  # adam's buffers of the new tensor, its values
     cap = 2 * state + added + added // 2
     with _server(cap) as (store, stub, _):
         for sid in ("a", "b"):
@@ -235,15 +241,13 @@ def test_two_concurrent_add_tensors_at_the_cap_exactly_one_wins() -> None:
         def requests(sid: str) -> Iterator[pb.AddTensorsRequest]:
             yield pb.AddTensorsRequest(spec=pb.AddTensorsSpec(
                 session_id=sid, tensors=[pb.TensorSpec(name="new", shape=[grow])]))
-            go.wait(30)
-            yield pb.AddTensorsRequest(initial=pb.TensorChunk(
-                name="new", shape=[grow], datatype="FP32", data=bytes(grow * 4)))
+            go.wait(30)  # no initial values: the new tensor starts at zero
 
         outcomes: dict[str, str] = {}
 
         def add(sid: str) -> None:
             try:
-                stub.AddTensors(requests(sid))
+                stub.AddTensors(requests(sid), timeout=30)
                 outcomes[sid] = "ok"
             except grpc.RpcError as err:
                 outcomes[sid] = _refusal(err).reason
@@ -251,11 +255,11 @@ def test_two_concurrent_add_tensors_at_the_cap_exactly_one_wins() -> None:
         threads = [threading.Thread(target=add, args=(sid,)) for sid in ("a", "b")]
         for t in threads:
             t.start()
-        # both uploads are under way (their values held back) unless one was refused
+        # both requests are in (their streams open) unless one was refused already
         end = time.monotonic() + 2.0
         while not outcomes and time.monotonic() < end:
             time.sleep(0.01)
-        go.set()  # both finish at once
+        go.set()
         for t in threads:
             t.join(30)
         assert sorted(outcomes.values()) == ["QUOTA_EXCEEDED", "ok"], outcomes

@@ -53,8 +53,20 @@ def test_groups_and_betas() -> None:
     assert join_betas({"beta1": 0.5}) == {"beta1": 0.5}  # a change of one of them only
     assert split_betas(join_betas({"beta1": 0.5, "beta2": 0.6})) == {"beta1": 0.5,
                                                                        "beta2": 0.6}
-    with pytest.raises(ValueError, match="only betas may be a pair"):
+    with pytest.raises(ValueError, match=r"only betas and eps .* may be a pair"):
         convert.group_message({"lr": (1.0, 2.0)})
+    # Muon's: a triple split, a choice by name (Group.names), None as Group.unset
+    muon = {"ns_coefficients": (3.0, -3.0, 1.0), "adjust_lr_fn": "original", "nesterov": True}
+    msg = convert.group_message(muon)
+    assert dict(msg.values) == {"ns_a": 3.0, "ns_b": -3.0, "ns_c": 1.0}
+    assert dict(msg.names) == {"adjust_lr_fn": "original"} and list(msg.unset) == []
+    assert convert.torch_group(msg, "g") == muon
+    msg = convert.group_message({"adjust_lr_fn": None})
+    assert list(msg.unset) == ["adjust_lr_fn"] and not msg.names
+    assert convert.group_dict(msg, "g") == {"adjust_lr_fn": None}
+    with pytest.raises(ValueError, match=r"^g: adjust_lr_fn given twice \(in names or unset"):
+        convert.group_dict(pb.Group(names={"adjust_lr_fn": "original"},
+                                    unset=["adjust_lr_fn"]), "g")
     with pytest.raises(ValueError, match=r"^g: lr given both as a value and as a flag"):
         convert.group_dict(pb.Group(values={"lr": 1.0}, flags={"lr": True}), "g")
 

@@ -63,8 +63,9 @@ __all__ = [
     "Workers",
 ]
 
-# A hyperparameter under torch.optim's name: a number, a switch, or ``betas``' pair.
-HyperValue = float | bool | tuple[float, ...]
+# A hyperparameter under torch.optim's name: a number, a switch, a tuple (``betas``), or a
+# choice's name or None (Muon's ``adjust_lr_fn``).
+HyperValue = float | bool | str | None | tuple[float | None, ...]
 Hyperparameters = dict[str, HyperValue]
 # torch.optim's state_dict layout with NumPy arrays: {"state": {index: {slot: array,
 # "step": float}}, "param_groups": [{hyperparameters..., "params": [index...]}]}.

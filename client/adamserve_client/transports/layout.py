@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from adamserve_client import tensors
@@ -68,8 +68,11 @@ def _piece(parent: int, spec: TensorSpec, start: int, end: int) -> Piece:
 
 
 def plan_shards(specs: Sequence[TensorSpec], shards: int,
-                split_elements: int = DEFAULT_SPLIT_ELEMENTS) -> ShardPlan:
-    """Cut the flat key space of ``specs`` into ``shards`` ranges of about equal size."""
+                split_elements: int = DEFAULT_SPLIT_ELEMENTS,
+                whole: Callable[[TensorSpec], bool] | None = None) -> ShardPlan:
+    """Cut the flat key space of ``specs`` into ``shards`` ranges of about equal size;
+    a tensor for which ``whole`` holds is never split (Adafactor's and Muon's, whose
+    steps need the whole tensor)."""
     if shards < 1:
         raise ValueError(f"shards: expected at least 1, got {shards}")
     for t in specs:
@@ -82,15 +85,16 @@ def plan_shards(specs: Sequence[TensorSpec], shards: int,
     s, fill = 0, 0
     for j, t in enumerate(specs):
         n = math.prod(t.shape)
+        cut = split_elements if whole is None or not whole(t) else n + 1  # n < cut: whole
         start = 0
         while True:
             room = target - fill
             rest = n - start
             if s < shards - 1 and (room <= 0 or (
-                    n < split_elements and fill > 0 and rest - room > room)):
+                    n < cut and fill > 0 and rest - room > room)):
                 s, fill = s + 1, 0  # full, or a whole tensor overflows more than it fits
                 continue
-            if s == shards - 1 or rest <= room or n < split_elements:
+            if s == shards - 1 or rest <= room or n < cut:
                 out[s].append(_piece(j, t, start, n))
                 fill += rest
                 break

@@ -71,6 +71,7 @@ from adamserve_client.transports.layout import (
     plan_shards,
     split,
 )
+from adamserve_proto.algorithms import ALGORITHMS
 from adamserve_proto.state_blob import SCALAR_SLOTS
 
 __all__ = ["Piece", "ShardPlan", "ShardedTransport", "plan_shards", "shard_places"]
@@ -102,6 +103,16 @@ class _Places:
     gradients: RegionRef | None
     datatype: str
     params: RegionRef | None
+
+
+def _kept_whole(algorithm: str) -> Callable[[TensorSpec], bool] | None:
+    """Which tensors a plan must not split: every one of Adafactor's (its step size and
+    update clipping are norms over the whole tensor, its factored statistics means over
+    whole rows and columns) and of Muon's (its matrices are orthogonalised whole)."""
+    row = ALGORITHMS.get(algorithm.strip().lower())
+    if row is not None and row.runs in ("adafactor", "muon"):
+        return lambda t: True
+    return None
 
 
 def _needs_exchange(algorithm: str, max_grad_norm: float | None, skip_nonfinite: bool) -> bool:
@@ -246,7 +257,8 @@ class ShardedTransport(Transport):
             raise ValueError("a session over several shards runs synchronous rounds without a "
                              "straggler timeout: mode 'async' and straggler_timeout need one "
                              "server")
-        plan = plan_shards(spec.tensors, len(self.shards), self.split_elements)
+        plan = plan_shards(spec.tensors, len(self.shards), self.split_elements,
+                           whole=_kept_whole(spec.algorithm))
         exchange = _needs_exchange(spec.algorithm, spec.max_grad_norm, spec.skip_nonfinite)
         workers = dataclasses.replace(spec.workers, exchange=exchange)
         values = split(plan, initial)
@@ -516,8 +528,11 @@ class ShardedTransport(Transport):
             got.sort(key=lambda pe: pe[0].start)
             shape = plan.tensors[j].shape
             entry: dict[str, Any] = {}
+            whole = len(got) == 1 and got[0][0].spec.name == plan.tensors[j].name
             for key, value in got[0][1].items():
-                if key in SCALAR_SLOTS:  # the same on every piece: they step together
+                # the scalars are the same on every piece (they step together); a whole
+                # tensor's slots are as its shard keeps them (Adafactor's factored shapes)
+                if key in SCALAR_SLOTS or whole:
                     entry[key] = value
                 else:
                     arrays = [np.asarray(e[key]).reshape(-1) for _, e in got]
@@ -558,8 +573,9 @@ class ShardedTransport(Transport):
                 e = entries.get(p.parent)
                 if e is None:
                     continue
-                sd_state[k] = {key: v if key in SCALAR_SLOTS else np.asarray(v).reshape(
-                    -1)[p.start:p.end].reshape(p.spec.shape) for key, v in e.items()}
+                whole = p.spec.name == plan.tensors[p.parent].name  # slots as they are
+                sd_state[k] = {key: v if key in SCALAR_SLOTS or whole else np.asarray(
+                    v).reshape(-1)[p.start:p.end].reshape(p.spec.shape) for key, v in e.items()}
             groups = []
             for g_index, g in enumerate(state["param_groups"]):
                 mine = [k for k, p in enumerate(shard) if p.spec.group == g_index]

@@ -112,9 +112,27 @@ class _AlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Algorithm.V
     """torch.optim.RMSprop."""
     ALGORITHM_LAMB: _Algorithm.ValueType  # 9
     """LAMB (You et al. 2019; optax.lamb): Adam with a per-tensor trust ratio."""
+    ALGORITHM_ADAFACTOR: _Algorithm.ValueType  # 10
+    """torch.optim.Adafactor: values lr [1e-2], beta2_decay [-0.8; <= 0], eps1
+    [in unset, or left out: torch's None, the session dtype's machine
+    epsilon], eps2 [1e-3] (torch's eps pair), d [1; >= 1], weight_decay [0];
+    flags maximize. A tensor of two dims or more keeps its second moment
+    factored over its last two dims (state row_var and col_var, torch's
+    shapes), one of fewer keeps variance. A sharded session's client keeps
+    every tensor whole on one shard (its step takes norms over the tensor).
+    """
+    ALGORITHM_MUON: _Algorithm.ValueType  # 12
+    """11: reserved for SparseAdam.
+    torch.optim.Muon, for 2-D tensors only (any other shape is
+    INVALID_ARGUMENT): values lr [1e-3], weight_decay [0.1], momentum [0.95],
+    ns_a, ns_b, ns_c (torch's ns_coefficients [3.4445, -4.775, 2.0315]),
+    eps [1e-7], ns_steps [5; a whole number below 100]; flags nesterov
+    [true]; names adjust_lr_fn ["original" or "match_rms_adamw"; in unset,
+    or left out: torch's None]. The Newton-Schulz iteration runs in the
+    session's dtype (torch's in bfloat16).
+    """
     ALGORITHM_ADAMW_SCHEDULE_FREE: _Algorithm.ValueType  # 13
-    """10-12: reserved for Adafactor, SparseAdam and Muon.
-    schedulefree.AdamWScheduleFree (facebookresearch's schedulefree 1.4.1):
+    """schedulefree.AdamWScheduleFree (facebookresearch's schedulefree 1.4.1):
     values lr [0.0025], beta1 [0.9], beta2 [0.999], eps [1e-8],
     weight_decay [0], warmup_steps [0], r [0], weight_lr_power [2]. Each
     group also holds the package's state (k, weight_sum, lr_max,
@@ -157,9 +175,27 @@ ALGORITHM_RMSPROP: Algorithm.ValueType  # 8
 """torch.optim.RMSprop."""
 ALGORITHM_LAMB: Algorithm.ValueType  # 9
 """LAMB (You et al. 2019; optax.lamb): Adam with a per-tensor trust ratio."""
+ALGORITHM_ADAFACTOR: Algorithm.ValueType  # 10
+"""torch.optim.Adafactor: values lr [1e-2], beta2_decay [-0.8; <= 0], eps1
+[in unset, or left out: torch's None, the session dtype's machine
+epsilon], eps2 [1e-3] (torch's eps pair), d [1; >= 1], weight_decay [0];
+flags maximize. A tensor of two dims or more keeps its second moment
+factored over its last two dims (state row_var and col_var, torch's
+shapes), one of fewer keeps variance. A sharded session's client keeps
+every tensor whole on one shard (its step takes norms over the tensor).
+"""
+ALGORITHM_MUON: Algorithm.ValueType  # 12
+"""11: reserved for SparseAdam.
+torch.optim.Muon, for 2-D tensors only (any other shape is
+INVALID_ARGUMENT): values lr [1e-3], weight_decay [0.1], momentum [0.95],
+ns_a, ns_b, ns_c (torch's ns_coefficients [3.4445, -4.775, 2.0315]),
+eps [1e-7], ns_steps [5; a whole number below 100]; flags nesterov
+[true]; names adjust_lr_fn ["original" or "match_rms_adamw"; in unset,
+or left out: torch's None]. The Newton-Schulz iteration runs in the
+session's dtype (torch's in bfloat16).
+"""
 ALGORITHM_ADAMW_SCHEDULE_FREE: Algorithm.ValueType  # 13
-"""10-12: reserved for Adafactor, SparseAdam and Muon.
-schedulefree.AdamWScheduleFree (facebookresearch's schedulefree 1.4.1):
+"""schedulefree.AdamWScheduleFree (facebookresearch's schedulefree 1.4.1):
 values lr [0.0025], beta1 [0.9], beta2 [0.999], eps [1e-8],
 weight_decay [0], warmup_steps [0], r [0], weight_lr_power [2]. Each
 group also holds the package's state (k, weight_sum, lr_max,
@@ -402,6 +438,8 @@ class Group(_message.Message):
                       [0], momentum [0]; flags centered, maximize
       lamb            values lr [1e-3], beta1, beta2, eps [1e-6], weight_decay
                       [0]; flags maximize, bias_correction [true]
+      adafactor       values lr [1e-2], beta2_decay [-0.8], eps1 [unset: None],
+                      eps2 [1e-3], d [1], weight_decay [0]; flags maximize
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -446,8 +484,30 @@ class Group(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class NamesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VALUES_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    UNSET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Numeric hyperparameters, e.g. {"lr": 0.001, "beta1": 0.9, "eps": 1e-8}."""
@@ -456,15 +516,27 @@ class Group(_message.Message):
     def flags(self) -> _containers.ScalarMap[_builtins.str, _builtins.bool]:
         """Boolean hyperparameters, e.g. {"amsgrad": true, "maximize": false}."""
 
+    @_builtins.property
+    def names(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Hyperparameters that name one of a few choices, e.g. {"adjust_lr_fn":
+        "match_rms_adamw"}.
+        """
+
+    @_builtins.property
+    def unset(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Hyperparameters whose value is torch's None, e.g. ["adjust_lr_fn"]."""
+
     def __init__(
         self,
         *,
         values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         flags: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
+        names: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        unset: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "names", b"names", "unset", b"unset", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

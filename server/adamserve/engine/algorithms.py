@@ -39,6 +39,17 @@ t: the tensor's step count starting at 1):
                   z starts as the tensor's y. train()/eval() swap p between y and
                   x = lerp(y, z, 1-1/b1) (:func:`swap_weight`); k, train_mode,
                   weight_sum, lr_max and scheduled_lr are the group's state.
+* adafactor:      torch.optim.Adafactor: w = t^beta2_decay, rho = min(lr, 1/sqrt(t)),
+                  alpha = max(eps2, RMS(p)) rho (p before the decay p *= 1 - lr wd);
+                  ndim >= 2 (over the last two dims): R = lerp(R, mean_cols(g²), w),
+                  C = lerp(C, mean_rows(g²), w), v = R C / max(mean(R), eps1); else
+                  v = lerp(v, g², w); U = g / sqrt(max(v, eps1²));
+                  p -= alpha / max(1, RMS(U)/d) · U. eps1 None: the dtype's epsilon
+                  (:mod:`adamserve.engine.adafactor`).
+* muon:           torch.optim.Muon, 2-D tensors only: b = lerp(b, g, 1-mu);
+                  u = lerp(g, b, mu) (nesterov) or b; O = NS_{a,b,c}^{ns_steps}(u) (the
+                  Newton-Schulz iteration, in the state dtype: torch's runs in bfloat16);
+                  p = p (1 - lr wd) - lr adj(shape) O (:mod:`adamserve.engine.muon`).
 """
 
 from __future__ import annotations
@@ -73,6 +84,8 @@ class Algorithm(StrEnum):
     LAMB = "lamb"
     ADAMW_SCHEDULE_FREE = "adamw_schedule_free"
     RADAM_SCHEDULE_FREE = "radam_schedule_free"
+    ADAFACTOR = "adafactor"
+    MUON = "muon"
 
 
 # The schedule-free pair: one kernel, per-group state, the train()/eval() swap.
@@ -111,6 +124,10 @@ class AlgorithmSpec:
         a = self.algorithm
         if a in SCHEDULE_FREE:
             return ("z", "exp_avg_sq")
+        if a is Algorithm.MUON:
+            return ("momentum_buffer",)
+        if a is Algorithm.ADAFACTOR:  # each tensor keeps the first two or the third
+            return ("row_var", "col_var", "variance")
         if a in (Algorithm.ADAM, Algorithm.ADAMW):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if h["amsgrad"] else (
                 "exp_avg", "exp_avg_sq")
@@ -128,8 +145,44 @@ class AlgorithmSpec:
         return tuple(slots)
 
 
+def _choice(key: str, value: Any) -> float:
+    """A choice (a name of the table's CHOICES, or None) as the engine keeps it: its index
+    there, a number like every other value (an index is taken too: checkpoints hold it)."""
+    choices = table.CHOICES[key]
+    if value is None or isinstance(value, str):
+        if value in choices:
+            return float(choices.index(value))
+    elif (isinstance(value, int | float | np.integer | np.floating)
+          and float(value) in range(len(choices))):
+        return float(value)
+    names = ", ".join("None" if c is None else repr(c) for c in choices)
+    raise HyperparameterError(f"{key}: expected one of {names}, got {shown(value)}")
+
+
+def choice_names(h: Mapping[str, Any]) -> dict[str, Any]:
+    """``h`` with each choice (kept as its index) under its name, as torch keeps it."""
+    return {k: table.CHOICES[k][int(v)] if k in table.CHOICES and not isinstance(v, str | None)
+            else v for k, v in h.items()}
+
+
+def with_none(h: Mapping[str, Any]) -> dict[str, Any]:
+    """``h`` with each key of the table's NULLABLE that holds NaN (Adafactor's eps1) as
+    torch's None."""
+    return {k: None if k in table.NULLABLE and isinstance(v, float) and math.isnan(v) else v
+            for k, v in h.items()}
+
+
+def _kept(key: str, value: Any) -> HyperValue:
+    """A default as the engine keeps it, a number or true/false: a choice as its index,
+    None (of a NULLABLE key) as NaN."""
+    if key in table.CHOICES:
+        return _choice(key, value)
+    return math.nan if value is None and key in table.NULLABLE else value
+
+
 def _spec(row: table.AlgorithmDef) -> AlgorithmSpec:
-    defaults: Hyperparameters = table.split_betas(row.wire_defaults())
+    defaults: Hyperparameters = {  # None (Adafactor's eps1) kept as NaN: every value a number
+        k: _kept(k, v) for k, v in table.split_betas(row.wire_defaults()).items()}
     state: Hyperparameters = {k: v if isinstance(v, bool) else float(v)
                               for k, v in row.group_state.items()}
     bools = frozenset(k for k, v in {**defaults, **state}.items() if isinstance(v, bool))
@@ -167,6 +220,14 @@ _STATE_RANGE: dict[str, tuple[float, float]] = {
     "k": (0.0, float(MAX_GROUP_STEPS)), "weight_sum": (0.0, math.inf),
     "lr_max": (-1.0, math.inf), "scheduled_lr": (0.0, math.inf),
 }
+# Adafactor's bounds, torch's: beta2_decay <= 0, d >= 1.
+_RANGE: dict[str, tuple[float, float]] = {
+    "beta2_decay": (-MAX_VALUE, 0.0), "d": (1.0, MAX_VALUE),
+}
+# Muon's: Newton-Schulz coefficients of either sign (torch's b is -4.775), and fewer than
+# 100 steps (torch raises at step time for more).
+_RANGE.update({"ns_a": (-MAX_VALUE, MAX_VALUE), "ns_b": (-MAX_VALUE, MAX_VALUE),
+               "ns_c": (-MAX_VALUE, MAX_VALUE), "ns_steps": (0.0, 99.0)})
 
 
 def parse_algorithm(name: str) -> tuple[Algorithm, Hyperparameters]:
@@ -190,28 +251,39 @@ def resolve_hyperparameters(
     """Validate ``given`` over ``base`` (default: the algorithm's defaults and initial
     per-group state).
 
-    Accepts torch's ``betas=(b1, b2)`` as well as ``beta1``/``beta2``. Numbers are
-    finite: ``beta1``, ``beta2``, ``alpha`` in [0, 1), the per-group state in its
-    range (:data:`_STATE_RANGE`), the others in [0, MAX_VALUE]; the table's integer
+    Accepts torch's tuples (``betas=(b1, b2)``, Adafactor's ``eps=(eps1, eps2)``) as well
+    as their members (``beta1``/``beta2``). Numbers are finite (a key of the table's
+    NULLABLE may be None, kept as NaN): ``beta1``, ``beta2``, ``alpha`` in [0, 1), the
+    per-group state in its range (:data:`_STATE_RANGE`), Adafactor's ``beta2_decay`` <= 0
+    and ``d`` >= 1, the others in [0, MAX_VALUE]; the table's integer
     keys whole. Raises :class:`HyperparameterError` naming the offending key and what
     was expected.
     """
     spec = SPECS[algorithm]
     out: Hyperparameters = dict(base if base is not None else {**spec.defaults, **spec.state})
     items = dict(given)
-    if "betas" in items:
-        betas = items.pop("betas")
-        if not isinstance(betas, list | tuple) or len(betas) != 2:
-            raise HyperparameterError(f"betas: expected a pair (beta1, beta2), got "
-                                      f"{shown(betas)}")
-        items.setdefault("beta1", betas[0])
-        items.setdefault("beta2", betas[1])
+    for name, members in table.TUPLES.items():  # torch's tuples: betas, Adafactor's eps...
+        if name not in items or (name in spec.keys and not isinstance(items[name], list | tuple)):
+            continue  # eps is a number but for Adafactor
+        value = items.pop(name)
+        if not isinstance(value, list | tuple) or len(value) != len(members):
+            raise HyperparameterError(f"{name}: expected {len(members)} values "
+                                      f"({', '.join(members)}), got {shown(value)}")
+        for member, v in zip(members, value, strict=True):
+            items.setdefault(member, v)
     for key, value in items.items():
         if key not in spec.keys:
             raise HyperparameterError(
                 f"unknown hyperparameter {shown(key)} for {algorithm.value}; expected one of "
                 f"{', '.join(sorted(spec.defaults))}"
             )
+        if key in table.CHOICES:  # Muon's adjust_lr_fn: kept as the choice's index
+            out[key] = _choice(key, value)
+            continue
+        if key in table.NULLABLE and (value is None or (
+                isinstance(value, float) and math.isnan(value))):
+            out[key] = math.nan  # torch's None (Adafactor's eps1: the dtype's epsilon)
+            continue
         if key in spec.bools:
             if not isinstance(value, bool | np.bool_):
                 raise HyperparameterError(f"{key}: expected true or false, got {shown(value)}")
@@ -228,7 +300,8 @@ def resolve_hyperparameters(
         whole = key in spec.integers
         if whole and not number.is_integer():
             raise HyperparameterError(f"{key}: expected a whole number, got {number!r}")
-        lo, hi = (0.0, 1.0) if key in _UNIT_INTERVAL else _STATE_RANGE.get(key, (0.0, MAX_VALUE))
+        lo, hi = (0.0, 1.0) if key in _UNIT_INTERVAL else _STATE_RANGE.get(
+            key, _RANGE.get(key, (0.0, MAX_VALUE)))
         if key in _UNIT_INTERVAL and not lo <= number < hi:
             raise HyperparameterError(f"{key}: expected a value in [0, 1), got {number!r}")
         if number < lo and lo == 0.0:
@@ -380,6 +453,34 @@ def _lamb(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
     ])
 
 
+def _adafactor(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+    """torch's per-tensor scalars in its order and as Python floats (``t ** 0.5`` a pow,
+    as torch's ``step ** 0.5``); the kernels read w and eps1, the host the rest."""
+    t = [float(s) for s in h.step]
+    w = [s ** b for s, b in zip(t, h["beta2_decay"].tolist(), strict=True)]
+    rho = [min(r, 1 / (s ** 0.5)) for s, r in zip(t, lr.tolist(), strict=True)]
+    eps1 = h["eps1"]
+    return np.hstack([
+        _common(h, lr, gscale, np.ones_like(lr)),
+        _cols(np.array(w), eps1, eps1 * eps1, np.array(rho), h["eps2"], h["d"]),
+    ])
+
+
+ADAFACTOR_COLUMNS = ("w", "eps1", "eps1_sq", "rho", "eps2", "d")  # after the common three
+
+
+def _muon(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+    """The momentum kernel's 1 - mu, mu and nesterov, and the unadjusted lr (the apply's
+    scale lr·adj(shape) comes from :func:`adamserve.engine.muon.adjusted_lr`); the decay
+    1 - lr·wd uses the unadjusted lr, as torch's does. Muon has no maximize."""
+    mu = h["momentum"]
+    n = len(lr)
+    return np.hstack([_cols(gscale, np.zeros(n), 1.0 - lr * h["weight_decay"]),
+                      _cols(1.0 - mu, mu, h["nesterov"], lr)])
+
+
+MUON_LR_COLUMN = COMMON_COLUMNS + 3
+
 COEFFICIENTS = {
     Algorithm.ADAM: _adam,
     Algorithm.ADAMW: _adam,
@@ -389,6 +490,8 @@ COEFFICIENTS = {
     Algorithm.ADAGRAD: _adagrad,
     Algorithm.RMSPROP: _rmsprop,
     Algorithm.LAMB: _lamb,
+    Algorithm.ADAFACTOR: _adafactor,
+    Algorithm.MUON: _muon,
 }
 
 

@@ -33,6 +33,21 @@ class Blocks:
     size: int = 0  # elements covered by all blocks
 
 
+@dataclass(frozen=True)
+class FactorTasks:
+    """Adafactor's work over the factored tensors (2 dims or more) of one step, as
+    :mod:`adamserve.engine.adafactor` cuts it; int64 device tables. Element and slot
+    indices are absolute (into the flat gradient, row_var and col_var buffers)."""
+
+    rows: Array  # [R, 5] segment, first element, rows, first row_var index, row length m
+    cols: Array  # [C, 5] segment, first element, rows, columns (<= STRIPE), row length m
+    stripes: Array  # [S, 5] segment, first cols task, cols tasks, first col_var index, columns
+    batches: Array  # [B, 4] segment, first row_var index, rows n, its index in the row means
+    row_count: int  # row_var elements (the row sums' buffer)
+    batch_count: int  # matrices of all factored tensors (the row means' buffer)
+    stripe: int  # the most columns of a cols task
+
+
 def block_table(offsets: I64, block: int, active: npt.NDArray[np.bool_] | None = None) -> tuple[
         I64, I64, I64]:
     """Cut segments ``[offsets[i], offsets[i+1])`` into blocks of at most ``block`` elements."""
@@ -82,6 +97,30 @@ class Backend(Protocol):
 
     def lerp_into(self, param: Array, end: Array, blocks: Blocks, coef: Array) -> None:
         """param = torch.lerp(param, end, w) with w = coef[segment, 0] (coef[:, 1] = 1)."""
+        ...
+
+    def adafactor_stats(self, grad: Array, row_var: Array, col_var: Array, tasks: FactorTasks,
+                        coef: Array) -> Array:
+        """Adafactor's factored statistics: row_var and col_var lerped toward the row and
+        column means of (g·gs)², and the row means of the new row_var per matrix, clamped
+        below at eps1 (returned); see :mod:`adamserve.engine.adafactor` for ``coef``."""
+        ...
+
+    def adafactor_update(self, param: Array, grad: Array, variance: Array, row_var: Array,
+                         col_var: Array, row_means: Array, blocks: Blocks, meta: Array,
+                         coef: Array, apply: bool) -> F64 | None:
+        """Adafactor's update U over ``blocks``: the sum of U² per block (float64, host),
+        lerping ``variance`` of the tensors of fewer than 2 dims; or with ``apply``,
+        p = p·decay + scale·U instead."""
+        ...
+
+    def decay_add(self, param: Array, update: Array, blocks: Blocks, coef: Array) -> None:
+        """param = param·coef[segment, 0] + coef[segment, 1]·update (Muon's apply)."""
+        ...
+
+    def newton_schulz(self, x: Array, coefficients: tuple[float, float, float], steps: int,
+                      eps: float) -> Array:
+        """Muon's orthogonalisation of the 2-D ``x`` (a new array), GEMMs on the device."""
         ...
 
 

@@ -41,7 +41,8 @@ from numba import njit, prange
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
-from adamserve.engine.backend import F64, Array, Blocks
+from adamserve.engine.backend import F64, Array, Blocks, FactorTasks
+from adamserve.engine.muon import newton_schulz
 
 numba.config.THREADING_LAYER = "threadsafe"
 
@@ -445,6 +446,173 @@ def lerp_into(p, e, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
             p_[i] = a + w * d if small else e_[i] - d * omw
 
 
+@njit(**_JIT)
+def muon_momentum(g, buf, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """Muon's momentum (torch's ``buf.lerp_(g, 1-mu)``), and over ``g`` the update the
+    Newton-Schulz iteration then orthogonalises: ``g.lerp(buf, mu)`` (nesterov) or buf."""
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, w, mu, nesterov = c[0], c[3], c[4], c[5]
+        one = c[c.shape[0] - 1]
+        omw = one - w  # torch's 1 - weight, in the state dtype
+        ommu = one - mu
+        lo, hi = bstart[b], bend[b]
+        g_ = g[lo:hi]
+        buf_ = buf[lo:hi]
+        for i in range(hi - lo):
+            gi = g_[i] * gs
+            bi = _lerp(buf_[i], gi, w, omw)
+            buf_[i] = bi
+            g_[i] = _lerp(gi, bi, mu, ommu) if nesterov != 0 else bi
+
+
+@njit(**_JIT)
+def decay_add(p, u, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """p = p·decay + scale·u with (decay, scale) = coef[segment]: torch's
+    ``p.mul_(1 - lr·wd)`` then ``p.add_(u, alpha=scale)`` (Muon's apply)."""
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        decay, scale = c[0], c[1]
+        lo, hi = bstart[b], bend[b]
+        p_ = p[lo:hi]
+        u_ = u[lo:hi]
+        for i in range(hi - lo):
+            p_[i] = p_[i] * decay + scale * u_[i]
+
+
+# -- Adafactor (engine/adafactor.py: the passes, the tables and the coefficient columns) ----
+
+
+@njit(**_JIT_SUM)
+def adafactor_row_sums(g, tasks, coef, out):  # type: ignore[no-untyped-def]
+    """Σ (g·gs)² of each row of the factored tensors (float64), at its row_var index.
+    tasks: (segment, first element, rows, first row_var index, row length)."""
+    for k in prange(tasks.shape[0]):
+        gs = coef[tasks[k, 0], 0]
+        lo, nrows, r0, m = tasks[k, 1], tasks[k, 2], tasks[k, 3], tasks[k, 4]
+        for r in range(nrows):
+            g_ = g[lo + r * m:lo + (r + 1) * m]
+            acc = 0.0
+            for j in range(m):
+                x = np.float64(g_[j] * gs)
+                acc += x * x
+            out[r0 + r] = acc
+
+
+@njit(**_JIT_SUM)
+def adafactor_col_sums(g, tasks, coef, partial):  # type: ignore[no-untyped-def]
+    """Per task, Σ (g·gs)² of each column of its stripe over its rows (float64).
+    tasks: (segment, first element, rows, columns, row length)."""
+    for k in prange(tasks.shape[0]):
+        gs = coef[tasks[k, 0], 0]
+        lo, nrows, width, m = tasks[k, 1], tasks[k, 2], tasks[k, 3], tasks[k, 4]
+        acc = partial[k]
+        for j in range(width):
+            acc[j] = 0.0
+        for r in range(nrows):
+            g_ = g[lo + r * m:lo + r * m + width]
+            for j in range(width):
+                x = np.float64(g_[j] * gs)
+                acc[j] += x * x
+
+
+@njit(**_JIT)
+def adafactor_factors(  # type: ignore[no-untyped-def]
+        row_var, col_var, row_sums, rows, partial, stripes, batches, coef, means):
+    """torch's ``row_var.lerp_(norm(g, dim=-1).square_().div_(m), w)`` and col_var's alike:
+    the norm rounded to the state dtype (through the slot itself) before it is squared;
+    then per matrix max(mean(row_var), eps1) into ``means``."""
+    for k in prange(rows.shape[0]):
+        c = coef[rows[k, 0]]
+        w, m = c[2], c[5]
+        omw = c[8] - w
+        r0 = rows[k, 3]
+        for r in range(r0, r0 + rows[k, 2]):
+            old = row_var[r]
+            row_var[r] = math.sqrt(row_sums[r])
+            norm = row_var[r]
+            row_var[r] = _lerp(old, norm * norm / m, w, omw)
+    for k in prange(stripes.shape[0]):
+        cs = coef[stripes[k, 0]]
+        ws, n = cs[2], cs[6]
+        omws = cs[8] - ws
+        t0, nt, c0 = stripes[k, 1], stripes[k, 2], stripes[k, 3]
+        for j in range(stripes[k, 4]):
+            total = 0.0
+            for t in range(t0, t0 + nt):
+                total += partial[t, j]
+            before = col_var[c0 + j]
+            col_var[c0 + j] = math.sqrt(total)
+            cnorm = col_var[c0 + j]
+            col_var[c0 + j] = _lerp(before, cnorm * cnorm / n, ws, omws)
+    for k in prange(batches.shape[0]):
+        cb = coef[batches[k, 0]]
+        eps1, count = cb[3], cb[6]
+        first, i = batches[k, 1], batches[k, 3]
+        acc = 0.0
+        for r in range(first, first + batches[k, 2]):
+            acc += row_var[r]
+        means[i] = acc  # the sum in the state dtype, then torch's mean and clamp
+        mean = means[i] / count
+        means[i] = eps1 if mean < eps1 else mean
+
+
+@njit(**_JIT_SUM)
+def adafactor_update(  # type: ignore[no-untyped-def]
+        p, g, var, row_var, col_var, means, bstart, bend, bseg, meta, coef, out, apply):
+    """U = g·gs · rsqrt(max(v, eps1²)): Σ U² per block into ``out`` (lerping variance,
+    the second moment of the tensors of fewer than 2 dims), or with ``apply``
+    p = p·decay + scale·U. A factored tensor's v = row_var·col_var / mean, walked row by
+    row so that the inner loop runs over consecutive columns."""
+    for b in prange(bstart.shape[0]):
+        s = bseg[b]
+        c = coef[s]
+        gs, decay, w, e2, scale, one = c[0], c[1], c[2], c[4], c[7], c[8]
+        omw = one - w
+        lo, hi = bstart[b], bend[b]
+        start = meta[s, 0]
+        acc = 0.0
+        if meta[s, 1] == 0:
+            shift = meta[s, 7] - start
+            for i in range(lo, hi):
+                gi = g[i] * gs
+                if apply:
+                    vi = var[i + shift]
+                else:
+                    vi = _lerp(var[i + shift], gi * gi, w, omw)
+                    var[i + shift] = vi
+                u = one / math.sqrt(vi if not vi < e2 else e2) * gi
+                if apply:
+                    p[i] = p[i] * decay + scale * u
+                else:
+                    acc += np.float64(u) * np.float64(u)
+        else:
+            m, n = meta[s, 2], meta[s, 3]
+            roff, coff, boff = meta[s, 4], meta[s, 5], meta[s, 6]
+            e = lo - start
+            row = e // m
+            col = e - row * m
+            while e < hi - start:
+                k = min(m - col, hi - start - e)
+                mat = row // n
+                r = row_var[roff + row]
+                rm = means[boff + mat]
+                cv = col_var[coff + mat * m + col:coff + mat * m + col + k]
+                g_ = g[start + e:start + e + k]
+                p_ = p[start + e:start + e + k]
+                for j in range(k):
+                    vj = r * cv[j] / rm
+                    u = one / math.sqrt(vj if not vj < e2 else e2) * (g_[j] * gs)
+                    if apply:
+                        p_[j] = p_[j] * decay + scale * u
+                    else:
+                        acc += np.float64(u) * np.float64(u)
+                e += k
+                row += 1
+                col = 0
+        out[b] = acc
+
+
 # -- serial twins -------------------------------------------------------------------------
 
 Kernel = Callable[..., Any]
@@ -465,7 +633,12 @@ _SERIAL: dict[Kernel, Kernel] = {
         (segment_sumsq, _JIT_SUM), (_copy_sumsq, _JIT_SUM), (_bf16_widen_sumsq, _JIT_SUM),
         (_bf16_bits, _JIT), (adam, _JIT), (nadam, _JIT), (radam, _JIT), (adamax, _JIT),
         (adagrad, _JIT), (rmsprop, _JIT), (lamb_moments, _JIT_SUM), (scaled_sub, _JIT),
-        (schedule_free, _JIT), (lerp_into, _JIT))}
+        (schedule_free, _JIT), (lerp_into, _JIT), (muon_momentum, _JIT), (decay_add, _JIT))}
+
+
+_SERIAL.update({k: _twin(k, options) for k, options in (
+    (adafactor_row_sums, _JIT_SUM), (adafactor_col_sums, _JIT_SUM), (adafactor_factors, _JIT),
+    (adafactor_update, _JIT_SUM))})
 
 
 def _sized(kernel: Kernel, size: int) -> Kernel:
@@ -517,6 +690,8 @@ class CpuBackend:
                                s.get("grad_avg", empty), *b, coef)
         elif a in ("adamw_schedule_free", "radam_schedule_free"):
             _sized(schedule_free, n)(param, grad, s["exp_avg_sq"], s["z"], *b, coef)
+        elif a == "muon":  # the momentum; the update goes over grad
+            _sized(muon_momentum, n)(grad, s["momentum_buffer"], *b, coef)
         else:
             raise ValueError(f"no CPU kernel for {a!r}")
 
@@ -535,6 +710,34 @@ class CpuBackend:
 
     def lerp_into(self, param: Array, end: Array, blocks: Blocks, coef: Array) -> None:
         _sized(lerp_into, blocks.size)(param, end, blocks.start, blocks.end, blocks.seg, coef)
+
+    def adafactor_stats(self, grad: Array, row_var: Array, col_var: Array, tasks: FactorTasks,
+                        coef: Array) -> Array:
+        size = len(grad)
+        row_sums = np.zeros(tasks.row_count, dtype=np.float64)
+        partial = np.zeros((len(tasks.cols), tasks.stripe), dtype=np.float64)
+        _sized(adafactor_row_sums, size)(grad, tasks.rows, coef, row_sums)
+        _sized(adafactor_col_sums, size)(grad, tasks.cols, coef, partial)
+        means = np.ones(tasks.batch_count, dtype=row_var.dtype)
+        _sized(adafactor_factors, size)(row_var, col_var, row_sums, tasks.rows, partial,
+                                        tasks.stripes, tasks.batches, coef, means)
+        return means
+
+    def adafactor_update(self, param: Array, grad: Array, variance: Array, row_var: Array,
+                         col_var: Array, row_means: Array, blocks: Blocks, meta: Array,
+                         coef: Array, apply: bool) -> F64 | None:
+        out = np.zeros(blocks.start.shape[0], dtype=np.float64)
+        _sized(adafactor_update, blocks.size)(param, grad, variance, row_var, col_var,
+                                              row_means, blocks.start, blocks.end, blocks.seg,
+                                              meta, coef, out, apply)
+        return None if apply else out
+
+    def decay_add(self, param: Array, update: Array, blocks: Blocks, coef: Array) -> None:
+        _sized(decay_add, blocks.size)(param, update, blocks.start, blocks.end, blocks.seg, coef)
+
+    def newton_schulz(self, x: Array, coefficients: tuple[float, float, float], steps: int,
+                      eps: float) -> Array:
+        return newton_schulz(x, coefficients, steps, eps)
 
 
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from adamserve.engine.backend import Array, Blocks
+from adamserve.engine.adafactor import STRIPE
+from adamserve.engine.backend import Array, Blocks, FactorTasks
+from adamserve.engine.muon import newton_schulz
 
 try:
     import cupy
@@ -50,6 +52,7 @@ _CTYPES = {"f": "float", "d": "double"}
 # Coefficient columns each kernel reads (the widest index + 1), see algorithms.py.
 _COLUMNS = {"adam": 10, "adamw": 10, "nadam": 10, "radam": 12, "adamax": 7, "adagrad": 5,
             "rmsprop": 9, "lamb": 11, "adamw_schedule_free": 13, "radam_schedule_free": 13}
+_COLUMNS["muon"] = 8  # the momentum kernel
 
 _SOURCE = r"""
 #define THREADS @THREADS@
@@ -355,6 +358,41 @@ __global__ void __launch_bounds__(THREADS) adamserve_lerp_into(
     }
 }
 
+// Muon's momentum (torch's buf.lerp_(g, 1-mu)), and over g the update the Newton-Schulz
+// iteration then orthogonalises: g.lerp(buf, mu) (nesterov) or buf.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_muon_momentum(
+        T* __restrict__ g, T* __restrict__ buf,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], w = c[3], mu = c[4];
+    const bool nesterov = c[5] != T(0);
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T gi = g[i] * gs;
+        const T bi = lerp_t(buf[i], gi, w);
+        buf[i] = bi;
+        g[i] = nesterov ? lerp_t(gi, bi, mu) : bi;
+    }
+}
+
+// p = p * decay + scale * u, (decay, scale) = coef[segment]: torch's p.mul_(1 - lr wd)
+// then p.add_(u, alpha=scale) (Muon's apply).
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_decay_add(
+        T* __restrict__ p, const T* __restrict__ u,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T decay = coef[bseg[b] * ldc], scale = coef[bseg[b] * ldc + 1];
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        p[i] = p[i] * decay + scale * u[i];
+    }
+}
+
 // p -= scale[segment] * r: LAMB's second pass.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) adamserve_scaled_sub(
@@ -370,8 +408,183 @@ __global__ void __launch_bounds__(THREADS) adamserve_scaled_sub(
 }
 """.replace("@THREADS@", str(THREADS))
 
-_KERNELS = ("sumsq", "adam", "nadam", "radam", "adamax", "adagrad", "rmsprop",
-            "lamb_moments", "scaled_sub", "schedule_free", "lerp_into")
+_KERNELS: tuple[str, ...] = ("sumsq", "adam", "nadam", "radam", "adamax", "adagrad", "rmsprop",
+            "lamb_moments", "scaled_sub", "schedule_free", "lerp_into", "muon_momentum",
+            "decay_add")
+
+# Adafactor (engine/adafactor.py: the passes, the tables and the coefficient columns
+# gs, decay, w, eps1, eps1², cols, rows, scale, one). Rows are summed one warp per row,
+# column stripes one thread per column (ADAFACTOR_STRIPE wide, THREADS / that many rows
+# at once), both in double; the update walks its block as the other kernels do.
+_SOURCE += r"""
+#define ADAFACTOR_STRIPE @STRIPE@
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_adafactor_row_sums(
+        const T* __restrict__ g, const long long* __restrict__ tasks,
+        const T* __restrict__ coef, const long long ldc, double* __restrict__ out) {
+    const long long* t = tasks + 5 * (long long)blockIdx.x;
+    const long long lo = t[1], nrows = t[2], r0 = t[3], m = t[4];
+    const T gs = coef[t[0] * ldc];
+    const unsigned lane = threadIdx.x & 31u;
+    for (long long r = (long long)(threadIdx.x >> 5); r < nrows; r += THREADS / 32) {
+        const T* row = g + lo + r * m;
+        double acc = 0.0;
+        for (long long j = (long long)lane; j < m; j += 32) {
+            const double x = (double)(row[j] * gs);
+            acc += x * x;
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            acc += __shfl_down_sync(0xffffffffu, acc, off);
+        }
+        if (lane == 0) {
+            out[r0 + r] = acc;
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_adafactor_col_sums(
+        const T* __restrict__ g, const long long* __restrict__ tasks,
+        const T* __restrict__ coef, const long long ldc, double* __restrict__ partial) {
+    __shared__ double sums[THREADS];
+    const long long* t = tasks + 5 * (long long)blockIdx.x;
+    const long long lo = t[1], nrows = t[2], width = t[3], m = t[4];
+    const T gs = coef[t[0] * ldc];
+    const long long col = (long long)(threadIdx.x % ADAFACTOR_STRIPE);
+    const long long lane = (long long)(threadIdx.x / ADAFACTOR_STRIPE);
+    double acc = 0.0;
+    if (col < width) {
+        for (long long r = lane; r < nrows; r += THREADS / ADAFACTOR_STRIPE) {
+            const double x = (double)(g[lo + r * m + col] * gs);
+            acc += x * x;
+        }
+    }
+    sums[threadIdx.x] = acc;
+    __syncthreads();
+    if (lane == 0 && col < width) {
+        double total = 0.0;
+        for (unsigned l = 0; l < THREADS / ADAFACTOR_STRIPE; ++l) {
+            total += sums[l * ADAFACTOR_STRIPE + col];
+        }
+        partial[(long long)blockIdx.x * ADAFACTOR_STRIPE + col] = total;
+    }
+}
+
+// torch's row_var.lerp_(norm(g, dim=-1).square_().div_(m), w): the norm rounded to T
+// before it is squared. One block per rows task.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_adafactor_row_factors(
+        T* __restrict__ row_var, const double* __restrict__ row_sums,
+        const long long* __restrict__ tasks, const T* __restrict__ coef, const long long ldc) {
+    const long long* t = tasks + 5 * (long long)blockIdx.x;
+    const T* c = coef + t[0] * ldc;
+    const T w = c[2], m = c[5];
+    const long long r0 = t[3], hi = t[3] + t[2];
+    for (long long r = r0 + (long long)threadIdx.x; r < hi; r += THREADS) {
+        const T norm = (T)sqrt(row_sums[r]);
+        row_var[r] = lerp_t(row_var[r], norm * norm / m, w);
+    }
+}
+
+// col_var alike, from the stripes' partial sums (in task order). One block per stripe.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_adafactor_col_factors(
+        T* __restrict__ col_var, const double* __restrict__ partial,
+        const long long* __restrict__ stripes, const T* __restrict__ coef,
+        const long long ldc) {
+    const long long* s = stripes + 5 * (long long)blockIdx.x;
+    const T* c = coef + s[0] * ldc;
+    const T w = c[2], n = c[6];
+    const long long t0 = s[1], nt = s[2], c0 = s[3], width = s[4];
+    for (long long j = (long long)threadIdx.x; j < width; j += THREADS) {
+        double total = 0.0;
+        for (long long k = t0; k < t0 + nt; ++k) {
+            total += partial[k * ADAFACTOR_STRIPE + j];
+        }
+        const T norm = (T)sqrt(total);
+        col_var[c0 + j] = lerp_t(col_var[c0 + j], norm * norm / n, w);
+    }
+}
+
+// Per matrix: max(mean(row_var), eps1) (the sum rounded to T, then divided by the rows,
+// as torch's mean). One block per matrix.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_adafactor_means(
+        const T* __restrict__ row_var, const long long* __restrict__ batches,
+        const T* __restrict__ coef, const long long ldc, T* __restrict__ means) {
+    const long long* bt = batches + 4 * (long long)blockIdx.x;
+    const T* c = coef + bt[0] * ldc;
+    const long long first = bt[1], hi = bt[1] + bt[2];
+    double acc = 0.0;
+    for (long long r = first + (long long)threadIdx.x; r < hi; r += THREADS) {
+        acc += (double)row_var[r];
+    }
+    double unused = 0.0;
+    block_sum2(acc, unused);
+    if (threadIdx.x == 0) {
+        const T mean = (T)acc / c[6];
+        means[bt[3]] = (mean < c[3]) ? c[3] : mean;
+    }
+}
+
+// U = g gs rsqrt(max(v, eps1^2)): the sum of U^2 per block (lerping variance, the second
+// moment of the tensors of fewer than 2 dims), or with apply p = p decay + scale U.
+// meta (per tensor): start, factored, cols, rows, row_var, col_var, matrix and variance
+// offsets.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_adafactor_update(
+        T* __restrict__ p, const T* __restrict__ g, T* __restrict__ var,
+        const T* __restrict__ row_var, const T* __restrict__ col_var,
+        const T* __restrict__ means,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const long long* __restrict__ meta,
+        const T* __restrict__ coef, const long long ldc, double* __restrict__ out,
+        const int apply) {
+    const long long b = (long long)blockIdx.x;
+    const long long* mt = meta + 8 * bseg[b];
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], decay = c[1], w = c[2], e2 = c[4], scale = c[7];
+    const long long lo = bstart[b], hi = bend[b], start = mt[0];
+    const bool factored = mt[1] != 0;
+    const long long m = mt[2], n = mt[3];
+    const long long row0 = factored ? (lo - start) / m : 0;
+    const long long col0 = (lo - start) - row0 * m;
+    double acc = 0.0;
+    for (long long i = lo + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T gi = g[i] * gs;
+        T vi;
+        if (factored) {
+            const long long local = col0 + (i - lo);
+            const long long dr = local / m;
+            const long long row = row0 + dr;
+            const long long mat = row / n;
+            vi = row_var[mt[4] + row] * col_var[mt[5] + mat * m + (local - dr * m)]
+                 / means[mt[6] + mat];
+        } else if (apply) {
+            vi = var[mt[7] + (i - start)];
+        } else {
+            vi = lerp_t(var[mt[7] + (i - start)], gi * gi, w);
+            var[mt[7] + (i - start)] = vi;
+        }
+        const T u = T(1) / root((vi < e2) ? e2 : vi) * gi;
+        if (apply) {
+            p[i] = p[i] * decay + scale * u;
+        } else {
+            acc += (double)u * (double)u;
+        }
+    }
+    if (!apply) {
+        double unused = 0.0;
+        block_sum2(acc, unused);
+        if (threadIdx.x == 0) {
+            out[b] = acc;
+        }
+    }
+}
+""".replace("@STRIPE@", str(STRIPE))
+_KERNELS += ("adafactor_row_sums", "adafactor_col_sums", "adafactor_row_factors",
+             "adafactor_col_factors", "adafactor_means", "adafactor_update")
 
 # NVRTC options: IEEE division and sqrt are NVRTC's defaults; the one that must be
 # changed is fmad, which would otherwise fuse ``a*b + c`` and change the rounding.
@@ -540,6 +753,8 @@ class CudaBackend:
         elif a in ("adamw_schedule_free", "radam_schedule_free"):
             _kernel("schedule_free", dtype)(grid, threads, (
                 param, grad, s["exp_avg_sq"], s["z"], *b))
+        elif a == "muon":  # the momentum; the update goes over grad
+            _kernel("muon_momentum", dtype)(grid, threads, (grad, s["momentum_buffer"], *b))
         else:  # rmsprop
             buf = s.get("momentum_buffer")
             gavg = s.get("grad_avg")
@@ -582,3 +797,53 @@ class CudaBackend:
             return
         _kernel("lerp_into", dtype)((nb,), (THREADS,), (
             param, end, blocks.start, blocks.end, blocks.seg, c, ldc))
+
+    def adafactor_stats(self, grad: Array, row_var: Array, col_var: Array, tasks: FactorTasks,
+                        coef: Array) -> Array:
+        dtype = row_var.dtype
+        c, ldc = self._coef(coef, dtype, 9)
+        row_sums = cupy.zeros(max(tasks.row_count, 1), dtype=np.float64)
+        partial = cupy.zeros((max(len(tasks.cols), 1), tasks.stripe), dtype=np.float64)
+        means = cupy.ones(max(tasks.batch_count, 1), dtype=dtype)
+        threads = (THREADS,)
+        for kernel, table, args in (
+                ("adafactor_row_sums", tasks.rows, (grad, tasks.rows, c, ldc, row_sums)),
+                ("adafactor_col_sums", tasks.cols, (grad, tasks.cols, c, ldc, partial)),
+                ("adafactor_row_factors", tasks.rows, (row_var, row_sums, tasks.rows, c, ldc)),
+                ("adafactor_col_factors", tasks.stripes,
+                 (col_var, partial, tasks.stripes, c, ldc)),
+                ("adafactor_means", tasks.batches, (row_var, tasks.batches, c, ldc, means))):
+            if len(table):
+                _kernel(kernel, dtype)((len(table),), threads, args)
+        return means
+
+    def adafactor_update(self, param: Array, grad: Array, variance: Array, row_var: Array,
+                         col_var: Array, row_means: Array, blocks: Blocks, meta: Array,
+                         coef: Array, apply: bool) -> F64 | None:
+        nb = int(blocks.start.shape[0])
+        dtype = self._check(param, grad)
+        c, ldc = self._coef(coef, dtype, 9)
+        out = cupy.zeros(max(nb, 1), dtype=np.float64)
+        if nb:
+            # a slot without elements still needs a pointer the kernel never reads
+            bufs = [x if x.size else self._absent(dtype) for x in (variance, row_var, col_var)]
+            _kernel("adafactor_update", dtype)((nb,), (THREADS,), (
+                param, grad, *bufs, row_means, blocks.start, blocks.end, blocks.seg, meta, c,
+                ldc, out, np.int32(apply)))
+        host: F64 = cupy.asnumpy(out)[:nb]
+        return None if apply else host
+
+    def decay_add(self, param: Array, update: Array, blocks: Blocks, coef: Array) -> None:
+        nb = int(blocks.start.shape[0])
+        dtype = self._check(param, update)
+        c, ldc = self._coef(coef, dtype, 2)
+        if nb == 0:
+            return
+        _kernel("decay_add", dtype)((nb,), (THREADS,), (
+            param, update, blocks.start, blocks.end, blocks.seg, c, ldc))
+
+    def newton_schulz(self, x: Array, coefficients: tuple[float, float, float], steps: int,
+                      eps: float) -> Array:
+        """The CPU's iteration on CuPy arrays: every GEMM a cuBLAS call, in the state
+        dtype (float32 GEMMs are IEEE unless CuPy's TF32 mode is turned on)."""
+        return newton_schulz(x, coefficients, steps, eps)

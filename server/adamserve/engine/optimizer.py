@@ -27,10 +27,12 @@ import numpy as np
 import numpy.typing as npt
 
 from adamserve.engine import algorithms as alg
+from adamserve.engine import muon
 from adamserve.engine.algorithms import Algorithm, Hyperparameters
 from adamserve.engine.backend import Array, Backend, Blocks, make_blocks, select_backend
 from adamserve.engine.schedules import Schedule
 from adamserve.errors import FailedPrecondition, shown
+from adamserve_proto import algorithms as table
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -113,6 +115,19 @@ class StepReport:
     nonfinite: tuple[str, ...] = ()  # tensors whose gradient held NaN or Inf
 
 
+def slot_offsets(algorithm: Algorithm, layout: Layout, name: str) -> I64:
+    """Where each tensor of ``layout`` starts in the buffer of slot ``name`` (see
+    :meth:`FlatOptimizer.slot_offsets`)."""
+    row = table.ALGORITHMS[algorithm.value]
+    if row.slot_shapes is None:
+        return layout.offsets
+    shapes = (row.slot_shape(name, t.shape) for t in layout.tensors)
+    sizes = np.array([0 if s is None else math.prod(s) for s in shapes], dtype=np.int64)
+    offsets = np.zeros(len(layout) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
+
+
 class FlatOptimizer:
     """One optimizer (one algorithm, several parameter groups) over flat buffers."""
 
@@ -146,6 +161,8 @@ class FlatOptimizer:
                     f"(there are {len(groups)} groups)")
         self.groups: list[Hyperparameters] = [
             alg.resolve_hyperparameters(algorithm, g) for g in groups]
+        if algorithm is Algorithm.MUON:
+            muon.check_shapes(layout.tensors)
         if dtype not in STATE_DTYPES:
             raise ValueError(f"dtype: expected float32 or float64, got {dtype!r}")
         self.dtype = STATE_DTYPES[dtype]
@@ -163,10 +180,12 @@ class FlatOptimizer:
         if params is not None:
             self.param[...] = self.backend.to_device(np.asarray(params, dtype=self.dtype))
         self.slots: dict[str, Array] = {}
+        self._slot_offsets: dict[str, I64] = {}
         self._ensure_slots()
         self._index_layout()
 
     def _index_layout(self) -> None:
+        self._slot_offsets = {}
         self._blocks_all = make_blocks(self.backend, self.layout.offsets)
         self._seg_group = np.array([t.group for t in self.layout.tensors], dtype=np.int64)
         self._table_key = ""
@@ -188,15 +207,18 @@ class FlatOptimizer:
             if not 0 <= t.group < len(groups):
                 raise ValueError(f"tensor {shown(t.name)}: group {t.group} does not exist "
                                  f"(there are {len(groups)} groups)")
+        if self.algorithm is Algorithm.MUON:
+            muon.check_shapes(tensors)
         added = new_layout.size - self.layout.size
         if np.asarray(params).size != added:
             raise ValueError(f"expected {added} initial values for the new tensors, got "
                              f"{np.asarray(params).size}")
         old = self.layout.size
 
-        def grown(buf: Array, tail: npt.NDArray[Any] | None = None) -> Array:
-            out = self.backend.zeros(new_layout.size, self.dtype)
-            out[:old] = buf  # device to device
+        def grown(buf: Array, tail: npt.NDArray[Any] | None = None,
+                  size: int = new_layout.size) -> Array:
+            out = self.backend.zeros(size, self.dtype)
+            out[:len(buf)] = buf  # device to device
             if tail is not None:
                 out[old:] = self.backend.to_device(np.asarray(tail, dtype=self.dtype))
             return out
@@ -204,11 +226,14 @@ class FlatOptimizer:
         # everything is built aside first: an allocation failure changes nothing
         param = grown(self.param, params)
         grad = self.backend.zeros(new_layout.size, self.dtype)
-        slots = {name: grown(buf) for name, buf in self.slots.items()}
         spec = alg.SPECS[self.algorithm]
-        fresh = [s for h in groups for s in spec.slots(h) if s not in slots]
+        fresh = [s for h in groups for s in spec.slots(h) if s not in self.slots]
+        new_offsets = {name: slot_offsets(self.algorithm, new_layout, name)
+                       for name in (*self.slots, *fresh)}
+        slots = {name: grown(buf, size=int(new_offsets[name][-1]))
+                 for name, buf in self.slots.items()}
         for name in dict.fromkeys(fresh):  # a slot the new group turns on, e.g. amsgrad
-            slots[name] = self.backend.zeros(new_layout.size, self.dtype)
+            slots[name] = self.backend.zeros(int(new_offsets[name][-1]), self.dtype)
         nseg = len(new_layout)
         for name, buf in slots.items():  # e.g. Adagrad's initial accumulator
             first = 0 if name in fresh else nseg - len(tensors)
@@ -216,7 +241,7 @@ class FlatOptimizer:
                 init = alg.initial_slot_value(self.algorithm, name,
                                               groups[new_layout.tensors[i].group])
                 if init != 0.0:
-                    buf[new_layout.span(i)] = init
+                    buf[int(new_offsets[name][i]):int(new_offsets[name][i + 1])] = init
         self.param, self.grad, self.slots = param, grad, slots
         self.groups, self.layout = groups, new_layout
         self.seg_step = np.concatenate([self.seg_step, np.zeros(len(tensors), np.int64)])
@@ -240,12 +265,48 @@ class FlatOptimizer:
         for name in self.slot_names():
             if name in self.slots:
                 continue
-            buf = self.backend.zeros(self.layout.size, self.dtype)
+            buf = self.backend.zeros(self.slot_size(name), self.dtype)
             for i, t in enumerate(self.layout.tensors):
                 init = alg.initial_slot_value(self.algorithm, name, self.groups[t.group])
                 if init != 0.0:
-                    buf[self.layout.span(i)] = init
+                    buf[self.slot_span(name, i)] = init
             self.slots[name] = buf
+
+    # A slot's buffer holds each tensor's part of it in layout order; a part has the
+    # tensor's shape but for Adafactor's factored statistics (the table's slot_shape),
+    # and 0 elements where a tensor keeps no such slot.
+
+    def slot_offsets(self, name: str) -> I64:
+        """Where each tensor's part of slot ``name`` starts (``layout.offsets`` for a slot
+        of the tensors' own shapes)."""
+        offsets = self._slot_offsets.get(name)
+        if offsets is None:
+            offsets = self._slot_offsets[name] = slot_offsets(self.algorithm, self.layout, name)
+        return offsets
+
+    def slot_size(self, name: str) -> int:
+        """Elements of slot ``name``'s buffer."""
+        return int(self.slot_offsets(name)[-1])
+
+    def slot_span(self, name: str, i: int) -> slice:
+        offsets = self.slot_offsets(name)
+        return slice(int(offsets[i]), int(offsets[i + 1]))
+
+    def slot_shape(self, name: str, i: int) -> tuple[int, ...] | None:
+        """The shape of tensor ``i``'s part of slot ``name`` (None: it keeps no such slot)."""
+        return table.ALGORITHMS[self.algorithm.value].slot_shape(name, self.layout.tensors[i].shape)
+
+    def slot_tensor(self, name: str, i: int) -> Array:
+        """Tensor ``i``'s part of slot ``name``, in its shape (a view)."""
+        shape = self.slot_shape(name, i)
+        if shape is None:
+            raise KeyError(f"tensor {shown(self.layout.tensors[i].name)} keeps no {name!r}")
+        return self.slots[name][self.slot_span(name, i)].reshape(shape)
+
+    def slot_bytes(self, names: Iterable[str] | None = None) -> int:
+        """Bytes of the slot buffers ``names`` (default: those held)."""
+        return sum(self.slot_size(n) for n in (self.slots if names is None else names)) * (
+            self.dtype.itemsize)
 
     def slots_after(self, group: int, changes: Mapping[str, Any]) -> tuple[str, ...]:
         """The slots the optimizer would hold after ``set_hyperparameters`` (validates)."""
@@ -350,6 +411,12 @@ class FlatOptimizer:
         if self.algorithm is Algorithm.LAMB:
             lamb = LambStep(self, prepared, in_place=True)
             return lamb.finish(lamb.param_sumsq, lamb.update_sumsq)
+        if self.algorithm is Algorithm.MUON:
+            return muon.muon_step(self, prepared)
+        if self.algorithm is Algorithm.ADAFACTOR:
+            from adamserve.engine.adafactor import adafactor_step  # it imports this module
+
+            return adafactor_step(self, prepared)
         if len(prepared.idx):
             self.backend.run(self.algorithm.value, self.slots, self.param, prepared.grad,
                              prepared.blocks, prepared.coef)
@@ -455,15 +522,16 @@ class FlatOptimizer:
     def streamable(self) -> bool:
         """Whether a step can be applied piece by piece as gradients arrive: only when it
         needs no quantity over whole tensors or the whole gradient."""
-        return (self.algorithm is not Algorithm.LAMB and self.clip.max_norm is None
-                and not self.skip_nonfinite)
+        return (self.algorithm not in (Algorithm.LAMB, Algorithm.ADAFACTOR, Algorithm.MUON)
+                and self.clip.max_norm is None and not self.skip_nonfinite)
 
     def begin_stream(self) -> StreamStep:
         """Start a step applied range by range (see :class:`StreamStep`)."""
         if not self.streamable:
             raise ValueError(
-                "this step needs whole-gradient quantities (LAMB's trust ratio, clipping norms "
-                "or the non-finite check) and cannot be applied as gradients arrive")
+                "this step needs whole-gradient quantities (LAMB's trust ratio, Adafactor's "
+                "norms, clipping norms or the non-finite check) and cannot be applied as "
+                "gradients arrive")
         self._require_train_mode()
         return StreamStep(self)
 

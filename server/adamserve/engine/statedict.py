@@ -9,7 +9,9 @@ ignored on import.
 The schedule-free pair writes schedulefree's format: ``z`` and ``exp_avg_sq`` per
 parameter and no ``step``; the groups carry ``k``, ``train_mode``, ``weight_sum``,
 ``lr_max`` and ``scheduled_lr``, and import sets them as torch's ``load_state_dict``
-does, without moving the parameters between y and x.
+does, without moving the parameters between y and x. Muon's entries hold only
+``momentum_buffer``, as torch's do (no ``step``); its groups carry ``ns_coefficients``
+as a triple and ``adjust_lr_fn`` by name (or None).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def torch_group(h: Mapping[str, alg.HyperValue]) -> dict[str, Any]:
     """A group's hyperparameters under torch's names (``betas`` a pair, whole-number keys
     such as schedulefree's ``k`` as ints)."""
     return {k: int(v) if k in table.INTEGER_KEYS and not isinstance(v, bool) else v
-            for k, v in table.join_betas(h).items()}
+            for k, v in table.join_betas(alg.choice_names(alg.with_none(h))).items()}
 
 
 def export_state(opt: FlatOptimizer) -> StateDict:
@@ -45,13 +47,16 @@ def export_state(opt: FlatOptimizer) -> StateDict:
     layout = opt.layout
     host = {name: opt.backend.to_host(buf) for name, buf in opt.slots.items()}
     state: dict[int, dict[str, Any]] = {}
-    counted = opt.algorithm not in alg.SCHEDULE_FREE  # schedulefree keeps no per-param step
+    # schedulefree and Muon keep no per-param step
+    counted = opt.algorithm not in alg.SCHEDULE_FREE | {alg.Algorithm.MUON}
     for i, t in enumerate(layout.tensors):
         if opt.seg_step[i] == 0:
             continue  # torch keeps no state for a parameter that never stepped
         entry: dict[str, Any] = {"step": float(opt.seg_step[i])} if counted else {}
         for slot in opt.group_slots(t.group):
-            entry[slot] = np.array(host[slot][layout.span(i)]).reshape(t.shape)
+            shape = opt.slot_shape(slot, i)  # Adafactor's factored slots: torch's shapes
+            if shape is not None:
+                entry[slot] = np.array(host[slot][opt.slot_span(slot, i)]).reshape(shape)
         if opt.algorithm is alg.Algorithm.NADAM:
             entry["mu_product"] = float(opt.mu_product[i])
         state[i] = entry
@@ -137,19 +142,25 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
             raise ValueError(f"state_dict state[{idx}] names no parameter of its param_groups")
         mine = mapping[idx]
         t = opt.layout.tensors[mine]
-        need = spec.slots(new_hyper[t.group])
+        need = tuple(s for s in spec.slots(new_hyper[t.group])
+                     if opt.slot_shape(s, mine) is not None)
         row: dict[str, Any] = {"step": entry.get("step")}
         for slot in need:
             if slot not in entry:
                 raise ValueError(f"state of {shown(t.name)}: missing {slot!r}; expected {need}")
             arr = np.asarray(entry[slot])
-            if tuple(arr.shape) != t.shape:
+            expected = opt.slot_shape(slot, mine)
+            if tuple(arr.shape) != expected:
                 raise ValueError(f"state of {shown(t.name)}: {slot} has shape {list(arr.shape)}, "
-                                 f"expected {list(t.shape)}")
+                                 f"expected {list(expected or ())}")
             if not np.issubdtype(arr.dtype, np.floating):
                 raise ValueError(f"state of {shown(t.name)}: {slot} has dtype {arr.dtype}, "
                                  "expected a floating type")
             row[slot] = arr
+        if opt.algorithm is alg.Algorithm.MUON:  # no step in torch's: state means it stepped
+            row["step"] = max(1, int(opt.seg_step[mine]))
+            staged[mine] = row
+            continue
         if not counted:  # a parameter with a z: it has stepped, as often as its group
             row["step"] = max(1, int(new_hyper[t.group]["k"]))
             staged[mine] = row
@@ -172,15 +183,14 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
     host = {name: opt.backend.to_host(buf).copy() for name, buf in opt.slots.items()}
     for name, buf in host.items():
         for i, t in enumerate(opt.layout.tensors):
-            buf[opt.layout.span(i)] = alg.initial_slot_value(opt.algorithm, name,
-                                                             opt.groups[t.group])
+            buf[opt.slot_span(name, i)] = alg.initial_slot_value(opt.algorithm, name,
+                                                                 opt.groups[t.group])
     opt.seg_step[:] = 0
     opt.mu_product[:] = 1.0
     for i, row in staged.items():
-        span = opt.layout.span(i)
         for slot, arr in row.items():
             if slot in host:
-                host[slot][span] = arr.reshape(-1)
+                host[slot][opt.slot_span(slot, i)] = arr.reshape(-1)
         opt.seg_step[i] = row["step"]
         if "mu_product" in row:
             opt.mu_product[i] = row["mu_product"]

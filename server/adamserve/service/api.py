@@ -158,6 +158,16 @@ class OptimizerService:
             self.checkpoints.remove_aside(aside)
         self._gauge()
 
+    def check_request(self, session_id: str | None, *, write: str | None,
+                      caller: Caller = LOCAL) -> None:
+        """Refuse, before a request's body is read, what its call would refuse first: a
+        change (``write``: the call's name) the caller's role may not make, a session
+        (``session_id``) the caller does not have. Cheap: no lock is taken."""
+        if write is not None:
+            caller.require_write(write)
+        if session_id is not None:
+            self.store.get(caller.resolve(session_id))
+
     # -- steps ---------------------------------------------------------------
 
     def step(self, session_id: str, grads: Iterable[TensorChunk], *,

@@ -51,6 +51,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from adamserve.engine import algorithms as alg
 from adamserve.engine.backend import Backend
 from adamserve.engine.optimizer import FlatOptimizer
 from adamserve.engine.schedules import MAX_STEPS
@@ -120,7 +121,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 def manifest_of(session: Session) -> dict[str, Any]:
     opt = session.opt
     cfg = session.config.to_json()
-    cfg["groups"] = [dict(g) for g in opt.groups]
+    cfg["groups"] = [alg.with_none(g) for g in opt.groups]  # None, not NaN, in the JSON
     cfg["schedule"] = opt.schedule.to_dict() if opt.schedule is not None else None
     return {
         "format": FORMAT,
@@ -417,7 +418,7 @@ class CheckpointStore:
             if key.startswith("slot."):
                 name = key[5:]
                 if name not in opt.slots:
-                    opt.slots[name] = backend.zeros(opt.layout.size, opt.dtype)
+                    opt.slots[name] = backend.zeros(opt.slot_size(name), opt.dtype)
                 opt.slots[name][...] = backend.to_device(arr)
         opt.step_count = _step(manifest["step_count"], "step_count")
         opt.seg_step[:] = np.array([_step(x, "seg_step") for x in manifest["seg_step"]],

@@ -18,7 +18,14 @@ from adamserve import metrics
 from adamserve.engine import algorithms as alg
 from adamserve.engine import schedules
 from adamserve.engine.backend import Backend
-from adamserve.engine.optimizer import ClipConfig, FlatOptimizer, Layout, StepReport, TensorSpec
+from adamserve.engine.optimizer import (
+    ClipConfig,
+    FlatOptimizer,
+    Layout,
+    StepReport,
+    TensorSpec,
+    slot_offsets,
+)
 from adamserve.errors import InvalidArgument, shown
 from adamserve.sessions.coordinator import Round, RoundCoordinator
 from adamserve.sessions.pushlog import PushId, PushLog
@@ -138,8 +145,10 @@ def state_bytes(config: SessionConfig) -> int:
     slots: set[str] = set()
     for g in config.groups:
         slots.update(spec.slots(alg.resolve_hyperparameters(algo, {**extra, **g})))
-    return slot_bytes(layout.size, len(slots), 8 if config.dtype == "float64" else 4,
-                      len(layout))
+    itemsize = 8 if config.dtype == "float64" else 4
+    # a slot's size: the model's, but Adafactor's factored statistics (rows + columns)
+    elements = sum(int(slot_offsets(algo, layout, s)[-1]) for s in slots)
+    return slot_bytes(layout.size, 0, itemsize, len(layout)) + elements * itemsize
 
 
 def slot_bytes(elements: int, slots: int, itemsize: int, tensors: int = 0) -> int:
@@ -278,8 +287,8 @@ class Session:
     @property
     def state_bytes(self) -> int:
         layout = self.opt.layout
-        return slot_bytes(layout.size, len(self.opt.slots), self.opt.dtype.itemsize,
-                          len(layout))
+        return (slot_bytes(layout.size, 0, self.opt.dtype.itemsize, len(layout))
+                + self.opt.slot_bytes())
 
     @property
     def dirty(self) -> bool:

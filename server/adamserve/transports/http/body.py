@@ -13,6 +13,11 @@ service's decode is the one copy), fetched from the event loop in batches of abo
 the next batch is received while the service decodes this one, so at most two
 batches are held. What arrived together with the JSON part (all of a small body)
 needs no trip at all.
+
+What bodies hold, all requests together, is bounded by a :class:`BodyBudget`: the
+app's gate takes each request's :class:`Share` of it before the body is read (after
+the key, the caller's role and the session were checked), so that many large bodies
+at once wait, then are refused (429), rather than being buffered side by side.
 """
 
 from __future__ import annotations
@@ -27,10 +32,104 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
-from adamserve.errors import InvalidArgument, ResourceExhausted
+from adamserve.errors import InvalidArgument, ResourceExhausted, TooManyRequests
 from adamserve.transports.http.binary import HEADER_LENGTH, OCTET_STREAM, PIECE, header_length
 
 IDLE_TIMEOUT = 60.0  # seconds a body may send nothing before it is refused (default)
+
+# -- the budget: bytes of bodies held at once, all requests together -----------------
+
+DEFAULT_BUFFERED_BYTES = 1 << 30
+# A JSON body is held whole, then parsed: pydantic's objects take several times its
+# bytes (measured: 3.6x for 9-digit floats, 16x for "0.5,"), so it counts this many.
+JSON_EXPANSION = 16
+# What a binary body holds of its tensor bytes at once: the batch being decoded, the
+# one received ahead of it, and what the server's protocol buffers.
+STREAM_WINDOW = 2 * PIECE + (64 << 10)
+BUDGET_WAIT = 2.0  # seconds a request waits for room in the budget before it is refused
+BUDGET_RETRY_AFTER = 1.0
+
+
+class BodyBudget:
+    """The bytes of request bodies the HTTP server holds at once, all requests together
+    (``--http-max-buffered-bytes``): each takes its share before a byte of its body is
+    read, waits up to ``wait`` seconds for room, and is refused past that (429 with
+    Retry-After). A share larger than the whole budget takes all of it, alone. Used
+    on the server's event loop only."""
+
+    def __init__(self, total: int, wait: float = BUDGET_WAIT) -> None:
+        if total < 1:
+            raise ValueError(f"max buffered bytes {total}: expected at least 1")
+        self.total = total
+        self.wait = wait
+        self.used = 0
+        self._freed = asyncio.Event()  # set whenever bytes are given back
+
+    async def take(self, nbytes: int) -> int:
+        """Take ``nbytes`` (at most the whole budget); returns how many were taken."""
+        nbytes = min(nbytes, self.total)
+        if nbytes <= 0:
+            return 0
+        if self.used + nbytes <= self.total:  # the common case: room now
+            self.used += nbytes
+            return nbytes
+        try:
+            async with asyncio.timeout(self.wait):
+                while self.used + nbytes > self.total:
+                    self._freed.clear()
+                    await self._freed.wait()
+        except TimeoutError:
+            raise TooManyRequests(
+                f"the server holds {self.used} bytes of request bodies and the limit is "
+                f"{self.total}: this one needs {nbytes} more; retry in "
+                f"{BUDGET_RETRY_AFTER:g} s", reason="QUOTA_EXCEEDED",
+                retry_after=BUDGET_RETRY_AFTER,
+                metadata={"limit": "http_max_buffered_bytes", "bytes": str(nbytes)}) from None
+        self.used += nbytes
+        return nbytes
+
+    def give(self, nbytes: int) -> None:
+        if nbytes > 0:
+            self.used -= nbytes
+            self._freed.set()
+
+
+class Share:
+    """One request's share of the budget, sized from its headers before its body is
+    read: a JSON body (or a raw one: a state blob) is held whole until the request ends;
+    a binary body holds its JSON part until then, and its tensor bytes only as they
+    stream by (:data:`STREAM_WINDOW`, given back once the body has arrived). A body of
+    unknown length (chunked) takes more as it arrives."""
+
+    def __init__(self, budget: BodyBudget, length: int | None, json_part: int | None,
+                 raw: bool) -> None:
+        self.budget = budget
+        self.taken = 0
+        self._window = 0  # of ``taken``: given back at the end of the body
+        factor = 1 if raw else JSON_EXPANSION
+        if json_part is not None:  # binary: the JSON part whole, the tensors streamed
+            rest = (STREAM_WINDOW if length is None
+                    else max(0, min(STREAM_WINDOW, length - json_part)))
+            self._want, self._window, self._per_byte = json_part * JSON_EXPANSION, rest, 0
+        else:  # held whole: all of it now if its length is known, else as it comes
+            self._want, self._per_byte = (length or 0) * factor, factor
+
+    async def start(self) -> None:
+        self.taken += await self.budget.take(self._want + self._window)
+
+    async def received(self, total: int, more: bool) -> None:
+        """``total`` bytes of the body have arrived (``more``: not all of them)."""
+        want = total * self._per_byte
+        if want > self.taken:
+            self.taken += await self.budget.take(want - self.taken)
+        if not more and self._window:
+            give, self._window = min(self._window, self.taken), 0
+            self.taken -= give
+            self.budget.give(give)
+
+    def release(self) -> None:
+        self.budget.give(self.taken)
+        self.taken = 0
 
 
 async def _message(receive: Receive) -> tuple[bytes, bool]:

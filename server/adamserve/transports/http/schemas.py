@@ -1,14 +1,14 @@
 """Wire models of the HTTP API (v2): pydantic only, no logic.
 
-Field names and values are the proto's (adamserve_proto/v2/optimizer.proto, in
-proto3's JSON mapping with the proto's field names): ``session_id``, groups as
-``{"values": {...}, "flags": {...}}``, enums by name (``"ALGORITHM_ADAMW"``), a
-schedule as its typed oneof (``{"cosine": {"total_steps": 100}}``), durations as
-strings (``"30s"``), optional fields left out when absent; 64-bit integers are
-JSON numbers. The routes parse these bodies into the proto's messages and answer
-from them (:mod:`adamserve.transports.convert`), so the models here describe and
-bound what travels; tests/transports/test_http.py checks that each one has the
-proto message's fields.
+Field names and values are the proto's (adamserve_proto/v2/optimizer.proto, in proto3's
+JSON mapping with the proto's field names): ``session_id``, groups as ``{"values":
+{...}, "flags": {...}, "names": {...}, "unset": [...]}``, enums by name
+(``"ALGORITHM_ADAMW"``), a schedule as its typed oneof (``{"cosine": {"total_steps":
+100}}``), durations as strings (``"30s"``), optional fields left out when absent; 64-bit
+integers are JSON numbers. The routes parse these bodies into the proto's messages and
+answer from them (:mod:`adamserve.transports.convert`), so the models here describe and
+bound what travels; tests/transports/test_http.py checks that each one has the proto
+message's fields.
 
 Tensors follow the Open Inference Protocol's shape: ``{"name", "shape", "datatype",
 "data"}`` with ``data`` a flat row-major list of numbers, or, in a binary request
@@ -169,6 +169,10 @@ class Group(_Request):
                                       description='Numbers, e.g. {"lr": 0.001, "beta1": 0.9}')
     flags: dict[str, bool] = Field(default_factory=dict,
                                    description='Switches, e.g. {"amsgrad": true}')
+    names: dict[str, str] = Field(default_factory=dict, description='Choices, e.g. '
+                                  '{"adjust_lr_fn": "match_rms_adamw"}')
+    unset: list[str] = Field(default_factory=list,
+                             description='Keys set to None, e.g. ["adjust_lr_fn"]')
 
 
 # -- schedules: the proto's Schedule oneof, one key naming the kind --------------------
