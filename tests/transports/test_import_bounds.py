@@ -42,7 +42,7 @@ def test_an_http_import_past_the_sessions_bound_is_refused_unread(
             conn.sendall(f"PUT /v2/sessions/s/state HTTP/1.1\r\nHost: x\r\nContent-Type: "
                          f"application/octet-stream\r\nContent-Length: {limit + 1}\r\n\r\n"
                          .encode())
-            answer = conn.recv(65536).decode()
+            answer = _response(conn)
         assert answer.startswith("HTTP/1.1 413") and f"at most {limit}" in answer
 
 
@@ -60,8 +60,7 @@ def test_a_stalled_http_import_is_refused_and_gives_its_bytes_back(
                 time.sleep(0.01)
             held = service.store.total_bytes() - before
             assert 0 < held <= 100_000  # what arrived is counted while it waits
-            conn.settimeout(5)
-            answer = conn.recv(65536).decode()
+            answer = _response(conn)
         assert answer.startswith("HTTP/1.1 400") and "sent nothing for 0.5 s" in answer
     assert service.store.total_bytes() == before
 
@@ -89,3 +88,17 @@ def test_a_grpc_import_counts_what_it_buffers(service: OptimizerService) -> None
     assert service.store.total_bytes() == before
     channel.close()
     server.stop(None)
+
+
+def _response(conn: socket.socket) -> str:
+    """A whole HTTP response: its head, then as many bytes as its Content-Length says."""
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode()
