@@ -43,6 +43,16 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(
         60.0, gt=0, description="seconds an HTTP request body may send nothing before it "
                                 "is refused (400)")
+    http_header_timeout: float = Field(
+        20.0, gt=0, description="seconds an HTTP connection has to send a request's headers "
+                                "(from its first byte, or from the connection); then it is "
+                                "closed (408)")
+    http_keepalive_timeout: float = Field(
+        5.0, gt=0, description="seconds an idle HTTP keep-alive connection is kept open")
+    http_max_buffered_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="bytes of request bodies the HTTP server holds at "
+                                         "once, all requests together (a JSON body counts 16 "
+                                         "times its size, its parsed form); past it, 429")
     allow_shared_memory: bool = Field(
         False, description="let clients on this host register shared-memory regions for "
                            "their steps (docs/data-plane.md)")
@@ -133,8 +143,9 @@ class Server:
                                                       tls=self.tls, access=self.access)
         self.http = HttpServerThread(
             create_app(self.service, body_idle_timeout=s.http_body_timeout,
-                       access=self.access),
-            s.host, s.http_port, tls=self.tls)
+                       access=self.access, max_buffered_bytes=s.http_max_buffered_bytes),
+            s.host, s.http_port, tls=self.tls, header_timeout=s.http_header_timeout,
+            keepalive_timeout=s.http_keepalive_timeout)
         self.http_port = self.http.start()
         if s.flight_port:
             self.flight = FlightServerThread(self.service, s.host, s.flight_port,

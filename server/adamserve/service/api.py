@@ -164,7 +164,7 @@ class OptimizerService:
         change (``write``: the call's name) the caller's role may not make, a session
         (``session_id``) the caller does not have. Cheap: no lock is taken."""
         if write is not None:
-            caller.require_write(write)
+            caller.require_write(write, session_id or "-")
         if session_id is not None:
             self.store.get(caller.resolve(session_id))
 

@@ -3,6 +3,7 @@ direct dispatch) and uvicorn runners."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.util
 import logging
@@ -19,6 +20,7 @@ from fastapi import FastAPI, Security
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic.json_schema import models_json_schema
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,8 +29,13 @@ import adamserve
 from adamserve import metrics
 from adamserve.errors import ServiceError
 from adamserve.service import Access, Caller, OptimizerService
-from adamserve.transports.http import body, errors, routes
-from adamserve.transports.http.binary import HEADER_LENGTH, OCTET_STREAM, TRITON_HEADER_LENGTH
+from adamserve.transports.http import body, connections, errors, routes
+from adamserve.transports.http.binary import (
+    HEADER_LENGTH,
+    OCTET_STREAM,
+    TRITON_HEADER_LENGTH,
+    header_length,
+)
 from adamserve.transports.tls import TlsFiles, uvicorn_options
 
 log = logging.getLogger("adamserve.http")
@@ -53,7 +60,11 @@ class _Gate:
 
     Runs before routing and body parsing, so a request without the token is
     refused before its body is read, and an oversized body is cut off while it
-    streams in (Content-Length is checked first; chunked bodies are counted).
+    streams in (Content-Length is checked first; chunked bodies are counted). A
+    request to a route that reads a body (``routes.BODY_ROUTES``) is checked, before a
+    byte of it is read, against the caller's role and sessions (a session it does not
+    have answers 404 at once), and its body holds bytes of the server's
+    :class:`~.body.BodyBudget` only as they arrive (429 when there is no room).
 
     The routes named in ``routes.DIRECT`` (steps and pushes) are served here: their
     endpoint is called as FastAPI would call it, and its errors answered by the same
@@ -63,21 +74,40 @@ class _Gate:
     """
 
     def __init__(self, app: ASGIApp, access: Access, max_body_bytes: int,
-                 max_json_bytes: int, direct: tuple[APIRoute, ...] = ()) -> None:
+                 max_json_bytes: int, direct: tuple[APIRoute, ...] = (),
+                 bodies: tuple[APIRoute, ...] = (),
+                 budget: body.BodyBudget | None = None,
+                 idle_timeout: float = body.IDLE_TIMEOUT) -> None:
         self.app = app
         self.access = access
         self.max_body_bytes = max_body_bytes
         self.max_json_bytes = max_json_bytes
         self.direct = direct
+        # the routes that read a body, the hot ones first
+        self.bodies = direct + tuple(r for r in bodies if r not in direct)
+        self.budget = budget or body.BodyBudget(body.DEFAULT_BUFFERED_BYTES)
+        self.idle_timeout = idle_timeout  # a body that sends nothing this long is refused
 
-    async def _serve_direct(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Serve the request if it is one of the direct routes'; False if it is not."""
-        for route in self.direct:
+    def _match(self, scope: Scope) -> tuple[APIRoute, Scope] | None:
+        """The route that reads a body this request is for, and its path parameters."""
+        for route in self.bodies:
             match, child = route.matches(scope)
             if match is Match.FULL:
-                break
-        else:
-            return False
+                return route, child
+        return None
+
+    def _share(self, scope: Scope, length: int | None) -> body.Share:
+        """What the request's body will hold of the budget (its headers say which kind
+        of body it is; a bad binary header length is refused here, 400)."""
+        headers = Headers(scope=scope)
+        json_part = header_length(headers)
+        raw = json_part is None and headers.get("content-type", "").split(";")[
+            0].strip().lower() == OCTET_STREAM
+        return body.Share(self.budget, length, json_part, raw)
+
+    async def _serve_direct(self, scope: Scope, route: APIRoute, child: Scope,
+                            receive: Receive, send: Send) -> None:
+        """Serve the request of direct route ``route`` (``child``: its path parameters)."""
         scope.update(child)
         scope["route"] = route
         request = Request(scope, receive)
@@ -100,7 +130,6 @@ class _Gate:
             if started:
                 raise
             await (await errors.handle(request, exc))(scope, receive, send)
-        return True
 
     def _caller(self, scope: Scope) -> Caller | None:
         """The caller the request's ``Authorization`` names (None: no known key)."""
@@ -147,6 +176,7 @@ class _Gate:
             await errors.error_response(code, message, None, headers)(scope, receive, send)
 
         admitted: Caller | None = None
+        share: body.Share | None = None
         try:
             if scope["path"] not in OPEN_PATHS:
                 caller = self._caller(scope)
@@ -173,18 +203,52 @@ class _Gate:
             if length is not None and length > cap:
                 await reply(413, _too_large(length, cap))
                 return
+            matched = self._match(scope)
+            if matched is not None:
+                target, child = matched
+                try:  # before a byte of the body is read
+                    scope["app"].state.service.check_request(
+                        child["path_params"].get("session_id"),
+                        write=routes.BODY_ROUTES[target.name], caller=scope["state"]["caller"])
+                    share = self._share(scope, length)
+                    await share.start()  # may wait for room, briefly
+                except ServiceError as exc:
+                    status, replied = errors.status_of(exc), True
+                    await errors.answer(exc)(scope, receive, send)
+                    return
             received = 0
             started = False
+            ended = share is None  # the body is in (what is not read is not timed)
 
             async def receive_capped() -> Message:
-                nonlocal received, started
-                message = await receive()
+                nonlocal received, started, status, replied, ended
+                if ended:
+                    message = await receive()
+                else:
+                    try:
+                        async with asyncio.timeout(self.idle_timeout):
+                            message = await receive()
+                    except TimeoutError:
+                        if not replied and not started:
+                            await reply(400, f"the request body stalled: nothing arrived "
+                                             f"for {self.idle_timeout:g} s after {received} "
+                                             "bytes")
+                        return {"type": "http.disconnect"}
                 if message["type"] == "http.request":
+                    ended = not message.get("more_body")
                     received += len(message.get("body", b""))
                     if received > cap:
                         if not replied and not started:
                             await reply(413, _too_large(received, cap))
                         return {"type": "http.disconnect"}
+                    if share is not None:
+                        try:
+                            await share.received(received, bool(message.get("more_body")))
+                        except ServiceError as exc:  # no room in the budget
+                            if not replied and not started:
+                                status, replied = errors.status_of(exc), True
+                                await errors.answer(exc)(scope, receive, send)
+                            return {"type": "http.disconnect"}
                 return message
 
             async def send_tracked(message: Message) -> None:
@@ -193,13 +257,17 @@ class _Gate:
                     started = True
                 await send_app(message)
 
-            if not await self._serve_direct(scope, receive_capped, send_tracked):
+            if matched is not None and matched[0] in self.direct:
+                await self._serve_direct(scope, *matched, receive_capped, send_tracked)
+            else:
                 await self.app(scope, receive_capped, send_tracked)
         except Exception:
             if not replied:
                 raise
             log.debug("request cut off by the gate", exc_info=True)
         finally:
+            if share is not None:
+                share.release()
             if admitted is not None:
                 self.access.leave(admitted)
             route = scope.get("route")
@@ -251,7 +319,8 @@ def create_app(service: OptimizerService, token: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
                body_idle_timeout: float = body.IDLE_TIMEOUT,
-               access: Access | None = None) -> FastAPI:
+               access: Access | None = None,
+               max_buffered_bytes: int = body.DEFAULT_BUFFERED_BYTES) -> FastAPI:
     """The HTTP API over ``service``.
 
     ``access``: the keys and tenants (``token`` alone: one key for the default
@@ -259,7 +328,9 @@ def create_app(service: OptimizerService, token: str | None = None, *,
     and the API docs needs ``Authorization: Bearer <key>``. ``max_body_bytes`` caps binary
     (application/octet-stream) bodies, ``max_json_bytes`` every other body and the
     JSON part of binary ones; over either is a 413. A body that sends nothing for
-    ``body_idle_timeout`` seconds is refused (400).
+    ``body_idle_timeout`` seconds is refused (400). ``max_buffered_bytes``: what the
+    bodies of all requests together may hold at once (:class:`~.body.BodyBudget`; a
+    JSON body counts :data:`~.body.JSON_EXPANSION` times its bytes); past it, 429.
     """
     app = _App(
         # the server's metrics are Prometheus' (/metrics): FastAPI's OpenTelemetry hooks
@@ -274,6 +345,7 @@ def create_app(service: OptimizerService, token: str | None = None, *,
     app.state.service = service
     app.state.max_json_bytes = max_json_bytes
     app.state.body_idle_timeout = body_idle_timeout
+    app.state.body_budget = body.BodyBudget(max_buffered_bytes)
     errors.install(app)
     access = access or Access.single(token)
     guard = [Security(HTTPBearer(auto_error=False))] if access.required else []
@@ -281,8 +353,11 @@ def create_app(service: OptimizerService, token: str | None = None, *,
     app.include_router(routes.open_router)
     direct = tuple(r for r in routes.router.routes
                    if isinstance(r, APIRoute) and r.name in routes.DIRECT)
+    bodies = tuple(r for r in routes.router.routes
+                   if isinstance(r, APIRoute) and r.name in routes.BODY_ROUTES)
     app.gate = functools.partial(_Gate, access=access, max_body_bytes=max_body_bytes,
-                                 max_json_bytes=max_json_bytes, direct=direct)
+                                 max_json_bytes=max_json_bytes, direct=direct, bodies=bodies,
+                                 budget=app.state.body_budget, idle_timeout=body_idle_timeout)
     return app
 
 
@@ -293,10 +368,19 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def build_http_server(app: ASGIApp, host: str, port: int, **config: Any) -> uvicorn.Server:
+KEEPALIVE_TIMEOUT = 5.0  # seconds an idle keep-alive connection is kept (uvicorn's default)
+
+
+def build_http_server(app: ASGIApp, host: str, port: int, *,
+                      header_timeout: float = connections.HEADER_TIMEOUT,
+                      keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                      **config: Any) -> uvicorn.Server:
     """A uvicorn server on uvloop + httptools (when installed); ``config`` overrides.
 
-    Logging is left to the caller (``log_config=None``): the CLI configures it.
+    Every connection must complete each request's headers within ``header_timeout``
+    seconds of its first byte (or of the connection: :mod:`.connections`); one idle
+    between requests is closed after ``keepalive_timeout`` seconds. Logging is left to
+    the caller (``log_config=None``): the CLI configures it.
     """
     options: dict[str, Any] = {
         "loop": "uvloop" if _has("uvloop") else "asyncio",
@@ -305,8 +389,11 @@ def build_http_server(app: ASGIApp, host: str, port: int, **config: Any) -> uvic
         "access_log": False,
         "server_header": False,
         "timeout_graceful_shutdown": 10,
+        "timeout_keep_alive": keepalive_timeout,
     }
     options.update(config)
+    if isinstance(options["http"], str):
+        options["http"] = connections.guarded(options["http"], header_timeout)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
 
 

@@ -52,10 +52,10 @@ BUDGET_RETRY_AFTER = 1.0
 
 class BodyBudget:
     """The bytes of request bodies the HTTP server holds at once, all requests together
-    (``--http-max-buffered-bytes``): each takes its share before a byte of its body is
-    read, waits up to ``wait`` seconds for room, and is refused past that (429 with
-    Retry-After). A share larger than the whole budget takes all of it, alone. Used
-    on the server's event loop only."""
+    (``--http-max-buffered-bytes``). A request takes what it holds as its bytes arrive
+    (:class:`Share`), waiting up to ``wait`` seconds for room, refused past that (429
+    with Retry-After); one request may hold at most the whole budget. Used on the
+    server's event loop only."""
 
     def __init__(self, total: int, wait: float = BUDGET_WAIT) -> None:
         if total < 1:
@@ -65,28 +65,21 @@ class BodyBudget:
         self.used = 0
         self._freed = asyncio.Event()  # set whenever bytes are given back
 
-    async def take(self, nbytes: int) -> int:
-        """Take ``nbytes`` (at most the whole budget); returns how many were taken."""
-        nbytes = min(nbytes, self.total)
-        if nbytes <= 0:
-            return 0
-        if self.used + nbytes <= self.total:  # the common case: room now
-            self.used += nbytes
-            return nbytes
-        try:
-            async with asyncio.timeout(self.wait):
-                while self.used + nbytes > self.total:
-                    self._freed.clear()
-                    await self._freed.wait()
-        except TimeoutError:
-            raise TooManyRequests(
-                f"the server holds {self.used} bytes of request bodies and the limit is "
-                f"{self.total}: this one needs {nbytes} more; retry in "
-                f"{BUDGET_RETRY_AFTER:g} s", reason="QUOTA_EXCEEDED",
-                retry_after=BUDGET_RETRY_AFTER,
-                metadata={"limit": "http_max_buffered_bytes", "bytes": str(nbytes)}) from None
+    async def take(self, nbytes: int) -> None:
+        if self.used + nbytes > self.total:
+            try:
+                async with asyncio.timeout(self.wait):
+                    while self.used + nbytes > self.total:
+                        self._freed.clear()
+                        await self._freed.wait()
+            except TimeoutError:
+                raise TooManyRequests(
+                    f"the server holds {self.used} bytes of request bodies, its limit is "
+                    f"{self.total} and this one needs {nbytes} more: retry in "
+                    f"{BUDGET_RETRY_AFTER:g} s", reason="QUOTA_EXCEEDED",
+                    retry_after=BUDGET_RETRY_AFTER, metadata={
+                        "limit": "http_max_buffered_bytes", "bytes": str(nbytes)}) from None
         self.used += nbytes
-        return nbytes
 
     def give(self, nbytes: int) -> None:
         if nbytes > 0:
@@ -95,37 +88,47 @@ class BodyBudget:
 
 
 class Share:
-    """One request's share of the budget, sized from its headers before its body is
-    read: a JSON body (or a raw one: a state blob) is held whole until the request ends;
-    a binary body holds its JSON part until then, and its tensor bytes only as they
-    stream by (:data:`STREAM_WINDOW`, given back once the body has arrived). A body of
-    unknown length (chunked) takes more as it arrives."""
+    """What one request's body holds of the budget: a JSON body (or a raw one: a state
+    blob) is held whole, until the request ends; a binary body (``json_part`` bytes of
+    JSON) holds its JSON part, and of its tensor bytes only those streaming by
+    (:data:`STREAM_WINDOW`, given back once the body has arrived). A body of known
+    ``length`` takes its share whole before it is read (:meth:`start`: all or nothing, so
+    that bodies waiting for room hold none of it); one of unknown length (chunked) as
+    its bytes arrive."""
 
     def __init__(self, budget: BodyBudget, length: int | None, json_part: int | None,
                  raw: bool) -> None:
         self.budget = budget
+        self.length = length
+        self.json_part = json_part
+        self.factor = 1 if raw else JSON_EXPANSION
         self.taken = 0
-        self._window = 0  # of ``taken``: given back at the end of the body
-        factor = 1 if raw else JSON_EXPANSION
-        if json_part is not None:  # binary: the JSON part whole, the tensors streamed
-            rest = (STREAM_WINDOW if length is None
-                    else max(0, min(STREAM_WINDOW, length - json_part)))
-            self._want, self._window, self._per_byte = json_part * JSON_EXPANSION, rest, 0
-        else:  # held whole: all of it now if its length is known, else as it comes
-            self._want, self._per_byte = (length or 0) * factor, factor
+
+    def _held(self, received: int, ended: bool) -> int:
+        n = self.json_part
+        if n is None:
+            held = received * self.factor
+        else:
+            streaming = 0 if ended else min(max(received - n, 0), STREAM_WINDOW)
+            held = min(received, n) * JSON_EXPANSION + streaming
+        return min(held, self.budget.total)
+
+    async def _hold(self, want: int) -> None:
+        if want > self.taken:
+            await self.budget.take(want - self.taken)
+        else:
+            self.budget.give(self.taken - want)
+        self.taken = want
 
     async def start(self) -> None:
-        self.taken += await self.budget.take(self._want + self._window)
+        """Before the body is read: its whole share, if its length is known."""
+        if self.length is not None:
+            await self._hold(self._held(self.length, ended=False))
 
     async def received(self, total: int, more: bool) -> None:
-        """``total`` bytes of the body have arrived (``more``: not all of them)."""
-        want = total * self._per_byte
-        if want > self.taken:
-            self.taken += await self.budget.take(want - self.taken)
-        if not more and self._window:
-            give, self._window = min(self._window, self.taken), 0
-            self.taken -= give
-            self.budget.give(give)
+        """``total`` bytes of the body have arrived (``more``: not all of them yet)."""
+        await self._hold(self._held(total if self.length is None else self.length,
+                                    ended=not more))
 
     def release(self) -> None:
         self.budget.give(self.taken)

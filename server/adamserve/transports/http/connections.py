@@ -6,8 +6,10 @@ kept forever, and httptools puts no bound on the size of the headers either. So 
 server's protocol is uvicorn's wrapped in :class:`Guarded`: from the moment a
 connection opens, and again from the first byte of each next request, its headers
 must be complete within ``header_timeout`` seconds and :data:`MAX_HEADER_BYTES`;
-else the connection is answered 408 (or 431) and closed. Bodies have their own idle
-timeout (:mod:`.body`), idle keep-alive connections uvicorn's.
+else the connection is answered 408 (or 431) and closed. What is left of a body the
+server answered before reading it (a 404, say) must arrive within that time too.
+Bodies being read have their own idle timeout (:mod:`.body`), idle keep-alive
+connections uvicorn's (``timeout_keep_alive``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
@@ -38,6 +40,9 @@ class Guarded(asyncio.Protocol):
     """uvicorn's HTTP protocol (``inner``) with a deadline on each request's headers."""
 
     inner_class: ClassVar[type[HttpToolsProtocol] | type[H11Protocol]]
+    # httptools starts a request's scope at its first byte; h11 (which bounds the headers
+    # it buffers itself) only once they are complete
+    begins_early: ClassVar[bool]
     header_timeout: ClassVar[float]
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
@@ -47,12 +52,19 @@ class Guarded(asyncio.Protocol):
         self.loop = self.inner.loop
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._pending = 0  # bytes received since the last request's headers were complete
+        self._pending = 0  # bytes of the next request's headers received so far
 
-    def _waiting(self) -> bool:
-        """Whether the connection is between requests (its next headers not complete)."""
+    def _idle(self) -> bool:
+        """No request under way: none yet, or the last one answered."""
         cycle = self.inner.cycle
         return cycle is None or cycle.response_complete
+
+    def _headers_begun(self) -> bool:
+        """Whether a request has begun whose headers are not complete."""
+        if not self.begins_early:
+            return self._idle()
+        scope, cycle = self.inner.scope, self.inner.cycle
+        return scope is not None and (cycle is None or cycle.scope is not scope)
 
     def _arm(self) -> None:
         if self._timer is None:
@@ -75,31 +87,31 @@ class Guarded(asyncio.Protocol):
 
     def _expired(self) -> None:
         self._timer = None
-        if self._waiting():
+        if self._headers_begun() or self._idle():
             self._refuse(_TIMED_OUT, f"no complete request headers within "
                                      f"{self.header_timeout:g} s")
 
     # -- asyncio.Protocol, forwarded ---------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.inner.connection_made(transport)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's too, not a subclass
+        self.inner.connection_made(self.transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
         before = self.inner.cycle
-        waiting = self._waiting()
+        idle = self._idle()
         self.inner.data_received(data)
         if self.inner.cycle is not before:  # a request's headers are complete
             self._pending = 0
             self._disarm()
-        elif waiting:
-            # the next request's first bytes (uvicorn has stopped its keep-alive timer)
+        elif self._headers_begun():  # uvicorn has stopped its keep-alive timer
             self._pending += len(data)
             self._arm()
             if self._pending > MAX_HEADER_BYTES:
                 self._refuse(_TOO_LARGE, f"request headers over {MAX_HEADER_BYTES} bytes")
+        elif idle:  # the rest of a body answered before it was read: as long, at most
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -121,4 +133,5 @@ def guarded(http: str, header_timeout: float = HEADER_TIMEOUT) -> type[Guarded]:
                     else ("h11_impl", "H11Protocol"))
     inner = getattr(importlib.import_module(f"uvicorn.protocols.http.{module}"), name)
     return type(f"Guarded{inner.__name__}", (Guarded,),
-                {"inner_class": inner, "header_timeout": header_timeout})
+                {"inner_class": inner, "begins_early": http == "httptools",
+                 "header_timeout": header_timeout})

@@ -117,6 +117,18 @@ def _binary_ok(model: type[BaseModel], text: str) -> dict[int | str, dict[str, A
 # ``request`` and ``service`` by name.
 DIRECT = frozenset({"step", "push"})
 
+# Every route that reads a body, and the call a read-only key may not make (None: any
+# key may): the gate refuses a request the caller's role or sessions would refuse (403,
+# 404) before a byte of its body is read, and counts the body in the server's budget.
+BODY_ROUTES: dict[str, str | None] = {
+    "create_session": "CreateSession", "add_tensors": "AddTensors", "step": "Step",
+    "push": "Step", "commit": "Commit", "set_workers": "SetWorkers",
+    "restore_checkpoint": "RestoreCheckpoint", "pull": None,
+    "set_parameters": "SetParameters", "set_hyperparameters": "SetHyperparameters",
+    "set_schedule": "SetSchedule", "import_state": "ImportState",
+    "register_shared_memory": "RegisterSharedMemory",
+}
+
 router = APIRouter()  # /v2: guarded by the token when there is one
 open_router = APIRouter()  # health probes, never guarded
 
