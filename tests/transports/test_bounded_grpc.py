@@ -11,6 +11,7 @@ docs/security.md ("Bounded resources").
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -36,6 +37,8 @@ from adamserve.transports.grpc import build_grpc_server
 from adamserve_client.transports import SessionSpec, TensorSpec, WireTensor, connect
 from adamserve_proto.v2 import optimizer_pb2 as pb
 from adamserve_proto.v2 import optimizer_pb2_grpc as pb_grpc
+
+from .test_flight import _batch
 
 KEYS = {t: secrets.token_urlsafe(32) for t in ("a", "b")}
 POOL = 96  # the gRPC server's threads (1,024 in `adamserve serve`)
@@ -251,3 +254,48 @@ def _flight_status(exc: fl.FlightError) -> str:
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
     return info.reason
+
+
+def test_one_tenants_never_ending_flight_puts_leave_another_tenant_served(live: Live) -> None:
+    """The same over Flight: DoPut pushes that never finish. Past tenant a's quota each
+    is refused at once (TOO_MANY_STREAMS, told when the put is closed); tenant b's Flight
+    steps stay quick while a's hold theirs open."""
+    client = fl.connect(live.flight_url.replace("flight://", "grpc://"))
+    options = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {KEYS['a']}".encode())])
+    command = pb.FlightCommand(push=pb.PushRequest(header=pb.StepHeader(session_id="s")))
+    descriptor = fl.FlightDescriptor.for_command(command.SerializeToString())
+    batch = _batch("w", (4,), np.ones(2))  # half of the tensor: the push never completes
+    writers: list[Any] = []
+    reasons: list[str] = []
+    try:
+        with Steps(live.flight_url) as steps:
+            for _ in range(3 * MAX_STREAMS):
+                writer, _ = client.do_put(descriptor, batch.schema, options=options)
+                try:
+                    writer.write_batch(batch)
+                except fl.FlightError as exc:  # refused before the batch went out
+                    reasons.append(_flight_status(exc))
+                    with contextlib.suppress(fl.FlightError):
+                        writer.close()
+                    continue
+                writers.append(writer)
+            _until("tenant a's puts to fill its quota",
+                   lambda: live.in_flight("a") == MAX_STREAMS)
+            time.sleep(1.0)  # b steps on while a's puts stay open
+            assert live.in_flight("a") == MAX_STREAMS
+        steps.check()
+    finally:
+        # all end at once (the one reading holds the session's intake: the others wait
+        # for it); the refused ones say why, the others that half a tensor came
+        for writer in writers:
+            with contextlib.suppress(fl.FlightError):
+                writer.done_writing()
+        for writer in writers:
+            try:
+                writer.close()
+            except fl.FlightError as exc:
+                reasons.append(_flight_status(exc))
+        client.close()
+    assert sorted(reasons) == ["INVALID_ARGUMENT"] * MAX_STREAMS + [
+        "TOO_MANY_STREAMS"] * (2 * MAX_STREAMS), reasons
+    _until("tenant a's puts to end", lambda: live.in_flight("a") == 0)

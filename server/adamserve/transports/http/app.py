@@ -63,8 +63,8 @@ class _Gate:
     streams in (Content-Length is checked first; chunked bodies are counted). A
     request to a route that reads a body (``routes.BODY_ROUTES``) is checked, before a
     byte of it is read, against the caller's role and sessions (a session it does not
-    have answers 404 at once), and its body holds bytes of the server's
-    :class:`~.body.BodyBudget` only as they arrive (429 when there is no room).
+    have answers 404 at once), and its body takes its share of the server's
+    :class:`~.body.BodyBudget` before it is read (429 when there is no room).
 
     The routes named in ``routes.DIRECT`` (steps and pushes) are served here: their
     endpoint is called as FastAPI would call it, and its errors answered by the same
