@@ -19,9 +19,14 @@ One run starts a real ``adamserve serve`` process (CPU backend) and prints:
   this process);
 * p50 / p99 latency of one step of a 1,000-parameter session on gRPC (StepUnary,
   the Step stream, and StepUnary through the Python client), Flight (DoExchange,
-  and the Python client) and HTTP.
+  and the Python client) and HTTP;
+* a row-sparse step of a SparseAdam session holding a 1M x 64 embedding, touching 1%
+  of its rows (their values in, the same rows back: ``return_rows``), against the
+  dense step of the same session (every row both ways), over each wire through the
+  client's transports: bytes on the wire and seconds, as ratios.
 
     python bench/e2e.py [--params 16777216] [--repeat 5] [--small-steps 500]
+                        [--only-row-sparse] [--embedding-rows 1000000]
 """
 
 from __future__ import annotations
@@ -268,7 +273,19 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=1 << 24)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--small-steps", type=int, default=500)
+    ap.add_argument("--only-row-sparse", action="store_true",
+                    help="run only the row-sparse embedding steps")
+    ap.add_argument("--embedding-rows", type=int, default=1_000_000)
     args = ap.parse_args()
+    if args.only_row_sparse:
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, ports = start_server(Path(tmp))
+            try:
+                row_sparse(ports, args.embedding_rows, args.repeat)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+        return
     n = args.params
     rng = np.random.default_rng(0)
     g32 = (rng.standard_normal(n, dtype=np.float32) * 1e-3).astype("<f4").tobytes()
@@ -316,6 +333,7 @@ def main() -> None:
             f50, f99 = latency(lambda: flight_step(flight, "small-flight", small, 1000, "FP32",
                                                    out), args.small_steps)
             cf50, cf99 = client_latency(fport, small, args.small_steps, "flight")
+            sparse_table = row_sparse(ports, args.embedding_rows, args.repeat, show=False)
         finally:
             proc.terminate()
             proc.wait(60)
@@ -369,6 +387,50 @@ def main() -> None:
     if cf50 == cf50:
         print(f"| Python client (Flight: StepUnary action) | {cf50 * 1e3:.3f} | "
               f"{cf99 * 1e3:.3f} | <= 1 |")
+    print(sparse_table)
+
+
+def row_sparse(ports: dict[str, int], rows: int, repeat: int, show: bool = True,
+               dim: int = 64, touched: float = 0.01) -> str:
+    """A SparseAdam session of one ``rows`` x ``dim`` fp32 embedding per wire: its dense
+    step (every row in, every row back) and a row-sparse step of ``touched`` of the
+    rows (in, and back with ``return_rows``), through adamserve_client's transports;
+    the table (printed when ``show``)."""
+    from adamserve_client.transports import SessionSpec, TensorSpec, WireTensor, connect
+
+    rng = np.random.default_rng(1)
+    shape = (rows, dim)
+    dense = WireTensor("emb", shape, "FP32",
+                       (rng.standard_normal(shape, dtype=np.float32) * 1e-3).tobytes())
+    ids = np.sort(rng.choice(rows, int(rows * touched), replace=False)).astype("<i8")
+    values = (rng.standard_normal((len(ids), dim), dtype=np.float32) * 1e-3).tobytes()
+    sparse = WireTensor("emb", shape, "FP32", values, ids.tobytes())
+    dense_bytes = 2 * len(dense.data)  # every row in and back
+    sparse_bytes = 2 * (len(values) + len(ids) * 8)  # the rows and their indices, both ways
+    urls = {"gRPC": f"grpc://127.0.0.1:{ports['grpc']}",
+            "HTTP": f"http://127.0.0.1:{ports['http']}",
+            "Flight": f"flight://127.0.0.1:{ports['flight']}"}
+    steps: dict[str, Callable[[], object]] = {}
+    for wire_name, url in urls.items():
+        t = connect(url, timeout=600)
+        sid = f"rows-{wire_name}"
+        t.create_session(SessionSpec(sid, "sparse_adam", (TensorSpec("emb", shape),)))
+        steps[f"{wire_name} dense"] = lambda t=t, sid=sid: t.step(sid, [dense])
+        steps[f"{wire_name} rows"] = lambda t=t, sid=sid: t.step(sid, [sparse],
+                                                                  return_rows=True)
+    t = timed(steps, repeat)
+    lines = [f"\n# row-sparse: SparseAdam, a {rows} x {dim} fp32 embedding, {len(ids)} rows "
+             f"({touched:.0%}) touched; best of {repeat}\n",
+             "| wire | dense step s | row-sparse step s | bytes (rows / dense) | speed-up | "
+             "target |", "|---|---|---|---|---|---|"]
+    for wire_name in urls:
+        d, r = t[f"{wire_name} dense"], t[f"{wire_name} rows"]
+        lines.append(f"| {wire_name} | {d:.3f} | {r:.4f} | {sparse_bytes / dense_bytes:.2%} | "
+                     f"{d / r:.1f}x | <= 2% bytes, >= 20x |")
+    table = "\n".join(lines)
+    if show:
+        print(table)
+    return table
 
 
 def _client() -> Any:

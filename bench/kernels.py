@@ -12,6 +12,10 @@ One run prints a markdown table, for every algorithm on N fp32 elements (default
   implementation, its Newton-Schulz iteration in bfloat16; ours in fp32 GEMMs, so
   Muon's floor counts only its elementwise passes); Adafactor runs on one matrix of
   ``--adafactor-rows`` rows (its factored statistics), against torch's foreach path;
+  SparseAdam runs on one ``--sparse-shape`` embedding whose gradient touches
+  ``--sparse-fraction`` of its rows (random, distinct), against torch.optim.SparseAdam's
+  step on the same coalesced sparse gradient; its elements are the touched ones, its
+  floor the bytes of the touched rows read and written;
 * ratio = adamserve step / torch;
 * floor = bytes the algorithm must move per element / memory-copy rate measured in
   this run (the faster of ``np.copyto`` and a threaded copy of a buffer much larger
@@ -21,6 +25,7 @@ One run prints a markdown table, for every algorithm on N fp32 elements (default
 Each figure is the best of ``--repeat`` interleaved rounds (see ``best_of``).
 
     python bench/kernels.py [--elements 16777216] [--repeat 10] [--muon-shape 1024x1024]
+                            [--sparse-shape 1000000x64] [--sparse-fraction 0.01]
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ BYTES = {
     # ||p|| (p r), row and column sums (g r twice), ||U|| (g r), apply (g r, p r+w); the
     # factored statistics are O(rows + cols)
     "adafactor": 28,
+    "sparse_adam": 28,  # of the touched rows only: p, m, v r+w, g r
 }
 TORCH = {
     "adam": ("Adam", {}, True), "adamw": ("AdamW", {}, True),
@@ -56,6 +62,12 @@ TORCH = {
 # schedulefree's classes (the oracle of the schedule-free pair); they step in train mode
 SCHEDULE_FREE = {"adamw_schedule_free": "AdamWScheduleFree",
                  "radam_schedule_free": "RAdamScheduleFree"}
+
+
+def melem(rate: float) -> str:
+    """Elements/s in millions: whole above 100, three significant digits below (Muon's)."""
+    m = rate / 1e6
+    return f"{m:.0f}" if not m < 100 else f"{m:#.3g}"
 
 
 def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -102,6 +114,37 @@ def ours(name: str, shape: tuple[int, ...], check: bool) -> Callable[[], object]
                         skip_nonfinite=check)
     opt.grad[:] = rng.standard_normal(n, dtype=np.float32) * 1e-3
     return opt.step
+
+
+def sparse_rows(shape: tuple[int, ...], fraction: float) -> np.ndarray:  # type: ignore[type-arg]
+    """The touched rows: ``fraction`` of ``shape[0]``, random and distinct, sorted."""
+    k = max(1, round(shape[0] * fraction))
+    return np.sort(np.random.default_rng(2).choice(shape[0], size=k, replace=False))
+
+
+def sparse_ours(shape: tuple[int, ...], rows: np.ndarray,  # type: ignore[type-arg]
+                check: bool) -> Callable[[], object]:
+    """SparseAdam's step over ``rows`` (the rest of the gradient buffer is never read)."""
+    n, width = int(np.prod(shape)), int(np.prod(shape[1:]))
+    rng = np.random.default_rng(1)
+    opt = FlatOptimizer("sparse_adam", Layout((TensorSpec("emb", shape),)),
+                        params=rng.standard_normal(n, dtype=np.float32), skip_nonfinite=check)
+    opt.grad.reshape(shape[0], width)[rows] = rng.standard_normal(
+        (len(rows), width), dtype=np.float32) * 1e-3
+    given = [rows.astype(np.int64)]
+    return lambda: opt.step(rows=given)
+
+
+def sparse_theirs(shape: tuple[int, ...], rows: np.ndarray  # type: ignore[type-arg]
+                  ) -> tuple[Callable[[], object] | None, str]:
+    try:
+        import torch
+    except ImportError:
+        return None, "n/a"
+    p = torch.nn.Parameter(torch.randn(shape))
+    values = torch.randn(len(rows), *shape[1:]) * 1e-3
+    p.grad = torch.sparse_coo_tensor(torch.as_tensor(rows)[None], values, shape).coalesce()
+    return torch.optim.SparseAdam([p]).step, "SparseAdam"
 
 
 def theirs(name: str, shape: tuple[int, ...]) -> tuple[Callable[[], object] | None, str]:
@@ -152,9 +195,13 @@ def main() -> None:
     ap.add_argument("--muon-shape", default="1024x1024", help="Muon's matrix, ROWSxCOLS")
     ap.add_argument("--adafactor-rows", type=int, default=4096,
                     help="Adafactor's matrix: this many rows of --elements / rows columns")
+    ap.add_argument("--sparse-shape", default="1000000x64", help="SparseAdam's embedding")
+    ap.add_argument("--sparse-fraction", type=float, default=0.01,
+                    help="SparseAdam: the fraction of the embedding's rows each step touches")
     args = ap.parse_args()
     n = args.elements
     muon_shape = tuple(int(d) for d in args.muon_shape.split("x"))
+    sparse_shape = tuple(int(d) for d in args.sparse_shape.split("x"))
     names = args.only or list(BYTES)
     rate = copy_rate(n * 4, args.repeat)
     try:
@@ -174,10 +221,19 @@ def main() -> None:
     for name in names:
         shape = (muon_shape if name == "muon" else
                  (args.adafactor_rows, args.elements // args.adafactor_rows)
-                 if name == "adafactor" else (args.elements,))
+                 if name == "adafactor" else sparse_shape if name == "sparse_adam"
+                 else (args.elements,))
         n = int(np.prod(shape))
-        fns = {"step": ours(name, shape, check=True), "kernel": ours(name, shape, check=False)}
-        torch_step, impl = theirs(name, shape)
+        if name == "sparse_adam":  # elements: the touched rows'
+            rows = sparse_rows(shape, args.sparse_fraction)
+            n = len(rows) * int(np.prod(shape[1:]))
+            fns = {"step": sparse_ours(shape, rows, check=True),
+                   "kernel": sparse_ours(shape, rows, check=False)}
+            torch_step, impl = sparse_theirs(shape, rows)
+        else:
+            fns = {"step": ours(name, shape, check=True),
+                   "kernel": ours(name, shape, check=False)}
+            torch_step, impl = theirs(name, shape)
         if torch_step is not None:
             fns["torch"] = torch_step
         t = best_of(fns, args.repeat)
@@ -185,8 +241,10 @@ def main() -> None:
         ref = n / t["torch"] if "torch" in t else float("nan")
         floor = rate / BYTES[name]  # elements/s if moving exactly BYTES at copy speed
         check_floor = rate / (BYTES[name] + 4)  # the non-finite check reads the gradient again
-        print(f"| {name} | {step / 1e6:.0f} | {kernel / 1e6:.0f} | "
-              f"{ref / 1e6:.0f} ({impl}) | {step / ref:.2f} | {kernel / ref:.2f} | {BYTES[name]} "
+        label = (f"{name} ({args.sparse_shape}, {100 * args.sparse_fraction:g}% rows)"
+                 if name == "sparse_adam" else name)
+        print(f"| {label} | {melem(step)} | {melem(kernel)} | "
+              f"{melem(ref)} ({impl}) | {step / ref:.2f} | {kernel / ref:.2f} | {BYTES[name]} "
               f"| {100 * step / check_floor:.0f}% | {100 * kernel / floor:.0f}% |")
 
 

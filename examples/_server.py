@@ -1,4 +1,5 @@
-"""Run ``adamserve serve`` in a subprocess for the examples (free ports, optional data dir)."""
+"""Run ``adamserve serve`` in a subprocess for the examples (free ports, optional data dir),
+or use the server the command line (``--server``) or ``$ADAMSERVE_URL`` names."""
 
 from __future__ import annotations
 
@@ -9,8 +10,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+
+# The help of every example's --server: says when the example starts a server itself.
+SERVER_HELP = ("an adamserve URL (grpc://, http://, flight://); default $ADAMSERVE_URL. "
+               "With neither, the example starts its own server (adamserve serve on free "
+               "ports of 127.0.0.1) and stops it at the end")
+
+
+def given_url(server: str | None) -> str | None:
+    """The server the user named: ``--server``, else ``$ADAMSERVE_URL``, else None."""
+    return server or os.environ.get("ADAMSERVE_URL") or None
+
+
+def server_or_own(server: str | None, transport: str = "grpc") -> AbstractContextManager[str]:
+    """The URL of the server the user named, or of one started here for the block."""
+    url = given_url(server)
+    return nullcontext(url) if url else adamserve_server(transport)
 
 
 @contextmanager
@@ -28,7 +45,10 @@ def adamserve_server(transport: str = "grpc", data_dir: Path | None = None,
             deadline = time.monotonic() + 60
             while not ports.exists():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with status {proc.returncode}")
+                    raise RuntimeError(
+                        f"the server exited with status {proc.returncode}: starting one needs "
+                        "the server's packages (pip install -e '.[examples]'); or name a "
+                        "running server with --server URL or $ADAMSERVE_URL")
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server did not start within 60 s")
                 time.sleep(0.02)

@@ -2,9 +2,10 @@
 
     python examples/train_digits.py --steps 300
 
-Starts an adamserve server of its own (``python -m adamserve.cli serve`` on free
-ports, no data directory) unless ``--server URL`` names one, then trains the same
-network from the same initial weights on the same mini-batches with
+Uses the server ``--server URL`` (or ``$ADAMSERVE_URL``) names; with neither, starts
+one of its own (``python -m adamserve.cli serve`` on free ports, no data directory)
+and stops it at the end. Then trains the same network from the same initial weights
+on the same mini-batches with
 
 * ``adamserve_client.AdamW`` (state and update on the server) and
 * local ``torch.optim.AdamW``,
@@ -24,11 +25,9 @@ import argparse
 import copy
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from _server import adamserve_server
+from _server import SERVER_HELP, given_url, server_or_own
 from sklearn.datasets import load_digits
 
 import adamserve_client
@@ -57,14 +56,16 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Starts a server of its own unless --server or $ADAMSERVE_URL names one.")
     ap.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--server", help="an adamserve URL (default: start a server)")
+    ap.add_argument("--server", metavar="URL", help=SERVER_HELP)
     ap.add_argument("--transport", choices=("grpc", "http"), default="grpc",
-                    help="which transport of the server it starts to use")
+                    help="which transport of the server it starts to use (not with --server)")
     ap.add_argument("--check", type=float, metavar="TOL",
                     help="exit 1 when the curves differ by more than TOL (relative)")
     args = ap.parse_args(argv)
@@ -78,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [torch.randint(0, len(x), (args.batch_size,), generator=g)
                for _ in range(args.steps)]
 
-    with (adamserve_server(args.transport) if args.server is None
-          else _given(args.server)) as url:
-        print(f"adamserve at {url}")
+    with server_or_own(args.server, args.transport) as url:
+        print(f"adamserve at {url} ({'given' if given_url(args.server) else 'started here'})")
         t0 = time.perf_counter()
         remote = adamserve_client.AdamW(model.parameters(), lr=args.lr, server=url)
         with remote:
@@ -102,11 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: above {args.check:g}", file=sys.stderr)
         return 1
     return 0
-
-
-@contextmanager
-def _given(url: str) -> Iterator[str]:
-    yield url
 
 
 if __name__ == "__main__":

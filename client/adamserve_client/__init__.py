@@ -26,6 +26,7 @@ from adamserve_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from adamserve_client.muon_adamw import MuonWithAdamW
 from adamserve_client.optim import (
     LAMB,
     Adafactor,
@@ -40,6 +41,7 @@ from adamserve_client.optim import (
     RAdamScheduleFree,
     RemoteOptimizer,
     RMSprop,
+    SparseAdam,
 )
 from adamserve_client.transports import Transport, connect
 from adamserve_client.transports.base import Workers
@@ -60,6 +62,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "Muon",
+    "MuonWithAdamW",
     "NAdam",
     "NotFound",
     "PermissionDenied",
@@ -70,6 +73,7 @@ __all__ = [
     "ResourceExhausted",
     "ServerError",
     "ShardedTransport",
+    "SparseAdam",
     "Transport",
     "Unauthenticated",
     "Unavailable",

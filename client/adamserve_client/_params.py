@@ -25,9 +25,17 @@ from adamserve_client import errors, tensors
 from adamserve_client._torch import TORCH_DTYPES, is_tensor, shape, torch
 from adamserve_client.transports import Transport, WireTensor
 
-__all__ = ["LocalParams", "Param", "add_numpy_group", "sparse_message", "stamp"]
+__all__ = ["ROWS_UNCHANGED", "LocalParams", "Param", "add_numpy_group", "sparse_message",
+           "stamp"]
 
-# torch.optim's messages for a sparse gradient (AdamW's is Adam's, its base class).
+# Algorithms whose step leaves the rows a row-sparse gradient does not carry exactly
+# as they were (SparseAdam is lazy; Adagrad adds zero to them): a step returns only
+# the rows sent.
+ROWS_UNCHANGED = frozenset({"sparse_adam", "adagrad"})
+# torch.optim's messages for a gradient of the layout it refuses: a sparse one to the
+# dense algorithms (AdamW's is Adam's, its base class), a dense one to SparseAdam.
+_DENSE = {"sparse_adam": "SparseAdam does not support dense gradients, please consider Adam "
+                         "instead"}
 _SPARSE = {
     "adam": "Adam does not support sparse gradients, please consider SparseAdam instead",
     "amsgrad": "Adam does not support sparse gradients, please consider SparseAdam instead",
@@ -36,13 +44,16 @@ _SPARSE = {
     "radam": "RAdam does not support sparse gradients",
     "adamax": "Adamax does not support sparse gradients",
     "rmsprop": "RMSprop does not support sparse gradients",
-    # torch's Adagrad takes them; the server's does not yet
-    "adagrad": "Adagrad here does not take sparse gradients: send grad.to_dense()",
 }
+# torch takes sparse gradients here (sent row-sparse), but not with weight decay
+_SPARSE_DECAY = {"adagrad": "weight_decay option is not compatible with sparse gradients"}
 
 
-def sparse_message(algorithm: str, class_name: str) -> str:
-    """What torch raises for a sparse gradient given to ``algorithm``."""
+def sparse_message(algorithm: str, class_name: str) -> str | None:
+    """What torch raises for a sparse gradient given to ``algorithm`` (None: torch takes
+    it, and so does the server, as a row-sparse gradient)."""
+    if algorithm in ROWS_UNCHANGED:
+        return None
     return _SPARSE.get(algorithm, f"{class_name} does not support sparse gradients")
 
 
@@ -78,14 +89,18 @@ _UNIQUE = itertools.count()  # stamps that never match, not even each other
 class LocalParams:
     """The optimizer's parameters, in session order, and their pinned host buffers.
 
-    ``sparse``: the message a sparse gradient is refused with (torch's).
+    ``algorithm`` and ``class_name`` say which gradient layouts torch's optimizer of
+    that name takes, and what it raises for the others.
     """
 
-    def __init__(self, sparse: str) -> None:
+    def __init__(self, algorithm: str, class_name: str) -> None:
         self.all: list[Param] = []
         self.numpy: bool | None = None  # NumPy arrays or torch tensors: set by the first
-        self._sparse = sparse
+        self._sparse = sparse_message(algorithm, class_name)
+        self._dense = _DENSE.get(algorithm)
+        self._sparse_decay = _SPARSE_DECAY.get(algorithm)
         self._pinned: dict[tuple[str, str], Any] = {}
+        self.groups: Sequence[Mapping[str, Any]] = ()  # the param_groups: weight_decay
 
     def __iter__(self) -> Iterator[Param]:
         return iter(self.all)
@@ -161,7 +176,12 @@ class LocalParams:
         return buf
 
     def encode(self, p: Param, x: Any, datatype: str, key: str) -> WireTensor:
-        """``x`` (``p``'s value or gradient) as a wire tensor; ``key`` names its buffer."""
+        """``x`` (``p``'s value or gradient) as a wire tensor; ``key`` names its buffer.
+        A sparse gradient goes row-sparse: the rows it holds values for, summed per row
+        (torch's ``coalesce()``)."""
+        if key == "grad" and self._dense is not None and not (
+                is_tensor(x) and x.is_sparse):
+            raise RuntimeError(self._dense)
         if isinstance(x, np.ndarray) or not is_tensor(x):
             arr = np.asarray(x)
             if shape(arr) != p.shape:
@@ -172,10 +192,29 @@ class LocalParams:
             raise ValueError(f"gradient for {p.name!r} has shape {list(x.shape)}, the "
                              f"parameter has shape {list(p.shape)}")
         if x.is_sparse:
-            raise RuntimeError(self._sparse)
+            return self._rows(p, x, datatype)
         host = self._host_tensor(p, x, datatype, key)
         data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else b""
         return WireTensor(p.name, p.shape, datatype, data)
+
+    def _rows(self, p: Param, x: Any, datatype: str) -> WireTensor:
+        """A sparse (COO) gradient as a row-sparse wire tensor."""
+        if self._sparse is not None:
+            raise RuntimeError(self._sparse)
+        if self._sparse_decay is not None and self.groups and float(
+                self.groups[p.group].get("weight_decay", 0)) != 0:
+            raise RuntimeError(self._sparse_decay)
+        if not p.shape:
+            raise ValueError(f"gradient for {p.name!r}: a sparse gradient of a scalar has no "
+                             "rows; send it dense")
+        x = x.detach().coalesce()
+        if x.sparse_dim() != 1:  # rows and their columns sparse: whole rows instead
+            x = x.to_dense().to_sparse(1).coalesce()
+        rows = x.indices()[0].to("cpu", torch.int64).contiguous()
+        values = x.values().to("cpu", TORCH_DTYPES[datatype]).contiguous()
+        data = (memoryview(values.reshape(-1).view(torch.uint8).numpy()) if values.numel()
+                else b"")
+        return WireTensor(p.name, p.shape, datatype, data, tensors.row_bytes(rows.numpy()))
 
     def synchronize(self) -> None:
         """Wait for the asynchronous copies through the pinned buffers."""
@@ -187,6 +226,9 @@ class LocalParams:
         if t.shape != p.shape:
             raise errors.ServerError(f"server sent {t.name!r} with shape {list(t.shape)}, the "
                                      f"parameter has shape {list(p.shape)}")
+        if t.rows is not None:
+            self._write_rows(p, t)
+            return
         if not is_tensor(p.value):
             tensors.decode_into(p.value, t.data, t.datatype)
             p.synced = stamp(p.value)
@@ -209,6 +251,25 @@ class LocalParams:
                 staged.copy_(src)
                 value.copy_(staged, non_blocking=True)
         p.synced = stamp(value)  # after our own in-place write
+
+    def _write_rows(self, p: Param, t: WireTensor) -> None:
+        """Copy the rows a row-sparse tensor from the server carries into the parameter."""
+        rows = np.frombuffer(t.rows, dtype="<i8") if t.rows is not None else np.zeros(0)
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= p.shape[0]):
+            raise errors.ServerError(f"server sent rows of {t.name!r} outside [0, "
+                                     f"{p.shape[0]})")
+        values = tensors.decode(t.data, t.datatype).reshape(len(rows), *p.shape[1:])
+        if not values.flags.writeable:  # a view of the reply: torch wants its own
+            values = values.copy()
+        if not is_tensor(p.value):
+            p.value[rows] = values
+        elif len(rows):
+            value = p.value
+            index = torch.from_numpy(rows.astype(np.int64)).to(value.device)
+            with torch.no_grad():
+                value.index_copy_(0, index, torch.from_numpy(values).to(value.device,
+                                                                         value.dtype))
+        p.synced = stamp(p.value)
 
     @contextmanager
     def writing(self) -> Iterator[None]:

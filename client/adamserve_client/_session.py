@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from adamserve_client import errors, tensors
-from adamserve_client._params import LocalParams
+from adamserve_client._params import ROWS_UNCHANGED, LocalParams
 from adamserve_client._torch import is_float64
 from adamserve_client.shared_memory import SHM_DIR, StepRegion, refusal, wanted
 from adamserve_client.transports import (
@@ -324,6 +324,9 @@ class Session:
         kw: dict[str, Any] = {"return_datatype": self.wire,
                               "sender": Sender(self.worker, self.sequence),
                               "base_step": self.base_step if self.coordinated else None}
+        if any(t.rows is not None for t in wire):
+            # only the rows sent changed: only they come back
+            kw["return_rows"] = self.algo.name in ROWS_UNCHANGED
         if region is None:
             return self.transport.step(self.id, wire, **kw)
         try:
@@ -352,8 +355,8 @@ class Session:
     def _region_for(self, wire: list[WireTensor]) -> StepRegion | None:
         """The region this step goes through (made and registered at the first one), or
         None: over the wire (shared memory off, or not every tensor has a gradient)."""
-        if not self.shared or not wire:
-            return None
+        if not self.shared or not wire or any(t.rows is not None for t in wire):
+            return None  # a region holds every tensor dense
         if self.region is None:
             try:
                 self.region = StepRegion(self.transport,

@@ -56,11 +56,22 @@ def _to_numpy(value: Any) -> npt.NDArray[Any]:
     return arr
 
 
-def _local_entry(p: Param, entry: Mapping[str, Any], numpy: bool) -> dict[str, Any]:
+# torch keeps these algorithms' step counts as Python ints (SparseAdam), not tensors
+_INT_STEPS = frozenset({"sparse_adam"})
+
+
+def _local_entry(p: Param, entry: Mapping[str, Any], numpy: bool,
+                 int_step: bool = False) -> dict[str, Any]:
     """A server state entry as torch (or NumPy mode) keeps it, keys in torch's order."""
     keys = sorted(entry, key=lambda k: (_SLOT_ORDER.get(k, len(_SLOT_ORDER)), k))
-    if numpy or torch is None:
-        return {k: (float(entry[k]) if k in SCALAR_SLOTS else entry[k]) for k in keys}
+    if int_step and "step" in entry:
+        entry = {**entry, "step": round(float(entry["step"]))}
+    if int_step or numpy or torch is None:
+        return {k: (entry[k] if k == "step" and int_step else
+                    float(entry[k]) if k in SCALAR_SLOTS else
+                    entry[k] if numpy or torch is None else
+                    torch.from_numpy(np.asarray(entry[k])).to(p.value.device))
+                for k in keys}
     scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     out: dict[str, Any] = {}
     for key in keys:
@@ -90,7 +101,7 @@ def server_state(params: LocalParams, groups: Sequence[Mapping[str, Any]],
     state: dict[int, dict[str, Any]] = {}
     for k, entry in exported["state"].items():
         i = index[names[k]]
-        state[i] = _local_entry(params.all[i], entry, numpy)
+        state[i] = _local_entry(params.all[i], entry, numpy, runs in _INT_STEPS)
     if runs == "adagrad":
         # torch.optim.Adagrad creates its state up front and expects it there
         for i, p in enumerate(params):

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adamserve_client import validation
-from adamserve_client._params import LocalParams, Param, add_numpy_group, sparse_message
+from adamserve_client._params import LocalParams, Param, add_numpy_group
 from adamserve_client._session import (
     DEFAULT_SERVER,
     Server,
@@ -76,7 +76,7 @@ else:
 __all__ = ["ALGORITHMS", "DEFAULT_SERVER", "HAVE_TORCH", "LAMB", "Adafactor", "Adagrad", "Adam",
            "AdamW",
            "AdamWScheduleFree", "Adamax", "Muon", "NAdam", "RAdam", "RAdamScheduleFree",
-           "RMSprop", "RemoteOptimizer"]
+           "RMSprop", "RemoteOptimizer", "SparseAdam"]
 
 # The algorithms and their defaults: the table both sides share.
 ALGORITHMS = table.ALGORITHMS
@@ -158,7 +158,7 @@ class RemoteOptimizer(_Base):
             raise TypeError("params argument given to the optimizer should be an iterable of "
                             "arrays or dicts, but got numpy.ndarray")
         self.algorithm = algo.name
-        self._params = LocalParams(sparse_message(algo.name, type(self).__name__))
+        self._params = LocalParams(algo.name, type(self).__name__)
         self.last_step: StepResult | None = None
         transport, owns = connect_server(server, token, timeout)
         # wire and master dtypes follow the parameters unless given (Session.choose_dtypes)
@@ -168,6 +168,7 @@ class RemoteOptimizer(_Base):
                                 shared_memory=shared_memory)
         try:
             super().__init__(params, defaults)
+            self._params.groups = self.param_groups
             validation.check_params(algo.name, [p.value for p in self._params])
             # torch's defaultdict(dict), read from the server instead
             self.state = ParamState(  # type: ignore[assignment]
@@ -350,6 +351,7 @@ class RemoteOptimizer(_Base):
         # the loaded state's step: the next push is for the next
         self._session.base_step = info.step
         self.param_groups = merged_groups(self.param_groups, saved_groups)
+        self._params.groups = self.param_groups  # the list the sparse checks read
         self._session.sent = [dict(h) for h in hyper]
         self._invalidate_state()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -654,6 +656,32 @@ class Muon(RemoteOptimizer):
                          lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, ns_coefficients=ns_coefficients, eps=eps,
                          ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+
+
+_SPARSE_ADAM = ALGORITHMS["sparse_adam"].defaults
+
+
+class SparseAdam(RemoteOptimizer):
+    """``torch.optim.SparseAdam`` on an adamserve server (see :class:`RemoteOptimizer`).
+
+    Lazy, as torch's: a step changes only the rows its sparse gradients carry (their
+    moments and values). Gradients must be sparse (``nn.Embedding(sparse=True)``); they
+    go row-sparse, and only those rows of the parameters come back (docs/row-sparse.md).
+    """
+
+    def __init__(self, params: Params, lr: float | Any = _SPARSE_ADAM["lr"],
+                 betas: tuple[float, float] = _SPARSE_ADAM["betas"],
+                 eps: float = _SPARSE_ADAM["eps"], maximize: bool = _SPARSE_ADAM["maximize"],
+                 *, server: Server = None, session: str | None = None,
+                 token: str | None = None, wire_dtype: str | None = None,
+                 master_dtype: str | None = None, schedule: Mapping[str, Any] | None = None,
+                 timeout: float | None = None, workers: int | Workers | None = None,
+                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+        super().__init__(params, "sparse_adam", server=server, session=session, token=token,
+                         wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
+                         timeout=timeout,
+                         workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         lr=lr, betas=betas, eps=eps, maximize=maximize)
 
 
 _ADAFACTOR = ALGORITHMS["adafactor"].defaults

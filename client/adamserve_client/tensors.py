@@ -7,6 +7,10 @@ client's names; this module adds the ``wire_dtype`` names the optimizers take.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 from adamserve_proto import codec
 from adamserve_proto.codec import DATATYPES as DATATYPES
 from adamserve_proto.codec import Buffer as Buffer
@@ -17,7 +21,7 @@ from adamserve_proto.codec import decode_into as decode_into
 from adamserve_proto.codec import encode as encode
 from adamserve_proto.codec import itemsize as itemsize
 
-__all__ = ["WIRE_NAMES", "wire_datatype"]
+__all__ = ["WIRE_NAMES", "row_bytes", "wire_datatype"]
 __all__ += codec.__all__
 
 # The client's wire_dtype names -> datatypes.
@@ -37,3 +41,12 @@ def wire_datatype(name: str) -> str:
     if name.upper() in DATATYPES:
         return name.upper()
     raise ValueError(f"wire_dtype {name!r}: expected one of {', '.join(WIRE_NAMES)}")
+
+
+def row_bytes(rows: Sequence[int] | np.ndarray) -> bytes:
+    """Row indices as the wire carries them: int64, little-endian."""
+    arr = np.asarray(rows)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(f"rows: expected a 1-D sequence of integers, got shape "
+                         f"{list(arr.shape)} of {arr.dtype}")
+    return arr.astype("<i8").tobytes()

@@ -81,6 +81,22 @@ def check_constructor(algorithm: str, hyper: Mapping[str, Any]) -> None:
         _muon(hyper)
     elif algorithm == "adafactor":
         _adafactor(hyper)
+    elif algorithm == "sparse_adam":
+        _sparse_adam(hyper)
+
+
+def _sparse_adam(hyper: Mapping[str, Any]) -> None:
+    """torch/optim/sparse_adam.py, SparseAdam.__init__: lr and eps strictly positive."""
+    lr, eps, betas = hyper["lr"], hyper["eps"], hyper["betas"]
+    _tensor_lr(lr)
+    if not 0.0 < lr:  # noqa: SIM300 (torch's comparison, as it fails)
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 < eps:  # noqa: SIM300
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
 
 
 def _nonnegative(x: Any) -> bool:

@@ -262,9 +262,15 @@ MUON = AlgorithmDef("muon", "muon", {
     "adjust_lr_fn": None,
 }, torch_class="Muon", switches=frozenset(), integers=frozenset({"ns_steps"}))
 
+# torch.optim.SparseAdam (torch 2.13): Adam's moments and update on the rows a sparse
+# gradient touches only (lazily); it takes none of torch's switches, nor weight decay.
+SPARSE_ADAM = AlgorithmDef("sparse_adam", "sparse_adam", {
+    "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "maximize": False,
+}, torch_class="SparseAdam", switches=frozenset())
+
 ALGORITHMS: Mapping[str, AlgorithmDef] = MappingProxyType({a.name: a for a in (
     ADAM, ADAM.alias("amsgrad", amsgrad=True), ADAMW, NADAM, RADAM, ADAMAX, ADAGRAD,
-    RMSPROP, LAMB, ADAMW_SCHEDULE_FREE, RADAM_SCHEDULE_FREE, ADAFACTOR, MUON,
+    RMSPROP, LAMB, ADAMW_SCHEDULE_FREE, RADAM_SCHEDULE_FREE, ADAFACTOR, MUON, SPARSE_ADAM,
 )})
 # The keys any row holds as whole numbers (a group exported or described writes them as ints).
 INTEGER_KEYS = frozenset().union(*(a.integers for a in ALGORITHMS.values()))

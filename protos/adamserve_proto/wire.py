@@ -45,6 +45,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "PULL_CHUNK",
     "PUSH_CHUNK",
+    "ROW_INDEX_BYTES",
     "SET_PARAMETERS_VALUE",
     "STEP_CHUNK",
     "STEP_PARAM",
@@ -61,6 +62,8 @@ __all__ = [
     "read_chunk_message",
     "read_chunks",
     "read_if_large",
+    "row_messages",
+    "row_width",
     "split_if_large",
     "varint",
 ]
@@ -145,12 +148,16 @@ _SHAPE = _TC["shape"].number
 _DATATYPE = _TC["datatype"].number
 _OFFSET = _TC["offset"].number
 _DATA = _TC["data"].number
+_ROW_SPARSE = _TC["row_sparse"].number
+_ROWS = _TC["rows"].number
+ROW_INDEX_BYTES = 8  # a row index on the wire: int64, little-endian
 
 
 def chunk_messages(name: str, shape: Sequence[int], datatype: str,
                    data: bytes | bytearray | memoryview, *, itemsize: int, offset: int = 0,
                    wrap: FieldDescriptor | None = None,
-                   max_bytes: int | None = MAX_MESSAGE_BYTES) -> Iterator[bytes]:
+                   max_bytes: int | None = MAX_MESSAGE_BYTES,
+                   rows: bytes | bytearray | memoryview | None = None) -> Iterator[bytes]:
     """Serialised messages of at most ``max_bytes`` each that carry ``data`` as
     ``TensorChunk``s, in order (``max_bytes`` None: one message, however large -- an
     entry of a repeated field such as :data:`STEP_UNARY_PARAMS`).
@@ -162,11 +169,18 @@ def chunk_messages(name: str, shape: Sequence[int], datatype: str,
     ``data`` still gives one message (a tensor with no elements, or none sent).
     Fields at their default (empty name, no dimensions, empty datatype, offset 0,
     no data) are left out, as protobuf leaves them out.
+
+    ``rows`` (int64 little-endian row indices): a row-sparse chunk, ``data`` holding
+    those rows' values, row after row (see :func:`row_messages`).
     """
     if wrap is not None and wrap.message_type is not pb.TensorChunk.DESCRIPTOR:
         raise TypeError(f"wrap: {wrap.full_name} is not a TensorChunk field")
     if itemsize < 1:
         raise ValueError(f"itemsize must be at least 1, got {itemsize}")
+    if rows is not None:
+        yield from row_messages(name, shape, datatype, data, rows, itemsize=itemsize,
+                                wrap=wrap, max_bytes=max_bytes)
+        return
     view = memoryview(data).cast("B")
     if len(view) % itemsize:
         raise ValueError(f"tensor {name!r}: {len(view)} bytes is not a whole number of "
@@ -210,6 +224,62 @@ def chunk_messages(name: str, shape: Sequence[int], datatype: str,
             yield b"".join((wrap_key, varint(len(head) + len(piece)), head, piece))
 
 
+def row_width(shape: Sequence[int]) -> int:
+    """Elements per row of a tensor of ``shape`` (a slice along its first dim)."""
+    return math.prod(shape[1:])
+
+
+def row_messages(name: str, shape: Sequence[int], datatype: str,
+                 data: bytes | bytearray | memoryview, rows: bytes | bytearray | memoryview,
+                 *, itemsize: int, wrap: FieldDescriptor | None = None,
+                 max_bytes: int | None = MAX_MESSAGE_BYTES) -> Iterator[bytes]:
+    """Row-sparse ``TensorChunk`` messages (``row_sparse`` set, offset 0) of at most
+    ``max_bytes``, that carry the rows ``rows`` (int64 little-endian) of tensor
+    ``name`` and their values ``data``, whole rows per message; no rows: one message
+    (the tensor still counts as sent). ValueError where ``data`` is not one row of
+    ``shape[1:]`` elements per index, or the tensor has no rows (a scalar)."""
+    if not shape:
+        raise ValueError(f"tensor {name!r}: a scalar has no rows to send row-sparse")
+    index = memoryview(rows).cast("B")
+    view = memoryview(data).cast("B")
+    if len(index) % ROW_INDEX_BYTES:
+        raise ValueError(f"tensor {name!r}: {len(index)} bytes of row indices is not a "
+                         f"whole number of {ROW_INDEX_BYTES}-byte indices")
+    count = len(index) // ROW_INDEX_BYTES
+    row_bytes = row_width(shape) * itemsize
+    if len(view) != count * row_bytes:
+        raise ValueError(f"tensor {name!r}: {len(view)} bytes of values for {count} rows "
+                         f"of {row_bytes} bytes each")
+    head_fixed = b""
+    if name:
+        head_fixed += length_delimited(_NAME, name.encode())
+    head_fixed += length_delimited(_SHAPE, b"".join(varint(d) for d in shape))
+    if datatype:
+        head_fixed += length_delimited(_DATATYPE, datatype.encode())
+    flag = key(_ROW_SPARSE, _WIRE_VARINT) + b"\x01"
+    wrap_key = b"" if wrap is None else key(wrap.number)
+    overhead = (len(head_fixed) + len(flag) + len(key(_DATA)) + len(key(_ROWS))
+                + 2 * _MAX_VARINT + (len(wrap_key) + _MAX_VARINT if wrap is not None else 0))
+    per_row = row_bytes + ROW_INDEX_BYTES
+    room = max(count, 1) if max_bytes is None else (max_bytes - overhead) // per_row
+    if room < 1:
+        raise ValueError(f"tensor {name!r}: max_bytes {max_bytes} leaves no room for one "
+                         f"row of {per_row} bytes after {overhead} bytes of framing")
+    for first in range(0, count, room) if count else range(1):
+        last = min(count, first + room)
+        values = view[first * row_bytes:last * row_bytes]
+        ids = index[first * ROW_INDEX_BYTES:last * ROW_INDEX_BYTES]
+        # protobuf's order: by field number (data 5, row_sparse 6, rows 7)
+        parts: list[bytes | memoryview] = [head_fixed]
+        if len(values):
+            parts += [key(_DATA), varint(len(values)), values]
+        parts.append(flag)
+        if len(ids):
+            parts += [key(_ROWS), varint(len(ids)), ids]
+        body = b"".join(parts)
+        yield body if wrap is None else b"".join((wrap_key, varint(len(body)), body))
+
+
 def blob_pieces(blob: bytes | bytearray | memoryview,
                 max_bytes: int = MAX_MESSAGE_BYTES) -> Iterator[memoryview]:
     """``blob`` in consecutive pieces that each fit a message of ``max_bytes`` together
@@ -240,6 +310,9 @@ def blob_messages(blob: bytes | bytearray | memoryview, wrap: FieldDescriptor = 
 # Reading
 
 
+_NO_ROWS = memoryview(b"")
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkView:
     """A ``TensorChunk`` read by hand (:func:`read_chunk_message`, :func:`read_chunks`): its
@@ -251,11 +324,13 @@ class ChunkView:
     datatype: str
     offset: int
     data: memoryview
+    row_sparse: bool = False
+    rows: memoryview = _NO_ROWS
 
 
 _INT64 = 1 << 63
 _UINT64 = 1 << 64
-_CHUNK_FIELDS = frozenset((_NAME, _SHAPE, _DATATYPE, _OFFSET, _DATA))
+_CHUNK_FIELDS = frozenset((_NAME, _SHAPE, _DATATYPE, _OFFSET, _DATA, _ROW_SPARSE, _ROWS))
 
 
 def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -299,7 +374,8 @@ def _read_chunk(buf: bytes, pos: int, end: int) -> ChunkView:
     name = datatype = ""
     shape: tuple[int, ...] = ()
     offset = 0
-    data = memoryview(b"")
+    data = rows = memoryview(b"")
+    row_sparse = False
     seen = 0
     while pos < end:
         tag, pos = _varint(buf, pos, end)
@@ -313,11 +389,19 @@ def _read_chunk(buf: bytes, pos: int, end: int) -> ChunkView:
             raw, pos = _varint(buf, pos, end)
             offset = _int64(raw)
             continue
+        if number == _ROW_SPARSE:
+            if wire_type != _WIRE_VARINT:
+                raise ValueError("row_sparse is not a varint")
+            raw, pos = _varint(buf, pos, end)
+            row_sparse = raw != 0
+            continue
         if wire_type != _WIRE_LENGTH_DELIMITED:
             raise ValueError("a length-delimited field of another wire type")
         start, pos = _length(buf, pos, end)
         if number == _DATA:
             data = memoryview(buf)[start:pos]
+        elif number == _ROWS:
+            rows = memoryview(buf)[start:pos]
         elif number == _NAME:
             name = _text(buf, start, pos)
         elif number == _DATATYPE:
@@ -328,7 +412,7 @@ def _read_chunk(buf: bytes, pos: int, end: int) -> ChunkView:
                 raw, start = _varint(buf, start, pos)
                 dims.append(_int64(raw))
             shape = tuple(dims)
-    return ChunkView(name, shape, datatype, offset, data)
+    return ChunkView(name, shape, datatype, offset, data, row_sparse, rows)
 
 
 def read_chunk_message(buf: bytes, wrap: FieldDescriptor) -> ChunkView | None:

@@ -439,3 +439,26 @@ def test_stop_does_not_wait_for_a_client_that_holds_a_call_open() -> None:
     server.stop(grace=0.5)
     assert time.monotonic() - began < 5
     raw.close()
+
+
+def test_the_rows_column_carries_row_sparse_tensors_and_nulls_for_dense_ones() -> None:
+    """A stream with row-sparse tensors has a fifth column, rows: list<int64>; null in
+    it for a dense chunk; a large row-sparse tensor is cut between whole rows."""
+    ids = np.arange(0, 4000, 2, dtype="<i8")
+    values = np.arange(len(ids) * 300, dtype="<f4")  # 300-element rows: 2.4 MB
+    dense = np.ones(6, dtype="<f4")
+    batches = list(layout.batches([("emb", (4000, 300), values.tobytes(), 0, ids.tobytes()),
+                                   ("bias", (6,), dense.tobytes(), 0, None)], "FP32",
+                                  max_bytes=1 << 20, rows=True))
+    assert len(batches) > 2
+    assert all(b.schema.equals(layout.schema("FP32", rows=True)) for b in batches)
+    assert layout.datatype_of(batches[0].schema) == "FP32"
+    got = [r for b in batches for r in layout.rows(b, "FP32")]
+    emb = [r for r in got if r.name == "emb"]
+    assert all(r.rows is not None and len(r.data) == 1200 * len(r.rows) // 8 for r in emb)
+    assert b"".join(bytes(r.rows or b"") for r in emb) == ids.tobytes()
+    assert b"".join(bytes(r.data) for r in emb) == values.tobytes()
+    (bias,) = [r for r in got if r.name == "bias"]
+    assert bias.rows is None and bytes(bias.data) == dense.tobytes()
+    with pytest.raises(ValueError, match="the stream needs rows=True"):
+        list(layout.batches([("emb", (4000, 300), b"", 0, b"")], "FP32"))

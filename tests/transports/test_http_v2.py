@@ -143,7 +143,7 @@ def test_request_models_have_the_protos_fields() -> None:
         (schemas.StepRequest, pb.StepHeader, {"session_id", "apply_as_received"},
          {"gradients", "binary_output"}),
         (schemas.PushRequest, pb.StepHeader,
-         {"session_id", "apply_as_received", "return_datatype"}, {"gradients"}),
+         {"session_id", "apply_as_received", "return_datatype", "return_rows"}, {"gradients"}),
         (schemas.PullRequest, pb.PullRequest, {"session_id"}, {"binary_output"}),
         (schemas.CommitRequest, pb.CommitRequest, {"session_id"}, {"binary_output"}),
         (schemas.SetWorkersRequest, pb.SetWorkersRequest, {"session_id"}, set()),

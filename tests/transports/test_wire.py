@@ -263,3 +263,51 @@ def test_one_message_per_tensor_for_a_repeated_field() -> None:
     assert empty == pb.StepUnaryResponse(params=[pb.TensorChunk(name="e", shape=[0],
                                                                 datatype="FP32")]
                                          ).SerializeToString()
+
+
+# ---------------------------------------------------------------------------
+# row-sparse chunks
+
+
+@pytest.mark.parametrize("wrap", [None, *CHUNK_FIELDS],
+                         ids=lambda f: getattr(f, "full_name", "bare"))
+def test_row_chunks_equal_protobuf_and_read_back(wrap: FieldDescriptor | None) -> None:
+    """Whole rows per message, each with its indices, written as protobuf writes them
+    (data 5, row_sparse 6, rows 7), and read back as views."""
+    rows = np.array([7, 0, 3, 9, 2], dtype="<i8")
+    values = np.arange(15, dtype="<f4")  # 5 rows of 3
+    got = list(wire.chunk_messages("emb", (10, 3), "FP32", values.tobytes(), itemsize=4,
+                                   wrap=wrap, max_bytes=70, rows=rows.tobytes()))
+    assert len(got) > 1
+    seen: list[int] = []
+    for raw in got:
+        assert len(raw) <= 70
+        chunk = pb.TensorChunk.FromString(raw) if wrap is None else getattr(
+            _wrapper(wrap).FromString(raw), wrap.name)
+        ids = np.frombuffer(chunk.rows, "<i8").tolist()
+        assert chunk.row_sparse and chunk.offset == 0 and len(chunk.data) == 12 * len(ids)
+        want = pb.TensorChunk(name="emb", shape=[10, 3], datatype="FP32", row_sparse=True,
+                              rows=chunk.rows,
+                              data=values[3 * len(seen):3 * (len(seen) + len(ids))].tobytes())
+        whole = want if wrap is None else _wrapper(wrap)(**{wrap.name: want})
+        assert raw == whole.SerializeToString()
+        if wrap is not None:
+            view = wire.read_chunk_message(raw, wrap)
+            assert view is not None and view.row_sparse
+            assert bytes(view.rows) == chunk.rows and bytes(view.data) == chunk.data
+        seen += ids
+    assert seen == rows.tolist()
+    empty = list(wire.chunk_messages("emb", (10, 3), "FP32", b"", itemsize=4, rows=b""))
+    assert empty == [pb.TensorChunk(name="emb", shape=[10, 3], datatype="FP32",
+                                    row_sparse=True).SerializeToString()]
+
+
+@pytest.mark.parametrize(("shape", "values", "rows", "message"), [
+    ((), b"\0" * 4, b"\0" * 8, "a scalar has no rows"),
+    ((4, 2), b"\0" * 12, b"\0" * 8, "12 bytes of values for 1 rows of 8 bytes each"),
+    ((4, 2), b"", b"\0" * 5, "not a whole number of 8-byte indices"),
+])
+def test_row_chunks_that_do_not_fit_are_refused(shape: tuple[int, ...], values: bytes,
+                                                rows: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        list(wire.chunk_messages("t", shape, "FP32", values, itemsize=4, rows=rows))

@@ -29,7 +29,7 @@ from adamserve_client.transports.base import (
     StateDict,
     WireTensor,
 )
-from adamserve_proto import state_blob
+from adamserve_proto import state_blob, wire
 from adamserve_proto.algorithms import wire_value
 
 T = TypeVar("T")
@@ -119,6 +119,30 @@ class ChunkAssembler:
         self._order: list[str] = []
         # name -> shape, datatype, the data, bytes filled
         self._parts: dict[str, tuple[tuple[int, ...], str, Buffer, int]] = {}
+        # row-sparse tensors: name -> shape, datatype, [(row indices, values)]
+        self._rows: dict[str, tuple[tuple[int, ...], str, list[tuple[Buffer, Buffer]]]] = {}
+
+    def add_rows(self, name: str, shape: Sequence[int], datatype: str, rows: Buffer,
+                 data: Buffer) -> None:
+        """A row-sparse chunk: some rows of tensor ``name`` (their indices and values)."""
+        if datatype not in DATATYPES:
+            raise bad_response(f"server sent tensor {name!r} as unknown datatype "
+                               f"{datatype!r}")
+        dims = tuple(int(d) for d in shape)
+        entry = self._rows.get(name)
+        if entry is None:
+            if name in self._parts:
+                raise bad_response(f"server sent tensor {name!r} both whole and as rows")
+            entry = self._rows[name] = (dims, datatype, [])
+            self._order.append(name)
+        if entry[:2] != (dims, datatype):
+            raise bad_response(f"server sent tensor {name!r} in chunks that disagree")
+        count, rest = divmod(memoryview(rows).nbytes, wire.ROW_INDEX_BYTES)
+        if not dims or rest or memoryview(data).nbytes != (
+                count * wire.row_width(dims) * DATATYPES[datatype].itemsize):
+            raise bad_response(f"server sent rows of tensor {name!r} that do not fit its "
+                               f"shape {list(dims)}")
+        entry[2].append((rows, data))
 
     def add(self, name: str, shape: Sequence[int], datatype: str, offset: int,
             data: Buffer) -> None:
@@ -153,11 +177,26 @@ class ChunkAssembler:
 
     def add_chunk(self, chunk: Any) -> None:
         """Add a ``TensorChunk`` message (or an ``adamserve_proto.wire.ChunkView``)."""
+        if chunk.row_sparse:
+            self.add_rows(chunk.name, chunk.shape, chunk.datatype or "FP32", chunk.rows,
+                          chunk.data)
+            return
+        if chunk.name in self._rows:
+            raise bad_response(f"server sent tensor {chunk.name!r} both whole and as rows")
         self.add(chunk.name, chunk.shape, chunk.datatype or "FP32", chunk.offset, chunk.data)
 
     def tensors(self) -> list[WireTensor]:
         out = []
         for name in self._order:
+            if name in self._rows:
+                dims, kind, parts = self._rows[name]
+                if len(parts) == 1:
+                    rows, data = parts[0]
+                else:
+                    rows = b"".join(bytes(r) for r, _ in parts)
+                    data = b"".join(bytes(d) for _, d in parts)
+                out.append(WireTensor(name, dims, kind, data, rows))
+                continue
             shape, datatype, data, filled = self._parts[name]
             total = math.prod(shape) * DATATYPES[datatype].itemsize
             if filled != total:
@@ -252,6 +291,18 @@ def check_sizes(payload: Iterable[WireTensor]) -> None:
     shape (every wire checks this first: the same message whatever the wire)."""
     for t in payload:
         size = memoryview(t.data).nbytes
+        if t.rows is not None:
+            if not t.shape:
+                raise ValueError(f"tensor {t.name!r}: a scalar has no rows to send "
+                                 "row-sparse")
+            count, rest = divmod(memoryview(t.rows).nbytes, wire.ROW_INDEX_BYTES)
+            expected = count * wire.row_width(t.shape) * DATATYPES[t.datatype].itemsize
+            if rest or size != expected:
+                raise ValueError(f"tensor {t.name!r}: {size} bytes of data for "
+                                 f"{memoryview(t.rows).nbytes} bytes of int64 row indices; "
+                                 f"{count} rows of shape {list(t.shape[1:])} of "
+                                 f"{t.datatype} need {expected}")
+            continue
         expected = math.prod(t.shape) * DATATYPES[t.datatype].itemsize
         if size != expected:
             raise ValueError(f"tensor {t.name!r}: {size} bytes of data, shape "

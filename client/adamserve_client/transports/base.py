@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 from google.protobuf.message import Message
 
 from adamserve_client.tensors import Buffer
@@ -83,12 +84,15 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class WireTensor:
-    """A whole tensor as raw little-endian bytes of ``datatype``, row-major."""
+    """A whole tensor as raw little-endian bytes of ``datatype``, row-major; or, with
+    ``rows`` (int64 little-endian row indices), those rows of it (slices along the
+    first dim), ``data`` holding their values row after row (a row-sparse tensor)."""
 
     name: str
     shape: tuple[int, ...]
     datatype: str
     data: Buffer
+    rows: Buffer | None = None
 
 
 @dataclass(frozen=True)
@@ -342,8 +346,9 @@ class Transport(abc.ABC):
              return_datatype: str = "FP32", require_all: bool = False,
              sender: Sender | None = None, base_step: int | None = None,
              gradients_region: RegionRef | None = None, gradients_datatype: str = "FP32",
-             params_region: RegionRef | None = None) -> StepResult:
-        """One optimizer step; the result carries every tensor's parameters.
+             params_region: RegionRef | None = None, return_rows: bool = False) -> StepResult:
+        """One optimizer step; the result carries every tensor's parameters (with
+        ``return_rows``, of a gradient sent row-sparse only the rows sent).
 
         ``base_step``: the step whose parameters the gradients were computed from (a
         synchronous session refuses a push for a step already applied; an async one
@@ -383,9 +388,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
-             wait: float | None = None) -> list[WireTensor]:
+             wait: float | None = None,
+             rows: Mapping[str, Sequence[int] | np.ndarray] | None = None) -> list[WireTensor]:
         """Parameter values (all tensors when ``names`` is empty); with ``min_step``,
-        once the session has reached that step (waiting up to ``wait`` seconds)."""
+        once the session has reached that step (waiting up to ``wait`` seconds).
+        ``rows``: only these rows of these tensors (row-sparse WireTensors), after the
+        whole tensors of ``names`` (none when ``names`` is empty)."""
 
     @abc.abstractmethod
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],

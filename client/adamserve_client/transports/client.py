@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from google.protobuf.message import Message
 
-from adamserve_client.tensors import DATATYPES
+from adamserve_client.tensors import DATATYPES, row_bytes
 from adamserve_client.transports import _codec
 from adamserve_client.transports import messages as m
 from adamserve_client.transports.base import (
@@ -128,9 +129,12 @@ class Client(Transport):
              return_datatype: str = "FP32", require_all: bool = False,
              sender: Sender | None = None, base_step: int | None = None,
              gradients_region: RegionRef | None = None, gradients_datatype: str = "FP32",
-             params_region: RegionRef | None = None) -> StepResult:
+             params_region: RegionRef | None = None, return_rows: bool = False) -> StepResult:
+        """... ``return_rows``: of each gradient sent row-sparse, only those rows of its
+        parameter come back (row-sparse), the other tensors whole."""
         header = self._header(session_id, return_datatype, require_all, sender, base_step,
                               gradients_region, gradients_datatype, params_region)
+        header.return_rows = return_rows
         # a sender's step is applied once however often it is sent: safe to retry
         reply = self.wire.stream("Step", pb.StepRequest(header=header), gradients,
                                  idempotent=sender is not None)
@@ -148,12 +152,16 @@ class Client(Transport):
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
-             wait: float | None = None) -> list[WireTensor]:
-        """... ``wait`` None or 0: as long as the call's timeout allows."""
+             wait: float | None = None,
+             rows: Mapping[str, Sequence[int] | np.ndarray] | None = None) -> list[WireTensor]:
+        """... ``wait`` None or 0: as long as the call's timeout allows. ``rows``: only
+        these rows of these tensors (row-sparse), after the whole tensors of ``names``."""
         if datatype not in DATATYPES:
             raise ValueError(f"datatype {datatype!r}: expected one of {', '.join(DATATYPES)}")
         request = pb.PullRequest(session_id=session_id, names=list(names or ()),
-                                 datatype=datatype, min_step=min_step)
+                                 datatype=datatype, min_step=min_step,
+                                 rows=[pb.RowSelection(name=n, rows=row_bytes(r))
+                                       for n, r in (rows or {}).items()])
         if wait:
             request.timeout.CopyFrom(m.duration(wait, "wait"))
         return list(self.wire.stream("Pull", request).tensors)

@@ -46,8 +46,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
+
+import numpy as np
 
 from adamserve_client.transports import _codec
 from adamserve_client.transports.base import (
@@ -73,7 +75,8 @@ class Shards(Protocol):
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
-             wait: float | None = None) -> list[WireTensor]:
+             wait: float | None = None,
+             rows: Mapping[str, Sequence[int] | np.ndarray] | None = None) -> list[WireTensor]:
         ...
 
     def describe(self, session_id: str) -> SessionInfo:
@@ -103,22 +106,33 @@ def totals(plan: ShardPlan, per_shard: Sequence[Sequence[float]]) -> list[float]
 
 def exchange_step(shards: Shards, session_id: str, plan: ShardPlan,
                   grads: Sequence[Sequence[WireTensor]], *, sender: Sender | None,
-                  base_step: int, return_datatype: str | None, lamb: bool) -> StepResult:
+                  base_step: int, return_datatype: str | None, lamb: bool,
+                  rows: Mapping[str, np.ndarray] | None = None) -> StepResult:
     """One two-phase step: ``grads`` the pieces of the gradient per shard;
-    ``return_datatype`` None: a push (no parameters back)."""
+    ``return_datatype`` None: a push (no parameters back). ``rows``: of these tensors
+    only these rows come back (pulled after the commits, which then return none)."""
     staged = shards.each(lambda i, t: t.push(session_id, grads[i], require_all=True,
                                              sender=sender, base_step=base_step))
+
+    def fetch(min_step: int = 0) -> list[WireTensor]:
+        if not return_datatype:
+            return []
+        if not rows:
+            return shards.pull(session_id, datatype=return_datatype, min_step=min_step)
+        whole = [t.name for t in plan.tensors if t.name not in rows]
+        if not whole:  # rows only: an empty list of names asks for no whole tensor
+            return shards.pull(session_id, datatype=return_datatype, min_step=min_step,
+                               rows=rows)
+        return shards.pull(session_id, whole, return_datatype, min_step=min_step, rows=rows)
+
     if all(r.duplicate for r in staged):  # applied before: answer like one server
-        params = shards.pull(session_id, datatype=return_datatype) if return_datatype else []
         return dataclasses.replace(shards.merge(session_id, plan, staged),
-                                   params=tuple(params))
+                                   params=tuple(fetch()))
     if any(r.duplicate for r in staged):
         # a resent push that some shards applied already: whoever committed there
         # holds every shard's sums and commits on the rest too, so wait for that
         target = max(r.step for r in staged if r.duplicate)
-        params = (shards.pull(session_id, datatype=return_datatype, min_step=target)
-                  if return_datatype else [])
-        return StepResult(shards.describe(session_id).step, params=tuple(params),
+        return StepResult(shards.describe(session_id).step, params=tuple(fetch(target)),
                           duplicate=True)
     steps = {r.step for r in staged}
     if len(steps) != 1:
@@ -131,21 +145,23 @@ def exchange_step(shards: Shards, session_id: str, plan: ShardPlan,
     def mine(i: int, values: Sequence[float]) -> list[float]:
         return [values[p.parent] for p in plan.shards[i]]
 
+    answer = None if rows else return_datatype  # rows: pulled after
     results = shards.each(lambda i, t: t.commit(
         session_id, target, mine(i, sums), total, round_id=rounds[i],
-        return_datatype=return_datatype))
+        return_datatype=answer))
     if lamb and all(r.pending for r in results):
         psq = totals(plan, [r.exchange.param_sumsq for r in results])
         usq = totals(plan, [r.exchange.update_sumsq for r in results])
         results = shards.each(lambda i, t: t.commit(
             session_id, target, mine(i, sums), total, param_sumsq=mine(i, psq),
-            update_sumsq=mine(i, usq), round_id=rounds[i], return_datatype=return_datatype))
+            update_sumsq=mine(i, usq), round_id=rounds[i], return_datatype=answer))
     elif any(r.pending for r in results):
         # LAMB: another worker's second commit reached some shards first; it
         # commits the others too, so wait for the step there
-        params = (shards.pull(session_id, datatype=return_datatype, min_step=target)
-                  if return_datatype else [])
         done = next(r for r in results if not r.pending)
         shards.seen(session_id, done.step)
-        return dataclasses.replace(done, params=tuple(params), nonfinite=())
-    return shards.merge(session_id, plan, results)
+        return dataclasses.replace(done, params=tuple(fetch(target)), nonfinite=())
+    merged = shards.merge(session_id, plan, results)
+    if rows and return_datatype:
+        return dataclasses.replace(merged, params=tuple(fetch(target)))
+    return merged

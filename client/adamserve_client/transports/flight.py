@@ -36,7 +36,7 @@ from adamserve_client.transports import _codec, _status
 from adamserve_client.transports._tls import TlsOptions, check_scheme
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
-from adamserve_client.transports.small_steps import SmallSteps
+from adamserve_client.transports.small_steps import SmallSteps, unary_request
 from adamserve_proto import codec, rpc
 from adamserve_proto import flight as layout
 from adamserve_proto.flight import Row
@@ -121,6 +121,7 @@ class Part:
     datatype: str
     data: memoryview
     offset: int
+    rows: Any = None  # a row-sparse tensor's row ids (int64 little-endian bytes)
 
 
 def _split(payload: Sequence[WireTensor], streams: int) -> list[list[Part]]:
@@ -132,8 +133,8 @@ def _split(payload: Sequence[WireTensor], streams: int) -> list[list[Part]]:
     views = [(t, memoryview(t.data).cast("B")) for t in payload]
     total = sum(v.nbytes for _, v in views)
     streams = max(1, min(streams, total // layout.BATCH_BYTES))
-    if streams == 1:
-        return [[Part(t.name, t.shape, t.datatype, v, 0) for t, v in views]]
+    if streams == 1 or any(t.rows is not None for t in payload):  # row-sparse: one stream
+        return [[Part(t.name, t.shape, t.datatype, v, 0, t.rows) for t, v in views]]
     item = codec.itemsize(kinds.pop())
     per = -(-total // (streams * item)) * item  # bytes per part: whole elements
     parts: list[list[Part]] = [[] for _ in range(streams)]
@@ -151,8 +152,13 @@ def _split(payload: Sequence[WireTensor], streams: int) -> list[list[Part]]:
     return [p for p in parts if p]
 
 
+def _schema(part: Sequence[Part], datatype: str) -> pa.Schema:
+    return layout.schema(datatype, any(p.rows is not None for p in part))
+
+
 def _batches(part: Sequence[Part], datatype: str) -> Iterator[pa.RecordBatch]:
-    return layout.batches(((p.name, p.shape, p.data, p.offset) for p in part), datatype)
+    return layout.batches(((p.name, p.shape, p.data, p.offset, p.rows) for p in part), datatype,
+                          rows=any(p.rows is not None for p in part))
 
 
 def _assemble(replies: Sequence[tuple[str, Sequence[Row]]]) -> list[WireTensor]:
@@ -160,6 +166,9 @@ def _assemble(replies: Sequence[tuple[str, Sequence[Row]]]) -> list[WireTensor]:
     tensors = _codec.ChunkAssembler()
     for datatype, rows in replies:
         for r in rows:
+            if r.rows is not None:
+                tensors.add_rows(r.name, r.shape, datatype, r.rows, r.data)
+                continue
             # a view of the batch's buffer: the assembler keeps it or copies it once
             tensors.add(r.name, r.shape, datatype, r.offset, cast(bytes, r.data))
     return tensors.tensors()
@@ -233,9 +242,7 @@ class FlightWire(Wire):
         header = self.small.header(request, gradients)
         if header is None:
             return None
-        unary = pb.StepUnaryRequest(header=header, gradients=[
-            pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
-                           data=bytes(t.data)) for t in gradients])
+        unary = unary_request(header, gradients)
         return self.small.send(header, lambda: self.unary("StepUnary", unary,
                                                           idempotent=idempotent))
 
@@ -281,7 +288,7 @@ class FlightWire(Wire):
         datatype = part[0].datatype if part else "FP32"
         try:
             try:
-                writer.begin(layout.schema(datatype))
+                writer.begin(_schema(part, datatype))
                 for batch in _batches(part, datatype):
                     writer.write_batch(batch)
                 writer.done_writing()
@@ -304,7 +311,7 @@ class FlightWire(Wire):
         (part,) = _split(payload, 1)
         datatype = part[0].datatype if part else "FP32"
         writer, meta = self._client.do_put(fl.FlightDescriptor.for_command(command),
-                                           layout.schema(datatype), self._options)
+                                           _schema(part, datatype), self._options)
         try:
             for batch in _batches(part, datatype):
                 writer.write_batch(batch)

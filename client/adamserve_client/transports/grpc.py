@@ -36,7 +36,7 @@ from adamserve_client.transports import _codec, _status
 from adamserve_client.transports._tls import TlsOptions, check_scheme
 from adamserve_client.transports.base import Blob, Payload, Reply, Wire, WireTensor
 from adamserve_client.transports.client import Client
-from adamserve_client.transports.small_steps import SmallSteps
+from adamserve_client.transports.small_steps import SmallSteps, unary_request
 from adamserve_proto import rpc, wire
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
@@ -107,7 +107,7 @@ def tensor_messages(t: WireTensor, wrap: FieldDescriptor | None = None,
     item = DATATYPES[t.datatype].itemsize
     _codec.check_sizes([t])
     return wire.chunk_messages(t.name, t.shape, t.datatype, t.data, itemsize=item, wrap=wrap,
-                               max_bytes=max_bytes)
+                               max_bytes=max_bytes, rows=t.rows)
 
 
 def _serialize(msg: Any) -> bytes:
@@ -271,9 +271,7 @@ class GrpcWire(Wire):
             return None
         raw: Message | bytes
         if sum(memoryview(t.data).nbytes for t in gradients) < wire.BY_HAND_BYTES:
-            raw = pb.StepUnaryRequest(header=header, gradients=[
-                pb.TensorChunk(name=t.name, shape=t.shape, datatype=t.datatype,
-                               data=bytes(t.data)) for t in gradients])
+            raw = unary_request(header, gradients)
         else:  # serialised here: the header, then each gradient whole (a `gradients` entry)
             raw = b"".join([pb.StepUnaryRequest(header=header).SerializeToString(),
                             *(m for t in gradients

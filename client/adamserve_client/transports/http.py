@@ -134,8 +134,22 @@ def _wrapped(method: str) -> str | None:
 
 
 def _entry(t: WireTensor) -> dict[str, Any]:
-    return {"name": t.name, "shape": list(t.shape), "datatype": t.datatype,
-            "parameters": {"binary_data_size": memoryview(t.data).nbytes}}
+    entry = {"name": t.name, "shape": list(t.shape), "datatype": t.datatype,
+             "parameters": {"binary_data_size": memoryview(t.data).nbytes}}
+    if t.rows is not None:
+        entry["rows"] = _row_list(t.rows)
+    return entry
+
+
+def _row_list(rows: Any) -> list[int]:
+    """Row indices (int64 little-endian bytes) as the JSON numbers the HTTP API takes."""
+    out: list[int] = np.frombuffer(rows, dtype="<i8").tolist()
+    return out
+
+
+def _rows_of(p: Mapping[str, Any]) -> bytes | None:
+    rows = p.get("rows")
+    return None if rows is None else np.asarray(rows, dtype="<i8").tobytes()
 
 
 def _parts(text: bytes, tensors: Sequence[WireTensor]) -> list[bytes | memoryview]:
@@ -157,7 +171,7 @@ def _tensors_out(response: httpx.Response) -> tuple[dict[str, Any], list[WireTen
         body = json.loads(content) if content else {}
         return body, [WireTensor(p["name"], tuple(p["shape"]), p["datatype"],
                                  encode(np.asarray(p.get("data") or [], dtype=np.float64),
-                                        p["datatype"]))
+                                        p["datatype"]), _rows_of(p))
                       for p in body.pop("params", [])]
     view = memoryview(content)
     pos = int(n)
@@ -168,7 +182,7 @@ def _tensors_out(response: httpx.Response) -> tuple[dict[str, Any], list[WireTen
         if pos + size > len(view):
             raise _codec.bad_response("binary response: tensor data past the end of the body")
         params.append(WireTensor(p["name"], tuple(int(d) for d in p["shape"]), p["datatype"],
-                                 view[pos:pos + size]))
+                                 view[pos:pos + size], _rows_of(p)))
         pos += size
     return body, params
 
@@ -241,6 +255,8 @@ class HttpWire(Wire):
         body_msg = _body_of(request, route)
         body = (convert.message_json(body_msg, defaults=route.defaults)
                 if body_msg is not None else {})
+        if isinstance(request, pb.PullRequest) and request.rows:  # numbers, not base64
+            body["rows"] = [{"name": r.name, "rows": _row_list(r.rows)} for r in request.rows]
         values = {}
         for field in route.fields:
             value = body.pop(field, None) or getattr(request, field, "")

@@ -8,6 +8,12 @@ and BytePS split large keys). A piece of a split tensor is a 1-D tensor named
 ``<name>#<start>:<end>:<shape>``, so the plan can be rebuilt from the shards'
 sessions alone (:func:`plan_from_sessions`); :attr:`ShardPlan.digest` names the
 whole layout, and every shard session carries it in its labels.
+
+A tensor cut only between its rows (``plan_shards(rows=...)``: a lazy algorithm's,
+SparseAdam's) keeps its row shape in each piece, ``(rows, *shape[1:])``: a
+row-sparse gradient of it goes to each shard as the rows that shard holds, renumbered
+from the piece's first row. Elsewhere a row-sparse gradient is sent dense to the
+pieces whose cuts fall inside a row (the rows not sent are zero).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from adamserve_client import tensors
 from adamserve_client.transports.base import SessionInfo, TensorSpec, WireTensor
 
-__all__ = ["DEFAULT_SPLIT_ELEMENTS", "Piece", "ShardPlan", "join", "plan_from_sessions",
-           "plan_shards", "split"]
+__all__ = ["DEFAULT_SPLIT_ELEMENTS", "Piece", "ShardPlan", "by_rows", "dense_pieces", "join",
+           "plan_from_sessions", "plan_shards", "split"]
 
 DEFAULT_SPLIT_ELEMENTS = 1 << 20
 _PIECE = re.compile(r"(?P<name>.+)#(?P<start>\d+):(?P<end>\d+):(?P<shape>[\d,]*)")
@@ -58,21 +66,30 @@ class ShardPlan:
         return math.prod(self.tensors[parent].shape)
 
 
-def _piece(parent: int, spec: TensorSpec, start: int, end: int) -> Piece:
+def _piece(parent: int, spec: TensorSpec, start: int, end: int, by_rows: bool = False) -> Piece:
     numel = math.prod(spec.shape)
     if start == 0 and end == numel:
         return Piece(parent, start, end, spec)
     shape = ",".join(str(d) for d in spec.shape)
+    width = _width(spec.shape)
+    held = ((end - start) // width, *spec.shape[1:]) if by_rows else (end - start,)
     return Piece(parent, start, end,
-                 TensorSpec(f"{spec.name}#{start}:{end}:{shape}", (end - start,), spec.group))
+                 TensorSpec(f"{spec.name}#{start}:{end}:{shape}", held, spec.group))
+
+
+def _width(shape: Sequence[int]) -> int:
+    """Elements per row (a slice along the first dim); 1 for a scalar."""
+    return math.prod(shape[1:]) if shape else 1
 
 
 def plan_shards(specs: Sequence[TensorSpec], shards: int,
                 split_elements: int = DEFAULT_SPLIT_ELEMENTS,
-                whole: Callable[[TensorSpec], bool] | None = None) -> ShardPlan:
+                whole: Callable[[TensorSpec], bool] | None = None,
+                rows: Callable[[TensorSpec], bool] | None = None) -> ShardPlan:
     """Cut the flat key space of ``specs`` into ``shards`` ranges of about equal size;
     a tensor for which ``whole`` holds is never split (Adafactor's and Muon's, whose
-    steps need the whole tensor)."""
+    steps need the whole tensor), one for which ``rows`` holds only between rows
+    (SparseAdam's: each shard steps whole rows)."""
     if shards < 1:
         raise ValueError(f"shards: expected at least 1, got {shards}")
     for t in specs:
@@ -86,6 +103,8 @@ def plan_shards(specs: Sequence[TensorSpec], shards: int,
     for j, t in enumerate(specs):
         n = math.prod(t.shape)
         cut = split_elements if whole is None or not whole(t) else n + 1  # n < cut: whole
+        by_rows = rows is not None and len(t.shape) >= 2 and rows(t)
+        unit = _width(t.shape) if by_rows else 1  # cuts fall on multiples of it
         start = 0
         while True:
             room = target - fill
@@ -94,11 +113,15 @@ def plan_shards(specs: Sequence[TensorSpec], shards: int,
                     n < cut and fill > 0 and rest - room > room)):
                 s, fill = s + 1, 0  # full, or a whole tensor overflows more than it fits
                 continue
-            if s == shards - 1 or rest <= room or n < cut:
-                out[s].append(_piece(j, t, start, n))
+            if s == shards - 1 or rest <= room or n < cut or (unit > 1 and room < unit):
+                if unit > 1 and rest > room and s < shards - 1 and fill > 0:
+                    s, fill = s + 1, 0  # not a whole row's room left here
+                    continue
+                out[s].append(_piece(j, t, start, n, by_rows))
                 fill += rest
                 break
-            out[s].append(_piece(j, t, start, start + room))
+            room -= room % unit
+            out[s].append(_piece(j, t, start, start + room, by_rows))
             start += room
             s, fill = s + 1, 0
     empty = [i for i, shard in enumerate(out) if not shard]
@@ -145,8 +168,16 @@ def plan_from_sessions(infos: Sequence[SessionInfo]) -> ShardPlan:
     return ShardPlan(tuple(parents), tuple(shards))
 
 
+def by_rows(plan: ShardPlan, p: Piece) -> bool:
+    """Whether piece ``p`` holds whole rows of its tensor, in their row shape."""
+    parent = plan.tensors[p.parent].shape
+    return bool(parent) and p.spec.shape[1:] == parent[1:] and (
+        p.start % _width(parent) == 0)
+
+
 def split(plan: ShardPlan, values: Sequence[WireTensor]) -> list[list[WireTensor]]:
-    """Per shard, the pieces of ``values`` (whole model tensors) it holds."""
+    """Per shard, the pieces of ``values`` (whole model tensors, or row-sparse ones) it
+    holds."""
     by_name = {w.name: w for w in values}
     unknown = sorted(set(by_name) - {t.name for t in plan.tensors})
     if unknown:
@@ -158,11 +189,43 @@ def split(plan: ShardPlan, values: Sequence[WireTensor]) -> list[list[WireTensor
             w = by_name.get(plan.tensors[p.parent].name)
             if w is None:
                 continue
+            if w.rows is not None:
+                pieces.append(_rows_piece(plan, p, w))
+                continue
             size = tensors.itemsize(w.datatype)
             view = memoryview(w.data).cast("B")[p.start * size:p.end * size]
             pieces.append(WireTensor(p.spec.name, p.spec.shape, w.datatype, view))
         out.append(pieces)
     return out
+
+
+def _rows_piece(plan: ShardPlan, p: Piece, w: WireTensor) -> WireTensor:
+    """The part of row-sparse ``w`` piece ``p`` holds: its rows, renumbered from the
+    piece's first (or, where the piece's cuts fall inside rows, its elements dense)."""
+    width = _width(w.shape)
+    size = tensors.itemsize(w.datatype)
+    rows = np.frombuffer(w.rows, dtype="<i8") if w.rows is not None else np.zeros(0, "<i8")
+    values = np.frombuffer(w.data, dtype=np.uint8).reshape(len(rows), width * size)
+    if p.start == 0 and p.end == plan.numel(p.parent):
+        return WireTensor(p.spec.name, p.spec.shape, w.datatype, w.data, w.rows)
+    if by_rows(plan, p):
+        lo, hi = p.start // width, p.end // width
+        mine = (rows >= lo) & (rows < hi)
+        return WireTensor(p.spec.name, p.spec.shape, w.datatype, values[mine].tobytes(),
+                          (rows[mine] - lo).astype("<i8").tobytes())
+    dense = np.zeros((plan.numel(p.parent) // width if width else 0, width * size), np.uint8)
+    dense[rows] = values
+    flat = dense.reshape(-1)[p.start * size:p.end * size]
+    return WireTensor(p.spec.name, p.spec.shape, w.datatype, flat.tobytes())
+
+
+def dense_pieces(plan: ShardPlan, values: Sequence[WireTensor]) -> bool:
+    """Whether a row-sparse tensor of ``values`` goes dense to some piece (a cut inside
+    its rows): the step then returns those pieces whole."""
+    sparse = {w.name for w in values if w.rows is not None}
+    return any(plan.tensors[p.parent].name in sparse and not by_rows(plan, p)
+               and not (p.start == 0 and p.end == plan.numel(p.parent))
+               for shard in plan.shards for p in shard)
 
 
 def join(plan: ShardPlan, parts: Sequence[Sequence[WireTensor]]) -> list[WireTensor]:
@@ -177,6 +240,9 @@ def join(plan: ShardPlan, parts: Sequence[Sequence[WireTensor]]) -> list[WireTen
     for j in sorted(pieces):
         spec = plan.tensors[j]
         got = pieces[j]
+        if any(w.rows is not None for _, w in got):
+            out.append(_join_rows(spec, got))
+            continue
         if len(got) == 1 and got[0][0].start == 0 and got[0][0].end == plan.numel(j):
             w = got[0][1]
             out.append(WireTensor(spec.name, spec.shape, w.datatype, w.data))
@@ -188,3 +254,16 @@ def join(plan: ShardPlan, parts: Sequence[Sequence[WireTensor]]) -> list[WireTen
             buf[p.start * size:p.end * size] = memoryview(w.data).cast("B")
         out.append(WireTensor(spec.name, spec.shape, datatype, buf))
     return out
+
+
+def _join_rows(spec: TensorSpec, got: Sequence[tuple[Piece, WireTensor]]) -> WireTensor:
+    """One row-sparse model tensor from its pieces' row-sparse answers."""
+    if not all(w.rows is not None for _, w in got):
+        raise ValueError(f"tensor {spec.name!r}: the shards answered some pieces whole and "
+                         "some as rows")
+    width = _width(spec.shape)
+    rows = [np.frombuffer(w.rows, dtype="<i8") + p.start // width
+            for p, w in got if w.rows is not None]
+    return WireTensor(spec.name, spec.shape, got[0][1].datatype,
+                      b"".join(bytes(w.data) for _, w in got),
+                      np.concatenate(rows).astype("<i8").tobytes() if rows else b"")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from adamserve_client import errors, tensors
+from adamserve_client.tensors import row_bytes
 from adamserve_client.transports.base import (
     CheckpointInfo,
     HyperValue,
@@ -66,6 +68,8 @@ from adamserve_client.transports.layout import (
     DEFAULT_SPLIT_ELEMENTS,
     Piece,
     ShardPlan,
+    by_rows,
+    dense_pieces,
     join,
     plan_from_sessions,
     plan_shards,
@@ -111,6 +115,33 @@ def _kept_whole(algorithm: str) -> Callable[[TensorSpec], bool] | None:
     whole rows and columns) and of Muon's (its matrices are orthogonalised whole)."""
     row = ALGORITHMS.get(algorithm.strip().lower())
     if row is not None and row.runs in ("adafactor", "muon"):
+        return lambda t: True
+    return None
+
+
+def _take_rows(w: WireTensor, ids: np.ndarray) -> WireTensor:
+    """Rows ``ids`` of whole tensor ``w``, as a row-sparse tensor."""
+    values = np.frombuffer(w.data, dtype=np.uint8).reshape(w.shape[0], -1)[ids]
+    return WireTensor(w.name, w.shape, w.datatype, values.tobytes(), ids.tobytes())
+
+
+def _reorder(w: WireTensor, ids: np.ndarray) -> WireTensor:
+    """Row-sparse ``w`` (rows from several shards, in shard order) in the order ``ids``
+    asked for them."""
+    got = np.frombuffer(w.rows or b"", dtype="<i8")
+    if np.array_equal(got, ids):
+        return w
+    where = {int(r): k for k, r in enumerate(got)}
+    values = np.frombuffer(w.data, dtype=np.uint8).reshape(len(got), -1)
+    order = [where[int(r)] for r in ids]
+    return WireTensor(w.name, w.shape, w.datatype, values[order].tobytes(), ids.tobytes())
+
+
+def _cut_by_rows(algorithm: str) -> Callable[[TensorSpec], bool] | None:
+    """Which tensors a plan cuts only between rows: SparseAdam's (a shard steps the rows
+    of a row-sparse gradient it holds, whole) and Adagrad's (it takes row-sparse
+    gradients too)."""
+    if algorithm.strip().lower() in ("sparse_adam", "adagrad"):
         return lambda t: True
     return None
 
@@ -258,7 +289,7 @@ class ShardedTransport(Transport):
                              "straggler timeout: mode 'async' and straggler_timeout need one "
                              "server")
         plan = plan_shards(spec.tensors, len(self.shards), self.split_elements,
-                           whole=_kept_whole(spec.algorithm))
+                           whole=_kept_whole(spec.algorithm), rows=_cut_by_rows(spec.algorithm))
         exchange = _needs_exchange(spec.algorithm, spec.max_grad_norm, spec.skip_nonfinite)
         workers = dataclasses.replace(spec.workers, exchange=exchange)
         values = split(plan, initial)
@@ -331,9 +362,10 @@ class ShardedTransport(Transport):
              return_datatype: str = "FP32", require_all: bool = False,
              sender: Sender | None = None, base_step: int | None = None,
              gradients_region: RegionRef | None = None, gradients_datatype: str = "FP32",
-             params_region: RegionRef | None = None) -> StepResult:
+             params_region: RegionRef | None = None, return_rows: bool = False) -> StepResult:
         return self._step(session_id, gradients, return_datatype, sender, base_step,
-                          _Places(gradients_region, gradients_datatype, params_region))
+                          _Places(gradients_region, gradients_datatype, params_region),
+                          return_rows)
 
     def push(self, session_id: str, gradients: Sequence[WireTensor], *,
              require_all: bool = False, sender: Sender | None = None,
@@ -344,7 +376,7 @@ class ShardedTransport(Transport):
 
     def _step(self, session_id: str, gradients: Sequence[WireTensor],
               return_datatype: str | None, sender: Sender | None,
-              base_step: int | None, places: _Places) -> StepResult:
+              base_step: int | None, places: _Places, return_rows: bool = False) -> StepResult:
         s = self._session(session_id)
         plan = s.plan
         if len(set(s.steps)) > 1:  # as last described: a commit may have landed since
@@ -364,6 +396,8 @@ class ShardedTransport(Transport):
                 "the optimizer only those that train, "
                 "[p for p in model.parameters() if p.requires_grad])")
         grads = split(plan, gradients)
+        # rows back only where every piece of a row-sparse gradient went as rows
+        rows_back = return_rows and not dense_pieces(plan, gradients)
         if (places.gradients or places.params) and s.exchange:
             raise errors.FailedPrecondition(
                 f"session {session_id!r} is sharded with whole-model checks (skip_nonfinite, "
@@ -386,24 +420,32 @@ class ShardedTransport(Transport):
                 results = self.each(lambda i, t: t.step(
                     session_id, grads[i], return_datatype=rtype, require_all=True,
                     sender=sender, base_step=base_step, gradients_region=g_refs[i],
-                    gradients_datatype=places.datatype, params_region=p_refs[i]))
+                    gradients_datatype=places.datatype, params_region=p_refs[i],
+                    return_rows=rows_back))
             return self.merge(session_id, plan, results)
+        rows = {w.name: np.frombuffer(w.rows, dtype="<i8") for w in gradients
+                if w.rows is not None} if rows_back else None
         return exchange_step(self, session_id, plan, grads, sender=sender,
                              base_step=base_step, return_datatype=return_datatype,
-                             lamb=s.lamb)
+                             lamb=s.lamb, rows=rows)
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
-             wait: float | None = None) -> list[WireTensor]:
+             wait: float | None = None,
+             rows: Mapping[str, Sequence[int] | np.ndarray] | None = None) -> list[WireTensor]:
         """The model's parameters, joined from the shards. Shards last seen at different
         steps (a commit still reaching some of them) are given a few seconds to agree,
-        so the parts come from one step."""
+        so the parts come from one step. ``rows``: from the shards that hold them."""
         s = self._session(session_id)
         plan = s.plan
         if not min_step and len(set(s.steps)) > 1:
             with contextlib.suppress(errors.DeadlineExceeded):  # diverged: take what is
                 return self.pull(session_id, names, datatype, min_step=max(s.steps),
-                                 wait=AGREE_SECONDS)
+                                 wait=AGREE_SECONDS, rows=rows)
+        if rows:
+            whole = self.pull(session_id, names, datatype, min_step=min_step,
+                              wait=wait) if names else []
+            return whole + self._pull_rows(session_id, plan, rows, datatype, min_step, wait)
         wanted = set(names) if names else None
         if wanted is not None:
             unknown = sorted(wanted - {t.name for t in plan.tensors})
@@ -418,6 +460,47 @@ class ShardedTransport(Transport):
         joined = {w.name: w for w in join(plan, parts)}
         order = list(names) if names else [t.name for t in plan.tensors]
         return [joined[n] for n in order]
+
+    def _pull_rows(self, session_id: str, plan: ShardPlan,
+                   rows: Mapping[str, Sequence[int] | np.ndarray], datatype: str,
+                   min_step: int, wait: float | None) -> list[WireTensor]:
+        """Rows of tensors, each asked of the shard that holds it (a piece cut inside its
+        rows: the tensor pulled whole and its rows taken here)."""
+        names = {t.name: j for j, t in enumerate(plan.tensors)}
+        asks: list[dict[str, np.ndarray]] = [{} for _ in plan.shards]
+        whole: list[str] = []
+        picked: dict[str, np.ndarray] = {}
+        for name, wanted in rows.items():
+            if name not in names:
+                raise ValueError(f"tensors not in the sharded session: {name}")
+            j = names[name]
+            picked[name] = ids = np.frombuffer(row_bytes(wanted), dtype="<i8")
+            pieces = [(i, p) for i, shard in enumerate(plan.shards) for p in shard
+                      if p.parent == j]
+            if not all(by_rows(plan, p) or (p.start, p.end) == (0, plan.numel(j))
+                       for _, p in pieces):
+                whole.append(name)
+                continue
+            width = math.prod(plan.tensors[j].shape[1:])
+            for i, p in pieces:
+                lo, hi = p.start // width, p.end // width
+                mine = ids[(ids >= lo) & (ids < hi)]
+                if len(mine):
+                    asks[i][p.spec.name] = mine - lo
+        parts = self.each(lambda i, t: t.pull(session_id, [], datatype, min_step=min_step,
+                                               wait=wait, rows=asks[i]) if asks[i] else [])
+        got = {w.name: w for w in join(plan, parts)}
+        out = []
+        for w in (self.pull(session_id, whole, datatype, min_step=min_step, wait=wait)
+                  if whole else []):
+            out.append(_take_rows(w, picked[w.name]))
+        for name in rows:
+            if name in whole:
+                continue
+            out.append(_reorder(got[name], picked[name]) if name in got else WireTensor(
+                name, plan.tensors[names[name]].shape, datatype, b"", b""))
+        order = list(rows)
+        return sorted(out, key=lambda w: order.index(w.name))
 
     def commit(self, session_id: str, step: int, tensor_sumsq: Sequence[float],
                total_sumsq: float, *, param_sumsq: Sequence[float] = (),

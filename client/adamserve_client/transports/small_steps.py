@@ -18,10 +18,19 @@ from adamserve_client import errors
 from adamserve_client.transports.base import Reply, WireTensor
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
-__all__ = ["UNARY_BYTES", "SmallSteps"]
+__all__ = ["UNARY_BYTES", "SmallSteps", "unary_request"]
 
 # Steps whose gradients fit in this many bytes go as one StepUnary message.
 UNARY_BYTES = 1 << 20
+
+
+def unary_request(header: pb.StepHeader, gradients: Sequence[WireTensor]
+                  ) -> pb.StepUnaryRequest:
+    """A small step as one StepUnary message (protobuf copies the bytes: they are few)."""
+    return pb.StepUnaryRequest(header=header, gradients=[
+        pb.TensorChunk(name=t.name, shape=list(t.shape), datatype=t.datatype,
+                       data=bytes(t.data), row_sparse=t.rows is not None,
+                       rows=bytes(t.rows or b"")) for t in gradients])
 
 
 class SmallSteps:
@@ -51,6 +60,6 @@ class SmallSteps:
                 self.stream_only.add(header.session_id)
                 return None
             raise
-        params = [WireTensor(p.name, tuple(p.shape), p.datatype or "FP32", p.data)
-                  for p in resp.params]
+        params = [WireTensor(p.name, tuple(p.shape), p.datatype or "FP32", p.data,
+                             p.rows if p.row_sparse else None) for p in resp.params]
         return Reply(pb.StepResponse(status=resp.status), params)

@@ -121,9 +121,15 @@ class _AlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Algorithm.V
     shapes), one of fewer keeps variance. A sharded session's client keeps
     every tensor whole on one shard (its step takes norms over the tensor).
     """
+    ALGORITHM_SPARSE_ADAM: _Algorithm.ValueType  # 11
+    """torch.optim.SparseAdam: values lr [1e-3], beta1 [0.9], beta2 [0.999],
+    eps [1e-8]; flags maximize. Lazy: a step changes only the rows its
+    gradient carries (TensorChunk.row_sparse), their moments and parameters;
+    every tensor that took part advances its step count, also with no rows.
+    A dense gradient counts as every row.
+    """
     ALGORITHM_MUON: _Algorithm.ValueType  # 12
-    """11: reserved for SparseAdam.
-    torch.optim.Muon, for 2-D tensors only (any other shape is
+    """torch.optim.Muon, for 2-D tensors only (any other shape is
     INVALID_ARGUMENT): values lr [1e-3], weight_decay [0.1], momentum [0.95],
     ns_a, ns_b, ns_c (torch's ns_coefficients [3.4445, -4.775, 2.0315]),
     eps [1e-7], ns_steps [5; a whole number below 100]; flags nesterov
@@ -184,9 +190,15 @@ factored over its last two dims (state row_var and col_var, torch's
 shapes), one of fewer keeps variance. A sharded session's client keeps
 every tensor whole on one shard (its step takes norms over the tensor).
 """
+ALGORITHM_SPARSE_ADAM: Algorithm.ValueType  # 11
+"""torch.optim.SparseAdam: values lr [1e-3], beta1 [0.9], beta2 [0.999],
+eps [1e-8]; flags maximize. Lazy: a step changes only the rows its
+gradient carries (TensorChunk.row_sparse), their moments and parameters;
+every tensor that took part advances its step count, also with no rows.
+A dense gradient counts as every row.
+"""
 ALGORITHM_MUON: Algorithm.ValueType  # 12
-"""11: reserved for SparseAdam.
-torch.optim.Muon, for 2-D tensors only (any other shape is
+"""torch.optim.Muon, for 2-D tensors only (any other shape is
 INVALID_ARGUMENT): values lr [1e-3], weight_decay [0.1], momentum [0.95],
 ns_a, ns_b, ns_c (torch's ns_coefficients [3.4445, -4.775, 2.0315]),
 eps [1e-7], ns_steps [5; a whole number below 100]; flags nesterov
@@ -385,6 +397,8 @@ class TensorChunk(_message.Message):
     DATATYPE_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    ROW_SPARSE_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The tensor's name, as declared in the session."""
     datatype: _builtins.str
@@ -392,7 +406,19 @@ class TensorChunk(_message.Message):
     offset: _builtins.int
     """Index, in the flattened tensor, of the first element in `data`."""
     data: _builtins.bytes
-    """Raw little-endian values: a whole number of `datatype` elements."""
+    """Raw little-endian values: a whole number of `datatype` elements. A
+    row-sparse chunk's: its rows' values, row after row.
+    """
+    row_sparse: _builtins.bool
+    """Row-sparse: the chunk carries whole rows (slices along the first dim,
+    shape[1:] elements each) of the tensor, named by `rows`; `offset` must be
+    0. As a gradient, the rows not sent are zero (a lazy algorithm,
+    SparseAdam, leaves them untouched); the rows of a tensor's chunks must be
+    distinct and within [0, shape[0]) (INVALID_ARGUMENT). A chunk with no
+    rows still counts the tensor as sent. A scalar tensor cannot be sent so.
+    """
+    rows: _builtins.bytes
+    """Row-sparse: the row indices, int64 little-endian, one per row of `data`."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The whole tensor's shape (not the chunk's); must match the declaration."""
@@ -405,14 +431,42 @@ class TensorChunk(_message.Message):
         datatype: _builtins.str = ...,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        row_sparse: _builtins.bool = ...,
+        rows: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "datatype", b"datatype", "name", b"name", "offset", b"offset", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "datatype", b"datatype", "name", b"name", "offset", b"offset", "row_sparse", b"row_sparse", "rows", b"rows", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
+
+@_typing.final
+class RowSelection(_message.Message):
+    """Some rows of one tensor (PullRequest.rows)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The tensor's name, as declared in the session."""
+    rows: _builtins.bytes
+    """Row indices, int64 little-endian, each within [0, shape[0])."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rows: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RowSelection: _TypeAlias = RowSelection  # noqa: Y015
 
 @_typing.final
 class Group(_message.Message):
@@ -1511,6 +1565,7 @@ class StepHeader(_message.Message):
     GRADIENTS_REGION_FIELD_NUMBER: _builtins.int
     GRADIENTS_DATATYPE_FIELD_NUMBER: _builtins.int
     PARAMS_REGION_FIELD_NUMBER: _builtins.int
+    RETURN_ROWS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to step."""
     return_datatype: _builtins.str
@@ -1549,6 +1604,12 @@ class StepHeader(_message.Message):
     """
     gradients_datatype: _builtins.str
     """Datatype of the gradients in gradients_region ("FP32" when empty)."""
+    return_rows: _builtins.bool
+    """Return, of each tensor sent row-sparse, only the rows it was sent (as
+    row-sparse chunks), and the other tensors whole. With SparseAdam the rows
+    not sent did not change; with a dense algorithm they did (their moments
+    decay): pull them when needed. Ignored by Push.
+    """
     @_builtins.property
     def gradients_region(self) -> Global___SharedMemoryRef:
         """Same-host shared memory (RegisterSharedMemory): the gradients of every
@@ -1586,10 +1647,11 @@ class StepHeader(_message.Message):
         gradients_region: Global___SharedMemoryRef | None = ...,
         gradients_datatype: _builtins.str = ...,
         params_region: Global___SharedMemoryRef | None = ...,
+        return_rows: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "base_step", b"base_step", "gradients_region", b"gradients_region", "params_region", b"params_region"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "apply_as_received", b"apply_as_received", "base_step", b"base_step", "gradients_datatype", b"gradients_datatype", "gradients_region", b"gradients_region", "params_region", b"params_region", "require_all", b"require_all", "return_datatype", b"return_datatype", "sequence", b"sequence", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_step", b"_base_step", "apply_as_received", b"apply_as_received", "base_step", b"base_step", "gradients_datatype", b"gradients_datatype", "gradients_region", b"gradients_region", "params_region", b"params_region", "require_all", b"require_all", "return_datatype", b"return_datatype", "return_rows", b"return_rows", "sequence", b"sequence", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__base_step: _TypeAlias = _typing.Literal["base_step"]  # noqa: Y015
     _WhichOneofArgType__base_step: _TypeAlias = _typing.Literal["_base_step", b"_base_step"]  # noqa: Y015
@@ -1935,6 +1997,7 @@ class PullRequest(_message.Message):
     DATATYPE_FIELD_NUMBER: _builtins.int
     MIN_STEP_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session to read."""
     datatype: _builtins.str
@@ -1946,13 +2009,21 @@ class PullRequest(_message.Message):
     """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Tensors to return, in this order; empty for all of them."""
+        """Tensors to return whole, in this order; empty for all of them (none when
+        `rows` is given).
+        """
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """How long to wait for min_step; absent: as long as the call's deadline
         allows. The server waits at most 600 s per call (DEADLINE_EXCEEDED,
         WAIT_TIMEOUT, after): pull again.
+        """
+
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowSelection]:
+        """Only these rows of these tensors, as row-sparse chunks (after the tensors
+        of `names`, which come whole).
         """
 
     def __init__(
@@ -1963,10 +2034,11 @@ class PullRequest(_message.Message):
         datatype: _builtins.str = ...,
         min_step: _builtins.int = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        rows: _abc.Iterable[Global___RowSelection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "min_step", b"min_step", "names", b"names", "session_id", b"session_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "min_step", b"min_step", "names", b"names", "rows", b"rows", "session_id", b"session_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,11 @@ t: the tensor's step count starting at 1):
                   u = lerp(g, b, mu) (nesterov) or b; O = NS_{a,b,c}^{ns_steps}(u) (the
                   Newton-Schulz iteration, in the state dtype: torch's runs in bfloat16);
                   p = p (1 - lr wd) - lr adj(shape) O (:mod:`adamserve.engine.muon`).
+* sparse_adam:    torch.optim.SparseAdam, lazily: only the rows (along dim 0) a
+                  sparse gradient touches change; on them m += (g - m)(1-b1),
+                  v += (g² - v)(1-b2), p -= lr sqrt(1-b2^t)/(1-b1^t) · m/(sqrt(v)+eps);
+                  t counts every step the tensor took part in, rows or none
+                  (:mod:`adamserve.engine.sparse_adam`).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Algorithm(StrEnum):
     RADAM_SCHEDULE_FREE = "radam_schedule_free"
     ADAFACTOR = "adafactor"
     MUON = "muon"
+    SPARSE_ADAM = "sparse_adam"
 
 
 # The schedule-free pair: one kernel, per-group state, the train()/eval() swap.
@@ -131,7 +137,7 @@ class AlgorithmSpec:
         if a in (Algorithm.ADAM, Algorithm.ADAMW):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if h["amsgrad"] else (
                 "exp_avg", "exp_avg_sq")
-        if a in (Algorithm.NADAM, Algorithm.RADAM, Algorithm.LAMB):
+        if a in (Algorithm.NADAM, Algorithm.RADAM, Algorithm.LAMB, Algorithm.SPARSE_ADAM):
             return ("exp_avg", "exp_avg_sq")
         if a is Algorithm.ADAMAX:
             return ("exp_avg", "exp_inf")
@@ -228,6 +234,9 @@ _RANGE: dict[str, tuple[float, float]] = {
 # 100 steps (torch raises at step time for more).
 _RANGE.update({"ns_a": (-MAX_VALUE, MAX_VALUE), "ns_b": (-MAX_VALUE, MAX_VALUE),
                "ns_c": (-MAX_VALUE, MAX_VALUE), "ns_steps": (0.0, 99.0)})
+# Keys that must be > 0, not only >= 0, where the algorithm's class refuses 0 (torch's
+# SparseAdam: "Invalid learning rate", "Invalid epsilon value").
+_POSITIVE: dict[Algorithm, frozenset[str]] = {Algorithm.SPARSE_ADAM: frozenset({"lr", "eps"})}
 
 
 def parse_algorithm(name: str) -> tuple[Algorithm, Hyperparameters]:
@@ -307,6 +316,9 @@ def resolve_hyperparameters(
         if number < lo and lo == 0.0:
             raise HyperparameterError(f"{key}: expected a {'whole number' if whole else 'value'} "
                                       f">= 0, got {number!r}")
+        if number == 0.0 and key in _POSITIVE.get(algorithm, ()):
+            raise HyperparameterError(f"{key}: expected a value > 0 for {algorithm.value}, got "
+                                      f"{number!r}")
         if not lo <= number <= hi:
             raise HyperparameterError(
                 f"{key}: expected a {'whole number' if whole else 'value'} in "
@@ -481,6 +493,20 @@ def _muon(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
 
 MUON_LR_COLUMN = COMMON_COLUMNS + 3
 
+
+def _sparse_adam(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+    """torch's ``_functional.sparse_adam`` scalars: 1 - b1, 1 - b2, eps and -step_size,
+    step_size = lr * sqrt(1 - b2**t) / (1 - b1**t) in Python floats and torch's order.
+    SparseAdam has no weight decay."""
+    step_size = [r * math.sqrt(1 - b2**t) / (1 - b1**t) for r, b1, b2, t in zip(
+        lr.tolist(), h["beta1"].tolist(), h["beta2"].tolist(), h.step.tolist(), strict=True)]
+    n = len(lr)
+    sign = np.where(h["maximize"] > 0, -1.0, 1.0)
+    return np.hstack([_cols(gscale * sign, np.zeros(n), np.ones(n)),
+                      _cols(1.0 - h["beta1"], 1.0 - h["beta2"], h["eps"],
+                            -np.array(step_size, dtype=np.float64))])
+
+
 COEFFICIENTS = {
     Algorithm.ADAM: _adam,
     Algorithm.ADAMW: _adam,
@@ -492,6 +518,7 @@ COEFFICIENTS = {
     Algorithm.LAMB: _lamb,
     Algorithm.ADAFACTOR: _adafactor,
     Algorithm.MUON: _muon,
+    Algorithm.SPARSE_ADAM: _sparse_adam,
 }
 
 

@@ -37,7 +37,9 @@ from typing import Any
 import numba
 import numpy as np
 import numpy.typing as npt
+from llvmlite import ir  # type: ignore[import-untyped]  # numba's own dependency
 from numba import njit, prange
+from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
@@ -480,6 +482,65 @@ def decay_add(p, u, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
             p_[i] = p_[i] * decay + scale * u_[i]
 
 
+@intrinsic
+def _prefetch(typingctx, arr, index):  # type: ignore[no-untyped-def]
+    """Ask for the cache line of ``arr[index]`` (LLVM's prefetch: for writing, kept in
+    every cache level); nothing is read, so an index past the end is harmless."""
+    if not isinstance(arr, nbtypes.Array) or not isinstance(index, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        # the typed-pointer name: LLVM 15 and later remangle it for opaque pointers
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return nbtypes.void(arr, index), codegen
+
+
+# SparseAdam's rows lie anywhere in buffers far larger than the caches: each block asks
+# for the first PREFETCH_MOST elements of the block PREFETCH_AHEAD on, so the rows'
+# cache misses overlap instead of queueing (1.3-1.7x on the 2-core test machine for
+# rows of 64 float32); a long block's rest streams, which the hardware prefetches.
+PREFETCH_AHEAD = 8
+PREFETCH_MOST = 512
+
+
+@njit(**_JIT)
+def sparse_adam(p, g, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """SparseAdam over the blocks of the touched rows (engine/sparse_adam.py), in torch's
+    order: dm = (g - m)(1-b1), m += dm; dv = (g² - v)(1-b2), v += dv;
+    p += -step_size · (m / (sqrt(v) + eps))."""
+    nb = bstart.shape[0]
+    line = max(1, 64 // p.itemsize)  # elements per 64-byte cache line
+    for b in prange(nb):
+        if b + PREFETCH_AHEAD < nb:
+            ahead = bstart[b + PREFETCH_AHEAD]
+            for j in range(ahead, min(bend[b + PREFETCH_AHEAD], ahead + PREFETCH_MOST), line):
+                _prefetch(p, j)
+                _prefetch(g, j)
+                _prefetch(m, j)
+                _prefetch(v, j)
+        c = coef[bseg[b]]
+        gs, omb1, omb2, eps, neg = c[0], c[3], c[4], c[5], c[6]
+        lo, hi = bstart[b], bend[b]
+        p_, g_, m_, v_ = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+        for i in range(hi - lo):
+            gi = g_[i] * gs
+            mi = m_[i]
+            vi = v_[i]
+            mi = mi + (gi - mi) * omb1
+            vi = vi + (gi * gi - vi) * omb2
+            m_[i] = mi
+            v_[i] = vi
+            p_[i] = p_[i] + neg * (mi / (math.sqrt(vi) + eps))
+
+
 # -- Adafactor (engine/adafactor.py: the passes, the tables and the coefficient columns) ----
 
 
@@ -633,7 +694,8 @@ _SERIAL: dict[Kernel, Kernel] = {
         (segment_sumsq, _JIT_SUM), (_copy_sumsq, _JIT_SUM), (_bf16_widen_sumsq, _JIT_SUM),
         (_bf16_bits, _JIT), (adam, _JIT), (nadam, _JIT), (radam, _JIT), (adamax, _JIT),
         (adagrad, _JIT), (rmsprop, _JIT), (lamb_moments, _JIT_SUM), (scaled_sub, _JIT),
-        (schedule_free, _JIT), (lerp_into, _JIT), (muon_momentum, _JIT), (decay_add, _JIT))}
+        (schedule_free, _JIT), (lerp_into, _JIT), (muon_momentum, _JIT), (decay_add, _JIT),
+        (sparse_adam, _JIT))}
 
 
 _SERIAL.update({k: _twin(k, options) for k, options in (
@@ -692,6 +754,8 @@ class CpuBackend:
             _sized(schedule_free, n)(param, grad, s["exp_avg_sq"], s["z"], *b, coef)
         elif a == "muon":  # the momentum; the update goes over grad
             _sized(muon_momentum, n)(grad, s["momentum_buffer"], *b, coef)
+        elif a == "sparse_adam":  # blocks over the touched rows only
+            _sized(sparse_adam, n)(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
         else:
             raise ValueError(f"no CPU kernel for {a!r}")
 

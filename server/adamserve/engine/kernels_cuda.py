@@ -53,6 +53,7 @@ _CTYPES = {"f": "float", "d": "double"}
 _COLUMNS = {"adam": 10, "adamw": 10, "nadam": 10, "radam": 12, "adamax": 7, "adagrad": 5,
             "rmsprop": 9, "lamb": 11, "adamw_schedule_free": 13, "radam_schedule_free": 13}
 _COLUMNS["muon"] = 8  # the momentum kernel
+_COLUMNS["sparse_adam"] = 7  # over the blocks of the touched rows
 
 _SOURCE = r"""
 #define THREADS @THREADS@
@@ -586,6 +587,32 @@ __global__ void __launch_bounds__(THREADS) adamserve_adafactor_update(
 _KERNELS += ("adafactor_row_sums", "adafactor_col_sums", "adafactor_row_factors",
              "adafactor_col_factors", "adafactor_means", "adafactor_update")
 
+# SparseAdam (engine/sparse_adam.py): its block table covers the touched rows only, so
+# this is an elementwise kernel like the others, in torch's order of operations.
+_SOURCE += r"""
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_sparse_adam(
+        T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], omb1 = c[3], omb2 = c[4], eps = c[5], neg = c[6];
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T gi = g[i] * gs;
+        T mi = m[i];
+        T vi = v[i];
+        mi = mi + (gi - mi) * omb1;
+        vi = vi + (gi * gi - vi) * omb2;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] + neg * (mi / (root(vi) + eps));
+    }
+}
+"""
+_KERNELS += ("sparse_adam",)
+
 # NVRTC options: IEEE division and sqrt are NVRTC's defaults; the one that must be
 # changed is fmad, which would otherwise fuse ``a*b + c`` and change the rounding.
 _OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true",
@@ -755,6 +782,9 @@ class CudaBackend:
                 param, grad, s["exp_avg_sq"], s["z"], *b))
         elif a == "muon":  # the momentum; the update goes over grad
             _kernel("muon_momentum", dtype)(grid, threads, (grad, s["momentum_buffer"], *b))
+        elif a == "sparse_adam":  # blocks over the touched rows only
+            _kernel("sparse_adam", dtype)(grid, threads, (
+                param, grad, s["exp_avg"], s["exp_avg_sq"], *b))
         else:  # rmsprop
             buf = s.get("momentum_buffer")
             gavg = s.get("grad_avg")

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from adamserve.engine import algorithms as alg
-from adamserve.engine import muon
+from adamserve.engine import muon, sparse_adam
 from adamserve.engine.algorithms import Algorithm, Hyperparameters
 from adamserve.engine.backend import Array, Backend, Blocks, make_blocks, select_backend
 from adamserve.engine.schedules import Schedule
@@ -393,7 +393,8 @@ class FlatOptimizer:
 
     def step(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None, *,
              lr_scale: float = 1.0, total_sumsq: float | None = None,
-             grad: Array | None = None) -> StepReport:
+             grad: Array | None = None,
+             rows: Sequence[npt.NDArray[np.int64] | None] | None = None) -> StepReport:
         """Apply one update from ``self.grad`` to the tensors marked ``active`` (default all).
 
         A step whose active gradients hold NaN or Inf (with ``skip_nonfinite``) changes
@@ -404,8 +405,13 @@ class FlatOptimizer:
         whole gradient when this optimizer holds only part of it (a shard); then
         ``grad_sumsq`` holds each segment's whole-tensor sum of squares. ``grad``: the
         gradient, when it is not in ``self.grad`` (LAMB writes its update over it).
+        ``rows`` (SparseAdam's; ignored by the others, whose callers zero the rows not
+        sent): per tensor in layout order, the sorted, distinct rows along dim 0 whose
+        gradient was written, None for all of them; the other rows' gradient is never
+        read and their state never changes (:mod:`adamserve.engine.sparse_adam`).
+        ``grad_sumsq`` then sums the given rows only.
         """
-        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq, grad)
+        prepared = self._prepare(active, grad_sumsq, lr_scale, total_sumsq, grad, rows)
         if isinstance(prepared, StepReport):
             return prepared
         if self.algorithm is Algorithm.LAMB:
@@ -438,16 +444,26 @@ class FlatOptimizer:
         return LambStep(self, prepared, in_place=False)
 
     def _prepare(self, active: BoolArray | None, grad_sumsq: F64 | None, lr_scale: float,
-                 total_sumsq: float | None, grad: Array | None) -> _Prepared | StepReport:
+                 total_sumsq: float | None, grad: Array | None,
+                 rows: sparse_adam.Rows | None = None) -> _Prepared | StepReport:
         """The non-finite check, clipping and this step's coefficients."""
         self._require_train_mode()
         g = self.grad if grad is None else grad
         nseg = len(self.layout)
         if active is None:
             active_mask = np.ones(nseg, dtype=bool)
-            blocks = self._blocks_all
         else:
             active_mask = np.asarray(active, dtype=bool)
+            if active_mask.shape != (nseg,):
+                raise ValueError(f"active: expected {nseg} flags (one per tensor), got shape "
+                                 f"{list(active_mask.shape)}")
+        if self.algorithm is Algorithm.SPARSE_ADAM:  # only the given rows are read
+            blocks = sparse_adam.step_blocks(
+                self.backend, self.layout, None if active is None else active_mask, rows,
+                self._blocks_all)
+        elif active is None:
+            blocks = self._blocks_all
+        else:
             blocks = make_blocks(self.backend, self.layout.offsets, active_mask)
         idx = np.flatnonzero(active_mask)
         need_norms = self.skip_nonfinite or self.clip.max_norm is not None
@@ -522,7 +538,8 @@ class FlatOptimizer:
     def streamable(self) -> bool:
         """Whether a step can be applied piece by piece as gradients arrive: only when it
         needs no quantity over whole tensors or the whole gradient."""
-        return (self.algorithm not in (Algorithm.LAMB, Algorithm.ADAFACTOR, Algorithm.MUON)
+        return (self.algorithm not in (Algorithm.LAMB, Algorithm.ADAFACTOR, Algorithm.MUON,
+                                       Algorithm.SPARSE_ADAM)  # its ranges are its rows
                 and self.clip.max_norm is None and not self.skip_nonfinite)
 
     def begin_stream(self) -> StreamStep:

@@ -11,7 +11,8 @@ parameter and no ``step``; the groups carry ``k``, ``train_mode``, ``weight_sum`
 ``lr_max`` and ``scheduled_lr``, and import sets them as torch's ``load_state_dict``
 does, without moving the parameters between y and x. Muon's entries hold only
 ``momentum_buffer``, as torch's do (no ``step``); its groups carry ``ns_coefficients``
-as a triple and ``adjust_lr_fn`` by name (or None).
+as a triple and ``adjust_lr_fn`` by name (or None). SparseAdam's ``step`` is a Python
+int, as torch's SparseAdam keeps it (the others' a float, torch's step tensors' value).
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def export_state(opt: FlatOptimizer) -> StateDict:
     state: dict[int, dict[str, Any]] = {}
     # schedulefree and Muon keep no per-param step
     counted = opt.algorithm not in alg.SCHEDULE_FREE | {alg.Algorithm.MUON}
+    as_int = opt.algorithm is alg.Algorithm.SPARSE_ADAM  # torch's SparseAdam: state["step"] = 0
     for i, t in enumerate(layout.tensors):
         if opt.seg_step[i] == 0:
             continue  # torch keeps no state for a parameter that never stepped
-        entry: dict[str, Any] = {"step": float(opt.seg_step[i])} if counted else {}
+        step = int(opt.seg_step[i]) if as_int else float(opt.seg_step[i])
+        entry: dict[str, Any] = {"step": step} if counted else {}
         for slot in opt.group_slots(t.group):
             shape = opt.slot_shape(slot, i)  # Adafactor's factored slots: torch's shapes
             if shape is not None:

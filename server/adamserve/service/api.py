@@ -53,9 +53,14 @@ from adamserve.service.shared_memory import (
 )
 from adamserve.service.tensors import (
     Assembler,
+    Rows,
     check_datatype,
     encode_params,
+    encode_rows,
     initial_values,
+    lazy,
+    parse_rows,
+    select_rows,
     sums,
 )
 from adamserve.service.types import SessionInfo, StepResult, TensorChunk, session_info
@@ -174,8 +179,13 @@ class OptimizerService:
              return_datatype: str | None = "FP32", require_all: bool = False,
              push_id: PushId | None = None, base_step: int | None = None,
              wait: float | None = None, gradients_region: RegionRef | None = None,
-             gradients_datatype: str = "FP32", params_region: RegionRef | None = None, caller: Caller = LOCAL) -> StepResult:
+             gradients_datatype: str = "FP32", params_region: RegionRef | None = None,
+             return_rows: bool = False, caller: Caller = LOCAL) -> StepResult:
         """Apply one update from ``grads``; tensors not sent are left as they are.
+
+        A row-sparse gradient chunk carries some rows of its tensor; the others are
+        zero (SparseAdam leaves them untouched). ``return_rows``: the tensors sent so
+        come back as the rows sent only.
 
         ``return_datatype`` None returns no parameters (a push). ``push_id``: a push
         this session applied before is acknowledged (``duplicate``) and not applied
@@ -207,7 +217,7 @@ class OptimizerService:
             params_region = None  # a push returns no parameters
         if gradients_region is None and params_region is None:
             return self._step(session_id, grads, return_datatype, require_all, push_id,
-                              base_step, wait)
+                              base_step, wait, return_rows=return_rows)
         registry = self._regions()
         session = self.store.get(session_id)
         if session.workers.exchange:
@@ -242,7 +252,7 @@ class OptimizerService:
     def _step(self, session_id: str, grads: Iterable[TensorChunk] | _RegionGradients,
               return_datatype: str | None, require_all: bool, push_id: PushId | None,
               base_step: int | None, wait: float | None,
-              out: Held | None = None) -> StepResult:
+              out: Held | None = None, *, return_rows: bool = False) -> StepResult:
         """:meth:`step`, its arguments checked; ``out``: where the parameters go."""
         t0 = time.perf_counter()
         session = self.store.get(session_id)
@@ -271,13 +281,21 @@ class OptimizerService:
             with reserve(nbytes):
                 host = (in_place if in_place is not None
                         else np.empty(opt.layout.size, opt.dtype) if own else opt.grad)
-                asm = Assembler(opt.layout, host)
+                # rows not sent are zeroed, except where only the session's own step
+                # reads this buffer and reads only the rows sent
+                asm = Assembler(opt.layout, host, rows=True, lazy=lazy(opt) and not multi)
                 sumsq: npt.NDArray[np.float64] | None = asm.sumsq
                 if in_place is not None:
                     active, sumsq = np.ones(len(asm.layout), dtype=np.bool_), None
                 else:
                     _decode(asm, grads)
                     active = asm.finish(require_all)
+                sent_rows = asm.rows() if asm.row_sparse else None
+                if sent_rows is not None and opt.algorithm.value == "muon":
+                    raise InvalidArgument(
+                        "Muon orthogonalises each matrix's whole update: send its gradients "
+                        "dense, not row-sparse")
+                rows = sent_rows if lazy(opt) else None
                 with self.store.locked(session_id, session):
                     self._same_layout(session, asm.layout, "this push arrived: push again")
                     duplicate = session.seen(push_id, base_step)
@@ -290,27 +308,37 @@ class OptimizerService:
                         report = StepReport(opt.step_count, False, None)
                     elif rounds.in_rounds():  # added to the round's sum, not kept
                         waiting = rounds.arrive(host, active, push_id, return_datatype,
-                                                reserve)
+                                                reserve, rows=rows)
                     else:
                         report = self._apply(session, host, active, sumsq, push_id,
                                              rounds.lr_scale(staleness),
-                                             intake=not multi and in_place is None)
+                                             intake=not multi and in_place is None, rows=rows)
                     if waiting is None:
                         params: list[TensorChunk] = []
                         if out is not None and return_datatype:
                             write_values(out.view, opt.backend.to_host(opt.param),
                                          return_datatype)
                         elif return_datatype:
-                            params = encode_params(opt, None, return_datatype)
+                            params = encode_params(opt, None, return_datatype,
+                                                   sent_rows if return_rows else None)
+            received = asm.bytes  # for the session's history
             del host, asm  # given back: what follows may wait
         if waiting is not None:
             result = self._round_result(session, waiting, return_datatype, wait)
+            session.history.traffic(waiting.step, received,
+                                    sum(memoryview(c.data).nbytes for c in result.params))
+            if return_rows and sent_rows is not None and result.params:
+                result = replace(result, params=select_rows(result.params, opt.layout,
+                                                            sent_rows))
             if out is not None and result.params:
                 _write_chunks(out, result.params)
                 result = replace(result, params=[])
             return result
         if not duplicate:
-            metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            metrics.STEP_SECONDS.observe(seconds)
+            session.history.traffic(report, received,
+                                    sum(memoryview(c.data).nbytes for c in params), seconds)
         return StepResult(report.step, report.skipped, report.grad_norm, report.nonfinite, params,
                           duplicate, staleness=staleness, contributors=0 if duplicate else 1)
 
@@ -325,7 +353,8 @@ class OptimizerService:
     @staticmethod
     def _apply(session: Session, host: npt.NDArray[Any], active: npt.NDArray[np.bool_],
                sumsq: npt.NDArray[np.float64] | None, push_id: PushId | None,
-               lr_scale: float = 1.0, *, intake: bool = True) -> StepReport:
+               lr_scale: float = 1.0, *, intake: bool = True,
+               rows: Rows | None = None) -> StepReport:
         """Step ``session`` (its lock held) from the decoded gradients in ``host``;
         without ``intake`` held the session's gradient buffer is not ours to write."""
         opt = session.opt
@@ -335,8 +364,9 @@ class OptimizerService:
                 opt.grad[...] = opt.backend.to_device(host)
             else:
                 grad = opt.backend.to_device(host)
+        lazy_rows: dict[str, Any] = {} if rows is None else {"rows": rows}  # SparseAdam's
         report = opt.step(None if active.all() else active, grad_sumsq=sumsq, lr_scale=lr_scale,
-                          grad=grad)
+                          grad=grad, **lazy_rows)
         session.record_step(report, as_pushes(push_id))
         return report
 
@@ -555,9 +585,13 @@ class OptimizerService:
 
     def pull(self, session_id: str, names: Sequence[str] | None = None,
              datatype: str = "FP32", *, min_step: int = 0,
-             timeout: float | None = None, caller: Caller = LOCAL) -> builtins.list[TensorChunk]:
+             timeout: float | None = None,
+             rows: Sequence[tuple[str, bytes | memoryview]] = (),
+             caller: Caller = LOCAL) -> builtins.list[TensorChunk]:
         """Parameter values; with ``min_step``, once the session has reached that step
-        (waiting up to ``timeout`` seconds; Aborted if that step's round failed)."""
+        (waiting up to ``timeout`` seconds; Aborted if that step's round failed).
+        ``rows``: (tensor, int64 little-endian row indices) pairs, returned as
+        row-sparse chunks after the whole tensors of ``names`` (none without names)."""
         session_id = caller.resolve(session_id)
         check_datatype(datatype, "datatype")
         timeout = bounded(timeout)
@@ -575,7 +609,9 @@ class OptimizerService:
             if why:
                 raise Aborted(why, reason="ROUND_ABORTED", metadata=meta(session_id,
                                                                          step=min_step))
-            return encode_params(current.opt, names, datatype)
+            picked = parse_rows(current.opt.layout, rows)
+            whole = encode_params(current.opt, names, datatype) if names or not rows else []
+            return whole + encode_rows(current.opt, picked, datatype)
 
     # -- tensors and parameters ------------------------------------------------
 

@@ -19,7 +19,8 @@ class TensorChunk:
     """Part (or all) of one named tensor, as raw little-endian bytes.
 
     ``offset`` is the index of the chunk's first element in the flattened tensor;
-    the chunks of one tensor arrive in order.
+    the chunks of one tensor arrive in order. ``rows`` (int64 little-endian row
+    indices): a row-sparse chunk, ``data`` holding those rows' values, row after row.
     """
 
     name: str
@@ -27,6 +28,7 @@ class TensorChunk:
     datatype: str
     data: bytes | memoryview
     offset: int = 0
+    rows: bytes | memoryview | None = None
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,6 +105,22 @@ class Round:
     # when they changed before all were collected (see RoundCoordinator.keep_answers)
     owed: Counter[str] = field(default_factory=Counter)
     kept: dict[str, Any] = field(default_factory=dict)
+    # a lazy algorithm's (SparseAdam's) rows per tensor: the union of what the pushes
+    # sent row-sparse (None for a tensor: every row); None: every row of every tensor
+    rows: list[npt.NDArray[np.int64] | None] | None = None
+
+    def lazy_rows(self) -> dict[str, Any]:
+        """The engine's ``rows`` argument, when the round has any."""
+        return {} if self.rows is None else {"rows": self.rows}
+
+    def join_rows(self, rows: Sequence[npt.NDArray[np.int64] | None] | None) -> None:
+        if self.rows is None:
+            return  # dense so far: stays dense
+        if rows is None:
+            self.rows = None
+            return
+        self.rows = [None if a is None or b is None else np.union1d(a, b)
+                     for a, b in zip(self.rows, rows, strict=True)]
 
     def collected(self, datatype: str) -> None:
         """A waiting worker has its answer (or gave up): once none is owed, the kept
@@ -239,13 +255,15 @@ class RoundCoordinator:
         return opt.layout.size * (8 + opt.dtype.itemsize)
 
     def arrive(self, grad: npt.NDArray[Any], active: BoolArray, push: PushId | None,
-               answer: str | None = None, reserve: Reserve = _unreserved) -> Round:
+               answer: str | None = None, reserve: Reserve = _unreserved,
+               rows: Sequence[npt.NDArray[np.int64] | None] | None = None) -> Round:
         """Add a decoded push (host memory) to the current round, opening one if there
         is none (once its gradient is in); the round closes when it is full.
         ``answer``: the datatype of the parameters the pusher waits for (None: none).
         ``reserve``: counts the rounds' buffers against the caps before they are
         allocated (the first round, or the first after the tensors changed); refused,
-        nothing changes."""
+        nothing changes. ``rows``: a lazy algorithm's rows the push sent, per tensor
+        (None: every row); the round steps the union of its pushes' rows."""
         host = self._host
         opt = host.opt
         r = self.current
@@ -260,11 +278,13 @@ class RoundCoordinator:
         if r is None:
             self._sum[...] = src
             self._ids += 1
-            r = self.current = Round(step=opt.step_count + 1, id=self._ids, active=active)
+            r = self.current = Round(step=opt.step_count + 1, id=self._ids, active=active,
+                                     rows=None if rows is None else list(rows))
         else:
             if not np.array_equal(active, r.active):
                 raise InvalidArgument(self._mismatch(r, active))
             self._sum += src
+            r.join_rows(rows)
         if push is not None:
             r.pushes[push.worker] = push.sequence
         else:
@@ -313,7 +333,8 @@ class RoundCoordinator:
                 r.move(RoundState.STAGED)
                 host.wake()
             else:
-                report = opt.step(None if r.active.all() else r.active, grad=self._mean)
+                report = opt.step(None if r.active.all() else r.active, grad=self._mean,
+                                  **r.lazy_rows())
                 r.outcome = outcome
         if report is not None:
             self._finish(r, report)
@@ -329,7 +350,8 @@ class RoundCoordinator:
         active = None if r.active.all() else r.active
         with self._or_fail(r):
             if opt.algorithm.value != "lamb":
-                report = opt.step(active, tensor_sumsq, total_sumsq=total_sumsq, grad=self._mean)
+                report = opt.step(active, tensor_sumsq, total_sumsq=total_sumsq, grad=self._mean,
+                                  **r.lazy_rows())
             else:
                 staged = opt.begin_lamb(active, tensor_sumsq, total_sumsq=total_sumsq,
                                         grad=self._mean)

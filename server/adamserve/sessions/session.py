@@ -3,6 +3,7 @@ and the invariants every change keeps (see :class:`Session`)."""
 
 from __future__ import annotations
 
+import logging
 import numbers
 import re
 import threading
@@ -27,9 +28,12 @@ from adamserve.engine.optimizer import (
     slot_offsets,
 )
 from adamserve.errors import InvalidArgument, shown
-from adamserve.sessions.coordinator import Round, RoundCoordinator
+from adamserve.sessions.coordinator import Round, RoundCoordinator, RoundState
+from adamserve.sessions.history import History, lrs_at
 from adamserve.sessions.pushlog import PushId, PushLog
 from adamserve.sessions.rounds import WorkersConfig
+
+log = logging.getLogger("adamserve.sessions")
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -207,6 +211,8 @@ class Session:
     changed: threading.Condition = field(init=False)  # on ``lock``: rounds and steps
     # many workers; not checkpointed: a round lost to a restart is pushed again
     rounds: RoundCoordinator = field(init=False)
+    # the recent steps, for the status page (in memory only: empty after a restart)
+    history: History = field(default_factory=History)
 
     def __post_init__(self) -> None:
         self.changed = threading.Condition(self.lock)
@@ -237,6 +243,7 @@ class Session:
         sequence; 0: none) go in the push log, the state changed, and the ``on_step``
         trigger runs."""
         metrics.STEPS.inc()
+        self._note_step(report)
         if report.skipped:
             metrics.SKIPPED_STEPS.inc()
             return
@@ -269,7 +276,41 @@ class Session:
 
     def wake(self) -> None:
         """Wake every request waiting on this session (a step, a round, its end)."""
+        self._note_failed_round()
         self.changed.notify_all()
+
+    # -- the history (never failing what it records) -----------------------------------
+
+    def _note_step(self, report: StepReport) -> None:
+        """Into the history: a step, and the round it ends if it ends one (the current
+        round until its step is recorded: its outcome has the contributors and the
+        missing, its start times it)."""
+        try:
+            r = self.rounds.current
+            outcome = r.outcome if r is not None else None
+            if outcome is None or r is None:
+                self.history.record_step(report, self.opt)
+                return
+            self.history.record_step(report, self.opt, latency=time.monotonic() - r.started,
+                                     contributors=outcome.contributors, missing=outcome.missing)
+        except Exception:
+            log.exception("session %s: step %d left out of its history", self.id, report.step)
+
+    def _note_failed_round(self) -> None:
+        """A round that failed wakes its waiters once it ended (every round ends through
+        the coordinator's ``_end``, which wakes the session): into the history once."""
+        r = self.rounds.ended
+        if r is None or r.state is not RoundState.FAILED or r.id == self.history.failed_round:
+            return
+        try:
+            self.history.failed_round = r.id
+            error = r.outcome.error if r.outcome is not None else None
+            missing = sorted(self.rounds.members - set(r.pushes))
+            self.history.record(r.step, lrs_at(self.opt.schedule, self.opt.groups, r.step), None,
+                                failed=error or "failed", latency=time.monotonic() - r.started,
+                                contributors=r.arrived, missing=missing)
+        except Exception:
+            log.exception("session %s: failed round %d left out of its history", self.id, r.id)
 
     def end(self, restored_to: int | None = None) -> None:
         """Retire the session (deleted, or replaced by its checkpoint of ``restored_to``):

@@ -87,6 +87,7 @@ class StepCall:
     gradients_region: RegionRef | None = None
     gradients_datatype: str = "FP32"
     params_region: RegionRef | None = None  # never for a push
+    return_rows: bool = False
 
 
 def region_ref(msg: pb.SharedMemoryRef) -> RegionRef:
@@ -123,7 +124,7 @@ def step_call(header: pb.StepHeader, push: bool) -> StepCall:
         base_step=int(header.base_step) if header.HasField("base_step") else None,
         apply_as_received=apply_as_received, gradients_region=gradients,
         gradients_datatype=datatype(header.gradients_datatype, "header.gradients_datatype"),
-        params_region=params)
+        params_region=params, return_rows=header.return_rows and not push)
 
 
 def run_commit(service: OptimizerService, request: pb.CommitRequest, *,
@@ -148,7 +149,8 @@ def run_step(service: OptimizerService, header: pb.StepHeader, grads: Iterable[T
                         base_step=call.base_step, wait=wait,
                         gradients_region=call.gradients_region,
                         gradients_datatype=call.gradients_datatype,
-                        params_region=call.params_region, caller=caller)
+                        params_region=call.params_region, return_rows=call.return_rows,
+                        caller=caller)
 
 
 def check_shape(shape: Iterable[int], what: str) -> tuple[int, ...]:

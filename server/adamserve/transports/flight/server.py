@@ -39,7 +39,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -158,7 +158,7 @@ def _chunks(reader: Any, what: str) -> Iterator[TensorChunk]:
                     raise errors.InvalidArgument(
                         f"tensor {row.name!r}: negative chunk offset {row.offset}")
                 metrics.BYTES_IN.labels(TRANSPORT).inc(row.data.nbytes)
-                yield TensorChunk(row.name, shape, datatype, row.data, row.offset)
+                yield TensorChunk(row.name, shape, datatype, row.data, row.offset, row.rows)
         except ValueError as exc:
             raise errors.InvalidArgument(f"{what}: {exc}") from None
 
@@ -181,25 +181,43 @@ def _batches(reader: Any, what: str) -> Iterator[pa.RecordBatch]:
             yield chunk.data
 
 
+def _dense(chunks: Iterable[TensorChunk]) -> Iterator[TensorChunk]:
+    """The chunks of one stream of a step sent over several: row-sparse ones are
+    refused (a row-sparse step is small: it goes over one stream)."""
+    for c in chunks:
+        if c.rows is not None:
+            raise errors.InvalidArgument(
+                f"tensor {errors.shown(c.name)}: row-sparse gradients go over one stream, "
+                "not a step split over several (?streams=N)")
+        yield c
+
+
 def _first_line(exc: BaseException) -> str:
     """An Arrow error's message without the traceback Arrow appends."""
     return str(exc).split(". Detail:", 1)[0].splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _tensor_batches(params: Iterable[TensorChunk], datatype: str) -> Iterator[pa.RecordBatch]:
+def _with_rows(params: Sequence[TensorChunk]) -> bool:
+    """Whether the answer's stream needs the rows column (row-sparse parameters)."""
+    return any(c.rows is not None for c in params)
+
+
+def _tensor_batches(params: Sequence[TensorChunk], datatype: str) -> Iterator[pa.RecordBatch]:
     """Parameters as record batches, each row a view of the chunk's bytes. A DoGet's
     stream runs after its handler returned: a failure here is answered INTERNAL, never
     with Python's traceback."""
+    rows = _with_rows(params)
     try:
         for c in params:
             metrics.BYTES_OUT.labels(TRANSPORT).inc(len(c.data))
-            yield from layout.batches([(c.name, c.shape, c.data, c.offset)], datatype)
+            yield from layout.batches([(c.name, c.shape, c.data, c.offset, c.rows)], datatype,
+                                      rows=rows)
     except Exception as exc:
         log.error("sending parameters failed", exc_info=exc)
         raise flight_error(exc) from None
 
 
-def _write_params(writer: Any, params: Iterable[TensorChunk], datatype: str) -> None:
+def _write_params(writer: Any, params: Sequence[TensorChunk], datatype: str) -> None:
     for batch in _tensor_batches(params, datatype):
         writer.write_batch(batch)
 
@@ -325,7 +343,7 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
         """A step's (or commit's) answer: the status as metadata, then the parameters."""
         writer.write_metadata(_buffer(pb.StepResponse(status=convert.step_status(result))))
         if params:
-            writer.begin(layout.schema(datatype or "FP32"))
+            writer.begin(layout.schema(datatype or "FP32", _with_rows(params)))
             _write_params(writer, params, datatype or "FP32")
 
     def _parallel(self, header: pb.StepHeader, spec: pb.FlightStreams,
@@ -342,6 +360,7 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
                               header.SerializeToString(deterministic=True), limit,
                               functools.partial(self.service.store.reserved, session_id))
         rows: list[streams.Row] = []
+        grads = _dense(grads)
         if spec.index > 0:
             try:
                 streams.hand_over(g, spec.index, grads, rows)
@@ -428,8 +447,11 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
                        if request.HasField("timeout") else None)
             params = self.service.pull(convert.session_id(request.session_id),
                                        list(request.names) or None, datatype,
-                                       min_step=request.min_step, timeout=timeout, caller=caller)
-            return fl.GeneratorStream(layout.schema(datatype), _tensor_batches(params, datatype))
+                                       min_step=request.min_step, timeout=timeout,
+                                       rows=[(r.name, r.rows) for r in request.rows],
+                                       caller=caller)
+            return fl.GeneratorStream(layout.schema(datatype, _with_rows(params)),
+                                      _tensor_batches(params, datatype))
 
     def do_action(self, context: Any, action: fl.Action) -> Iterator[fl.Result]:
         method = action.type

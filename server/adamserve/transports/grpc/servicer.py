@@ -292,7 +292,8 @@ def _chunk(msg: pb.TensorChunk | wire.ChunkView) -> TensorChunk:
     shape = convert.check_shape(msg.shape, what)
     data = msg.data
     _BYTES_IN.inc(len(data))
-    return TensorChunk(msg.name, shape, msg.datatype or "FP32", data, msg.offset)
+    return TensorChunk(msg.name, shape, msg.datatype or "FP32", data, msg.offset,
+                       msg.rows if msg.row_sparse else None)
 
 
 C = TypeVar("C", bound=Message)
@@ -349,7 +350,7 @@ def chunk_messages(chunk: TensorChunk, wrap: FieldDescriptor,
     _BYTES_OUT.inc(len(chunk.data))
     return wire.chunk_messages(chunk.name, chunk.shape, chunk.datatype, chunk.data,
                                itemsize=itemsize(chunk.datatype), offset=chunk.offset,
-                               wrap=wrap, max_bytes=max_bytes)
+                               wrap=wrap, max_bytes=max_bytes, rows=chunk.rows)
 
 
 def _serialize(msg: Response) -> bytes:
@@ -455,9 +456,18 @@ class OptimizerServicer(SharedMemoryMethods):
         session_id = _session_id(header.session_id, "header.session_id")
         rtype = _datatype(header.return_datatype or "FP32", "header.return_datatype")
         info = self.service.describe(session_id, caller=self.caller(context))
-        # the reply's exact size bound: data plus each TensorChunk's framing
-        out_bytes = 64 + sum(math.prod(t.shape) * itemsize(rtype) + len(t.name.encode())
-                             + 11 * len(t.shape) + 48 for t in info.tensors)
+        # the reply's exact size bound: data plus each TensorChunk's framing (of a
+        # tensor returned as the rows sent, those rows and their indices)
+        sent_rows: dict[str, int] = {}
+        if header.return_rows:
+            for c in request.gradients:
+                if c.row_sparse:
+                    sent_rows[c.name] = sent_rows.get(c.name, 0) + len(c.rows) // 8
+        out_bytes = 64 + sum(
+            (math.prod(t.shape) if t.name not in sent_rows or not t.shape else
+             sent_rows[t.name] * (math.prod(t.shape[1:]) + 8 // itemsize(rtype) + 1))
+            * itemsize(rtype) + len(t.name.encode()) + 11 * len(t.shape) + 48
+            for t in info.tensors)
         if out_bytes > MAX_SEND_BYTES:
             raise errors.InvalidArgument(
                 f"StepUnary: the parameters ({out_bytes} bytes as {rtype}) do not fit one "
@@ -471,7 +481,8 @@ class OptimizerServicer(SharedMemoryMethods):
             _BYTES_OUT.inc(size)
             return pb.StepUnaryResponse(status=status, params=[
                 pb.TensorChunk(name=c.name, shape=c.shape, datatype=c.datatype,
-                               offset=c.offset, data=bytes(c.data)) for c in result.params])
+                               offset=c.offset, data=bytes(c.data), row_sparse=c.rows is not None,
+                               rows=bytes(c.rows or b"")) for c in result.params])
         # serialised here: each tensor whole, one entry of the repeated `params`
         return b"".join([pb.StepUnaryResponse(status=status).SerializeToString(),
                          *(m for c in result.params
@@ -489,7 +500,8 @@ class OptimizerServicer(SharedMemoryMethods):
         # cast: OptimizerService.list shadows the builtin in its class body's annotations.
         chunks = cast(Iterable[TensorChunk], self.service.pull(
             _session_id(request.session_id), list(request.names) or None, datatype,
-            min_step=request.min_step, timeout=timeout, caller=self.caller(context)))
+            min_step=request.min_step, timeout=timeout,
+            rows=[(r.name, r.rows) for r in request.rows], caller=self.caller(context)))
         for chunk in chunks:
             yield from chunk_messages(chunk, wire.PULL_CHUNK)
 

@@ -29,7 +29,7 @@ import adamserve
 from adamserve import metrics
 from adamserve.errors import ServiceError
 from adamserve.service import Access, Caller, OptimizerService
-from adamserve.transports.http import body, connections, errors, routes
+from adamserve.transports.http import body, connections, errors, routes, status
 from adamserve.transports.http.binary import (
     HEADER_LENGTH,
     OCTET_STREAM,
@@ -43,9 +43,9 @@ log = logging.getLogger("adamserve.http")
 DEFAULT_MAX_BODY_BYTES = 2 << 30  # binary bodies (application/octet-stream)
 DEFAULT_MAX_JSON_BYTES = 64 << 20  # JSON bodies and the JSON part of binary ones
 
-# Never behind the token: probes, and the API description.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                        "/redoc"})
+# Never behind the token: probes, the API description and its pages, the status page's
+# shell and files (its data is behind the token).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", *status.OPEN_PATHS})
 
 
 # Server-wide numbers (every tenant's sessions and bytes): for admin keys only.
@@ -324,8 +324,9 @@ def create_app(service: OptimizerService, token: str | None = None, *,
     """The HTTP API over ``service``.
 
     ``access``: the keys and tenants (``token`` alone: one key for the default
-    tenant; neither: no authentication). With keys, every route but /healthz, /readyz
-    and the API docs needs ``Authorization: Bearer <key>``. ``max_body_bytes`` caps binary
+    tenant; neither: no authentication). With keys, every route but /healthz, /readyz,
+    the API docs and the status page's shell (:mod:`.status`; its data is /v2's) needs
+    ``Authorization: Bearer <key>``. ``max_body_bytes`` caps binary
     (application/octet-stream) bodies, ``max_json_bytes`` every other body and the
     JSON part of binary ones; over either is a 413. A body that sends nothing for
     ``body_idle_timeout`` seconds is refused (400). ``max_buffered_bytes``: what the
@@ -341,6 +342,9 @@ def create_app(service: OptimizerService, token: str | None = None, *,
         version=adamserve.__version__,
         description="Optimizer-as-a-service: the Adam family on a stateful server.",
         separate_input_output_schemas=False,
+        # /docs and /redoc are status.py's: their scripts served here, not from a CDN
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     app.state.max_json_bytes = max_json_bytes
@@ -351,6 +355,8 @@ def create_app(service: OptimizerService, token: str | None = None, *,
     guard = [Security(HTTPBearer(auto_error=False))] if access.required else []
     app.include_router(routes.router, dependencies=guard)  # documents the scheme
     app.include_router(routes.open_router)
+    app.include_router(status.router, dependencies=guard)
+    app.include_router(status.open_router)
     direct = tuple(r for r in routes.router.routes
                    if isinstance(r, APIRoute) and r.name in routes.DIRECT)
     bodies = tuple(r for r in routes.router.routes

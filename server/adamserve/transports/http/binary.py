@@ -98,11 +98,21 @@ def parse_json(model: type[M], raw: bytes | memoryview) -> M:
 
 
 def _numel(t: TensorIn) -> int:
+    """The elements the entry carries: the whole tensor's, or its rows'."""
     numel = math.prod(t.shape)
     if numel > MAX_ELEMENTS:
         raise InvalidArgument(
             f"tensor {shown(t.name)}: shape {t.shape} has {numel} elements; at most {MAX_ELEMENTS}")
-    return numel
+    if t.rows is None:
+        return numel
+    if not t.shape:
+        raise InvalidArgument(f"tensor {shown(t.name)}: a scalar has no rows; send it without "
+                              "'rows'")
+    return len(t.rows) * math.prod(t.shape[1:])
+
+
+def row_bytes(rows: Sequence[int]) -> bytes:
+    return np.asarray(rows, dtype="<i8").tobytes()
 
 
 def _from_numbers(t: TensorIn, data: Sequence[float]) -> bytes:
@@ -169,17 +179,20 @@ def plan(tensors: Sequence[TensorIn], binary: bool, length: int | None) -> list[
                     f"(Content-Type {OCTET_STREAM} and a {HEADER_LENGTH} header)")
             expected = numel * WIRE_DTYPES[t.datatype].itemsize
             if size != expected:
+                carried = (f"{len(t.rows)} rows of shape {t.shape} of {t.datatype} need"
+                           if t.rows is not None else f"shape {t.shape} of {t.datatype} needs")
                 raise InvalidArgument(
-                    f"tensor {shown(t.name)}: binary_data_size is {size} bytes; shape {t.shape} of "
-                    f"{t.datatype} needs {expected}")
+                    f"tensor {shown(t.name)}: binary_data_size is {size} bytes; {carried} "
+                    f"{expected}")
             if length is not None and pos + size > length:
                 raise _past_end(t.name, pos + size, length)
             pos += size
         elif t.data is not None:
             if len(t.data) != numel:
+                carried = (f"{len(t.rows)} rows of shape {t.shape} need" if t.rows is not None
+                           else f"shape {t.shape} needs")
                 raise InvalidArgument(
-                    f"tensor {shown(t.name)}: data has {len(t.data)} values; shape {t.shape} "
-                    f"needs {numel}")
+                    f"tensor {shown(t.name)}: data has {len(t.data)} values; {carried} {numel}")
         else:
             raise InvalidArgument(
                 f"tensor {shown(t.name)}: needs 'data' or parameters.binary_data_size")
@@ -210,21 +223,28 @@ def chunks(entries: Sequence[Entry], source: Source) -> Iterator[TensorChunk]:
     for e in entries:
         t = e.tensor
         shape = tuple(t.shape)
+        rows = None if t.rows is None else row_bytes(t.rows)
         if e.size is None:
             assert t.data is not None
             data = _from_numbers(t, t.data)
             numbers += len(data)
-            yield TensorChunk(t.name, shape, t.datatype, data)
+            yield TensorChunk(t.name, shape, t.datatype, data, rows=rows)
             continue
         if e.size == 0:  # sent, and empty: the service counts it as sent
-            yield TensorChunk(t.name, shape, t.datatype, b"")
+            yield TensorChunk(t.name, shape, t.datatype, b"", rows=rows)
         unit = WIRE_DTYPES[t.datatype].itemsize
+        if rows is not None:  # whole rows per chunk, each with its indices
+            unit *= math.prod(shape[1:])
         done = 0
         while done < e.size:
-            view = source.read(min(PIECE, e.size - done), unit)
+            view = source.read(min(max(PIECE // unit, 1) * unit, e.size - done), unit)
             if not view:
                 raise _past_end(t.name, pos + e.size, source.received)
-            yield TensorChunk(t.name, shape, t.datatype, view, done // unit)
+            if rows is None:
+                yield TensorChunk(t.name, shape, t.datatype, view, done // unit)
+            else:
+                yield TensorChunk(t.name, shape, t.datatype, view,
+                                  rows=rows[done // unit * 8:(done + len(view)) // unit * 8])
             done += len(view)
         pos += e.size
     if not source.at_end():
@@ -246,12 +266,17 @@ def to_numbers(chunk: TensorChunk) -> list[float]:
 def tensors_json(chunks: Sequence[TensorChunk], binary: bool) -> list[dict[str, Any]]:
     """Returned tensors as JSON entries: their values as numbers, or (``binary``) their
     binary_data_size, the bytes following the JSON header."""
-    if binary:
-        return [{"name": c.name, "shape": list(c.shape), "datatype": c.datatype,
-                 "parameters": {"binary_data_size": memoryview(c.data).nbytes}}
-                for c in chunks]
-    return [{"name": c.name, "shape": list(c.shape), "datatype": c.datatype,
-             "data": to_numbers(c)} for c in chunks]
+    out: list[dict[str, Any]] = []
+    for c in chunks:
+        entry: dict[str, Any] = {"name": c.name, "shape": list(c.shape), "datatype": c.datatype}
+        if binary:
+            entry["parameters"] = {"binary_data_size": memoryview(c.data).nbytes}
+        else:
+            entry["data"] = to_numbers(c)
+        if c.rows is not None:
+            entry["rows"] = np.frombuffer(c.rows, dtype="<i8").tolist()
+        out.append(entry)
+    return out
 
 
 class BinaryResponse(Response):

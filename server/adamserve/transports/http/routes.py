@@ -330,6 +330,7 @@ def _step_header(req: StepRequest | PushRequest, session_id: str) -> pb.StepHead
             raise InvalidArgument(f"return_datatype {shown(req.return_datatype)}: expected one of "
                                   f"{', '.join(WIRE_DTYPES)}")
         header.return_datatype = req.return_datatype
+        header.return_rows = req.return_rows
         _region(header.params_region, req.params_region)
     if req.base_step is not None:
         header.base_step = req.base_step
@@ -394,10 +395,12 @@ async def pull(session_id: str, request: Request, service: Service, caller: Call
 
 def _pull(service: OptimizerService, session_id: str, request: Request, body: Body, *, caller: Caller) -> Response:
     req = binary.parse_json(PullRequest, body.json)
-    msg = _message(req, pb.PullRequest(), exclude={"binary_output"}, session_id=session_id)
+    msg = _message(req, pb.PullRequest(), exclude={"binary_output", "rows"},
+                   session_id=session_id)
     timeout = convert.seconds(msg.timeout, "timeout") if msg.HasField("timeout") else None
+    rows = [(r.name, binary.row_bytes(r.rows)) for r in req.rows]
     chunks = service.pull(session_id, list(msg.names) or None, req.datatype,
-                          min_step=msg.min_step, timeout=timeout, caller=caller)
+                          min_step=msg.min_step, timeout=timeout, rows=rows, caller=caller)
     return _tensors_response(request, {}, chunks, req.binary_output)
 
 

@@ -132,6 +132,12 @@ class TensorParameters(BaseModel):
         description="Bytes of this tensor in the binary part of the body, in order")
 
 
+# any int64: the service names a row out of range, as on every wire
+Row = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+_ROWS = ("Row-sparse: the tensor's rows (slices along its first dim) carried, in the order "
+         "of their values")
+
+
 class TensorIn(_Request):
     """A tensor in a request: ``data`` (JSON numbers) or ``parameters.binary_data_size``."""
 
@@ -139,8 +145,12 @@ class TensorIn(_Request):
     shape: Shape
     datatype: Datatype = "FP32"
     data: list[float] | None = Field(
-        default=None, description="Flat row-major values, prod(shape) of them")
+        default=None, description="Flat row-major values, prod(shape) of them (with 'rows': "
+        "those rows' values, row after row)")
     parameters: TensorParameters | None = None
+    rows: list[Row] | None = Field(
+        default=None, description=_ROWS + "; the rows not sent are zero (SparseAdam leaves "
+        "them untouched); distinct, each in [0, shape[0])")
 
 
 class TensorOut(_Response):
@@ -151,6 +161,14 @@ class TensorOut(_Response):
     datatype: str
     data: list[float] | None = None
     parameters: TensorParameters | None = None
+    rows: list[int] | None = Field(default=None, description=_ROWS)
+
+
+class RowSelection(_Request):
+    """Some rows of one tensor (proto RowSelection, its rows as JSON numbers)."""
+
+    name: Name
+    rows: list[Row] = Field(description="Row indices, each in [0, shape[0])")
 
 
 class TensorSpec(_Request):
@@ -353,6 +371,9 @@ class StepRequest(_Request):
         default=None, description="Same-host shared memory: write the updated parameters of "
         "every tensor, packed in the session's tensor order, as return_datatype, at this place "
         "of a registered region; the response then carries none")
+    return_rows: bool = Field(
+        default=False, description="Of each gradient sent with 'rows', return only those "
+        "rows of its parameters (the other tensors whole)")
 
 
 class PushRequest(_Request):
@@ -386,6 +407,9 @@ class PullRequest(_Request):
                            "(409 if its round fails)")
     timeout: Duration | None = Field(default=None, description="How long to wait for min_step "
                                      "(408 after); absent: the server's limit (600 s)")
+    rows: list[RowSelection] = Field(
+        default_factory=list, description="Only these rows of these tensors (after the "
+        "tensors of 'names', which come whole; none without names)")
 
 
 class CommitRequest(_Request):
