@@ -7,16 +7,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from adamserve import __version__
+from adamserve import __version__, logs, warmup
 from adamserve.engine.backend import Backend, select_backend
 from adamserve.service import Access, OptimizerService
 from adamserve.sessions.checkpoint_policy import Saved
@@ -35,9 +38,10 @@ log = logging.getLogger("adamserve")
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADAMSERVE_")
 
-    host: str = "127.0.0.1"
-    grpc_port: int = Field(50051, ge=0, le=65535)
-    http_port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="the address every port listens on (0.0.0.0: "
+                                               "every interface; give keys and TLS first)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: a free one)")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: a free one)")
     flight_port: int = Field(8815, ge=0, le=65535,
                              description="Arrow Flight port (0: no Flight service)")
     http_body_timeout: float = Field(
@@ -56,13 +60,19 @@ class Settings(BaseSettings):
     allow_shared_memory: bool = Field(
         False, description="let clients on this host register shared-memory regions for "
                            "their steps (docs/data-plane.md)")
-    device: str = Field("cpu", pattern="^(auto|cpu|cuda)$")
-    data_dir: Path | None = Path("data")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="where sessions' state lives (auto: the GPU when CuPy sees one)")
+    data_dir: Path | None = Field(
+        Path("data"), description="checkpoints; every session is restored from here at start "
+                                  "(none: no checkpoints)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint each session every N steps")
     checkpoint_interval: float = Field(0.0, ge=0, description="... and every N seconds")
-    keep_checkpoints: int = Field(3, ge=1)
-    max_state_bytes: int | None = Field(None, ge=0)
-    max_session_bytes: int | None = Field(None, ge=0)
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept per session, the "
+                                                       "newest")
+    max_state_bytes: int | None = Field(
+        None, ge=0, description="cap on all sessions' state (none: 80% of the device's memory)")
+    max_session_bytes: int | None = Field(None, ge=0,
+                                          description="cap on any one session's state")
     token: str | None = Field(
         None, description="one key for the default tenant, admin role (env ADAMSERVE_TOKEN "
                           "only: a command line is visible to every user of the host)")
@@ -72,8 +82,24 @@ class Settings(BaseSettings):
     max_streams_per_tenant: int = Field(
         256, ge=1, description="calls in flight a tenant may hold at once, all transports "
                                "together, unless the auth file says otherwise")
-    ports_file: Path | None = None
-    log_level: str = "INFO"
+    ports_file: Path | None = Field(
+        None, description="once serving, write the ports bound here (JSON: grpc, http, "
+                          "flight, pid)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="the least severe log lines written")
+    log_format: logs.Format = Field(
+        "plain", description="log lines as text, or one JSON object each (time, level, "
+                             "logger, message)")
+    access_log: bool = Field(
+        False, description="log every HTTP request (client, method, path, status; never "
+                           "headers or bodies) as adamserve.http.access")
+    cache_dir: Path | None = Field(
+        None, description="compiled kernels go in <cache-dir>/numba (none: "
+                          "$XDG_CACHE_HOME/adamserve, else ~/.cache/adamserve; "
+                          "NUMBA_CACHE_DIR, when set, wins)")
+    warmup: bool = Field(
+        True, description="compile the kernels of a first create and step in the background "
+                          "at start-up")
     tls_cert: Path | None = Field(
         None, description="PEM certificate chain: every port (gRPC, HTTP, Flight) serves "
                           "TLS only (with --tls-key)")
@@ -81,6 +107,11 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(
         None, description="PEM CA certificates: mutual TLS, every client must present a "
                           "certificate they signed (with --tls-cert and --tls-key)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("tls_cert", "tls_key", "tls_client_ca", mode="before")
     @classmethod
@@ -102,6 +133,18 @@ def default_state_cap(backend: Backend) -> int:
     return int(backend.memory_bytes() * 0.8)
 
 
+@contextlib.contextmanager
+def _data_dir(path: Path | None) -> Iterator[None]:
+    """An OSError inside names the data directory it is about (one line at start-up)."""
+    try:
+        yield
+    except OSError as exc:
+        if path is None or exc.strerror is None:
+            raise
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        raise OSError(exc.errno, f"data directory {path}: {exc.strerror}{where}") from exc
+
+
 class Server:
     """The transports over one service; ``stop`` drains and checkpoints."""
 
@@ -116,8 +159,9 @@ class Server:
                        if settings.auth_file is not None
                        else Access.single(settings.token, settings.max_streams_per_tenant))
         backend = select_backend(settings.device)
-        checkpoints = (CheckpointStore(settings.data_dir, keep=settings.keep_checkpoints)
-                       if settings.data_dir is not None else None)
+        with _data_dir(settings.data_dir):
+            checkpoints = (CheckpointStore(settings.data_dir, keep=settings.keep_checkpoints)
+                           if settings.data_dir is not None else None)
         cap = settings.max_state_bytes
         if cap is None:
             cap = default_state_cap(backend)
@@ -136,25 +180,42 @@ class Server:
 
     def start(self) -> None:
         s = self.settings
-        restored = self.service.start()
+        if s.warmup:  # first: it overlaps the restore and the transports' start
+            warmup.start(self.service.store.backend, self._stop)
+        with _data_dir(s.data_dir):
+            restored = self.service.start()
         if restored:
             log.info("restored %d sessions from %s", len(restored), s.data_dir)
         self.grpc, self.grpc_port = build_grpc_server(self.service, s.host, s.grpc_port,
                                                       tls=self.tls, access=self.access)
-        self.http = HttpServerThread(
-            create_app(self.service, body_idle_timeout=s.http_body_timeout,
-                       access=self.access, max_buffered_bytes=s.http_max_buffered_bytes),
-            s.host, s.http_port, tls=self.tls, header_timeout=s.http_header_timeout,
-            keepalive_timeout=s.http_keepalive_timeout)
-        self.http_port = self.http.start()
-        if s.flight_port:
-            self.flight = FlightServerThread(self.service, s.host, s.flight_port,
-                                             tls=self.tls, access=self.access)
-            self.flight_port = self.flight.start()
-        log.info("adamserve %s listening: grpc %s://%s:%d, http %s, flight %s "
-                 "(backend %s, data %s)", __version__, "grpcs" if self.tls else "grpc", s.host,
-                 self.grpc_port, self.http.url, self.flight.url if self.flight else "off",
-                 self.service.store.backend.name, s.data_dir or "none: checkpoints off")
+        try:
+            try:
+                self.http = HttpServerThread(
+                    create_app(self.service, body_idle_timeout=s.http_body_timeout,
+                               access=self.access,
+                               max_buffered_bytes=s.http_max_buffered_bytes),
+                    s.host, s.http_port, tls=self.tls, header_timeout=s.http_header_timeout,
+                    keepalive_timeout=s.http_keepalive_timeout, access_log=s.access_log)
+            except OSError as exc:  # the bind's own error names no address
+                raise OSError(exc.errno, f"HTTP: cannot listen on {s.host}:{s.http_port} "
+                                         f"({exc.strerror or exc})") from None
+            self.http_port = self.http.start()
+            if s.flight_port:
+                self.flight = FlightServerThread(self.service, s.host, s.flight_port,
+                                                 tls=self.tls, access=self.access)
+                self.flight_port = self.flight.start()
+        except BaseException:  # a port that would not open: close the ones that did
+            self._stop.set()
+            self.grpc.stop(grace=None)
+            if getattr(self, "http", None) is not None:
+                self.http.stop()
+            raise
+        log.info("adamserve %s listening on gRPC %s://%s:%d, HTTP %s, Flight %s; backend %s; "
+                 "%s", __version__, "grpcs" if self.tls else "grpc", s.host, self.grpc_port,
+                 self.http.url, self.flight.url if self.flight else "off",
+                 self.service.store.backend.name,
+                 f"data directory {s.data_dir.resolve()}" if s.data_dir is not None
+                 else "no data directory (checkpoints off)")
         if s.ports_file is not None:
             tmp = s.ports_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"grpc": self.grpc_port, "http": self.http_port,

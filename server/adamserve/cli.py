@@ -6,6 +6,13 @@ Every flag can also be set as an environment variable ``ADAMSERVE_<NAME>``.
 
 ``adamserve ray up|addresses|down`` runs shards of the same server as Ray actors
 (:mod:`adamserve.ray_shards`; needs the ``ray`` extra, imported only then).
+
+``adamserve sessions list|describe|delete|checkpoint|export|import`` talks to a
+running server over its HTTP API (:mod:`adamserve.operator_cli`).
+
+The server's modules are imported only once the command is known: ``serve`` sets
+numba's cache directory first (:mod:`adamserve.warmup`; numba reads it at import),
+and ``sessions`` needs none of them.
 """
 
 from __future__ import annotations
@@ -13,44 +20,96 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Collection
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from pydantic import ValidationError
+from adamserve import __version__, operator_cli, warmup
 
-from adamserve import __version__, malloc, ray_shards
-from adamserve.app import Server, Settings, default_state_cap
-from adamserve.service.access import Role, hash_key
-from adamserve.sessions import names
+if TYPE_CHECKING:
+    from adamserve.app import Settings
+    from adamserve.ray_shards import ShardAddress
 
-__all__ = ["Server", "Settings", "default_state_cap", "load_settings", "main"]
+__all__ = ["load_settings", "main"]
+
+_FROM_APP = frozenset({"Server", "Settings", "default_state_cap"})
+
+
+def __getattr__(name: str) -> Any:
+    """``Server``, ``Settings`` and ``default_state_cap``, as this module always offered
+    them: imported when first asked for (they import numba, which must wait for the cache
+    directory)."""
+    if name in _FROM_APP:
+        from adamserve import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger("adamserve")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end with one line (which, and where --help is), not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _metavar(field: Any) -> str:
+    kinds = set(typing.get_args(field.annotation)) or {field.annotation}
+    for kind, metavar in ((Path, "PATH"), (int, "N"), (float, "SECONDS")):
+        if kind in kinds:
+            return metavar
+    return "HOST" if field.annotation is str else "VALUE"
+
+
 def _settings_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset(),
                     passed_on: bool = False) -> None:
+    from adamserve.app import Settings
+
     for name, field in Settings.model_fields.items():
         if name in skip:
             continue
+        flag = "--" + name.replace("_", "-")
         if name in ENVIRONMENT_ONLY:
-            parser.add_argument("--" + name.replace("_", "-"), action=_EnvironmentOnly,
+            parser.add_argument(flag, action=_EnvironmentOnly,
                                 help=f"not a flag: set ADAMSERVE_{name.upper()} (a command "
                                      "line is visible to every user of the host)")
             continue
-        flag = "--" + name.replace("_", "-")
         # a shard reads the environment of its own node, not of this process
-        env = f"env ADAMSERVE_{name.upper()}" + (" on the shards' nodes" if passed_on else "")
-        helptext = field.description or f"({env})"
-        if field.annotation is bool:  # a switch: --allow-shared-memory
+        nodes = " on the shards' nodes" if passed_on else ""
+        env = f"env ADAMSERVE_{name.upper()}{nodes}"
+        text = (field.description or "").replace("%", "%%")  # argparse %-formats help
+        choices = typing.get_args(field.annotation) if typing.get_origin(
+            field.annotation) is typing.Literal else None
+        helptext = f"{text}; default {_shown_default(field.default)}, {env}".lstrip("; ")
+        if field.annotation is bool and field.default:  # on unless switched off
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, default=None,
+                                action="store_const", const="false",
+                                help=f"turn off: {text}; default on, env "
+                                     f"ADAMSERVE_{name.upper()}=false{nodes}")
+        elif field.annotation is bool:  # a switch: --allow-shared-memory
             parser.add_argument(flag, dest=name, default=None, action="store_const",
                                 const="true", help=helptext)
         else:
-            parser.add_argument(flag, dest=name, default=None, help=helptext)
+            upper = choices is not None and all(str(c).isupper() for c in choices)
+            parser.add_argument(flag, dest=name, default=None, help=helptext,
+                                choices=choices, metavar=None if choices else _metavar(field),
+                                type=str.upper if upper else str)  # --log-level debug
 
 
 # Secrets: read from the environment (or a file), never from argv, which every user of
@@ -59,6 +118,9 @@ ENVIRONMENT_ONLY = frozenset({"token"})
 
 
 class _EnvironmentOnly(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
         name = self.dest
@@ -68,14 +130,22 @@ class _EnvironmentOnly(argparse.Action):
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="adamserve", description="adamserve " + __version__)
-    sub = ap.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gRPC and HTTP server")
+    from adamserve import ray_shards
+    from adamserve.service.access import Role
+
+    ap = _Parser(prog="adamserve", description="adamserve " + __version__)
+    ap.add_argument("--version", action="version", version=f"adamserve {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the gRPC, HTTP and Flight server",
+                           description="Serve until SIGTERM or SIGINT, then checkpoint every "
+                                       "session with unsaved steps. Every flag is also an "
+                                       "environment variable, ADAMSERVE_<FLAG>.")
     _settings_flags(serve)
+    operator_cli.add_parser(sub)
 
     ray = sub.add_parser("ray", help="run shards of the server as Ray actors (the ray extra)")
     ray_sub = ray.add_subparsers(dest="ray_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--name", default="adamserve",
                         help="the shards' actors are NAME-shard-<i> (default adamserve)")
     common.add_argument("--address", default=None,
@@ -122,16 +192,19 @@ def load_settings(argv: list[str] | None = None) -> Settings:
 
 
 def _serve_settings(args: argparse.Namespace) -> Settings:
+    from adamserve.app import Settings
+
     given = _given(args, Settings.model_fields)
-    if given.get("data_dir") in ("", "none"):
-        given["data_dir"] = None
+    for name in ("data_dir", "cache_dir"):
+        if given.get(name) in ("", "none"):
+            given[name] = None
     settings = Settings(**given)
     if settings.token == "":  # an empty ADAMSERVE_TOKEN means no token, not an empty one
         settings.token = None
     return settings
 
 
-def _print_shards(shards: list[ray_shards.ShardAddress]) -> None:
+def _print_shards(shards: list[ShardAddress]) -> None:
     for s in shards:
         print(f"shard {s['shard']} {s['grpc']} {s['http']}" + (f" {s['flight']}"
                                                               if s["flight"] else ""))
@@ -149,6 +222,9 @@ def _ray(args: argparse.Namespace) -> int:
 
 
 def _ray_command(args: argparse.Namespace) -> None:
+    from adamserve import ray_shards
+    from adamserve.app import Settings
+
     if args.ray_command == "up":
         extra = _given(args, Settings.model_fields.keys() - ray_shards.SHARD_SETTINGS)
         _print_shards(ray_shards.up(
@@ -166,6 +242,9 @@ def _ray_command(args: argparse.Namespace) -> None:
 
 def _new_key(args: argparse.Namespace) -> int:
     """A random 256-bit key, printed once; the auth file keeps only its SHA-256."""
+    from adamserve.service.access import hash_key
+    from adamserve.sessions import names
+
     try:
         names.check_tenant(args.tenant)
     except ValueError as exc:
@@ -181,28 +260,54 @@ def _new_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "ray":
-        return _ray(args)
-    if args.command == "keys":
-        return _new_key(args)
+def _cache_dir(argv: list[str]) -> Path | None:
+    """``serve``'s --cache-dir (or ADAMSERVE_CACHE_DIR), read before the full parser: that
+    one imports the server's modules, and numba with them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--cache-dir", default=os.environ.get("ADAMSERVE_CACHE_DIR"))
+    value = pre.parse_known_args(argv)[0].cache_dir
+    return None if value in (None, "", "none") else Path(value)
+
+
+def _bad_settings(exc: Exception) -> None:
+    """One line per bad setting (a pydantic ValidationError), naming its flag and variable."""
+    from pydantic import ValidationError
+
+    assert isinstance(exc, ValidationError)
+    for err in exc.errors():
+        name = ".".join(str(x) for x in err["loc"])
+        where = f"--{name.replace('_', '-')} (ADAMSERVE_{name.upper()}): " if name else ""
+        got = "" if not name or name in ENVIRONMENT_ONLY else f", got {err.get('input')!r}"
+        print(f"adamserve serve: {where}{err['msg']}{got}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace, cache: warmup.CacheDir) -> int:
+    from pydantic import ValidationError
+
+    from adamserve import logs, malloc
+    from adamserve.app import Server
+
     try:
         settings = _serve_settings(args)
     except ValidationError as exc:  # one line per bad setting, not a traceback
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err["loc"])
-            print(f"adamserve serve: {where + ': ' if where else ''}{err['msg']}",
-                  file=sys.stderr)
+        _bad_settings(exc)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
+    if not cache.applied:
+        log.debug("kernel cache: the kernels were imported before main(): numba keeps the "
+                  "directory it had")
+    elif cache.problem:
+        log.warning("kernel cache: %s; using %s", cache.problem, cache.path)
+    elif cache.source == warmup.CACHE_ENV and settings.cache_dir is not None:
+        log.warning("NUMBA_CACHE_DIR=%s is set: it wins over --cache-dir %s", cache.path,
+                    settings.cache_dir)
     malloc.keep_large_blocks()
     try:
         server = Server(settings)
         server.start()
-    except (ValueError, OSError) as exc:  # a bad file or a busy port: say which, in one line
-        print(f"adamserve serve: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as exc:
+        # a bad file, a busy port, an unreadable data directory: say which, in one line
+        print(f"adamserve serve: {_one_line(exc)}", file=sys.stderr)
         return 1
     done = threading.Event()
 
@@ -215,6 +320,30 @@ def main(argv: list[str] | None = None) -> int:
     done.wait()
     # not 0 when a session's unsaved changes could not be saved: supervisors should know
     return 1 if server.stop().failed else 0
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:  # not "[Errno 13] ..."
+        text = exc.strerror
+        if exc.filename is not None and str(exc.filename) not in text:
+            text += f": {exc.filename}"
+    else:
+        text = str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sessions"]:  # an HTTP client: none of the server's modules
+        return operator_cli.main(argv[1:])
+    # numba reads its cache directory when it is imported, which the parser's imports do
+    cache = warmup.configure_cache(_cache_dir(argv[1:])) if argv[:1] == ["serve"] else None
+    args = _parser().parse_args(argv)
+    if args.command == "ray":
+        return _ray(args)
+    if args.command == "keys":
+        return _new_key(args)
+    return _serve(args, cache or warmup.configure_cache(_cache_dir(argv)))
 
 
 if __name__ == "__main__":

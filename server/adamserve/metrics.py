@@ -1,8 +1,16 @@
-"""Prometheus metrics, shared by the service (steps) and the transports (bytes)."""
+"""Prometheus metrics, shared by the service (steps) and the transports (bytes).
+
+Without the ``*_created`` series prometheus_client adds to every counter and histogram
+by default: a second series per label set (when that set first appeared), which doubles
+what every scrape carries and which rate() and increase() do not need.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# read when the metrics are exposed: this process's, every registry's
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 STEPS = Counter("adamserve_steps_total", "Optimizer steps applied (skipped ones included)")
 SKIPPED_STEPS = Counter("adamserve_skipped_steps_total",

@@ -1,13 +1,11 @@
 """adamserve from other languages, with only the README and the .proto (issue 4).
 
-* curl: the README's "A whole session with `curl` alone" block, run verbatim by bash
-  against a real ``adamserve serve`` (only its ``URL=`` line points at the test
-  server); its answers are checked against a local FlatOptimizer.
+* curl: the README's walkthrough is run by tests/test_readme.py.
 * Node.js: ``node/session.js`` (@grpc/grpc-js + @grpc/proto-loader, pinned in
   ``node/package-lock.json`` and installed here with ``npm ci``) drives the same kind of
   session over gRPC; its parameters and exported state must match the Python client's.
 
-Each is skipped, with the reason, only where its tool (curl; node and npm) is absent.
+It is skipped, with the reason, only where node and npm are absent.
 A failing ``npm ci`` fails the test.
 """
 
@@ -18,30 +16,24 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import adamserve_client as ac
-from adamserve.engine.optimizer import FlatOptimizer, Layout, TensorSpec
 
 from .conftest import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 NODE_DIR = Path(__file__).resolve().parent / "node"
-CURL_HEADING = "A whole session with `curl` alone"
-README_URL_LINE = "URL=http://127.0.0.1:8000"
 
 
 @pytest.fixture(scope="module")
@@ -62,104 +54,6 @@ def _server_log(s: ServerProcess) -> str:
 
 # ---------------------------------------------------------------------------
 # curl
-
-
-def readme_curl_block() -> str:
-    """The ```sh block that follows the README's curl heading, as it stands."""
-    text = README.read_text()
-    at = text.find(CURL_HEADING)
-    assert at >= 0, f"README.md has no {CURL_HEADING!r} section"
-    m = re.compile(r"^```sh\n(.*?)^```", re.M | re.S).search(text, at)
-    assert m is not None, f"no ```sh block after {CURL_HEADING!r} in README.md"
-    return m.group(1)
-
-
-def _json_documents(out: str) -> list[Any]:
-    """The JSON documents curl printed back to back (the answers carry no newline)."""
-    dec = json.JSONDecoder()
-    docs, i = [], 0
-    while True:
-        while i < len(out) and out[i].isspace():
-            i += 1
-        if i == len(out):
-            return docs
-        try:
-            doc, i = dec.raw_decode(out, i)
-        except json.JSONDecodeError as e:
-            raise AssertionError(f"curl printed something that is not JSON at {i}: "
-                                 f"{out[i:i + 200]!r}") from e
-        docs.append(doc)
-
-
-def test_curl_session_from_readme(server: ServerProcess, tmp_path: Path) -> None:
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed: the README's curl session cannot be run")
-    if shutil.which("bash") is None:
-        pytest.skip("bash is not installed: the README's curl session cannot be run")
-    block = readme_curl_block()
-    first, _, rest = block.partition("\n")
-    assert first == README_URL_LINE, f"the README block should start with {README_URL_LINE}"
-    script = f"URL={server.http_url}\n{rest}"
-    # The requests, as the README writes them: what the answers must agree with.
-    bodies = [json.loads(b) for b in re.findall(r"-d '(.*?)'", block, re.S)]
-    assert len(bodies) == 2, "expected a create body and a step body in the README block"
-    create, step_body = bodies
-    assert "for i in 1 2 3; do" in block
-
-    r = subprocess.run(["bash", "-e", "-u", "-c", script], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, (f"the README's curl session failed ({r.returncode}):\n"
-                               f"{r.stdout}\n{r.stderr}\n{_server_log(server)}")
-    assert r.stderr == "", r.stderr  # curl -s: nothing but what the server sent
-
-    # create, three steps; the export goes to a file and DELETE answers 204, empty.
-    docs = _json_documents(r.stdout)
-    assert len(docs) == 4, docs
-    info, *steps = docs
-    sid = create["session_id"]
-    assert info["session_id"] == sid and info["algorithm"] == create["algorithm"], info
-    assert info["step"] == 0 and "checkpointed_step" not in info, info
-
-    # The same session, computed here (the proto's names as the engine's).
-    specs = {t["name"]: t["shape"] for t in create["tensors"]}
-    initial = {t["name"]: np.asarray(t["data"], np.float32) for t in create["initial"]}
-    grads = {t["name"]: np.asarray(t["data"], np.float32) for t in step_body["gradients"]}
-    algorithm = create["algorithm"].removeprefix("ALGORITHM_").lower()
-    groups = [{**g.get("values", {}), **g.get("flags", {})} for g in create["groups"]]
-    local = FlatOptimizer(algorithm,
-                          Layout(tuple(TensorSpec(k, tuple(v)) for k, v in specs.items())),
-                          groups, params=np.concatenate([initial[k].ravel() for k in specs]))
-    for n, answer in enumerate(steps, 1):
-        assert answer["step"] == n and answer["skipped"] is False, answer
-        local.grad[:] = np.concatenate([grads[k].ravel() for k in specs])
-        local.step()
-        got = {t["name"]: t for t in answer["params"]}
-        assert set(got) == set(specs), answer
-        for i, (name, shape) in enumerate(specs.items()):
-            assert got[name]["shape"] == shape and got[name]["datatype"] == "FP32"
-            np.testing.assert_allclose(np.asarray(got[name]["data"], np.float32),
-                                       local.tensor(local.param, i).ravel(),
-                                       rtol=1e-6, atol=1e-7, err_msg=f"step {n}, {name}")
-
-    # demo-state.safetensors: the torch-format state_dict after three steps.
-    state_file = tmp_path / "demo-state.safetensors"
-    assert state_file.is_file(), "the README's export wrote no file"
-    state = load_file(state_file)
-    with safe_open(str(state_file), "np") as f:
-        meta = f.metadata()
-    assert meta["adamserve"] == "state_dict/1", meta
-    sd = json.loads(meta["json"])
-    assert sd["scalars"]["0"]["step"] == 3 and sd["param_groups"][0]["param_names"] == ["w"]
-    assert set(state) == {"state.0.exp_avg", "state.0.exp_avg_sq"}, sorted(state)
-    for slot in ("exp_avg", "exp_avg_sq"):
-        np.testing.assert_allclose(state[f"state.0.{slot}"].ravel(), local.slots[slot],
-                                   rtol=1e-6, atol=1e-12, err_msg=slot)
-
-    # DELETE went through: the session is gone.
-    with httpx.Client(base_url=server.http_url, timeout=30) as c:
-        gone = c.get(f"/v2/sessions/{sid}")
-    assert gone.status_code == 404, gone.text
-    assert gone.json()["reason"] == "SESSION_NOT_FOUND", gone.text
 
 
 # ---------------------------------------------------------------------------

@@ -803,6 +803,7 @@ class OptimizerService:
 
     # -- checkpoints (when: self.policy) -----------------------------------------
 
+    @audited("Checkpoint")
     def checkpoint(self, session_id: str, *, caller: Caller = LOCAL) -> CheckpointInfo:
         caller.require_write("Checkpoint", session_id)
         session_id = caller.resolve(session_id)

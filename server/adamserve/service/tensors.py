@@ -61,16 +61,17 @@ class Assembler:
         self.bytes = 0
         self.accept_rows = rows
         self.lazy = lazy
-        # per row-sparse tensor: which rows came (to refuse repeats), and their indices
-        self._row_seen: dict[int, npt.NDArray[np.bool_]] = {}
+        # per row-sparse tensor, the row indices of its chunks (sorted and checked for
+        # repeats at the end: no buffer of the tensor's row count is kept)
         self._row_lists: dict[int, list[npt.NDArray[np.int64]]] = {}
+        self._rows: dict[int, npt.NDArray[np.int64]] = {}
 
     def rows(self) -> list[npt.NDArray[np.int64] | None]:
         """Per tensor, the rows its row-sparse chunks carried, sorted (None: sent dense,
-        or not sent)."""
+        or not sent); after :meth:`finish`."""
         out: list[npt.NDArray[np.int64] | None] = [None] * len(self.layout)
-        for i, parts in self._row_lists.items():
-            out[i] = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        for i, rows in self._rows.items():
+            out[i] = rows
         return out
 
     @property
@@ -108,25 +109,16 @@ class Assembler:
             bad = int(rows[(rows < 0) | (rows >= n_rows)][0])
             raise InvalidArgument(f"{what}: row {bad} is out of range; expected rows in "
                                   f"[0, {n_rows})")
-        seen = self._row_seen.get(i)
-        if seen is None:
-            seen = self._row_seen[i] = np.zeros(n_rows, dtype=np.bool_)
+        if i not in self._row_lists:
             self._row_lists[i] = []
             if not self.lazy:
                 self.out[self.layout.span(i)] = 0
         if len(rows):
-            unique = np.unique(rows)
-            if len(unique) != len(rows) or seen[unique].any():
-                dup = unique[seen[unique]] if seen[unique].any() else (
-                    np.sort(rows)[1:][np.diff(np.sort(rows)) == 0])
-                raise InvalidArgument(f"{what}: row {int(dup[0])} is sent twice; sum the "
-                                      "values of a row into one (torch's coalesce())")
             values = np.empty(count, dtype=self.out.dtype)
             self.sumsq[i] += decode_into(values, chunk.data, chunk.datatype)
             lo = int(self.layout.offsets[i])
             block = self.out[lo:lo + t.numel].reshape(n_rows, width)
             block[rows] = values.reshape(len(rows), width)
-            seen[rows] = True
             self._row_lists[i].append(rows.astype(np.int64))
         self.seen[i] = True
         self.bytes += len(chunk.data) + index_bytes
@@ -183,8 +175,15 @@ class Assembler:
         """Which tensors were sent; each must be complete (and all of them if required)."""
         numel = np.diff(self.layout.offsets)
         sent = self.received > 0
-        for k in self._row_lists:
+        for k, parts in self._row_lists.items():
             sent[k] = True
+            rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+            repeated = rows[1:][np.diff(rows) == 0]
+            if len(repeated):
+                raise InvalidArgument(
+                    f"tensor {shown(self.layout.tensors[k].name)}: row {int(repeated[0])} is "
+                    "sent twice; sum the values of a row into one (torch's coalesce())")
+            self._rows[k] = rows
         if not self.seen.any():
             raise InvalidArgument("the request carries no gradient tensors")
         incomplete = sent & (self.received != numel)

@@ -54,6 +54,7 @@ from adamserve_proto import rpc, wire
 from adamserve_proto.v2 import optimizer_pb2 as pb
 
 log = logging.getLogger("adamserve.transports.grpc")
+refused_log = logging.getLogger("adamserve.refused")  # refusals: reason and message
 
 SERVICE_NAME = rpc.SERVICE_NAME
 TRANSPORT = "grpc"
@@ -153,6 +154,9 @@ def _fail(context: Context, method: str, exc: Exception) -> NoReturn:
     status = error_status(exc)
     if status.code is grpc.StatusCode.INTERNAL:
         log.error("%s failed", method, exc_info=exc)
+    else:  # a refusal: its reason and message, never the payload
+        refused_log.info("grpc %s %s %s: %s", method, status.code.name,
+                         getattr(exc, "reason", "-"), exc)
     metrics.REQUESTS.labels(TRANSPORT, method, status.code.name).inc()
     context.abort_with_status(status)  # raises
 

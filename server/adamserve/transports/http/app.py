@@ -271,7 +271,8 @@ class _Gate:
             if admitted is not None:
                 self.access.leave(admitted)
             route = scope.get("route")
-            name = getattr(route, "name", None) or "unmatched"
+            name = (getattr(route, "name", None)
+                    or getattr(scope.get("endpoint"), "__name__", None) or "unmatched")
             metrics.REQUESTS.labels("http", name, str(status)).inc()
 
 

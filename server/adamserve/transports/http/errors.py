@@ -38,6 +38,7 @@ from adamserve.errors import (
 )
 
 log = logging.getLogger("adamserve.http")
+refused_log = logging.getLogger("adamserve.refused")  # refusals: reason and message
 
 STATUS: dict[type[ServiceError], int] = {
     InvalidArgument: 400,
@@ -79,9 +80,11 @@ _MAX_ERRORS_SHOWN = 5
 def error_response(status: int, message: str, code: str | None = None,
                    headers: Mapping[str, str] | None = None, *, reason: str | None = None,
                    metadata: Mapping[str, str] | None = None) -> JSONResponse:
+    reason = reason or _REASONS.get(status, "INVALID_ARGUMENT")
+    if status < 500:  # a refusal: its reason and message, never the payload
+        refused_log.info("http %d %s: %s", status, reason, message)
     return JSONResponse({"error": message, "code": code or _CODES.get(status, "internal"),
-                         "reason": reason or _REASONS.get(status, "INVALID_ARGUMENT"),
-                         "metadata": dict(metadata or {})},
+                         "reason": reason, "metadata": dict(metadata or {})},
                         status_code=status, headers=dict(headers) if headers else None)
 
 
