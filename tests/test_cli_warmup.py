@@ -11,12 +11,15 @@ follow fails here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from adamserve import warmup
 from adamserve.engine.kernels_cpu import CpuBackend
@@ -73,3 +76,23 @@ def test_warm_up_stops_when_asked() -> None:
 
 if __name__ == "__main__":
     _first_session()
+
+
+def test_the_fallback_cache_directory_must_be_this_users_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba loads what it finds in its cache: a fallback under the shared temporary
+    directory that someone else could write to is not used."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocked / "numba"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"adamserve-{os.getuid()}"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)  # as another user would leave it for us
+    monkeypatch.delitem(sys.modules, "adamserve.engine.kernels_cpu")  # as before numba loads
+    choice = warmup.configure_cache()
+    assert choice.path == blocked / "numba" and "no writable fallback" in choice.problem
+    assert "not a private directory" in choice.problem
+    planted.chmod(0o700)
+    choice = warmup.configure_cache()
+    assert choice.path == planted / "numba" and choice.source == "temporary directory"

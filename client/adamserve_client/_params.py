@@ -208,8 +208,14 @@ class LocalParams:
             raise ValueError(f"gradient for {p.name!r}: a sparse gradient of a scalar has no "
                              "rows; send it dense")
         x = x.detach().coalesce()
-        if x.sparse_dim() != 1:  # rows and their columns sparse: whole rows instead
-            x = x.to_dense().to_sparse(1).coalesce()
+        if x.sparse_dim() != 1:
+            if self._dense is not None:  # SparseAdam: lazy per element, rows are not
+                raise ValueError(
+                    f"gradient for {p.name!r}: sparse in {x.sparse_dim()} dims; the server "
+                    "steps whole rows (a sparse gradient over the first dim, as "
+                    "nn.Embedding(sparse=True) makes): send grad.coalesce().to_dense()."
+                    "to_sparse(1)")
+            x = x.to_dense().to_sparse(1).coalesce()  # Adagrad: zeros change nothing
         rows = x.indices()[0].to("cpu", torch.int64).contiguous()
         values = x.values().to("cpu", TORCH_DTYPES[datatype]).contiguous()
         data = (memoryview(values.reshape(-1).view(torch.uint8).numpy()) if values.numel()

@@ -325,8 +325,9 @@ class Session:
                               "sender": Sender(self.worker, self.sequence),
                               "base_step": self.base_step if self.coordinated else None}
         if any(t.rows is not None for t in wire):
-            # only the rows sent changed: only they come back
-            kw["return_rows"] = self.algo.name in ROWS_UNCHANGED
+            # only the rows sent changed: only they come back (one worker: with several,
+            # the others' rows changed too, and come back whole)
+            kw["return_rows"] = self.algo.name in ROWS_UNCHANGED and not self.coordinated
         if region is None:
             return self.transport.step(self.id, wire, **kw)
         try:

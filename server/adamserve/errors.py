@@ -35,6 +35,7 @@ REASONS: dict[str, str] = {
                       "whole-gradient checks): send it without",
     "DUPLICATE_WORKER_PUSH": "a worker pushed twice for one step with other sequences",
     "LAYOUT_CHANGED": "the session's tensors changed while the request arrived",
+    "WORKERS_CHANGED": "the session's workers changed while a row-sparse push arrived",
     "CHECKPOINTS_DISABLED": "the server has no data directory",
     "QUOTA_EXCEEDED": "a server limit on memory, waiting requests or workers",
     "DEVICE_OUT_OF_MEMORY": "the device could not allocate what the request needs",

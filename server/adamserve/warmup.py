@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -67,9 +68,19 @@ def choose_cache_dir(cache_dir: Path | None = None,
                     "~/.cache")
 
 
-def _writable(path: Path) -> str:
-    """'' when ``path`` is (made) a directory this process can write in, else why not."""
+def _writable(path: Path, private: bool = False) -> str:
+    """'' when ``path`` is (made) a directory this process can write in, else why not.
+    ``private`` (a directory under the shared temporary directory): it must also be this
+    user's own and writable by no one else, since numba loads what it finds there."""
     try:
+        if private:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            for d in (path.parent, path):
+                d.mkdir(mode=0o700, exist_ok=True)
+                st = d.lstat()
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or (
+                        st.st_mode & 0o022):
+                    return f"{d}: not a private directory of this user"
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()  # numba's own test of a cache directory
     except OSError as exc:
@@ -85,9 +96,10 @@ def configure_cache(cache_dir: Path | None = None) -> CacheDir:
     problem = _writable(choice.path)
     if problem:
         fallback = Path(tempfile.gettempdir()) / f"adamserve-{os.getuid()}" / "numba"
-        if _writable(fallback):
+        refused = _writable(fallback, private=True)
+        if refused:
             return CacheDir(choice.path, choice.source, problem + "; no writable fallback "
-                            f"either ({fallback}): kernels compile at every start")
+                            f"either ({refused}): kernels compile at every start")
         choice = CacheDir(fallback, "temporary directory", problem)
     if "adamserve.engine.kernels_cpu" in sys.modules:
         return replace(choice, applied=False)

@@ -237,3 +237,31 @@ def test_sharded_sessions_route_rows_to_their_shards(shard_servers: list[Any], l
         np.testing.assert_array_equal(
             _values(pulled[0]),
             _values(_by_name(one.pull(sid))["emb"]).reshape(ROWS, WIDTH)[[39, 0, 20]].ravel())
+
+
+def test_a_pull_asks_for_each_row_once(url: str, sid: str) -> None:
+    """A pull's answer is never larger than the session: repeated rows, or a tensor
+    named twice, are refused."""
+    with connect(url) as t:
+        _create(t, sid)
+        with pytest.raises(errors.InvalidArgument, match="row 3 is asked for twice"):
+            t.pull(sid, rows={"emb": [3, 1, 3]})
+    if url.startswith("http"):
+        r = httpx.post(f"{url}/v2/sessions/{sid}/pull", json={
+            "rows": [{"name": "emb", "rows": [1]}, {"name": "emb", "rows": [2]}]})
+        assert r.status_code == 400 and "named twice" in r.text
+
+
+def test_a_tensor_of_no_rows_steps_and_pulls_row_sparse(url: str, sid: str) -> None:
+    with connect(url) as t:
+        t.create_session(SessionSpec(sid, "sparse_adam", (TensorSpec("e", (0, 3)),
+                                                          TensorSpec("f", (4, 3)))))
+        empty = WireTensor("e", (0, 3), "FP32", b"", b"")
+        rows, values = _rows([2])
+        r = t.step(sid, [empty, WireTensor("f", (4, 3), "FP32", values.tobytes(),
+                                           rows.tobytes())], return_rows=True)
+        got = _by_name(r.params)
+        assert r.step == 1 and got["e"].rows == b"" and got["e"].data == b""
+        assert np.frombuffer(got["f"].rows, "<i8").tolist() == [2]
+        assert t.pull(sid, rows={"e": []})[0].data == b""
+        assert t.describe(sid).step == 1

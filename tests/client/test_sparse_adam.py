@@ -264,3 +264,17 @@ def test_a_row_sparse_gradient_for_muon_is_refused(live: Any, sid: str) -> None:
         with pytest.raises(errors.InvalidArgument, match="Muon orthogonalises"):
             t.step(sid, [WireTensor("w", (4, 3), "FP32", np.ones(3, "<f4").tobytes(), rows)])
         assert t.describe(sid).step == 0
+
+
+def test_an_element_sparse_gradient_is_refused_not_rounded_to_rows(url: str, sid: str) -> None:
+    """torch's SparseAdam is lazy per element; the server steps whole rows: a gradient
+    sparse in both dims is refused (nothing sent), not widened to its rows."""
+    p = torch.zeros(4, 3)
+    opt = ac.SparseAdam([p], server=url, session=sid)
+    try:
+        p.grad = torch.sparse_coo_tensor([[1], [0]], [1.0], (4, 3))
+        with pytest.raises(ValueError, match="sparse in 2 dims"):
+            opt.step()
+        assert opt.describe().step == 0
+    finally:
+        opt.close(delete=True)

@@ -147,6 +147,22 @@ def test_another_tenants_session_is_exactly_a_missing_one(live: Live, wire: str)
 
 
 @pytest.mark.parametrize("wire", WIRES)
+def test_a_tenant_may_name_its_own_session_qualified(live: Live, wire: str) -> None:
+    """``a~x`` from tenant a's key is its session x (as listings of an admin show it);
+    from tenant b's it is refused as an id b cannot hold, whether or not a~x exists."""
+    sid = _sid()
+    a, b = _client(live, wire, "a"), _client(live, wire, "b")
+    a.create_session(_spec(sid))
+    assert a.step(f"a~{sid}", _grad()).step == 1
+    assert a.describe(f"a~{sid}").step == 1
+    for name in (f"a~{sid}", "a~no-such-session"):
+        with pytest.raises(ac.InvalidArgument, match="session id"):
+            b.describe(name)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("wire", WIRES)
 def test_a_read_only_key_reads_and_changes_nothing(live: Live, wire: str) -> None:
     sid = _sid()
     a, reader = _client(live, wire, "a"), _client(live, wire, "a_reader")
@@ -349,6 +365,7 @@ def test_audit_lines_name_the_tenant_key_action_and_outcome(
             a.delete_session(sid)
     lines = [r.getMessage() for r in caplog.records if r.name == "adamserve.audit"]
     expected = [f"tenant=a key=alice action=CreateSession session={sid} outcome=ok",
+                f"tenant=a key=alice action=Checkpoint session={sid} outcome=ok",
                 f"tenant=a key=alice action=ImportState session={sid} outcome=ok",
                 f"tenant=a key=alice action=RestoreCheckpoint session={sid} outcome=ok",
                 f"tenant=a key=auditor action=DeleteSession session={sid} outcome=denied: "

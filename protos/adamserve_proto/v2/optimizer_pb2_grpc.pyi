@@ -49,7 +49,7 @@ stable `reason` and string metadata (such as "session_id" and "step"):
                        NO_STAGED_STEP (a Commit for a step not staged),
                        COMMIT_OUT_OF_ORDER (LAMB's second Commit first),
                        NOT_STREAMABLE (apply_as_received refused),
-                       DUPLICATE_WORKER_PUSH, LAYOUT_CHANGED,
+                       DUPLICATE_WORKER_PUSH, LAYOUT_CHANGED, WORKERS_CHANGED,
                        CHECKPOINTS_DISABLED, SHARED_MEMORY_DISABLED,
                        SHARED_MEMORY_FORBIDDEN (an object that is not a
                        regular file of the server's user),

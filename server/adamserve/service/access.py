@@ -97,12 +97,14 @@ class Caller:
 
     def resolve(self, session_id: str) -> str:
         """The qualified id of the session this caller means by ``session_id``: its own
-        tenant's; an admin may also name another tenant's as ``<tenant>~<id>``."""
+        tenant's (also written ``<its tenant>~<id>``, as listings show it); an admin may
+        also name another tenant's as ``<tenant>~<id>``."""
         try:
-            if self.admin and names.SEPARATOR in session_id:
+            if names.SEPARATOR in session_id:
                 tenant, bare = names.split(session_id)
-                names.check_tenant(tenant)
-                return names.qualified(tenant, bare)
+                if self.admin or (tenant == self.tenant and tenant):
+                    names.check_tenant(tenant)
+                    return names.qualified(tenant, bare)
             return names.qualified(self.tenant, session_id)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None

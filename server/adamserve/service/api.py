@@ -298,6 +298,13 @@ class OptimizerService:
                 rows = sent_rows if lazy(opt) else None
                 with self.store.locked(session_id, session):
                     self._same_layout(session, asm.layout, "this push arrived: push again")
+                    if asm.lazy and asm.row_sparse and rounds.in_rounds():
+                        # decoded for a step of its own (rows not sent left as they were),
+                        # but the session's pushes now go through rounds, which add them
+                        raise FailedPrecondition(
+                            f"the workers of session {session_id!r} changed while this push "
+                            "arrived: push again", reason="WORKERS_CHANGED",
+                            metadata=meta(session_id))
                     duplicate = session.seen(push_id, base_step)
                     staleness = rounds.admit(push_id, base_step)
                     # the params place, checked again before the step: a refusal changes

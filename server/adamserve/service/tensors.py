@@ -3,6 +3,7 @@ into a flat buffer, parameters encoded back, a commit's sums of squares checked.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -231,7 +232,7 @@ def _index(layout: Layout, name: str) -> int:
 
 def _row_block(host: npt.NDArray[Any], layout: Layout, i: int) -> npt.NDArray[Any]:
     t = layout.tensors[i]
-    return host[layout.span(i)].reshape(t.shape[0], -1)
+    return host[layout.span(i)].reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def _row_chunk(name: str, shape: tuple[int, ...], datatype: str, values: npt.NDArray[Any],
@@ -273,7 +274,8 @@ def select_rows(params: Sequence[TensorChunk], layout: Layout,
         if picked is None or c.rows is not None:
             out.append(c)
             continue
-        values = np.frombuffer(c.data, dtype=WIRE_DTYPES[c.datatype]).reshape(c.shape[0], -1)
+        values = np.frombuffer(c.data, dtype=WIRE_DTYPES[c.datatype]).reshape(
+            c.shape[0], math.prod(c.shape[1:]))
         out.append(TensorChunk(c.name, c.shape, c.datatype, values[picked].tobytes(),
                                rows=picked.astype(ROW_INDEX).tobytes()))
     return out
@@ -281,12 +283,17 @@ def select_rows(params: Sequence[TensorChunk], layout: Layout,
 
 def parse_rows(layout: Layout, selections: Sequence[tuple[str, bytes | memoryview]]
                ) -> list[tuple[int, npt.NDArray[np.int64]]]:
-    """Pull's row selections, checked: (tensor index, rows) each."""
+    """Pull's row selections, checked: (tensor index, rows) each. A tensor's rows are
+    distinct and it is named once, so the answer is never larger than the session."""
     out = []
+    named: set[int] = set()
     for name, raw in selections:
         i = _index(layout, name)
         t = layout.tensors[i]
         what = f"rows of tensor {shown(name)}"
+        if i in named:
+            raise InvalidArgument(f"{what}: the tensor is named twice; ask for its rows once")
+        named.add(i)
         if not t.shape:
             raise InvalidArgument(f"{what}: a scalar has no rows; pull it whole")
         if len(raw) % ROW_INDEX.itemsize:
@@ -297,6 +304,11 @@ def parse_rows(layout: Layout, selections: Sequence[tuple[str, bytes | memoryvie
         if len(bad):
             raise InvalidArgument(f"{what}: row {int(bad[0])} is out of range; expected rows "
                                   f"in [0, {t.shape[0]})")
+        ordered = np.sort(picked)
+        repeated = ordered[1:][np.diff(ordered) == 0]
+        if len(repeated):
+            raise InvalidArgument(f"{what}: row {int(repeated[0])} is asked for twice; ask "
+                                  "for each row once")
         out.append((i, picked))
     return out
 
