@@ -28,8 +28,9 @@ from tests.sessions.test_input_bounds import WIRES, Live, serving
 ONE = np.ones(1, np.float32).tobytes()
 MANY = 16384
 # seconds for one step of MANY tensors, the reply's parameters included (measured here:
-# 1.0 s gRPC, 1.8 s HTTP; the linear scan per chunk took 6.4 s and 7.9 s)
-STEP_BOUND = {"grpc": 2.5, "http": 4.0}
+# 1.0 s gRPC, 1.8 s HTTP alone; up to 4.8 s HTTP beside the suite's other worker; the
+# linear scan per chunk took 6.4 s and 7.9 s alone)
+STEP_BOUND = {"grpc": 4.0, "http": 6.5}
 CREATE_BOUND = 5.0  # seconds to refuse a create of 30k tensors with a repeated name
 OTHERS_BOUND = 2.0  # seconds another client's small create may take meanwhile
 
