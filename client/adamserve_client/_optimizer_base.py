@@ -14,9 +14,35 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["OptimizerBase", "RemovableHandle"]
+__all__ = ["OptimizerBase", "RemovableHandle", "hooked_load", "hooked_state_dict"]
 
 _ids = itertools.count()
+
+
+def hooked_state_dict(opt: Any, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``build()``'s state_dict between ``opt``'s state-dict hooks, as torch runs them (a
+    post hook may return a replacement)."""
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    sd = build()
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, sd)
+        if result is not None:
+            sd = result
+    return sd
+
+
+def hooked_load(opt: Any, state_dict: Any, load: Callable[[dict[str, Any]], None]) -> None:
+    """``load`` the state_dict between ``opt``'s load hooks, as torch runs them (a pre
+    hook may return a replacement)."""
+    sd = dict(state_dict)
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, sd)
+        if result is not None:
+            sd = result
+    load(sd)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
 
 
 class RemovableHandle:

@@ -23,6 +23,7 @@ from copy import deepcopy
 from typing import TYPE_CHECKING, Any
 
 from adamserve_client import errors, validation
+from adamserve_client._optimizer_base import hooked_load, hooked_state_dict
 from adamserve_client._params import sparse_message
 from adamserve_client._session import Server, connect_server
 from adamserve_client._state_dict import import_rows, match, packed_groups
@@ -338,26 +339,20 @@ class MuonWithAdamW(_Base):
         """Both sessions' state in torch.optim's format: ``state`` by the index of each
         parameter in ``param_groups`` order (Muon's ``momentum_buffer``; AdamW's
         ``step``, ``exp_avg``, ``exp_avg_sq``), ``param_groups`` with their ``use_muon``."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        self._checked()
-        sd: StateDict = {"state": self._server_state(),
-                         "param_groups": packed_groups(self.param_groups)}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+        def build() -> StateDict:
+            self._checked()
+            return {"state": self._server_state(),
+                    "param_groups": packed_groups(self.param_groups)}
+
+        return hooked_state_dict(self, build)
 
     def load_state_dict(self, state_dict: StateDict) -> None:
         """Load a state_dict of this class (its groups each with the same ``use_muon`` as
         ours) into both sessions, and its hyperparameters into ``param_groups``. Both
         halves are checked before either is sent."""
-        sd = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, sd)
-            if result is not None:
-                sd = result
+        hooked_load(self, state_dict, self._load)
+
+    def _load(self, sd: StateDict) -> None:
         self._checked()
         saved = list(sd["param_groups"])
         saved_state: Mapping[Any, Any] = sd["state"]
@@ -394,8 +389,6 @@ class MuonWithAdamW(_Base):
                 position[algo] += 1
             self.param_groups = groups
             self.state.invalidate()  # type: ignore[attr-defined]
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     # -- the sessions, directly --------------------------------------------------------
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adamserve_client import validation
+from adamserve_client._optimizer_base import hooked_load, hooked_state_dict
 from adamserve_client._params import LocalParams, Param, add_numpy_group
 from adamserve_client._session import (
     DEFAULT_SERVER,
@@ -320,26 +321,20 @@ class RemoteOptimizer(_Base):
     def state_dict(self) -> StateDict:
         """The optimizer state in torch.optim's format, fetched from the server (with the
         server's per-group state, which ``param_groups`` then holds too)."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        exported = self.transport.export_state(self.session_id)
-        self._adopt_group_state(exported["param_groups"])
-        sd: StateDict = {"state": self._server_state(exported),
-                         "param_groups": packed_groups(self.param_groups)}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+        def build() -> StateDict:
+            exported = self.transport.export_state(self.session_id)
+            self._adopt_group_state(exported["param_groups"])
+            return {"state": self._server_state(exported),
+                    "param_groups": packed_groups(self.param_groups)}
+
+        return hooked_state_dict(self, build)
 
     def load_state_dict(self, state_dict: StateDict) -> None:
         """Load a torch.optim-format state_dict (from this class or from torch.optim)
         into the server session, and its hyperparameters into ``param_groups``."""
-        sd = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, sd)
-            if result is not None:
-                sd = result
+        hooked_load(self, state_dict, self._load)
+
+    def _load(self, sd: StateDict) -> None:
         saved_groups = deepcopy(list(sd["param_groups"]))
         id_map = match(self._params, self.param_groups, saved_groups)
         state = import_rows(self._params, sd["state"], id_map, self._session.algo)
@@ -354,8 +349,6 @@ class RemoteOptimizer(_Base):
         self._params.groups = self.param_groups  # the list the sparse checks read
         self._session.sent = [dict(h) for h in hyper]
         self._invalidate_state()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     # -- the session, directly ---------------------------------------------------------
 

@@ -93,10 +93,7 @@ def _sparse_adam(hyper: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 < eps:  # noqa: SIM300
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    _betas(betas)
 
 
 def _nonnegative(x: Any) -> bool:
@@ -117,11 +114,15 @@ def _lr_eps(lr: Any, eps: Any) -> None:
         raise ValueError(f"Invalid epsilon value: {eps}")
 
 
-def _betas_wd(betas: Any, weight_decay: Any) -> None:
+def _betas(betas: Any) -> None:
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
+def _betas_wd(betas: Any, weight_decay: Any) -> None:
+    _betas(betas)
     if not _nonnegative(weight_decay):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 

@@ -20,6 +20,7 @@ import torch
 import adamserve_client as ac
 from adamserve_client import errors
 from adamserve_client.transports import WireTensor
+from tests.client.test_muon import groups, schedule
 
 STEPS = 30
 SHAPES = [(50, 4), (30, 3), (20,)]
@@ -52,10 +53,6 @@ def make_grads(step: int, dtype: torch.dtype) -> list[torch.Tensor | None]:
     return out
 
 
-def groups(params: list[torch.Tensor], group2: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"params": params[:2]}, {"params": params[2:], **group2}]
-
-
 def step_both(pairs: list[tuple[list[torch.Tensor], Any]], step: int,
               dtype: torch.dtype) -> None:
     for params, opt in pairs:
@@ -68,10 +65,6 @@ def close(ours: list[torch.Tensor], theirs: list[torch.Tensor], tol: float, what
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         np.testing.assert_allclose(a.double().numpy(), b.double().numpy(), rtol=tol,
                                    atol=tol, err_msg=f"tensor {i} {what}")
-
-
-def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -371,9 +371,8 @@ class OptimizerService:
                 opt.grad[...] = opt.backend.to_device(host)
             else:
                 grad = opt.backend.to_device(host)
-        lazy_rows: dict[str, Any] = {} if rows is None else {"rows": rows}  # SparseAdam's
         report = opt.step(None if active.all() else active, grad_sumsq=sumsq, lr_scale=lr_scale,
-                          grad=grad, **lazy_rows)
+                          grad=grad, rows=rows)
         session.record_step(report, as_pushes(push_id))
         return report
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from adamserve.engine.algorithms import Algorithm
 from adamserve.engine.dtypes import WIRE_DTYPES, decode_into, encode_buffer
 from adamserve.engine.optimizer import FlatOptimizer, Layout, listed
 from adamserve.errors import InvalidArgument, shown
@@ -217,7 +218,7 @@ def lazy(opt: FlatOptimizer) -> bool:
     """Whether the session's algorithm reads only the rows a row-sparse gradient sent
     (SparseAdam): then the engine is given the rows, and the other rows keep their
     moments."""
-    return opt.algorithm.value == "sparse_adam"
+    return opt.algorithm is Algorithm.SPARSE_ADAM
 
 
 Rows = Sequence[npt.NDArray[np.int64] | None]

@@ -109,10 +109,6 @@ class Round:
     # sent row-sparse (None for a tensor: every row); None: every row of every tensor
     rows: list[npt.NDArray[np.int64] | None] | None = None
 
-    def lazy_rows(self) -> dict[str, Any]:
-        """The engine's ``rows`` argument, when the round has any."""
-        return {} if self.rows is None else {"rows": self.rows}
-
     def join_rows(self, rows: Sequence[npt.NDArray[np.int64] | None] | None) -> None:
         if self.rows is None:
             return  # dense so far: stays dense
@@ -334,7 +330,7 @@ class RoundCoordinator:
                 host.wake()
             else:
                 report = opt.step(None if r.active.all() else r.active, grad=self._mean,
-                                  **r.lazy_rows())
+                                  rows=r.rows)
                 r.outcome = outcome
         if report is not None:
             self._finish(r, report)
@@ -351,7 +347,7 @@ class RoundCoordinator:
         with self._or_fail(r):
             if opt.algorithm.value != "lamb":
                 report = opt.step(active, tensor_sumsq, total_sumsq=total_sumsq, grad=self._mean,
-                                  **r.lazy_rows())
+                                  rows=r.rows)
             else:
                 staged = opt.begin_lamb(active, tensor_sumsq, total_sumsq=total_sumsq,
                                         grad=self._mean)
