@@ -26,6 +26,11 @@ Each figure is the best of ``--repeat`` interleaved rounds (see ``best_of``).
 
     python bench/kernels.py [--elements 16777216] [--repeat 10] [--muon-shape 1024x1024]
                             [--sparse-shape 1000000x64] [--sparse-fraction 0.01]
+
+``--only-quantized`` prints instead the fused kernels over int8 and bfloat16 moments
+(engine/kernels_quant.py) beside the float32 kernel on the same N elements: bare kernel
+calls, elements/s, the bytes each really moves per element (``quantized_bytes``) per
+second, and that rate as a fraction of the copy rate (the floor, as above).
 """
 
 from __future__ import annotations
@@ -187,6 +192,69 @@ def theirs(name: str, shape: tuple[int, ...]) -> tuple[Callable[[], object] | No
     return opt.step, impl
 
 
+# -- quantised moments (--only-quantized) ----------------------------------------------------
+
+QUANTIZED = ("adam", "adam+amsgrad", "nadam", "radam", "adamax", "lamb")
+
+
+def quantized_bytes(name: str, state: str) -> float:
+    """Bytes one fused pass moves per element: param r+w and grad r (LAMB: param r, its
+    update r written over grad), and each moment r+w: float32 8, bfloat16 4, int8 its code
+    2 plus its block's scale 8 / QBLOCK."""
+    from adamserve.engine import quantize
+
+    slot = {"float32": 8.0, "bfloat16": 4.0, "int8": 2.0 + 8.0 / quantize.QBLOCK}[state]
+    return 12.0 + slot * (3 if name == "adam+amsgrad" else 2)
+
+
+def quantized_kernel(name: str, state: str, n: int) -> Callable[[], object]:
+    """One bare fused kernel call over ``state`` moments of one tensor of n elements, with
+    real coefficients (engine.algorithms) of a step after the first."""
+    from adamserve.engine import algorithms as alg
+    from adamserve.engine import kernels_quant, quantize
+    from adamserve.engine.backend import make_blocks
+    from adamserve.engine.kernels_cpu import CpuBackend
+
+    algo, alias = alg.parse_algorithm("amsgrad" if name == "adam+amsgrad" else name)
+    h = alg.resolve_hyperparameters(algo, alias)
+    values = {k: np.array([float(v)]) for k, v in h.items()}
+    coef = alg.coefficients(algo, alg.SegmentHyper(values, np.array([10]), np.ones(1)),
+                            values["lr"], np.ones(1)).astype(np.float32)
+    backend = CpuBackend()
+    offsets = np.array([0, n], dtype=np.int64)
+    blocks = make_blocks(backend, offsets)
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal(n, dtype=np.float32)
+    g = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+    names = alg.SPECS[algo].slots(h)
+    start = {s: np.abs(rng.standard_normal(n, dtype=np.float32)) * np.float32(1e-3) for s in names}
+    slots: dict[str, object] = {
+        s: v if state == "float32" else quantize.quantize_int8(v, offsets, s == "exp_avg")
+        if state == "int8" else quantize.to_bf16(v, seed=1) for s, v in start.items()}
+    if name == "lamb":
+        run = kernels_quant.lamb_moments_quantized if state != "float32" else backend.lamb_moments
+        return lambda: run(slots, p, g, blocks, coef)
+    if state == "float32":
+        return lambda: backend.run(algo.value, slots, p, g, blocks, coef)
+    return lambda: kernels_quant.run_quantized(algo.value, slots, p, g, blocks, coef)
+
+
+def quantized_main(n: int, repeat: int, names: list[str], rate: float) -> None:
+    print("| algorithm | moments | kernel Melem/s | bytes/elem | GB/s moved | % of floor "
+          "| Melem/s vs float32 |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        fns = {state: quantized_kernel(name, state, n)
+               for state in ("float32", "bfloat16", "int8")}
+        t = best_of(fns, repeat)
+        for state in fns:
+            moved = quantized_bytes(name, state)
+            elems = n / t[state]
+            print(f"| {name} | {state} | {melem(elems)} | {moved:g} | "
+                  f"{elems * moved / 1e9:.1f} | {100 * elems * moved / rate:.0f}% | "
+                  f"{t['float32'] / t[state]:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--elements", type=int, default=1 << 24)
@@ -198,6 +266,9 @@ def main() -> None:
     ap.add_argument("--sparse-shape", default="1000000x64", help="SparseAdam's embedding")
     ap.add_argument("--sparse-fraction", type=float, default=0.01,
                     help="SparseAdam: the fraction of the embedding's rows each step touches")
+    ap.add_argument("--only-quantized", action="store_true",
+                    help="the fused kernels over int8 and bfloat16 moments (with --only: of "
+                         f"these algorithms, from {', '.join(QUANTIZED)})")
     args = ap.parse_args()
     n = args.elements
     muon_shape = tuple(int(d) for d in args.muon_shape.split("x"))
@@ -214,6 +285,9 @@ def main() -> None:
           f"{os.cpu_count()} cpus, numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS} "
           f"threads), {tv}")
     print(f"memory copy rate (read+write): {rate / 1e9:.2f} GB/s\n")
+    if args.only_quantized:
+        quantized_main(n, args.repeat, args.only or list(QUANTIZED), rate)
+        return
     print("| algorithm | adamserve step Melem/s | kernel only Melem/s | torch Melem/s (impl) "
           "| ratio step/torch | ratio kernel/torch | bytes/elem | step % of floor "
           "| kernel % of floor |")

@@ -214,7 +214,8 @@ def test_the_algorithm_table_is_what_sessions_report(server: ServerProcess) -> N
     rows = {_ticked(r[0])[0]: r[1:] for r in _rows(_section(
         "Hyperparameters: torch.optim's arguments and the wire's keys"))
         if r[0].startswith("`ALGORITHM_")}
-    assert set(rows) == {f"ALGORITHM_{name.upper()}" for name in ALGORITHMS}
+    # torch's rows (optax's, SEMANTICS_OPTAX, are docs/optax.md's)
+    assert set(rows) == {f"ALGORITHM_{name.upper()}" for name in ALGORITHMS if "." not in name}
     with server.client() as c:
         for algorithm, (values, flags, names, state) in rows.items():
             sid = "doc-" + algorithm.lower().replace("_", "-")

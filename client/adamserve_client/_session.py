@@ -39,6 +39,10 @@ from adamserve_client.transports import (
 from adamserve_client.transports.base import Hyperparameters, Sender, Workers
 from adamserve_client.transports.sharded import ShardedTransport
 from adamserve_proto.algorithms import ALGORITHMS, AlgorithmDef, wire_value
+from adamserve_proto.convert import STATE_DTYPE
+
+# the moments' precisions a session may keep (SessionSpec.state_dtype)
+MOMENT_DTYPES = STATE_DTYPE.shorts
 
 __all__ = ["DEFAULT_SERVER", "Server", "Session", "connect_server", "find_algorithm",
            "master_datatype"]
@@ -107,7 +111,16 @@ class Session:
     def __init__(self, transport: Transport, owns_transport: bool, algo: AlgorithmDef,
                  params: LocalParams, *, wire_dtype: str | None, master_dtype: str | None,
                  schedule: Mapping[str, Any] | None, workers: int | Workers | None,
-                 worker_id: str | None, shared_memory: bool | None = None) -> None:
+                 worker_id: str | None, shared_memory: bool | None = None,
+                 state_dtype: str | None = None) -> None:
+        if state_dtype is not None and state_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"state_dtype {state_dtype!r}: expected one of "
+                             f"{', '.join(map(repr, MOMENT_DTYPES))} (or None: the master "
+                             "dtype's)")
+        self.state_dtype = state_dtype
+        # optax's rows are "optax.<alias>": the wire names the alias and the semantics
+        semantics, dot, alias = algo.name.partition(".")
+        self.semantics, self.wire_algorithm = (semantics, alias) if dot else ("torch", algo.runs)
         self.transport = transport
         self.owns_transport = owns_transport
         self.algo = algo
@@ -163,7 +176,8 @@ class Session:
 
     def _spec(self, session_id: str, groups: Sequence[Mapping[str, Any]]) -> SessionSpec:
         return SessionSpec(
-            session_id=session_id, algorithm=self.algo.runs,
+            session_id=session_id, algorithm=self.wire_algorithm, semantics=self.semantics,
+            state_dtype=self.state_dtype or "",
             tensors=tuple(TensorSpec(p.name, p.shape, p.group) for p in self.params),
             groups=tuple(self.group_hyper(g) for g in groups),
             dtype="float64" if self.master == "FP64" else "float32",
@@ -223,9 +237,16 @@ class Session:
     def _attach(self, info: SessionInfo, groups: Sequence[Mapping[str, Any]]) -> None:
         """Resume an existing session: check it matches, then pull its parameters."""
         theirs = info.algorithm.strip().lower()
-        if ALGORITHMS.get(theirs, find_algorithm(self.algo.runs)).runs != self.algo.runs:
-            raise ValueError(f"session {info.session_id!r} runs {info.algorithm}; this "
-                             f"optimizer is {self.algo.name}")
+        if info.semantics != self.semantics or (
+                self.semantics == "torch"
+                and ALGORITHMS.get(theirs, find_algorithm(self.algo.runs)).runs != self.algo.runs
+        ) or (self.semantics != "torch" and theirs != self.wire_algorithm):
+            semantics = "" if info.semantics == "torch" else f" ({info.semantics} semantics)"
+            raise ValueError(f"session {info.session_id!r} runs {info.algorithm}{semantics}; "
+                             f"this optimizer is {self.algo.name}")
+        if self.state_dtype is not None and info.state_dtype != self.state_dtype:
+            raise ValueError(f"session {info.session_id!r} keeps {info.state_dtype} moments; "
+                             f"this optimizer asks for state_dtype {self.state_dtype!r}")
         ours = [TensorSpec(p.name, p.shape, p.group) for p in self.params]
         if list(info.tensors) != ours or len(info.groups) != len(groups):
             def show(specs: Iterable[TensorSpec]) -> str:

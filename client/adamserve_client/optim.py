@@ -123,6 +123,14 @@ class RemoteOptimizer(_Base):
     list of URLs for ``server`` spreads the session over those shard servers.
     ``worker_id``: this worker's stable name (default: random per optimizer); with
     it, a restarted worker's resent steps are recognised as already applied.
+    ``state_dtype``: the precision the server keeps the moments in: "bfloat16"
+    (stochastic rounding) or "int8" (block-wise 8-bit, tensors of fewer than 4096
+    elements in float32) for Adam, AdamW, AMSGrad, NAdam, RAdam, Adamax and LAMB with a
+    float32 master; default (None) the master dtype. ``state_dict()`` exports the moments
+    dequantised, as torch.optim holds them.
+    ``semantics``: "torch" (default) or "optax": optax's update rule for adam, adamw,
+    nadam, nadamw, radam, amsgrad, adamax, lamb and adafactor, with ``hyperparameters``
+    under optax's names and defaults (``adamserve_client.optax``; docs/optax.md).
     ``shared_memory``: steps go through a POSIX shared-memory region on this host
     (gradients written into it, parameters read from it; no tensor bytes on the
     socket), on any transport, when the server runs here with
@@ -137,8 +145,9 @@ class RemoteOptimizer(_Base):
                  master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None, timeout: float | None = None,
                  workers: int | Workers | None = None, worker_id: str | None = None,
-                 shared_memory: bool | None = None, **hyperparameters: Any) -> None:
-        algo = find_algorithm(algorithm)
+                 shared_memory: bool | None = None, state_dtype: str | None = None,
+                 semantics: str = "torch", **hyperparameters: Any) -> None:
+        algo = find_algorithm(table.qualified(algorithm, semantics))
         unknown = sorted(set(hyperparameters) - algo.keys - TORCH_SWITCHES)
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for "
@@ -166,7 +175,7 @@ class RemoteOptimizer(_Base):
         self._session = Session(transport, owns, algo, self._params, wire_dtype=wire_dtype,
                                 master_dtype=master_dtype, schedule=schedule,
                                 workers=workers, worker_id=worker_id,
-                                shared_memory=shared_memory)
+                                shared_memory=shared_memory, state_dtype=state_dtype)
         try:
             super().__init__(params, defaults)
             self._params.groups = self.param_groups
@@ -432,11 +441,13 @@ class Adam(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, "adam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         state_dtype=state_dtype,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
@@ -457,11 +468,13 @@ class AdamW(RemoteOptimizer):
                  master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, "adamw", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         state_dtype=state_dtype,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
@@ -483,11 +496,13 @@ class NAdam(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, "nadam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         state_dtype=state_dtype,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          momentum_decay=momentum_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
@@ -508,11 +523,13 @@ class RAdam(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, "radam", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         state_dtype=state_dtype,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          decoupled_weight_decay=decoupled_weight_decay,
@@ -533,11 +550,13 @@ class Adamax(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, "adamax", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         state_dtype=state_dtype,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          foreach=foreach, maximize=maximize, differentiable=differentiable,
                          capturable=capturable)
@@ -609,11 +628,13 @@ class LAMB(RemoteOptimizer):
                  wire_dtype: str | None = None, master_dtype: str | None = None,
                  schedule: Mapping[str, Any] | None = None,
                  timeout: float | None = None, workers: int | Workers | None = None,
-                 worker_id: str | None = None, shared_memory: bool | None = None) -> None:
+                 worker_id: str | None = None, shared_memory: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         super().__init__(params, "lamb", server=server, session=session, token=token,
                          wire_dtype=wire_dtype, master_dtype=master_dtype, schedule=schedule,
                          timeout=timeout,
                          workers=workers, worker_id=worker_id, shared_memory=shared_memory,
+                         state_dtype=state_dtype,
                          lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          maximize=maximize, bias_correction=bias_correction)
 

@@ -16,6 +16,9 @@ implementation raises, group by group, parameter by parameter.
 The schedule-free pair follows facebookresearch's schedulefree instead, whose
 constructors check nothing (the server refuses what it cannot run, naming the key):
 :func:`check_mode` raises the package's ``Exception`` for a step outside train mode.
+optax's aliases (the ``optax.<alias>`` rows) check nothing either when they are built;
+here only what the wire could not carry: a torch switch (optax's ``TypeError`` for an
+unexpected keyword) and a dtype that is not a name the server takes.
 
 Two approximations, both for groups that override a switch of the defaults: torch
 turns autograd on during ``step()`` from ``defaults["differentiable"]`` (the groups are
@@ -30,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adamserve_client._torch import is_tensor, torch
-from adamserve_proto.algorithms import ALGORITHMS, SWITCHES
+from adamserve_proto.algorithms import ALGORITHMS, CHOICES, OPTAX_DTYPES, SWITCHES
 
 __all__ = ["check_constructor", "check_mode", "check_params", "check_step"]
 
@@ -65,6 +68,9 @@ def check_constructor(algorithm: str, hyper: Mapping[str, Any]) -> None:
     torch checks ``fused`` against ``foreach``/``differentiable`` after it has taken the
     parameters; here they come last too, but before the parameters are looked at.
     """
+    if algorithm.startswith("optax."):
+        _optax(algorithm, hyper)
+        return
     for key in _NOT_ACCEPTED.get(algorithm, ()):
         if key in hyper:
             raise TypeError(f"{_CLASS[algorithm]}.__init__() got an unexpected keyword "
@@ -83,6 +89,24 @@ def check_constructor(algorithm: str, hyper: Mapping[str, Any]) -> None:
         _adafactor(hyper)
     elif algorithm == "sparse_adam":
         _sparse_adam(hyper)
+
+
+def _optax(algorithm: str, hyper: Mapping[str, Any]) -> None:
+    """optax's aliases: no torch switch (optax's TypeError for an unexpected keyword), and a
+    dtype (mu_dtype, dtype_momentum) by one of the names the server takes."""
+    alias = algorithm.partition(".")[2]
+    for key in SWITCHES:
+        if key in hyper:
+            raise TypeError(f"{alias}() got an unexpected keyword argument '{key}'")
+    for key, value in hyper.items():
+        if CHOICES.get(key) is not OPTAX_DTYPES or value in OPTAX_DTYPES:
+            continue
+        if value == "bfloat16":
+            raise ValueError(f"{key} 'bfloat16': bfloat16 moments are the session's "
+                             "state_dtype='bfloat16', not an accumulator dtype; expected None, "
+                             "'float32' or 'float64'")
+        raise ValueError(f"{key}: expected None, 'float32' or 'float64' (a dtype's name), got "
+                         f"{value!r}")
 
 
 def _sparse_adam(hyper: Mapping[str, Any]) -> None:

@@ -49,8 +49,11 @@ __all__ = [
     "ALGORITHM",
     "ANNEAL_STRATEGY",
     "BACKEND",
+    "MOMENT_DTYPE",
     "SCHEDULE_DEFAULTS",
+    "SEMANTICS",
     "STATE_DTYPE",
+    "STATE_FORMAT",
     "STRAGGLER_POLICY",
     "WORKER_MODE",
     "EnumMap",
@@ -166,6 +169,10 @@ class EnumMap(Generic[V]):
 
 ALGORITHM = EnumMap(pb.Algorithm, None)
 STATE_DTYPE = EnumMap(pb.StateDtype, "float32")
+# SessionSpec.state_dtype: the moments' precision; unset ("") is the master dtype's
+MOMENT_DTYPE = EnumMap(pb.StateDtype, "")
+SEMANTICS = EnumMap(pb.Semantics, "torch")
+STATE_FORMAT = EnumMap(pb.StateFormat, "torch")
 WORKER_MODE = EnumMap(pb.WorkerMode, "sync")
 STRAGGLER_POLICY = EnumMap(pb.StragglerPolicy, "fail")
 BACKEND = EnumMap(pb.Backend, "")

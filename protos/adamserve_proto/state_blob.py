@@ -1,6 +1,7 @@
 """The layout of the state blob: a torch-format state_dict as one safetensors file.
 
-Tensors ``state.<index>.<slot>``; the file's ``__metadata__`` holds ``{"adamserve":
+Tensors ``state.<index>.<slot>`` (the native form's stored moments
+``state.<index>.<slot>.<part>``: ``codes`` and ``scale``, or ``bf16``); the file's ``__metadata__`` holds ``{"adamserve":
 "state_dict/1", "json": <JSON>}`` where the JSON carries ``param_groups`` (betas as a
 list), the per-parameter scalars (``step``, ``mu_product``: :data:`SCALAR_SLOTS`) and,
 for one shard's part of a sharded state, the model's ``step_count``. Any language with
@@ -83,9 +84,10 @@ def state_dict(tensors: Mapping[str, Any], metadata: object) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, arr in tensors.items():
         parts = key.split(".")
-        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
-            raise ValueError(f"state blob: tensor {key!r} is not named state.<index>.<slot>")
-        state.setdefault(int(parts[1]), {})[parts[2]] = arr
+        if len(parts) not in (3, 4) or parts[0] != "state" or not parts[1].isdigit():
+            raise ValueError(f"state blob: tensor {key!r} is not named state.<index>.<slot> "
+                             "(or state.<index>.<slot>.<part>, the native form's)")
+        state.setdefault(int(parts[1]), {})[".".join(parts[2:])] = arr
     for idx, entry in scalars.items():
         if not str(idx).isdigit() or not isinstance(entry, dict):
             raise ValueError(f"state blob: bad scalars entry {idx!r}")

@@ -25,8 +25,8 @@ def test_short_names_both_ways() -> None:
     with pytest.raises(ValueError, match=r"^algorithm: unknown algorithm 'sgd'; expected one "
                                          r"of adam, adamw, amsgrad"):
         convert.ALGORITHM.number("sgd", "algorithm")
-    with pytest.raises(ValueError, match=r"^dtype: unknown state dtype 'int8'"):
-        convert.STATE_DTYPE.number("int8", "dtype")
+    with pytest.raises(ValueError, match=r"^dtype: unknown state dtype 'int4'"):
+        convert.STATE_DTYPE.number("int4", "dtype")
     with pytest.raises(ValueError, match=r"^algorithm: not set \(ALGORITHM_UNSPECIFIED\)"):
         convert.ALGORITHM.short(0, "algorithm")
     with pytest.raises(ValueError, match=r"^workers.mode: unknown WorkerMode value 9"):

@@ -212,6 +212,8 @@ class ChunkAssembler:
 
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    # the native form's stored moments: int8 codes and bfloat16 bits
+    "U8": np.dtype("u1"), "U16": np.dtype("<u2"),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 

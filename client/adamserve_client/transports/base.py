@@ -31,6 +31,7 @@ and reason.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -134,6 +135,8 @@ class SessionSpec:
     skip_nonfinite: bool = True
     workers: Workers = field(default_factory=Workers)
     labels: Mapping[str, str] = field(default_factory=dict)
+    semantics: str = "torch"  # or "optax": optax's update rules and names
+    state_dtype: str = ""  # the moments' precision ("bfloat16", "int8"); "": dtype's
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,15 @@ class SessionInfo:
     workers: Workers = field(default_factory=Workers)
     labels: Mapping[str, str] = field(default_factory=dict)
     tenant: str = ""  # the owner ("" the default tenant); an admin sees every tenant's
+    semantics: str = "torch"
+    state_dtype: str = "float32"  # the moments' precision
+    moment_bytes: int = 0
+    bytes_per_parameter: float = 0.0  # master parameters and moments, per parameter
+
+    @property
+    def numel(self) -> int:
+        """The session's parameters."""
+        return sum(math.prod(t.shape) for t in self.tensors)
 
 
 @dataclass(frozen=True)
@@ -433,8 +445,11 @@ class Transport(abc.ABC):
         (``{"kind": "cosine", "total_steps": 100}``...)."""
 
     @abc.abstractmethod
-    def export_state(self, session_id: str) -> StateDict:
-        """The optimizer state as a torch-format state_dict of NumPy arrays."""
+    def export_state(self, session_id: str, native: bool = False) -> StateDict:
+        """The optimizer state as a torch-format state_dict of NumPy arrays (``native``:
+        the moments as the session stores them, ``exp_avg.codes`` and ``exp_avg.scale``
+        or ``exp_avg.bf16`` for bfloat16 and int8 moments; :meth:`import_state` reads
+        either)."""
 
     @abc.abstractmethod
     def import_state(self, session_id: str, state: Mapping[str, Any]) -> SessionInfo:

@@ -195,9 +195,10 @@ class Client(Transport):
             request.schedule.CopyFrom(m.schedule_message(schedule))
         return _session(self.wire.unary("SetSchedule", request))
 
-    def export_state(self, session_id: str) -> StateDict:
+    def export_state(self, session_id: str, native: bool = False) -> StateDict:
+        form = pb.STATE_FORMAT_NATIVE if native else pb.STATE_FORMAT_UNSPECIFIED
         blob = self.wire.stream("ExportState",
-                                pb.ExportStateRequest(session_id=session_id)).blob
+                                pb.ExportStateRequest(session_id=session_id, format=form)).blob
         # the arrays are views of the blob: writable ones (torch warns of read-only memory)
         return _codec.decode_state(blob if isinstance(blob, bytearray) else bytearray(blob))
 

@@ -81,6 +81,9 @@ def _tensor_spec(t: pb.TensorSpec) -> TensorSpec:
 
 @_request
 def session_spec(spec: SessionSpec) -> pb.SessionSpec:
+    if spec.dtype.strip().lower() in ("bfloat16", "int8"):  # the moments' (state_dtype) only
+        raise ValueError(f"dtype: the master dtype is float32 or float64, got {spec.dtype!r} "
+                         "(bfloat16 and int8 are a state_dtype, for the moments)")
     msg = pb.SessionSpec(
         session_id=spec.session_id,
         algorithm=convert.ALGORITHM.number(spec.algorithm, "algorithm"),
@@ -88,7 +91,9 @@ def session_spec(spec: SessionSpec) -> pb.SessionSpec:
         tensors=tensor_specs(spec.tensors),
         dtype=convert.STATE_DTYPE.number(spec.dtype, "dtype"),
         clip_per_tensor=spec.clip_per_tensor, skip_nonfinite=spec.skip_nonfinite,
-        workers=convert.workers_message(spec.workers), labels=dict(spec.labels))
+        workers=convert.workers_message(spec.workers), labels=dict(spec.labels),
+        semantics=convert.SEMANTICS.number(spec.semantics, "semantics"),
+        state_dtype=convert.MOMENT_DTYPE.number(spec.state_dtype, "state_dtype"))
     if spec.schedule is not None:
         msg.schedule.CopyFrom(convert.schedule_message(spec.schedule))
     if spec.max_grad_norm is not None:
@@ -118,6 +123,10 @@ def session_info(msg: pb.Session) -> SessionInfo:
         else Workers(),
         labels=dict(msg.labels),
         tenant=msg.tenant,
+        semantics=convert.SEMANTICS.short(msg.semantics, "semantics"),
+        state_dtype=convert.STATE_DTYPE.short(msg.state_dtype, "state_dtype"),
+        moment_bytes=int(msg.moment_bytes),
+        bytes_per_parameter=float(msg.bytes_per_parameter),
     )
 
 

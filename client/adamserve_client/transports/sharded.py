@@ -75,7 +75,7 @@ from adamserve_client.transports.layout import (
     plan_shards,
     split,
 )
-from adamserve_proto.algorithms import ALGORITHMS
+from adamserve_proto.algorithms import ALGORITHMS, qualified
 from adamserve_proto.state_blob import SCALAR_SLOTS
 
 __all__ = ["Piece", "ShardPlan", "ShardedTransport", "plan_shards", "shard_places"]
@@ -109,12 +109,14 @@ class _Places:
     params: RegionRef | None
 
 
-def _kept_whole(algorithm: str) -> Callable[[TensorSpec], bool] | None:
+def _kept_whole(algorithm: str, semantics: str = "torch") -> Callable[[TensorSpec], bool] | None:
     """Which tensors a plan must not split: every one of Adafactor's (its step size and
     update clipping are norms over the whole tensor, its factored statistics means over
-    whole rows and columns) and of Muon's (its matrices are orthogonalised whole)."""
-    row = ALGORITHMS.get(algorithm.strip().lower())
-    if row is not None and row.runs in ("adafactor", "muon"):
+    whole rows and columns), of Muon's (its matrices are orthogonalised whole) and of
+    optax's LAMB and Adafactor (their trust ratio and clipping norms are the tensor's; the
+    two-phase exchange splits torch's LAMB only)."""
+    row = ALGORITHMS.get(qualified(algorithm.strip().lower(), semantics))
+    if row is not None and row.runs in ("adafactor", "muon", "optax.lamb", "optax.adafactor"):
         return lambda t: True
     return None
 
@@ -230,12 +232,16 @@ class ShardedTransport(Transport):
         first = infos[0]
         steps = tuple(i.step for i in infos)
         self._sessions[session_id] = _Session(plan, first.workers.exchange,
-                                              first.algorithm.strip().lower() == "lamb",
+                                              first.algorithm.strip().lower() == "lamb"
+                                              and first.semantics == "torch",
                                               steps)
         labels = {k: v for k, v in first.labels.items() if k not in (SHARD_LABEL, LAYOUT_LABEL)}
         return dataclasses.replace(
             first, tensors=plan.tensors, step=min(i.step for i in infos),
             state_bytes=sum(i.state_bytes for i in infos),
+            moment_bytes=sum(i.moment_bytes for i in infos),
+            bytes_per_parameter=sum(i.bytes_per_parameter * i.numel for i in infos)
+            / max(1, sum(i.numel for i in infos)),
             checkpointed_step=min(i.checkpointed_step for i in infos),
             workers=dataclasses.replace(first.workers, exchange=False), labels=labels)
 
@@ -289,7 +295,7 @@ class ShardedTransport(Transport):
                              "straggler timeout: mode 'async' and straggler_timeout need one "
                              "server")
         plan = plan_shards(spec.tensors, len(self.shards), self.split_elements,
-                           whole=_kept_whole(spec.algorithm), rows=_cut_by_rows(spec.algorithm))
+                           whole=_kept_whole(spec.algorithm, spec.semantics), rows=_cut_by_rows(spec.algorithm))
         exchange = _needs_exchange(spec.algorithm, spec.max_grad_norm, spec.skip_nonfinite)
         workers = dataclasses.replace(spec.workers, exchange=exchange)
         values = split(plan, initial)
@@ -593,8 +599,12 @@ class ShardedTransport(Transport):
 
     # -- state and checkpoints -----------------------------------------------------
 
-    def export_state(self, session_id: str) -> StateDict:
-        """The state_dict of the whole model: each tensor's slots joined from its pieces."""
+    def export_state(self, session_id: str, native: bool = False) -> StateDict:
+        """The state_dict of the whole model: each tensor's slots joined from its pieces
+        (torch's form only: a piece's stored moments have its own block scales)."""
+        if native:
+            raise ValueError("a sharded session exports its state in torch's form only; "
+                             "export each shard's native state from its own server")
         plan = self._session(session_id).plan
         parts = self.each(lambda i, t: t.export_state(session_id))
         pieces: dict[int, list[tuple[Piece, dict[str, Any]]]] = {}

@@ -151,6 +151,8 @@ class _AlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Algorithm.V
     """schedulefree.RAdamScheduleFree: as ALGORITHM_ADAMW_SCHEDULE_FREE without
     warmup_steps, with the flag silent_sgd_phase [true].
     """
+    ALGORITHM_NADAMW: _Algorithm.ValueType  # 15
+    """optax.nadamw (SEMANTICS_OPTAX only): NAdam with decoupled weight decay."""
 
 class Algorithm(_Algorithm, metaclass=_AlgorithmEnumTypeWrapper):
     """---------------------------------------------------------------------------
@@ -220,6 +222,8 @@ ALGORITHM_RADAM_SCHEDULE_FREE: Algorithm.ValueType  # 14
 """schedulefree.RAdamScheduleFree: as ALGORITHM_ADAMW_SCHEDULE_FREE without
 warmup_steps, with the flag silent_sgd_phase [true].
 """
+ALGORITHM_NADAMW: Algorithm.ValueType  # 15
+"""optax.nadamw (SEMANTICS_OPTAX only): NAdam with decoupled weight decay."""
 Global___Algorithm: _TypeAlias = Algorithm  # noqa: Y015
 
 class _StateDtype:
@@ -234,6 +238,17 @@ class _StateDtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StateDtype
     """IEEE float32."""
     STATE_DTYPE_FLOAT64: _StateDtype.ValueType  # 2
     """IEEE float64 (a float64 model's state, as torch keeps it)."""
+    STATE_DTYPE_BFLOAT16: _StateDtype.ValueType  # 3
+    """Moments only (SessionSpec.state_dtype): bfloat16 with stochastic rounding
+    (2 bytes per element per moment).
+    """
+    STATE_DTYPE_INT8: _StateDtype.ValueType  # 4
+    """Moments only (SessionSpec.state_dtype): block-wise 8-bit codes, 256
+    elements per block with one float32 scale (its largest magnitude) each,
+    on a dynamic (decade-exponent) map, signed for the first moment and
+    unsigned for the others; tensors of fewer than 4096 elements keep float32
+    moments. About 1.016 bytes per element per moment.
+    """
 
 class StateDtype(_StateDtype, metaclass=_StateDtypeEnumTypeWrapper):
     """The precision of a session's master weights and optimizer state."""
@@ -244,7 +259,54 @@ STATE_DTYPE_FLOAT32: StateDtype.ValueType  # 1
 """IEEE float32."""
 STATE_DTYPE_FLOAT64: StateDtype.ValueType  # 2
 """IEEE float64 (a float64 model's state, as torch keeps it)."""
+STATE_DTYPE_BFLOAT16: StateDtype.ValueType  # 3
+"""Moments only (SessionSpec.state_dtype): bfloat16 with stochastic rounding
+(2 bytes per element per moment).
+"""
+STATE_DTYPE_INT8: StateDtype.ValueType  # 4
+"""Moments only (SessionSpec.state_dtype): block-wise 8-bit codes, 256
+elements per block with one float32 scale (its largest magnitude) each,
+on a dynamic (decade-exponent) map, signed for the first moment and
+unsigned for the others; tensors of fewer than 4096 elements keep float32
+moments. About 1.016 bytes per element per moment.
+"""
 Global___StateDtype: _TypeAlias = StateDtype  # noqa: Y015
+
+class _Semantics:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SemanticsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Semantics.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEMANTICS_UNSPECIFIED: _Semantics.ValueType  # 0
+    """Not set: torch."""
+    SEMANTICS_TORCH: _Semantics.ValueType  # 1
+    """torch.optim's (and schedulefree's) classes, hyperparameters under their
+    names.
+    """
+    SEMANTICS_OPTAX: _Semantics.ValueType  # 2
+    """optax 0.2's aliases, hyperparameters under optax's names and defaults
+    (learning_rate, b1, b2, eps, eps_root, weight_decay, nesterov, ...), for
+    ALGORITHM_ADAM, ADAMW, NADAM, NADAMW, RADAM, AMSGRAD, ADAMAX, LAMB and
+    ADAFACTOR (docs/optax.md).
+    """
+
+class Semantics(_Semantics, metaclass=_SemanticsEnumTypeWrapper):
+    """Whose definition of the update rule a session follows."""
+
+SEMANTICS_UNSPECIFIED: Semantics.ValueType  # 0
+"""Not set: torch."""
+SEMANTICS_TORCH: Semantics.ValueType  # 1
+"""torch.optim's (and schedulefree's) classes, hyperparameters under their
+names.
+"""
+SEMANTICS_OPTAX: Semantics.ValueType  # 2
+"""optax 0.2's aliases, hyperparameters under optax's names and defaults
+(learning_rate, b1, b2, eps, eps_root, weight_decay, nesterov, ...), for
+ALGORITHM_ADAM, ADAMW, NADAM, NADAMW, RADAM, AMSGRAD, ADAMAX, LAMB and
+ADAFACTOR (docs/optax.md).
+"""
+Global___Semantics: _TypeAlias = Semantics  # noqa: Y015
 
 class _WorkerMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -349,6 +411,44 @@ ANNEAL_STRATEGY_COS: AnnealStrategy.ValueType  # 1
 ANNEAL_STRATEGY_LINEAR: AnnealStrategy.ValueType  # 2
 """Linear annealing."""
 Global___AnnealStrategy: _TypeAlias = AnnealStrategy  # noqa: Y015
+
+class _StateFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StateFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StateFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STATE_FORMAT_UNSPECIFIED: _StateFormat.ValueType  # 0
+    """Not set: torch."""
+    STATE_FORMAT_TORCH: _StateFormat.ValueType  # 1
+    """torch.optim's: every moment a float tensor of the parameter's shape in the
+    master dtype (BFLOAT16 and INT8 moments dequantised), loadable by
+    torch.optim's load_state_dict.
+    """
+    STATE_FORMAT_NATIVE: _StateFormat.ValueType  # 2
+    """The session's own storage: BFLOAT16 moments as BF16 tensors; an INT8
+    moment of a quantised tensor as "<slot>.codes" (U8, the tensor's shape)
+    and "<slot>.scale" (F32, one per block of 256 elements) beside
+    "quantization" metadata. ImportState reads either form.
+    """
+
+class StateFormat(_StateFormat, metaclass=_StateFormatEnumTypeWrapper):
+    """The form of an exported state_dict."""
+
+STATE_FORMAT_UNSPECIFIED: StateFormat.ValueType  # 0
+"""Not set: torch."""
+STATE_FORMAT_TORCH: StateFormat.ValueType  # 1
+"""torch.optim's: every moment a float tensor of the parameter's shape in the
+master dtype (BFLOAT16 and INT8 moments dequantised), loadable by
+torch.optim's load_state_dict.
+"""
+STATE_FORMAT_NATIVE: StateFormat.ValueType  # 2
+"""The session's own storage: BFLOAT16 moments as BF16 tensors; an INT8
+moment of a quantised tensor as "<slot>.codes" (U8, the tensor's shape)
+and "<slot>.scale" (F32, one per block of 256 elements) beside
+"quantization" metadata. ImportState reads either form.
+"""
+Global___StateFormat: _TypeAlias = StateFormat  # noqa: Y015
 
 @_typing.final
 class TensorSpec(_message.Message):
@@ -985,6 +1085,8 @@ class SessionSpec(_message.Message):
     SKIP_NONFINITE_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SEMANTICS_FIELD_NUMBER: _builtins.int
+    STATE_DTYPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """1-128 characters of letters, digits, '.', '_' or '-', starting with a
     letter or digit.
@@ -1000,6 +1102,14 @@ class SessionSpec(_message.Message):
     skip_nonfinite: _builtins.bool
     """Skip a step whose gradients hold NaN or Inf (state unchanged, reported in
     StepStatus); absent means true.
+    """
+    semantics: Global___Semantics.ValueType
+    """Whose update rule and hyperparameter names; unset: torch."""
+    state_dtype: Global___StateDtype.ValueType
+    """Precision of the moment buffers (exp_avg, exp_avg_sq, max_exp_avg_sq,
+    exp_inf); unset: dtype. BFLOAT16 and INT8 need dtype FLOAT32 and one of
+    ALGORITHM_ADAM, ADAMW, AMSGRAD, NADAM, RADAM, ADAMAX or LAMB with torch
+    semantics; the parameters stay in dtype.
     """
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___Group]:
@@ -1038,10 +1148,12 @@ class SessionSpec(_message.Message):
         skip_nonfinite: _builtins.bool | None = ...,
         workers: Global___Workers | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        semantics: Global___Semantics.ValueType = ...,
+        state_dtype: Global___StateDtype.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_skip_nonfinite", b"_skip_nonfinite", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "skip_nonfinite", b"skip_nonfinite", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_skip_nonfinite", b"_skip_nonfinite", "algorithm", b"algorithm", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm", "_skip_nonfinite", b"_skip_nonfinite", "algorithm", b"algorithm", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "semantics", b"semantics", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "state_dtype", b"state_dtype", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
@@ -1167,6 +1279,10 @@ class Session(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    SEMANTICS_FIELD_NUMBER: _builtins.int
+    STATE_DTYPE_FIELD_NUMBER: _builtins.int
+    BYTES_PER_PARAMETER_FIELD_NUMBER: _builtins.int
+    MOMENT_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     algorithm: Global___Algorithm.ValueType
@@ -1192,6 +1308,17 @@ class Session(_message.Message):
     only its own sessions; an admin key sees every tenant's and names another
     tenant's session as "<tenant>~<session_id>".
     """
+    semantics: Global___Semantics.ValueType
+    """Whose update rule (never UNSPECIFIED here)."""
+    state_dtype: Global___StateDtype.ValueType
+    """Precision of the moment buffers (never UNSPECIFIED here)."""
+    bytes_per_parameter: _builtins.float
+    """Bytes of the master parameters and the moments (state_bytes without the
+    gradient buffer and per-tensor overhead) per parameter: 12 for float32
+    Adam, about 6.03 with INT8 moments.
+    """
+    moment_bytes: _builtins.int
+    """Bytes of the moment buffers alone (codes and scales for INT8)."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """The tensors, in order."""
@@ -1236,10 +1363,14 @@ class Session(_message.Message):
         workers: Global___Workers | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         tenant: _builtins.str = ...,
+        semantics: Global___Semantics.ValueType = ...,
+        state_dtype: Global___StateDtype.ValueType = ...,
+        bytes_per_parameter: _builtins.float = ...,
+        moment_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step", "_max_grad_norm", b"_max_grad_norm", "checkpointed_step", b"checkpointed_step", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step", "_max_grad_norm", b"_max_grad_norm", "algorithm", b"algorithm", "backend", b"backend", "checkpointed_step", b"checkpointed_step", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "lr", b"lr", "max_grad_norm", b"max_grad_norm", "schedule", b"schedule", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "state_bytes", b"state_bytes", "step", b"step", "tenant", b"tenant", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step", "_max_grad_norm", b"_max_grad_norm", "algorithm", b"algorithm", "backend", b"backend", "bytes_per_parameter", b"bytes_per_parameter", "checkpointed_step", b"checkpointed_step", "clip_per_tensor", b"clip_per_tensor", "dtype", b"dtype", "groups", b"groups", "labels", b"labels", "lr", b"lr", "max_grad_norm", b"max_grad_norm", "moment_bytes", b"moment_bytes", "schedule", b"schedule", "semantics", b"semantics", "session_id", b"session_id", "skip_nonfinite", b"skip_nonfinite", "state_bytes", b"state_bytes", "state_dtype", b"state_dtype", "step", b"step", "tenant", b"tenant", "tensors", b"tensors", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpointed_step: _TypeAlias = _typing.Literal["checkpointed_step"]  # noqa: Y015
     _WhichOneofArgType__checkpointed_step: _TypeAlias = _typing.Literal["_checkpointed_step", b"_checkpointed_step"]  # noqa: Y015
@@ -2389,16 +2520,20 @@ class ExportStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session whose state to export."""
+    format: Global___StateFormat.ValueType
+    """The blob's form; unset: torch."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        format: Global___StateFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,12 +55,42 @@ t: the tensor's step count starting at 1):
                   v += (g² - v)(1-b2), p -= lr sqrt(1-b2^t)/(1-b1^t) · m/(sqrt(v)+eps);
                   t counts every step the tensor took part in, rows or none
                   (:mod:`adamserve.engine.sparse_adam`).
+
+optax 0.2 (semantics "optax", the table's ``optax.<alias>`` rows: optax's names, its
+defaults and its order of operations; t = the tensor's count after the step, c = t - 1):
+
+* optax.adam / adamw / nadam / nadamw (nesterov) / amsgrad / radam (one kernel):
+                  m = (1-b1) g + b1 m; v = (1-b2) g² + b2 v; m stored in mu_dtype;
+                  m̂ = m/(1-b1^t), or b1 m/(1-b1^(t+1)) + (1-b1) g/(1-b1^t) (nesterov);
+                  v̂ = v/(1-b2^t); u = m̂ / (sqrt(v̂ + eps_root) + eps)
+                  amsgrad: v̂max = max(v̂max, v̂) in place of v̂ (each correction off with
+                  bias_correction_mu / bias_correction_nu);
+                  radam: ro = ro_inf - 2 t b2^t/(1-b2^t), u = r m̂/(sqrt(v̂ + eps_root) + eps)
+                  where ro >= threshold, else u = m̂; adamw: u += wd p; p += (-lr) u.
+* optax.adamax:   m as adam; v = max(|g| + eps, b2 v); p += (-lr) (m/(1-b1^t)) / v.
+* optax.lamb:     u = adam's (no nesterov) + wd p; p += (-lr) (u · φ), φ = ||p||/||u||
+                  per tensor (1 where either is 0): two passes, u computed in both
+                  (:mod:`adamserve.engine.optax_lamb`).
+* optax.adafactor: d = 1 - (c - decay_offset + 1)^-decay_rate (float32, as optax);
+                  G = g² + eps; factored (the two largest dims, the second >= 128):
+                  v_row = d v_row + (1-d) mean_{d0}(G), v_col = d v_col + (1-d) mean_{d1}(G),
+                  U = g (v_row/mean_{d1}(v_row))^-½ v_col^-½; else v = d v + (1-d) G,
+                  U = g v^-½; U /= max(1, RMS(U)/clipping_threshold); U *= lr;
+                  U *= max(RMS(p), 1e-3) (multiply_by_parameter_scale);
+                  [e = (1-momentum) U + momentum e, U = e]; U += weight_decay_rate p;
+                  p -= U (:mod:`adamserve.engine.optax_adafactor`).
+
+The optax rows' host scalars are computed in the session's dtype, as optax computes them
+(XLA's float32 arithmetic in a float32 session, ``pow`` the C library's:
+:mod:`adamserve.engine.libm`), where torch's are Python floats; their learning rate
+is ``learning_rate`` (:attr:`AlgorithmSpec.lr_key`), which a server schedule scales.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -68,6 +98,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from adamserve.engine import libm
 from adamserve.errors import FailedPrecondition, shown
 from adamserve_proto import algorithms as table
 
@@ -92,10 +123,24 @@ class Algorithm(StrEnum):
     ADAFACTOR = "adafactor"
     MUON = "muon"
     SPARSE_ADAM = "sparse_adam"
+    # optax 0.2's aliases (optax.nadam and optax.nadamw: optax.adam and optax.adamw with
+    # nesterov=True)
+    OPTAX_ADAM = "optax.adam"
+    OPTAX_ADAMW = "optax.adamw"
+    OPTAX_AMSGRAD = "optax.amsgrad"
+    OPTAX_RADAM = "optax.radam"
+    OPTAX_ADAMAX = "optax.adamax"
+    OPTAX_LAMB = "optax.lamb"
+    OPTAX_ADAFACTOR = "optax.adafactor"
 
 
 # The schedule-free pair: one kernel, per-group state, the train()/eval() swap.
 SCHEDULE_FREE = frozenset({Algorithm.ADAMW_SCHEDULE_FREE, Algorithm.RADAM_SCHEDULE_FREE})
+# optax's Adam variants: one fused kernel (kernels_cpu.optax_adam), told apart by columns.
+OPTAX_ADAM_FAMILY = frozenset({Algorithm.OPTAX_ADAM, Algorithm.OPTAX_ADAMW,
+                               Algorithm.OPTAX_AMSGRAD, Algorithm.OPTAX_RADAM})
+OPTAX = OPTAX_ADAM_FAMILY | {Algorithm.OPTAX_ADAMAX, Algorithm.OPTAX_LAMB,
+                             Algorithm.OPTAX_ADAFACTOR}
 
 
 class HyperparameterError(ValueError):
@@ -111,7 +156,10 @@ class AlgorithmSpec:
     flattened to ``beta1``/``beta2``, so every value is a plain float or bool.
     ``bools``: the keys whose values are true/false. ``state``: the per-group state
     (the table's ``group_state``) with its initial values, kept in each group beside
-    the hyperparameters; ``integers``: keys whose values are whole numbers.
+    the hyperparameters; ``integers``: keys whose values are whole numbers; ``nullable``:
+    the numbers that may be None (kept as NaN). ``lr_key``: the learning rate's key,
+    which a server schedule scales (torch's ``lr``, optax's ``learning_rate``), and
+    ``beta1_key`` the first moment's decay a one-cycle schedule cycles.
     """
 
     algorithm: Algorithm
@@ -119,6 +167,9 @@ class AlgorithmSpec:
     bools: frozenset[str] = field(default_factory=frozenset)
     state: Mapping[str, HyperValue] = field(default_factory=dict)
     integers: frozenset[str] = field(default_factory=frozenset)
+    nullable: frozenset[str] = field(default_factory=frozenset)
+    lr_key: str = "lr"
+    beta1_key: str = "beta1"
 
     @property
     def keys(self) -> frozenset[str]:
@@ -126,8 +177,15 @@ class AlgorithmSpec:
         return frozenset(self.defaults) | frozenset(self.state)
 
     def slots(self, h: Mapping[str, HyperValue]) -> tuple[str, ...]:
-        """The per-element state buffers for one group, in torch's state_dict names."""
+        """The per-element state buffers for one group, in torch's state_dict names (optax's
+        rows: the names of optax's states, ``mu``, ``nu``, ``nu_max``, Adafactor's
+        ``v_row``, ``v_col``, ``v`` and its momentum's ``ema``)."""
         a = self.algorithm
+        if a in OPTAX:
+            if a is Algorithm.OPTAX_ADAFACTOR:  # a tensor keeps the first two or the third
+                base = ("v_row", "v_col", "v")
+                return (*base, "ema") if not math.isnan(float(h["momentum"])) else base
+            return ("mu", "nu", "nu_max") if a is Algorithm.OPTAX_AMSGRAD else ("mu", "nu")
         if a in SCHEDULE_FREE:
             return ("z", "exp_avg_sq")
         if a is Algorithm.MUON:
@@ -162,6 +220,9 @@ def _choice(key: str, value: Any) -> float:
           and float(value) in range(len(choices))):
         return float(value)
     names = ", ".join("None" if c is None else repr(c) for c in choices)
+    if isinstance(value, str) and value in _REFUSED_DTYPES and choices is table.OPTAX_DTYPES:
+        raise HyperparameterError(f"{key} {value!r}: {_REFUSED_DTYPES[value]}; expected one "
+                                  f"of {names} (None: the session's dtype)")
     raise HyperparameterError(f"{key}: expected one of {names}, got {shown(value)}")
 
 
@@ -178,21 +239,24 @@ def with_none(h: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in h.items()}
 
 
-def _kept(key: str, value: Any) -> HyperValue:
+def _kept(key: str, value: Any, nullable: frozenset[str]) -> HyperValue:
     """A default as the engine keeps it, a number or true/false: a choice as its index,
-    None (of a NULLABLE key) as NaN."""
+    None (of a nullable key) as NaN."""
     if key in table.CHOICES:
         return _choice(key, value)
-    return math.nan if value is None and key in table.NULLABLE else value
+    return math.nan if value is None and key in nullable else value
 
 
 def _spec(row: table.AlgorithmDef) -> AlgorithmSpec:
+    nullable = row.nullable | {m for k in row.nullable for m in table.TUPLES.get(k, ())}
     defaults: Hyperparameters = {  # None (Adafactor's eps1) kept as NaN: every value a number
-        k: _kept(k, v) for k, v in table.split_betas(row.wire_defaults()).items()}
+        k: _kept(k, v, nullable) for k, v in table.split_betas(row.wire_defaults()).items()}
     state: Hyperparameters = {k: v if isinstance(v, bool) else float(v)
                               for k, v in row.group_state.items()}
     bools = frozenset(k for k, v in {**defaults, **state}.items() if isinstance(v, bool))
-    return AlgorithmSpec(Algorithm(row.runs), defaults, bools, state, row.integers)
+    optax = row.name.startswith("optax.")
+    return AlgorithmSpec(Algorithm(row.runs), defaults, bools, state, row.integers, nullable,
+                         "learning_rate" if optax else "lr", "b1" if optax else "beta1")
 
 
 SPECS: dict[Algorithm, AlgorithmSpec] = {
@@ -209,7 +273,7 @@ ALIASES: dict[str, tuple[Algorithm, Hyperparameters]] = {
 }
 
 # Hyperparameters that must lie in [0, 1); every other number in [0, MAX_VALUE].
-_UNIT_INTERVAL = ("beta1", "beta2", "alpha")
+_UNIT_INTERVAL = ("beta1", "beta2", "alpha", "b1", "b2")
 
 # The largest hyperparameter (lr, eps, weight_decay, momentum, ...), max_grad_norm and
 # schedule factor a session takes: far past any training's, and small enough that no
@@ -235,8 +299,31 @@ _RANGE: dict[str, tuple[float, float]] = {
 _RANGE.update({"ns_a": (-MAX_VALUE, MAX_VALUE), "ns_b": (-MAX_VALUE, MAX_VALUE),
                "ns_c": (-MAX_VALUE, MAX_VALUE), "ns_steps": (0.0, 99.0)})
 # Keys that must be > 0, not only >= 0, where the algorithm's class refuses 0 (torch's
-# SparseAdam: "Invalid learning rate", "Invalid epsilon value").
-_POSITIVE: dict[Algorithm, frozenset[str]] = {Algorithm.SPARSE_ADAM: frozenset({"lr", "eps"})}
+# SparseAdam: "Invalid learning rate", "Invalid epsilon value"), or its maths divides by
+# the value (optax.adafactor's clipping threshold).
+_POSITIVE: dict[Algorithm, frozenset[str]] = {
+    Algorithm.SPARSE_ADAM: frozenset({"lr", "eps"}),
+    Algorithm.OPTAX_ADAFACTOR: frozenset({"clipping_threshold"})}
+# Ranges of one algorithm's keys, where a name means something else elsewhere:
+# optax.adafactor's momentum is an EMA's decay in [0, 1]; optax.radam's rectification
+# sqrt((ro-4)(ro-2)...) is real only for ro >= 4, so a threshold below 4 is refused (the
+# update would be NaN where optax applies it).
+_ALGORITHM_RANGE: dict[Algorithm, dict[str, tuple[float, float]]] = {
+    Algorithm.OPTAX_ADAFACTOR: {"momentum": (0.0, 1.0)},
+    Algorithm.OPTAX_RADAM: {"threshold": (4.0, MAX_VALUE)},
+}
+# Values an algorithm takes only at their defaults: optax.adafactor's factoring rule
+# sizes the state when the session is created (the table's slot shapes).
+_FIXED: dict[Algorithm, frozenset[str]] = {
+    Algorithm.OPTAX_ADAFACTOR: frozenset({"min_dim_size_to_factor", "factored"})}
+# optax's dtypes kept elsewhere: bfloat16 moments are the session's state_dtype.
+_REFUSED_DTYPES = {"bfloat16": "bfloat16 moments are the session's state_dtype=\"bfloat16\", "
+                               "not an accumulator dtype"}
+
+
+def _shown_value(v: HyperValue) -> str:
+    """A kept value as a message shows it: true/false, a number in its shortest form."""
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}"
 
 
 def parse_algorithm(name: str) -> tuple[Algorithm, Hyperparameters]:
@@ -289,9 +376,9 @@ def resolve_hyperparameters(
         if key in table.CHOICES:  # Muon's adjust_lr_fn: kept as the choice's index
             out[key] = _choice(key, value)
             continue
-        if key in table.NULLABLE and (value is None or (
+        if key in spec.nullable and (value is None or (
                 isinstance(value, float) and math.isnan(value))):
-            out[key] = math.nan  # torch's None (Adafactor's eps1: the dtype's epsilon)
+            out[key] = math.nan  # None (torch's Adafactor's eps1: the dtype's epsilon)
             continue
         if key in spec.bools:
             if not isinstance(value, bool | np.bool_):
@@ -309,8 +396,8 @@ def resolve_hyperparameters(
         whole = key in spec.integers
         if whole and not number.is_integer():
             raise HyperparameterError(f"{key}: expected a whole number, got {number!r}")
-        lo, hi = (0.0, 1.0) if key in _UNIT_INTERVAL else _STATE_RANGE.get(
-            key, _RANGE.get(key, (0.0, MAX_VALUE)))
+        lo, hi = (0.0, 1.0) if key in _UNIT_INTERVAL else _ALGORITHM_RANGE.get(
+            algorithm, {}).get(key) or _STATE_RANGE.get(key, _RANGE.get(key, (0.0, MAX_VALUE)))
         if key in _UNIT_INTERVAL and not lo <= number < hi:
             raise HyperparameterError(f"{key}: expected a value in [0, 1), got {number!r}")
         if number < lo and lo == 0.0:
@@ -324,6 +411,14 @@ def resolve_hyperparameters(
                 f"{key}: expected a {'whole number' if whole else 'value'} in "
                 f"[{lo:g}, {hi:g}], got {number!r}")
         out[key] = number
+    fixed = _FIXED.get(algorithm, frozenset())
+    for key in sorted(fixed):
+        if out[key] != spec.defaults[key]:
+            defaults = ", ".join(f"{k}={_shown_value(spec.defaults[k])}" for k in sorted(fixed))
+            raise HyperparameterError(
+                f"{key}: {algorithm.value}'s state is laid out by optax's default factoring "
+                f"({defaults}) when the session is created; other values are not supported, "
+                f"got {_shown_value(out[key])}")
     return out
 
 
@@ -358,6 +453,8 @@ class SegmentHyper:
     mu_product: F64  # NAdam's running product; ones elsewhere
     # the schedule-free pair: every group's state after this step (None elsewhere)
     group_state: Sequence[Hyperparameters] | None = None
+    # the session's dtype, in which optax's rows compute their scalars
+    dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype(np.float64))
 
     def __getitem__(self, key: str) -> F64:
         return self.values[key]
@@ -507,7 +604,181 @@ def _sparse_adam(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
                             -np.array(step_size, dtype=np.float64))])
 
 
-COEFFICIENTS = {
+# -- optax's rows ------------------------------------------------------------------------
+# Each scalar as optax forms it: a hyperparameter (a Python float there: b1, 1 - b1, eps)
+# rounded to the session's dtype once (JAX's weak types); what optax computes from arrays
+# (1 - b1**count, RAdam's ro, Adafactor's decay) computed in that dtype, with the C
+# library's pow (adamserve.engine.libm). Every column holds a value of the session's
+# dtype, so the host's float64 matrix and the kernels' agree.
+
+_DTYPE_INDEX = {name: float(i) for i, name in enumerate(table.OPTAX_DTYPES)}
+OPTAX_KIND = {Algorithm.OPTAX_ADAM: 0.0, Algorithm.OPTAX_ADAMW: 0.0,
+              Algorithm.OPTAX_AMSGRAD: 1.0, Algorithm.OPTAX_RADAM: 2.0}
+
+
+def check_accumulator_dtypes(algorithm: Algorithm, groups: Sequence[Mapping[str, Any]],
+                             dtype: np.dtype[Any] | str) -> None:
+    """Refuse an optax accumulator dtype (``mu_dtype``, Adafactor's ``dtype_momentum``)
+    wider than the session's: a float32 session cannot keep a float64 moment. float32 in
+    a float64 session is kept rounded to float32 (optax's cast); None is the session's.
+    Adafactor's dtype_momentum counts only with a momentum (optax keeps no EMA without)."""
+    if np.dtype(dtype) != np.float32:
+        return
+    for g, h in enumerate(groups):
+        used = ("mu_dtype", *(("dtype_momentum",) if not math.isnan(float(
+            h.get("momentum", math.nan))) else ()))
+        for key in used:
+            if key in h and float(h[key]) == _DTYPE_INDEX["float64"]:
+                raise HyperparameterError(
+                    f"{key} 'float64' (group {g}): a float32 session keeps {algorithm.value}'s "
+                    "accumulators in float32; expected None or 'float32', or a float64 session")
+
+
+def _float32_accumulator(h: SegmentHyper, key: str, used: npt.NDArray[np.bool_] | None = None
+                         ) -> F64:
+    """1 where accumulator ``key`` is float32 (stored rounded to it), else 0; a float64
+    one in a float32 session refused where it is ``used`` (default: everywhere)."""
+    index = np.where(True if used is None else used, h[key], _DTYPE_INDEX[None])
+    if h.dtype == np.float32 and (index == _DTYPE_INDEX["float64"]).any():
+        raise HyperparameterError(f"{key} 'float64': a float32 session keeps its accumulators "
+                                  "in float32; expected None or 'float32', or a float64 session")
+    out: F64 = (index == _DTYPE_INDEX["float32"]).astype(np.float64)
+    return out
+
+
+def _one_minus_pow(h: SegmentHyper, decay: F64, t: F64) -> F64:
+    """optax's bias correction ``1 - decay**count``, in the session's dtype."""
+    out: F64 = (h.dtype.type(1) - libm.power(decay, t, h.dtype)).astype(np.float64)
+    return out
+
+
+def _in_dtype(h: SegmentHyper, columns: Sequence[F64 | float]) -> F64:
+    """The columns as a matrix of values of the session's dtype (held as float64)."""
+    n = len(h.step)
+    rows = np.stack([np.broadcast_to(np.asarray(c, dtype=np.float64), (n,)) for c in columns],
+                    axis=1)
+    out: F64 = rows.astype(h.dtype).astype(np.float64)
+    return out
+
+
+def _radam_rectification(h: SegmentHyper, t: F64) -> tuple[F64, F64]:
+    """optax.scale_by_radam's ``ro >= threshold`` and r, in its order and the session's
+    dtype: ro = ro_inf - 2 t b2^t / (1 - b2^t), r = sqrt((ro-4)(ro-2) ro_inf /
+    ((ro_inf-4)(ro_inf-2) ro)) (ro_inf, and the product of its two factors, Python
+    floats there)."""
+    d, b2 = h.dtype, h["b2"]
+    f = d.type
+    ro_inf = 2.0 / (1.0 - b2) - 1.0
+    b2t = libm.power(b2, t, d)
+    ro = ro_inf.astype(d) - ((2.0 * t).astype(d) * b2t) / (f(1) - b2t)
+    rectify = ro >= h["threshold"].astype(d)
+    with np.errstate(divide="ignore", invalid="ignore"):  # only where ro >= threshold >= 4
+        r = np.sqrt((ro - f(4)) * (ro - f(2)) * ro_inf.astype(d)
+                    / (((ro_inf - 4.0) * (ro_inf - 2.0)).astype(d) * ro))
+    return rectify.astype(np.float64), np.where(rectify, r, 0.0).astype(np.float64)
+
+
+def _optax_adam(h: SegmentHyper, lr: F64, gscale: F64, kind: float = 0.0) -> F64:
+    """optax.adam, adamw (nadam, nadamw: nesterov), amsgrad (kind 1), radam (kind 2)."""
+    n = len(lr)
+    zeros, ones = np.zeros(n), np.ones(n)
+    t = h.step.astype(np.float64)
+    b1, b2 = h["b1"], h["b2"]
+    values = h.values
+    nesterov = values.get("nesterov", zeros)
+    bc1, bc2 = _one_minus_pow(h, b1, t), _one_minus_pow(h, b2, t)
+    bc1_next = np.where(nesterov > 0, _one_minus_pow(h, b1, t + 1.0), 1.0)
+    if kind == OPTAX_KIND[Algorithm.OPTAX_AMSGRAD]:
+        bc1 = np.where(values["bias_correction_mu"] > 0, bc1, 1.0)
+        bc2 = np.where(values["bias_correction_nu"] > 0, bc2, 1.0)
+    rectify, r = zeros, zeros
+    if kind == OPTAX_KIND[Algorithm.OPTAX_RADAM]:
+        rectify, r = _radam_rectification(h, t)
+    round_mu = _float32_accumulator(h, "mu_dtype") if "mu_dtype" in values else zeros
+    return _in_dtype(h, [gscale, zeros, ones, b1, 1.0 - b1, b2, 1.0 - b2, bc1, bc1_next, bc2,
+                         h["eps"], h["eps_root"], nesterov, kind, rectify, r,
+                         values.get("weight_decay", zeros), -lr, round_mu])
+
+
+def _optax_adamax(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+    n = len(lr)
+    b1 = h["b1"]
+    bc1 = _one_minus_pow(h, b1, h.step.astype(np.float64))
+    return _in_dtype(h, [gscale, np.zeros(n), np.ones(n), b1, 1.0 - b1, h["b2"], h["eps"], bc1,
+                         -lr])
+
+
+def _optax_lamb(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+    """optax.lamb's columns; the trust ratio's (1 here) is set between the two passes."""
+    n = len(lr)
+    t = h.step.astype(np.float64)
+    b1, b2 = h["b1"], h["b2"]
+    return _in_dtype(h, [gscale, np.zeros(n), np.ones(n), b1, 1.0 - b1, b2, 1.0 - b2,
+                         _one_minus_pow(h, b1, t), _one_minus_pow(h, b2, t), h["eps"],
+                         h["eps_root"], h["weight_decay"], -lr, np.ones(n)])
+
+
+OPTAX_LAMB_COLUMNS = ("b1", "omb1", "b2", "omb2", "bc1", "bc2", "eps", "eps_root",
+                      "weight_decay", "neg_lr", "trust")  # after the common three
+OPTAX_LAMB_TRUST = COMMON_COLUMNS + OPTAX_LAMB_COLUMNS.index("trust")
+
+
+def _optax_adafactor(h: SegmentHyper, lr: F64, gscale: F64) -> F64:
+    """optax.adafactor's columns: the decay d = 1 - t^-decay_rate and 1 - d in float32
+    (optax's ``_decay_rate_pow``), t = count - decay_offset + 1; None as off (lr 1,
+    clipping and momentum off, weight_decay_rate 0); the clipping denominator's and the
+    parameter scale's columns (1 here) are set once the norms are known
+    (:mod:`adamserve.engine.optax_adafactor`)."""
+    n = len(lr)
+    count = h.step.astype(np.float64) - 1.0
+    offset = h["decay_offset"]
+    if (count < offset).any():
+        i = int(np.argmax(count < offset))
+        raise FailedPrecondition(
+            f"decay_offset {offset[i]:g} is past a tensor's step count {count[i]:g}: "
+            "optax's decay 1 - (count - decay_offset + 1)^-decay_rate needs count >= "
+            "decay_offset (a fine-tuning's offset from its restored count); nothing was "
+            "applied")
+    f32 = np.dtype(np.float32)
+    decay = np.float32(1) - libm.power(count - offset + 1.0, -h["decay_rate"], f32)
+    momentum, threshold = h["momentum"], h["clipping_threshold"]
+    momentum_on = ~np.isnan(momentum)
+    mom = np.where(momentum_on, momentum, 0.0)
+    round_ema = _float32_accumulator(h, "dtype_momentum", momentum_on)
+    wdr = h["weight_decay_rate"]
+    return _in_dtype(h, [
+        gscale, np.zeros(n), np.ones(n), decay.astype(np.float64),
+        (np.float32(1) - decay).astype(np.float64), h["eps"], np.where(np.isnan(lr), 1.0, lr),
+        ~np.isnan(threshold), np.where(np.isnan(threshold), 1.0, threshold),
+        h["multiply_by_parameter_scale"], momentum_on, mom, 1.0 - mom, round_ema,
+        np.where(np.isnan(wdr), 0.0, wdr), np.ones(n), np.ones(n)])
+
+
+OPTAX_ADAFACTOR_COLUMNS = (  # after the common three
+    "d", "omd", "eps", "lr", "clip", "threshold", "param_scale", "momentum_on", "momentum",
+    "omm", "round_ema", "weight_decay_rate", "clip_denominator", "param_rms")
+
+
+def optax_column(name: str) -> int:
+    """The index of optax.adafactor's coefficient column ``name``."""
+    return COMMON_COLUMNS + OPTAX_ADAFACTOR_COLUMNS.index(name)
+
+
+def lr_values(algorithm: Algorithm, values: Mapping[str, F64]) -> F64:
+    """The learning rates of the segments ``values`` describe (a server schedule's base):
+    the spec's ``lr_key``, None (optax.adafactor's default: no scaling) as 1."""
+    lr = values[SPECS[algorithm].lr_key]
+    out: F64 = np.where(np.isnan(lr), 1.0, lr)
+    return out
+
+
+def base_lr(algorithm: Algorithm, group: Mapping[str, Any]) -> float:
+    """A group's learning rate before a schedule (None as 1, see :func:`lr_values`)."""
+    lr = float(group[SPECS[algorithm].lr_key])
+    return 1.0 if math.isnan(lr) else lr
+
+
+COEFFICIENTS: dict[Algorithm, Callable[[SegmentHyper, F64, F64], F64]] = {
     Algorithm.ADAM: _adam,
     Algorithm.ADAMW: _adam,
     Algorithm.NADAM: _nadam,
@@ -519,6 +790,10 @@ COEFFICIENTS = {
     Algorithm.ADAFACTOR: _adafactor,
     Algorithm.MUON: _muon,
     Algorithm.SPARSE_ADAM: _sparse_adam,
+    **{a: functools.partial(_optax_adam, kind=OPTAX_KIND[a]) for a in OPTAX_ADAM_FAMILY},
+    Algorithm.OPTAX_ADAMAX: _optax_adamax,
+    Algorithm.OPTAX_LAMB: _optax_lamb,
+    Algorithm.OPTAX_ADAFACTOR: _optax_adafactor,
 }
 
 

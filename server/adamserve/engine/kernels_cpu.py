@@ -686,7 +686,9 @@ def _twin(kernel: Any, options: dict[str, Any]) -> Kernel:
     serial = types.FunctionType(fn.__code__, fn.__globals__, f"{fn.__name__}_serial",
                                 fn.__defaults__, fn.__closure__)
     serial.__qualname__ = f"{fn.__qualname__}_serial"
-    return njit(**{**options, "parallel": False})(serial)  # type: ignore[no-any-return]
+    # numpy's error model, as the parallel kernels have: a division by zero (eps=0) gives
+    # Inf or NaN, never ZeroDivisionError
+    return njit(**{**options, "parallel": False, "error_model": "numpy"})(serial)  # type: ignore[no-any-return]
 
 
 _SERIAL: dict[Kernel, Kernel] = {
@@ -706,6 +708,12 @@ _SERIAL.update({k: _twin(k, options) for k, options in (
 def _sized(kernel: Kernel, size: int) -> Kernel:
     """The kernel to run over ``size`` elements: the parallel one, or its serial twin."""
     return kernel if size >= SERIAL_BELOW else _SERIAL[kernel]
+
+
+def _narrow(slots: dict[str, Array]) -> bool:
+    """Whether the moments are kept narrow (a session's state_dtype bfloat16 or int8):
+    their slots are storage objects, not arrays."""
+    return any(not isinstance(v, np.ndarray) for v in slots.values())
 
 
 class CpuBackend:
@@ -733,6 +741,11 @@ class CpuBackend:
 
     def run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
             blocks: Blocks, coef: Array) -> None:
+        if _narrow(slots):  # bfloat16 or int8 moments (engine.moments)
+            from adamserve.engine import kernels_quant
+
+            kernels_quant.run_quantized(algorithm, slots, param, grad, blocks, coef)
+            return
         a, s, b = algorithm, slots, (blocks.start, blocks.end, blocks.seg)
         empty = _EMPTY[param.dtype.char]
         n = blocks.size
@@ -756,11 +769,24 @@ class CpuBackend:
             _sized(muon_momentum, n)(grad, s["momentum_buffer"], *b, coef)
         elif a == "sparse_adam":  # blocks over the touched rows only
             _sized(sparse_adam, n)(param, grad, s["exp_avg"], s["exp_avg_sq"], *b, coef)
+        elif a in _OPTAX_ADAM:
+            _sized(optax_adam, n)(param, grad, s["mu"], s["nu"], s.get("nu_max", empty), *b,
+                                  coef)
+        elif a == "optax.adamax":
+            _sized(optax_adamax, n)(param, grad, s["mu"], s["nu"], *b, coef)
+        elif a == "optax.lamb":  # the second pass (engine.optax_lamb): coef holds the trust
+            _sized(optax_lamb, n)(param, s["mu"], s["nu"], *b, coef)
         else:
             raise ValueError(f"no CPU kernel for {a!r}")
 
     def lamb_moments(self, slots: dict[str, Array], param: Array, grad: Array, blocks: Blocks,
                      coef: Array) -> tuple[F64, F64]:
+        if _narrow(slots):
+            from adamserve.engine import kernels_quant
+
+            sums: tuple[F64, F64] = kernels_quant.lamb_moments_quantized(
+                slots, param, grad, blocks, coef)
+            return sums
         nb = blocks.start.shape[0]
         psq = np.empty(nb, dtype=np.float64)
         rsq = np.empty(nb, dtype=np.float64)
@@ -803,5 +829,346 @@ class CpuBackend:
                       eps: float) -> Array:
         return newton_schulz(x, coefficients, steps, eps)
 
+    # -- optax (engine.optax_lamb, engine.optax_adafactor) -------------------------------
 
+    def optax_lamb_sums(self, slots: dict[str, Array], param: Array, grad: Array,
+                        blocks: Blocks, coef: Array) -> tuple[F64, F64]:
+        """optax.lamb's first pass: the moments, and Σ p² and Σ u² per block."""
+        nb = blocks.start.shape[0]
+        psq = np.zeros(nb, dtype=np.float64)
+        usq = np.zeros(nb, dtype=np.float64)
+        _sized(optax_lamb_sums, blocks.size)(param, grad, slots["mu"], slots["nu"],
+                                             blocks.start, blocks.end, blocks.seg, coef, psq,
+                                             usq)
+        return psq, usq
+
+    def optax_adafactor_stats(self, grad: Array, v_row: Array, v_col: Array, rf: Array,
+                              cf: Array, rows: Array, cols: Array, norms: Array, meta: Array,
+                              coef: Array) -> None:
+        """optax.adafactor's factored statistics v_row and v_col, and their factors: cf =
+        v_col^-½, rf = (v_row / mean(v_row))^-½ (tasks: engine.optax_adafactor)."""
+        size = len(grad)
+        _sized(optax_factored_rows, size)(grad, v_row, v_col, cf, rows, meta, coef)
+        _sized(optax_factored_cols, size)(grad, v_row, v_col, cf, cols, meta, coef)
+        _sized(optax_factored_norm, size)(v_row, rf, norms, coef)
+
+    def optax_adafactor_update(self, param: Array, grad: Array, v: Array, rf: Array, cf: Array,
+                               ema: Array | None, blocks: Blocks, meta: Array, coef: Array,
+                               mode: int) -> F64 | None:
+        """optax.adafactor's update over ``blocks``: ``mode`` 0 the sums of U² per block
+        (host), 1 the apply after them, 2 the apply without them."""
+        out = np.zeros(blocks.start.shape[0], dtype=np.float64)
+        _sized(optax_adafactor_update, blocks.size)(
+            param, grad, v, rf, cf, _EMPTY[param.dtype.char] if ema is None else ema,
+            blocks.start, blocks.end, blocks.seg, meta, coef, out, mode)
+        return out if mode == 0 else None
+
+
+_OPTAX_ADAM = frozenset({"optax.adam", "optax.adamw", "optax.amsgrad", "optax.radam"})
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}
+
+
+# -- optax 0.2 (engine.algorithms' optax rows) ---------------------------------------------
+# Each kernel repeats optax's arithmetic operation by operation in the state dtype:
+# ``(1 - b) * g + b * m`` for a moment, ``g * g`` for a square, ``jnp.maximum`` (NaN if
+# either side is NaN) for a maximum. An accumulator kept in float32 in a float64 session
+# (mu_dtype, dtype_momentum "float32") is stored rounded, and its ``b * m`` is a float32
+# product there, as optax's weak-typed scalar times a float32 array is. They take the
+# strict options (no reassociation): the passes that recompute a value must recompute it
+# bit for bit.
+
+
+@njit(inline="always")
+def _maximum(a, b):  # type: ignore[no-untyped-def]
+    return a if (a > b or a != a) else b
+
+
+@njit(inline="always")
+def _decayed(b, m, narrow):  # type: ignore[no-untyped-def]
+    # ``b * m``, a float32 product where the accumulator m is kept in float32
+    if narrow != 0:
+        return np.float32(np.float32(b) * np.float32(m))
+    return b * m
+
+
+@njit(**_JIT)
+def optax_adam(p, g, m, v, vmax, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """optax.adam / adamw / nadam(w) (kind 0), amsgrad (kind 1, ``vmax``: nu_max) and
+    radam (kind 2): m̂ = m/bc1 or (nesterov) b1·m/bc1' + (1-b1)·g/bc1, v̂ = v/bc2 (or its
+    running maximum), u = m̂/(sqrt(v̂ + eps_root) + eps) (radam: r·m̂/(...) where
+    rectified, else m̂), u += wd·p, p += (-lr)·u."""
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, b1, omb1, b2, omb2, bc1, bc1n, bc2, eps, eps_root = (
+            c[0], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11])
+        nesterov, kind, rectify, r, wd, neg_lr, narrow = (
+            c[12], c[13], c[14], c[15], c[16], c[17], c[18])
+        lo, hi = bstart[b], bend[b]
+        pb, gb, mb, vb = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+        xb = vmax[lo:hi] if kind == 1 else vmax[0:0]
+        for i in range(hi - lo):
+            gi = gb[i] * gs
+            mi = omb1 * gi + _decayed(b1, mb[i], narrow)
+            vi = omb2 * (gi * gi) + b2 * vb[i]
+            mb[i] = np.float32(mi) if narrow != 0 else mi
+            vb[i] = vi
+            mh = b1 * (mi / bc1n) + omb1 * (gi / bc1) if nesterov != 0 else mi / bc1
+            vh = vi / bc2
+            if kind == 1:
+                vh = _maximum(xb[i], vh)
+                xb[i] = vh
+            if kind != 2:
+                u = mh / (math.sqrt(vh + eps_root) + eps)
+            elif rectify != 0:
+                u = (r * mh) / (math.sqrt(vh + eps_root) + eps)
+            else:
+                u = mh
+            pi = pb[i]
+            if wd != 0:
+                u = u + wd * pi
+            pb[i] = pi + neg_lr * u
+
+
+@njit(**_JIT)
+def optax_adamax(p, g, m, u, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """optax.adamax: m = (1-b1)·g + b1·m, u = max(|g| + eps, b2·u),
+    p += (-lr)·((m/bc1)/u)."""
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, b1, omb1, b2, eps, bc1, neg_lr = c[0], c[3], c[4], c[5], c[6], c[7], c[8]
+        lo, hi = bstart[b], bend[b]
+        pb, gb, mb, ub = p[lo:hi], g[lo:hi], m[lo:hi], u[lo:hi]
+        for i in range(hi - lo):
+            gi = gb[i] * gs
+            mi = omb1 * gi + b1 * mb[i]
+            ui = _maximum(abs(gi) + eps, b2 * ub[i])
+            mb[i] = mi
+            ub[i] = ui
+            pb[i] = pb[i] + neg_lr * ((mi / bc1) / ui)
+
+
+@njit(inline="always")
+def _lamb_update(mi, vi, pi, bc1, bc2, eps, eps_root, wd):  # type: ignore[no-untyped-def]
+    u = (mi / bc1) / (math.sqrt(vi / bc2 + eps_root) + eps)
+    if wd != 0:
+        u = u + wd * pi
+    return u
+
+
+@njit(**_JIT)
+def optax_lamb_sums(p, g, m, v, bstart, bend, bseg, coef, psq, usq):  # type: ignore[no-untyped-def]
+    """optax.lamb's first pass: the moments, and per block Σ p² and Σ u² (float64) of
+    its update u = (m/bc1)/(sqrt(v/bc2 + eps_root) + eps) + wd·p; the gradient is
+    only read."""
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        gs, b1, omb1, b2, omb2, bc1, bc2, eps, eps_root, wd = (
+            c[0], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11])
+        lo, hi = bstart[b], bend[b]
+        pb, gb, mb, vb = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+        pacc = 0.0
+        uacc = 0.0
+        for i in range(hi - lo):
+            gi = gb[i] * gs
+            mi = omb1 * gi + b1 * mb[i]
+            vi = omb2 * (gi * gi) + b2 * vb[i]
+            mb[i] = mi
+            vb[i] = vi
+            pi = pb[i]
+            ui = _lamb_update(mi, vi, pi, bc1, bc2, eps, eps_root, wd)
+            pacc += np.float64(pi) * np.float64(pi)
+            uacc += np.float64(ui) * np.float64(ui)
+        psq[b] = pacc
+        usq[b] = uacc
+
+
+@njit(**_JIT)
+def optax_lamb(p, m, v, bstart, bend, bseg, coef):  # type: ignore[no-untyped-def]
+    """optax.lamb's second pass: u again from the new moments, p += (-lr)·(u·trust)."""
+    for b in prange(bstart.shape[0]):
+        c = coef[bseg[b]]
+        bc1, bc2, eps, eps_root, wd, neg_lr, trust = (
+            c[7], c[8], c[9], c[10], c[11], c[12], c[13])
+        lo, hi = bstart[b], bend[b]
+        pb, mb, vb = p[lo:hi], m[lo:hi], v[lo:hi]
+        for i in range(hi - lo):
+            pi = pb[i]
+            ui = _lamb_update(mb[i], vb[i], pi, bc1, bc2, eps, eps_root, wd)
+            pb[i] = pi + neg_lr * (ui * trust)
+
+
+# optax.adafactor (engine/optax_adafactor.py: the tasks, the meta table and the columns
+# below). A factored tensor is viewed as (A, Ni, B, Nj, C), its factored axes i < j; an
+# "R" statistic reduces over j ((A, Ni, B, C)), a "C" statistic over i ((A, B, Nj, C));
+# v_row is the R one where the largest dim d0 is j (meta ROWR), else the C one.
+# Kernel columns: gs, d, 1-d, eps, Ni, Nj, N(d1), clip denominator, lr, parameter
+# scale, momentum on, momentum, 1-momentum, ema in float32, weight_decay_rate, one.
+(OF_GS, OF_D, OF_OMD, OF_EPS, OF_NI, OF_NJ, OF_NROW, OF_CD, OF_LR, OF_PRMS, OF_MOM_ON, OF_MOM,
+ OF_OMM, OF_NARROW, OF_WDR, OF_ONE) = range(16)
+# meta columns: start, factored, A, Ni, B, Nj, C, ROWR, v_row, v_col, v offsets
+(OM_START, OM_FACTORED, OM_A, OM_NI, OM_B, OM_NJ, OM_C, OM_ROWR, OM_VROW, OM_VCOL,
+ OM_V) = range(11)
+
+
+@njit(**_JIT)
+def optax_factored_rows(g, v_row, v_col, cf, tasks, meta, coef):  # type: ignore[no-untyped-def]
+    """The R statistics of rows x0 .. x0+nx of matrix a (tasks: segment, a, x0, nx):
+    s = d·s + (1-d)·mean_y(g² + eps) (the sum in float64, rounded to the state dtype
+    through the slot, then divided, as jnp.mean); where it is v_col, its factor
+    cf = 1/sqrt(s) too."""
+    for k in prange(tasks.shape[0]):
+        seg, a, x0, nx = tasks[k, 0], tasks[k, 1], tasks[k, 2], tasks[k, 3]
+        c = coef[seg]
+        gs, d, omd, eps, nj = c[OF_GS], c[OF_D], c[OF_OMD], c[OF_EPS], c[OF_NJ]
+        one = c[OF_ONE]
+        mt = meta[seg]
+        start, ni, bb, m, cc, rowr = (mt[OM_START], mt[OM_NI], mt[OM_B], mt[OM_NJ], mt[OM_C],
+                                      mt[OM_ROWR])
+        stat = v_row if rowr != 0 else v_col
+        off = mt[OM_VROW] if rowr != 0 else mt[OM_VCOL]
+        for x in range(x0, x0 + nx):
+            row = start + (a * ni + x) * bb * m * cc
+            for b in range(bb):
+                for ci in range(cc):
+                    e0 = row + b * m * cc + ci
+                    acc = 0.0
+                    for y in range(m):
+                        gv = g[e0 + y * cc] * gs
+                        acc += np.float64(gv * gv + eps)
+                    idx = off + ((a * ni + x) * bb + b) * cc + ci
+                    old = stat[idx]
+                    stat[idx] = acc
+                    new = d * old + omd * (stat[idx] / nj)
+                    stat[idx] = new
+                    if rowr == 0:
+                        cf[idx] = one / math.sqrt(new)
+
+
+@njit(**_JIT)
+def optax_factored_cols(g, v_row, v_col, cf, tasks, meta, coef):  # type: ignore[no-untyped-def]
+    """The C statistics of a stripe (tasks: segment, a, b, y0, ny; its ny·C consecutive
+    elements per row, all Ni rows): as :func:`optax_factored_rows`, over x."""
+    for k in prange(tasks.shape[0]):
+        seg, a, b, y0, ny = tasks[k, 0], tasks[k, 1], tasks[k, 2], tasks[k, 3], tasks[k, 4]
+        c = coef[seg]
+        gs, d, omd, eps, ni_d = c[OF_GS], c[OF_D], c[OF_OMD], c[OF_EPS], c[OF_NI]
+        one = c[OF_ONE]
+        mt = meta[seg]
+        start, ni, bb, m, cc, rowr = (mt[OM_START], mt[OM_NI], mt[OM_B], mt[OM_NJ], mt[OM_C],
+                                      mt[OM_ROWR])
+        stat = v_col if rowr != 0 else v_row
+        off = mt[OM_VCOL] if rowr != 0 else mt[OM_VROW]
+        width = ny * cc
+        acc = np.zeros(width, dtype=np.float64)
+        for x in range(ni):
+            e0 = start + ((a * ni + x) * bb + b) * m * cc + y0 * cc
+            for j in range(width):
+                gv = g[e0 + j] * gs
+                acc[j] += np.float64(gv * gv + eps)
+        base = off + ((a * bb + b) * m + y0) * cc
+        for j in range(width):
+            idx = base + j
+            old = stat[idx]
+            stat[idx] = acc[j]
+            new = d * old + omd * (stat[idx] / ni_d)
+            stat[idx] = new
+            if rowr != 0:
+                cf[idx] = one / math.sqrt(new)
+
+
+@njit(**_JIT)
+def optax_factored_norm(v_row, rf, tasks, coef):  # type: ignore[no-untyped-def]
+    """Per matrix of a factored tensor (tasks: segment, first v_row index, count, stride):
+    rf = 1/sqrt(v_row / mean(v_row)) over its ``count`` entries (the mean's sum rounded
+    to the state dtype through rf, then divided by N(d1))."""
+    for k in prange(tasks.shape[0]):
+        seg, first, count, stride = tasks[k, 0], tasks[k, 1], tasks[k, 2], tasks[k, 3]
+        c = coef[seg]
+        one, nrow = c[OF_ONE], c[OF_NROW]
+        acc = 0.0
+        for j in range(count):
+            acc += np.float64(v_row[first + j * stride])
+        rf[first] = acc
+        mean = rf[first] / nrow
+        for j in range(count):
+            idx = first + j * stride
+            rf[idx] = one / math.sqrt(v_row[idx] / mean)
+
+
+@njit(**_JIT)
+def optax_adafactor_update(  # type: ignore[no-untyped-def]
+        p, g, v, rf, cf, ema, bstart, bend, bseg, meta, coef, out, mode):
+    """U = g·v^-½ (v = d·v + (1-d)(g² + eps) where ``mode`` is not 1, an unfactored
+    tensor) or (g·rf)·cf (factored). ``mode`` 0: Σ U² per block into ``out``; 1 or 2:
+    u = ((U / clip denominator)·lr)·parameter scale, [e = (1-μ)·u + μ·e, u = e],
+    u += weight_decay_rate·p, p -= u."""
+    for b in prange(bstart.shape[0]):
+        s = bseg[b]
+        c = coef[s]
+        gs, d, omd, eps, cd, lr, prms = (c[OF_GS], c[OF_D], c[OF_OMD], c[OF_EPS], c[OF_CD],
+                                         c[OF_LR], c[OF_PRMS])
+        mom_on, mom, omm, narrow, wdr = (c[OF_MOM_ON], c[OF_MOM], c[OF_OMM], c[OF_NARROW],
+                                         c[OF_WDR])
+        one = c[OF_ONE]
+        mt = meta[s]
+        start, factored = mt[OM_START], mt[OM_FACTORED]
+        ni, bb, m, cc, rowr = mt[OM_NI], mt[OM_B], mt[OM_NJ], mt[OM_C], mt[OM_ROWR]
+        lo, hi = bstart[b], bend[b]
+        # where the block starts, as (a, x, b, y, c) over (A, Ni, B, Nj, C)
+        e = lo - start
+        ci = e % cc if factored != 0 else 0
+        q = e // cc if factored != 0 else 0
+        y = q % m if factored != 0 else 0
+        q = q // m if factored != 0 else 0
+        bi = q % bb if factored != 0 else 0
+        q = q // bb if factored != 0 else 0
+        x = q % ni if factored != 0 else 0
+        a = q // ni if factored != 0 else 0
+        voff = mt[OM_V] - start
+        acc = 0.0
+        for i in range(lo, hi):
+            gi = g[i] * gs
+            if factored != 0:
+                ridx = ((a * ni + x) * bb + bi) * cc + ci
+                cidx = ((a * bb + bi) * m + y) * cc + ci
+                if rowr != 0:
+                    ui = (gi * rf[mt[OM_VROW] + ridx]) * cf[mt[OM_VCOL] + cidx]
+                else:
+                    ui = (gi * rf[mt[OM_VROW] + cidx]) * cf[mt[OM_VCOL] + ridx]
+                ci += 1
+                if ci == cc:
+                    ci = 0
+                    y += 1
+                    if y == m:
+                        y = 0
+                        bi += 1
+                        if bi == bb:
+                            bi = 0
+                            x += 1
+                            if x == ni:
+                                x = 0
+                                a += 1
+            else:
+                if mode == 1:
+                    vi = v[i + voff]
+                else:
+                    vi = d * v[i + voff] + omd * (gi * gi + eps)
+                    v[i + voff] = vi
+                ui = gi * (one / math.sqrt(vi))
+            if mode == 0:
+                acc += np.float64(ui) * np.float64(ui)
+                continue
+            u = ((ui / cd) * lr) * prms
+            if mom_on != 0:
+                u = omm * u + _decayed(mom, ema[i], narrow)
+                ema[i] = np.float32(u) if narrow != 0 else u
+            pi = p[i]
+            if wdr != 0:
+                u = u + wdr * pi
+            p[i] = pi - u
+        out[b] = acc
+
+
+_SERIAL.update({k: _twin(k, _JIT) for k in (
+    optax_adam, optax_adamax, optax_lamb_sums, optax_lamb, optax_factored_rows,
+    optax_factored_cols, optax_factored_norm, optax_adafactor_update)})

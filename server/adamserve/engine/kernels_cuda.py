@@ -613,6 +613,326 @@ __global__ void __launch_bounds__(THREADS) adamserve_sparse_adam(
 """
 _KERNELS += ("sparse_adam",)
 
+# optax 0.2 (engine.algorithms' optax rows): the CPU's optax kernels (kernels_cpu), in
+# the same order of operations; Adafactor's factored tensors as (A, Ni, B, Nj, C), its
+# kernel columns OF_* and meta columns OM_* as kernels_cpu numbers them.
+_SOURCE += r"""
+// jnp.maximum: NaN where either side is NaN.
+template <typename T>
+__device__ __forceinline__ T nanmax(T a, T b) {
+    return (a > b || a != a) ? a : b;
+}
+
+// b * m, a float32 product where the accumulator m is kept in float32.
+template <typename T>
+__device__ __forceinline__ T decayed(T b, T m, bool narrow) {
+    return narrow ? (T)((float)b * (float)m) : b * m;
+}
+
+// optax.adam / adamw / nadam(w) (kind 0), amsgrad (kind 1, vmax: nu_max), radam (kind 2).
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_adam(
+        T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
+        T* __restrict__ vmax, const int has_vmax,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], b1 = c[3], omb1 = c[4], b2 = c[5], omb2 = c[6], bc1 = c[7];
+    const T bc1n = c[8], bc2 = c[9], eps = c[10], eps_root = c[11];
+    const bool nesterov = c[12] != T(0), rectified = c[14] != T(0), narrow = c[18] != T(0);
+    const int kind = (int)c[13];
+    const T r = c[15], wd = c[16], neg_lr = c[17];
+    const bool use_max = kind == 1 && has_vmax != 0;
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T gi = g[i] * gs;
+        const T mi = omb1 * gi + decayed(b1, m[i], narrow);
+        const T vi = omb2 * (gi * gi) + b2 * v[i];
+        m[i] = narrow ? (T)(float)mi : mi;
+        v[i] = vi;
+        const T mh = nesterov ? b1 * (mi / bc1n) + omb1 * (gi / bc1) : mi / bc1;
+        T vh = vi / bc2;
+        if (use_max) {
+            vh = nanmax(vmax[i], vh);
+            vmax[i] = vh;
+        }
+        T u;
+        if (kind != 2) {
+            u = mh / (root(vh + eps_root) + eps);
+        } else if (rectified) {
+            u = (r * mh) / (root(vh + eps_root) + eps);
+        } else {
+            u = mh;
+        }
+        const T pi = p[i];
+        if (wd != T(0)) {
+            u = u + wd * pi;
+        }
+        p[i] = pi + neg_lr * u;
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_adamax(
+        T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ u,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], b1 = c[3], omb1 = c[4], b2 = c[5], eps = c[6], bc1 = c[7];
+    const T neg_lr = c[8];
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T gi = g[i] * gs;
+        const T mi = omb1 * gi + b1 * m[i];
+        const T ui = nanmax(absval(gi) + eps, b2 * u[i]);
+        m[i] = mi;
+        u[i] = ui;
+        p[i] = p[i] + neg_lr * ((mi / bc1) / ui);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ T lamb_update(T mi, T vi, T pi, const T* c) {
+    T u = (mi / c[7]) / (root(vi / c[8] + c[10]) + c[9]);
+    if (c[11] != T(0)) {
+        u = u + c[11] * pi;
+    }
+    return u;
+}
+
+// optax.lamb's first pass: the moments, and per entry sums of p^2 and u^2 (double) at
+// sums[b] and sums[nblocks + b]; the gradient is only read.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_lamb_sums(
+        const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
+        T* __restrict__ v,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc,
+        double* __restrict__ sums, const long long nblocks) {
+    const long long b = (long long)blockIdx.x;
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], b1 = c[3], omb1 = c[4], b2 = c[5], omb2 = c[6];
+    double pacc = 0.0;
+    double uacc = 0.0;
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T gi = g[i] * gs;
+        const T mi = omb1 * gi + b1 * m[i];
+        const T vi = omb2 * (gi * gi) + b2 * v[i];
+        m[i] = mi;
+        v[i] = vi;
+        const T pi = p[i];
+        const T ui = lamb_update(mi, vi, pi, c);
+        pacc += (double)pi * (double)pi;
+        uacc += (double)ui * (double)ui;
+    }
+    block_sum2(pacc, uacc);
+    if (threadIdx.x == 0) {
+        sums[b] = pacc;
+        sums[nblocks + b] = uacc;
+    }
+}
+
+// optax.lamb's second pass: u again from the new moments, p += (-lr) (u trust).
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_lamb(
+        T* __restrict__ p, const T* __restrict__ m, const T* __restrict__ v,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const T* __restrict__ coef, const long long ldc) {
+    const long long b = (long long)blockIdx.x;
+    const T* c = coef + bseg[b] * ldc;
+    const T neg_lr = c[12], trust = c[13];
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T pi = p[i];
+        p[i] = pi + neg_lr * (lamb_update(m[i], v[i], pi, c) * trust);
+    }
+}
+
+// optax.adafactor. Kernel columns: gs 0, d 1, 1-d 2, eps 3, Ni 4, Nj 5, N(d1) 6, clip
+// denominator 7, lr 8, parameter scale 9, momentum on 10, momentum 11, 1-momentum 12,
+// ema in float32 13, weight_decay_rate 14, one 15. Meta (11 per tensor): start 0,
+// factored 1, A 2, Ni 3, B 4, Nj 5, C 6, ROWR 7 (v_row is the R statistic), v_row 8,
+// v_col 9, v 10 offsets.
+#define OPTAX_META 11
+
+// The R statistics of rows x0 .. x0+nx of matrix a (tasks: segment, a, x0, nx): one warp
+// per (x, b, c), its lanes over y; s = d s + (1-d) mean_y(g^2 + eps) (the sum in double,
+// rounded to T, then divided); where it is v_col, cf = 1/sqrt(s) too.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_factored_rows(
+        const T* __restrict__ g, T* __restrict__ v_row, T* __restrict__ v_col,
+        T* __restrict__ cf, const long long* __restrict__ tasks,
+        const long long* __restrict__ meta, const T* __restrict__ coef, const long long ldc) {
+    const long long* t = tasks + 4 * (long long)blockIdx.x;
+    const long long seg = t[0], a = t[1], x0 = t[2], nx = t[3];
+    const long long* mt = meta + OPTAX_META * seg;
+    const T* c = coef + seg * ldc;
+    const T gs = c[0], d = c[1], omd = c[2], eps = c[3], nj = c[5], one = c[15];
+    const long long start = mt[0], ni = mt[3], nb = mt[4], m = mt[5], nc = mt[6];
+    const bool rowr = mt[7] != 0;
+    T* stat = rowr ? v_row : v_col;
+    const long long off = rowr ? mt[8] : mt[9];
+    const unsigned lane = threadIdx.x & 31u;
+    const long long outputs = nx * nb * nc;
+    for (long long o = (long long)(threadIdx.x >> 5); o < outputs; o += THREADS / 32) {
+        const long long x = x0 + o / (nb * nc);
+        const long long bc = o % (nb * nc);
+        const long long bi = bc / nc, ci = bc % nc;
+        const long long e0 = start + ((a * ni + x) * nb + bi) * m * nc + ci;
+        double acc = 0.0;
+        for (long long y = (long long)lane; y < m; y += 32) {
+            const T gv = g[e0 + y * nc] * gs;
+            acc += (double)(gv * gv + eps);
+        }
+        for (int s = 16; s > 0; s >>= 1) {
+            acc += __shfl_down_sync(0xffffffffu, acc, s);
+        }
+        if (lane == 0) {
+            const long long idx = off + ((a * ni + x) * nb + bi) * nc + ci;
+            const T updated = d * stat[idx] + omd * ((T)acc / nj);
+            stat[idx] = updated;
+            if (!rowr) {
+                cf[idx] = one / root(updated);
+            }
+        }
+    }
+}
+
+// The C statistics of a stripe (tasks: segment, a, b, y0, ny; ny C consecutive elements
+// per row, all Ni rows): one thread per element of the stripe, over x.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_factored_cols(
+        const T* __restrict__ g, T* __restrict__ v_row, T* __restrict__ v_col,
+        T* __restrict__ cf, const long long* __restrict__ tasks,
+        const long long* __restrict__ meta, const T* __restrict__ coef, const long long ldc) {
+    const long long* t = tasks + 5 * (long long)blockIdx.x;
+    const long long seg = t[0], a = t[1], bi = t[2], y0 = t[3], ny = t[4];
+    const long long* mt = meta + OPTAX_META * seg;
+    const T* c = coef + seg * ldc;
+    const T gs = c[0], d = c[1], omd = c[2], eps = c[3], ni_t = c[4], one = c[15];
+    const long long start = mt[0], ni = mt[3], nb = mt[4], m = mt[5], nc = mt[6];
+    const bool rowr = mt[7] != 0;
+    T* stat = rowr ? v_col : v_row;
+    const long long off = rowr ? mt[9] : mt[8];
+    const long long width = ny * nc;
+    for (long long j = (long long)threadIdx.x; j < width; j += THREADS) {
+        double acc = 0.0;
+        for (long long x = 0; x < ni; ++x) {
+            const T gv = g[start + ((a * ni + x) * nb + bi) * m * nc + y0 * nc + j] * gs;
+            acc += (double)(gv * gv + eps);
+        }
+        const long long idx = off + ((a * nb + bi) * m + y0) * nc + j;
+        const T updated = d * stat[idx] + omd * ((T)acc / ni_t);
+        stat[idx] = updated;
+        if (rowr) {
+            cf[idx] = one / root(updated);
+        }
+    }
+}
+
+// Per matrix (tasks: segment, first v_row index, count, stride): rf = 1/sqrt(v_row /
+// mean(v_row)) over its entries, the mean's sum rounded to T, then divided by N(d1).
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_factored_norm(
+        const T* __restrict__ v_row, T* __restrict__ rf, const long long* __restrict__ tasks,
+        const T* __restrict__ coef, const long long ldc) {
+    const long long* t = tasks + 4 * (long long)blockIdx.x;
+    const long long first = t[1], count = t[2], stride = t[3];
+    const T* c = coef + t[0] * ldc;
+    double acc = 0.0;
+    for (long long k = (long long)threadIdx.x; k < count; k += THREADS) {
+        acc += (double)v_row[first + k * stride];
+    }
+    double unused = 0.0;
+    block_sum2(acc, unused);
+    const T mean = (T)acc / c[6];
+    for (long long k = (long long)threadIdx.x; k < count; k += THREADS) {
+        const long long idx = first + k * stride;
+        rf[idx] = c[15] / root(v_row[idx] / mean);
+    }
+}
+
+// U = g v^-1/2 (v = d v + (1-d)(g^2 + eps) where mode is not 1, an unfactored tensor) or
+// (g rf) cf (factored). mode 0: the sum of U^2 per entry into out; 1 or 2: u = ((U / cd)
+// lr) scale, [e = (1-mu) u + mu e, u = e], u += weight_decay_rate p, p -= u.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) adamserve_optax_adafactor_update(
+        T* __restrict__ p, const T* __restrict__ g, T* __restrict__ v,
+        const T* __restrict__ rf, const T* __restrict__ cf, T* __restrict__ ema,
+        const long long* __restrict__ bstart, const long long* __restrict__ bend,
+        const long long* __restrict__ bseg, const long long* __restrict__ meta,
+        const T* __restrict__ coef, const long long ldc, double* __restrict__ out,
+        const int mode) {
+    const long long b = (long long)blockIdx.x;
+    const long long* mt = meta + OPTAX_META * bseg[b];
+    const T* c = coef + bseg[b] * ldc;
+    const T gs = c[0], d = c[1], omd = c[2], eps = c[3], cd = c[7], lr = c[8];
+    const T prms = c[9], mom = c[11], omm = c[12], wdr = c[14], one = c[15];
+    const bool mom_on = c[10] != T(0), narrow = c[13] != T(0);
+    const long long start = mt[0];
+    const bool factored = mt[1] != 0, rowr = mt[7] != 0;
+    const long long ni = mt[3], nb = mt[4], m = mt[5], nc = mt[6];
+    double acc = 0.0;
+    const long long hi = bend[b];
+    for (long long i = bstart[b] + (long long)threadIdx.x; i < hi; i += THREADS) {
+        const T gi = g[i] * gs;
+        T ui;
+        if (factored) {
+            const long long e = i - start;
+            const long long ci = e % nc, q0 = e / nc;
+            const long long y = q0 % m, q1 = q0 / m;
+            const long long bi = q1 % nb, q2 = q1 / nb;
+            const long long x = q2 % ni, a = q2 / ni;
+            const long long ridx = ((a * ni + x) * nb + bi) * nc + ci;
+            const long long cidx = ((a * nb + bi) * m + y) * nc + ci;
+            ui = rowr ? (gi * rf[mt[8] + ridx]) * cf[mt[9] + cidx]
+                      : (gi * rf[mt[8] + cidx]) * cf[mt[9] + ridx];
+        } else {
+            const long long vi_at = mt[10] + (i - start);
+            T vi;
+            if (mode == 1) {
+                vi = v[vi_at];
+            } else {
+                vi = d * v[vi_at] + omd * (gi * gi + eps);
+                v[vi_at] = vi;
+            }
+            ui = gi * (one / root(vi));
+        }
+        if (mode == 0) {
+            acc += (double)ui * (double)ui;
+            continue;
+        }
+        T u = ((ui / cd) * lr) * prms;
+        if (mom_on) {
+            u = omm * u + decayed(mom, ema[i], narrow);
+            ema[i] = narrow ? (T)(float)u : u;
+        }
+        const T pi = p[i];
+        if (wdr != T(0)) {
+            u = u + wdr * pi;
+        }
+        p[i] = pi - u;
+    }
+    if (mode == 0) {
+        double unused = 0.0;
+        block_sum2(acc, unused);
+        if (threadIdx.x == 0) {
+            out[b] = acc;
+        }
+    }
+}
+"""
+_KERNELS += ("optax_adam", "optax_adamax", "optax_lamb_sums", "optax_lamb",
+             "optax_factored_rows", "optax_factored_cols", "optax_factored_norm",
+             "optax_adafactor_update")
+_COLUMNS.update({"optax.adam": 19, "optax.adamw": 19, "optax.amsgrad": 19, "optax.radam": 19,
+                 "optax.adamax": 9, "optax.lamb": 14})
+_OPTAX_ADAM = frozenset({"optax.adam", "optax.adamw", "optax.amsgrad", "optax.radam"})
+_OPTAX_ADAFACTOR_COLUMNS = 16
+
 # NVRTC options: IEEE division and sqrt are NVRTC's defaults; the one that must be
 # changed is fmad, which would otherwise fuse ``a*b + c`` and change the rounding.
 _OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true",
@@ -749,6 +1069,11 @@ class CudaBackend:
 
     def run(self, algorithm: str, slots: dict[str, Array], param: Array, grad: Array,
             blocks: Blocks, coef: Array) -> None:
+        if any(not isinstance(v, cupy.ndarray) for v in slots.values()):  # narrow moments
+            from adamserve.engine import kernels_cuda_quant
+
+            kernels_cuda_quant.run_quantized(algorithm, slots, param, grad, blocks, coef)
+            return
         a, s = algorithm, slots
         if a not in _COLUMNS or a == "lamb":
             raise ValueError(f"no CUDA kernel for {a!r}")
@@ -785,6 +1110,15 @@ class CudaBackend:
         elif a == "sparse_adam":  # blocks over the touched rows only
             _kernel("sparse_adam", dtype)(grid, threads, (
                 param, grad, s["exp_avg"], s["exp_avg_sq"], *b))
+        elif a in _OPTAX_ADAM:
+            nu_max = s.get("nu_max")
+            _kernel("optax_adam", dtype)(grid, threads, (
+                param, grad, s["mu"], s["nu"], self._absent(dtype) if nu_max is None else nu_max,
+                np.int32(nu_max is not None), *b))
+        elif a == "optax.adamax":
+            _kernel("optax_adamax", dtype)(grid, threads, (param, grad, s["mu"], s["nu"], *b))
+        elif a == "optax.lamb":  # the second pass (engine.optax_lamb): coef holds the trust
+            _kernel("optax_lamb", dtype)(grid, threads, (param, s["mu"], s["nu"], *b))
         else:  # rmsprop
             buf = s.get("momentum_buffer")
             gavg = s.get("grad_avg")
@@ -796,6 +1130,12 @@ class CudaBackend:
 
     def lamb_moments(self, slots: dict[str, Array], param: Array, grad: Array, blocks: Blocks,
                      coef: Array) -> tuple[F64, F64]:
+        if any(not isinstance(v, cupy.ndarray) for v in slots.values()):  # narrow moments
+            from adamserve.engine import kernels_cuda_quant
+
+            sums: tuple[F64, F64] = kernels_cuda_quant.lamb_moments_quantized(
+                slots, param, grad, blocks, coef)
+            return sums
         nb = int(blocks.start.shape[0])
         m, v = slots["exp_avg"], slots["exp_avg_sq"]
         dtype = self._check(param, grad, m, v)
@@ -877,3 +1217,58 @@ class CudaBackend:
         """The CPU's iteration on CuPy arrays: every GEMM a cuBLAS call, in the state
         dtype (float32 GEMMs are IEEE unless CuPy's TF32 mode is turned on)."""
         return newton_schulz(x, coefficients, steps, eps)
+
+    # -- optax (engine.optax_lamb, engine.optax_adafactor) -------------------------------
+
+    def optax_lamb_sums(self, slots: dict[str, Array], param: Array, grad: Array,
+                        blocks: Blocks, coef: Array) -> tuple[F64, F64]:
+        """optax.lamb's first pass: the moments, and Σ p² and Σ u² per block."""
+        nb = int(blocks.start.shape[0])
+        m, v = slots["mu"], slots["nu"]
+        dtype = self._check(param, grad, m, v)
+        c, ldc = self._coef(coef, dtype, _COLUMNS["optax.lamb"])
+        if nb == 0:
+            empty = np.zeros(0, dtype=np.float64)
+            return empty, empty.copy()
+        sums = cupy.empty(2 * nb, dtype=np.float64)
+        _kernel("optax_lamb_sums", dtype)((nb,), (THREADS,), (
+            param, grad, m, v, blocks.start, blocks.end, blocks.seg, c, ldc, sums,
+            np.int64(nb)))
+        host: F64 = cupy.asnumpy(sums)
+        return host[:nb], host[nb:]
+
+    def optax_adafactor_stats(self, grad: Array, v_row: Array, v_col: Array, rf: Array,
+                              cf: Array, rows: Array, cols: Array, norms: Array, meta: Array,
+                              coef: Array) -> None:
+        """optax.adafactor's factored statistics and their factors (kernels_cpu's)."""
+        dtype = grad.dtype
+        c, ldc = self._coef(coef, dtype, _OPTAX_ADAFACTOR_COLUMNS)
+        bufs = [x if x.size else self._absent(dtype) for x in (v_row, v_col, cf)]
+        threads = (THREADS,)
+        if len(rows):
+            _kernel("optax_factored_rows", dtype)((len(rows),), threads, (
+                grad, *bufs, rows, meta, c, ldc))
+        if len(cols):
+            _kernel("optax_factored_cols", dtype)((len(cols),), threads, (
+                grad, *bufs, cols, meta, c, ldc))
+        if len(norms):
+            _kernel("optax_factored_norm", dtype)((len(norms),), threads, (
+                bufs[0], rf if rf.size else self._absent(dtype), norms, c, ldc))
+
+    def optax_adafactor_update(self, param: Array, grad: Array, v: Array, rf: Array, cf: Array,
+                               ema: Array | None, blocks: Blocks, meta: Array, coef: Array,
+                               mode: int) -> F64 | None:
+        """optax.adafactor's update (kernels_cpu's): ``mode`` 0 the sums of U² per block,
+        1 the apply after them, 2 the apply without them."""
+        nb = int(blocks.start.shape[0])
+        dtype = self._check(param, grad)
+        c, ldc = self._coef(coef, dtype, _OPTAX_ADAFACTOR_COLUMNS)
+        out = cupy.zeros(max(nb, 1), dtype=np.float64)
+        if nb:
+            bufs = [x if x is not None and x.size else self._absent(dtype)
+                    for x in (v, rf, cf, ema)]
+            _kernel("optax_adafactor_update", dtype)((nb,), (THREADS,), (
+                param, grad, *bufs, blocks.start, blocks.end, blocks.seg, meta, c, ldc, out,
+                np.int32(mode)))
+        host: F64 = cupy.asnumpy(out)[:nb]
+        return host if mode == 0 else None

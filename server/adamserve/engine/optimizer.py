@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from adamserve.engine import algorithms as alg
-from adamserve.engine import muon, sparse_adam
+from adamserve.engine import moments, muon, sparse_adam
 from adamserve.engine.algorithms import Algorithm, Hyperparameters
 from adamserve.engine.backend import Array, Backend, Blocks, make_blocks, select_backend
 from adamserve.engine.schedules import Schedule
@@ -143,6 +143,7 @@ class FlatOptimizer:
         clip: ClipConfig = ClipConfig(),
         skip_nonfinite: bool = True,
         params: npt.NDArray[Any] | None = None,
+        state_dtype: str | None = None,
     ) -> None:
         # options implied by an alias (``amsgrad`` is adam with amsgrad=True), also for
         # groups added later
@@ -166,6 +167,9 @@ class FlatOptimizer:
         if dtype not in STATE_DTYPES:
             raise ValueError(f"dtype: expected float32 or float64, got {dtype!r}")
         self.dtype = STATE_DTYPES[dtype]
+        alg.check_accumulator_dtypes(algorithm, self.groups, self.dtype)  # optax's mu_dtype
+        # the moments' precision (engine.moments): the master dtype's, bfloat16 or int8
+        self.state_dtype = moments.check_state_dtype(state_dtype or dtype, dtype, algorithm)
         self.backend = backend if backend is not None else select_backend("cpu")
         self.schedule = schedule
         self.clip = clip
@@ -202,6 +206,7 @@ class FlatOptimizer:
         groups = list(self.groups)
         if group is not None:
             groups.append(alg.resolve_hyperparameters(self.algorithm, {**self._alias, **group}))
+        alg.check_accumulator_dtypes(self.algorithm, groups[len(self.groups):], self.dtype)
         new_layout = Layout((*self.layout.tensors, *tensors))  # checks unique names
         for t in tensors:
             if not 0 <= t.group < len(groups):
@@ -215,12 +220,10 @@ class FlatOptimizer:
                              f"{np.asarray(params).size}")
         old = self.layout.size
 
-        def grown(buf: Array, tail: npt.NDArray[Any] | None = None,
-                  size: int = new_layout.size) -> Array:
-            out = self.backend.zeros(size, self.dtype)
+        def grown(buf: Array, tail: npt.NDArray[Any]) -> Array:
+            out = self.backend.zeros(new_layout.size, self.dtype)
             out[:len(buf)] = buf  # device to device
-            if tail is not None:
-                out[old:] = self.backend.to_device(np.asarray(tail, dtype=self.dtype))
+            out[old:] = self.backend.to_device(np.asarray(tail, dtype=self.dtype))
             return out
 
         # everything is built aside first: an allocation failure changes nothing
@@ -230,10 +233,12 @@ class FlatOptimizer:
         fresh = [s for h in groups for s in spec.slots(h) if s not in self.slots]
         new_offsets = {name: slot_offsets(self.algorithm, new_layout, name)
                        for name in (*self.slots, *fresh)}
-        slots = {name: grown(buf, size=int(new_offsets[name][-1]))
+        slots = {name: moments.grown(self.state_dtype, self.backend, name, buf,
+                                     self.slot_offsets(name), new_offsets[name], self.dtype)
                  for name, buf in self.slots.items()}
         for name in dict.fromkeys(fresh):  # a slot the new group turns on, e.g. amsgrad
-            slots[name] = self.backend.zeros(int(new_offsets[name][-1]), self.dtype)
+            slots[name] = moments.zeros(self.state_dtype, self.backend, name, new_offsets[name],
+                                        self.dtype)
         nseg = len(new_layout)
         for name, buf in slots.items():  # e.g. Adagrad's initial accumulator
             first = 0 if name in fresh else nseg - len(tensors)
@@ -265,7 +270,8 @@ class FlatOptimizer:
         for name in self.slot_names():
             if name in self.slots:
                 continue
-            buf = self.backend.zeros(self.slot_size(name), self.dtype)
+            buf = moments.zeros(self.state_dtype, self.backend, name, self.slot_offsets(name),
+                                self.dtype)
             for i, t in enumerate(self.layout.tensors):
                 init = alg.initial_slot_value(self.algorithm, name, self.groups[t.group])
                 if init != 0.0:
@@ -297,16 +303,47 @@ class FlatOptimizer:
         return table.ALGORITHMS[self.algorithm.value].slot_shape(name, self.layout.tensors[i].shape)
 
     def slot_tensor(self, name: str, i: int) -> Array:
-        """Tensor ``i``'s part of slot ``name``, in its shape (a view)."""
+        """Tensor ``i``'s part of slot ``name``, in its shape (a view; a host copy of the
+        dequantised values where the moments are narrow)."""
         shape = self.slot_shape(name, i)
         if shape is None:
             raise KeyError(f"tensor {shown(self.layout.tensors[i].name)} keeps no {name!r}")
-        return self.slots[name][self.slot_span(name, i)].reshape(shape)
+        buf = self.slots[name]
+        if moments.is_narrow(buf):
+            buf = self.slot_values(name)
+        return buf[self.slot_span(name, i)].reshape(shape)
+
+    def slot_values(self, name: str) -> npt.NDArray[Any]:
+        """Slot ``name``'s values on the host, dequantised where the moments are narrow
+        (a view of the buffer on the CPU otherwise)."""
+        return moments.values(self.slots[name], self.slot_offsets(name), self.backend)
+
+    def slot_native(self, name: str) -> dict[str, npt.NDArray[Any]]:
+        """Slot ``name`` as stored, on the host, by part (``""``: a plain slot's array;
+        a narrow one's codes, scales, ...: :func:`adamserve.engine.quantize.parts`)."""
+        return moments.native(self.slots[name], self.backend)
+
+    def set_slot_native(self, name: str, parts: dict[str, npt.NDArray[Any]]) -> None:
+        """Replace slot ``name`` by its stored form (a checkpoint's); ValueError when the
+        parts do not fit the layout or the state dtype."""
+        self.slots[name] = moments.from_native(self.state_dtype, self.backend, name,
+                                               self.slot_offsets(name), parts, self.dtype)
+
+    def set_slot_values(self, name: str, host: npt.NDArray[Any]) -> None:
+        """Replace slot ``name``'s values (quantised where the moments are narrow)."""
+        buf = self.slots.get(name)
+        if buf is not None and not moments.is_narrow(buf):
+            buf[...] = self.backend.to_device(np.asarray(host, dtype=self.dtype))
+            return
+        self.slots[name] = moments.from_values(self.state_dtype, self.backend, name,
+                                               self.slot_offsets(name), host, like=buf)
 
     def slot_bytes(self, names: Iterable[str] | None = None) -> int:
-        """Bytes of the slot buffers ``names`` (default: those held)."""
-        return sum(self.slot_size(n) for n in (self.slots if names is None else names)) * (
-            self.dtype.itemsize)
+        """Bytes of the slot buffers ``names`` (default: those held), as stored."""
+        if names is None:
+            return sum(moments.nbytes(buf) for buf in self.slots.values())
+        return sum(moments.nbytes(self.slots[n]) if n in self.slots else
+                   moments.moment_bytes(self.state_dtype, self.slot_offsets(n)) for n in names)
 
     def slots_after(self, group: int, changes: Mapping[str, Any]) -> tuple[str, ...]:
         """The slots the optimizer would hold after ``set_hyperparameters`` (validates)."""
@@ -348,6 +385,7 @@ class FlatOptimizer:
         alg.state_changes(self.algorithm, changes)
         old = self.groups[group]
         new = alg.resolve_hyperparameters(self.algorithm, changes, base=old)
+        alg.check_accumulator_dtypes(self.algorithm, [new], self.dtype)
         if self.algorithm not in alg.SCHEDULE_FREE or new["train_mode"] == old["train_mode"]:
             return new, None
         if not (self.seg_step[self._seg_group == group] > 0).any():
@@ -380,16 +418,19 @@ class FlatOptimizer:
         return {k: v[active] for k, v in self._table_all.items()}
 
     def current_lr(self, group: int) -> float:
-        base = float(self.groups[group]["lr"])
+        base = alg.base_lr(self.algorithm, self.groups[group])  # lr, optax's learning_rate
         return base if self.schedule is None else self.schedule.lr(self.step_count, base)
 
     def _scheduled(self, values: dict[str, F64]) -> None:
+        spec = alg.SPECS[self.algorithm]  # its lr_key (optax's learning_rate) and beta1_key
+        values[spec.lr_key] = alg.lr_values(self.algorithm, values)
         if self.schedule is None:
             return
         s, t = self.schedule, self.step_count
-        values["lr"] = np.array([s.lr(t, float(x)) for x in values["lr"]])
-        if "beta1" in values:
-            values["beta1"] = np.array([s.beta1(t, float(x)) for x in values["beta1"]])
+        values[spec.lr_key] = np.array([s.lr(t, float(x)) for x in values[spec.lr_key]])
+        if spec.beta1_key in values:
+            values[spec.beta1_key] = np.array([s.beta1(t, float(x))
+                                               for x in values[spec.beta1_key]])
 
     def step(self, active: BoolArray | None = None, grad_sumsq: F64 | None = None, *,
              lr_scale: float = 1.0, total_sumsq: float | None = None,
@@ -423,6 +464,14 @@ class FlatOptimizer:
             from adamserve.engine.adafactor import adafactor_step  # it imports this module
 
             return adafactor_step(self, prepared)
+        if self.algorithm is Algorithm.OPTAX_LAMB:
+            from adamserve.engine.optax_lamb import optax_lamb_step  # it imports this module
+
+            return optax_lamb_step(self, prepared)
+        if self.algorithm is Algorithm.OPTAX_ADAFACTOR:
+            from adamserve.engine.optax_adafactor import optax_adafactor_step
+
+            return optax_adafactor_step(self, prepared)
         if len(prepared.idx):
             self.backend.run(self.algorithm.value, self.slots, self.param, prepared.grad,
                              prepared.blocks, prepared.coef)
@@ -492,10 +541,12 @@ class FlatOptimizer:
             return self._schedule_free_coefficients(idx, gscale, lr_scale)
         values = self._segment_values(active)
         self._scheduled(values)
+        lr_key = alg.SPECS[self.algorithm].lr_key
         if lr_scale != 1.0:
-            values["lr"] = values["lr"] * lr_scale
-        h = alg.SegmentHyper(values, self.seg_step[idx] + 1, self.mu_product[idx])
-        coef_rows = alg.coefficients(self.algorithm, h, values["lr"], gscale)
+            values[lr_key] = values[lr_key] * lr_scale
+        h = alg.SegmentHyper(values, self.seg_step[idx] + 1, self.mu_product[idx],
+                             dtype=self.dtype)  # optax's rows compute in the session's dtype
+        coef_rows = alg.coefficients(self.algorithm, h, values[lr_key], gscale)
         coef64 = np.zeros((len(self.layout), coef_rows.shape[1]), dtype=np.float64)
         coef64[idx] = coef_rows
         return h, coef64
@@ -537,9 +588,11 @@ class FlatOptimizer:
     @property
     def streamable(self) -> bool:
         """Whether a step can be applied piece by piece as gradients arrive: only when it
-        needs no quantity over whole tensors or the whole gradient."""
-        return (self.algorithm not in (Algorithm.LAMB, Algorithm.ADAFACTOR, Algorithm.MUON,
-                                       Algorithm.SPARSE_ADAM)  # its ranges are its rows
+        needs no quantity over whole tensors or the whole gradient, and its moments are
+        not int8 (whose blocks of 256 a range would cut)."""
+        return (self.state_dtype != "int8" and self.algorithm not in (Algorithm.LAMB, Algorithm.ADAFACTOR, Algorithm.MUON,
+                                       Algorithm.SPARSE_ADAM,  # its ranges are its rows
+                                       Algorithm.OPTAX_LAMB, Algorithm.OPTAX_ADAFACTOR)
                 and self.clip.max_norm is None and not self.skip_nonfinite)
 
     def begin_stream(self) -> StreamStep:
@@ -590,7 +643,7 @@ class LambStep:
         if in_place:
             self.slots, self.update = opt.slots, prepared.grad
         else:
-            self.slots = {k: v.copy() for k, v in opt.slots.items()}
+            self.slots = {k: moments.copy(v) for k, v in opt.slots.items()}
             self.update = prepared.grad.copy()
         blocks = prepared.blocks
         psq_b, rsq_b = opt.backend.lamb_moments(self.slots, opt.param, self.update, blocks,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from adamserve.engine import algorithms as alg
+from adamserve.engine import moments
 from adamserve.engine.optimizer import FlatOptimizer, listed
 from adamserve.errors import shown
 from adamserve_proto import algorithms as table
@@ -43,10 +44,15 @@ def torch_group(h: Mapping[str, alg.HyperValue]) -> dict[str, Any]:
             for k, v in table.join_betas(alg.choice_names(alg.with_none(h))).items()}
 
 
-def export_state(opt: FlatOptimizer) -> StateDict:
-    """The optimizer's state as torch.optim would write it (copies, on the host)."""
+def export_state(opt: FlatOptimizer, native: bool = False) -> StateDict:
+    """The optimizer's state as torch.optim would write it (copies, on the host): narrow
+    moments (bfloat16, int8) dequantised to float32. ``native``: the moments as stored
+    instead, each as the parts :func:`adamserve.engine.moments.tensor_native` names
+    (``exp_avg.codes`` in the tensor's shape and ``exp_avg.scale`` per block, or
+    ``exp_avg.bf16``; a plain slot under its own name), which :func:`import_state`
+    reads back."""
     layout = opt.layout
-    host = {name: opt.backend.to_host(buf) for name, buf in opt.slots.items()}
+    host = {} if native else {name: opt.slot_values(name) for name in opt.slots}
     state: dict[int, dict[str, Any]] = {}
     # schedulefree and Muon keep no per-param step
     counted = opt.algorithm not in alg.SCHEDULE_FREE | {alg.Algorithm.MUON}
@@ -58,8 +64,15 @@ def export_state(opt: FlatOptimizer) -> StateDict:
         entry: dict[str, Any] = {"step": step} if counted else {}
         for slot in opt.group_slots(t.group):
             shape = opt.slot_shape(slot, i)  # Adafactor's factored slots: torch's shapes
-            if shape is not None:
+            if shape is None:
+                continue
+            if not native:
                 entry[slot] = np.array(host[slot][opt.slot_span(slot, i)]).reshape(shape)
+                continue
+            for part, arr in moments.tensor_native(opt.slots[slot], opt.slot_offsets(slot), i,
+                                                   opt.backend).items():
+                entry[f"{slot}.{part}" if part else slot] = (
+                    arr if part == "scale" else arr.reshape(shape))
         if opt.algorithm is alg.Algorithm.NADAM:
             entry["mu_product"] = float(opt.mu_product[i])
         state[i] = entry
@@ -69,6 +82,30 @@ def export_state(opt: FlatOptimizer) -> StateDict:
         groups.append({**torch_group(h), "params": idx,
                        "param_names": [layout.tensors[i].name for i in idx]})
     return {"state": state, "param_groups": groups}
+
+
+def _stored_entry(entry: Mapping[str, Any], name: str, numel: int) -> dict[str, Any]:
+    """A parameter's state with the native form's parts (``exp_avg.codes`` and
+    ``exp_avg.scale``, ``exp_avg.bf16``) read back as the moments' values (float32, the
+    tensor's shape), the parts themselves under ``"native"``; entries in torch's form
+    pass as they are."""
+    out: dict[str, Any] = {k: v for k, v in entry.items() if "." not in str(k) and k != "native"}
+    stored: dict[str, dict[str, Any]] = {}
+    for key, value in entry.items():
+        slot, dot, part = str(key).partition(".")
+        if dot:
+            stored.setdefault(slot, {})[part] = np.asarray(value)
+    for slot, parts in stored.items():
+        if slot in out:
+            raise ValueError(f"state of {shown(name)}: {slot} given both as a tensor and as "
+                             f"{', '.join(sorted(parts))}")
+        values = moments.tensor_values(parts, numel, slot in moments.SIGNED_SLOTS,
+                                       f"state of {shown(name)}: {slot}")
+        shaped = parts.get("codes", parts.get("bf16", parts.get("")))
+        out[slot] = values.reshape(np.shape(shaped)) if shaped is not None else values
+    if stored:
+        out["native"] = stored
+    return out
 
 
 def _match_indices(opt: FlatOptimizer, groups: Sequence[Mapping[str, Any]]) -> dict[int, int]:
@@ -147,6 +184,7 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
         t = opt.layout.tensors[mine]
         need = tuple(s for s in spec.slots(new_hyper[t.group])
                      if opt.slot_shape(s, mine) is not None)
+        entry = _stored_entry(entry, t.name, t.numel)
         row: dict[str, Any] = {"step": entry.get("step")}
         for slot in need:
             if slot not in entry:
@@ -159,7 +197,12 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
             if not np.issubdtype(arr.dtype, np.floating):
                 raise ValueError(f"state of {shown(t.name)}: {slot} has dtype {arr.dtype}, "
                                  "expected a floating type")
+            if moments.is_narrow(opt.slots.get(slot)) and not np.isfinite(arr).all():
+                raise ValueError(f"state of {shown(t.name)}: {slot} holds NaN or Inf, which "
+                                 f"{opt.state_dtype} moments cannot keep")
             row[slot] = arr
+        row["native"] = {slot: parts for slot, parts in entry.get("native", {}).items()
+                         if slot in need and moments.kind_of(parts) == opt.state_dtype}
         if opt.algorithm is alg.Algorithm.MUON:  # no step in torch's: state means it stepped
             row["step"] = max(1, int(opt.seg_step[mine]))
             staged[mine] = row
@@ -183,7 +226,7 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
     # validated: now change state
     opt.groups[:] = new_hyper
     opt._ensure_slots()
-    host = {name: opt.backend.to_host(buf).copy() for name, buf in opt.slots.items()}
+    host = {name: np.array(opt.slot_values(name), dtype=opt.dtype) for name in opt.slots}
     for name, buf in host.items():
         for i, t in enumerate(opt.layout.tensors):
             buf[opt.slot_span(name, i)] = alg.initial_slot_value(opt.algorithm, name,
@@ -192,13 +235,17 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
     opt.mu_product[:] = 1.0
     for i, row in staged.items():
         for slot, arr in row.items():
-            if slot in host:
+            if slot in host and slot != "native":
                 host[slot][opt.slot_span(slot, i)] = arr.reshape(-1)
         opt.seg_step[i] = row["step"]
         if "mu_product" in row:
             opt.mu_product[i] = row["mu_product"]
     for name, buf in host.items():
-        opt.slots[name][...] = opt.backend.to_device(buf)
+        opt.set_slot_values(name, buf)  # quantised where the moments are narrow
+    for i, row in staged.items():  # the native form's parts, as they were stored
+        for slot, parts in row["native"].items():
+            moments.put_tensor_native(opt.slots[slot], opt.slot_offsets(slot), i, parts,
+                                      opt.backend)
     opt.step_count = int(opt.seg_step.max()) if len(opt.seg_step) else 0
     if not counted:  # the groups' step counts (a group steps without gradients too)
         opt.step_count = max([opt.step_count, *(int(h["k"]) for h in opt.groups)])

@@ -783,10 +783,13 @@ class OptimizerService:
             session.opt.schedule = parsed
             return session_info(session)
 
-    def export_state(self, session_id: str, *, caller: Caller = LOCAL) -> statedict.StateDict:
+    def export_state(self, session_id: str, *, caller: Caller = LOCAL,
+                     native: bool = False) -> statedict.StateDict:
+        """The torch-format state_dict (``native``: the moments as the session stores
+        them, :func:`statedict.export_state`)."""
         session_id = caller.resolve(session_id)
         with self.store.locked(session_id) as session:
-            return statedict.export_state(session.opt)
+            return statedict.export_state(session.opt, native=native)
 
     @audited("ImportState")
     def import_state(self, session_id: str, state: Mapping[str, Any], *, caller: Caller = LOCAL) -> SessionInfo:

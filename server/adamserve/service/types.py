@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from adamserve.engine import algorithms as alg
 from adamserve.engine import schedules, statedict
 from adamserve.engine.optimizer import TensorSpec
 from adamserve.sessions import names
@@ -50,6 +51,10 @@ class SessionInfo:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     labels: dict[str, str] = field(default_factory=dict)
     tenant: str = ""  # the owner; "" the default tenant (an admin addresses tenant~id)
+    semantics: str = "torch"
+    state_dtype: str = "float32"  # the moments' precision
+    moment_bytes: int = 0
+    bytes_per_parameter: float = 0.0  # master parameters and moments, per parameter
 
     @property
     def numel(self) -> int:
@@ -97,6 +102,10 @@ def session_info(s: Session) -> SessionInfo:
         backend=opt.backend.name,
         workers=s.config.workers,
         labels=dict(s.config.labels),
+        semantics=s.config.semantics,
+        state_dtype=opt.state_dtype,
+        moment_bytes=opt.slot_bytes(),
+        bytes_per_parameter=s.bytes_per_parameter,
     )
 
 
@@ -124,4 +133,4 @@ def _scheduled(s: Session) -> tuple[tuple[float, ...], dict[str, Any] | None]:
             log.exception("session %s: its schedule fails this server's checks or cannot "
                           "compute the lr of step %d; described without it", s.id,
                           opt.step_count)
-        return tuple(float(h["lr"]) for h in opt.groups), None
+        return tuple(alg.base_lr(opt.algorithm, h) for h in opt.groups), None

@@ -138,8 +138,9 @@ def manifest_of(session: Session) -> dict[str, Any]:
 
 def tensors_of(opt: FlatOptimizer) -> dict[str, np.ndarray[Any, Any]]:
     out = {"param": np.ascontiguousarray(opt.backend.to_host(opt.param))}
-    for name, buf in opt.slots.items():
-        out[f"slot.{name}"] = np.ascontiguousarray(opt.backend.to_host(buf))
+    for name in opt.slots:  # as stored: narrow moments keep their codes and scales
+        for part, arr in opt.slot_native(name).items():
+            out[f"slot.{name}" + (f".{part}" if part else "")] = arr
     return out
 
 
@@ -414,12 +415,13 @@ class CheckpointStore:
         opt = build_optimizer(config, backend)
         tensors = st_load(blob)
         opt.param[...] = backend.to_device(tensors["param"])
+        stored: dict[str, dict[str, np.ndarray[Any, Any]]] = {}
         for key, arr in tensors.items():
             if key.startswith("slot."):
-                name = key[5:]
-                if name not in opt.slots:
-                    opt.slots[name] = backend.zeros(opt.slot_size(name), opt.dtype)
-                opt.slots[name][...] = backend.to_device(arr)
+                name, _, part = key[5:].partition(".")
+                stored.setdefault(name, {})[part] = arr
+        for name, parts in stored.items():
+            opt.set_slot_native(name, parts)
         opt.step_count = _step(manifest["step_count"], "step_count")
         opt.seg_step[:] = np.array([_step(x, "seg_step") for x in manifest["seg_step"]],
                                    dtype=np.int64)

@@ -26,12 +26,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from adamserve.engine import algorithms as alg
 from adamserve.engine.optimizer import FlatOptimizer, StepReport
-from adamserve.engine.schedules import Schedule
 
 CAPACITY = 1024  # entries kept per session
 MAX_GROUPS = 16  # groups whose lr an entry keeps (the first ones)
@@ -65,13 +64,13 @@ def step_of(report: StepReport) -> int:
     return report.step + 1 if report.skipped else report.step
 
 
-def lrs_at(schedule: Schedule | None, groups: Sequence[dict[str, Any]], step: int
-           ) -> tuple[float, ...]:
+def lrs_at(opt: FlatOptimizer, step: int) -> tuple[float, ...]:
     """Each group's lr for step ``step`` (1 for the first update), as the engine
     computes it (the schedule sees ``step - 1``, torch's count before the update)."""
     out = []
-    for g in groups[:MAX_GROUPS]:
-        base = float(g["lr"])
+    schedule = opt.schedule
+    for g in opt.groups[:MAX_GROUPS]:
+        base = alg.base_lr(opt.algorithm, g)  # optax's learning_rate too
         out.append(base if schedule is None else schedule.lr(max(step - 1, 0), base))
     return tuple(out)
 
@@ -80,9 +79,10 @@ def future_lr(opt: FlatOptimizer, steps: int) -> list[list[float]]:
     """Per group (the first MAX_GROUPS), the lr of each of the next ``steps`` steps."""
     schedule, start = opt.schedule, opt.step_count + 1
     groups = list(opt.groups)[:MAX_GROUPS]
+    bases = [alg.base_lr(opt.algorithm, g) for g in groups]
     if schedule is None:
-        return [[float(g["lr"])] * steps for g in groups]
-    return [[schedule.lr(start - 1 + k, float(g["lr"])) for k in range(steps)] for g in groups]
+        return [[base] * steps for base in bases]
+    return [[schedule.lr(start - 1 + k, base) for k in range(steps)] for base in bases]
 
 
 # One row per entry; a step's whole row is written at once (a structured array: about
@@ -159,7 +159,7 @@ class History:
         """Keep the step ``report`` describes (``opt``: its optimizer, after the step)."""
         step = step_of(report)
         norm = report.grad_norm
-        self.record(step, lrs_at(opt.schedule, opt.groups, step),
+        self.record(step, lrs_at(opt, step),
                     norm if norm is not None and math.isfinite(norm) else None,
                     skipped=report.skipped, nonfinite=len(report.nonfinite), latency=latency,
                     contributors=contributors, missing=missing)

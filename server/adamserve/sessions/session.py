@@ -19,6 +19,7 @@ from adamserve import metrics
 from adamserve.engine import algorithms as alg
 from adamserve.engine import schedules
 from adamserve.engine.backend import Backend
+from adamserve.engine.moments import moment_bytes
 from adamserve.engine.optimizer import (
     ClipConfig,
     FlatOptimizer,
@@ -32,6 +33,7 @@ from adamserve.sessions.coordinator import Round, RoundCoordinator, RoundState
 from adamserve.sessions.history import History, lrs_at
 from adamserve.sessions.pushlog import PushId, PushLog
 from adamserve.sessions.rounds import WorkersConfig
+from adamserve_proto import algorithms as table
 
 log = logging.getLogger("adamserve.sessions")
 
@@ -61,6 +63,8 @@ class SessionConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     labels: dict[str, str] = field(default_factory=dict)
     tenant: str = ""  # the owner (sessions.names); "" the default tenant
+    semantics: str = "torch"  # whose update rule and names: torch or optax
+    state_dtype: str = ""  # the moments' precision; "": dtype's
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,7 +89,14 @@ class SessionConfig:
             workers=WorkersConfig.from_json(d.get("workers")),
             labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
             tenant=str(d.get("tenant", "")),
+            semantics=str(d.get("semantics", "torch")),
+            state_dtype=str(d.get("state_dtype", "")),
         )
+
+    @property
+    def engine_algorithm(self) -> str:
+        """The engine's name of the update rule (optax's aliases qualified)."""
+        return table.qualified(self.algorithm, self.semantics)
 
 
 # Bounds on declared shapes, shared by every transport: far beyond any device and far
@@ -144,15 +155,16 @@ def state_bytes(config: SessionConfig) -> int:
     it checks the tensors, repeated names too, before anything is allocated or locked."""
     check_tensors(config)
     layout = Layout(config.tensors)
-    algo, extra = alg.parse_algorithm(config.algorithm)
+    algo, extra = alg.parse_algorithm(config.engine_algorithm)
     spec = alg.SPECS[algo]
     slots: set[str] = set()
     for g in config.groups:
         slots.update(spec.slots(alg.resolve_hyperparameters(algo, {**extra, **g})))
     itemsize = 8 if config.dtype == "float64" else 4
     # a slot's size: the model's, but Adafactor's factored statistics (rows + columns)
-    elements = sum(int(slot_offsets(algo, layout, s)[-1]) for s in slots)
-    return slot_bytes(layout.size, 0, itemsize, len(layout)) + elements * itemsize
+    moments = sum(moment_bytes(config.state_dtype or config.dtype,
+                               slot_offsets(algo, layout, s)) for s in slots)
+    return slot_bytes(layout.size, 0, itemsize, len(layout)) + moments
 
 
 def slot_bytes(elements: int, slots: int, itemsize: int, tensors: int = 0) -> int:
@@ -173,11 +185,12 @@ def build_optimizer(config: SessionConfig, backend: Backend) -> FlatOptimizer:
                          f"{shown(norm)}")
     schedule = schedules.schedule_from_dict(config.schedule) if config.schedule else None
     return FlatOptimizer(
-        config.algorithm,
+        config.engine_algorithm,
         Layout(config.tensors),
         list(config.groups),
         backend=backend,
         dtype=config.dtype,
+        state_dtype=config.state_dtype or None,
         schedule=schedule,
         clip=ClipConfig(config.max_grad_norm, config.clip_per_tensor),
         skip_nonfinite=config.skip_nonfinite,
@@ -306,7 +319,7 @@ class Session:
             self.history.failed_round = r.id
             error = r.outcome.error if r.outcome is not None else None
             missing = sorted(self.rounds.members - set(r.pushes))
-            self.history.record(r.step, lrs_at(self.opt.schedule, self.opt.groups, r.step), None,
+            self.history.record(r.step, lrs_at(self.opt, r.step), None,
                                 failed=error or "failed", latency=time.monotonic() - r.started,
                                 contributors=r.arrived, missing=missing)
         except Exception:
@@ -332,6 +345,13 @@ class Session:
                 + self.opt.slot_bytes())
 
     @property
+    def bytes_per_parameter(self) -> float:
+        """Bytes of the master parameters and the moments per parameter (what the state
+        costs a model, the gradient buffer and per-tensor overhead left out)."""
+        n = self.opt.layout.size
+        return (n * self.opt.dtype.itemsize + self.opt.slot_bytes()) / n if n else 0.0
+
+    @property
     def dirty(self) -> bool:
         """Whether the state changed since the last checkpoint."""
         return self.version != self.checkpointed_version
@@ -344,7 +364,9 @@ class Session:
         h.update(np.ascontiguousarray(self.opt.backend.to_host(self.opt.param)).tobytes())
         for name in sorted(self.opt.slots):
             h.update(name.encode())
-            h.update(np.ascontiguousarray(self.opt.backend.to_host(self.opt.slots[name])).tobytes())
+            for part, arr in sorted(self.opt.slot_native(name).items()):
+                h.update(part.encode())
+                h.update(arr.tobytes())
         h.update(self.opt.seg_step.tobytes())
         h.update(self.opt.mu_product.tobytes())
         h.update(str(self.opt.step_count).encode())

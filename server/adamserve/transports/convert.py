@@ -209,7 +209,21 @@ def session_config(spec: pb.SessionSpec) -> SessionConfig:
         skip_nonfinite=spec.skip_nonfinite if spec.HasField("skip_nonfinite") else True,
         workers=workers_config(spec.workers) if spec.HasField("workers") else WorkersConfig(),
         labels=dict(spec.labels),
+        semantics=proto.SEMANTICS.short(spec.semantics, "semantics"),
+        state_dtype=proto.MOMENT_DTYPE.short(spec.state_dtype, "state_dtype"),
     )
+
+
+@_invalid
+def native_format(format: int | str) -> bool:
+    """Whether an ExportState asks for the session's own storage (STATE_FORMAT_NATIVE);
+    ``format`` the enum's number (gRPC) or name (HTTP)."""
+    number = pb.StateFormat.Value(format) if isinstance(format, str) and (
+        format in proto.STATE_FORMAT.all_names) else format
+    if isinstance(number, str):
+        raise ValueError(f"format: unknown state format {errors.shown(number)}; expected one of "
+                         f"{', '.join(proto.STATE_FORMAT.names)}")
+    return proto.STATE_FORMAT.short(number, "format") == "native"
 
 
 def session_message(info: SessionInfo) -> pb.Session:
@@ -228,6 +242,10 @@ def session_message(info: SessionInfo) -> pb.Session:
         workers=proto.workers_message(info.workers),
         labels=info.labels,
         tenant=info.tenant,
+        semantics=proto.SEMANTICS.number(info.semantics, "semantics"),
+        state_dtype=proto.STATE_DTYPE.number(info.state_dtype, "state_dtype"),
+        moment_bytes=info.moment_bytes,
+        bytes_per_parameter=info.bytes_per_parameter,
     )
     if info.schedule is not None:
         msg.schedule.CopyFrom(proto.schedule_message(info.schedule))

@@ -549,7 +549,8 @@ class OptimizerServicer(SharedMemoryMethods):
     def ExportState(self, request: pb.ExportStateRequest,
                     context: Context) -> Iterator[Response]:
         state = self.service.export_state(_session_id(request.session_id),
-                                          caller=self.caller(context))
+                                          caller=self.caller(context),
+                                          native=convert.native_format(request.format))
         blob = encode_state(state)
         _BYTES_OUT.inc(len(blob))
         yield from wire.blob_messages(blob, wire.EXPORT_DATA)

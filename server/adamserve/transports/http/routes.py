@@ -52,6 +52,7 @@ from adamserve.transports.http.schemas import (
     SetWorkersRequest,
     SharedMemoryRef,
     SharedMemoryRegion,
+    StateFormat,
     StepRequest,
     StepResponse,
     TensorIn,
@@ -451,8 +452,11 @@ _STATE_DOC = ("The torch-format state_dict as one safetensors file: tensors "
 @router.get(PREFIX + "/{session_id}/state", response_class=Response, summary="Export state",
             responses={**_ERRORS, 200: {"description": _STATE_DOC, "content": {
                 binary.OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
-async def export_state(session_id: str, service: Service, caller: CallerOf) -> Response:
-    sd = await _call(service.export_state, session_id, caller=caller)
+async def export_state(session_id: str, service: Service, caller: CallerOf,
+                       format: Annotated[StateFormat, Query()] = "STATE_FORMAT_UNSPECIFIED",
+                       ) -> Response:
+    sd = await _call(service.export_state, session_id, caller=caller,
+                     native=convert.native_format(format))
     blob = await _call(encode_state, sd)
     metrics.BYTES_OUT.labels("http").inc(len(blob))
     return Response(blob, media_type=binary.OCTET_STREAM)

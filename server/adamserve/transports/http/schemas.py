@@ -102,6 +102,19 @@ Algorithm = Annotated[str, AfterValidator(_member(convert.ALGORITHM)), Field(
     description="The update rule: ALGORITHM_ADAMW, ...")]
 StateDtype = Annotated[str, AfterValidator(_member(convert.STATE_DTYPE)), Field(
     json_schema_extra=_names(convert.STATE_DTYPE), description="Master state precision")]
+MomentDtype = Annotated[str, AfterValidator(_member(convert.MOMENT_DTYPE)), Field(
+    json_schema_extra=_names(convert.MOMENT_DTYPE),
+    description="The moments' precision: STATE_DTYPE_BFLOAT16 (stochastic rounding) or "
+    "STATE_DTYPE_INT8 (block-wise 8-bit) for Adam, AdamW, AMSGrad, NAdam, RAdam, Adamax and "
+    "LAMB with a float32 master; unset: the master dtype")]
+Semantics = Annotated[str, AfterValidator(_member(convert.SEMANTICS)), Field(
+    json_schema_extra=_names(convert.SEMANTICS),
+    description="SEMANTICS_TORCH (unset) or SEMANTICS_OPTAX: optax's update rules, "
+    "hyperparameter names and defaults (docs/optax.md)")]
+StateFormat = Annotated[str, AfterValidator(_member(convert.STATE_FORMAT)), Field(
+    json_schema_extra=_names(convert.STATE_FORMAT),
+    description="STATE_FORMAT_TORCH (unset): moments as float tensors; STATE_FORMAT_NATIVE: "
+    "as the session stores them (bfloat16 bits, int8 codes and block scales)")]
 WorkerMode = Annotated[str, AfterValidator(_member(convert.WORKER_MODE)), Field(
     json_schema_extra=_names(convert.WORKER_MODE),
     description="WORKER_MODE_SYNC: step t is the mean of the workers' gradients; "
@@ -306,6 +319,8 @@ class CreateSessionRequest(_Request):
     workers: Workers | None = Field(default=None, description="absent: one worker")
     labels: Labels = Field(default_factory=dict, description="Free-form labels kept with the "
                            "session and its checkpoints")
+    semantics: Semantics = "SEMANTICS_UNSPECIFIED"
+    state_dtype: MomentDtype = "STATE_DTYPE_UNSPECIFIED"
     initial: list[TensorIn] = Field(
         default_factory=list, description="Initial parameter values; others start at zero")
 
@@ -470,6 +485,11 @@ class Session(_Response):
     labels: dict[str, str]
     tenant: str = Field(default="", description="The owner; \"\" the default tenant. An admin "
                         "names another tenant's session as <tenant>~<session_id>")
+    semantics: Semantics
+    state_dtype: StateDtype = Field(description="The moments' precision")
+    bytes_per_parameter: float = Field(description="Bytes of the master parameters and the "
+                                       "moments per parameter (12 for float32 Adam)")
+    moment_bytes: int = Field(description="Bytes of the moment buffers")
 
 
 class RoundStatus(_Response):
