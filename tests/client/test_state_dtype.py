@@ -271,3 +271,26 @@ def test_http_describe_and_native_export(live: Live) -> None:
         assert bad.status_code in (400, 422) and "STATE_FORMAT_ZIP" in bad.text
     finally:
         httpx.delete(base + "/narrow-http")
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_import_turning_amsgrad_on_refuses_non_finite_moments(state_dtype: str,
+                                                              live: Live) -> None:
+    """A state_dict whose groups turn amsgrad on brings a slot the session does not hold
+    yet: its NaN is refused like any moment's, and nothing changes."""
+    params = make_params()
+    ref = torch.optim.Adam([p.clone().requires_grad_() for p in params], lr=1e-2, amsgrad=True)
+    for p in ref.param_groups[0]["params"]:
+        p.grad = torch.randn(p.shape)
+    ref.step()
+    sd = ref.state_dict()
+    sd["state"][0]["max_exp_avg_sq"][0, 0] = float("nan")
+    opt = ac.Adam(params, server=live.urls["grpc"], lr=1e-2, state_dtype=state_dtype)
+    try:
+        before = opt.state_dict()
+        with pytest.raises(ac.errors.InvalidArgument, match="max_exp_avg_sq holds NaN or Inf"):
+            opt.load_state_dict(sd)
+        assert opt.state_dict()["param_groups"][0]["amsgrad"] is False
+        assert opt.state_dict()["state"] == before["state"]
+    finally:
+        opt.close()

@@ -197,7 +197,8 @@ def import_state(opt: FlatOptimizer, sd: Mapping[str, Any]) -> None:
             if not np.issubdtype(arr.dtype, np.floating):
                 raise ValueError(f"state of {shown(t.name)}: {slot} has dtype {arr.dtype}, "
                                  "expected a floating type")
-            if moments.is_narrow(opt.slots.get(slot)) and not np.isfinite(arr).all():
+            # (by the session's state dtype: the import may turn the slot on, e.g. amsgrad)
+            if opt.state_dtype in moments.NARROW_DTYPES and not np.isfinite(arr).all():
                 raise ValueError(f"state of {shown(t.name)}: {slot} holds NaN or Inf, which "
                                  f"{opt.state_dtype} moments cannot keep")
             row[slot] = arr
